@@ -1,0 +1,172 @@
+"""Train and evaluate a TorchRec DLRM / DLRM-DCN, sharded with DistributedModelParallel.
+
+Runs as one process (``python -m examples.dlrm.main ...``) or many (``torchrun --nproc_per_node 2
+-m examples.dlrm.main ...`` or the torchx component in ``launchers/components.py``): gloo on CPU,
+nccl on GPU.  Prints a progress bar with examples/s, validation AUC per epoch (early stopping),
+and finally one ``RESULT {json}`` line with validation and test AUC / logloss.
+
+Example::
+
+    python -m examples.dlrm.main --dataset synthetic --epochs 2 --out runs/demo
+    python -m examples.dlrm.main --dataset frappe --data-path ../shared/data/frappe \
+        --embedding-dim 16 --out runs/frappe
+"""
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import warnings
+from dataclasses import asdict
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from examples.dlrm.model import ModelConfig, build_model
+from examples.dlrm.train import (
+    SPARSE_OPTIMIZERS,
+    TrainConfig,
+    attach_sparse_optimizer,
+    build_optimizer,
+    evaluate,
+    fit,
+    is_main,
+    load_checkpoint,
+)
+from torchrec_compress.data import get_dataset
+from torchrec_compress.distributed import shard_model
+
+logger = logging.getLogger("examples.dlrm")
+
+
+def _ints(text: str) -> List[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _option(text: str) -> Any:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--data-opt expects KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    if "," in value:
+        return key, [int(v) for v in value.split(",")]
+    return key, value
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["synthetic", "frappe", "criteo"], default="synthetic")
+    p.add_argument("--data-path", default=None, help="frappe: dir with valid.libsvm/test.libsvm; criteo: parquet dir")
+    p.add_argument("--data-opt", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset option passed to get_dataset (repeatable), e.g. num_embeddings=100000")
+    p.add_argument("--arch", choices=["dlrm", "dcn"], default="dlrm")
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--dense-arch", type=_ints, default=[128], help="bottom MLP hidden sizes, e.g. 512,256")
+    p.add_argument("--over-arch", type=_ints, default=[400, 400, 400], help="top MLP hidden sizes")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=1024, help="per process")
+    p.add_argument("--eval-batch-size", type=int, default=8192, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3, help="dense Adam learning rate")
+    p.add_argument("--sparse-lr", type=float, default=0.05)
+    p.add_argument("--sparse-optimizer", choices=sorted(SPARSE_OPTIMIZERS), default="adagrad")
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--sharding-type", default=None,
+                   help="force table_wise|column_wise|row_wise|table_row_wise|data_parallel (default: planner)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
+    p.add_argument("--out", default="runs/dlrm", help="output dir: checkpoint/, result.json")
+    p.add_argument("--load-checkpoint", default=None, help="DCP checkpoint dir to start from")
+    p.add_argument("--eval-only", action="store_true", help="with --load-checkpoint: only evaluate")
+    return p.parse_args(argv)
+
+
+def init_distributed() -> torch.device:
+    """Join the torchrun/torchx process group, or make a 1-process one."""
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return device
+
+
+def quiet_torchrec() -> None:
+    """TorchRec's planner warns about every CPU topology; keep the console for our own output."""
+    warnings.filterwarnings("ignore", module=r"torchrec\..*")
+    warnings.filterwarnings("ignore", module=r"torch\.distributed\..*")
+    for name in ("torchrec", "torch.distributed", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    device = init_distributed()
+    world = dist.get_world_size()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    torch.manual_seed(args.seed)
+    data = get_dataset(args.dataset, path=args.data_path, seed=args.seed, **dict(args.data_opt))
+    model_config = ModelConfig(
+        arch=args.arch, embedding_dim=args.embedding_dim,
+        dense_arch=args.dense_arch, over_arch=args.over_arch,
+    )
+    train_config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sparse_lr=args.sparse_lr,
+        sparse_optimizer=args.sparse_optimizer, patience=args.patience,
+        eval_batch_size=args.eval_batch_size,
+    )
+    model = build_model(data.schema, model_config, torch.device("meta"))
+    attach_sparse_optimizer(model, train_config)
+    model = shard_model(model, device, sharding_type=args.sharding_type)
+    if is_main():
+        logger.info("dataset %s: %s", args.dataset, data.schema)
+        logger.info("plan:\n%s", model.plan)
+    optimizer = build_optimizer(model, train_config)
+    os.makedirs(args.out, exist_ok=True)
+    checkpoint_dir = os.path.join(args.out, "checkpoint")
+    metadata = {"model": asdict(model_config), "dataset": args.dataset, "world_size": world}
+    result: Dict[str, Any] = {"dataset": args.dataset, "world_size": world, "model": asdict(model_config)}
+    if args.load_checkpoint:
+        load_checkpoint(model, args.load_checkpoint)
+    if not args.eval_only:
+        fitted = fit(model, optimizer, data, train_config, checkpoint_dir, metadata)
+        result.update(best_epoch=fitted.best_epoch, epochs_run=fitted.epochs_run, history=fitted.history)
+    elif not args.load_checkpoint:
+        raise SystemExit("--eval-only needs --load-checkpoint")
+    for split in ("val", "test"):
+        result[split] = evaluate(model, data, split, train_config.eval_batch_size)
+    if is_main():
+        with open(os.path.join(args.out, "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        summary = {k: result[k] for k in ("dataset", "world_size", "val", "test")}
+        print("RESULT " + json.dumps(summary), flush=True)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    quiet_torchrec()
+    args = parse_args(argv)
+    try:
+        run(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

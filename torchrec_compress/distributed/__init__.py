@@ -1,0 +1,17 @@
+"""Everything that knows about process groups: sharders, sharded modules, planning helpers.
+
+The unsharded modules in :mod:`torchrec_compress.modules` know nothing of distribution; as in
+TorchRec, each sharded module lives next to its sharder in one file of this package.
+"""
+
+from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
+from torchrec_compress.distributed.planning import default_sharders, plan_model, shard_model
+from torchrec_compress.distributed.state import load_full_state_dict_
+
+__all__ = [
+    "CPURowWiseEmbeddingBagCollectionSharder",
+    "default_sharders",
+    "load_full_state_dict_",
+    "plan_model",
+    "shard_model",
+]

@@ -1,0 +1,110 @@
+"""One reusable harness for multi-process (gloo) tests.
+
+Every multi-process test in this project goes through :func:`run_multiprocess`: it spawns
+``world_size`` processes, initialises a gloo process group in each, runs a picklable function and
+returns each rank's result, re-raising the first failure with the rank's traceback.
+"""
+
+import os
+import socket
+import traceback
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable[..., Any],
+    kwargs: Dict[str, Any],
+    results: "mp.Queue[Any]",
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        out = fn(rank=rank, world_size=world_size, **kwargs)
+        results.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 - forwarded to the parent with its traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_multiprocess(
+    fn: Callable[..., Any],
+    world_size: int = 2,
+    timeout_s: float = 300.0,
+    **kwargs: Any,
+) -> List[Any]:
+    """Run ``fn(rank=..., world_size=..., **kwargs)`` in ``world_size`` gloo processes.
+
+    ``fn`` must be importable (a module-level function) and its result picklable.
+
+    Args:
+        fn: the per-rank body; the process group is initialised before it is called.
+        world_size: number of processes.
+        timeout_s: fail if the processes do not all finish within this time.
+        **kwargs: passed to ``fn`` (picklable).
+
+    Returns:
+        The results of ``fn`` ordered by rank.
+
+    Example::
+
+        >>> from torchrec_compress.testing.multiprocess import run_multiprocess
+        >>> from torchrec_compress.testing.multiprocess import all_reduce_rank
+        >>> run_multiprocess(all_reduce_rank, world_size=2)
+        [1.0, 1.0]
+    """
+    ctx = mp.get_context("spawn")
+    results: "mp.Queue[Any]" = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, kwargs, results))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outputs: Dict[int, Any] = {}
+    failure: Optional[str] = None
+    try:
+        for _ in range(world_size):
+            rank, ok, out = results.get(timeout=timeout_s)
+            if not ok and failure is None:
+                failure = f"rank {rank} failed:\n{out}"
+                break
+            outputs[rank] = out
+    finally:
+        for p in procs:
+            p.join(timeout=5 if failure else timeout_s)
+            if p.is_alive():
+                p.kill()
+    if failure is not None:
+        raise RuntimeError(failure)
+    return [outputs[r] for r in range(world_size)]
+
+
+def all_reduce_rank(rank: int, world_size: int) -> float:
+    """Sum of all ranks, as a float (the harness's own smoke test)."""
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return float(t.item())
