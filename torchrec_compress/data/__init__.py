@@ -1,0 +1,85 @@
+"""CTR datasets behind one interface: synthetic (the default), Frappe and Criteo.
+
+Every dataset has a :class:`CTRSchema` and yields ``torchrec.datasets.utils.Batch`` objects
+from ``batches(split, batch_size, rank, world_size, epoch)``, with the split semantics of
+:mod:`torchrec_compress.data.schema`; :func:`check_batch` validates a batch against a schema.
+
+Example::
+
+    >>> ds = get_dataset("synthetic", train_rows=1000, val_rows=200, test_rows=200)
+    >>> batches = list(ds.batches("val", batch_size=64, rank=1, world_size=2))
+    >>> len(batches), check_batch(batches[0], ds.schema)
+    (2, None)
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from torchrec_compress.data.checks import check_batch
+from torchrec_compress.data.criteo import CriteoParquetDataset, convert_criteo_tsv
+from torchrec_compress.data.frappe import FRAPPE_SCHEMA, FrappeDataset, read_frappe_libsvm
+from torchrec_compress.data.schema import CTRDataset, CTRSchema, RowBlock
+from torchrec_compress.data.synthetic import SyntheticCTRConfig, SyntheticCTRDataset
+
+DATASETS: tuple[str, ...] = ("synthetic", "frappe", "criteo")
+
+
+def get_dataset(
+    name: str, *, path: str | Path | None = None, seed: int = 0, **options: Any
+) -> CTRDataset:
+    """Build a dataset by name.
+
+    Args:
+        name: ``"synthetic"``, ``"frappe"`` or ``"criteo"``.
+        path: data directory; required for Frappe (holding ``valid.libsvm`` and ``test.libsvm``)
+            and Criteo (parquet files from :func:`convert_criteo_tsv`), unused for synthetic.
+        seed: seed of the data (synthetic) and of the per-epoch train shuffle.
+        **options: synthetic: :class:`SyntheticCTRConfig` fields (or ``config=`` a whole config,
+            whose seed is kept; other
+            options then override its fields); frappe: ``val_fraction``, ``split_seed``; criteo:
+            ``num_embeddings`` (one int or 26), ``split_fractions``.
+
+    Raises:
+        ValueError: unknown name, or a missing path.
+        FileNotFoundError: ``path`` does not exist.
+
+    Example::
+
+        >>> get_dataset("synthetic", seed=3, train_rows=10).num_rows("train")
+        10
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names are {DATASETS}")
+    if name == "synthetic":
+        if path is not None:
+            raise ValueError(f"synthetic data is generated, not read: got path={str(path)!r}")
+        config = options.pop("config", None)
+        config = replace(config, **options) if config else SyntheticCTRConfig(seed=seed, **options)
+        return SyntheticCTRDataset(config)
+    if path is None:
+        raise ValueError(f"dataset {name!r} needs path= (its data directory)")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"data path {str(path)!r} for dataset {name!r} does not exist")
+    if name == "frappe":
+        return FrappeDataset(path, seed=seed, **options)
+    return CriteoParquetDataset(path, seed=seed, **options)
+
+
+__all__ = [
+    "DATASETS",
+    "FRAPPE_SCHEMA",
+    "CTRDataset",
+    "CTRSchema",
+    "CriteoParquetDataset",
+    "FrappeDataset",
+    "RowBlock",
+    "SyntheticCTRConfig",
+    "SyntheticCTRDataset",
+    "check_batch",
+    "convert_criteo_tsv",
+    "get_dataset",
+    "read_frappe_libsvm",
+]

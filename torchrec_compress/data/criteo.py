@@ -1,0 +1,379 @@
+"""Criteo (Kaggle ``train.txt`` / Terabyte ``day_N`` schema): TSV -> parquet once, then stream.
+
+Input lines are tab-separated without header: label, 13 integer features (may be empty or
+negative), 26 categorical features (hex hashes, may be empty).
+
+:func:`convert_criteo_tsv` streams each TSV file block by block with ``pyarrow.csv.open_csv``
+(bounded memory, never a whole day) into one parquet file of raw values: ``label`` int8,
+``int_0..int_12`` int64 and ``cat_0..cat_25`` int64 parsed from hex, empty fields as nulls.
+Table sizes therefore stay a read-time choice.
+
+:class:`CriteoParquetDataset` streams those files one row group at a time:
+dense ``= log(1 + max(x, 0))`` with nulls as 0; categorical ``v`` of a table with ``n`` rows
+``-> 1 + (v mod (n - 1))``, null -> 0 (row 0 is reserved for "missing").
+
+Split layouts (chosen by what the directory holds):
+
+- ``dir/train/*.parquet``, ``dir/val/*.parquet``, ``dir/test/*.parquet``: one directory per split
+  (e.g. the slice's ``train.tsv`` / ``dev.tsv`` / ``test.tsv``, each converted into its own
+  directory);
+- ``dir/*.parquet``: one set, split by rows in file order (sorted names) into contiguous train,
+  val and test ranges of ``split_fractions`` (the last rows, i.e. the latest days, are test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from torchrec.datasets.criteo import (
+    DEFAULT_CAT_NAMES,
+    DEFAULT_COLUMN_NAMES,
+    DEFAULT_INT_NAMES,
+    DEFAULT_LABEL_NAME,
+)
+from torchrec.datasets.utils import Batch
+from tqdm import tqdm
+
+from torchrec_compress.data.schema import (
+    SPLITS,
+    CTRSchema,
+    RowBlock,
+    block_batches,
+    check_split,
+    shuffled_blocks,
+)
+
+PARQUET_SCHEMA = pa.schema(
+    [pa.field(DEFAULT_LABEL_NAME, pa.int8(), nullable=False)]
+    + [pa.field(name, pa.int64()) for name in DEFAULT_INT_NAMES]
+    + [pa.field(name, pa.int64()) for name in DEFAULT_CAT_NAMES]
+)
+
+_MAX_HEX_DIGITS = 15  # keeps every parsed value a non-negative int64
+_HEX_DIGIT = np.full(256, -1, dtype=np.int64)
+for _digit, _char in enumerate("0123456789abcdef"):
+    _HEX_DIGIT[ord(_char)] = _HEX_DIGIT[ord(_char.upper())] = _digit
+
+
+def _hex_to_int64(strings: pa.StringArray) -> pa.Int64Array:
+    """Hex strings (already validated, at most 15 digits) to int64, nulls kept; vectorised."""
+    _, offsets_buffer, data_buffer = strings.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[
+        strings.offset : strings.offset + len(strings) + 1
+    ].astype(np.int64)
+    lengths = np.diff(offsets)
+    values = np.zeros(len(strings), dtype=np.int64)
+    if data_buffer is not None and lengths.any():
+        data = np.frombuffer(data_buffer, dtype=np.uint8)
+        # One pass per digit position (at most 15), each over all strings at once.
+        for position in range(int(lengths.max())):
+            active = lengths > position
+            index = np.minimum(offsets[:-1] + position, len(data) - 1)
+            values = np.where(active, values * 16 + _HEX_DIGIT[data[index]], values)
+    return pa.array(values, mask=strings.is_null().to_numpy(zero_copy_only=False))
+
+
+def _convert_block(batch: pa.RecordBatch, path: Path, first_line: int) -> pa.Table:
+    """Validate one block of string columns and convert it to :data:`PARQUET_SCHEMA`."""
+    arrays = []
+    for name, field in zip(DEFAULT_COLUMN_NAMES, PARQUET_SCHEMA, strict=True):
+        column = batch.column(name)
+        if name == DEFAULT_LABEL_NAME:
+            pattern, what = r"^[01]$", "a 0/1 label"
+        elif name in DEFAULT_INT_NAMES:
+            pattern, what = r"^-?[0-9]{1,18}$", "an integer"
+        else:
+            pattern, what = (
+                f"^[0-9a-fA-F]{{1,{_MAX_HEX_DIGITS}}}$",
+                f"a hex hash of at most {_MAX_HEX_DIGITS} digits",
+            )
+        matches = pc.match_substring_regex(column, pattern)
+        valid = pc.or_kleene(matches, pc.is_null(column)).to_numpy(zero_copy_only=False)
+        if name == DEFAULT_LABEL_NAME:
+            valid &= column.is_valid().to_numpy(zero_copy_only=False)
+        if not valid.all():
+            row = int(np.argmin(valid))
+            column_number = DEFAULT_COLUMN_NAMES.index(name) + 1
+            raise ValueError(
+                f"{path}:{first_line + row}: column {column_number} ({name}) holds "
+                f"{column[row].as_py()!r}; expected {what}"
+            )
+        if name in DEFAULT_CAT_NAMES:
+            arrays.append(_hex_to_int64(column))
+        else:
+            arrays.append(pc.cast(column, field.type))
+    return pa.Table.from_arrays(arrays, schema=PARQUET_SCHEMA)
+
+
+def convert_criteo_tsv(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    rows_per_row_group: int = 131_072,
+    block_size: int = 16 << 20,
+    progress: bool = True,
+) -> list[Path]:
+    """Convert Criteo TSV files into parquet files of raw values, streaming.
+
+    Each input ``name.ext`` becomes ``out_dir/name.parquet`` with row groups of
+    ``rows_per_row_group`` rows; memory stays around one TSV block plus one row group.  A file
+    is written under a temporary name and renamed when complete.
+
+    Args:
+        inputs: TSV files (Kaggle ``train.txt``, Terabyte ``day_N``, or slices of them).
+        out_dir: output directory, created if missing.  Use one directory per split
+            (``out/train``, ``out/val``, ``out/test``) for the per-split layout.
+        rows_per_row_group: rows per parquet row group (the streaming unit when reading).
+        block_size: bytes of TSV parsed at a time.
+        progress: show a tqdm progress bar over bytes read.
+
+    Returns:
+        The parquet paths, in input order.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        ValueError: for an empty input, and naming file and 1-based line for a line with the wrong number of columns,
+            and file, line and column for a value that is not a 0/1 label, an integer, or hex.
+
+    Example::
+
+        >>> import tempfile, os
+        >>> root = tempfile.mkdtemp()
+        >>> tsv = os.path.join(root, "train.tsv")
+        >>> _ = open(tsv, "w").write("\\t".join(["1"] + ["3"] * 13 + ["0a1b2c3d"] * 26) + "\\n")
+        >>> paths = convert_criteo_tsv([tsv], os.path.join(root, "train"), progress=False)
+        >>> pq.read_table(paths[0]).column("cat_0").to_pylist()
+        [169552957]
+    """
+    if rows_per_row_group < 1:
+        raise ValueError(f"rows_per_row_group must be >= 1, got {rows_per_row_group}")
+    sources = [Path(path) for path in inputs]
+    for source in sources:
+        if not source.is_file():
+            raise FileNotFoundError(f"Criteo TSV file {str(source)!r} does not exist")
+        if source.stat().st_size == 0:
+            raise ValueError(f"Criteo TSV file {str(source)!r} is empty")
+    targets = [Path(out_dir) / f"{source.stem}.parquet" for source in sources]
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"inputs {[str(s) for s in sources]} map to clashing outputs {targets}")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for source, target in zip(sources, targets, strict=True):
+        partial = target.with_suffix(".parquet.partial")
+        try:
+            _convert_file(source, partial, rows_per_row_group, block_size, progress)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.replace(target)
+    return targets
+
+
+def _convert_file(
+    source: Path, target: Path, rows_per_row_group: int, block_size: int, progress: bool
+) -> None:
+    bad_rows: list[pacsv.InvalidRow] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        bad_rows.append(row)
+        return "skip"
+
+    with (
+        open(source, "rb") as raw,
+        tqdm.wrapattr(
+            raw, "read", total=source.stat().st_size, desc=source.name, disable=not progress
+        ) as stream,
+        pq.ParquetWriter(target, PARQUET_SCHEMA) as writer,
+    ):
+        reader = pacsv.open_csv(
+            stream,
+            # Without threads, InvalidRow.number is the 1-based line number.
+            read_options=pacsv.ReadOptions(
+                column_names=DEFAULT_COLUMN_NAMES, use_threads=False, block_size=block_size
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter="\t",
+                quote_char=False,
+                invalid_row_handler=on_invalid,
+                ignore_empty_lines=False,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(DEFAULT_COLUMN_NAMES, pa.string()),
+                strings_can_be_null=True,
+            ),
+        )
+        first_line = 1
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        for batch in reader:
+            # The handler ran while this block was parsed: fail before converting it.
+            _raise_on_invalid_row(source, bad_rows)
+            pending.append(_convert_block(batch, source, first_line))
+            first_line += batch.num_rows
+            pending_rows += batch.num_rows
+            while pending_rows >= rows_per_row_group:
+                table = pa.concat_tables(pending)
+                writer.write_table(table.slice(0, rows_per_row_group), rows_per_row_group)
+                pending = [table.slice(rows_per_row_group)]
+                pending_rows -= rows_per_row_group
+        _raise_on_invalid_row(source, bad_rows)
+        if pending_rows:
+            writer.write_table(pa.concat_tables(pending), rows_per_row_group)
+
+
+def _raise_on_invalid_row(source: Path, bad_rows: list[pacsv.InvalidRow]) -> None:
+    if bad_rows:
+        row = bad_rows[0]
+        raise ValueError(
+            f"{source}:{row.number}: {row.actual_columns} tab-separated columns; expected "
+            f"{row.expected_columns} (label, 13 integer, 26 categorical)"
+        )
+
+
+class CriteoParquetDataset:
+    """Criteo parquet files made by :func:`convert_criteo_tsv`, streamed one row group at a time.
+
+    Args:
+        path: a directory in one of the two layouts of the module docstring.
+        num_embeddings: rows of every categorical table (one int) or of each of the 26 (>= 2;
+            row 0 is reserved for missing values).
+        seed: seed of the per-epoch train shuffle (row groups, then rows inside each).
+        split_fractions: train/val/test fractions for the single-set layout (ignored otherwise).
+
+    Example::
+
+        >>> import tempfile, os
+        >>> root = tempfile.mkdtemp()
+        >>> tsv = os.path.join(root, "day.tsv")
+        >>> _ = open(tsv, "w").write("\\t".join(["1"] + ["3"] * 13 + ["0a1b2c3d"] * 26) + "\\n")
+        >>> for split in ("train", "val", "test"):
+        ...     _ = convert_criteo_tsv([tsv], os.path.join(root, "pq", split), progress=False)
+        >>> ds = CriteoParquetDataset(os.path.join(root, "pq"), num_embeddings=1000)
+        >>> next(ds.batches("test", 8)).sparse_features["cat_0"].values()
+        tensor([680])
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        num_embeddings: int | Sequence[int] = 100_000,
+        seed: int = 0,
+        split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    ) -> None:
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"Criteo parquet directory {str(root)!r} does not exist")
+        sizes = (
+            [num_embeddings] * len(DEFAULT_CAT_NAMES)
+            if isinstance(num_embeddings, int)
+            else list(num_embeddings)
+        )
+        if len(sizes) != len(DEFAULT_CAT_NAMES) or min(sizes) < 2:
+            raise ValueError(
+                f"num_embeddings must be one int >= 2 or {len(DEFAULT_CAT_NAMES)} ints >= 2, got {num_embeddings}"
+            )
+        self.schema = CTRSchema(len(DEFAULT_INT_NAMES), tuple(DEFAULT_CAT_NAMES), tuple(sizes))
+        self.seed = seed
+        self._pieces = _split_pieces(root, split_fractions)
+
+    def num_rows(self, split: str) -> int:
+        """Rows of ``split``."""
+        check_split(split)
+        return sum(stop - start for _, _, start, stop in self._pieces[split])
+
+    def batches(
+        self, split: str, batch_size: int, rank: int = 0, world_size: int = 1, epoch: int = 0
+    ) -> Iterator[Batch]:
+        """Batches of ``rank``'s share of ``split``; ``epoch`` reshuffles train."""
+        check_split(split)
+        pieces = self._pieces[split]
+
+        def load(index: int) -> RowBlock:
+            file, row_group, start, stop = pieces[index]
+            table = pq.ParquetFile(file).read_row_group(row_group).slice(start, stop - start)
+            return self._to_block(table)
+
+        sizes, loader = [stop - start for _, _, start, stop in pieces], load
+        if split == "train":
+            sizes, loader = shuffled_blocks(sizes, load, self.seed, epoch)
+        return block_batches(
+            sizes, loader, self.schema.sparse_features, batch_size, rank, world_size, split
+        )
+
+    def _to_block(self, table: pa.Table) -> RowBlock:
+        raw = np.stack(
+            [pc.fill_null(table.column(name), 0).to_numpy() for name in DEFAULT_INT_NAMES], axis=1
+        )
+        dense = np.log1p(np.maximum(raw, 0)).astype(np.float32)
+        ids = []
+        for name, rows in zip(DEFAULT_CAT_NAMES, self.schema.num_embeddings, strict=True):
+            values = pc.fill_null(table.column(name), -1).to_numpy()
+            ids.append(np.where(values < 0, 0, 1 + values % (rows - 1)))
+        return RowBlock(
+            dense=dense,
+            labels=table.column(DEFAULT_LABEL_NAME).to_numpy().astype(np.float32),
+            lengths=np.ones((len(ids), table.num_rows), dtype=np.int32),
+            values=tuple(ids),
+        )
+
+
+_Piece = tuple[Path, int, int, int]  # (file, row group, first row, end row) inside the row group
+
+
+def _row_groups(files: Sequence[Path]) -> list[_Piece]:
+    pieces = []
+    for file in files:
+        metadata = pq.ParquetFile(file).metadata
+        for row_group in range(metadata.num_row_groups):
+            rows = metadata.row_group(row_group).num_rows
+            if rows:
+                pieces.append((file, row_group, 0, rows))
+    return pieces
+
+
+def _split_pieces(
+    root: Path, split_fractions: tuple[float, float, float]
+) -> dict[str, list[_Piece]]:
+    """Row-group pieces of each split, for either layout (see the module docstring)."""
+    if (root / "train").is_dir():
+        pieces = {}
+        for split in SPLITS:
+            directory = root / split
+            files = sorted(directory.glob("*.parquet"))
+            if not files:
+                raise FileNotFoundError(
+                    f"{str(directory)!r} holds no parquet files; the per-split layout needs "
+                    f"{root}/train, {root}/val and {root}/test"
+                )
+            pieces[split] = _row_groups(files)
+        return pieces
+    files = sorted(root.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"{str(root)!r} holds neither train/ val/ test/ directories nor *.parquet files"
+        )
+    if (
+        len(split_fractions) != 3
+        or min(split_fractions) < 0
+        or abs(sum(split_fractions) - 1) > 1e-9
+    ):
+        raise ValueError(
+            f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}"
+        )
+    all_pieces = _row_groups(files)
+    total = sum(stop for _, _, _, stop in all_pieces)
+    cuts = np.round(np.cumsum([0.0, *split_fractions]) * total).astype(np.int64)
+    group_starts = np.cumsum([0] + [stop for _, _, _, stop in all_pieces])
+    pieces = {}
+    for split, low, high in zip(SPLITS, cuts[:-1], cuts[1:], strict=True):
+        # Clip every row group to [low, high) in global row coordinates.
+        pieces[split] = [
+            (file, row_group, int(max(low - first, 0)), int(min(high - first, stop)))
+            for (file, row_group, _, stop), first in zip(all_pieces, group_starts[:-1], strict=True)
+            if first < high and first + stop > low
+        ]
+    return pieces
