@@ -10,8 +10,6 @@ The components are scheduler-agnostic: the scheduler is chosen at launch time, e
 (``local_cwd`` needs the virtual environment's ``bin/`` on ``PATH`` so that ``torchrun`` is found.)
 """
 
-from typing import Dict, Optional
-
 import torchx
 import torchx.specs as specs
 from torchx.components.dist import ddp
@@ -24,8 +22,8 @@ def train(
     cpu: int = 1,
     gpu: int = 0,
     memMB: int = 4096,  # noqa: N803 - torchx's resource naming
-    h: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
+    h: str | None = None,
+    env: dict[str, str] | None = None,
     max_retries: int = 0,
     name: str = "dlrm/train",
 ) -> specs.AppDef:

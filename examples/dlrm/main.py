@@ -19,13 +19,14 @@ import os
 import socket
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from examples.dlrm.model import ModelConfig, build_model
+from examples.dlrm.model import ARCHS, ModelConfig, build_model
 from examples.dlrm.train import (
     SPARSE_OPTIMIZERS,
     TrainConfig,
@@ -42,7 +43,7 @@ from torchrec_compress.distributed import shard_model
 logger = logging.getLogger("examples.dlrm")
 
 
-def _ints(text: str) -> List[int]:
+def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
@@ -60,15 +61,31 @@ def _option(text: str) -> Any:
     return key, value
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", choices=["synthetic", "frappe", "criteo"], default="synthetic")
-    p.add_argument("--data-path", default=None, help="frappe: dir with valid.libsvm/test.libsvm; criteo: parquet dir")
-    p.add_argument("--data-opt", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="dataset option passed to get_dataset (repeatable), e.g. num_embeddings=100000")
-    p.add_argument("--arch", choices=["dlrm", "dcn"], default="dlrm")
+    p.add_argument(
+        "--data-path",
+        default=None,
+        help="frappe: dir with valid.libsvm/test.libsvm; criteo: parquet dir",
+    )
+    p.add_argument(
+        "--data-opt",
+        type=_option,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dataset options for get_dataset, e.g. --data-opt train_rows=100000 val_rows=10000 "
+        "(one flag, several pairs: torchx rejects repeated flags)",
+    )
+    p.add_argument("--arch", choices=list(ARCHS), default="dlrm")
     p.add_argument("--embedding-dim", type=int, default=64)
-    p.add_argument("--dense-arch", type=_ints, default=[128], help="bottom MLP hidden sizes, e.g. 512,256")
+    p.add_argument(
+        "--dense-arch", type=_ints, default=[128], help="bottom MLP hidden sizes, e.g. 512,256"
+    )
     p.add_argument("--over-arch", type=_ints, default=[400, 400, 400], help="top MLP hidden sizes")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=1024, help="per process")
@@ -77,10 +94,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sparse-lr", type=float, default=0.05)
     p.add_argument("--sparse-optimizer", choices=sorted(SPARSE_OPTIMIZERS), default="adagrad")
     p.add_argument("--patience", type=int, default=2)
-    p.add_argument("--sharding-type", default=None,
-                   help="force table_wise|column_wise|row_wise|table_row_wise|data_parallel (default: planner)")
+    p.add_argument(
+        "--sharding-type",
+        default=None,
+        help="force table_wise|column_wise|row_wise|table_row_wise|data_parallel (default: planner)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads per process (0: cores / processes)"
+    )
     p.add_argument("--out", default="runs/dlrm", help="output dir: checkpoint/, result.json")
     p.add_argument("--load-checkpoint", default=None, help="DCP checkpoint dir to start from")
     p.add_argument("--eval-only", action="store_true", help="with --load-checkpoint: only evaluate")
@@ -93,7 +115,9 @@ def init_distributed() -> torch.device:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -114,19 +138,25 @@ def quiet_torchrec() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     device = init_distributed()
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(args.seed)
     data = get_dataset(args.dataset, path=args.data_path, seed=args.seed, **dict(args.data_opt))
     model_config = ModelConfig(
-        arch=args.arch, embedding_dim=args.embedding_dim,
-        dense_arch=args.dense_arch, over_arch=args.over_arch,
+        arch=args.arch,
+        embedding_dim=args.embedding_dim,
+        dense_arch=args.dense_arch,
+        over_arch=args.over_arch,
     )
     train_config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sparse_lr=args.sparse_lr,
-        sparse_optimizer=args.sparse_optimizer, patience=args.patience,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        sparse_lr=args.sparse_lr,
+        sparse_optimizer=args.sparse_optimizer,
+        patience=args.patience,
         eval_batch_size=args.eval_batch_size,
     )
     model = build_model(data.schema, model_config, torch.device("meta"))
@@ -139,12 +169,18 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     checkpoint_dir = os.path.join(args.out, "checkpoint")
     metadata = {"model": asdict(model_config), "dataset": args.dataset, "world_size": world}
-    result: Dict[str, Any] = {"dataset": args.dataset, "world_size": world, "model": asdict(model_config)}
+    result: dict[str, Any] = {
+        "dataset": args.dataset,
+        "world_size": world,
+        "model": asdict(model_config),
+    }
     if args.load_checkpoint:
         load_checkpoint(model, args.load_checkpoint)
     if not args.eval_only:
         fitted = fit(model, optimizer, data, train_config, checkpoint_dir, metadata)
-        result.update(best_epoch=fitted.best_epoch, epochs_run=fitted.epochs_run, history=fitted.history)
+        result.update(
+            best_epoch=fitted.best_epoch, epochs_run=fitted.epochs_run, history=fitted.history
+        )
     elif not args.load_checkpoint:
         raise SystemExit("--eval-only needs --load-checkpoint")
     for split in ("val", "test"):
@@ -157,7 +193,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return result
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     quiet_torchrec()
     args = parse_args(argv)

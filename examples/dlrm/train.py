@@ -8,8 +8,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -97,10 +98,15 @@ def train_epoch(
     model.train()
     total_rows = data.num_rows("train")
     bar = tqdm(
-        total=total_rows, unit="ex", unit_scale=True, desc=f"epoch {epoch}",
-        disable=not is_main(), mininterval=2.0, dynamic_ncols=True,
+        total=total_rows,
+        unit="ex",
+        unit_scale=True,
+        desc=f"epoch {epoch}",
+        disable=not is_main(),
+        mininterval=2.0,
+        dynamic_ncols=True,
     )
-    losses: List[torch.Tensor] = []
+    losses: list[torch.Tensor] = []
     start = time.perf_counter()
     seen = 0
     for batch in data.batches("train", config.batch_size, rank, world, epoch=epoch):
@@ -127,25 +133,25 @@ def train_epoch(
 @torch.no_grad()
 def predict(
     model: nn.Module, data: CTRDataset, split: str, batch_size: int
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Logits and labels of a whole split, gathered from every process (on every process)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model.eval()
-    logits: List[torch.Tensor] = []
-    labels: List[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     for batch in data.batches(split, batch_size, rank, world):
         check_batch(batch, data.schema)
         _, (_, batch_logits, batch_labels) = model(batch)
         logits.append(batch_logits.flatten().float())
         labels.append(batch_labels.flatten().float())
     local = torch.stack([torch.cat(logits), torch.cat(labels)]) if logits else torch.empty(2, 0)
-    gathered: List[Optional[torch.Tensor]] = [None] * world
+    gathered: list[torch.Tensor | None] = [None] * world
     dist.all_gather_object(gathered, local)
     merged = torch.cat([g for g in gathered if g is not None], dim=1)
     return {"logits": merged[0], "labels": merged[1]}
 
 
-def evaluate(model: nn.Module, data: CTRDataset, split: str, batch_size: int) -> Dict[str, float]:
+def evaluate(model: nn.Module, data: CTRDataset, split: str, batch_size: int) -> dict[str, float]:
     """AUC, logloss and row count of ``split``."""
     out = predict(model, data, split, batch_size)
     return {
@@ -155,7 +161,7 @@ def evaluate(model: nn.Module, data: CTRDataset, split: str, batch_size: int) ->
     }
 
 
-def save_checkpoint(model: nn.Module, path: str, metadata: Dict[str, Any]) -> None:
+def save_checkpoint(model: nn.Module, path: str, metadata: dict[str, Any]) -> None:
     """``torch.distributed.checkpoint`` save of the model weights (each process writes its shards).
 
     The checkpoint reshards on load: it loads into a run with any number of processes and any
@@ -168,7 +174,7 @@ def save_checkpoint(model: nn.Module, path: str, metadata: Dict[str, Any]) -> No
     dist.barrier()
 
 
-def load_checkpoint(model: nn.Module, path: str) -> Dict[str, Any]:
+def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     """Load weights saved by :func:`save_checkpoint` into ``model`` (resharding as needed)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
@@ -187,7 +193,7 @@ class FitResult:
     best_epoch: int
     best_val_auc: float
     epochs_run: int
-    history: List[Dict[str, float]]
+    history: list[dict[str, float]]
 
 
 def fit(
@@ -196,28 +202,34 @@ def fit(
     data: CTRDataset,
     config: TrainConfig,
     checkpoint_dir: str,
-    metadata: Dict[str, Any],
+    metadata: dict[str, Any],
 ) -> FitResult:
     """Train with early stopping on validation AUC; the best epoch's weights end up in ``model``.
 
     The best weights are kept as a DCP checkpoint in ``checkpoint_dir`` and re-loaded at the end.
     """
     best_auc, best_epoch, stale = -math.inf, -1, 0
-    history: List[Dict[str, float]] = []
+    history: list[dict[str, float]] = []
     epoch = 0
     for epoch in range(config.epochs):
         train_loss = train_epoch(model, optimizer, data, config, epoch)
         val = evaluate(model, data, "val", config.eval_batch_size)
-        history.append({"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}})
+        history.append(
+            {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}}
+        )
         if is_main():
             logger.info(
                 "epoch %d: train loss %.5f  val AUC %.5f  val logloss %.5f",
-                epoch, train_loss, val["auc"], val["logloss"],
+                epoch,
+                train_loss,
+                val["auc"],
+                val["logloss"],
             )
         if val["auc"] > best_auc:
             best_auc, best_epoch, stale = val["auc"], epoch, 0
             save_checkpoint(
-                model, checkpoint_dir,
+                model,
+                checkpoint_dir,
                 {**metadata, "epoch": epoch, "val_auc": val["auc"], "train": asdict(config)},
             )
         else:

@@ -1,11 +1,16 @@
 """A DCP checkpoint written by 2 processes loads into 1 process with identical predictions."""
 
 from pathlib import Path
-from typing import List
 
 import torch
 
-from examples.dlrm.train import TrainConfig, attach_sparse_optimizer, build_optimizer, load_checkpoint, save_checkpoint
+from examples.dlrm.train import (
+    TrainConfig,
+    attach_sparse_optimizer,
+    build_optimizer,
+    load_checkpoint,
+    save_checkpoint,
+)
 from torchrec_compress.distributed import shard_model
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
@@ -19,7 +24,7 @@ def _predict(model: torch.nn.Module) -> torch.Tensor:
         return torch.cat([model(b)[1][1].flatten() for b in EVAL_BATCHES])
 
 
-def _train_and_save(rank: int, world_size: int, path: str) -> List[float]:
+def _train_and_save(rank: int, world_size: int, path: str) -> list[float]:
     model = tiny_dlrm(torch.device("meta"))
     config = TrainConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.1)
     attach_sparse_optimizer(model, config)
@@ -34,8 +39,10 @@ def _train_and_save(rank: int, world_size: int, path: str) -> List[float]:
     return _predict(model).tolist()
 
 
-def _load_and_predict(rank: int, world_size: int, path: str) -> List[float]:
-    model = shard_model(tiny_dlrm(torch.device("meta")), torch.device("cpu"), sharding_type="row_wise")
+def _load_and_predict(rank: int, world_size: int, path: str) -> list[float]:
+    model = shard_model(
+        tiny_dlrm(torch.device("meta")), torch.device("cpu"), sharding_type="row_wise"
+    )
     before = _predict(model)
     meta = load_checkpoint(model, path)
     assert meta["note"] == "test"

@@ -7,8 +7,6 @@ synchronous path works on gloo and matches an unsharded reference exactly (see
 need, so this sharder offers the CUDA list on every device.
 """
 
-from typing import List
-
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
 
@@ -23,7 +21,7 @@ class CPURowWiseEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         True
     """
 
-    def sharding_types(self, compute_device_type: str) -> List[str]:
+    def sharding_types(self, compute_device_type: str) -> list[str]:
         if compute_device_type == "cpu":
             return super().sharding_types("cuda")
         return super().sharding_types(compute_device_type)

@@ -1,7 +1,5 @@
 """Planning and sharding a model with TorchRec's planner and ``DistributedModelParallel``."""
 
-from typing import Dict, List, Optional
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -17,18 +15,16 @@ from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCol
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
 
 
-def default_sharders() -> List[ModuleSharder[nn.Module]]:
+def default_sharders() -> list[ModuleSharder[nn.Module]]:
     """TorchRec's default sharders, with the EBC sharder replaced by one that offers row-wise on CPU."""
-    sharders: List[ModuleSharder[nn.Module]] = [CPURowWiseEmbeddingBagCollectionSharder()]
-    sharders += [
-        s for s in get_default_sharders() if s.module_type is not EmbeddingBagCollection
-    ]
+    sharders: list[ModuleSharder[nn.Module]] = [CPURowWiseEmbeddingBagCollectionSharder()]
+    sharders += [s for s in get_default_sharders() if s.module_type is not EmbeddingBagCollection]
     return sharders
 
 
 def table_constraints(
-    model: nn.Module, sharding_type: Optional[str], world_size: int
-) -> Dict[str, ParameterConstraints]:
+    model: nn.Module, sharding_type: str | None, world_size: int
+) -> dict[str, ParameterConstraints]:
     """Constraints forcing every table of every EBC in ``model`` to ``sharding_type``.
 
     Column-wise splitting needs ``min_partition`` no larger than ``dim / world_size`` (TorchRec's
@@ -40,13 +36,16 @@ def table_constraints(
         raise ValueError(
             f"unknown sharding type {sharding_type!r}; valid: {', '.join(SHARDING_TYPES)}"
         )
-    constraints: Dict[str, ParameterConstraints] = {}
+    constraints: dict[str, ParameterConstraints] = {}
     for module in model.modules():
         if not isinstance(module, EmbeddingBagCollection):
             continue
         for config in module.embedding_bag_configs():
             min_partition = None
-            if sharding_type in (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value):
+            if sharding_type in (
+                ShardingType.COLUMN_WISE.value,
+                ShardingType.TABLE_COLUMN_WISE.value,
+            ):
                 min_partition = max(4, config.embedding_dim // world_size)
             constraints[config.name] = ParameterConstraints(
                 sharding_types=[sharding_type], min_partition=min_partition
@@ -57,9 +56,9 @@ def table_constraints(
 def plan_model(
     model: nn.Module,
     topology: Topology,
-    sharding_type: Optional[str] = None,
-    sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
-    pg: Optional[dist.ProcessGroup] = None,
+    sharding_type: str | None = None,
+    sharders: list[ModuleSharder[nn.Module]] | None = None,
+    pg: dist.ProcessGroup | None = None,
 ) -> ShardingPlan:
     """Plan ``model`` (any device, ``meta`` included) on ``topology`` with TorchRec's planner.
 
@@ -96,8 +95,8 @@ def plan_model(
 def shard_model(
     model: nn.Module,
     device: torch.device,
-    sharding_type: Optional[str] = None,
-    pg: Optional[dist.ProcessGroup] = None,
+    sharding_type: str | None = None,
+    pg: dist.ProcessGroup | None = None,
 ) -> DistributedModelParallel:
     """Wrap ``model`` in ``DistributedModelParallel`` with a plan from TorchRec's planner.
 

@@ -1,6 +1,6 @@
 """Moving full (unsharded) weights into a sharded model."""
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -11,11 +11,15 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 def _copy_into(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
     if isinstance(dst, ShardedTensor):
         if tuple(dst.size()) != tuple(src.shape):
-            raise ValueError(f"{key}: checkpoint shape {tuple(src.shape)} != model {tuple(dst.size())}")
+            raise ValueError(
+                f"{key}: checkpoint shape {tuple(src.shape)} != model {tuple(dst.size())}"
+            )
         for shard in dst.local_shards():
             index = tuple(
                 slice(o, o + s)
-                for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
+                for o, s in zip(
+                    shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=False
+                )
             )
             shard.tensor.copy_(src[index])
     elif isinstance(dst, DTensor):
@@ -24,7 +28,9 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
         dst.to_local().copy_(local)
     else:
         if dst.shape != src.shape:
-            raise ValueError(f"{key}: checkpoint shape {tuple(src.shape)} != model {tuple(dst.shape)}")
+            raise ValueError(
+                f"{key}: checkpoint shape {tuple(src.shape)} != model {tuple(dst.shape)}"
+            )
         dst.copy_(src)
 
 

@@ -1,7 +1,5 @@
 """Small deterministic models and batches for tests (unsharded reference vs sharded)."""
 
-from typing import List
-
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
@@ -12,7 +10,7 @@ TABLE_ROWS = (97, 64, 300)
 DENSE_IN = 5
 
 
-def tiny_tables(dim: int = 16) -> List[EmbeddingBagConfig]:
+def tiny_tables(dim: int = 16) -> list[EmbeddingBagConfig]:
     """Three tables; the second mean-pooled, so both pooling modes are exercised."""
     return [
         EmbeddingBagConfig(

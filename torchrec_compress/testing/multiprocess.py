@@ -8,7 +8,8 @@ returns each rank's result, re-raising the first failure with the rank's traceba
 import os
 import socket
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ def _worker(
     world_size: int,
     port: int,
     fn: Callable[..., Any],
-    kwargs: Dict[str, Any],
+    kwargs: dict[str, Any],
     results: "mp.Queue[Any]",
 ) -> None:
     os.environ.update(
@@ -54,7 +55,7 @@ def run_multiprocess(
     world_size: int = 2,
     timeout_s: float = 300.0,
     **kwargs: Any,
-) -> List[Any]:
+) -> list[Any]:
     """Run ``fn(rank=..., world_size=..., **kwargs)`` in ``world_size`` gloo processes.
 
     ``fn`` must be importable (a module-level function) and its result picklable.
@@ -76,7 +77,7 @@ def run_multiprocess(
         [1.0, 1.0]
     """
     ctx = mp.get_context("spawn")
-    results: "mp.Queue[Any]" = ctx.Queue()
+    results: mp.Queue[Any] = ctx.Queue()
     port = _free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, kwargs, results))
@@ -84,8 +85,8 @@ def run_multiprocess(
     ]
     for p in procs:
         p.start()
-    outputs: Dict[int, Any] = {}
-    failure: Optional[str] = None
+    outputs: dict[int, Any] = {}
+    failure: str | None = None
     try:
         for _ in range(world_size):
             rank, ok, out = results.get(timeout=timeout_s)
