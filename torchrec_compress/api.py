@@ -1,0 +1,431 @@
+"""``compress_``: compress a model's embedding tables and MLP layers in place, torchao-style.
+
+``compress_(model, AFMConfig(rank=8), calibration=batches)`` finds every
+``EmbeddingBagCollection`` (and, if asked, the hidden ``nn.Linear`` layers of MLPs), collects
+statistics in one pass over the calibration data, factorises, and only then swaps the modules:
+if anything fails (bad rank, unknown table, NaN) the model is left unchanged.
+
+Each config type maps to a *planner* in :data:`CONVERTERS`: a function that inspects the
+model (never mutating it) and returns a :class:`ConversionPlan` (fully qualified name -> new
+module, plus report rows).  ``compress_`` applies plans atomically, so adding a method is one
+entry in that dict.  Planners share :func:`find_embedding_bag_collections` and
+:func:`calibrate` (lookup counts and Linear output moments in one pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_compress.config import AFMConfig, CompressionConfig, LowRankConfig, SVDConfig
+from torchrec_compress.lowrank import (
+    PrincipalBasis,
+    afm_basis,
+    afm_linear,
+    factor_table,
+    projection,
+    svd_basis,
+    svd_linear,
+    table_moments,
+)
+from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
+from torchrec_compress.modules.lowrank_linear import LowRankLinear
+from torchrec_compress.rank import (
+    TableSpectrum,
+    check_rank,
+    compressed_table_bytes,
+    explained_variance_ratio,
+    rank_for_variance,
+    select_ranks,
+)
+from torchrec_compress.statistics import LinearOutputCollector, LookupCounter, Moments
+
+FilterFn = Callable[[nn.Module, str], bool]
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+def default_forward(model: nn.Module, batch: Batch | KeyedJaggedTensor) -> Any:
+    """``model(dense, sparse)`` for a ``Batch`` (torchrec DLRM's signature), else ``model(kjt)``."""
+    if isinstance(batch, Batch):
+        return model(batch.dense_features, batch.sparse_features)
+    return model(batch)
+
+
+@dataclass
+class ReportRow:
+    """One compressed (or inspected and kept) table or layer."""
+
+    name: str
+    kind: str  # "table" or "linear"
+    shape: tuple[int, ...]
+    method: str  # e.g. "AFM", "SVD", or "kept" when left uncompressed
+    rank: int | None
+    bytes_before: int
+    bytes_after: int
+    explained_variance: float | None
+
+
+@dataclass
+class CompressionReport:
+    """What ``compress_`` did, one row per table / layer; ``str()`` prints a table."""
+
+    rows: list[ReportRow] = field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.rows)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.rows)
+
+    @property
+    def compression_ratio(self) -> float:
+        """``bytes_before / bytes_after`` over all rows."""
+        return self.bytes_before / max(self.bytes_after, 1)
+
+    def __str__(self) -> str:
+        header = (
+            "name",
+            "kind",
+            "shape",
+            "method",
+            "rank",
+            "bytes before",
+            "bytes after",
+            "expl.var",
+        )
+        lines = [
+            (
+                r.name,
+                r.kind,
+                "x".join(map(str, r.shape)),
+                r.method,
+                "-" if r.rank is None else str(r.rank),
+                f"{r.bytes_before:,}",
+                f"{r.bytes_after:,}",
+                "-" if r.explained_variance is None else f"{r.explained_variance:.4f}",
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        total = (
+            f"total: {self.bytes_before:,} -> {self.bytes_after:,} bytes "
+            f"({self.compression_ratio:.2f}x smaller)"
+        )
+        return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in lines), total])
+
+
+@dataclass
+class ConversionPlan:
+    """What a planner wants swapped: fully qualified name -> new module, and report rows."""
+
+    replacements: dict[str, nn.Module]
+    rows: list[ReportRow]
+
+
+Planner = Callable[
+    [nn.Module, CompressionConfig, Iterable[Any] | None, FilterFn | None, ForwardFn],
+    ConversionPlan,
+]
+
+
+def find_embedding_bag_collections(
+    model: nn.Module, filter_fn: FilterFn | None = None
+) -> dict[str, EmbeddingBagCollection]:
+    """Every ``EmbeddingBagCollection`` in ``model`` by fully qualified name, excluding those
+    already inside a compressed module and those ``filter_fn(module, fqn)`` rejects."""
+    found: dict[str, EmbeddingBagCollection] = {}
+
+    def visit(module: nn.Module, fqn: str) -> None:
+        if isinstance(module, EmbeddingBagCollection):
+            if filter_fn is None or filter_fn(module, fqn):
+                found[fqn] = module
+            return
+        if isinstance(module, LowRankEmbeddingBagCollection):
+            return
+        for name, child in module.named_children():
+            visit(child, f"{fqn}.{name}" if fqn else name)
+
+    visit(model, "")
+    return found
+
+
+def find_mlp_hidden_linears(
+    model: nn.Module, keep_mlp_ends: bool = True, filter_fn: FilterFn | None = None
+) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers of MLPs, by fully qualified name.
+
+    An MLP is an outermost ``nn.Sequential`` holding two or more ``nn.Linear`` layers at any
+    depth (``torchrec.modules.mlp.MLP`` is a Sequential of ``Perceptron``\\ s; DLRM's over arch
+    is a Sequential of an MLP and a final Linear, one MLP of all their layers).  Its layers
+    are taken in module order; with ``keep_mlp_ends`` the first and last are left out.
+    Layers inside an existing ``LowRankLinear`` are never selected.
+    """
+    found: dict[str, nn.Linear] = {}
+
+    def linears(module: nn.Module, fqn: str) -> list[tuple[str, nn.Linear]]:
+        if isinstance(module, LowRankLinear):
+            return []
+        if type(module) is nn.Linear:
+            return [(fqn, module)]
+        return [
+            item
+            for name, child in module.named_children()
+            for item in linears(child, f"{fqn}.{name}" if fqn else name)
+        ]
+
+    def visit(module: nn.Module, fqn: str) -> None:
+        if isinstance(module, nn.Sequential):
+            layers = linears(module, fqn)
+            if len(layers) >= 2:
+                for name, layer in layers[1:-1] if keep_mlp_ends else layers:
+                    if filter_fn is None or filter_fn(layer, name):
+                        found[name] = layer
+                return
+        for name, child in module.named_children():
+            visit(child, f"{fqn}.{name}" if fqn else name)
+
+    visit(model, "")
+    return found
+
+
+def calibrate(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    forward_fn: ForwardFn = default_forward,
+    ebcs: Mapping[str, EmbeddingBagCollection] | None = None,
+    linears: Mapping[str, nn.Linear] | None = None,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Moments]]:
+    """One pass over ``calibration`` in eval mode without gradients, collecting statistics.
+
+    Hooks see exactly what each module receives/produces inside the model: a forward pre-hook
+    counts each collection's lookups, forward hooks accumulate Linear output moments.  The
+    training flags of all modules are restored and hooks removed, even on error.
+
+    Returns:
+        tuple: (EBC fqn -> table name -> per-row counts, Linear fqn -> output moments).
+    """
+    ebcs = dict(ebcs or {})
+    counters = {
+        fqn: LookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted(), ebc.device)
+        for fqn, ebc in ebcs.items()
+    }
+    handles = [
+        ebc.register_forward_pre_hook(
+            lambda _m, args, kwargs, c=counters[fqn]: c.update(
+                args[0] if args else kwargs["features"]
+            ),
+            with_kwargs=True,
+        )
+        for fqn, ebc in ebcs.items()
+    ]
+    training = {m: m.training for m in model.modules()}
+    collector = LinearOutputCollector(linears or {})
+    try:
+        model.eval()
+        with collector, torch.no_grad():
+            for batch in calibration:
+                forward_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in training.items():
+            module.train(flag)
+    return {fqn: c.counts() for fqn, c in counters.items()}, collector.moments
+
+
+def _method(config: LowRankConfig) -> str:
+    return "AFM" if isinstance(config, AFMConfig) else "SVD"
+
+
+def _plan_lowrank(
+    model: nn.Module,
+    config: CompressionConfig,
+    calibration: Iterable[Any] | None,
+    filter_fn: FilterFn | None,
+    forward_fn: ForwardFn,
+) -> ConversionPlan:
+    assert isinstance(config, LowRankConfig)
+    is_afm = isinstance(config, AFMConfig)
+    ebcs = find_embedding_bag_collections(model, filter_fn) if config.embeddings else {}
+    linears = (
+        find_mlp_hidden_linears(model, config.keep_mlp_ends, filter_fn) if config.linear else {}
+    )
+    table_owner: dict[str, str] = {}
+    for fqn, ebc in ebcs.items():
+        for table in ebc.embedding_bag_configs():
+            if table.name in table_owner:
+                raise ValueError(
+                    f"table {table.name!r} appears in both {table_owner[table.name]!r} and "
+                    f"{fqn!r}; table names must be unique across the model"
+                )
+            table_owner[table.name] = fqn
+    unknown = sorted(set(config.table_overrides) - set(table_owner))
+    if unknown:
+        raise ValueError(
+            f"table_overrides name unknown table(s) {unknown}; tables are {sorted(table_owner)}"
+        )
+    counts: dict[str, dict[str, torch.Tensor]] = {}
+    linear_moments: dict[str, Moments] = {}
+    if is_afm and (ebcs or linears):
+        if calibration is None:
+            raise ValueError("AFMConfig needs calibration data (an iterable of batches)")
+        counts, linear_moments = calibrate(model, calibration, forward_fn, ebcs, linears)
+
+    # tables: statistics -> basis -> global rank selection -> factors
+    bases: dict[str, PrincipalBasis] = {}
+    spectra: dict[str, TableSpectrum] = {}
+    weights: dict[str, torch.Tensor] = {}
+    for fqn, ebc in ebcs.items():
+        for table in ebc.embedding_bag_configs():
+            weight = ebc.embedding_bags[table.name].weight
+            if is_afm:
+                moments = table_moments(weight, counts[fqn][table.name], table.name)
+                bases[table.name] = afm_basis(moments, f"table {table.name!r}")
+            else:
+                moments = table_moments(weight, None, table.name)
+                bases[table.name] = svd_basis(moments, f"table {table.name!r}")
+            weights[table.name] = weight
+            spectra[table.name] = TableSpectrum(
+                table.num_embeddings, table.embedding_dim, bases[table.name].eigenvalues
+            )
+    ranks = select_ranks(spectra, config) if spectra else {}
+
+    replacements: dict[str, nn.Module] = {}
+    rows: list[ReportRow] = []
+    for fqn, ebc in ebcs.items():
+        tables = ebc.embedding_bag_configs()
+        table_ranks = {t.name: ranks[t.name] for t in tables if ranks[t.name] is not None}
+        for t in tables:
+            weight, k = weights[t.name], ranks[t.name]
+            before = weight.numel() * weight.element_size()
+            rows.append(
+                ReportRow(
+                    name=t.name,
+                    kind="table",
+                    shape=(t.num_embeddings, t.embedding_dim),
+                    method="kept" if k is None else _method(config),
+                    rank=k,
+                    bytes_before=before,
+                    bytes_after=before
+                    if k is None
+                    else compressed_table_bytes(t.num_embeddings, t.embedding_dim, k),
+                    explained_variance=None if k is None else bases[t.name].explained_variance(k),
+                )
+            )
+        if not table_ranks:
+            continue
+        module = LowRankEmbeddingBagCollection(tables, table_ranks, ebc.is_weighted(), ebc.device)
+        for t in tables:
+            k = ranks[t.name]
+            if k is None:
+                module.load_table_(t.name, weights[t.name])
+            else:
+                basis = bases[t.name]
+                module.load_table_(
+                    t.name,
+                    factor_table(weights[t.name], basis, k),
+                    projection(basis, k),
+                    basis.mean.to(torch.float32),
+                )
+        replacements[fqn] = module
+
+    for fqn, layer in linears.items():
+        name = f"layer {fqn!r}"
+        if is_afm:
+            basis = afm_basis(linear_moments[fqn], name)
+            spectrum = basis.eigenvalues
+        else:
+            spectrum = torch.linalg.svdvals(layer.weight.detach().to(torch.float64)) ** 2
+        if config.linear_rank is not None:
+            k = config.linear_rank
+            check_rank(k, spectrum.numel(), name)
+        else:
+            assert config.linear_variance is not None
+            k = rank_for_variance(spectrum, config.linear_variance)
+        before = sum(p.numel() * p.element_size() for p in layer.parameters())
+        shape = (layer.out_features, layer.in_features)
+        # two factors are only worth it when k (in + out) < in * out
+        if k * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
+            rows.append(ReportRow(fqn, "linear", shape, "kept", None, before, before, None))
+            continue
+        if is_afm:
+            new: LowRankLinear = afm_linear(layer, basis, k)
+        else:
+            new, _ = svd_linear(layer, k)
+        after = sum(p.numel() * p.element_size() for p in new.parameters())
+        variance = float(explained_variance_ratio(spectrum)[k - 1])
+        rows.append(ReportRow(fqn, "linear", shape, _method(config), k, before, after, variance))
+        replacements[fqn] = new
+    return ConversionPlan(replacements, rows)
+
+
+# config type -> planner; a new method registers its config class here.
+CONVERTERS: dict[type[CompressionConfig], Planner] = {
+    AFMConfig: _plan_lowrank,
+    SVDConfig: _plan_lowrank,
+}
+
+
+def compress_(
+    model: nn.Module,
+    config: CompressionConfig,
+    calibration: Iterable[Any] | None = None,
+    filter_fn: FilterFn | None = None,
+    forward_fn: ForwardFn = default_forward,
+) -> CompressionReport:
+    """Compresses ``model`` in place and reports what changed.
+
+    Every selected module is planned first (statistics, ranks, factors); the swap happens only
+    when all of them succeeded, so on any error the model is unchanged.
+
+    Args:
+        model (nn.Module): e.g. ``torchrec.models.dlrm.DLRM``; compressed modules are swapped
+            into their parents (the model itself cannot be the swapped module).
+        config (CompressionConfig): :class:`AFMConfig`, :class:`SVDConfig`, ...
+        calibration (Optional[Iterable]): batches (``Batch`` or ``KeyedJaggedTensor``); needed by
+            AFM, accepted and ignored by SVD.  Iterated once.
+        filter_fn (Optional[Callable[[nn.Module, str], bool]]): ``(module, fqn) -> bool``; only
+            modules it accepts are compressed.
+        forward_fn (Callable[[nn.Module, Any], Any]): how to run the model on one batch;
+            default :func:`default_forward`.
+
+    Returns:
+        CompressionReport: one row per table/layer, with bytes and explained variance.
+
+    Example::
+
+        >>> from torchrec.modules.embedding_configs import EmbeddingBagConfig
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50, feature_names=["f"])
+        >>> model = nn.Sequential(EmbeddingBagCollection([cfg]))
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["f"], values=torch.arange(40) % 50, lengths=torch.full((20,), 2))
+        >>> report = compress_(model, AFMConfig(rank=4), calibration=[kjt])
+        >>> type(model[0]).__name__, report.rows[0].rank
+        ('LowRankEmbeddingBagCollection', 4)
+    """
+    planner = CONVERTERS.get(type(config))
+    if planner is None:
+        raise TypeError(
+            f"no converter for {type(config).__name__}; known configs: "
+            f"{sorted(c.__name__ for c in CONVERTERS)}"
+        )
+    plan = planner(model, config, calibration, filter_fn, forward_fn)
+    if "" in plan.replacements:
+        raise ValueError(
+            f"cannot replace the model itself ({type(model).__name__}) in place; "
+            "wrap it in a parent module"
+        )
+    for fqn, new_module in plan.replacements.items():
+        parent_fqn, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_fqn), child, new_module)
+    return CompressionReport(plan.rows)

@@ -1,0 +1,322 @@
+"""Configuration dataclasses for ``compress_``: one plain, printable, serialisable config per method.
+
+Every config derives from :class:`CompressionConfig`, which gives ``to_dict`` / ``from_dict``
+round trips (plain JSON-able data), so a config can be logged next to the checkpoint it produced.
+
+Example::
+
+    >>> from torchrec_compress.config import AFMConfig, LowRankOverride
+    >>> cfg = AFMConfig(rank=8, table_overrides={"t_user": LowRankOverride(explained_variance=0.9)})
+    >>> AFMConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+_C = TypeVar("_C", bound="CompressionConfig")
+
+
+@dataclass
+class CompressionConfig:
+    """Base of all method configs: plain data with a dict round trip.
+
+    Subclasses whose fields hold nested dataclasses list them in ``_nested_fields`` (field name ->
+    dataclass type of the dict values) so that ``from_dict`` can rebuild them.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as plain (JSON-serialisable) Python data."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def _nested_fields(cls) -> dict[str, type]:
+        return {}
+
+    @classmethod
+    def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
+        """Rebuilds a config from ``to_dict`` output (validation runs again)."""
+        kwargs = dict(data)
+        for name, value_type in cls._nested_fields().items():
+            if name in kwargs:
+                kwargs[name] = {
+                    key: value if isinstance(value, value_type) else value_type(**value)
+                    for key, value in kwargs[name].items()
+                }
+        return cls(**kwargs)
+
+
+def _check_fraction(value: float | None, what: str) -> None:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise ValueError(f"{what} must be in (0, 1], got {value}")
+
+
+def _check_rank(value: int | None, what: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+
+
+@dataclass
+class LowRankOverride:
+    """Per-table setting that replaces the global rank rule of an :class:`AFMConfig`/:class:`SVDConfig`.
+
+    Exactly one of ``rank``, ``explained_variance`` or ``skip=True``.  In budget mode an
+    overridden table is fixed: its bytes count against the budget and the remaining tables share
+    what is left.
+
+    Args:
+        rank (Optional[int]): fixed rank for this table (rounded up to ``rank_multiple``).
+        explained_variance (Optional[float]): smallest rank reaching this fraction in (0, 1].
+        skip (bool): leave this table uncompressed (it stays a full-dimension table).
+    """
+
+    rank: int | None = None
+    explained_variance: float | None = None
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        chosen = sum([self.rank is not None, self.explained_variance is not None, self.skip])
+        if chosen != 1:
+            raise ValueError(
+                "LowRankOverride needs exactly one of rank, explained_variance or skip=True, "
+                f"got {self}"
+            )
+        _check_rank(self.rank, "LowRankOverride.rank")
+        _check_fraction(self.explained_variance, "LowRankOverride.explained_variance")
+
+
+@dataclass
+class LowRankConfig(CompressionConfig):
+    """Fields shared by AFM and SVD; use :class:`AFMConfig` or :class:`SVDConfig`.
+
+    Args:
+        rank (Optional[int]): one rank for every compressed table.
+        explained_variance (Optional[float]): per table, the smallest rank whose explained
+            variance reaches this fraction in (0, 1].
+        memory_budget_bytes (Optional[int]): one byte budget for all compressed tables together
+            (factor tables + projections + means, float32); ranks are chosen greedily where they
+            buy the most explained variance (see ``torchrec_compress.rank``).
+            Exactly one of ``rank``, ``explained_variance``, ``memory_budget_bytes`` must be set.
+        table_overrides (Dict[str, LowRankOverride]): per table name; names must exist.
+        embeddings (bool): compress ``EmbeddingBagCollection`` tables.
+        linear (bool): compress the hidden ``nn.Linear`` layers of MLPs (see ``keep_mlp_ends``).
+        linear_rank (Optional[int]): rank of compressed Linear layers.
+        linear_variance (Optional[float]): or the explained-variance target of Linear layers.
+            With ``linear=True`` exactly one of ``linear_rank``/``linear_variance`` must be set.
+        keep_mlp_ends (bool): leave the first and the last Linear of every MLP uncompressed.  An
+            MLP is an ``nn.Sequential`` (at any depth, e.g. inside ``torchrec.modules.mlp.MLP``)
+            that holds two or more ``nn.Linear`` layers, counted in module order.
+        rank_multiple (int): ranks are rounded up to a multiple of this (capped at the table's
+            dimension), because fbgemm's quantized and GPU table-batched kernels require
+            embedding dims that are multiples of 4 (see ``torchrec_compress.rank.round_rank``).
+    """
+
+    rank: int | None = None
+    explained_variance: float | None = None
+    memory_budget_bytes: int | None = None
+    table_overrides: dict[str, LowRankOverride] = field(default_factory=dict)
+    embeddings: bool = True
+    linear: bool = False
+    linear_rank: int | None = None
+    linear_variance: float | None = None
+    keep_mlp_ends: bool = True
+    rank_multiple: int = 4
+
+    @classmethod
+    def _nested_fields(cls) -> dict[str, type]:
+        return {"table_overrides": LowRankOverride}
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        chosen = [
+            f
+            for f in ("rank", "explained_variance", "memory_budget_bytes")
+            if getattr(self, f) is not None
+        ]
+        if self.embeddings and len(chosen) != 1:
+            raise ValueError(
+                f"{name} needs exactly one of rank, explained_variance, memory_budget_bytes "
+                f"(got {chosen or 'none'})"
+            )
+        _check_rank(self.rank, f"{name}.rank")
+        _check_fraction(self.explained_variance, f"{name}.explained_variance")
+        _check_rank(self.memory_budget_bytes, f"{name}.memory_budget_bytes")
+        _check_rank(self.rank_multiple, f"{name}.rank_multiple")
+        for table, override in self.table_overrides.items():
+            if not isinstance(override, LowRankOverride):
+                raise ValueError(
+                    f"{name}.table_overrides[{table!r}] must be a LowRankOverride, got {override!r}"
+                )
+        if not (self.embeddings or self.linear):
+            raise ValueError(f"{name} compresses nothing: set embeddings=True and/or linear=True")
+        if self.linear and (self.linear_rank is None) == (self.linear_variance is None):
+            raise ValueError(
+                f"{name}(linear=True) needs exactly one of linear_rank, linear_variance"
+            )
+        _check_rank(self.linear_rank, f"{name}.linear_rank")
+        _check_fraction(self.linear_variance, f"{name}.linear_variance")
+
+
+@dataclass
+class AFMConfig(LowRankConfig):
+    """Atomic Feature Mimicking: PCA of what a table/layer outputs on calibration data.
+
+    Tables: the frequency-weighted covariance of looked-up rows (weighted features add their
+    weight); factors ``A = (E - mu) U_k``, projection ``B = U_k^T``, mean ``mu``.  Linear
+    layers: PCA of the layer's outputs.  Needs calibration data; a table that the calibration
+    data never looks up falls back to uniform row weights (with a warning naming it).
+    See :class:`LowRankConfig` for the fields.
+
+    Example::
+
+        >>> AFMConfig(explained_variance=0.95, linear=True, linear_rank=16).rank_multiple
+        4
+    """
+
+
+@dataclass
+class SVDConfig(LowRankConfig):
+    """Truncated SVD of the weights (the AFM paper's baseline): ``E ~ (U_k S_k) V_k^T``, no mean.
+
+    Weights only: calibration data is accepted and ignored.  Explained variance is the fraction
+    of the squared singular values kept.  See :class:`LowRankConfig` for the fields.
+
+    Example::
+
+        >>> SVDConfig(rank=4).to_dict()["rank"]
+        4
+    """
+
+
+@dataclass
+class MECOverride:
+    """Per-table setting that replaces fields of an :class:`MECConfig` (``None`` keeps the global).
+
+    Args:
+        num_subspaces (Optional[int]): ``M`` for this table (must divide its dimension).
+        num_centroids (Optional[int]): ``K`` for this table.
+        steps (Optional[int]): MEC training steps for this table.
+        skip (bool): leave this table uncompressed (it stays a float table).
+    """
+
+    num_subspaces: int | None = None
+    num_centroids: int | None = None
+    steps: int | None = None
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        _check_rank(self.num_subspaces, "MECOverride.num_subspaces")
+        _check_rank(self.num_centroids, "MECOverride.num_centroids")
+        if self.steps is not None and self.steps < 0:
+            raise ValueError(f"MECOverride.steps must be >= 0, got {self.steps}")
+
+
+@dataclass
+class MECConfig(CompressionConfig):
+    """MEC product quantization ("A Universal Framework for Compressing Embeddings in CTR Prediction").
+
+    Each table of dimension ``d`` is split into ``num_subspaces`` (``M``) blocks of ``d / M``
+    dims with ``num_centroids`` (``K``) codewords each; rows become ``M`` codes (``uint8`` for
+    ``K <= 256``, see ``torchrec_compress.pq.code_dtype``).  ``mode="mec"`` trains the paper's quantizer
+    (popularity-weighted sampling, straight-through encoder, contrastive and balance terms);
+    ``mode="pq"`` is the baseline: popularity-weighted k-means only.
+
+    Args:
+        num_subspaces (int): ``M``, must divide every compressed table's dimension.
+        num_centroids (int): ``K``, codewords per subspace (at most ``2**31``).
+        mode (str): ``"mec"`` or ``"pq"``.
+        popularity_weighting (bool): weight row ``i`` by ``max(1, floor(log2 n_i))`` from its
+            lookup count ``n_i``; off: every row weighs 1.
+        steps (int): MEC training steps (each draws ``sample_size`` rows).
+        sample_size (int): rows per training step.
+        learning_rate (float): Adam learning rate of encoder, decoder and codebooks.
+        commitment_weight (float): ``beta`` of the commitment loss ``||z - sg(q)||^2``.
+        contrastive_weight (float): weight of the InfoNCE term (0 disables it).
+        contrastive_temperature (float): InfoNCE temperature on cosine similarities.
+        num_negatives (int): negatives per sample (one subspace's code replaced each).
+        balance_weight (float): weight of ``log K - H(mean soft assignment)`` (0 disables it).
+        balance_temperature (float): temperature of the soft assignment, relative to the batch's
+            mean squared distance (scale free).
+        kmeans_iterations (int): Lloyd iterations of the k-means initialisation.
+        kmeans_sample_size (int): at most this many rows (uniformly drawn, weighted by their
+            popularity) train the k-means initialisation.
+        chunk_size (int): rows encoded at once; bounds encoding memory independently of N.
+        seed (int): seed of every random draw (sampling, k-means, negatives).
+        reference_shared_negative (bool): reproduce the reference code's single random
+            negative shared by the whole batch instead of per-sample negatives.
+        table_overrides (Dict[str, MECOverride]): per table name.
+
+    Example::
+
+        >>> cfg = MECConfig(num_subspaces=8, table_overrides={"t_user": MECOverride(skip=True)})
+        >>> MECConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    num_subspaces: int = 8
+    num_centroids: int = 256
+    mode: str = "mec"
+    popularity_weighting: bool = True
+    steps: int = 200
+    sample_size: int = 4096
+    learning_rate: float = 1e-3
+    commitment_weight: float = 0.25
+    contrastive_weight: float = 0.1
+    contrastive_temperature: float = 0.1
+    num_negatives: int = 8
+    balance_weight: float = 0.1
+    balance_temperature: float = 0.1
+    kmeans_iterations: int = 20
+    kmeans_sample_size: int = 65536
+    chunk_size: int = 1024
+    seed: int = 0
+    reference_shared_negative: bool = False
+    table_overrides: dict[str, MECOverride] = field(default_factory=dict)
+
+    @classmethod
+    def _nested_fields(cls) -> dict[str, type]:
+        return {"table_overrides": MECOverride}
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("mec", "pq"):
+            raise ValueError(f"MECConfig.mode must be 'mec' or 'pq', got {self.mode!r}")
+        for name in (
+            "num_subspaces",
+            "num_centroids",
+            "sample_size",
+            "kmeans_sample_size",
+            "chunk_size",
+            "num_negatives",
+        ):
+            _check_rank(getattr(self, name), f"MECConfig.{name}")
+        if self.num_centroids > 2**31:
+            raise ValueError(f"MECConfig.num_centroids must be <= 2**31, got {self.num_centroids}")
+        if self.steps < 0 or self.kmeans_iterations < 0:
+            raise ValueError("MECConfig.steps and kmeans_iterations must be >= 0")
+        for name in ("contrastive_temperature", "balance_temperature", "learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"MECConfig.{name} must be > 0, got {getattr(self, name)}")
+        for table, override in self.table_overrides.items():
+            if not isinstance(override, MECOverride):
+                raise ValueError(
+                    f"MECConfig.table_overrides[{table!r}] must be a MECOverride, got {override!r}"
+                )
+
+    def for_table(self, table_name: str) -> "MECConfig":
+        """Returns this config with ``table_name``'s override applied (overrides dropped)."""
+        override = self.table_overrides.get(table_name)
+        changes: dict[str, Any] = {"table_overrides": {}}
+        if override is not None:
+            for name in ("num_subspaces", "num_centroids", "steps"):
+                if getattr(override, name) is not None:
+                    changes[name] = getattr(override, name)
+        return dataclasses.replace(self, **changes)
+
+    def check_table(self, table_name: str, embedding_dim: int) -> None:
+        """Raises ``ValueError`` naming ``table_name`` when ``embedding_dim % num_subspaces``."""
+        if embedding_dim % self.num_subspaces != 0:
+            raise ValueError(
+                f"table {table_name!r}: embedding_dim {embedding_dim} is not divisible by "
+                f"num_subspaces={self.num_subspaces}; pick a divisor of {embedding_dim}"
+            )

@@ -1,0 +1,190 @@
+"""A drop-in ``EmbeddingBagCollection`` whose tables are stored as low-rank factors.
+
+Each compressed table E (N x d) is replaced by a factor table A (N x k), a projection B (k x d)
+and a mean mu (d): ``e_i ~ A_i B + mu``.  Pooling happens on the k-dim factor rows, in an
+ordinary TorchRec ``EmbeddingBagCollection`` (``factor_ebc``), so fbgemm pools and DMP shards
+it with TorchRec's own sharder; one matmul per table then projects back to d.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollection,
+    get_embedding_names_by_table,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+
+class LowRankEmbeddingBagCollection(nn.Module):
+    """``EmbeddingBagCollection`` replacement with low-rank tables; same inputs and outputs.
+
+    Pooling stays exact in the low-rank space.  For a bag S with per-id weights w (1 when
+    unweighted) and L = |S| ids:
+
+    * SUM:  ``sum_S w_i e_i = (sum_S w_i A_i) B + (sum_S w_i) mu``
+    * MEAN: ``(1/L) sum_S w_i e_i = ((1/L) sum_S w_i A_i) B + (sum_S w_i / L) mu``; an empty bag
+      gives 0, like the uncompressed collection.  (fbgemm's MEAN divides a weighted sum by L,
+      not by the sum of weights; the unsharded ``nn.EmbeddingBag`` rejects weighted MEAN, and
+      so does this module when unsharded.)
+
+    The bag coefficients come from the input's lengths and weights (one segment sum); adding
+    a plain ``+mu`` per bag would be wrong for any bag with more than one id.
+
+    Tables missing from ``ranks`` stay uncompressed: their rows live at full dimension in
+    ``factor_ebc`` and skip the projection.  Variable batch size per feature (VBE) inputs are
+    not supported.
+
+    Args:
+        tables (list[EmbeddingBagConfig]): the ORIGINAL table configs (dims d); returned by
+            :meth:`embedding_bag_configs` so models (e.g. DLRM's ``SparseArch``) see d.
+        ranks (Mapping[str, int]): table name -> rank k (1..d); others stay uncompressed.
+        is_weighted (bool): whether the input carries per-id weights.
+        device (Optional[torch.device]): where to allocate.
+
+    Attributes:
+        factor_ebc (EmbeddingBagCollection): k-dim factor tables A (same names and features).
+        projection (nn.ParameterDict): table name -> B, ``(k, d)``.
+        mean (nn.ParameterDict): table name -> mu, ``(d,)``.
+
+    Example::
+
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
+        >>> ebc = LowRankEmbeddingBagCollection([cfg], ranks={"t": 4})
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["f"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 0, 1]))
+        >>> out = ebc(kjt)
+        >>> out.keys(), out.values().shape
+        (['f'], torch.Size([3, 8]))
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        ranks: Mapping[str, int],
+        is_weighted: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        names = [t.name for t in tables]
+        unknown = sorted(set(ranks) - set(names))
+        if unknown:
+            raise ValueError(f"ranks name unknown table(s) {unknown}; tables are {names}")
+        for table in tables:
+            if table.name in ranks and not 1 <= ranks[table.name] <= table.embedding_dim:
+                raise ValueError(
+                    f"table {table.name!r}: rank {ranks[table.name]} is invalid; "
+                    f"valid ranks are 1..{table.embedding_dim}"
+                )
+        self._tables = tables
+        self._ranks = dict(ranks)
+        factor_tables = []
+        for table in tables:
+            factor = copy.deepcopy(table)
+            factor.embedding_dim = ranks.get(table.name, table.embedding_dim)
+            factor_tables.append(factor)
+        self.factor_ebc = EmbeddingBagCollection(factor_tables, is_weighted, device)
+        self.projection = nn.ParameterDict()
+        self.mean = nn.ParameterDict()
+        for table in tables:
+            if table.name in ranks:
+                k, d = ranks[table.name], table.embedding_dim
+                self.projection[table.name] = nn.Parameter(torch.eye(k, d, device=device))
+                self.mean[table.name] = nn.Parameter(torch.zeros(d, device=device))
+        self._is_weighted = is_weighted
+        # from the factor configs: the EBC has filled in feature_names=[table name] where empty
+        self._embedding_names_by_table = get_embedding_names_by_table(factor_tables)
+        self._feature_names_by_table = [list(t.feature_names) for t in factor_tables]
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The original (uncompressed) table configs."""
+        return self._tables
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def ranks(self) -> dict[str, int]:
+        """Table name -> rank of each compressed table."""
+        return dict(self._ranks)
+
+    @torch.no_grad()
+    def load_table_(
+        self,
+        name: str,
+        factor_table: torch.Tensor,
+        projection: torch.Tensor | None = None,
+        mean: torch.Tensor | None = None,
+    ) -> None:
+        """Copies one table's factors in (``factor_table`` only for an uncompressed table)."""
+        weight = self.factor_ebc.embedding_bags[name].weight
+        if factor_table.shape != weight.shape:
+            raise ValueError(
+                f"table {name!r}: factor table has shape {tuple(factor_table.shape)}, "
+                f"expected {tuple(weight.shape)}"
+            )
+        weight.copy_(factor_table)
+        if name in self._ranks:
+            if projection is None or mean is None:
+                raise ValueError(f"table {name!r} is compressed: projection and mean are needed")
+            self.projection[name].copy_(projection)
+            self.mean[name].copy_(mean)
+
+    def _bag_coefficients(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+        """``(F, B)`` factors by which mu enters each SUM / MEAN bag, and the row per key."""
+        if features.variable_stride_per_key() or features.inverse_indices_or_none() is not None:
+            raise ValueError(
+                "LowRankEmbeddingBagCollection does not support variable batch size per feature"
+            )
+        lengths = features.lengths()
+        weights = features.weights_or_none() if self._is_weighted else None
+        if weights is None:
+            bag_sum = lengths.to(torch.float32)
+        else:
+            bag_sum = torch.segment_reduce(weights, "sum", lengths=lengths)
+        bag_mean = bag_sum / lengths.clamp(min=1).to(bag_sum.dtype)
+        shape = (len(features.keys()), features.stride())
+        index = {key: i for i, key in enumerate(features.keys())}
+        return bag_sum.view(shape), bag_mean.view(shape), index
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled embeddings with the original keys, dims and order.
+
+        Args:
+            features (KeyedJaggedTensor): the input of the original collection.
+
+        Returns:
+            KeyedTensor: like ``EmbeddingBagCollection.forward``.
+        """
+        factors = self.factor_ebc(features).to_dict()
+        bag_sum, bag_mean, index = self._bag_coefficients(features)
+        pooled: list[torch.Tensor] = []
+        lengths: list[int] = []
+        for table, feature_names, embedding_names in zip(
+            self._tables,
+            self._feature_names_by_table,
+            self._embedding_names_by_table,
+            strict=True,
+        ):
+            d = table.embedding_dim
+            lengths.extend([d] * len(embedding_names))
+            if table.name not in self._ranks:
+                pooled.extend(factors[name] for name in embedding_names)
+                continue
+            # (B, F_t, k) @ (k, d): one matmul for all features of the table
+            stacked = torch.stack([factors[name] for name in embedding_names], dim=1)
+            per_bag = bag_mean if table.pooling == PoolingType.MEAN else bag_sum
+            coef = per_bag[[index[f] for f in feature_names]].T
+            out = stacked @ self.projection[table.name] + coef.unsqueeze(-1) * self.mean[table.name]
+            pooled.append(out.flatten(1))
+        return KeyedTensor(
+            keys=[n for names in self._embedding_names_by_table for n in names],
+            length_per_key=lengths,
+            values=torch.cat(pooled, dim=1),
+        )
