@@ -10,6 +10,8 @@ The components are scheduler-agnostic: the scheduler is chosen at launch time, e
 (``local_cwd`` needs the virtual environment's ``bin/`` on ``PATH`` so that ``torchrun`` is found.)
 """
 
+from typing import Dict, Optional
+
 import torchx
 import torchx.specs as specs
 from torchx.components.dist import ddp
@@ -22,8 +24,8 @@ def train(
     cpu: int = 1,
     gpu: int = 0,
     memMB: int = 4096,  # noqa: N803 - torchx's resource naming
-    h: str | None = None,
-    env: dict[str, str] | None = None,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
     name: str = "dlrm/train",
 ) -> specs.AppDef:

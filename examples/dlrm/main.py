@@ -20,12 +20,13 @@ import socket
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from examples.dlrm.compression import add_arguments, compress_model, report_dict
 from examples.dlrm.model import ARCHS, ModelConfig, build_model
 from examples.dlrm.train import (
     SPARSE_OPTIMIZERS,
@@ -105,7 +106,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="runs/dlrm", help="output dir: checkpoint/, result.json")
     p.add_argument("--load-checkpoint", default=None, help="DCP checkpoint dir to start from")
-    p.add_argument("--eval-only", action="store_true", help="with --load-checkpoint: only evaluate")
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="with --load-checkpoint: do not train the baseline (evaluate it, or compress it)",
+    )
+    add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -159,42 +165,90 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         patience=args.patience,
         eval_batch_size=args.eval_batch_size,
     )
+    if args.eval_only and not args.load_checkpoint:
+        raise SystemExit("--eval-only needs --load-checkpoint")
     model = build_model(data.schema, model_config, torch.device("meta"))
     attach_sparse_optimizer(model, train_config)
     model = shard_model(model, device, sharding_type=args.sharding_type)
     if is_main():
         logger.info("dataset %s: %s", args.dataset, data.schema)
         logger.info("plan:\n%s", model.plan)
-    optimizer = build_optimizer(model, train_config)
     os.makedirs(args.out, exist_ok=True)
-    checkpoint_dir = os.path.join(args.out, "checkpoint")
     metadata = {"model": asdict(model_config), "dataset": args.dataset, "world_size": world}
     result: dict[str, Any] = {
         "dataset": args.dataset,
         "world_size": world,
+        "seed": args.seed,
         "model": asdict(model_config),
     }
     if args.load_checkpoint:
         load_checkpoint(model, args.load_checkpoint)
     if not args.eval_only:
-        fitted = fit(model, optimizer, data, train_config, checkpoint_dir, metadata)
+        optimizer = build_optimizer(model, train_config)
+        fitted = fit(
+            model, optimizer, data, train_config, os.path.join(args.out, "checkpoint"), metadata
+        )
         result.update(
             best_epoch=fitted.best_epoch, epochs_run=fitted.epochs_run, history=fitted.history
         )
-    elif not args.load_checkpoint:
-        raise SystemExit("--eval-only needs --load-checkpoint")
+    if args.compress:
+        result["baseline"] = {
+            split: evaluate(model, data, split, train_config.eval_batch_size)
+            for split in ("val", "test")
+        }
+        finetune_config = replace(
+            train_config,
+            epochs=args.finetune_epochs,
+            lr=args.finetune_lr if args.finetune_lr is not None else args.lr,
+            sparse_lr=(
+                args.finetune_sparse_lr if args.finetune_sparse_lr is not None else args.sparse_lr
+            ),
+        )
+        model, report, config = compress_model(
+            model, data, model_config, finetune_config, args, device, args.out
+        )
+        if is_main():
+            logger.info("compressed with %s:\n%s", config, report)
+            logger.info("compressed plan:\n%s", model.plan)
+        result["compression"] = {
+            "method": args.compress,
+            "config": config.to_dict(),
+            "report": report_dict(report),
+            "before_finetune": {
+                split: evaluate(model, data, split, train_config.eval_batch_size)
+                for split in ("val", "test")
+            },
+        }
+        if finetune_config.epochs > 0:
+            fitted = fit(
+                model,
+                build_optimizer(model, finetune_config),
+                data,
+                finetune_config,
+                os.path.join(args.out, "checkpoint_compressed"),
+                {**metadata, "compression": result["compression"]["config"]},
+            )
+            result["compression"]["finetune_history"] = fitted.history
     for split in ("val", "test"):
         result[split] = evaluate(model, data, split, train_config.eval_batch_size)
     if is_main():
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump(result, f, indent=2)
         summary = {k: result[k] for k in ("dataset", "world_size", "val", "test")}
+        if args.compress:
+            summary["baseline_test_auc"] = result["baseline"]["test"]["auc"]
+            summary["before_finetune_test_auc"] = result["compression"]["before_finetune"]["test"][
+                "auc"
+            ]
+            summary["compression_ratio"] = result["compression"]["report"]["ratio"]
         print("RESULT " + json.dumps(summary), flush=True)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr, force=True
+    )
     quiet_torchrec()
     args = parse_args(argv)
     try:

@@ -377,3 +377,27 @@ def _split_pieces(
             if first < high and first + stop > low
         ]
     return pieces
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m torchrec_compress.data.criteo convert OUT_DIR FILE...``: TSV → parquet."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m torchrec_compress.data.criteo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser(
+        "convert",
+        help="convert Criteo TSV files (Kaggle train.txt / Terabyte day_N) into parquet",
+        description="Use one OUT_DIR per split (e.g. out/train, out/val, out/test), or one "
+        "directory that the reader cuts by rows into train/val/test.",
+    )
+    convert.add_argument("out_dir")
+    convert.add_argument("inputs", nargs="+")
+    convert.add_argument("--rows-per-row-group", type=int, default=131_072)
+    args = parser.parse_args(argv)
+    for path in convert_criteo_tsv(args.inputs, args.out_dir, args.rows_per_row_group):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

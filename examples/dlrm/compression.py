@@ -1,0 +1,159 @@
+"""The compression stage of the DLRM pipeline: trained (sharded) baseline -> compressed, re-sharded model.
+
+The route never gathers a table on one process: statistics and factors are computed shard by
+shard (:func:`torchrec_compress.distributed.compress_sharded`), written as a DCP checkpoint of the
+compressed state, and loaded into the compressed model after the planner has re-planned it at its
+true, smaller size.
+"""
+
+import argparse
+import os
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+
+from examples.dlrm.model import ModelConfig, build_model
+from examples.dlrm.train import TrainConfig, attach_sparse_optimizer, load_checkpoint
+from torchrec_compress.api import CompressionReport
+from torchrec_compress.config import AFMConfig, CompressionConfig, SVDConfig
+from torchrec_compress.data import CTRDataset
+from torchrec_compress.distributed import shard_model
+
+METHODS = ("afm", "svd")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Compression flags of ``examples.dlrm.main``."""
+    g = p.add_argument_group("compression")
+    g.add_argument(
+        "--compress",
+        choices=METHODS,
+        default=None,
+        help="compress the trained (or loaded) baseline, then fine-tune",
+    )
+    g.add_argument("--rank", type=int, default=None, help="one rank for every table")
+    g.add_argument(
+        "--explained-variance",
+        type=float,
+        default=None,
+        help="per-table rank: smallest k explaining this fraction of output variance",
+    )
+    g.add_argument(
+        "--budget-ratio",
+        type=float,
+        default=None,
+        help="one byte budget for all tables: embedding bytes / RATIO (ranks chosen globally)",
+    )
+    g.add_argument(
+        "--compress-linear", action="store_true", help="also compress the MLP hidden layers"
+    )
+    g.add_argument("--linear-rank", type=int, default=None)
+    g.add_argument("--linear-variance", type=float, default=None)
+    g.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=0,
+        help="train batches per process for statistics (0: the whole train split)",
+    )
+    g.add_argument("--finetune-epochs", type=int, default=2)
+    g.add_argument("--finetune-lr", type=float, default=None, help="default: --lr")
+    g.add_argument("--finetune-sparse-lr", type=float, default=None, help="default: --sparse-lr")
+
+
+def embedding_bytes(schema_rows: tuple[int, ...], dim: int) -> int:
+    return sum(rows * dim * 4 for rows in schema_rows)
+
+
+def make_config(args: argparse.Namespace, total_embedding_bytes: int) -> CompressionConfig:
+    """The AFM/SVD config the flags describe (exactly one of rank / variance / budget)."""
+    chosen = [x is not None for x in (args.rank, args.explained_variance, args.budget_ratio)]
+    if sum(chosen) != 1:
+        raise SystemExit(
+            "--compress needs exactly one of --rank, --explained-variance, --budget-ratio"
+        )
+    kwargs: dict[str, Any] = {
+        "rank": args.rank,
+        "explained_variance": args.explained_variance,
+        "memory_budget_bytes": (
+            int(total_embedding_bytes / args.budget_ratio) if args.budget_ratio else None
+        ),
+        "linear": args.compress_linear,
+        "linear_rank": args.linear_rank,
+        "linear_variance": args.linear_variance,
+    }
+    return (AFMConfig if args.compress == "afm" else SVDConfig)(**kwargs)
+
+
+def calibration_batches(data: CTRDataset, batch_size: int, limit: int) -> Iterator[Batch]:
+    batches = data.batches("train", batch_size, dist.get_rank(), dist.get_world_size())
+    return islice(batches, limit) if limit > 0 else batches
+
+
+def train_forward(model: nn.Module, batch: Batch) -> Any:
+    """``DLRMTrain`` takes the whole batch."""
+    return model(batch)
+
+
+def compress_model(
+    model: DistributedModelParallel,
+    data: CTRDataset,
+    model_config: ModelConfig,
+    finetune_config: TrainConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    work_dir: str,
+) -> tuple[DistributedModelParallel, CompressionReport, CompressionConfig]:
+    """Compress a trained DMP model and return the re-planned, re-sharded compressed model."""
+    from torchrec_compress.distributed.lowrank import compress_sharded
+
+    config = make_config(
+        args, embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
+    )
+    meta_model = build_model(data.schema, model_config, torch.device("meta"))
+    state_dir = os.path.join(work_dir, "compressed_init")
+    compressed, report = compress_sharded(
+        model,
+        meta_model,
+        config,
+        calibration_batches(data, finetune_config.batch_size, args.calibration_batches),
+        state_dir,
+        forward_fn=train_forward,
+    )
+    attach_sparse_optimizer(compressed, finetune_config)
+    sharded = shard_model(compressed, device, sharding_type=args.sharding_type)
+    load_checkpoint(sharded, state_dir)
+    return sharded, report, config
+
+
+def report_dict(report: CompressionReport) -> dict[str, Any]:
+    return {
+        "bytes_before": report.bytes_before,
+        "bytes_after": report.bytes_after,
+        "ratio": report.compression_ratio,
+        "rows": [
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "shape": list(r.shape),
+                "method": r.method,
+                "rank": r.rank,
+                "bytes_before": r.bytes_before,
+                "bytes_after": r.bytes_after,
+                "explained_variance": r.explained_variance,
+            }
+            for r in report.rows
+        ],
+    }
+
+
+def table_bytes(report: CompressionReport, kind: str) -> float | None:
+    rows = [r for r in report.rows if r.kind == kind]
+    if not rows:
+        return None
+    return sum(r.bytes_before for r in rows) / max(sum(r.bytes_after for r in rows), 1)
