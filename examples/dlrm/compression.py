@@ -53,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--compress-linear", action="store_true", help="also compress the MLP hidden layers"
     )
+    g.add_argument(
+        "--keep-embeddings",
+        action="store_true",
+        help="leave the tables uncompressed (with --compress-linear: the MLPs only)",
+    )
     g.add_argument("--linear-rank", type=int, default=None)
     g.add_argument("--linear-variance", type=float, default=None)
     g.add_argument(
@@ -73,7 +78,10 @@ def embedding_bytes(schema_rows: tuple[int, ...], dim: int) -> int:
 def make_config(args: argparse.Namespace, total_embedding_bytes: int) -> CompressionConfig:
     """The AFM/SVD config the flags describe (exactly one of rank / variance / budget)."""
     chosen = [x is not None for x in (args.rank, args.explained_variance, args.budget_ratio)]
-    if sum(chosen) != 1:
+    if args.keep_embeddings:
+        if not args.compress_linear:
+            raise SystemExit("--keep-embeddings without --compress-linear compresses nothing")
+    elif sum(chosen) != 1:
         raise SystemExit(
             "--compress needs exactly one of --rank, --explained-variance, --budget-ratio"
         )
@@ -83,6 +91,7 @@ def make_config(args: argparse.Namespace, total_embedding_bytes: int) -> Compres
         "memory_budget_bytes": (
             int(total_embedding_bytes / args.budget_ratio) if args.budget_ratio else None
         ),
+        "embeddings": not args.keep_embeddings,
         "linear": args.compress_linear,
         "linear_rank": args.linear_rank,
         "linear_variance": args.linear_variance,

@@ -1,0 +1,149 @@
+"""AFM vs SVD quality through the full DLRM pipeline, mean ± std over seeds.
+
+For each seed: train the uncompressed baseline once, then, from its checkpoint, compress with
+each method at each embedding compression ratio (one global byte budget, per-table ranks), and
+the MLP hidden layers alone, fine-tune for at most ``--finetune-epochs`` epochs and evaluate.
+Runs are subprocesses of ``examples.dlrm.main``; a run whose ``result.json`` exists is reused,
+so the benchmark can be resumed.
+
+Example::
+
+    python benchmarks/lowrank_quality.py --dataset frappe --data-path ../shared/data/frappe \
+        --embedding-dim 64 --seeds 0,1,2 --out runs/quality_frappe_d64
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], out: Path) -> dict[str, Any]:
+    result = out / "result.json"
+    if not result.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "examples.dlrm.main", *args, "--out", str(out)]
+        print("+", " ".join(cmd), flush=True)
+        with open(out / "log.txt", "w") as log:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"run failed ({proc.returncode}); see {out / 'log.txt'}")
+    return json.loads(result.read_text())
+
+
+def _fmt(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default="afm,svd")
+    p.add_argument("--ratios", default="4,8", help="embedding compression ratios (byte budgets)")
+    p.add_argument(
+        "--mlp-variance",
+        type=float,
+        default=None,
+        help="also compress the MLP hidden layers alone at this explained variance",
+    )
+    p.add_argument("--mlp-rank", type=int, default=None, help="... or at this rank")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument(
+        "main_args",
+        nargs=argparse.REMAINDER,
+        help="after --: extra arguments of examples.dlrm.main (architecture, lr, ...)",
+    )
+    a = p.parse_args(argv)
+    extra = [x for x in a.main_args if x != "--"]
+    common = ["--dataset", a.dataset, "--embedding-dim", str(a.embedding_dim), *extra]
+    if a.data_path:
+        common += ["--data-path", a.data_path]
+    variants: dict[str, list[str]] = {}
+    for method in a.methods.split(","):
+        for ratio in a.ratios.split(","):
+            variants[f"{method} {ratio}x tables"] = ["--compress", method, "--budget-ratio", ratio]
+    if a.mlp_variance is not None or a.mlp_rank is not None:
+        for method in a.methods.split(","):
+            knob = (
+                ["--linear-variance", str(a.mlp_variance)]
+                if a.mlp_variance is not None
+                else ["--linear-rank", str(a.mlp_rank)]
+            )
+            variants[f"{method} MLP"] = [
+                "--compress",
+                method,
+                "--keep-embeddings",
+                "--compress-linear",
+                *knob,
+            ]
+    rows: dict[str, dict[str, list[float]]] = {}
+    start = time.time()
+    for seed in a.seeds.split(","):
+        base_dir = Path(a.out) / f"seed{seed}" / "baseline"
+        base = _run([*common, "--seed", seed, "--epochs", str(a.epochs)], base_dir)
+        rows.setdefault("uncompressed", {}).setdefault("test_auc", []).append(base["test"]["auc"])
+        for name, flags in variants.items():
+            out = Path(a.out) / f"seed{seed}" / name.replace(" ", "_")
+            r = _run(
+                [
+                    *common,
+                    "--seed",
+                    seed,
+                    "--load-checkpoint",
+                    str(base_dir / "checkpoint"),
+                    "--eval-only",
+                    *flags,
+                    "--finetune-epochs",
+                    str(a.finetune_epochs),
+                ],
+                out,
+            )
+            comp = r["compression"]
+            row = rows.setdefault(name, {})
+            kind = "linear" if "MLP" in name else "table"
+            parts = [
+                x for x in comp["report"]["rows"] if x["kind"] == kind and x["method"] != "kept"
+            ]
+            ratio = sum(x["bytes_before"] for x in parts) / max(
+                1, sum(x["bytes_after"] for x in parts)
+            )
+            row.setdefault("ratio", []).append(ratio)
+            row.setdefault("before_ft", []).append(comp["before_finetune"]["test"]["auc"])
+            row.setdefault("test_auc", []).append(r["test"]["auc"])
+            row.setdefault("delta", []).append(r["test"]["auc"] - base["test"]["auc"])
+    print(
+        f"\n{a.dataset}, d={a.embedding_dim}, seeds {a.seeds}, fine-tune ≤ {a.finetune_epochs} epochs "
+        f"({time.time() - start:.0f} s)\n"
+    )
+    print(
+        "| variant | compressed part ratio | test AUC before fine-tune | test AUC | Δ vs uncompressed |"
+    )
+    print("|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(
+            f"| {name} | {_fmt(row.get('ratio', []), 2)} | {_fmt(row.get('before_ft', []))} | "
+            f"{_fmt(row['test_auc'])} | {_fmt(row.get('delta', []))} |"
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,176 @@
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from torchrec_compress.config import MECConfig, MECOverride
+from torchrec_compress.pq import (
+    MECQuantizer,
+    ProductQuantizer,
+    RowSampler,
+    assign,
+    decode,
+    reconstruction_mse,
+    row_weights,
+    train_pq_table,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Training runs many small ops: on a loaded 2-core machine a second intra-op thread makes them
+    # 10x slower, so these tests pin one thread and restore the setting afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+_FAST = dict(num_subspaces=4, num_centroids=16, sample_size=512, learning_rate=1e-2)
+
+
+def _skewed_table(num_rows: int = 4000, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Most rows crowd around one centre; lookup counts are Zipf-like."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, d, generator=gen) * 3
+    cluster = torch.multinomial(
+        torch.tensor([0.85, 0.1, 0.04, 0.01]), num_rows, True, generator=gen
+    )
+    rows = centres[cluster] + 0.3 * torch.randn(num_rows, d, generator=gen)
+    counts = (1e5 / torch.arange(1, num_rows + 1)).floor()
+    return rows, counts
+
+
+def test_row_weights() -> None:
+    counts = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 1023.0, 1024.0])
+    torch.testing.assert_close(row_weights(counts, 7), torch.tensor([1.0, 1, 1, 1, 2, 9, 10]))
+    assert torch.equal(row_weights(counts, 7, popularity_weighting=False), torch.ones(7))
+    assert torch.equal(row_weights(None, 3), torch.ones(3))
+    with pytest.raises(ValueError, match=r"\[5\]"):
+        row_weights(counts, 5)
+
+
+def test_sampling_frequency_is_proportional_to_weights() -> None:
+    weights = torch.tensor([1.0, 0.0, 2.0, 3.0, 4.0])
+    sampler = RowSampler(weights, torch.Generator().manual_seed(0))
+    draws = 200_000
+    freq = torch.bincount(sampler.sample(draws), minlength=5).double() / draws
+    expected = weights.double() / weights.sum()
+    # Binomial std of each frequency is <= 0.0012 here; 5 sigma.
+    torch.testing.assert_close(freq, expected, atol=6e-3, rtol=0)
+    assert freq[1] == 0
+
+
+def test_training_beats_random_codebooks() -> None:
+    rows, counts = _skewed_table()
+    codes, books, metrics = train_pq_table(rows, counts, MECConfig(**_FAST, steps=100), "toy")
+    gen = torch.Generator().manual_seed(1)
+    random_pq = ProductQuantizer(16, 4, 16)
+    random_pq.codebooks = rows[torch.randint(len(rows), (16,), generator=gen)].view(16, 4, 4)
+    random_pq.codebooks = random_pq.codebooks.transpose(0, 1).contiguous()
+    random_mse = reconstruction_mse(rows, random_pq.compute_codes(rows), random_pq.codebooks)
+    assert metrics.mse == pytest.approx(reconstruction_mse(rows, codes, books))
+    assert metrics.mse < 0.5 * random_mse
+
+
+def test_balance_term_raises_perplexity() -> None:
+    rows, counts = _skewed_table()
+    perplexities = []
+    for balance in (0.0, 1.0):
+        config = MECConfig(**_FAST, steps=100, balance_weight=balance)
+        _, _, metrics = train_pq_table(rows, counts, config, "toy")
+        perplexities.append(sum(metrics.perplexity) / len(metrics.perplexity))
+    assert perplexities[1] > perplexities[0] + 1.0
+
+
+def test_pq_mode_is_kmeans_only() -> None:
+    rows, counts = _skewed_table(500)
+    config = MECConfig(**_FAST, mode="pq", kmeans_iterations=5)
+    codes, books, metrics = train_pq_table(rows, counts, config, "toy")
+    pq = ProductQuantizer(16, 4, 16)
+    pq.codebooks = books
+    assert torch.equal(codes, pq.compute_codes(rows))
+    assert metrics.weighted_perplexity != metrics.perplexity  # counts do weigh in
+
+
+def test_straight_through_reaches_encoder_and_codebooks() -> None:
+    rows, _ = _skewed_table(256)
+    mec = MECQuantizer(torch.randn(4, 16, 4))
+    for shared in (False, True):
+        config = MECConfig(**_FAST, reference_shared_negative=shared)
+        mec.zero_grad()
+        losses = mec.loss(rows, config, torch.Generator().manual_seed(0))
+        assert set(losses) == {
+            "reconstruction",
+            "codebook",
+            "commitment",
+            "contrastive",
+            "balance",
+            "total",
+        }
+        losses["total"].backward()
+        for name in ("encoder", "decoder", "codebooks"):
+            grad = getattr(mec, name).grad
+            assert grad is not None and grad.abs().sum() > 0, name
+    # The encoder trains through the contrastive/reconstruction path alone, not only commitment.
+    mec.zero_grad()
+    losses = mec.loss(
+        rows, MECConfig(**_FAST, commitment_weight=0.0, balance_weight=0.0), torch.Generator()
+    )
+    (losses["reconstruction"] + losses["contrastive"]).backward()
+    assert mec.encoder.grad.abs().sum() > 0
+
+
+def test_decoded_codebooks_live_in_the_original_space() -> None:
+    gen = torch.Generator().manual_seed(3)
+    mec = MECQuantizer(torch.randn(2, 8, 3, generator=gen))
+    with torch.no_grad():
+        mec.decoder.copy_(torch.randn(2, 3, 3, generator=gen))
+        mec.encoder.copy_(torch.randn(2, 3, 3, generator=gen))
+    x = torch.randn(10, 6, generator=gen)
+    codes = mec.compute_codes(x, chunk_size=3)
+    z = mec.encode(x)
+    q = torch.gather(mec.codebooks, 1, assign(z, mec.codebooks)[0].unsqueeze(-1).expand(-1, -1, 3))
+    reconstruction = torch.bmm(q, mec.decoder).transpose(0, 1).reshape(10, 6)
+    torch.testing.assert_close(decode(codes, mec.decoded_codebooks()), reconstruction)
+
+
+def test_large_k_uses_int16_and_overrides_apply() -> None:
+    rows = torch.randn(400, 8)
+    config = MECConfig(
+        num_subspaces=4,
+        num_centroids=300,
+        steps=1,
+        sample_size=32,
+        kmeans_iterations=1,
+        table_overrides={"wide": MECOverride(num_subspaces=2)},
+    )
+    codes, books, _ = train_pq_table(rows, None, config, "t")
+    assert codes.dtype == torch.int16 and codes.shape == (400, 4) and books.shape == (4, 300, 2)
+    assert int(codes.max()) < 300
+    codes, books, _ = train_pq_table(rows, None, config, "wide")
+    assert codes.shape == (400, 2) and books.shape == (2, 300, 4)
+
+
+def test_bad_inputs_name_the_table() -> None:
+    config = MECConfig(num_subspaces=3, num_centroids=4, steps=1, sample_size=8)
+    with pytest.raises(ValueError, match=r"table 'ads'.*not divisible by num_subspaces=3"):
+        train_pq_table(torch.randn(10, 8), None, config, "ads")
+    config = MECConfig(num_subspaces=2, num_centroids=4, steps=1, sample_size=8, chunk_size=4)
+    rows = torch.randn(10, 8)
+    rows[6, 1] = math.nan
+    with pytest.raises(ValueError, match=r"table 'ads': row 6 has NaN"):
+        train_pq_table(rows, None, config, "ads")
+    with pytest.raises(ValueError, match=r"table 'ads': cannot quantize an empty table"):
+        train_pq_table(torch.empty(0, 8), None, config, "ads")
+    with pytest.raises(ValueError, match="mode"):
+        MECConfig(mode="opq")
+    with pytest.raises(ValueError, match="num_centroids"):
+        MECConfig(num_centroids=2**31 + 1)
+
+
+def test_config_round_trip() -> None:
+    config = MECConfig(table_overrides={"t": MECOverride(skip=True), "u": MECOverride(steps=3)})
+    assert MECConfig.from_dict(config.to_dict()) == config
+    assert config.for_table("u").steps == 3 and config.for_table("u").table_overrides == {}

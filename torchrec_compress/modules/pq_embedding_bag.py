@@ -1,0 +1,261 @@
+"""Unsharded product-quantized EmbeddingBagCollection (MEC): uint8 codes + trainable codebooks.
+
+A row ``i`` of a table is ``concat_m codebooks[m][codes[i, m]]``.  Pooling is exact per subspace,
+``sum_{i in S} concat_m C_m[c_m(i)] = concat_m sum_{i in S} C_m[c_m(i)]``, so a pooled lookup of one
+feature is a single ``embedding_bag`` over the ``M * K`` stacked codewords (``[M * K, dsub]``) with
+``B * M`` bags laid out subspace-major ``(m, b)``: the flat indices are ``codes[ids, m] + m * K``,
+bag ``(m, b)`` holds the ids of bag ``b`` and the result ``[M, B, dsub]`` is one transpose away
+from ``[B, d]``.  The tiny codebook (``M * K * dsub`` floats) stays in cache, so the only random
+memory traffic is ``M`` bytes of codes per id instead of ``d`` floats.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollectionInterface,
+    get_embedding_names_by_table,
+    process_pooled_embeddings,
+    reorder_inverse_indices,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_compress.pq.quantizer import code_dtype, decode
+
+_INT32_MAX = 2**31 - 1
+
+
+def pq_pooled_lookup(
+    codes: Tensor,
+    codebooks: Tensor,
+    ids: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Tensor | None = None,
+) -> Tensor:
+    """Sum-pooled PQ lookup of ``B`` bags: ``[B, M * dsub]``, differentiable in ``codebooks``.
+
+    Args:
+        codes (Tensor): ``[N, M]`` integer codes of the table.
+        codebooks (Tensor): ``[M, K, dsub]``.
+        ids (Tensor): ``[n]`` row ids of all bags, concatenated.
+        offsets (Tensor): ``[B + 1]`` bag boundaries in ``ids`` (``include_last_offset`` style).
+        per_sample_weights (Optional[Tensor]): ``[n]`` weight of each id.
+
+    Example::
+
+        >>> books = torch.arange(8.0).view(2, 2, 2)  # M=2, K=2, dsub=2
+        >>> codes = torch.tensor([[0, 1], [1, 0]], dtype=torch.uint8)
+        >>> pq_pooled_lookup(codes, books, torch.tensor([0, 1, 1]), torch.tensor([0, 2, 2, 3]))
+        tensor([[ 2.,  4., 10., 12.],
+                [ 0.,  0.,  0.,  0.],
+                [ 2.,  3.,  4.,  5.]])
+    """
+    num_subspaces, ksub, dsub = codebooks.shape
+    num_ids = ids.numel()
+    num_bags = offsets.numel() - 1
+    # int32 indices halve the index traffic; fall back to int64 only when they could overflow.
+    index_dtype = torch.int32 if num_subspaces * max(ksub, num_ids) <= _INT32_MAX else torch.int64
+    # [n, M]: the only random access into the big table.  Gathering whole rows as 8-byte words
+    # is faster than byte-wise index_select when the row length allows it.
+    if (
+        codes.is_contiguous()
+        and num_subspaces * codes.element_size() % 8 == 0
+        and codes.storage_offset() * codes.element_size() % 8 == 0
+    ):
+        gathered = codes.view(torch.int64).index_select(0, ids).view(codes.dtype)
+    else:
+        gathered = codes.index_select(0, ids)
+    # copy_ into a contiguous [M, n] buffer transposes and widens in one pass (much faster than
+    # .t().contiguous() on uint8 followed by a cast).
+    indices = torch.empty(num_subspaces, num_ids, dtype=index_dtype, device=ids.device)
+    indices.copy_(gathered.t())
+    indices.add_(
+        torch.arange(0, num_subspaces * ksub, ksub, dtype=index_dtype, device=ids.device)[:, None]
+    )
+    bag_offsets = torch.empty(num_subspaces * num_bags + 1, dtype=index_dtype, device=ids.device)
+    torch.add(
+        offsets[:-1].unsqueeze(0),
+        (torch.arange(num_subspaces, device=ids.device) * num_ids).unsqueeze(1),
+        out=bag_offsets[:-1].view(num_subspaces, num_bags),
+    )
+    bag_offsets[-1] = num_subspaces * num_ids
+    pooled = F.embedding_bag(
+        indices.view(-1),
+        codebooks.reshape(num_subspaces * ksub, dsub),
+        bag_offsets,
+        mode="sum",
+        include_last_offset=True,
+        per_sample_weights=None
+        if per_sample_weights is None
+        else per_sample_weights.repeat(num_subspaces),
+    )
+    return pooled.view(num_subspaces, num_bags, dsub).transpose(0, 1).reshape(num_bags, -1)
+
+
+class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """Drop-in for TorchRec's ``EmbeddingBagCollection`` whose tables are product-quantized.
+
+    Every table keeps its ``EmbeddingBagConfig`` (original ``num_embeddings`` and
+    ``embedding_dim``); its rows are ``codes`` (a persistent buffer ``codes.<table>`` of shape
+    ``[num_embeddings, M]``, ``uint8`` for ``K <= 256``, frozen) and ``codebooks`` (a trainable
+    parameter ``codebooks.<table>`` of shape ``[M, K, embedding_dim / M]``).  The output
+    ``KeyedTensor`` has the keys, dims and order of the ``EmbeddingBagCollection`` built from the
+    same configs, and equals its output when that EBC's weights are the decoded tables (SUM and
+    MEAN pooling, weighted features, empty bags).  Loading a state dict whose codes are out of
+    ``[0, K)`` raises an error naming the table.
+
+    Args:
+        tables (List[EmbeddingBagConfig]): the original table configs.
+        codes (Dict[str, Tensor]): ``[num_embeddings, M]`` integer codes per table name.
+        codebooks (Dict[str, Tensor]): ``[M, K, embedding_dim / M]`` codebooks per table name.
+        is_weighted (bool): features carry per-id weights (as in ``EmbeddingBagCollection``).
+
+    Example::
+
+        >>> from torchrec.modules.embedding_configs import EmbeddingBagConfig
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> table = EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=3, feature_names=["f"])
+        >>> codes = torch.tensor([[0, 1], [1, 1], [0, 0]], dtype=torch.uint8)
+        >>> ebc = PQEmbeddingBagCollection([table], {"t": codes}, {"t": torch.ones(2, 2, 2)})
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor([0, 1, 2]), torch.tensor([2, 1]))
+        >>> ebc(kjt).to_dict()["f"]
+        tensor([[2., 2., 2., 2.],
+                [1., 1., 1., 1.]], grad_fn=<SplitWithSizesBackward0>)
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        codes: dict[str, Tensor],
+        codebooks: dict[str, Tensor],
+        is_weighted: bool = False,
+    ) -> None:
+        super().__init__()
+        self._is_weighted = is_weighted
+        self._embedding_bag_configs = tables
+        self.codes = nn.Module()
+        self.codebooks = nn.ParameterDict()
+        seen: set[str] = set()
+        for table in tables:
+            if table.name in seen:
+                raise ValueError(f"Duplicate table name {table.name}")
+            seen.add(table.name)
+            if table.name not in codes or table.name not in codebooks:
+                raise ValueError(f"table {table.name!r}: codes and codebooks are both required")
+            books = codebooks[table.name]
+            if books.dim() != 3 or books.shape[0] * books.shape[2] != table.embedding_dim:
+                raise ValueError(
+                    f"table {table.name!r}: codebooks must be [M, K, {table.embedding_dim} / M], "
+                    f"got {list(books.shape)}"
+                )
+            table_codes = codes[table.name]
+            _check_codes(
+                table.name, table_codes, table.num_embeddings, books.shape[0], books.shape[1]
+            )
+            self.codes.register_buffer(
+                table.name, table_codes.to(code_dtype(books.shape[1])).contiguous()
+            )
+            self.codebooks[table.name] = nn.Parameter(books.detach().float().clone())
+            if not table.feature_names:
+                table.feature_names = [table.name]
+        self._pooling_is_mean = [t.pooling == PoolingType.MEAN for t in tables]
+        self._feature_names: list[list[str]] = [t.feature_names for t in tables]
+        self._embedding_names: list[str] = [
+            name for names in get_embedding_names_by_table(tables) for name in names
+        ]
+        self._lengths_per_embedding: list[int] = [
+            t.embedding_dim for t in tables for _ in t.feature_names
+        ]
+        self.register_load_state_dict_pre_hook(self._check_loaded_codes)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled lookups of every feature: a ``KeyedTensor`` ``[B, sum of dims]``.
+
+        Args:
+            features (KeyedJaggedTensor): ids (and weights when ``is_weighted``) per feature.
+        """
+        flat_feature_names = [name for names in self._feature_names for name in names]
+        inverse_indices = reorder_inverse_indices(
+            inverse_indices=features.inverse_indices_or_none(),
+            feature_names=flat_feature_names,
+        )
+        feature_dict = features.to_dict()
+        pooled: list[Tensor] = []
+        for table, names, mean in zip(
+            self._embedding_bag_configs, self._feature_names, self._pooling_is_mean, strict=True
+        ):
+            table_codes = getattr(self.codes, table.name)
+            for name in names:
+                feature = feature_dict[name]
+                offsets = feature.offsets()
+                result = pq_pooled_lookup(
+                    table_codes,
+                    self.codebooks[table.name],
+                    feature.values(),
+                    offsets,
+                    feature.weights() if self._is_weighted else None,
+                )
+                if mean:
+                    lengths = (offsets[1:] - offsets[:-1]).clamp(min=1)
+                    result = result / lengths.unsqueeze(1).to(result.dtype)
+                pooled.append(result)
+        return KeyedTensor(
+            keys=self._embedding_names,
+            values=process_pooled_embeddings(pooled, inverse_indices),
+            length_per_key=self._lengths_per_embedding,
+        )
+
+    def decoded_weight(self, table_name: str) -> Tensor:
+        """The ``[num_embeddings, embedding_dim]`` float table the codes stand for."""
+        return decode(getattr(self.codes, table_name), self.codebooks[table_name])
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The original table configs."""
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        """Whether features carry per-id weights."""
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.codebooks.values())).device
+
+    def _check_loaded_codes(
+        self,
+        module: nn.Module,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        *args: object,
+    ) -> None:
+        for table in self._embedding_bag_configs:
+            key = f"{prefix}codes.{table.name}"
+            if key in state_dict:
+                books = self.codebooks[table.name]
+                _check_codes(
+                    table.name,
+                    state_dict[key],
+                    table.num_embeddings,
+                    books.shape[0],
+                    books.shape[1],
+                )
+
+
+def _check_codes(
+    table_name: str, codes: Tensor, num_embeddings: int, num_subspaces: int, ksub: int
+) -> None:
+    if codes.shape != (num_embeddings, num_subspaces):
+        raise ValueError(
+            f"table {table_name!r}: codes must be [{num_embeddings}, {num_subspaces}], "
+            f"got {list(codes.shape)}"
+        )
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise ValueError(f"table {table_name!r}: codes must be integers, got {codes.dtype}")
+    if codes.numel() > 0 and codes.device.type != "meta":
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= ksub:
+            raise ValueError(
+                f"table {table_name!r}: codes must lie in [0, {ksub}) (K={ksub} codewords), "
+                f"found values in [{low}, {high}]"
+            )

@@ -1,0 +1,25 @@
+"""Product quantization (MEC): quantizer, training and quality metrics, free of distribution code."""
+
+from torchrec_compress.pq.metrics import (
+    QuantizationMetrics,
+    codebook_perplexity,
+    distinct_code_tuples,
+    reconstruction_mse,
+)
+from torchrec_compress.pq.quantizer import ProductQuantizer, assign, code_dtype, decode
+from torchrec_compress.pq.training import MECQuantizer, RowSampler, row_weights, train_pq_table
+
+__all__ = [
+    "MECQuantizer",
+    "ProductQuantizer",
+    "QuantizationMetrics",
+    "RowSampler",
+    "assign",
+    "code_dtype",
+    "codebook_perplexity",
+    "decode",
+    "distinct_code_tuples",
+    "reconstruction_mse",
+    "row_weights",
+    "train_pq_table",
+]
