@@ -23,7 +23,7 @@ from examples.dlrm.train import TrainConfig, attach_sparse_optimizer, load_check
 from torchrec_compress.api import CompressionReport
 from torchrec_compress.config import AFMConfig, CompressionConfig, SVDConfig
 from torchrec_compress.data import CTRDataset
-from torchrec_compress.distributed import shard_model
+from torchrec_compress.distributed import compress_sharded, shard_model
 
 METHODS = ("afm", "svd")
 
@@ -119,8 +119,6 @@ def compress_model(
     work_dir: str,
 ) -> tuple[DistributedModelParallel, CompressionReport, CompressionConfig]:
     """Compress a trained DMP model and return the re-planned, re-sharded compressed model."""
-    from torchrec_compress.distributed.lowrank import compress_sharded
-
     config = make_config(
         args, embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
     )

@@ -247,8 +247,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr, force=True
+        level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr, force=True
     )
+    # Our own progress at INFO; torchrec / fbgemm log every TBE they build at INFO.
+    for name in ("examples", "torchrec_compress"):
+        logging.getLogger(name).setLevel(logging.INFO)
     quiet_torchrec()
     args = parse_args(argv)
     try:

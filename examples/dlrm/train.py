@@ -120,7 +120,7 @@ def train_epoch(
         step_rows = batch.labels.numel() * world
         seen += step_rows
         bar.update(min(step_rows, total_rows - bar.n))
-        bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     bar.close()
     elapsed = time.perf_counter() - start
     if is_main():

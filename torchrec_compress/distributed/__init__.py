@@ -5,13 +5,35 @@ TorchRec, each sharded module lives next to its sharder in one file of this pack
 """
 
 from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
-from torchrec_compress.distributed.planning import default_sharders, plan_model, shard_model
+from torchrec_compress.distributed.lowrank import (
+    ShardedStatistics,
+    SparseLookupCounter,
+    compress_sharded,
+    lowrank_skeleton_,
+    sharded_statistics,
+)
+from torchrec_compress.distributed.planning import (
+    PlanStorage,
+    TableStorage,
+    default_sharders,
+    plan_model,
+    plan_storage,
+    shard_model,
+)
 from torchrec_compress.distributed.state import load_full_state_dict_
 
 __all__ = [
     "CPURowWiseEmbeddingBagCollectionSharder",
+    "PlanStorage",
+    "ShardedStatistics",
+    "SparseLookupCounter",
+    "TableStorage",
+    "compress_sharded",
     "default_sharders",
     "load_full_state_dict_",
+    "lowrank_skeleton_",
     "plan_model",
+    "plan_storage",
     "shard_model",
+    "sharded_statistics",
 ]

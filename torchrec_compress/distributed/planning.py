@@ -1,11 +1,13 @@
 """Planning and sharding a model with TorchRec's planner and ``DistributedModelParallel``."""
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -116,3 +118,135 @@ def shard_model(
     return DistributedModelParallel(
         module=model, device=device, plan=plan, sharders=sharders, init_data_parallel=True
     )
+
+
+@dataclass
+class TableStorage:
+    """The planner's storage estimate of one table's chosen sharding option (all its shards).
+
+    Args:
+        module (str): fully qualified name of the sharded module (e.g. an EBC).
+        table (str): table name.
+        shape (tuple[int, int]): rows x dim of the table as the planner saw it.
+        sharding_type (str): chosen sharding type.
+        compute_kernel (str): chosen compute kernel.
+        ranks (list[int]): ranks holding its shards.
+        hbm (int): bytes of device memory over all shards (weights, optimizer state, I/O).
+        ddr (int): bytes of host memory over all shards.
+    """
+
+    module: str
+    table: str
+    shape: tuple[int, int]
+    sharding_type: str
+    compute_kernel: str
+    ranks: list[int]
+    hbm: int
+    ddr: int
+
+
+@dataclass
+class PlanStorage:
+    """A sharding plan together with the planner's own storage estimate of every table."""
+
+    plan: ShardingPlan
+    tables: list[TableStorage] = field(default_factory=list)
+
+    @property
+    def hbm(self) -> int:
+        """Total estimated device bytes over all tables and ranks."""
+        return sum(t.hbm for t in self.tables)
+
+    @property
+    def ddr(self) -> int:
+        """Total estimated host bytes over all tables and ranks."""
+        return sum(t.ddr for t in self.tables)
+
+    def __str__(self) -> str:
+        header = ("module", "table", "shape", "sharding", "kernel", "ranks", "hbm GiB", "ddr GiB")
+        lines = [
+            (
+                t.module,
+                t.table,
+                "x".join(map(str, t.shape)),
+                t.sharding_type,
+                t.compute_kernel,
+                _ranks_text(t.ranks),
+                f"{t.hbm / 2**30:.3f}",
+                f"{t.ddr / 2**30:.3f}",
+            )
+            for t in self.tables
+        ]
+        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        total = f"total: hbm {self.hbm / 2**30:.3f} GiB, ddr {self.ddr / 2**30:.3f} GiB"
+        return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in lines), total])
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    unique = sorted(set(ranks))
+    if len(unique) > 4 and unique == list(range(unique[0], unique[-1] + 1)):
+        return f"{unique[0]}..{unique[-1]}"
+    return ",".join(map(str, unique))
+
+
+def plan_storage(
+    model: nn.Module,
+    topology: Topology,
+    sharding_type: str | None = None,
+    sharders: list[ModuleSharder[nn.Module]] | None = None,
+) -> PlanStorage:
+    """Plans ``model`` like :func:`plan_model` and reports the planner's storage estimates.
+
+    The numbers are the planner's own: the ``Storage`` of every shard of the sharding options it
+    chose, read through the planner's public ``callbacks`` hook (called with the best plan).  So
+    a compressed module is sized exactly as the planner sizes it when it places shards (e.g.
+    the rows x k factor tables of a ``LowRankEmbeddingBagCollection``).  Works on ``meta``.
+
+    Args:
+        model: the module tree holding the EBCs (unsharded, any device).
+        topology: the hypothetical or real cluster.
+        sharding_type: force one sharding type for every table (``None``: planner's choice).
+        sharders: defaults to :func:`default_sharders`.
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+        >>> ebc = EmbeddingBagCollection(
+        ...     tables=[EmbeddingBagConfig(name="t", embedding_dim=128, num_embeddings=10**9,
+        ...                                feature_names=["f"])],
+        ...     device=torch.device("meta"))
+        >>> topology = Topology(world_size=64, local_world_size=8, compute_device="cuda")
+        >>> report = plan_storage(ebc, topology)
+        >>> report.hbm > 10**9 * 128 * 4
+        True
+    """
+    chosen: list[ShardingOption] = []
+
+    def record(best: list[ShardingOption]) -> list[ShardingOption]:
+        chosen.extend(best)
+        return best
+
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        constraints=table_constraints(model, sharding_type, topology.world_size),
+        callbacks=[record],
+    )
+    plan = planner.plan(model, sharders if sharders is not None else default_sharders())
+    tables = []
+    for option in chosen:
+        storage = option.total_storage
+        tables.append(
+            TableStorage(
+                module=option.path,
+                table=option.name,
+                shape=(int(option.tensor.shape[0]), int(option.tensor.shape[1])),
+                sharding_type=option.sharding_type,
+                compute_kernel=option.compute_kernel,
+                ranks=[shard.rank for shard in option.shards if shard.rank is not None],
+                hbm=int(storage.hbm),
+                ddr=int(storage.ddr),
+            )
+        )
+    return PlanStorage(plan, tables)

@@ -1,0 +1,781 @@
+"""Low-rank (AFM/SVD) models under ``DistributedModelParallel``, and distributed compression.
+
+A :class:`~torchrec_compress.modules.LowRankEmbeddingBagCollection` needs no sharder of its own:
+DMP walks into it and shards its ``factor_ebc`` (an ordinary EBC of rows x k tables) with
+TorchRec's EBC sharder, so the planner sizes the factor tables at their true rows x k.
+
+:func:`lowrank_skeleton_` swaps modules for empty low-rank ones of given ranks (on ``meta``: no
+memory), e.g. to plan a compressed model for a cluster that does not exist yet.
+
+:func:`compress_sharded` compresses a DMP-sharded model where it lies: lookup counts travel as
+``(id, count)`` pairs, moments are computed per shard and summed, factor rows are computed by
+the processes holding the rows, and the result is a DCP checkpoint that any later plan and
+world size can load.  No process ever holds a whole table.  Costs that grow with the data,
+not the tables: every process receives all processes' distinct ``(id, count)`` pairs (one
+all-gather); column-split tables move their counted rows (statistics) and all their rows'
+k-dim partial factors (``chunk_rows`` at a time) to the first column owner.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.tensor import DTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_compress.api import (
+    CompressionReport,
+    FilterFn,
+    ForwardFn,
+    ReportRow,
+    default_forward,
+    find_embedding_bag_collections,
+    find_mlp_hidden_linears,
+)
+from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.lowrank import (
+    PrincipalBasis,
+    afm_basis,
+    afm_linear,
+    factor_table,
+    projection,
+    svd_basis,
+    svd_linear,
+)
+from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
+from torchrec_compress.modules.lowrank_linear import LowRankLinear
+from torchrec_compress.rank import (
+    BYTES_PER_ELEMENT,
+    TableSpectrum,
+    check_rank,
+    compressed_table_bytes,
+    explained_variance_ratio,
+    rank_for_variance,
+    select_ranks,
+)
+from torchrec_compress.statistics import (
+    DEFAULT_CHUNK_ROWS,
+    LinearOutputCollector,
+    Moments,
+    moments_from_counts,
+)
+
+
+def lowrank_skeleton_(
+    model: nn.Module,
+    table_ranks: Mapping[str, int],
+    linear_ranks: Mapping[str, int] | None = None,
+    device: torch.device | None = None,
+) -> nn.Module:
+    """Swaps modules of ``model`` in place for uninitialised low-rank ones of the given ranks.
+
+    Every ``EmbeddingBagCollection`` holding a table named in ``table_ranks`` becomes a
+    :class:`LowRankEmbeddingBagCollection` (other tables of it stay full width inside
+    ``factor_ebc``); every ``nn.Linear`` whose fully qualified name is in ``linear_ranks``
+    becomes a :class:`LowRankLinear`.  Nothing is computed: the new modules are placeholders
+    whose weights come from a checkpoint, which is what planning and DCP loading need.
+
+    Args:
+        model (nn.Module): the module tree (typically on ``meta``); not the swapped module itself.
+        table_ranks (Mapping[str, int]): table name -> rank k.
+        linear_ranks (Optional[Mapping[str, int]]): Linear fqn -> rank.
+        device (Optional[torch.device]): where the new modules live (default: ``meta``).
+
+    Returns:
+        nn.Module: ``model``.
+
+    Example::
+
+        >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=128, num_embeddings=10**9,
+        ...                          feature_names=["f"])
+        >>> model = nn.Sequential(EmbeddingBagCollection([cfg], device=torch.device("meta")))
+        >>> _ = lowrank_skeleton_(model, {"t": 16})
+        >>> model[0].factor_ebc.embedding_bags["t"].weight.shape
+        torch.Size([1000000000, 16])
+    """
+    device = device if device is not None else torch.device("meta")
+    linear_ranks = dict(linear_ranks or {})
+    replacements: dict[str, nn.Module] = {}
+    seen: set[str] = set()
+    for fqn, ebc in find_embedding_bag_collections(model).items():
+        tables = ebc.embedding_bag_configs()
+        ranks = {t.name: table_ranks[t.name] for t in tables if t.name in table_ranks}
+        seen.update(ranks)
+        if ranks:
+            replacements[fqn] = LowRankEmbeddingBagCollection(
+                tables, ranks, ebc.is_weighted(), device
+            )
+    unknown = sorted(set(table_ranks) - seen)
+    if unknown:
+        raise ValueError(f"table_ranks name table(s) {unknown} that no EmbeddingBagCollection has")
+    for fqn, rank in linear_ranks.items():
+        layer = model.get_submodule(fqn)
+        if type(layer) is not nn.Linear:
+            raise ValueError(f"linear_ranks: {fqn!r} is a {type(layer).__name__}, not nn.Linear")
+        replacements[fqn] = LowRankLinear(
+            layer.in_features, rank, layer.out_features, layer.bias is not None, device
+        )
+    if "" in replacements:
+        raise ValueError("cannot replace the model itself in place; wrap it in a parent module")
+    for fqn, module in replacements.items():
+        parent, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed compression
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One shard of a table: rows ``[row, row + rows)``, columns ``[col, col + cols)``."""
+
+    row: int
+    rows: int
+    col: int
+    cols: int
+    rank: int
+
+
+@dataclass
+class _RowRange:
+    """The shards covering the same rows; ``blocks`` sorted by column, the first one leads."""
+
+    row: int
+    rows: int
+    blocks: list[_Block]
+
+    @property
+    def lead(self) -> int:
+        """The process that assembles statistics and holds the factor rows of this range."""
+        return self.blocks[0].rank
+
+    @property
+    def ranks(self) -> set[int]:
+        return {b.rank for b in self.blocks}
+
+
+def _row_ranges(value: torch.Tensor, name: str, dim: int) -> list[_RowRange]:
+    """Global layout of one table's weight in a DMP state dict (same on every process).
+
+    A plain tensor (data-parallel table) is replicated: rank 0 leads it as one block.
+    """
+    if isinstance(value, ShardedTensor):
+        blocks = [
+            _Block(
+                m.shard_offsets[0],
+                m.shard_sizes[0],
+                m.shard_offsets[1],
+                m.shard_sizes[1],
+                m.placement.rank(),
+            )
+            for m in value.metadata().shards_metadata
+        ]
+    elif isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+        blocks = [_Block(0, value.shape[0], 0, value.shape[1], 0)]
+    else:
+        raise TypeError(f"table {name!r}: unsupported sharded weight type {type(value).__name__}")
+    by_rows: dict[tuple[int, int], list[_Block]] = {}
+    for block in blocks:
+        by_rows.setdefault((block.row, block.rows), []).append(block)
+    ranges = []
+    for (row, rows), group in sorted(by_rows.items()):
+        group.sort(key=lambda b: b.col)
+        if sum(b.cols for b in group) != dim or group[0].col != 0:
+            raise ValueError(
+                f"table {name!r}: shards of rows {row}..{row + rows} do not tile {dim} columns"
+            )
+        ranges.append(_RowRange(row, rows, group))
+    return ranges
+
+
+def _local_blocks(value: torch.Tensor, rank: int) -> dict[tuple[int, int], torch.Tensor]:
+    """``(row, col)`` offset -> this process's shard tensor of one table."""
+    if isinstance(value, ShardedTensor):
+        return {
+            (s.metadata.shard_offsets[0], s.metadata.shard_offsets[1]): s.tensor
+            for s in value.local_shards()
+        }
+    return {(0, 0): value} if rank == 0 else {}
+
+
+class SparseLookupCounter:
+    """Lookup counts of one EBC's tables as sorted ``(ids, counts)`` pairs, not dense N-vectors.
+
+    Memory grows with the number of distinct ids the data touches, never with the table size,
+    so a billion-row table costs what its calibration data costs.  Same counting rule as
+    :class:`~torchrec_compress.statistics.LookupCounter` (1 per id, or its weight when
+    ``is_weighted``; a feature read by several tables counts for each).
+
+    Args:
+        tables (Sequence[EmbeddingBagConfig]): the collection's table configs.
+        is_weighted (bool): count per-id weights instead of 1.
+
+    Example::
+
+        >>> from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10**9,
+        ...                          feature_names=["f"])
+        >>> counter = SparseLookupCounter([cfg])
+        >>> counter.update(KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["f"], values=torch.tensor([7, 5, 7]), lengths=torch.tensor([2, 1])))
+        >>> ids, counts = counter.counts()["t"]
+        >>> ids.tolist(), counts.tolist()
+        ([5, 7], [1.0, 2.0])
+    """
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], is_weighted: bool = False) -> None:
+        self._tables = list(tables)
+        self._is_weighted = is_weighted
+        self._ids = {t.name: torch.zeros(0, dtype=torch.int64) for t in tables}
+        self._counts = {t.name: torch.zeros(0, dtype=torch.float64) for t in tables}
+
+    def update(self, features: KeyedJaggedTensor) -> None:
+        """Adds the lookups of one batch; raises ``ValueError`` on ids outside their table."""
+        jagged = features.to_dict()
+        for table in self._tables:
+            parts = [jagged[f] for f in table.feature_names or [table.name] if f in jagged]
+            if not parts:
+                continue
+            ids = torch.cat([p.values().to(torch.int64) for p in parts])
+            bad = (ids < 0) | (ids >= table.num_embeddings)
+            if bad.any():
+                raise ValueError(
+                    f"table {table.name!r} got id {int(ids[bad][0])} "
+                    f"(valid ids: 0..{table.num_embeddings - 1})"
+                )
+            weights = [p.weights_or_none() if self._is_weighted else None for p in parts]
+            counts = torch.cat(
+                [
+                    torch.ones(p.values().numel(), dtype=torch.float64)
+                    if w is None
+                    else w.to(torch.float64)
+                    for p, w in zip(parts, weights, strict=True)
+                ]
+            )
+            self._ids[table.name], self._counts[table.name] = _merge_counts(
+                torch.cat([self._ids[table.name], ids.cpu()]),
+                torch.cat([self._counts[table.name], counts.cpu()]),
+            )
+
+    def counts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Table name -> (sorted distinct ids, their float64 counts)."""
+        return {t.name: (self._ids[t.name], self._counts[t.name]) for t in self._tables}
+
+
+def _merge_counts(ids: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums the counts of equal ids; returns sorted distinct ids and their counts."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    return unique, torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, inverse, counts)
+
+
+def _all_gather_counts(
+    local: list[tuple[torch.Tensor, torch.Tensor]], group: dist.ProcessGroup | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Global ``(ids, counts)`` per table from every process's pairs (3 all-gathers in all).
+
+    Only the ids the data touched travel (never an N-length vector); every process then keeps
+    what its own shards need.
+    """
+    table_index = torch.cat(
+        [torch.full((ids.numel(),), i, dtype=torch.int64) for i, (ids, _) in enumerate(local)]
+        or [torch.zeros(0, dtype=torch.int64)]
+    )
+    ids = torch.cat([ids for ids, _ in local] or [torch.zeros(0, dtype=torch.int64)])
+    counts = torch.cat([c for _, c in local] or [torch.zeros(0, dtype=torch.float64)])
+    world = dist.get_world_size(group)
+    size = torch.tensor([ids.numel()], dtype=torch.int64)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    longest = int(max(s.item() for s in sizes))
+    pairs = torch.stack([table_index, ids])
+    padded_pairs = torch.full((2, longest), -1, dtype=torch.int64)
+    padded_pairs[:, : ids.numel()] = pairs
+    padded_counts = torch.zeros(longest, dtype=torch.float64)
+    padded_counts[: ids.numel()] = counts
+    all_pairs = [torch.empty_like(padded_pairs) for _ in range(world)]
+    all_counts = [torch.empty_like(padded_counts) for _ in range(world)]
+    dist.all_gather(all_pairs, padded_pairs, group=group)
+    dist.all_gather(all_counts, padded_counts, group=group)
+    valid = [slice(0, int(s.item())) for s in sizes]
+    gathered_pairs = torch.cat([p[:, v] for p, v in zip(all_pairs, valid, strict=True)], dim=1)
+    gathered_counts = torch.cat([c[v] for c, v in zip(all_counts, valid, strict=True)])
+    out = []
+    for i in range(len(local)):
+        mine = gathered_pairs[0] == i
+        out.append(_merge_counts(gathered_pairs[1, mine], gathered_counts[mine]))
+    return out
+
+
+def _dense_counts(ids: torch.Tensor, counts: torch.Tensor, row: int, rows: int) -> torch.Tensor:
+    """Counts of rows ``[row, row + rows)`` as a dense ``(rows,)`` float64 tensor."""
+    inside = (ids >= row) & (ids < row + rows)
+    dense = torch.zeros(rows, dtype=torch.float64)
+    dense[ids[inside] - row] = counts[inside]
+    return dense
+
+
+def _sum_identical_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """All-reduce (sum) in place, then broadcast rank 0's result, so that every process
+    factorises bit-identical statistics whatever the reduction order."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    dist.broadcast(flat, src=0, group=group)
+    for tensor, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors]), strict=True):
+        tensor.copy_(part.view_as(tensor))
+
+
+def _range_moments(
+    rows: _RowRange,
+    local: Mapping[tuple[int, int], torch.Tensor],
+    counts: torch.Tensor,
+    dim: int,
+    chunk_rows: int,
+    name: str,
+) -> Moments:
+    """This process's part of one row range's moments (non-zero only on the range's lead).
+
+    Column-split rows: the lead assembles full rows from the column owners, only for rows with
+    a non-zero count and ``chunk_rows`` at a time (point-to-point between the owners of this
+    range; every process walks ranges in the same order, so the sends and receives pair up).
+    """
+    me = dist.get_rank()
+    moments = Moments.zeros(dim)
+    if me not in rows.ranks:
+        return moments
+    if len(rows.blocks) == 1:
+        return moments_from_counts(local[(rows.row, 0)], counts, 0, chunk_rows, name)
+    dtype = next(iter(local.values())).dtype
+    used = counts.nonzero().squeeze(1)
+    for start in range(0, used.numel(), chunk_rows):
+        index = used[start : start + chunk_rows]
+        if me != rows.lead:
+            for block in rows.blocks:
+                if block.rank == me:
+                    dist.send(local[(rows.row, block.col)][index].contiguous(), dst=rows.lead)
+            continue
+        full = torch.empty(index.numel(), dim, dtype=torch.float64)
+        for block in rows.blocks:
+            if block.rank == me:
+                part = local[(rows.row, block.col)][index]
+            else:
+                part = torch.empty(index.numel(), block.cols, dtype=dtype)
+                dist.recv(part, src=block.rank)
+            full[:, block.col : block.col + block.cols] = part
+        if not torch.isfinite(full).all():
+            raise ValueError(
+                f"{name}: a weight row in {rows.row}..{rows.row + rows.rows} is not finite"
+            )
+        moments.update(full, counts[index])
+    return moments
+
+
+def _range_factors(
+    rows: _RowRange,
+    local: Mapping[tuple[int, int], torch.Tensor],
+    basis: PrincipalBasis,
+    rank: int,
+    chunk_rows: int,
+) -> torch.Tensor | None:
+    """Factor rows ``A = (E - mu) U_k`` of one row range, on its lead (``None`` elsewhere).
+
+    Column-split rows: ``A`` is the sum over column blocks of ``(E_c - mu_c) U_k[c]``; each
+    owner computes its blocks' part in float64 and sends it to the lead, ``chunk_rows`` rows
+    at a time.
+    """
+    me = dist.get_rank()
+    if me not in rows.ranks:
+        return None
+    if len(rows.blocks) == 1:
+        return factor_table(local[(rows.row, 0)], basis, rank, chunk_rows)
+    directions = basis.eigenvectors[:, :rank]
+    dtype = next(iter(local.values())).dtype
+    others = sorted(rows.ranks - {rows.lead})
+    out = torch.empty(rows.rows, rank, dtype=dtype) if me == rows.lead else None
+    for start in range(0, rows.rows, chunk_rows):
+        n = min(chunk_rows, rows.rows - start)
+        partial = torch.zeros(n, rank, dtype=torch.float64)
+        for block in rows.blocks:
+            if block.rank == me:
+                cols = slice(block.col, block.col + block.cols)
+                part = local[(rows.row, block.col)][start : start + n].to(torch.float64)
+                partial += (part - basis.mean[cols]) @ directions[cols]
+        if out is None:
+            dist.send(partial, dst=rows.lead)
+            continue
+        for other in others:
+            received = torch.empty_like(partial)
+            dist.recv(received, src=other)
+            partial += received
+        out[start : start + n] = partial.to(dtype)
+    return out
+
+
+def _factor_sharded_tensor(
+    ranges: list[_RowRange],
+    factors: Mapping[int, torch.Tensor],
+    shape: tuple[int, int],
+    group: dist.ProcessGroup | None,
+) -> ShardedTensor:
+    """The factor table as a row-sharded ``ShardedTensor``: each range on its lead (collective)."""
+    shards = [
+        Shard.from_tensor_and_offsets(factors[r.row], [r.row, 0], dist.get_rank())
+        for r in ranges
+        if r.row in factors
+    ]
+    return ShardedTensor._init_from_local_shards(shards, *shape, process_group=group)
+
+
+def _calibration_pass(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    forward_fn: ForwardFn,
+    counters: Mapping[nn.Module, SparseLookupCounter],
+    linears: Mapping[str, nn.Module],
+) -> dict[str, Moments]:
+    """One eval-mode, no-grad pass: pre-hooks on the sharded EBCs feed ``counters`` (each sees
+    the local batch's KJT with global ids); returns the Linear output moments (local)."""
+    handles = [
+        module.register_forward_pre_hook(
+            lambda _m, args, kwargs, c=counter: c.update(args[0] if args else kwargs["features"]),
+            with_kwargs=True,
+        )
+        for module, counter in counters.items()
+    ]
+    training = {m: m.training for m in model.modules()}
+    collector = LinearOutputCollector(linears)
+    try:
+        model.eval()
+        with collector, torch.no_grad():
+            for batch in calibration:
+                forward_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in training.items():
+            module.train(flag)
+    return collector.moments
+
+
+def _linear_factors(
+    fqn: str,
+    layer: nn.Linear,
+    moments: Moments | None,
+    config: LowRankConfig,
+) -> tuple[ReportRow, LowRankLinear | None]:
+    """Rank choice and factors of one (replicated) Linear layer, as ``compress_`` does it."""
+    name = f"layer {fqn!r}"
+    basis = None
+    if moments is not None:
+        basis = afm_basis(moments, name)
+        spectrum = basis.eigenvalues
+    else:
+        spectrum = torch.linalg.svdvals(layer.weight.detach().to(torch.float64)) ** 2
+    if config.linear_rank is not None:
+        k = config.linear_rank
+        check_rank(k, spectrum.numel(), name)
+    else:
+        assert config.linear_variance is not None
+        k = rank_for_variance(spectrum, config.linear_variance)
+    before = sum(p.numel() * p.element_size() for p in layer.parameters())
+    shape = (layer.out_features, layer.in_features)
+    if k * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
+        return ReportRow(fqn, "linear", shape, "kept", None, before, before, None), None
+    new = afm_linear(layer, basis, k) if basis is not None else svd_linear(layer, k)[0]
+    after = sum(p.numel() * p.element_size() for p in new.parameters())
+    variance = float(explained_variance_ratio(spectrum)[k - 1])
+    method = "AFM" if basis is not None else "SVD"
+    return ReportRow(fqn, "linear", shape, method, k, before, after, variance), new
+
+
+@dataclass
+class ShardedStatistics:
+    """What :func:`sharded_statistics` collected; identical on every process.
+
+    Args:
+        tables (list[tuple[str, EmbeddingBagConfig]]): (EBC fqn, table config) of each
+            selected table, in model order.
+        linears (dict[str, nn.Linear]): fqn -> selected Linear layer (of ``meta_model``).
+        table_moments (dict[str, Moments]): table name -> AFM (lookup-weighted) or SVD
+            (uniform) moments of its rows, summed over the group.
+        linear_moments (dict[str, Moments]): Linear fqn -> output moments (AFM only).
+    """
+
+    tables: list[tuple[str, EmbeddingBagConfig]]
+    linears: dict[str, nn.Linear]
+    table_moments: dict[str, Moments]
+    linear_moments: dict[str, Moments]
+
+
+def sharded_statistics(
+    model: DistributedModelParallel,
+    meta_model: nn.Module,
+    config: LowRankConfig,
+    calibration: Iterable[Any] | None,
+    forward_fn: ForwardFn = default_forward,
+    filter_fn: FilterFn | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> ShardedStatistics:
+    """Steps 1 and 2 of :func:`compress_sharded`: counts, per-shard moments, summed.
+
+    Collective.  Equal (up to float64 rounding) to the single-process statistics of
+    ``compress_`` over the union of all processes' calibration batches.  Arguments as in
+    :func:`compress_sharded`.
+    """
+    if not isinstance(config, (AFMConfig, SVDConfig)):
+        raise TypeError(
+            f"compress_sharded supports AFMConfig and SVDConfig, got {type(config).__name__}"
+        )
+    is_afm = isinstance(config, AFMConfig)
+    group = dist.group.WORLD
+    me = dist.get_rank()
+    inner = model.module if isinstance(model, DistributedModelParallel) else model
+    ebcs = find_embedding_bag_collections(meta_model, filter_fn) if config.embeddings else {}
+    linears = (
+        find_mlp_hidden_linears(meta_model, config.keep_mlp_ends, filter_fn)
+        if config.linear
+        else {}
+    )
+    tables = [(fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()]
+    names = [t.name for _, t in tables]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"table names must be unique across the model; repeated: {duplicated}")
+
+    # 1. calibration pass: sparse lookup counts and Linear output moments
+    counters = {
+        fqn: SparseLookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted())
+        for fqn, ebc in ebcs.items()
+    }
+    linear_moments: dict[str, Moments] = {}
+    if is_afm and (ebcs or linears):
+        if calibration is None:
+            raise ValueError("AFMConfig needs calibration data (an iterable of batches)")
+        linear_moments = _calibration_pass(
+            model,
+            calibration,
+            forward_fn,
+            {inner.get_submodule(fqn): counter for fqn, counter in counters.items()},
+            {fqn: inner.get_submodule(fqn) for fqn in linears},
+        )
+    global_counts = dict(
+        zip(
+            names,
+            _all_gather_counts([counters[fqn].counts()[t.name] for fqn, t in tables], group)
+            if is_afm
+            else [None] * len(names),
+            strict=True,
+        )
+    )
+
+    # 2. moments per shard, summed over the group
+    state = model.state_dict()
+    moments: dict[str, Moments] = {}
+    for fqn, table in tables:
+        value = state[f"{fqn}.embedding_bags.{table.name}.weight"]
+        layout = _row_ranges(value, table.name, table.embedding_dim)
+        blocks = _local_blocks(value, me)
+        pairs = global_counts[table.name]
+        uniform = pairs is None or pairs[1].sum() <= 0
+        if pairs is not None and uniform:
+            warnings.warn(
+                f"table {table.name!r} has no lookups in the calibration data; AFM falls back "
+                "to uniform row weights for it",
+                stacklevel=2,
+            )
+        total = Moments.zeros(table.embedding_dim)
+        for rows in layout:
+            if uniform:
+                counts = torch.ones(rows.rows, dtype=torch.float64)
+            else:
+                counts = _dense_counts(*pairs, rows.row, rows.rows)
+            total.add_(
+                _range_moments(
+                    rows,
+                    blocks,
+                    counts,
+                    table.embedding_dim,
+                    chunk_rows,
+                    f"table {table.name!r}",
+                )
+            )
+        moments[table.name] = total
+    _sum_identical_(
+        [
+            t
+            for m in [*moments.values(), *linear_moments.values()]
+            for t in (m.count, m.sum, m.sum_outer)
+        ],
+        group,
+    )
+
+    return ShardedStatistics(tables, dict(linears), moments, linear_moments)
+
+
+def compress_sharded(
+    model: DistributedModelParallel,
+    meta_model: nn.Module,
+    config: LowRankConfig,
+    calibration: Iterable[Any] | None,
+    checkpoint_dir: str,
+    forward_fn: ForwardFn = default_forward,
+    filter_fn: FilterFn | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[nn.Module, CompressionReport]:
+    """AFM/SVD compression of a DMP-sharded model without gathering any table on one process.
+
+    Collective: every process of the default group calls it with its own calibration batches.
+
+    1. Lookup counts: a pre-hook on each sharded EBC counts the ids of the local batches as
+       ``(id, count)`` pairs (:class:`SparseLookupCounter`); the pairs are all-gathered (only
+       touched ids travel, never an N-length vector) and each process keeps its shards' rows.
+    2. Moments per shard, summed over the group: row shards add; a table-wise table is counted
+       by its owner; column-split rows are assembled on the range's first column owner in
+       chunks of ``chunk_rows`` (counted rows only).  Linear layers: forward hooks on the
+       replicated dense modules, moments summed over the group.
+    3. Every process factorises the same summed moments (broadcast from rank 0, so bit
+       identical), selects ranks with the config's rule, and computes the factor rows
+       ``A = (E - mu) U_k`` of the row ranges it leads (column-split: summed over the column
+       owners).  Linear layers are factorised from the replicated weights.
+    4. A DCP checkpoint of the compressed model's state, ``{"model": state_dict}`` (the layout
+       of ``examples/dlrm/train.py``'s ``save_checkpoint``), is written to ``checkpoint_dir``:
+       factor tables as row-sharded ``ShardedTensor``\\ s, projections, means and dense
+       parameters replicated; tables left uncompressed keep their original shards.
+
+    The caller then shards the returned module with any plan and world size (attach fused
+    optimizers first) and loads the checkpoint, which DCP reshards::
+
+        compressed, report = compress_sharded(dmp, meta_model, AFMConfig(rank=16), batches, path)
+        sharded = shard_model(compressed, device)
+        state = {"model": sharded.state_dict()}
+        dcp.load(state, checkpoint_id=path)
+        sharded.load_state_dict(state["model"])
+
+    Args:
+        model (DistributedModelParallel): the trained, sharded model (left unchanged).
+        meta_model (nn.Module): the same architecture unsharded (typically on ``meta``); its
+            modules are swapped in place for low-rank ones and it is returned.
+        config (LowRankConfig): :class:`AFMConfig` or :class:`SVDConfig` (same fields and rank
+            rules as :func:`~torchrec_compress.compress_`).
+        calibration (Optional[Iterable]): this process's batches (AFM); ignored by SVD.
+        checkpoint_dir (str): where the compressed state is written.
+        forward_fn (Callable[[nn.Module, Any], Any]): runs ``model`` on one batch.
+        filter_fn (Optional[Callable[[nn.Module, str], bool]]): as in ``compress_``.
+        chunk_rows (int): rows per message / float64 working block.
+
+    Returns:
+        tuple[nn.Module, CompressionReport]: ``meta_model`` with compressed modules, and the
+        report (identical on every process).
+    """
+    statistics = sharded_statistics(
+        model, meta_model, config, calibration, forward_fn, filter_fn, chunk_rows
+    )
+    tables, linears = statistics.tables, statistics.linears
+    moments, linear_moments = statistics.table_moments, statistics.linear_moments
+    is_afm = isinstance(config, AFMConfig)
+    group = dist.group.WORLD
+    me = dist.get_rank()
+    inner = model.module if isinstance(model, DistributedModelParallel) else model
+    state = model.state_dict()
+    layouts: dict[str, list[_RowRange]] = {}
+    local: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    for fqn, table in tables:
+        value = state[f"{fqn}.embedding_bags.{table.name}.weight"]
+        layouts[table.name] = _row_ranges(value, table.name, table.embedding_dim)
+        local[table.name] = _local_blocks(value, me)
+
+    # 3. identical bases and ranks everywhere; factor rows of the ranges this process leads
+    bases: dict[str, PrincipalBasis] = {}
+    spectra: dict[str, TableSpectrum] = {}
+    for _, table in tables:
+        label = f"table {table.name!r}"
+        bases[table.name] = (
+            afm_basis(moments[table.name], label)
+            if is_afm
+            else svd_basis(moments[table.name], label)
+        )
+        spectra[table.name] = TableSpectrum(
+            table.num_embeddings, table.embedding_dim, bases[table.name].eigenvalues
+        )
+    ranks = select_ranks(spectra, config) if spectra else {}
+    table_ranks = {name: k for name, k in ranks.items() if k is not None}
+    compressed_ebcs = {fqn for fqn, t in tables if t.name in table_ranks}
+
+    new_state: dict[str, Any] = {
+        key: value
+        for key, value in state.items()
+        if not any(key.startswith(f"{fqn}.") for fqn in compressed_ebcs)
+    }
+    rows_report: list[ReportRow] = []
+    for fqn, table in tables:
+        k = ranks[table.name]
+        n, d = table.num_embeddings, table.embedding_dim
+        before = n * d * BYTES_PER_ELEMENT
+        method = "kept" if k is None else ("AFM" if is_afm else "SVD")
+        rows_report.append(
+            ReportRow(
+                table.name,
+                "table",
+                (n, d),
+                method,
+                k,
+                before,
+                before if k is None else compressed_table_bytes(n, d, k),
+                None if k is None else bases[table.name].explained_variance(k),
+            )
+        )
+        if fqn not in compressed_ebcs:
+            continue
+        weight_key = f"{fqn}.factor_ebc.embedding_bags.{table.name}.weight"
+        if k is None:
+            new_state[weight_key] = state[f"{fqn}.embedding_bags.{table.name}.weight"]
+            continue
+        basis = bases[table.name]
+        factors = {}
+        for rows in layouts[table.name]:
+            part = _range_factors(rows, local[table.name], basis, k, chunk_rows)
+            if part is not None and me == rows.lead:
+                factors[rows.row] = part
+        new_state[weight_key] = _factor_sharded_tensor(layouts[table.name], factors, (n, k), group)
+        new_state[f"{fqn}.projection.{table.name}"] = projection(basis, k)
+        new_state[f"{fqn}.mean.{table.name}"] = basis.mean.to(torch.float32)
+
+    linear_ranks: dict[str, int] = {}
+    for fqn in linears:
+        row, new = _linear_factors(
+            fqn, inner.get_submodule(fqn), linear_moments.get(fqn) if is_afm else None, config
+        )
+        rows_report.append(row)
+        if new is None:
+            continue
+        linear_ranks[fqn] = new.rank
+        for key in [k for k in new_state if k.startswith(f"{fqn}.")]:
+            del new_state[key]
+        new_state.update({f"{fqn}.{key}": value for key, value in new.state_dict().items()})
+
+    # 4. the compressed module and its checkpoint
+    lowrank_skeleton_(meta_model, table_ranks, linear_ranks)
+    expected = set(meta_model.state_dict())
+    if expected != set(new_state):
+        raise RuntimeError(
+            "compressed state does not match the compressed module: missing "
+            f"{sorted(expected - set(new_state))[:5]}, unexpected {sorted(set(new_state) - expected)[:5]}"
+        )
+    dcp.save({"model": new_state}, checkpoint_id=checkpoint_dir, process_group=group)
+    dist.barrier(group)
+    return meta_model, CompressionReport(rows_report)
