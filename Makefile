@@ -17,7 +17,8 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m examples.dlrm.main --dataset synthetic --epochs 3 --out runs/demo
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m examples.dlrm.main --dataset synthetic --epochs 2 \
+		--compress afm --budget-ratio 4 --finetune-epochs 1 --out runs/demo
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests

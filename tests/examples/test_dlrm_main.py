@@ -10,23 +10,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
-    "--dataset",
-    "synthetic",
-    "--data-opt",
-    "train_rows=6000",
-    "val_rows=2000",
-    "test_rows=2000",
-    "--embedding-dim",
-    "8",
-    "--dense-arch",
-    "16",
-    "--over-arch",
-    "16",
-    "--batch-size",
-    "512",
-    "--eval-batch-size",
-    "1024",
-]
+    "--dataset", "synthetic",
+    "--data-opt", "train_rows=6000", "val_rows=2000", "test_rows=2000",
+    "--embedding-dim", "8", "--dense-arch", "16", "--over-arch", "16",
+    "--batch-size", "512", "--eval-batch-size", "1024",
+]  # fmt: skip
 
 
 def _env() -> dict:
@@ -44,79 +32,55 @@ def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
-def test_one_process_train_evaluate_and_reload(tmp_path: Path) -> None:
+def _main(*args: str) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "examples.dlrm.main", *TINY, *args])
+
+
+def test_train_then_reload_and_compress_at_full_rank(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = _run(
-        [sys.executable, "-m", "examples.dlrm.main", *TINY, "--epochs", "2", "--out", str(out)]
-    )
+    proc = _main("--epochs", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 1
     assert result["test"]["rows"] == 2000 and result["val"]["rows"] == 2000
     assert 0.0 <= result["test"]["auc"] <= 1.0
-    assert "examples/s" in proc.stderr or "ex/s" in proc.stderr
-    # The saved best checkpoint evaluates to the same validation AUC in an eval-only run.
-    proc2 = _run(
-        [
-            sys.executable,
-            "-m",
-            "examples.dlrm.main",
-            *TINY,
-            "--out",
-            str(tmp_path / "eval"),
-            "--load-checkpoint",
-            str(out / "checkpoint"),
-            "--eval-only",
-        ]
+    assert "examples/s" in proc.stderr
+    # Reload the saved best checkpoint without training, and compress it with SVD at full rank
+    # (8 of 8): the reloaded baseline reproduces the run, the compressed model reproduces it.
+    proc = _main(
+        "--load-checkpoint", str(out / "checkpoint"), "--eval-only",
+        "--compress", "svd", "--rank", "8", "--finetune-epochs", "0", "--out", str(tmp_path / "svd"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    svd = json.loads((tmp_path / "svd" / "result.json").read_text())
+    assert svd["baseline"]["val"]["auc"] == pytest.approx(result["val"]["auc"], abs=1e-9)
+    assert svd["compression"]["before_finetune"]["test"]["auc"] == pytest.approx(
+        result["test"]["auc"], abs=2e-4
     )
-    assert proc2.returncode == 0, proc2.stderr[-3000:]
-    reloaded = json.loads((tmp_path / "eval" / "result.json").read_text())
-    assert reloaded["val"]["auc"] == pytest.approx(result["val"]["auc"], abs=1e-9)
 
 
-def test_torchx_local_cwd_two_processes(tmp_path: Path) -> None:
+def test_torchx_local_cwd_two_processes_train_compress_finetune(tmp_path: Path) -> None:
     out = tmp_path / "run2"
-    proc = _run(
-        [
-            sys.executable,
-            "-m",
-            "torchx.cli.main",
-            "run",
-            "-s",
-            "local_cwd",
-            "launchers/components.py:train",
-            "-j",
-            "1x2",
-            "--",
-            *TINY,
-            "--epochs",
-            "1",
-            "--sharding-type",
-            "row_wise",
-            "--out",
-            str(out),
-        ]
-    )
+    proc = _run([
+        sys.executable, "-m", "torchx.cli.main", "run", "-s", "local_cwd",
+        "launchers/components.py:train", "-j", "1x2", "--",
+        *TINY, "--epochs", "1", "--sharding-type", "row_wise", "--out", str(out),
+        "--compress", "afm", "--rank", "4", "--finetune-epochs", "1",
+    ])  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2
     assert result["test"]["rows"] == 2000
+    tables = [r for r in result["compression"]["report"]["rows"] if r["kind"] == "table"]
+    assert tables and all(r["rank"] == 4 and r["shape"][1] == 8 for r in tables)
+    assert result["compression"]["report"]["ratio"] > 1.9
 
 
 def test_missing_dataset_path_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-frappe"
-    proc = _run(
-        [
-            sys.executable,
-            "-m",
-            "examples.dlrm.main",
-            "--dataset",
-            "frappe",
-            "--data-path",
-            str(missing),
-            "--out",
-            str(tmp_path / "x"),
-        ]
-    )
+    proc = _run([
+        sys.executable, "-m", "examples.dlrm.main", "--dataset", "frappe",
+        "--data-path", str(missing), "--out", str(tmp_path / "x"),
+    ])  # fmt: skip
     assert proc.returncode != 0
     assert "FileNotFoundError" in proc.stderr and str(missing) in proc.stderr
