@@ -67,8 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="train batches per process for statistics (0: the whole train split)",
     )
     g.add_argument("--finetune-epochs", type=int, default=2)
-    g.add_argument("--finetune-lr", type=float, default=None, help="default: --lr")
-    g.add_argument("--finetune-sparse-lr", type=float, default=None, help="default: --sparse-lr")
+    g.add_argument(
+        "--finetune-lr-scale",
+        type=float,
+        default=0.1,
+        help="fine-tuning learning rates = training ones (--lr, --sparse-lr) times this; the "
+        "compressed model starts close to a trained optimum and the fresh Adam state overshoots",
+    )
 
 
 def embedding_bytes(schema_rows: tuple[int, ...], dim: int) -> int:

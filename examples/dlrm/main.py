@@ -199,10 +199,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finetune_config = replace(
             train_config,
             epochs=args.finetune_epochs,
-            lr=args.finetune_lr if args.finetune_lr is not None else args.lr,
-            sparse_lr=(
-                args.finetune_sparse_lr if args.finetune_sparse_lr is not None else args.sparse_lr
-            ),
+            lr=args.lr * args.finetune_lr_scale,
+            sparse_lr=args.sparse_lr * args.finetune_lr_scale,
         )
         model, report, config = compress_model(
             model, data, model_config, finetune_config, args, device, args.out
@@ -227,6 +225,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 finetune_config,
                 os.path.join(args.out, "checkpoint_compressed"),
                 {**metadata, "compression": result["compression"]["config"]},
+                start=(
+                    result["compression"]["before_finetune"]["val"]["auc"],
+                    os.path.join(args.out, "compressed_init"),
+                ),
             )
             result["compression"]["finetune_history"] = fitted.history
     for split in ("val", "test"):

@@ -203,12 +203,17 @@ def fit(
     config: TrainConfig,
     checkpoint_dir: str,
     metadata: dict[str, Any],
+    start: tuple[float, str] | None = None,
 ) -> FitResult:
     """Train with early stopping on validation AUC; the best epoch's weights end up in ``model``.
 
     The best weights are kept as a DCP checkpoint in ``checkpoint_dir`` and re-loaded at the end.
+    ``start = (val_auc, checkpoint)`` describes the weights training starts from (fine-tuning):
+    they compete as epoch -1, and are re-loaded from ``checkpoint`` if no epoch beats them.
     """
     best_auc, best_epoch, stale = -math.inf, -1, 0
+    if start is not None:
+        best_auc = start[0]
     history: list[dict[str, float]] = []
     epoch = 0
     for epoch in range(config.epochs):
@@ -238,7 +243,11 @@ def fit(
                 if is_main():
                     logger.info("early stop: no val AUC gain for %d epochs", stale)
                 break
-    if best_epoch != epoch:
+    if best_epoch == -1 and start is not None:
+        if is_main():
+            logger.info("no epoch beat the starting weights (val AUC %.5f): keeping them", start[0])
+        load_checkpoint(model, start[1])
+    elif best_epoch != epoch:
         load_checkpoint(model, checkpoint_dir)
     return FitResult(best_epoch, best_auc, epoch + 1, history)
 
