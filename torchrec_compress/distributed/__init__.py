@@ -20,16 +20,24 @@ from torchrec_compress.distributed.planning import (
     plan_storage,
     shard_model,
 )
+from torchrec_compress.distributed.pq_embeddingbag import (
+    PQEmbeddingBagCollectionSharder,
+    ShardedPQEmbeddingBagCollection,
+    encode_sharded_codes_,
+)
 from torchrec_compress.distributed.state import load_full_state_dict_
 
 __all__ = [
     "CPURowWiseEmbeddingBagCollectionSharder",
+    "PQEmbeddingBagCollectionSharder",
     "PlanStorage",
+    "ShardedPQEmbeddingBagCollection",
     "ShardedStatistics",
     "SparseLookupCounter",
     "TableStorage",
     "compress_sharded",
     "default_sharders",
+    "encode_sharded_codes_",
     "load_full_state_dict_",
     "lowrank_skeleton_",
     "plan_model",

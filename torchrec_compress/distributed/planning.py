@@ -13,13 +13,19 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
+from torchrec_compress.distributed.pq_embeddingbag import PQEmbeddingBagCollectionSharder
+from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
 
 
 def default_sharders() -> list[ModuleSharder[nn.Module]]:
-    """TorchRec's default sharders, with the EBC sharder replaced by one that offers row-wise on CPU."""
-    sharders: list[ModuleSharder[nn.Module]] = [CPURowWiseEmbeddingBagCollectionSharder()]
+    """TorchRec's default sharders, with the EBC sharder replaced by one that offers row-wise on
+    CPU, plus the sharder of :class:`~torchrec_compress.modules.pq_embedding_bag.PQEmbeddingBagCollection`."""
+    sharders: list[ModuleSharder[nn.Module]] = [
+        CPURowWiseEmbeddingBagCollectionSharder(),
+        PQEmbeddingBagCollectionSharder(),
+    ]
     sharders += [s for s in get_default_sharders() if s.module_type is not EmbeddingBagCollection]
     return sharders
 
@@ -40,7 +46,7 @@ def table_constraints(
         )
     constraints: dict[str, ParameterConstraints] = {}
     for module in model.modules():
-        if not isinstance(module, EmbeddingBagCollection):
+        if not isinstance(module, (EmbeddingBagCollection, PQEmbeddingBagCollection)):
             continue
         for config in module.embedding_bag_configs():
             min_partition = None

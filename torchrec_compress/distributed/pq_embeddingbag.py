@@ -1,0 +1,630 @@
+"""Sharded product-quantized EmbeddingBagCollection: codes sharded by rows, codebooks replicated.
+
+A :class:`~torchrec_compress.modules.pq_embedding_bag.PQEmbeddingBagCollection` has two kinds of
+state with opposite needs.  The ``[rows, M]`` codes are as large as the table is long (a billion
+rows x 16 subspaces is 15 GiB) and frozen: they are sharded table-wise, row-wise or
+table-row-wise like any TorchRec table, and :class:`PQEmbeddingBagCollectionSharder` shows them
+to the planner through ``shardable_parameters()`` at their true shape and dtype, so the planner
+sizes ``rows * M`` bytes per table.  The codebooks (``M * K * d / M`` floats) are tiny and
+trained: every process holds a replica, left as ordinary dense parameters that DMP's DDP wrapper
+all-reduces.
+
+Forward, in the three ``ShardedModule`` stages (every collective is an ``all_to_all_single``,
+which gloo and NCCL both provide):
+
+1. ``input_dist``: every id is routed to the process that owns its code row.  Tables are laid
+   end to end in one row space and the shards of all tables are intervals of it, so a single
+   ``searchsorted`` over the shard starts finds the owner of every id of every table, whatever
+   the sharding type (one interval for table-wise, one per process for row-wise).
+2. ``compute``: each owner gathers ``M`` code bytes per id it received.
+3. ``output_dist``: the codes travel back in the order the ids were sent and every process pools
+   its own batch locally with its codebook replica, exactly as the unsharded module does (SUM,
+   MEAN, per-id weights, multi-hot, empty bags).
+
+So the traffic is one id out and ``M`` bytes back per id, instead of ``d`` floats per bag and
+feature for a pooled float table, and the backward pass needs no communication besides DDP's
+codebook all-reduce.  Codebook gradients are therefore DDP's: the mean over processes of each
+process's local gradient, i.e. the gradient of the mean of the per-process losses.
+
+:func:`encode_sharded_codes_` fills the codes of a sharded table from a sharded *float* table
+(e.g. the ``ShardedTensor`` weight of a DMP-sharded ``EmbeddingBagCollection``): each process
+encodes only the rows it holds, chunk by chunk, and the codes (``M`` bytes per row) move to the
+processes that own them.  The float table is never gathered.
+"""
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.types import (
+    Awaitable,
+    EmbeddingModuleShardingPlan,
+    LazyAwaitable,
+    LazyNoWait,
+    ModuleSharder,
+    NoWait,
+    ParameterSharding,
+    ShardedModule,
+    ShardingEnv,
+    ShardingType,
+)
+from torchrec.distributed.utils import append_prefix
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection, pq_pooled_lookup
+
+SHARDING_TYPES: tuple[str, ...] = (
+    ShardingType.TABLE_WISE.value,
+    ShardingType.ROW_WISE.value,
+    ShardingType.TABLE_ROW_WISE.value,
+)
+# Codes are a quantized, frozen table (no gradient, no optimizer state): TorchRec's "quant" kernel
+# is exactly that for its estimators ("dense" is reserved to data-parallel by the planner's
+# validation, and "fused" would be charged a backward pass and optimizer updates).
+COMPUTE_KERNEL: str = EmbeddingComputeKernel.QUANT.value
+
+
+@dataclass
+class PQShardingContext:
+    """What the requesting side of one forward remembers between the stages.
+
+    Args:
+        features (Dict[str, JaggedTensor]): the local batch, per feature.
+        order (Tensor): permutation sorting the local ids by owning process.
+        send_splits (List[int]): ids sent to each process.
+        recv_splits (List[int]): ids received from each process.
+        table_of_id (Tensor): table index of every local id (module feature order).
+        recv_tables (Tensor): table index of every received id (owner side).
+    """
+
+    features: dict[str, Any] = field(default_factory=dict)
+    order: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    send_splits: list[int] = field(default_factory=list)
+    recv_splits: list[int] = field(default_factory=list)
+    table_of_id: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    recv_tables: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+
+@dataclass(frozen=True)
+class _TableShards:
+    """Row shards of one table's codes: global offsets/sizes/ranks, and this process's share."""
+
+    metadata: list[ShardMetadata]
+    local: list[ShardMetadata]
+
+    @property
+    def local_rows(self) -> int:
+        return sum(m.shard_sizes[0] for m in self.local)
+
+
+def _table_shards(name: str, sharding: ParameterSharding, rank: int, width: int) -> _TableShards:
+    spec = sharding.sharding_spec
+    if sharding.sharding_type not in SHARDING_TYPES or not isinstance(spec, EnumerableShardingSpec):
+        raise ValueError(
+            f"table {name!r}: PQ codes support sharding types {', '.join(SHARDING_TYPES)} "
+            f"with an enumerable sharding spec, got {sharding.sharding_type!r}"
+        )
+    shards = sorted(spec.shards, key=lambda m: m.shard_offsets[0])
+    for m in shards:
+        if m.shard_offsets[1] != 0 or m.shard_sizes[1] != width:
+            raise ValueError(
+                f"table {name!r}: PQ code shards must hold whole rows ({width} codes), got a "
+                f"shard at {m.shard_offsets} of size {m.shard_sizes}"
+            )
+    local = [m for m in shards if m.placement is not None and m.placement.rank() == rank]
+    return _TableShards(metadata=shards, local=local)
+
+
+def _bytes_per_process(owner: Tensor, item_bytes: Tensor, world_size: int) -> list[int]:
+    totals = torch.zeros(world_size, dtype=torch.long, device=owner.device)
+    return totals.index_add_(0, owner, item_bytes).tolist()
+
+
+def _all_to_all(
+    values: Tensor, send_splits: list[int], recv_splits: list[int], pg: dist.ProcessGroup
+) -> Tensor:
+    out = values.new_empty((sum(recv_splits), *values.shape[1:]))
+    dist.all_to_all_single(out, values.contiguous(), recv_splits, send_splits, group=pg)
+    return out
+
+
+class ShardedPQEmbeddingBagCollection(
+    ShardedModule[Tensor, Tensor, KeyedTensor, PQShardingContext]
+):
+    """``PQEmbeddingBagCollection`` with row-sharded codes and replicated codebooks.
+
+    Built by :class:`PQEmbeddingBagCollectionSharder` (through ``DistributedModelParallel``).
+    Its output equals the unsharded module's on the same local batch.  ``state_dict()`` has the
+    unsharded keys: ``codes.<table>`` as a ``ShardedTensor`` (whose local shards are views of
+    this process's code rows, so ``torch.distributed.checkpoint`` saves and reshards them) and
+    ``codebooks.<table>`` as plain tensors.  ``load_state_dict`` accepts ``codes.<table>`` either
+    as a ``ShardedTensor`` of the same layout or as the full ``[rows, M]`` tensor, of which each
+    process copies its own rows.  When the source module is not on ``meta``, its codes and
+    codebooks are copied in at construction.
+
+    Args:
+        module (PQEmbeddingBagCollection): the unsharded module (any device, ``meta`` included).
+        table_shardings (Dict[str, ParameterSharding]): the plan of every table's codes.
+        env (ShardingEnv): process group, rank and world size.
+        device (torch.device): where the local codes and the codebook replicas live.
+
+    Example::
+
+        >>> # 2 processes, see tests/distributed/test_pq_sharded.py
+        >>> # dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan,
+        >>> #                                sharders=[PQEmbeddingBagCollectionSharder()])
+    """
+
+    def __init__(
+        self,
+        module: PQEmbeddingBagCollection,
+        table_shardings: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        if env.process_group is None:
+            raise ValueError("ShardedPQEmbeddingBagCollection needs a process group")
+        self._pg: dist.ProcessGroup = env.process_group
+        self._rank: int = env.rank
+        self._world_size: int = env.world_size
+        self._is_weighted: bool = module.is_weighted()
+        self._embedding_bag_configs: list[EmbeddingBagConfig] = module.embedding_bag_configs()
+        tables = self._embedding_bag_configs
+        missing = [t.name for t in tables if t.name not in table_shardings]
+        if missing:
+            raise ValueError(f"the sharding plan has no entry for tables {missing}")
+        self._table_names: list[str] = [t.name for t in tables]
+        self._feature_names: list[list[str]] = [list(t.feature_names) for t in tables]
+        self._pooling_is_mean: list[bool] = [t.pooling == PoolingType.MEAN for t in tables]
+        self._embedding_names: list[str] = [n for names in self._feature_names for n in names]
+        self._lengths_per_embedding: list[int] = [
+            t.embedding_dim for t in tables for _ in t.feature_names
+        ]
+        self._table_shardings: dict[str, ParameterSharding] = dict(table_shardings)
+
+        self.codes = nn.Module()
+        self.codebooks = nn.ParameterDict()
+        self._shards: dict[str, _TableShards] = {}
+        for table in tables:
+            source_codes: Tensor = getattr(module.codes, table.name)
+            source_books = module.codebooks[table.name]
+            shards = _table_shards(
+                table.name,
+                self._table_shardings[table.name],
+                self._rank,
+                source_codes.shape[1],
+            )
+            self._shards[table.name] = shards
+            if source_codes.device.type == "meta":
+                local = torch.zeros(
+                    shards.local_rows, source_codes.shape[1], dtype=source_codes.dtype
+                )
+                books = torch.zeros(source_books.shape)
+            else:
+                local = self._own_rows(table.name, source_codes)
+                books = source_books.detach().clone()
+            self.codes.register_buffer(table.name, local.to(device).contiguous())
+            self.codebooks[table.name] = nn.Parameter(books.to(device))
+        self._build_routing(device)
+        self._register_state_dict_hook(self._codes_as_sharded_tensors)
+        self._register_load_state_dict_pre_hook(self._codes_from_state_dict, with_module=False)
+
+    def _build_routing(self, device: torch.device) -> None:
+        """Every non-empty shard of every table as an interval of one global row space."""
+        starts: list[int] = []
+        ranks: list[int] = []
+        table_index: list[int] = []
+        local_base: list[int] = []
+        table_offsets: list[int] = []
+        table_rows: list[int] = []
+        table_bytes: list[int] = []
+        offset = 0
+        for index, table in enumerate(self._embedding_bag_configs):
+            shards = self._shards[table.name]
+            local_codes = getattr(self.codes, table.name)
+            table_offsets.append(offset)
+            table_rows.append(table.num_embeddings)
+            table_bytes.append(local_codes.shape[1] * local_codes.element_size())
+            # a process may own several shards of a table: its local rows concatenate them
+            base_of_rank: dict[int, int] = {}
+            for m in shards.metadata:
+                if m.shard_sizes[0] == 0 or m.placement is None:
+                    continue
+                rank = m.placement.rank()
+                starts.append(offset + m.shard_offsets[0])
+                ranks.append(rank)
+                table_index.append(index)
+                local_base.append(base_of_rank.get(rank, 0))
+                base_of_rank[rank] = base_of_rank.get(rank, 0) + m.shard_sizes[0]
+            offset += table.num_embeddings
+
+        def as_tensor(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        self._shard_starts = as_tensor(starts)
+        self._shard_ranks = as_tensor(ranks)
+        self._shard_tables = as_tensor(table_index)
+        self._shard_local_base = as_tensor(local_base)
+        self._table_offsets = as_tensor(table_offsets)
+        self._table_rows = as_tensor(table_rows)
+        self._table_bytes = as_tensor(table_bytes)
+
+    def _own_rows(self, table_name: str, full: Tensor) -> Tensor:
+        """This process's code rows of ``table_name`` out of the full ``[rows, M]`` codes."""
+        local = self._shards[table_name].local
+        if not local:
+            return full[:0].clone()
+        return torch.cat(
+            [full[m.shard_offsets[0] : m.shard_offsets[0] + m.shard_sizes[0]] for m in local]
+        )
+
+    def sharded_codes(self, table_name: str) -> ShardedTensor:
+        """The codes of ``table_name`` as a ``ShardedTensor`` viewing this process's rows.
+
+        Writing into its local shards writes the module's codes (no copy).
+        """
+        shards = self._shards[table_name]
+        local_codes: Tensor = getattr(self.codes, table_name)
+        local_shards = []
+        base = 0
+        for m in shards.local:
+            rows = m.shard_sizes[0]
+            local_shards.append(Shard(tensor=local_codes[base : base + rows], metadata=m))
+            base += rows
+        spec = EnumerableShardingSpec(shards.metadata)
+        metadata = spec.build_metadata(
+            torch.Size([self._table_rows_of(table_name), local_codes.shape[1]]),
+            TensorProperties(dtype=local_codes.dtype, requires_grad=False),
+        )
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            local_shards, metadata, process_group=self._pg
+        )
+
+    def _table_rows_of(self, table_name: str) -> int:
+        return self._embedding_bag_configs[self._table_names.index(table_name)].num_embeddings
+
+    def _codes_as_sharded_tensors(
+        self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+    ) -> None:
+        for name in self._table_names:
+            state_dict[f"{prefix}codes.{name}"] = self.sharded_codes(name)
+
+    def _codes_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: object
+    ) -> None:
+        for table in self._embedding_bag_configs:
+            key = f"{prefix}codes.{table.name}"
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            local: Tensor = getattr(self.codes, table.name)
+            if isinstance(value, ShardedTensor):
+                mine = [(m.shard_offsets, m.shard_sizes) for m in self._shards[table.name].local]
+                theirs = [
+                    (s.metadata.shard_offsets, s.metadata.shard_sizes)
+                    for s in sorted(value.local_shards(), key=lambda s: s.metadata.shard_offsets)
+                ]
+                if mine != theirs:
+                    raise ValueError(
+                        f"{key}: local shards {theirs} do not match this module's {mine}; load "
+                        "a full tensor or go through torch.distributed.checkpoint to reshard"
+                    )
+                rows = [
+                    s.tensor
+                    for s in sorted(value.local_shards(), key=lambda s: s.metadata.shard_offsets)
+                ]
+                value = torch.cat(rows) if rows else local[:0]
+            elif tuple(value.shape) == (table.num_embeddings, local.shape[1]):
+                value = self._own_rows(table.name, value)
+            else:
+                raise ValueError(
+                    f"{key}: expected the full codes [{table.num_embeddings}, {local.shape[1]}] "
+                    f"or a ShardedTensor, got shape {list(value.shape)}"
+                )
+            ksub = self.codebooks[table.name].shape[1]
+            if value.numel() > 0 and (int(value.min()) < 0 or int(value.max()) >= ksub):
+                raise ValueError(
+                    f"table {table.name!r}: codes must lie in [0, {ksub}) (K={ksub} codewords), "
+                    f"found values in [{int(value.min())}, {int(value.max())}]"
+                )
+            state_dict[key] = value
+
+    def create_context(self) -> PQShardingContext:
+        return PQShardingContext()
+
+    def input_dist(
+        self, ctx: PQShardingContext, features: KeyedJaggedTensor
+    ) -> Awaitable[Awaitable[Tensor]]:
+        """Sends every id to the process owning its code row; returns the ids received.
+
+        The ids travel as keys of the global row space (table offset + id), so an owner finds
+        the table and local row of each with the same ``searchsorted``.
+        """
+        if features.variable_stride_per_key():
+            raise ValueError("variable batch size per feature is not supported by PQ sharding")
+        feature_dict = features.to_dict()
+        ctx.features = feature_dict
+        ids: list[Tensor] = []
+        counts: list[int] = []
+        for names in self._feature_names:
+            table_count = 0
+            for name in names:
+                if name not in feature_dict:
+                    raise KeyError(
+                        f"feature {name!r} of the PQ tables is missing from the input; it has "
+                        f"{features.keys()}"
+                    )
+                values = feature_dict[name].values()
+                ids.append(values)
+                table_count += values.numel()
+            counts.append(table_count)
+        device = self._shard_starts.device
+        all_ids = torch.cat(ids).long() if ids else torch.empty(0, dtype=torch.long)
+        table_of_id = torch.repeat_interleave(
+            torch.arange(len(counts), device=device), torch.tensor(counts, device=device)
+        )
+        rows = self._table_rows[table_of_id]
+        out_of_range = (all_ids < 0) | (all_ids >= rows)
+        if bool(out_of_range.any()):
+            bad = int(out_of_range.nonzero()[0, 0])
+            table = self._embedding_bag_configs[int(table_of_id[bad])]
+            raise IndexError(
+                f"table {table.name!r} (features {table.feature_names}): id {int(all_ids[bad])} "
+                f"is out of range [0, {table.num_embeddings})"
+            )
+        keys = all_ids + self._table_offsets[table_of_id]
+        owner = self._shard_ranks[torch.searchsorted(self._shard_starts, keys, right=True) - 1]
+        ctx.order = torch.argsort(owner, stable=True)
+        ctx.table_of_id = table_of_id
+        send_counts = torch.bincount(owner, minlength=self._world_size)
+        recv_counts = _all_to_all(
+            send_counts, [1] * self._world_size, [1] * self._world_size, self._pg
+        )
+        ctx.send_splits = send_counts.tolist()
+        ctx.recv_splits = recv_counts.tolist()
+        received = _all_to_all(keys[ctx.order], ctx.send_splits, ctx.recv_splits, self._pg)
+        return NoWait(NoWait(received))
+
+    def compute(self, ctx: PQShardingContext, dist_input: Tensor) -> Tensor:
+        """Gathers the code bytes of every received id: one flat ``uint8`` buffer, in order."""
+        shard = torch.searchsorted(self._shard_starts, dist_input, right=True) - 1
+        tables = self._shard_tables[shard]
+        local_rows = dist_input - self._shard_starts[shard] + self._shard_local_base[shard]
+        item_bytes = self._table_bytes[tables]
+        byte_start = torch.cumsum(item_bytes, 0) - item_bytes
+        out = torch.empty(int(item_bytes.sum()), dtype=torch.uint8, device=dist_input.device)
+        for index, name in enumerate(self._table_names):
+            selected = (tables == index).nonzero().squeeze(1)
+            if selected.numel() == 0:
+                continue
+            local_codes: Tensor = getattr(self.codes, name)
+            row_bytes = local_codes.view(torch.uint8).view(local_codes.shape[0], -1)
+            width = row_bytes.shape[1]
+            positions = byte_start[selected].unsqueeze(1) + torch.arange(width, device=out.device)
+            out[positions.view(-1)] = row_bytes.index_select(0, local_rows[selected]).view(-1)
+        ctx.recv_tables = tables
+        return out
+
+    def output_dist(self, ctx: PQShardingContext, output: Tensor) -> LazyAwaitable[KeyedTensor]:
+        """Returns the code bytes to the requesters, then pools every local bag."""
+        source = torch.repeat_interleave(
+            torch.arange(self._world_size, device=output.device),
+            torch.tensor(ctx.recv_splits, device=output.device),
+        )
+        send_bytes = _bytes_per_process(
+            source, self._table_bytes[ctx.recv_tables], self._world_size
+        )
+        owner = torch.repeat_interleave(
+            torch.arange(self._world_size, device=output.device),
+            torch.tensor(ctx.send_splits, device=output.device),
+        )
+        sorted_item_bytes = self._table_bytes[ctx.table_of_id[ctx.order]]
+        recv_bytes = _bytes_per_process(owner, sorted_item_bytes, self._world_size)
+        returned = _all_to_all(output, send_bytes, recv_bytes, self._pg)
+        # byte offset of each local id (original order) inside the returned buffer
+        sorted_start = torch.cumsum(sorted_item_bytes, 0) - sorted_item_bytes
+        id_start = torch.empty_like(sorted_start)
+        id_start[ctx.order] = sorted_start
+        return LazyNoWait(self._pool(ctx, returned, id_start))
+
+    def _pool(self, ctx: PQShardingContext, returned: Tensor, id_start: Tensor) -> KeyedTensor:
+        pooled: list[Tensor] = []
+        first = 0
+        for name, names, mean in zip(
+            self._table_names, self._feature_names, self._pooling_is_mean, strict=True
+        ):
+            local_codes: Tensor = getattr(self.codes, name)
+            width = local_codes.shape[1] * local_codes.element_size()
+            books = self.codebooks[name]
+            for feature_name in names:
+                feature = ctx.features[feature_name]
+                count = feature.values().numel()
+                starts = id_start[first : first + count]
+                first += count
+                positions = starts.unsqueeze(1) + torch.arange(width, device=returned.device)
+                codes = returned[positions.view(-1)].view(local_codes.dtype).view(count, -1)
+                offsets = feature.offsets()
+                result = pq_pooled_lookup(
+                    codes,
+                    books,
+                    torch.arange(count, device=codes.device),
+                    offsets,
+                    feature.weights() if self._is_weighted else None,
+                )
+                if mean:
+                    lengths = (offsets[1:] - offsets[:-1]).clamp(min=1)
+                    result = result / lengths.unsqueeze(1).to(result.dtype)
+                pooled.append(result)
+        return KeyedTensor(
+            keys=self._embedding_names,
+            values=torch.cat(pooled, dim=1),
+            length_per_key=self._lengths_per_embedding,
+        )
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        """The code buffers only: DMP's DDP wrapper must skip them and all-reduce the codebooks."""
+        for name in self._table_names:
+            yield append_prefix(prefix, f"codes.{name}")
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The original table configs."""
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        """Whether features carry per-id weights."""
+        return self._is_weighted
+
+    @property
+    def unsharded_module_type(self) -> type[PQEmbeddingBagCollection]:
+        return PQEmbeddingBagCollection
+
+
+class PQEmbeddingBagCollectionSharder(ModuleSharder[PQEmbeddingBagCollection]):
+    """Shards the codes of a ``PQEmbeddingBagCollection``; replicates its codebooks.
+
+    The planner sees one ``[num_embeddings, M]`` tensor per table, of the codes' own dtype
+    (``uint8`` for ``K <= 256``), so its storage estimate is ``rows * M`` bytes per table.
+    Table-wise, row-wise and table-row-wise are offered on every device (the exchange is plain
+    ``all_to_all_single``, which gloo provides); the compute kernel is ``"quant"``.
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+        >>> from torchrec.modules.embedding_configs import EmbeddingBagConfig
+        >>> table = EmbeddingBagConfig(name="t", embedding_dim=128, num_embeddings=10**9,
+        ...                            feature_names=["f"])
+        >>> meta = torch.device("meta")
+        >>> pq = PQEmbeddingBagCollection(
+        ...     [table],
+        ...     {"t": torch.empty(10**9, 16, dtype=torch.uint8, device=meta)},
+        ...     {"t": torch.empty(16, 256, 8, device=meta)})
+        >>> planner = EmbeddingShardingPlanner(Topology(world_size=8, compute_device="cuda"))
+        >>> plan = planner.plan(pq, [PQEmbeddingBagCollectionSharder()])
+        >>> plan.plan[""]["t"].compute_kernel
+        'quant'
+    """
+
+    def shard(
+        self,
+        module: PQEmbeddingBagCollection,
+        params: EmbeddingModuleShardingPlan,
+        env: ShardingEnv,
+        device: torch.device | None = None,
+        module_fqn: str | None = None,
+    ) -> ShardedPQEmbeddingBagCollection:
+        return ShardedPQEmbeddingBagCollection(
+            module, params, env, device if device is not None else torch.device("cpu")
+        )
+
+    def shardable_parameters(self, module: PQEmbeddingBagCollection) -> dict[str, nn.Parameter]:
+        # The codes are buffers; a frozen Parameter view shows the planner their shape and dtype.
+        return {
+            table.name: nn.Parameter(getattr(module.codes, table.name), requires_grad=False)
+            for table in module.embedding_bag_configs()
+        }
+
+    @property
+    def module_type(self) -> type[PQEmbeddingBagCollection]:
+        return PQEmbeddingBagCollection
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return list(SHARDING_TYPES)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        return [COMPUTE_KERNEL]
+
+
+class CodeEncoder(Protocol):
+    """Anything that encodes float rows into PQ codes, e.g. ``ProductQuantizer`` or
+    ``MECQuantizer`` (their ``compute_codes``)."""
+
+    def compute_codes(self, x: Tensor, chunk_size: int = ...) -> Tensor: ...
+
+
+@torch.no_grad()
+def encode_sharded_codes_(
+    codes: ShardedTensor,
+    weight: ShardedTensor,
+    encoder: CodeEncoder,
+    chunk_size: int = 65536,
+) -> None:
+    """Encodes a row-sharded float table into a row-sharded codes tensor, in place.
+
+    Each process encodes the rows of ``weight`` it holds (``chunk_size`` rows at a time, so the
+    float rows are never copied whole), then the codes (``M`` bytes per row) are exchanged with
+    one ``all_to_all_single`` so that every process receives the rows of ``codes`` it owns.  The
+    two layouts are independent (e.g. a row-wise float table and table-wise codes); when they
+    coincide nothing crosses the network.  Collective: every process of the group must call it.
+
+    Args:
+        codes (ShardedTensor): ``[rows, M]`` target, e.g.
+            ``ShardedPQEmbeddingBagCollection.sharded_codes(table)`` (writes into the module).
+        weight (ShardedTensor): ``[rows, d]`` float table sharded by whole rows (table-wise,
+            row-wise, table-row-wise), e.g. a DMP-sharded ``EmbeddingBagCollection``'s
+            ``state_dict()[...weight]``.
+        encoder (CodeEncoder): trained quantizer with ``compute_codes(x, chunk_size)``.
+        chunk_size (int): rows encoded at once.
+
+    Example::
+
+        >>> # 2 processes, see tests/distributed/test_pq_sharded.py::test_encode_sharded_codes
+        >>> # encode_sharded_codes_(sharded_pq.sharded_codes("t"), weight, quantizer)
+    """
+    rows, dim = weight.size()
+    if codes.size(0) != rows:
+        raise ValueError(f"codes have {codes.size(0)} rows, the float table {rows}")
+    pg = codes._process_group
+    world_size = dist.get_world_size(pg)
+    code_width = codes.size(1)
+    local_keys: list[Tensor] = []
+    local_codes: list[Tensor] = []
+    for shard in weight.local_shards():
+        offset, size = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+        if offset[1] != 0 or size[1] != dim:
+            raise ValueError(
+                f"the float table must be sharded by whole rows to be encoded, got a shard at "
+                f"{offset} of size {size}; plan it table_wise, row_wise or table_row_wise"
+            )
+        encoded = encoder.compute_codes(shard.tensor, chunk_size)
+        local_codes.append(encoded.to(codes.dtype))
+        local_keys.append(torch.arange(offset[0], offset[0] + size[0]))
+    keys = torch.cat(local_keys) if local_keys else torch.empty(0, dtype=torch.long)
+    encoded = (
+        torch.cat(local_codes) if local_codes else torch.empty(0, code_width, dtype=codes.dtype)
+    )
+    if encoded.shape[1] != code_width:
+        raise ValueError(
+            f"the encoder gives {encoded.shape[1]} codes per row, expected {code_width}"
+        )
+
+    targets = sorted(codes.metadata().shards_metadata, key=lambda m: m.shard_offsets[0])
+    targets = [m for m in targets if m.shard_sizes[0] > 0]
+    starts = torch.tensor([m.shard_offsets[0] for m in targets], dtype=torch.long)
+    owners = torch.tensor([m.placement.rank() for m in targets], dtype=torch.long)
+    owner = owners[torch.searchsorted(starts, keys, right=True) - 1]
+    order = torch.argsort(owner, stable=True)
+    send_counts = torch.bincount(owner, minlength=world_size)
+    recv_counts = _all_to_all(send_counts, [1] * world_size, [1] * world_size, pg)
+    send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+    got_keys = _all_to_all(keys[order], send_splits, recv_splits, pg)
+    got_codes = _all_to_all(encoded[order], send_splits, recv_splits, pg)
+
+    mine = sorted(codes.local_shards(), key=lambda s: s.metadata.shard_offsets[0])
+    if got_keys.numel() != sum(s.metadata.shard_sizes[0] for s in mine):
+        raise RuntimeError("codes shards and float shards disagree on the rows of this process")
+    shard_starts = torch.tensor([s.metadata.shard_offsets[0] for s in mine], dtype=torch.long)
+    which = torch.searchsorted(shard_starts, got_keys, right=True) - 1
+    for index, shard in enumerate(mine):
+        selected = (which == index).nonzero().squeeze(1)
+        shard.tensor[got_keys[selected] - shard.metadata.shard_offsets[0]] = got_codes[selected]
