@@ -2,8 +2,11 @@
 
 Trains a ``ProductQuantizer`` (weighted k-means on a row sample) and encodes every row of a
 ``rows x dim`` float32 table chunk by chunk; prints rows/s and the peak resident memory above the
-table's own size (encoding must stay under ~1 GB extra whatever the row count).  When faiss is
-installed, its ``ProductQuantizer`` encodes the same table for comparison.
+table's own size (encoding must stay under ~1 GB extra whatever the row count).  On the first
+``--compare-rows`` rows, the C++ encoder (``torch.ops.torchrec_compress.pq_encode``) and the
+pure-torch path (chunked ``baddbmm`` + ``min``) run interleaved ``--repeats`` times in this
+process; medians (and minima) give both throughputs and the speed-up.  When faiss is installed,
+its ``ProductQuantizer`` encodes the same table for comparison.
 
 Usage::
 
@@ -12,11 +15,12 @@ Usage::
 
 import argparse
 import resource
+import statistics
 import time
 
 import torch
 
-from torchrec_compress.pq import ProductQuantizer, reconstruction_mse
+from torchrec_compress.pq import ProductQuantizer, _ops, reconstruction_mse
 
 
 def peak_rss_bytes() -> int:
@@ -42,6 +46,8 @@ def main() -> None:
     parser.add_argument("--kmeans-iterations", type=int, default=10)
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compare-rows", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -63,6 +69,21 @@ def main() -> None:
     sample = table[torch.randint(args.rows, (args.train_rows,), generator=gen)]
     pq.train(sample, niter=args.kmeans_iterations, generator=gen, chunk_size=args.chunk_size)
     train_s = time.perf_counter() - start
+    head = table[: args.compare_rows]
+    seconds: dict[str, list[float]] = {"kernel": [], "torch": []}
+    head_codes: dict[str, torch.Tensor] = {}
+    has_kernels = _ops.HAS_KERNELS
+    for _ in range(args.repeats):
+        for path in seconds:
+            _ops.HAS_KERNELS = has_kernels and path == "kernel"
+            start = time.perf_counter()
+            head_codes[path] = pq.compute_codes(head, chunk_size=args.chunk_size)
+            seconds[path].append(time.perf_counter() - start)
+    _ops.HAS_KERNELS = has_kernels
+    agree = float((head_codes["kernel"] == head_codes["torch"]).float().mean())
+    rate = {path: head.shape[0] / statistics.median(times) for path, times in seconds.items()}
+    best = {path: head.shape[0] / min(times) for path, times in seconds.items()}
+
     start = time.perf_counter()
     codes = pq.compute_codes(table, chunk_size=args.chunk_size)
     encode_s = time.perf_counter() - start
@@ -77,7 +98,13 @@ def main() -> None:
         f"k-means on {args.train_rows} rows x {args.kmeans_iterations} iterations: {train_s:.1f} s"
     )
     print(
-        f"encode: {encode_s:.1f} s = {args.rows / encode_s:,.0f} rows/s; codes "
+        f"first {head.shape[0]} rows, median (best) of {args.repeats} interleaved runs: "
+        f"{'C++ kernel' if has_kernels else 'kernel NOT BUILT, torch'} {rate['kernel']:,.0f} "
+        f"({best['kernel']:,.0f}) rows/s, torch path {rate['torch']:,.0f} ({best['torch']:,.0f}) "
+        f"rows/s, speed-up {rate['kernel'] / rate['torch']:.1f}x; codes agree on {agree:.4%}"
+    )
+    print(
+        f"encode (all rows, {'C++ kernel' if has_kernels else 'torch path'}): {encode_s:.1f} s = {args.rows / encode_s:,.0f} rows/s; codes "
         f"{codes.numel() * codes.element_size() / 2**20:.0f} MiB ({codes.dtype}); "
         f"MSE (first 1M rows) {mse:.4f}"
     )

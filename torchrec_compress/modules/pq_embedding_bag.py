@@ -21,6 +21,7 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_compress.pq import _ops
 from torchrec_compress.pq.quantizer import code_dtype, decode
 
 _INT32_MAX = 2**31 - 1
@@ -51,6 +52,12 @@ def pq_pooled_lookup(
                 [ 0.,  0.,  0.,  0.],
                 [ 2.,  3.,  4.,  5.]])
     """
+    # The C++ kernel (when built) fuses gather, decode and sum in one pass with no [M, n] index
+    # buffer; the torch path below is the fallback and handles every other device and dtype.
+    if _ops.lookup_kernel_applies(codes, codebooks, ids, offsets, per_sample_weights):
+        return torch.ops.torchrec_compress.pq_pooled_lookup(
+            codes, codebooks, ids, offsets, per_sample_weights
+        )
     num_subspaces, ksub, dsub = codebooks.shape
     num_ids = ids.numel()
     num_bags = offsets.numel() - 1

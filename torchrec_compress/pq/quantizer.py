@@ -9,6 +9,8 @@ handled at once with batched matmuls on ``[M, ., dsub]`` tensors; encoding strea
 import torch
 from torch import Tensor
 
+from torchrec_compress.pq import _ops
+
 
 def code_dtype(ksub: int) -> torch.dtype:
     """Returns the narrowest integer dtype holding codes in ``[0, ksub)``.
@@ -159,11 +161,20 @@ class ProductQuantizer:
         """
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        codes = torch.empty(x.shape[0], self.M, dtype=self.code_dtype)
+        self._split(x[:0])  # validates the shape before any work
         books = self.codebooks.float()
+        use_kernel = _ops.encode_kernel_applies(x, books, self.code_dtype)
+        if use_kernel and x.dtype == torch.float32 and x.stride(1) == 1:
+            # The fused C++ encoder needs no scratch memory: one call, threaded over all rows.
+            return torch.ops.torchrec_compress.pq_encode(x.detach(), books, self.code_dtype)
+        codes = torch.empty(x.shape[0], self.M, dtype=self.code_dtype)
         for start in range(0, x.shape[0], chunk_size):
             part = x[start : start + chunk_size].detach().float()
-            codes[start : start + part.shape[0]] = assign(self._split(part), books)[0].t()
+            codes[start : start + part.shape[0]] = (
+                torch.ops.torchrec_compress.pq_encode(part.contiguous(), books, self.code_dtype)
+                if use_kernel
+                else assign(self._split(part), books)[0].t()
+            )
         return codes
 
     def decode(self, codes: Tensor) -> Tensor:

@@ -1,0 +1,206 @@
+#include "pq_kernels.h"
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace torchrec_compress {
+
+namespace portable {
+#include "pq_kernels_impl.h"
+}  // namespace portable
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace avx2 {
+#define TORCHREC_COMPRESS_AVX2
+#include "pq_kernels_impl.h"
+#undef TORCHREC_COMPRESS_AVX2
+
+// Rows encoded together: 4 rows x (distance + best value + best index) = 12 of the 16 AVX2
+// registers, and each codeword load serves 4 rows.
+constexpr int kRows = 4;
+constexpr int64_t kBlockRows = 64;
+
+// Lane-wise argmin over 8 candidates: the smallest value, then the smallest index among equals.
+inline int32_t reduce_argmin(__m256 values, __m256i indices) {
+  alignas(32) float v[8];
+  alignas(32) int32_t idx[8];
+  _mm256_store_ps(v, values);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(idx), indices);
+  int best = 0;
+  for (int lane = 1; lane < 8; ++lane) {
+    if (v[lane] < v[best] || (v[lane] == v[best] && idx[lane] < idx[best])) {
+      best = lane;
+    }
+  }
+  return idx[best];
+}
+
+// Fused distance + argmin: the distances of 4 rows to 8 codewords live in registers and are
+// folded into a running per-lane minimum, so no [rows, K] distance matrix is ever written.
+template <typename code_t>
+void encode_rows(
+    const PQShape& s,
+    const float* x,
+    int64_t x_stride,
+    const float* books_t,
+    const float* norms,
+    int64_t kpad,
+    int64_t row_begin,
+    int64_t row_end,
+    code_t* codes,
+    float* scaled /* [kRows * dsub] scratch */) {
+  const int64_t M = s.num_subspaces;
+  const int64_t dsub = s.dsub;
+  const __m256i lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // Subspace-major within blocks of kBlockRows rows: codebook m (8 KiB for K=256, dsub=8) stays
+  // in L1 while the block's rows go past it.
+  for (int64_t block = row_begin; block < row_end; block += kBlockRows) {
+    const int64_t block_end = row_end - block < kBlockRows ? row_end : block + kBlockRows;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t i0 = block; i0 < block_end; i0 += kRows) {
+        const int64_t rows = block_end - i0 < kRows ? block_end - i0 : kRows;
+        // 2x per row (a tail block repeats its last row): dist = ||c||^2 - sum_t (2 x_t) c_t.
+        for (int r = 0; r < kRows; ++r) {
+          const float* sub = x + (i0 + (r < rows ? r : rows - 1)) * x_stride + m * dsub;
+          for (int64_t t = 0; t < dsub; ++t) {
+            scaled[r * dsub + t] = 2.0f * sub[t];
+          }
+        }
+        const float* book = books_t + m * dsub * kpad;
+        const float* norm = norms + m * kpad;
+        __m256 best_v[kRows];
+        __m256i best_i[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          best_v[r] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+          best_i[r] = _mm256_setzero_si256();
+        }
+        for (int64_t k = 0; k < kpad; k += 8) {
+          const __m256 n = _mm256_loadu_ps(norm + k);
+          __m256 d0 = n, d1 = n, d2 = n, d3 = n;
+          for (int64_t t = 0; t < dsub; ++t) {
+            const __m256 c = _mm256_loadu_ps(book + t * kpad + k);
+            d0 = _mm256_fnmadd_ps(_mm256_broadcast_ss(scaled + t), c, d0);
+            d1 = _mm256_fnmadd_ps(_mm256_broadcast_ss(scaled + dsub + t), c, d1);
+            d2 = _mm256_fnmadd_ps(_mm256_broadcast_ss(scaled + 2 * dsub + t), c, d2);
+            d3 = _mm256_fnmadd_ps(_mm256_broadcast_ss(scaled + 3 * dsub + t), c, d3);
+          }
+          const __m256i idx =
+              _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(k)), lane_ids);
+          const __m256 dist[kRows] = {d0, d1, d2, d3};
+          for (int r = 0; r < kRows; ++r) {
+            // Strict < keeps the first codeword of each lane on ties.
+            const __m256 less = _mm256_cmp_ps(dist[r], best_v[r], _CMP_LT_OQ);
+            best_v[r] = _mm256_blendv_ps(best_v[r], dist[r], less);
+            best_i[r] = _mm256_castps_si256(
+                _mm256_blendv_ps(_mm256_castsi256_ps(best_i[r]), _mm256_castsi256_ps(idx), less));
+          }
+        }
+        for (int r = 0; r < rows; ++r) {
+          codes[(i0 + r) * M + m] = static_cast<code_t>(reduce_argmin(best_v[r], best_i[r]));
+        }
+      }
+    }
+  }
+}
+}  // namespace avx2
+
+#pragma GCC pop_options
+
+Isa best_isa() {
+  static const Isa isa = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      ? Isa::kAvx2
+      : Isa::kGeneric;
+  return isa;
+}
+
+template <typename code_t, typename index_t>
+int64_t pooled_lookup(
+    Isa isa,
+    const PQShape& shape,
+    const code_t* codes,
+    const float* codebooks,
+    const index_t* ids,
+    const index_t* offsets,
+    const float* weights,
+    int64_t bag_begin,
+    int64_t bag_end,
+    float* out) {
+  if (isa == Isa::kAvx2) {
+    return avx2::pooled_lookup(
+        shape, codes, codebooks, ids, offsets, weights, bag_begin, bag_end, out);
+  }
+  return portable::pooled_lookup(
+      shape, codes, codebooks, ids, offsets, weights, bag_begin, bag_end, out);
+}
+
+template <typename code_t, typename index_t>
+void pooled_lookup_backward(
+    Isa isa,
+    const PQShape& shape,
+    const code_t* codes,
+    const index_t* ids,
+    const index_t* offsets,
+    const float* weights,
+    int64_t num_bags,
+    const float* grad_out,
+    int64_t m_begin,
+    int64_t m_end,
+    float* grad_codebooks) {
+  if (isa == Isa::kAvx2) {
+    avx2::pooled_lookup_backward(
+        shape, codes, ids, offsets, weights, num_bags, grad_out, m_begin, m_end, grad_codebooks);
+  } else {
+    portable::pooled_lookup_backward(
+        shape, codes, ids, offsets, weights, num_bags, grad_out, m_begin, m_end, grad_codebooks);
+  }
+}
+
+template <typename code_t>
+void encode(
+    Isa isa,
+    const PQShape& shape,
+    const float* x,
+    int64_t x_stride,
+    const float* books_t,
+    const float* norms,
+    int64_t kpad,
+    int64_t row_begin,
+    int64_t row_end,
+    code_t* codes) {
+  if (isa == Isa::kAvx2) {
+    std::vector<float> scaled(avx2::kRows * shape.dsub);
+    avx2::encode_rows(
+        shape, x, x_stride, books_t, norms, kpad, row_begin, row_end, codes, scaled.data());
+  } else {
+    std::vector<float> distances(kpad);
+    portable::encode_portable(
+        shape, x, x_stride, books_t, norms, kpad, row_begin, row_end, codes, distances.data());
+  }
+}
+
+#define TORCHREC_COMPRESS_LOOKUP(code_t, index_t)                                              \
+  template int64_t pooled_lookup<code_t, index_t>(                                             \
+      Isa, const PQShape&, const code_t*, const float*, const index_t*, const index_t*,        \
+      const float*, int64_t, int64_t, float*);                                                 \
+  template void pooled_lookup_backward<code_t, index_t>(                                       \
+      Isa, const PQShape&, const code_t*, const index_t*, const index_t*, const float*,        \
+      int64_t, const float*, int64_t, int64_t, float*);
+#define TORCHREC_COMPRESS_CODE_TYPE(code_t)                                                    \
+  TORCHREC_COMPRESS_LOOKUP(code_t, int32_t)                                                    \
+  TORCHREC_COMPRESS_LOOKUP(code_t, int64_t)                                                    \
+  template void encode<code_t>(                                                                \
+      Isa, const PQShape&, const float*, int64_t, const float*, const float*, int64_t,         \
+      int64_t, int64_t, code_t*);
+TORCHREC_COMPRESS_CODE_TYPE(uint8_t)
+TORCHREC_COMPRESS_CODE_TYPE(int16_t)
+TORCHREC_COMPRESS_CODE_TYPE(int32_t)
+#undef TORCHREC_COMPRESS_CODE_TYPE
+#undef TORCHREC_COMPRESS_LOOKUP
+
+}  // namespace torchrec_compress

@@ -1,0 +1,78 @@
+// Product-quantization CPU kernels on raw pointers, free of torch headers so that they compile in
+// seconds.  Each kernel handles one contiguous range of work (bags, subspaces or rows); the
+// callers in pq_ops.cpp split the ranges over threads with at::parallel_for.  Every kernel exists
+// for two instruction sets, chosen once at runtime: x86-64-v2 (the build's baseline) and
+// AVX2 + FMA (x86-64-v3), so one wheel is fast on new machines and still loads on old ones.
+#pragma once
+
+#include <cstdint>
+
+namespace torchrec_compress {
+
+enum class Isa : int { kGeneric = 0, kAvx2 = 1 };
+
+// The best instruction set this CPU runs (kAvx2 needs AVX2 and FMA).
+Isa best_isa();
+
+// Shapes shared by every kernel: a table of `num_rows` rows coded on `num_subspaces` subspaces of
+// `ksub` codewords of `dsub` floats.
+struct PQShape {
+  int64_t num_rows;
+  int64_t num_subspaces;
+  int64_t ksub;
+  int64_t dsub;
+};
+
+// Sum-pools bags [bag_begin, bag_end): out[b] = sum_{j in bag b} w_j * decode(codes[ids[j]]).
+// `codebooks` is [M, K, dsub] contiguous, `offsets` has B + 1 entries, `weights` may be null,
+// `out` rows are M * dsub floats.  Returns -1 on success, otherwise the position in `ids` of the
+// first id outside [0, num_rows) or whose code is outside [0, ksub); nothing is read out of range.
+template <typename code_t, typename index_t>
+int64_t pooled_lookup(
+    Isa isa,
+    const PQShape& shape,
+    const code_t* codes,
+    const float* codebooks,
+    const index_t* ids,
+    const index_t* offsets,
+    const float* weights,
+    int64_t bag_begin,
+    int64_t bag_end,
+    float* out);
+
+// Codebook gradient of pooled_lookup for subspaces [m_begin, m_end):
+// grad_codebooks[m, codes[ids[j], m]] += w_j * grad_out[b, m * dsub : (m + 1) * dsub] for every
+// id j of every bag b.  Each call owns its subspaces, so calls on disjoint ranges never race and
+// the sum order is fixed (deterministic gradients).  Ids and codes must have passed the forward.
+template <typename code_t, typename index_t>
+void pooled_lookup_backward(
+    Isa isa,
+    const PQShape& shape,
+    const code_t* codes,
+    const index_t* ids,
+    const index_t* offsets,
+    const float* weights,
+    int64_t num_bags,
+    const float* grad_out,
+    int64_t m_begin,
+    int64_t m_end,
+    float* grad_codebooks);
+
+// Nearest codeword per subspace for rows [row_begin, row_end) of x ([n, M * dsub], row stride
+// `x_stride` floats): codes[i, m] = argmin_k ||c_mk||^2 - 2 x_im . c_mk (first k on ties).
+// `books_t` is the codebooks transposed to [M, dsub, kpad] and `norms` is [M, kpad] with
+// +inf in the padding (kpad is ksub rounded up to a multiple of 8).
+template <typename code_t>
+void encode(
+    Isa isa,
+    const PQShape& shape,
+    const float* x,
+    int64_t x_stride,
+    const float* books_t,
+    const float* norms,
+    int64_t kpad,
+    int64_t row_begin,
+    int64_t row_end,
+    code_t* codes);
+
+}  // namespace torchrec_compress
