@@ -139,3 +139,15 @@ def test_rounded_ranks_are_what_fbgemm_training_kernels_accept() -> None:
         tbe(3)
     out = tbe(round_rank(3, 4, 16))(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]))
     assert out.shape == (2, 4)
+
+
+def test_budget_follows_lookup_traffic() -> None:
+    """Two identical spectra: the table looked up ten times as often earns the rank."""
+    eig = torch.tensor([1.0 / (j + 1) for j in range(16)])
+    spectra = {
+        "busy": TableSpectrum(1000, 16, eig, total_weight=10_000.0),
+        "quiet": TableSpectrum(1000, 16, eig, total_weight=1_000.0),
+    }
+    budget = compressed_table_bytes(1000, 16, 12) + compressed_table_bytes(1000, 16, 4)
+    ranks = select_ranks(spectra, AFMConfig(memory_budget_bytes=budget))
+    assert ranks == {"busy": 12, "quiet": 4}

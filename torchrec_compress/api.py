@@ -24,7 +24,13 @@ from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.config import AFMConfig, CompressionConfig, LowRankConfig, SVDConfig
+from torchrec_compress.config import (
+    AFMConfig,
+    CompressionConfig,
+    LowRankConfig,
+    MECConfig,
+    SVDConfig,
+)
 from torchrec_compress.lowrank import (
     PrincipalBasis,
     afm_basis,
@@ -37,6 +43,8 @@ from torchrec_compress.lowrank import (
 )
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
+from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.pq import QuantizationMetrics, code_dtype, train_pq_table
 from torchrec_compress.rank import (
     TableSpectrum,
     check_rank,
@@ -70,6 +78,8 @@ class ReportRow:
     bytes_before: int
     bytes_after: int
     explained_variance: float | None
+    # PQ tables: mean over subspaces of the codebook usage perplexity (every row counted once).
+    perplexity: float | None = None
 
 
 @dataclass
@@ -115,6 +125,12 @@ class CompressionReport:
             )
             for r in self.rows
         ]
+        if any(r.perplexity is not None for r in self.rows):
+            header = (*header, "perplexity")
+            lines = [
+                (*line, "-" if r.perplexity is None else f"{r.perplexity:.1f}")
+                for line, r in zip(lines, self.rows, strict=True)
+            ]
         widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         total = (
@@ -296,7 +312,10 @@ def _plan_lowrank(
                 bases[table.name] = svd_basis(moments, f"table {table.name!r}")
             weights[table.name] = weight
             spectra[table.name] = TableSpectrum(
-                table.num_embeddings, table.embedding_dim, bases[table.name].eigenvalues
+                table.num_embeddings,
+                table.embedding_dim,
+                bases[table.name].eigenvalues,
+                float(moments.count),
             )
     ranks = select_ranks(spectra, config) if spectra else {}
 
@@ -369,10 +388,109 @@ def _plan_lowrank(
     return ConversionPlan(replacements, rows)
 
 
+def _plan_mec(
+    model: nn.Module,
+    config: CompressionConfig,
+    calibration: Iterable[Any] | None,
+    filter_fn: FilterFn | None,
+    forward_fn: ForwardFn,
+) -> ConversionPlan:
+    """Product-quantizes every selected table (MEC or plain weighted k-means, ``config.mode``).
+
+    Lookup counts come from one calibration pass (:func:`calibrate`); each table not skipped by
+    an override is quantized by :func:`~torchrec_compress.pq.train_pq_table` on CPU.  A table
+    skipped inside a collection that has quantized tables is stored exactly, as ``N`` codewords
+    of one subspace (its rows) and identity codes, so the collection stays one module.
+    """
+    assert isinstance(config, MECConfig)
+    ebcs = find_embedding_bag_collections(model, filter_fn)
+    owners: dict[str, str] = {}
+    for fqn, ebc in ebcs.items():
+        for table in ebc.embedding_bag_configs():
+            if table.name in owners:
+                raise ValueError(
+                    f"table {table.name!r} appears in both {owners[table.name]!r} and {fqn!r}; "
+                    "table names must be unique across the model"
+                )
+            owners[table.name] = fqn
+    unknown = sorted(set(config.table_overrides) - set(owners))
+    if unknown:
+        raise ValueError(
+            f"table_overrides name unknown table(s) {unknown}; tables are {sorted(owners)}"
+        )
+    skipped = {name for name, o in config.table_overrides.items() if o.skip}
+    counts: dict[str, dict[str, torch.Tensor]] = {}
+    if config.popularity_weighting and set(owners) - skipped:
+        if calibration is None:
+            raise ValueError(
+                "MECConfig(popularity_weighting=True) needs calibration data (an iterable of "
+                "batches) for the lookup counts; pass calibration= or popularity_weighting=False"
+            )
+        counts, _ = calibrate(model, calibration, forward_fn, ebcs)
+
+    replacements: dict[str, nn.Module] = {}
+    rows: list[ReportRow] = []
+    method = "MEC" if config.mode == "mec" else "PQ"
+    for fqn, ebc in ebcs.items():
+        tables = ebc.embedding_bag_configs()
+        codes: dict[str, torch.Tensor] = {}
+        codebooks: dict[str, torch.Tensor] = {}
+        for t in tables:
+            weight = ebc.embedding_bags[t.name].weight.detach()
+            if weight.device.type == "meta":
+                raise ValueError(f"table {t.name!r}: its weights are on the meta device")
+            before = weight.numel() * weight.element_size()
+            shape = (t.num_embeddings, t.embedding_dim)
+            if t.name in skipped:
+                codes[t.name] = torch.arange(t.num_embeddings).unsqueeze(1)
+                codebooks[t.name] = weight.float().cpu().unsqueeze(0)
+                after = before + t.num_embeddings * _code_bytes(t.num_embeddings, t.name)
+                rows.append(ReportRow(t.name, "table", shape, "kept", None, before, after, None))
+                continue
+            table_counts = counts[fqn][t.name].cpu() if counts else None
+            table_config = config.for_table(t.name)
+            codes[t.name], codebooks[t.name], metrics = train_pq_table(
+                weight.cpu(), table_counts, table_config, t.name
+            )
+            num_subspaces, ksub, dsub = codebooks[t.name].shape
+            after = t.num_embeddings * num_subspaces * codes[t.name].element_size()
+            after += num_subspaces * ksub * dsub * 4
+            rows.append(
+                ReportRow(
+                    name=t.name,
+                    kind="table",
+                    shape=shape,
+                    method=method,
+                    rank=num_subspaces,
+                    bytes_before=before,
+                    bytes_after=after,
+                    explained_variance=None,
+                    perplexity=_mean_perplexity(metrics),
+                )
+            )
+        if all(t.name in skipped for t in tables):
+            continue
+        module = PQEmbeddingBagCollection(tables, codes, codebooks, ebc.is_weighted())
+        replacements[fqn] = module.to(ebc.device)
+    return ConversionPlan(replacements, rows)
+
+
+def _code_bytes(ksub: int, table_name: str) -> int:
+    try:
+        return torch.empty((), dtype=code_dtype(ksub)).element_size()
+    except ValueError as e:
+        raise ValueError(f"table {table_name!r}: {e}") from e
+
+
+def _mean_perplexity(metrics: QuantizationMetrics) -> float:
+    return sum(metrics.perplexity) / len(metrics.perplexity)
+
+
 # config type -> planner; a new method registers its config class here.
 CONVERTERS: dict[type[CompressionConfig], Planner] = {
     AFMConfig: _plan_lowrank,
     SVDConfig: _plan_lowrank,
+    MECConfig: _plan_mec,
 }
 
 

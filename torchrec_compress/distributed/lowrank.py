@@ -710,7 +710,10 @@ def compress_sharded(
             else svd_basis(moments[table.name], label)
         )
         spectra[table.name] = TableSpectrum(
-            table.num_embeddings, table.embedding_dim, bases[table.name].eigenvalues
+            table.num_embeddings,
+            table.embedding_dim,
+            bases[table.name].eigenvalues,
+            float(moments[table.name].count),
         )
     ranks = select_ranks(spectra, config) if spectra else {}
     table_ranks = {name: k for name, k in ranks.items() if k is not None}
