@@ -100,6 +100,12 @@ class LowRankEmbeddingBagCollection(nn.Module):
         # from the factor configs: the EBC has filled in feature_names=[table name] where empty
         self._embedding_names_by_table = get_embedding_names_by_table(factor_tables)
         self._feature_names_by_table = [list(t.feature_names) for t in factor_tables]
+        self._embedding_names = [n for names in self._embedding_names_by_table for n in names]
+        self._length_per_key = [
+            t.embedding_dim
+            for t, names in zip(tables, self._embedding_names_by_table, strict=True)
+            for _ in names
+        ]
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The original (uncompressed) table configs."""
@@ -134,25 +140,6 @@ class LowRankEmbeddingBagCollection(nn.Module):
             self.projection[name].copy_(projection)
             self.mean[name].copy_(mean)
 
-    def _bag_coefficients(
-        self, features: KeyedJaggedTensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-        """``(F, B)`` factors by which mu enters each SUM / MEAN bag, and the row per key."""
-        if features.variable_stride_per_key() or features.inverse_indices_or_none() is not None:
-            raise ValueError(
-                "LowRankEmbeddingBagCollection does not support variable batch size per feature"
-            )
-        lengths = features.lengths()
-        weights = features.weights_or_none() if self._is_weighted else None
-        if weights is None:
-            bag_sum = lengths.to(torch.float32)
-        else:
-            bag_sum = torch.segment_reduce(weights, "sum", lengths=lengths)
-        bag_mean = bag_sum / lengths.clamp(min=1).to(bag_sum.dtype)
-        shape = (len(features.keys()), features.stride())
-        index = {key: i for i, key in enumerate(features.keys())}
-        return bag_sum.view(shape), bag_mean.view(shape), index
-
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings with the original keys, dims and order.
 
@@ -162,29 +149,52 @@ class LowRankEmbeddingBagCollection(nn.Module):
         Returns:
             KeyedTensor: like ``EmbeddingBagCollection.forward``.
         """
-        factors = self.factor_ebc(features).to_dict()
-        bag_sum, bag_mean, index = self._bag_coefficients(features)
+        if features.variable_stride_per_key() or features.inverse_indices_or_none() is not None:
+            raise ValueError(
+                "LowRankEmbeddingBagCollection does not support variable batch size per feature"
+            )
+        # (B, sum of factor dims): table by table, feature by feature, as the factor configs say
+        factor_kt = self.factor_ebc(features)
+        factors = factor_kt.values()
+        if factor_kt.keys() != self._embedding_names:
+            # a DMP-sharded factor_ebc returns its keys grouped by shard, not in table order
+            factors = torch.cat([factor_kt[name] for name in self._embedding_names], dim=1)
+        batch = features.stride()
+        lengths = features.lengths().view(-1, batch)
+        weights = features.weights_or_none() if self._is_weighted else None
+        # sum of w per bag; unweighted, that is the bag length itself (no segment reduction)
+        if weights is None:
+            bag_sum = lengths
+        else:
+            bag_sum = torch.segment_reduce(weights, "sum", lengths=features.lengths())
+            bag_sum = bag_sum.view(-1, batch)
+        key_index = {key: i for i, key in enumerate(features.keys())}
         pooled: list[torch.Tensor] = []
-        lengths: list[int] = []
-        for table, feature_names, embedding_names in zip(
-            self._tables,
-            self._feature_names_by_table,
-            self._embedding_names_by_table,
-            strict=True,
-        ):
-            d = table.embedding_dim
-            lengths.extend([d] * len(embedding_names))
+        start = 0
+        for table, feature_names in zip(self._tables, self._feature_names_by_table, strict=True):
+            k = self._ranks.get(table.name, table.embedding_dim)
+            block = factors[:, start : start + k * len(feature_names)]
+            start += block.shape[1]
             if table.name not in self._ranks:
-                pooled.extend(factors[name] for name in embedding_names)
+                pooled.append(block)
                 continue
-            # (B, F_t, k) @ (k, d): one matmul for all features of the table
-            stacked = torch.stack([factors[name] for name in embedding_names], dim=1)
-            per_bag = bag_mean if table.pooling == PoolingType.MEAN else bag_sum
-            coef = per_bag[[index[f] for f in feature_names]].T
-            out = stacked @ self.projection[table.name] + coef.unsqueeze(-1) * self.mean[table.name]
-            pooled.append(out.flatten(1))
+            rows = [key_index[f] for f in feature_names]
+            coef = bag_sum[rows].T  # (B, F_t)
+            if table.pooling == PoolingType.MEAN:
+                coef = coef / lengths[rows].T.clamp(min=1)
+            # one (B * F_t, k + 1) @ (k + 1, d) for all features of the table (rows in bag,
+            # feature order): [A | coef] @ [B ; mu] adds coef x mu inside the GEMM, so the
+            # (B, d) output is written once, with no second pass or (B, d) temporary
+            factors_and_coef = torch.cat(
+                [block.reshape(-1, k), coef.reshape(-1, 1).to(block.dtype)], dim=1
+            )
+            projection_and_mean = torch.cat(
+                [self.projection[table.name], self.mean[table.name].unsqueeze(0)]
+            )
+            pooled.append((factors_and_coef @ projection_and_mean).view(batch, -1))
         return KeyedTensor(
-            keys=[n for names in self._embedding_names_by_table for n in names],
-            length_per_key=lengths,
-            values=torch.cat(pooled, dim=1),
+            keys=self._embedding_names,
+            length_per_key=self._length_per_key,
+            # a single table's output is returned as is, not copied by a one-element cat
+            values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
         )
