@@ -197,7 +197,8 @@ class MECOverride:
         num_subspaces (Optional[int]): ``M`` for this table (must divide its dimension).
         num_centroids (Optional[int]): ``K`` for this table.
         steps (Optional[int]): MEC training steps for this table.
-        skip (bool): leave this table uncompressed (it stays a float table).
+        skip (bool): leave this table uncompressed: its rows are kept exactly (inside a
+            ``PQEmbeddingBagCollection`` as one subspace of ``N`` codewords, identity codes).
     """
 
     num_subspaces: int | None = None
@@ -236,8 +237,18 @@ class MECConfig(CompressionConfig):
         contrastive_temperature (float): InfoNCE temperature on cosine similarities.
         num_negatives (int): negatives per sample (one subspace's code replaced each).
         balance_weight (float): weight of ``log K - H(mean soft assignment)`` (0 disables it).
-        balance_temperature (float): temperature of the soft assignment, relative to the batch's
-            mean squared distance (scale free).
+        balance_temperature (float): temperature of the soft assignment at the first step,
+            relative to the batch's mean squared distance (scale free).
+        balance_temperature_final (float): temperature at the last step (annealed
+            geometrically): soft usage early gives every codeword gradient, sharp usage late
+            balances the hard codes.
+        reseed_interval (int): every this many steps, codewords that no sample picked are moved
+            onto the worst-quantized samples and the quantizer is scored on the validation
+            sample (0: never re-seed; score only at the end).
+        validation_size (int): rows drawn (with the training distribution) to score the
+            quantizer by its reconstruction MSE (a popularity-weighted MSE estimate).
+        keep_best (bool): end with the best-scoring state, the k-means start included, so MEC
+            never reconstructs worse than its initialisation; ``False`` keeps the last state.
         kmeans_iterations (int): Lloyd iterations of the k-means initialisation.
         kmeans_sample_size (int): at most this many rows (uniformly drawn, weighted by their
             popularity) train the k-means initialisation.
@@ -258,8 +269,8 @@ class MECConfig(CompressionConfig):
     num_centroids: int = 256
     mode: str = "mec"
     popularity_weighting: bool = True
-    steps: int = 200
-    sample_size: int = 4096
+    steps: int = 300
+    sample_size: int = 1024
     learning_rate: float = 1e-3
     commitment_weight: float = 0.25
     contrastive_weight: float = 0.1
@@ -267,6 +278,10 @@ class MECConfig(CompressionConfig):
     num_negatives: int = 8
     balance_weight: float = 0.1
     balance_temperature: float = 0.1
+    balance_temperature_final: float = 0.1
+    reseed_interval: int = 25
+    validation_size: int = 8192
+    keep_best: bool = True
     kmeans_iterations: int = 20
     kmeans_sample_size: int = 65536
     chunk_size: int = 1024
@@ -288,13 +303,19 @@ class MECConfig(CompressionConfig):
             "kmeans_sample_size",
             "chunk_size",
             "num_negatives",
+            "validation_size",
         ):
             _check_rank(getattr(self, name), f"MECConfig.{name}")
         if self.num_centroids > 2**31:
             raise ValueError(f"MECConfig.num_centroids must be <= 2**31, got {self.num_centroids}")
-        if self.steps < 0 or self.kmeans_iterations < 0:
-            raise ValueError("MECConfig.steps and kmeans_iterations must be >= 0")
-        for name in ("contrastive_temperature", "balance_temperature", "learning_rate"):
+        if self.steps < 0 or self.kmeans_iterations < 0 or self.reseed_interval < 0:
+            raise ValueError("MECConfig.steps, kmeans_iterations and reseed_interval must be >= 0")
+        for name in (
+            "contrastive_temperature",
+            "balance_temperature",
+            "balance_temperature_final",
+            "learning_rate",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"MECConfig.{name} must be > 0, got {getattr(self, name)}")
         for table, override in self.table_overrides.items():
@@ -311,7 +332,10 @@ class MECConfig(CompressionConfig):
             for name in ("num_subspaces", "num_centroids", "steps"):
                 if getattr(override, name) is not None:
                     changes[name] = getattr(override, name)
-        return dataclasses.replace(self, **changes)
+        try:
+            return dataclasses.replace(self, **changes)
+        except ValueError as e:
+            raise ValueError(f"table {table_name!r}: override gives {e}") from e
 
     def check_table(self, table_name: str, embedding_dim: int) -> None:
         """Raises ``ValueError`` naming ``table_name`` when ``embedding_dim % num_subspaces``."""

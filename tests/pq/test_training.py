@@ -1,3 +1,4 @@
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -13,6 +14,7 @@ from torchrec_compress.pq import (
     decode,
     reconstruction_mse,
     row_weights,
+    train_mec,
     train_pq_table,
 )
 
@@ -75,13 +77,69 @@ def test_training_beats_random_codebooks() -> None:
 
 
 def test_balance_term_raises_perplexity() -> None:
+    # keep_best=False: compare what training itself does (without the balance term, popularity
+    # sampling concentrates the codes; with it, usage stays spread).
     rows, counts = _skewed_table()
     perplexities = []
     for balance in (0.0, 1.0):
-        config = MECConfig(**_FAST, steps=100, balance_weight=balance)
+        config = MECConfig(**_FAST, steps=100, balance_weight=balance, keep_best=False)
         _, _, metrics = train_pq_table(rows, counts, config, "toy")
-        perplexities.append(sum(metrics.perplexity) / len(metrics.perplexity))
-    assert perplexities[1] > perplexities[0] + 1.0
+        perplexities.append(min(metrics.perplexity))
+    assert perplexities[1] > perplexities[0] + 2.0
+
+
+def test_keep_best_is_never_worse_than_kmeans() -> None:
+    rows, counts = _skewed_table(2000)
+    weights = counts  # MEC keeps the state that reconstructs rows drawn like lookups best
+    pq_codes, pq_books, _ = train_pq_table(rows, counts, MECConfig(**_FAST, mode="pq"), "toy")
+    pq_mse = reconstruction_mse(rows, pq_codes, pq_books, weights)
+    # A learning rate far too high wrecks the codebooks; the k-means start must survive.
+    wild = MECConfig(**{**_FAST, "learning_rate": 1.0}, steps=30, reseed_interval=10)
+    for keep_best in (True, False):
+        config = dataclasses.replace(wild, keep_best=keep_best)
+        codes, books, _ = train_pq_table(rows, counts, config, "toy")
+        mse = reconstruction_mse(rows, codes, books, weights)
+        if keep_best:
+            assert mse <= pq_mse * 1.02
+        else:
+            assert mse > pq_mse * 1.5
+
+
+def test_dead_codewords_are_reseeded() -> None:
+    rows, counts = _skewed_table(2000)
+    gen = torch.Generator().manual_seed(0)
+    books = rows[torch.randint(len(rows), (16,), generator=gen)].view(16, 4, 4).transpose(0, 1)
+    books = books.contiguous()
+    books[:, 8:] += 1e3  # half of every codebook far away: no row ever picks them
+    used = []
+    for interval in (0, 10):
+        mec = MECQuantizer(books)
+        config = MECConfig(
+            **_FAST, steps=40, reseed_interval=interval, keep_best=False, balance_weight=0.0
+        )
+        history = train_mec(mec, rows, row_weights(counts, len(rows)), config, gen)
+        codes = mec.compute_codes(rows)
+        used.append(min(len(torch.unique(codes[:, m])) for m in range(4)))
+        assert (sum(h["reseeded"] for h in history) > 0) == (interval > 0)
+    assert used[0] <= 8 and used[1] >= 14
+
+
+def test_training_is_scale_free() -> None:
+    rows, counts = _skewed_table(1000)
+    config = MECConfig(**_FAST, steps=10)
+    codes, books, _ = train_pq_table(rows, counts, config, "toy")
+    scaled_codes, scaled_books, _ = train_pq_table(1000.0 * rows + 5.0, counts, config, "toy")
+    assert (codes == scaled_codes).float().mean() > 0.99
+    torch.testing.assert_close(scaled_books, 1000.0 * books + 5.0, rtol=1e-3, atol=1e-1)
+
+
+def test_num_centroids_is_capped_by_rows() -> None:
+    rows = torch.randn(10, 8)
+    for mode in ("pq", "mec"):
+        config = MECConfig(num_subspaces=2, num_centroids=256, mode=mode, steps=5, sample_size=8)
+        codes, books, metrics = train_pq_table(rows, None, config, "tiny")
+        assert books.shape == (2, 10, 4) and codes.dtype == torch.uint8
+        assert metrics.mse < 1e-6 and metrics.distinct_codes == 10
 
 
 def test_pq_mode_is_kmeans_only() -> None:

@@ -7,10 +7,19 @@ from torchrec_compress.pq.metrics import (
     reconstruction_mse,
 )
 from torchrec_compress.pq.quantizer import ProductQuantizer, assign, code_dtype, decode
-from torchrec_compress.pq.training import MECQuantizer, RowSampler, row_weights, train_pq_table
+from torchrec_compress.pq.training import (
+    MECQuantizer,
+    MECStep,
+    RowSampler,
+    fit_quantizer,
+    row_weights,
+    train_mec,
+    train_pq_table,
+)
 
 __all__ = [
     "MECQuantizer",
+    "MECStep",
     "ProductQuantizer",
     "QuantizationMetrics",
     "RowSampler",
@@ -19,7 +28,9 @@ __all__ = [
     "codebook_perplexity",
     "decode",
     "distinct_code_tuples",
+    "fit_quantizer",
     "reconstruction_mse",
     "row_weights",
+    "train_mec",
     "train_pq_table",
 ]

@@ -6,25 +6,30 @@ The pipeline (paper: "A Universal Framework for Compressing Embeddings in CTR Pr
    repeating rows ``r_i`` times in memory (the reference code), every step *samples* rows with
    probability ``r_i / sum r`` (inverse-CDF sampling on a float64 cumulative sum, so tables beyond
    ``torch.multinomial``'s 2**24 categories work too).
-2. Codebooks start from weighted k-means per subspace (:class:`ProductQuantizer`).
+2. Rows are standardised (weighted mean and one scalar scale) so that learning rates and
+   temperatures do not depend on the table's magnitude; codebooks start from weighted k-means
+   per subspace (:class:`ProductQuantizer`).  ``K`` is capped at the number of rows.
 3. :class:`MECQuantizer` trains an encoder, the codebooks and a decoder with a straight-through
    estimator: reconstruction + codebook + commitment losses, an InfoNCE term whose negatives swap
    one subspace's code of the same sample, and a balance term ``log K - H`` on the soft codebook
-   usage.
+   usage (its temperature annealed).  Adam with warm-up and cosine decay; codewords that no
+   sample picked are periodically re-seeded on the worst-quantized samples; the state with the
+   best validation MSE, the k-means start included, is kept (:func:`train_mec`).
 4. All rows are encoded chunk by chunk; the codebooks handed to the CTR model are the
    *decoded* codewords (see :class:`MECQuantizer`), so lookups live in the original space.
 
-``mode="pq"`` stops after step 2 (the k-means baseline).
+``mode="pq"`` stops after the k-means of step 2 (the baseline).
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchrec_compress.config import MECConfig
-from torchrec_compress.pq.metrics import QuantizationMetrics
+from torchrec_compress.pq.metrics import QuantizationMetrics, reconstruction_mse
 from torchrec_compress.pq.quantizer import ProductQuantizer, assign, code_dtype
 
 
@@ -79,18 +84,40 @@ class RowSampler:
         return ids.clamp_(max=self._cumulative.numel() - 1)
 
 
+@dataclass
+class MECStep:
+    """One training batch through :class:`MECQuantizer`.
+
+    Args:
+        losses (Dict[str, Tensor]): every loss term; ``"total"`` is what training minimises.
+        codes (Tensor): ``[M, b]`` int64 hard assignments of the batch.
+        errors (Tensor): ``[M, b]`` squared distance of each encoding to its codeword.
+        encodings (Tensor): ``[M, b, dsub]`` detached encodings (candidates for re-seeding).
+    """
+
+    losses: dict[str, Tensor]
+    codes: Tensor
+    errors: Tensor
+    encodings: Tensor
+
+
 class MECQuantizer(nn.Module):
     """Encoder -> product quantizer -> decoder, trained with a straight-through estimator.
 
-    Encoder and decoder are per-subspace linear maps (``[M, dsub, dsub]``, identity at start).
-    The encoder decides which codeword a row gets (it trains through the straight-through
-    estimator); the decoder maps codewords back to the original embedding space.  Because the
-    decoder is linear *per subspace*, decoding a code tuple equals looking up the decoded
-    codewords ``codebooks[m] @ decoder[m]``, so :meth:`decoded_codebooks` is all the CTR model
-    needs: a plain PQ table in the original space, no decoder at lookup time.
+    Rows are first standardised (``(x - center) / scale``, one scalar scale) so that learning
+    rates and temperatures mean the same thing for every table, whatever its magnitude.  Encoder
+    and decoder are per-subspace linear maps (``[M, dsub, dsub]``, identity at start).  The
+    encoder decides which codeword a row gets (it trains through the straight-through
+    estimator); the decoder maps codewords back.  Because the decoder is linear *per subspace*,
+    decoding a code tuple equals looking up the decoded codewords, so
+    :meth:`decoded_codebooks` (``scale * codebooks[m] @ decoder[m] + center_m``) is all the CTR
+    model needs: a plain PQ table in the original space, no decoder at lookup time.
 
     Args:
-        codebooks (Tensor): ``[M, K, dsub]`` initial codebooks (e.g. from k-means).
+        codebooks (Tensor): ``[M, K, dsub]`` initial codebooks in the standardised space
+            (e.g. from k-means on standardised rows).
+        center (Optional[Tensor]): ``[M * dsub]`` row offset (default 0).
+        scale (float): row scale (default 1).
 
     Example::
 
@@ -100,73 +127,113 @@ class MECQuantizer(nn.Module):
         (torch.Size([5, 2]), torch.uint8)
     """
 
-    def __init__(self, codebooks: Tensor) -> None:
+    def __init__(self, codebooks: Tensor, center: Tensor | None = None, scale: float = 1.0) -> None:
         super().__init__()
         num_subspaces, _, dsub = codebooks.shape
         identity = torch.eye(dsub).expand(num_subspaces, dsub, dsub)
         self.codebooks = nn.Parameter(codebooks.detach().clone())
         self.encoder = nn.Parameter(identity.clone())
         self.decoder = nn.Parameter(identity.clone())
+        self.register_buffer(
+            "center", torch.zeros(num_subspaces * dsub) if center is None else center.float()
+        )
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    @property
+    def ksub(self) -> int:
+        return self.codebooks.shape[1]
+
+    def standardise(self, x: Tensor) -> Tensor:
+        """``[n, d]`` rows -> ``(x - center) / scale``."""
+        return (x.float() - self.center) / self.scale
 
     def encode(self, x: Tensor) -> Tensor:
-        """``[n, d]`` rows -> ``[M, n, dsub]`` encodings."""
+        """``[n, d]`` rows (original space) -> ``[M, n, dsub]`` encodings."""
         num_subspaces, _, dsub = self.codebooks.shape
-        return torch.bmm(x.view(x.shape[0], num_subspaces, dsub).transpose(0, 1), self.encoder)
+        split = self.standardise(x).view(x.shape[0], num_subspaces, dsub).transpose(0, 1)
+        return torch.bmm(split, self.encoder)
 
     def decoded_codebooks(self) -> Tensor:
         """``[M, K, dsub]`` codewords in the original embedding space."""
-        return torch.bmm(self.codebooks, self.decoder)
+        num_subspaces, _, dsub = self.codebooks.shape
+        decoded = torch.bmm(self.codebooks, self.decoder) * self.scale
+        return decoded + self.center.view(num_subspaces, 1, dsub)
 
     def compute_codes(self, x: Tensor, chunk_size: int = 1024) -> Tensor:
         """Codes ``[n, M]`` of the encodings, ``chunk_size`` rows at a time."""
         codes = torch.empty(x.shape[0], self.codebooks.shape[0], dtype=code_dtype(self.ksub))
         with torch.no_grad():
             for start in range(0, x.shape[0], chunk_size):
-                part = x[start : start + chunk_size].float()
-                codes[start : start + part.shape[0]] = assign(self.encode(part), self.codebooks)[
-                    0
-                ].t()
+                part = x[start : start + chunk_size]
+                encoded = assign(self.encode(part), self.codebooks)[0]
+                codes[start : start + part.shape[0]] = encoded.t()
         return codes
-
-    @property
-    def ksub(self) -> int:
-        return self.codebooks.shape[1]
 
     def loss(self, x: Tensor, config: MECConfig, generator: torch.Generator) -> dict[str, Tensor]:
         """All MEC losses on a batch ``x`` ``[b, d]``; ``"total"`` is what training minimises."""
+        return self(x, config, generator).losses
+
+    def forward(
+        self,
+        x: Tensor,
+        config: MECConfig,
+        generator: torch.Generator,
+        balance_temperature: float | None = None,
+    ) -> MECStep:
+        """Losses, hard codes and quantization errors of a batch ``x`` ``[b, d]``.
+
+        Args:
+            x (Tensor): ``[b, d]`` rows in the original space.
+            config (MECConfig): loss weights and temperatures.
+            generator (torch.Generator): draws the contrastive negatives.
+            balance_temperature (Optional[float]): overrides ``config.balance_temperature``
+                (training anneals it).
+        """
         num_subspaces, ksub, dsub = self.codebooks.shape
         batch = x.shape[0]
+        target = self.standardise(x)
         z = self.encode(x)  # [M, b, dsub]
-        codes, _ = assign(z.detach(), self.codebooks.detach())  # [M, b]
+        # One [M, b, K] tensor serves the hard assignment and the soft (balance) one.  It leaves
+        # out ||z||^2, constant per row: neither the argmin nor a softmax over K depends on it.
+        z_norms = z.pow(2).sum(-1)  # [M, b]
+        partial = torch.baddbmm(
+            self.codebooks.pow(2).sum(-1).unsqueeze(1),
+            z,
+            self.codebooks.transpose(1, 2),
+            alpha=-2.0,
+        )
+        errors, codes = partial.detach().min(-1)
+        errors = (errors + z_norms.detach()).clamp_(min=0.0)
         q = torch.gather(self.codebooks, 1, codes.unsqueeze(-1).expand(-1, -1, dsub))
         z_q = z + (q - z).detach()  # straight-through: forward q, gradient to z
         recon_sub = torch.bmm(z_q, self.decoder)  # [M, b, dsub]
         recon = recon_sub.transpose(0, 1).reshape(batch, -1)
         losses = {
-            "reconstruction": F.mse_loss(recon, x),
+            "reconstruction": F.mse_loss(recon, target),
             "codebook": F.mse_loss(q, z.detach()),
             "commitment": config.commitment_weight * F.mse_loss(z, q.detach()),
         }
         if config.contrastive_weight > 0:
             losses["contrastive"] = config.contrastive_weight * self._contrastive(
-                x, recon_sub, codes, config, generator
+                target, recon_sub, codes, config, generator
             )
         if config.balance_weight > 0:
-            losses["balance"] = config.balance_weight * self._balance(z, config)
+            temperature = balance_temperature or config.balance_temperature
+            losses["balance"] = config.balance_weight * _balance(partial, z_norms, temperature)
         losses["total"] = torch.stack(list(losses.values())).sum()
-        return losses
+        return MECStep(losses, codes, errors, z.detach())
 
     def _contrastive(
         self,
-        x: Tensor,
+        target: Tensor,
         recon_sub: Tensor,
         codes: Tensor,
         config: MECConfig,
         generator: torch.Generator,
     ) -> Tensor:
-        """InfoNCE: anchor ``x``, positive its reconstruction, negatives one code swapped."""
+        """InfoNCE: anchor ``target``, positive its reconstruction, negatives one code swapped."""
         num_subspaces, ksub, dsub = self.codebooks.shape
-        batch = x.shape[0]
+        batch = target.shape[0]
         if config.reference_shared_negative:
             shape = (1, 1)  # the reference code: one random negative for the whole batch
         else:
@@ -176,27 +243,31 @@ class MECQuantizer(nn.Module):
         # A shift in [1, K) guarantees the negative code differs from the sample's own code.
         shift = torch.randint(1, max(ksub, 2), shape, generator=generator)
         negative_code = (own_code + shift) % ksub
-        negative_sub = self.decoded_codebooks()[subspace, negative_code]  # [b, R, dsub]
+        decoded = torch.bmm(self.codebooks, self.decoder)  # standardised space
+        negative_sub = decoded[subspace, negative_code]  # [b, R, dsub]
         recon = recon_sub.transpose(0, 1)  # [b, M, dsub]
         own_sub = recon[torch.arange(batch).unsqueeze(1), subspace]  # [b, R, dsub]
-        swap = F.one_hot(subspace, num_subspaces).unsqueeze(-1).to(x.dtype)  # [b, R, M, 1]
+        swap = F.one_hot(subspace, num_subspaces).unsqueeze(-1).to(target.dtype)  # [b, R, M, 1]
         negatives = recon.unsqueeze(1) + swap * (negative_sub - own_sub).unsqueeze(2)
         candidates = torch.cat([recon.unsqueeze(1), negatives], dim=1).flatten(2)  # [b,1+R,d]
-        logits = F.cosine_similarity(x.unsqueeze(1), candidates, dim=-1)
-        target = torch.zeros(batch, dtype=torch.long)
-        return F.cross_entropy(logits / config.contrastive_temperature, target)
+        logits = F.cosine_similarity(target.unsqueeze(1), candidates, dim=-1)
+        labels = torch.zeros(batch, dtype=torch.long)
+        return F.cross_entropy(logits / config.contrastive_temperature, labels)
 
-    def _balance(self, z: Tensor, config: MECConfig) -> Tensor:
-        """``log K - H(p)`` with ``p`` the batch-mean soft assignment per subspace (differentiable)."""
-        ksub = self.ksub
-        norms = self.codebooks.pow(2).sum(-1).unsqueeze(1)
-        distances = torch.baddbmm(norms, z, self.codebooks.transpose(1, 2), alpha=-2.0)
-        distances = distances + z.pow(2).sum(-1, keepdim=True)  # [M, b, K]
-        # Relative to the batch's mean distance, so the temperature does not depend on scale.
-        scale = distances.mean().detach().clamp(min=1e-12) * config.balance_temperature
-        usage = torch.softmax(-distances / scale, dim=-1).mean(1)  # [M, K]
-        entropy = -(usage * usage.clamp(min=1e-12).log()).sum(-1)
-        return (math.log(ksub) - entropy).mean()
+
+def _balance(partial_distances: Tensor, z_norms: Tensor, temperature: float) -> Tensor:
+    """``log K - H(p)``, ``p`` the batch-mean soft assignment per subspace (differentiable).
+
+    ``partial_distances`` ``[M, b, K]`` are the squared distances less ``z_norms`` ``[M, b]``
+    (the softmax over ``K`` ignores a per-row constant).  The temperature is relative to the
+    batch's mean squared distance, so it does not depend on the scale of the encodings.
+    """
+    ksub = partial_distances.shape[-1]
+    mean_distance = partial_distances.detach().mean() + z_norms.detach().mean()
+    inverse_scale = -1.0 / float(mean_distance.clamp(min=1e-12) * temperature)
+    usage = torch.softmax(partial_distances * inverse_scale, dim=-1).mean(1)  # [M, K]
+    entropy = -(usage * usage.clamp(min=1e-12).log()).sum(-1)
+    return (math.log(ksub) - entropy).mean()
 
 
 def _check_rows(weight: Tensor, table_name: str, chunk_size: int) -> None:
@@ -213,6 +284,190 @@ def _check_rows(weight: Tensor, table_name: str, chunk_size: int) -> None:
             )
 
 
+def _reseed_dead_codewords_(
+    mec: MECQuantizer, optimizer: torch.optim.Optimizer, usage: Tensor, step: MECStep
+) -> int:
+    """Moves every codeword no sample picked onto the encodings that are quantized worst.
+
+    A codeword that no sample is assigned to gets no gradient from the codebook loss and would
+    stay dead for good; placing it on a badly served encoding both revives it and lowers the
+    error where it is largest.  Dead codeword ``j``-th (in subspace ``m``) takes the ``j``-th
+    worst encoding of the batch in that subspace; its Adam moments restart from zero.
+
+    Returns:
+        int: number of re-seeded codewords.
+    """
+    dead = usage == 0  # [M, K]
+    num_dead = int(dead.sum())
+    if num_dead == 0:
+        return 0
+    batch = step.errors.shape[1]
+    worst = step.errors.argsort(dim=1, descending=True)  # [M, b]
+    rank = (dead.cumsum(1) - 1) % batch  # j-th dead codeword of its subspace -> j-th worst
+    subspace, codeword = dead.nonzero(as_tuple=True)
+    sample = worst[subspace, rank[subspace, codeword]]
+    with torch.no_grad():
+        mec.codebooks[subspace, codeword] = step.encodings[subspace, sample]
+    state = optimizer.state.get(mec.codebooks, {})
+    for moment in ("exp_avg", "exp_avg_sq"):
+        if moment in state:
+            state[moment][subspace, codeword] = 0.0
+    return num_dead
+
+
+def _learning_rate(config: MECConfig, step: int) -> float:
+    """Linear warm-up over the first 5% of the steps, then cosine decay to zero."""
+    warmup = max(1, config.steps // 20)
+    if step < warmup:
+        return config.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, config.steps - warmup)
+    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _balance_temperature(config: MECConfig, step: int) -> float:
+    """Geometric anneal from ``balance_temperature`` to ``balance_temperature_final``: soft,
+    smooth usage early (every codeword gets gradient), close to the hard usage at the end."""
+    progress = step / max(1, config.steps - 1)
+    start, end = config.balance_temperature, config.balance_temperature_final
+    return start * (end / start) ** progress
+
+
+def _validation_mse(mec: MECQuantizer, rows: Tensor, chunk_size: int) -> float:
+    """Mean squared error of ``rows`` through encoder -> codes -> decoded codebooks."""
+    codes = mec.compute_codes(rows, chunk_size)
+    with torch.no_grad():
+        books = mec.decoded_codebooks()
+    return reconstruction_mse(rows, codes, books, chunk_size=chunk_size)
+
+
+def train_mec(
+    mec: MECQuantizer,
+    weight: Tensor,
+    weights: Tensor,
+    config: MECConfig,
+    generator: torch.Generator,
+    validation_weights: Tensor | None = None,
+) -> list[dict[str, float]]:
+    """Trains ``mec`` in place on rows of ``weight`` drawn with probability ``∝ weights``.
+
+    Adam with warm-up and cosine decay; every ``config.reseed_interval`` steps dead codewords are
+    re-seeded (:func:`_reseed_dead_codewords_`) and the quantizer is scored on a sample drawn
+    with probability ``∝ validation_weights`` (default ``weights``): its plain MSE estimates the
+    MSE weighted that way, e.g. by lookup counts, as the CTR model sees the table.  With
+    ``config.keep_best`` the best-scoring state, the initial one included, is what ``mec`` holds
+    at the end: training can then only improve the weighted reconstruction of its start.
+
+    Returns:
+        List[Dict[str, float]]: one record per evaluation (step, validation MSE, re-seeded).
+    """
+    sampler = RowSampler(weights, generator)
+    validation_sampler = (
+        sampler if validation_weights is None else RowSampler(validation_weights, generator)
+    )
+    validation = weight[validation_sampler.sample(config.validation_size)].float()
+    optimizer = torch.optim.Adam(mec.parameters(), lr=config.learning_rate)
+    best_mse = _validation_mse(mec, validation, config.chunk_size)
+    best_state = {k: v.clone() for k, v in mec.state_dict().items()}
+    history = [{"step": 0.0, "validation_mse": best_mse, "reseeded": 0.0}]
+    usage = torch.zeros(mec.codebooks.shape[:2], dtype=torch.long)
+    interval = config.reseed_interval or config.steps
+    flat_offsets = torch.arange(usage.shape[0]).unsqueeze(1) * usage.shape[1]
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step)
+        batch = weight[sampler.sample(config.sample_size)].float()
+        optimizer.zero_grad(set_to_none=True)
+        out = mec(batch, config, generator, _balance_temperature(config, step))
+        out.losses["total"].backward()
+        optimizer.step()
+        usage.view(-1).index_add_(
+            0, (out.codes + flat_offsets).view(-1), torch.ones(out.codes.numel(), dtype=torch.long)
+        )
+        if (step + 1) % interval == 0 or step + 1 == config.steps:
+            mse = _validation_mse(mec, validation, config.chunk_size)
+            if mse < best_mse:
+                best_mse = mse
+                best_state = {k: v.clone() for k, v in mec.state_dict().items()}
+            reseeded = 0
+            if config.reseed_interval and step + 1 < config.steps:
+                reseeded = _reseed_dead_codewords_(mec, optimizer, usage, out)
+            usage.zero_()
+            history.append({"step": float(step + 1), "validation_mse": mse, "reseeded": reseeded})
+    if config.keep_best:
+        mec.load_state_dict(best_state)
+    return history
+
+
+def fit_quantizer(
+    weight: Tensor, counts: Tensor | None, config: MECConfig, table_name: str
+) -> ProductQuantizer | MECQuantizer:
+    """Trains the quantizer of one table without encoding it (encode with ``compute_codes``).
+
+    ``config`` must already be ``config.for_table(table_name)``.  ``K`` is capped at the number
+    of rows: more codewords than rows cannot be used, and a table of at most ``K`` rows is
+    quantized exactly by k-means (a codeword per row), so MEC training is skipped there.  With
+    popularity weighting and counts, MEC keeps the state that reconstructs rows drawn like
+    lookups (``∝ n_i``) best.  See :func:`train_pq_table`.
+
+    Args:
+        weight (Tensor): ``[N, d]`` pre-trained rows.
+        counts (Optional[Tensor]): ``[N]`` lookup counts (``None``: uniform weights).
+        config (MECConfig): method settings for this table.
+        table_name (str): used in errors.
+
+    Example::
+
+        >>> cfg = MECConfig(num_subspaces=2, num_centroids=4, mode="pq")
+        >>> fit_quantizer(torch.randn(16, 4), None, cfg, "t").compute_codes(torch.randn(3, 4)).shape
+        torch.Size([3, 2])
+    """
+    config.check_table(table_name, weight.shape[1] if weight.dim() == 2 else 0)
+    _check_rows(weight, table_name, config.chunk_size)
+    num_rows, dim = weight.shape
+    ksub = min(config.num_centroids, num_rows)
+    generator = torch.Generator().manual_seed(config.seed)
+    weights = row_weights(counts, num_rows, config.popularity_weighting)
+
+    # k-means on a uniform subsample, each sampled row weighted by its popularity: unbiased for
+    # the weighted objective without touching every row.
+    if num_rows > config.kmeans_sample_size:
+        subset = torch.randint(num_rows, (config.kmeans_sample_size,), generator=generator)
+        kmeans_rows, kmeans_weights = weight[subset].float(), weights[subset]
+    else:
+        kmeans_rows, kmeans_weights = weight.float(), weights
+    pq = ProductQuantizer(dim, config.num_subspaces, ksub)
+    # With K >= N rows k-means puts a codeword on every row: exact, nothing left to train.
+    if config.mode == "pq" or config.steps == 0 or num_rows <= config.num_centroids:
+        pq.train(
+            kmeans_rows,
+            kmeans_weights,
+            niter=config.kmeans_iterations,
+            generator=generator,
+            chunk_size=config.chunk_size,
+        )
+        return pq
+    # MEC trains on standardised rows; k-means is translation and scale equivariant, so
+    # initialising there is the same k-means.
+    mass = kmeans_weights.double() / kmeans_weights.double().sum()
+    center = (mass @ kmeans_rows.double()).float()
+    spread = (mass @ (kmeans_rows.double() - center.double()).pow(2).mean(1)).sqrt()
+    scale = float(spread) if float(spread) > 0 else 1.0
+    pq.train(
+        (kmeans_rows - center) / scale,
+        kmeans_weights,
+        niter=config.kmeans_iterations,
+        generator=generator,
+        chunk_size=config.chunk_size,
+    )
+    mec = MECQuantizer(pq.codebooks, center, scale)
+    # Score on rows drawn like lookups (n_i, not r_i): the reconstruction the CTR model sees.
+    weighted_by_counts = (
+        config.popularity_weighting and counts is not None and bool(counts.sum() > 0)
+    )
+    train_mec(mec, weight, weights, config, generator, counts if weighted_by_counts else None)
+    return mec
+
+
 def train_pq_table(
     weight: Tensor, counts: Tensor | None, config: MECConfig, table_name: str
 ) -> tuple[Tensor, Tensor, QuantizationMetrics]:
@@ -226,7 +481,8 @@ def train_pq_table(
 
     Returns:
         Tuple[Tensor, Tensor, QuantizationMetrics]: ``codes`` ``[N, M]`` (``uint8`` for
-        ``K <= 256``), ``codebooks`` ``[M, K, d / M]`` in the original embedding space, metrics.
+        ``K <= 256``), ``codebooks`` ``[M, K', d / M]`` in the original embedding space with
+        ``K' = min(K, N)``, metrics (weighted by ``counts``).
 
     Example::
 
@@ -236,39 +492,11 @@ def train_pq_table(
         (torch.Size([16, 2]), torch.uint8, torch.Size([2, 4, 2]))
     """
     config = config.for_table(table_name)
-    config.check_table(table_name, weight.shape[1] if weight.dim() == 2 else 0)
-    _check_rows(weight, table_name, config.chunk_size)
-    num_rows, dim = weight.shape
-    generator = torch.Generator().manual_seed(config.seed)
-    weights = row_weights(counts, num_rows, config.popularity_weighting)
-
-    # k-means on a uniform subsample, each sampled row weighted by its popularity: unbiased for
-    # the weighted objective without touching every row.
-    if num_rows > config.kmeans_sample_size:
-        subset = torch.randint(num_rows, (config.kmeans_sample_size,), generator=generator)
-        kmeans_rows, kmeans_weights = weight[subset].float(), weights[subset]
+    quantizer = fit_quantizer(weight, counts, config, table_name)
+    codes = quantizer.compute_codes(weight, config.chunk_size)
+    if isinstance(quantizer, MECQuantizer):
+        with torch.no_grad():
+            codebooks = quantizer.decoded_codebooks()
     else:
-        kmeans_rows, kmeans_weights = weight.float(), weights
-    pq = ProductQuantizer(dim, config.num_subspaces, config.num_centroids)
-    pq.train(
-        kmeans_rows,
-        kmeans_weights,
-        niter=config.kmeans_iterations,
-        generator=generator,
-        chunk_size=config.chunk_size,
-    )
-    if config.mode == "pq" or config.steps == 0:
-        codes = pq.compute_codes(weight, config.chunk_size)
-        codebooks = pq.codebooks
-    else:
-        mec = MECQuantizer(pq.codebooks)
-        optimizer = torch.optim.Adam(mec.parameters(), lr=config.learning_rate)
-        sampler = RowSampler(weights, generator)
-        for _ in range(config.steps):
-            batch = weight[sampler.sample(config.sample_size)].float()
-            optimizer.zero_grad(set_to_none=True)
-            mec.loss(batch, config, generator)["total"].backward()
-            optimizer.step()
-        codes = mec.compute_codes(weight, config.chunk_size)
-        codebooks = mec.decoded_codebooks().detach()
+        codebooks = quantizer.codebooks
     return codes, codebooks, QuantizationMetrics.compute(weight, codes, codebooks, counts)

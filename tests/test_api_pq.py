@@ -1,0 +1,157 @@
+"""compress_ with MECConfig on a torchrec DLRM: quality, exact kept tables, report, atomic failure."""
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_compress.api import compress_
+from torchrec_compress.config import MECConfig, MECOverride
+from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+
+ROWS = {"t0": 300, "t1": 120, "t2": 40}
+DIM = 8
+# Small and fast: K=16 codewords of 2 dims in 4 subspaces.
+_FAST = dict(num_subspaces=4, num_centroids=16, steps=20, sample_size=256, validation_size=512)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _dlrm() -> DLRM:
+    torch.manual_seed(0)
+    tables = [
+        EmbeddingBagConfig(name=n, embedding_dim=DIM, num_embeddings=r, feature_names=[f"f{i}"])
+        for i, (n, r) in enumerate(ROWS.items())
+    ]
+    return DLRM(
+        embedding_bag_collection=EmbeddingBagCollection(tables),
+        dense_in_features=4,
+        dense_arch_layer_sizes=[16, DIM],
+        over_arch_layer_sizes=[16, 1],
+    )
+
+
+def _batches(num: int = 4, batch_size: int = 32) -> list[Batch]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    limits = torch.tensor(list(ROWS.values())).repeat_interleave(batch_size)
+    for _ in range(num):
+        lengths = torch.randint(1, 4, (3 * batch_size,), generator=g)
+        # Zipf-like ids: rows near 0 are popular.
+        u = torch.rand(int(lengths.sum()), generator=g)
+        ids = (u**3 * limits.repeat_interleave(lengths)).long()
+        sparse = KeyedJaggedTensor.from_lengths_sync(
+            keys=["f0", "f1", "f2"], values=ids, lengths=lengths
+        )
+        out.append(Batch(torch.randn(batch_size, 4, generator=g), sparse, torch.zeros(batch_size)))
+    return out
+
+
+def _ebc(model: DLRM) -> nn.Module:
+    return model.sparse_arch.embedding_bag_collection
+
+
+def test_mec_dlrm_tables_are_quantized_and_reported() -> None:
+    model, batches = _dlrm(), _batches()
+    original = {t: w.detach().clone() for t, w in _ebc(model).state_dict().items()}
+    config = MECConfig(**_FAST, table_overrides={"t2": MECOverride(skip=True)})
+    report = compress_(model, config, calibration=batches)
+    pq = _ebc(model)
+    assert isinstance(pq, PQEmbeddingBagCollection)
+    by_name = {r.name: r for r in report.rows}
+    for name, rows in ROWS.items():
+        decoded = pq.decoded_weight(name)
+        weight = original[f"embedding_bags.{name}.weight"]
+        error = ((decoded - weight).pow(2).mean() / weight.pow(2).mean()).item()
+        row = by_name[name]
+        if name == "t2":  # skipped: stored exactly
+            assert row.method == "kept" and row.rank is None and row.perplexity is None
+            torch.testing.assert_close(decoded, weight)
+            assert row.bytes_after == rows * DIM * 4 + rows  # + uint8 identity codes
+        else:
+            assert row.method == "MEC" and row.rank == 4 and row.explained_variance is None
+            assert error < 0.5  # 16 codewords of 2 dims fit random 8-dim rows coarsely
+            assert row.bytes_after == rows * 4 + 4 * 16 * 2 * 4 < row.bytes_before
+            assert 8.0 <= row.perplexity <= 16.0
+    assert "perplexity" in str(report) and "MEC" in str(report)
+    with torch.no_grad():
+        out = model(batches[0].dense_features, batches[0].sparse_features)
+    assert out.shape == (32, 1) and bool(torch.isfinite(out).all())
+    assert model.training
+
+
+def test_pq_mode_and_counts_weigh_in() -> None:
+    # The same model quantized with and without calibration counts gives different codes:
+    # the counts reach the per-table training.
+    codes = []
+    for weighting in (True, False):
+        model = _dlrm()
+        config = MECConfig(**_FAST, mode="pq", popularity_weighting=weighting)
+        report = compress_(model, config, calibration=_batches() if weighting else None)
+        assert {r.method for r in report.rows} == {"PQ"}
+        codes.append(_ebc(model).codes.t0.clone())
+    assert not torch.equal(codes[0], codes[1])
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("config", "damage", "match"),
+    [
+        (MECConfig(**{**_FAST, "num_subspaces": 3}), None, r"table 't0'.*not divisible by"),
+        (
+            MECConfig(**_FAST, table_overrides={"t1": MECOverride(num_centroids=2**31 + 1)}),
+            None,
+            r"table 't1': override gives MECConfig.num_centroids must be <= 2\*\*31",
+        ),
+        (MECConfig(**_FAST), "nan", r"table 't2': row 7 has NaN"),
+        (MECConfig(**_FAST, table_overrides={"nope": MECOverride(skip=True)}), None, "nope"),
+        (MECConfig(**_FAST), "calibration", "needs calibration"),
+    ],
+)
+def test_failures_name_the_table_and_leave_the_model_unchanged(
+    config: MECConfig, damage: str | None, match: str
+) -> None:
+    model = _dlrm()
+    if damage == "nan":
+        with torch.no_grad():
+            _ebc(model).embedding_bags["t2"].weight[7, 3] = math.nan
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        compress_(model, config, calibration=None if damage == "calibration" else _batches())
+    assert isinstance(_ebc(model), EmbeddingBagCollection)
+    torch.testing.assert_close(_state(model), before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_empty_table_is_named() -> None:
+    ebc = EmbeddingBagCollection(
+        [
+            EmbeddingBagConfig(
+                name="void",
+                embedding_dim=8,
+                num_embeddings=0,
+                feature_names=["f"],
+                weight_init_min=0.0,
+                weight_init_max=0.0,
+            )
+        ]
+    )
+    model = nn.Sequential(ebc)
+    with pytest.raises(ValueError, match=r"table 'void': cannot quantize an empty table"):
+        compress_(model, MECConfig(**_FAST, popularity_weighting=False))
+    assert model[0] is ebc
