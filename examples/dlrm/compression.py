@@ -21,11 +21,13 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from examples.dlrm.model import ModelConfig, build_model
 from examples.dlrm.train import TrainConfig, attach_sparse_optimizer, load_checkpoint
 from torchrec_compress.api import CompressionReport
-from torchrec_compress.config import AFMConfig, CompressionConfig, SVDConfig
+from torchrec_compress.config import AFMConfig, CompressionConfig, MECConfig, SVDConfig
 from torchrec_compress.data import CTRDataset
 from torchrec_compress.distributed import compress_sharded, shard_model
+from torchrec_compress.distributed.mec import compress_sharded_pq
 
-METHODS = ("afm", "svd")
+METHODS = ("afm", "svd", "mec", "pq")
+PQ_METHODS = ("mec", "pq")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--linear-rank", type=int, default=None)
     g.add_argument("--linear-variance", type=float, default=None)
+    g.add_argument("--subspaces", type=int, default=16, help="mec/pq: M one-byte codes per row")
+    g.add_argument("--centroids", type=int, default=256, help="mec/pq: K codewords per subspace")
+    g.add_argument("--mec-steps", type=int, default=300, help="mec: training steps per table")
     g.add_argument(
         "--calibration-batches",
         type=int,
@@ -81,7 +86,14 @@ def embedding_bytes(schema_rows: tuple[int, ...], dim: int) -> int:
 
 
 def make_config(args: argparse.Namespace, total_embedding_bytes: int) -> CompressionConfig:
-    """The AFM/SVD config the flags describe (exactly one of rank / variance / budget)."""
+    """The config the flags describe: MEC/PQ, or AFM/SVD (one of rank / variance / budget)."""
+    if args.compress in PQ_METHODS:
+        return MECConfig(
+            num_subspaces=args.subspaces,
+            num_centroids=args.centroids,
+            mode=args.compress,
+            steps=args.mec_steps,
+        )
     chosen = [x is not None for x in (args.rank, args.explained_variance, args.budget_ratio)]
     if args.keep_embeddings:
         if not args.compress_linear:
@@ -129,7 +141,8 @@ def compress_model(
     )
     meta_model = build_model(data.schema, model_config, torch.device("meta"))
     state_dir = os.path.join(work_dir, "compressed_init")
-    compressed, report = compress_sharded(
+    compress = compress_sharded_pq if isinstance(config, MECConfig) else compress_sharded
+    compressed, report = compress(
         model,
         meta_model,
         config,

@@ -6,6 +6,7 @@ returns each rank's result, re-raising the first failure with the rank's traceba
 """
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -42,7 +43,9 @@ def _worker(
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank=rank, world_size=world_size, **kwargs)
-        results.put((rank, True, out))
+        # Plain pickle bytes: torch's queue would hand tensors over as shared memory that
+        # disappears when this process exits.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - forwarded to the parent with its traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -93,7 +96,7 @@ def run_multiprocess(
             if not ok and failure is None:
                 failure = f"rank {rank} failed:\n{out}"
                 break
-            outputs[rank] = out
+            outputs[rank] = pickle.loads(out)
     finally:
         for p in procs:
             p.join(timeout=5 if failure else timeout_s)

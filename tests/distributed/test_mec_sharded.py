@@ -1,0 +1,92 @@
+"""MEC / PQ compression of a DMP-sharded model: 2 processes give the 1-process result."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from examples.dlrm.train import load_checkpoint
+from torchrec_compress.config import MECConfig
+from torchrec_compress.distributed import load_full_state_dict_, shard_model
+from torchrec_compress.distributed.mec import compress_sharded_pq
+from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.testing import run_multiprocess
+from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
+
+# (original sharding, method, sharding of the compressed model)
+VARIANTS = [("table_wise", "pq", "row_wise"), ("row_wise", "mec", "table_wise")]
+EVAL = [tiny_batch(8, seed=900 + i) for i in range(2)]
+CALIBRATION_SEEDS = (200, 201)
+
+
+def _compress(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    full_state = tiny_dlrm(torch.device("cpu"), seed=7).state_dict()
+    # The union of all processes' calibration batches is the same whatever the world size.
+    mine = CALIBRATION_SEEDS[rank::world_size]
+    out: dict[str, Any] = {}
+    for original, mode, target in VARIANTS:
+        model = shard_model(tiny_dlrm(torch.device("meta")), torch.device("cpu"), original)
+        load_full_state_dict_(model, full_state)
+        path = f"{root}/{original}_{mode}_w{world_size}"
+        config = MECConfig(num_subspaces=4, num_centroids=16, mode=mode, steps=20)
+        compressed, report = compress_sharded_pq(
+            model,
+            tiny_dlrm(torch.device("meta")),
+            config,
+            [tiny_batch(16, seed=s) for s in mine],
+            path,
+            forward_fn=lambda m, b: m(b),
+        )
+        assert isinstance(
+            compressed.model.sparse_arch.embedding_bag_collection, PQEmbeddingBagCollection
+        )
+        sharded = shard_model(compressed, torch.device("cpu"), target)
+        load_checkpoint(sharded, path)
+        sharded.eval()
+        with torch.no_grad():
+            logits = torch.cat([sharded(b)[1][1].flatten() for b in EVAL])
+        out[f"{original}-{mode}"] = {
+            "logits": logits,
+            "ratio": report.compression_ratio,
+            "perplexity": [r.perplexity for r in report.rows],
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = str(tmp_path_factory.mktemp("mec"))
+    two = run_multiprocess(_compress, world_size=2, root=root)
+    (one,) = run_multiprocess(_compress, world_size=1, root=root)
+    return {"two": two, "one": one}
+
+
+@pytest.mark.parametrize("variant", [f"{o}-{m}" for o, m, _ in VARIANTS])
+def test_two_processes_give_the_one_process_model(results: dict[str, Any], variant: str) -> None:
+    one = results["one"][variant]
+    for rank_result in results["two"]:
+        got = rank_result[variant]
+        assert torch.allclose(got["logits"], one["logits"], atol=1e-6, rtol=0), (
+            (got["logits"] - one["logits"]).abs().max()
+        )
+        assert got["perplexity"] == pytest.approx(one["perplexity"])
+    # 16-dim rows as 4 one-byte codes (+ tiny codebooks): well over 4x smaller.
+    assert one["ratio"] > 4
+
+
+def test_column_sharded_original_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="sharded by columns"):
+        run_multiprocess(_column_wise, world_size=2, path=str(tmp_path / "cw"), timeout_s=120)
+
+
+def _column_wise(rank: int, world_size: int, path: str) -> None:
+    model = shard_model(tiny_dlrm(torch.device("meta")), torch.device("cpu"), "column_wise")
+    compress_sharded_pq(
+        model,
+        tiny_dlrm(torch.device("meta")),
+        MECConfig(num_subspaces=4, num_centroids=16, mode="pq"),
+        [tiny_batch(16, seed=rank)],
+        path,
+        forward_fn=lambda m, b: m(b),
+    )

@@ -1,0 +1,291 @@
+"""MEC / PQ compression of a DMP-sharded model, codes computed where the rows live.
+
+The route mirrors :func:`~torchrec_compress.distributed.lowrank.compress_sharded`:
+
+1. one calibration pass counts lookups (sparse ``(id, count)`` pairs, summed over the group);
+2. per table, a bounded training sample of rows (at most ``train_rows``, drawn uniformly over the
+   global row space, with their global lookup counts) is gathered; rank 0 trains the quantizer
+   (MEC or plain weighted k-means) and broadcasts it, so every process holds the same one;
+3. every process encodes the rows *it holds* of the original table, chunk by chunk, into a
+   row-sharded ``uint8`` codes tensor with the original's row layout (nothing but the sample and
+   the quantizer crosses the network);
+4. the compressed state (codes as ``ShardedTensor``, replicated codebooks, the dense weights) is
+   saved as a DCP checkpoint, and ``meta_model`` gets ``PQEmbeddingBagCollection`` s on ``meta``.
+   The caller plans and shards that module with any plan and world size and loads the checkpoint
+   (DCP reshards the codes).
+"""
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_compress.api import (
+    CompressionReport,
+    FilterFn,
+    ForwardFn,
+    ReportRow,
+    default_forward,
+    find_embedding_bag_collections,
+)
+from torchrec_compress.config import MECConfig
+from torchrec_compress.distributed.lowrank import (
+    SparseLookupCounter,
+    _all_gather_counts,
+    _calibration_pass,
+    _factor_sharded_tensor,
+    _local_blocks,
+    _row_ranges,
+    _RowRange,
+)
+from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.pq import MECQuantizer, fit_quantizer
+from torchrec_compress.pq.quantizer import code_dtype
+
+BYTES_PER_FLOAT = 4
+
+
+def _sample_ids(num_rows: int, train_rows: int, seed: int) -> torch.Tensor:
+    """The same sorted distinct row ids on every process (all rows when the table is small)."""
+    if num_rows <= train_rows:
+        return torch.arange(num_rows)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.unique(torch.randint(num_rows, (train_rows,), generator=generator))
+
+
+def _gather_sample(
+    ids: torch.Tensor,
+    layout: list[_RowRange],
+    blocks: Mapping[tuple[int, int], torch.Tensor],
+    group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """Rows ``ids`` of a row-sharded table, assembled on every process (ids sorted)."""
+    me = dist.get_rank(group)
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for rows in layout:
+        if rows.lead != me:
+            continue
+        inside = ids[(ids >= rows.row) & (ids < rows.row + rows.rows)]
+        parts.append((inside, blocks[(rows.row, 0)][inside - rows.row].detach().float().cpu()))
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, parts, group=group)
+    pairs = [p for per_rank in gathered for p in per_rank]
+    got = torch.cat([i for i, _ in pairs])
+    order = torch.argsort(got)
+    return torch.cat([r for _, r in pairs])[order]
+
+
+def _sample_counts(ids: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Global lookup counts of rows ``ids`` from sorted ``(ids, counts)`` pairs."""
+    known, counts = pairs
+    out = torch.zeros(ids.numel(), dtype=torch.float64)
+    if known.numel():
+        pos = torch.searchsorted(known, ids).clamp(max=known.numel() - 1)
+        hit = known[pos] == ids
+        out[hit] = counts[pos[hit]]
+    return out
+
+
+def _perplexity(
+    codes: Mapping[int, torch.Tensor], ksub: int, group: dist.ProcessGroup | None
+) -> float:
+    """Mean over subspaces of exp(entropy) of codeword usage, every row counted once."""
+    usage = None
+    for part in codes.values():
+        local = torch.stack([torch.bincount(col.long(), minlength=ksub) for col in part.T]).double()
+        usage = local if usage is None else usage + local
+    if usage is None:
+        usage = torch.zeros(0, ksub, dtype=torch.float64)
+    size = torch.tensor([usage.shape[0]])
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    num_subspaces = int(max(s.item() for s in sizes))
+    total = torch.zeros(num_subspaces, ksub, dtype=torch.float64)
+    total[: usage.shape[0]] += usage
+    dist.all_reduce(total, group=group)
+    p = total / total.sum(1, keepdim=True).clamp(min=1)
+    entropy = -(p * torch.log(p.clamp(min=1e-300))).sum(1)
+    return float(entropy.exp().mean())
+
+
+def _check_whole_rows(layout: list[_RowRange], name: str) -> None:
+    if any(len(r.blocks) != 1 for r in layout):
+        raise ValueError(
+            f"table {name!r} is sharded by columns; MEC encodes whole rows: shard the original "
+            "table table_wise, row_wise or data_parallel before compressing it"
+        )
+
+
+def compress_sharded_pq(
+    model: DistributedModelParallel,
+    meta_model: nn.Module,
+    config: MECConfig,
+    calibration: Iterable[Any] | None,
+    checkpoint_dir: str,
+    forward_fn: ForwardFn = default_forward,
+    filter_fn: FilterFn | None = None,
+    train_rows: int = 65536,
+) -> tuple[nn.Module, CompressionReport]:
+    """Product-quantizes the tables of a DMP-sharded model without gathering any table.
+
+    Collective: every process calls it with the same arguments and its own calibration batches.
+
+    Args:
+        model (DistributedModelParallel): the trained, sharded original (tables sharded by whole
+            rows: table-, row-wise or data-parallel).
+        meta_model (nn.Module): the same architecture, unsharded, on the meta device; its
+            ``EmbeddingBagCollection`` s are replaced in place by ``PQEmbeddingBagCollection`` s.
+        config (MECConfig): ``mode="mec"`` (contrastive, balanced codes) or ``"pq"`` (weighted
+            k-means); per-table overrides; ``skip`` is not supported here.
+        calibration (Optional[Iterable]): this process's batches for the lookup counts
+            (required with ``popularity_weighting``).
+        checkpoint_dir (str): where the compressed state is saved (DCP).
+        forward_fn (Callable): how to run ``model`` on one batch.
+        filter_fn (Optional[Callable]): ``(module, fqn) -> bool`` selecting the collections.
+        train_rows (int): rows per table gathered to train its quantizer (bounded: the table
+            itself never travels).
+
+    Returns:
+        Tuple[nn.Module, CompressionReport]: ``meta_model`` (compressed, on meta) and the report.
+
+    Example::
+
+        >>> # 2 processes: see tests/distributed/test_mec_sharded.py
+        >>> # compressed, report = compress_sharded_pq(dmp, meta_model, MECConfig(), batches, "ckpt")
+        >>> # sharded = shard_model(compressed, device); load the checkpoint into it
+    """
+    group = dist.group.WORLD
+    me = dist.get_rank(group)
+    inner = model.module if isinstance(model, DistributedModelParallel) else model
+    ebcs = find_embedding_bag_collections(meta_model, filter_fn)
+    tables: list[tuple[str, EmbeddingBagConfig]] = [
+        (fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()
+    ]
+    names = [t.name for _, t in tables]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"table names must be unique across the model; repeated: {duplicated}")
+    unknown = sorted(set(config.table_overrides) - set(names))
+    if unknown:
+        raise ValueError(f"table_overrides name unknown table(s) {unknown}; tables are {names}")
+    skipped = sorted(n for n, o in config.table_overrides.items() if o.skip)
+    if skipped:
+        raise ValueError(f"compress_sharded_pq cannot skip tables {skipped}; use filter_fn")
+
+    # 1. lookup counts, summed over the group as sparse pairs
+    counters = {
+        fqn: SparseLookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted())
+        for fqn, ebc in ebcs.items()
+    }
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = dict.fromkeys(names)
+    if config.popularity_weighting and tables:
+        if calibration is None:
+            raise ValueError(
+                "MECConfig(popularity_weighting=True) needs calibration data for the lookup counts"
+            )
+        _calibration_pass(
+            model,
+            calibration,
+            forward_fn,
+            {inner.get_submodule(fqn): c for fqn, c in counters.items()},
+            {},
+        )
+        gathered = _all_gather_counts([counters[fqn].counts()[t.name] for fqn, t in tables], group)
+        pairs = dict(zip(names, gathered, strict=True))
+
+    # 2-3. per table: sample -> quantizer (rank 0, broadcast) -> local codes
+    state = model.state_dict()
+    new_state: dict[str, Any] = {
+        key: value for key, value in state.items() if not any(key.startswith(f"{f}.") for f in ebcs)
+    }
+    rows_report: list[ReportRow] = []
+    codebook_shapes: dict[str, tuple[int, int, int]] = {}
+    method = "MEC" if config.mode == "mec" else "PQ"
+    for index, (fqn, table) in enumerate(tables):
+        table_config = config.for_table(table.name)
+        value = state[f"{fqn}.embedding_bags.{table.name}.weight"]
+        layout = _row_ranges(value, table.name, table.embedding_dim)
+        _check_whole_rows(layout, table.name)
+        blocks = _local_blocks(value, me)
+        ids = _sample_ids(table.num_embeddings, train_rows, table_config.seed + index)
+        sample = _gather_sample(ids, layout, blocks, group)
+        table_pairs = pairs[table.name]
+        sample_counts = _sample_counts(ids, table_pairs) if table_pairs is not None else None
+        holder: list[Any] = [None]
+        if me == 0:
+            holder[0] = fit_quantizer(sample, sample_counts, table_config, table.name)
+        dist.broadcast_object_list(holder, src=0, group=group)
+        quantizer = holder[0]
+        with torch.no_grad():
+            codebooks = (
+                quantizer.decoded_codebooks()
+                if isinstance(quantizer, MECQuantizer)
+                else quantizer.codebooks
+            ).float()
+        codes = {
+            rows.row: quantizer.compute_codes(
+                blocks[(rows.row, 0)].detach().float(), table_config.chunk_size
+            )
+            for rows in layout
+            if rows.lead == me
+        }
+        num_subspaces, ksub, dsub = codebooks.shape
+        codebook_shapes[table.name] = (num_subspaces, ksub, dsub)
+        dtype = code_dtype(ksub)  # the same on every process, whether it holds rows or not
+        new_state[f"{fqn}.codes.{table.name}"] = _factor_sharded_tensor(
+            layout,
+            {row: c.to(dtype) for row, c in codes.items()},
+            (table.num_embeddings, num_subspaces),
+            group,
+        )
+        new_state[f"{fqn}.codebooks.{table.name}"] = codebooks
+        before = table.num_embeddings * table.embedding_dim * BYTES_PER_FLOAT
+        code_bytes = torch.empty((), dtype=dtype).element_size()
+        rows_report.append(
+            ReportRow(
+                name=table.name,
+                kind="table",
+                shape=(table.num_embeddings, table.embedding_dim),
+                method=method,
+                rank=num_subspaces,
+                bytes_before=before,
+                bytes_after=table.num_embeddings * num_subspaces * code_bytes
+                + num_subspaces * ksub * dsub * BYTES_PER_FLOAT,
+                explained_variance=None,
+                perplexity=_perplexity(codes, ksub, group),
+            )
+        )
+
+    # 4. the compressed module on meta, and its checkpoint
+    for fqn, ebc in ebcs.items():
+        configs = ebc.embedding_bag_configs()
+        meta = torch.device("meta")
+        codes_meta = {}
+        for t in configs:
+            num_subspaces, ksub, _ = codebook_shapes[t.name]
+            codes_meta[t.name] = torch.empty(
+                t.num_embeddings, num_subspaces, dtype=code_dtype(ksub), device=meta
+            )
+        books_meta = {t.name: torch.empty(codebook_shapes[t.name], device=meta) for t in configs}
+        module = PQEmbeddingBagCollection(configs, codes_meta, books_meta, ebc.is_weighted())
+        parent, _, child = fqn.rpartition(".")
+        setattr(meta_model.get_submodule(parent), child, module)
+    expected = set(meta_model.state_dict())
+    if expected != set(new_state):
+        raise RuntimeError(
+            "compressed state does not match the compressed module: missing "
+            f"{sorted(expected - set(new_state))[:5]}, "
+            f"unexpected {sorted(set(new_state) - expected)[:5]}"
+        )
+    assert all(isinstance(v, ShardedTensor) for k, v in new_state.items() if ".codes." in k), (
+        "codes must be row-sharded"
+    )
+    dcp.save({"model": new_state}, checkpoint_id=checkpoint_dir, process_group=group)
+    dist.barrier(group)
+    return meta_model, CompressionReport(rows_report)
