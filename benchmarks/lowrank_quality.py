@@ -57,6 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default="afm,svd")
     p.add_argument("--ratios", default="4,8", help="embedding compression ratios (byte budgets)")
     p.add_argument(
+        "--table-ranks", default="", help="also one uniform rank for all tables, e.g. 4,8"
+    )
+    p.add_argument(
+        "--pq",
+        default="",
+        help="product-quantization variants MODE:M, e.g. mec:16,mec:8,pq:16,pq:8",
+    )
+    p.add_argument(
         "--mlp-variance",
         type=float,
         default=None,
@@ -77,11 +85,18 @@ def main(argv: list[str] | None = None) -> None:
     if a.data_path:
         common += ["--data-path", a.data_path]
     variants: dict[str, list[str]] = {}
-    for method in a.methods.split(","):
-        for ratio in a.ratios.split(","):
+    for method in filter(None, a.methods.split(",")):
+        for ratio in filter(None, a.ratios.split(",")):
             variants[f"{method} {ratio}x tables"] = ["--compress", method, "--budget-ratio", ratio]
+        for rank in filter(None, a.table_ranks.split(",")):
+            variants[f"{method} rank {rank} tables"] = ["--compress", method, "--rank", rank]
+    for spec in filter(None, a.pq.split(",")):
+        mode, subspaces, centroids = (spec.split(":") + ["256"])[:3]
+        variants[f"{mode} M={subspaces} K={centroids} tables"] = [
+            "--compress", mode, "--subspaces", subspaces, "--centroids", centroids
+        ]  # fmt: skip
     if a.mlp_variance is not None or a.mlp_rank is not None:
-        for method in a.methods.split(","):
+        for method in filter(None, a.methods.split(",")):
             knob = (
                 ["--linear-variance", str(a.mlp_variance)]
                 if a.mlp_variance is not None
