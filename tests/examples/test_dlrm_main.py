@@ -36,9 +36,9 @@ def _main(*args: str) -> subprocess.CompletedProcess:
     return _run([sys.executable, "-m", "examples.dlrm.main", *TINY, *args])
 
 
-def test_train_then_reload_and_compress_at_full_rank(tmp_path: Path) -> None:
+def test_dcn_train_then_reload_and_compress_at_full_rank(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = _main("--epochs", "2", "--out", str(out))
+    proc = _main("--arch", "dcn", "--epochs", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 1
@@ -48,7 +48,7 @@ def test_train_then_reload_and_compress_at_full_rank(tmp_path: Path) -> None:
     # Reload the saved best checkpoint without training, and compress it with SVD at full rank
     # (8 of 8): the reloaded baseline reproduces the run, the compressed model reproduces it.
     proc = _main(
-        "--load-checkpoint", str(out / "checkpoint"), "--eval-only",
+        "--arch", "dcn", "--load-checkpoint", str(out / "checkpoint"), "--eval-only",
         "--compress", "svd", "--rank", "8", "--finetune-epochs", "0", "--out", str(tmp_path / "svd"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
