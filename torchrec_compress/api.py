@@ -259,6 +259,38 @@ def calibrate(
     return {fqn: c.counts() for fqn, c in counters.items()}, collector.moments
 
 
+def linear_factors(
+    fqn: str,
+    layer: nn.Linear,
+    moments: Moments | None,
+    config: LowRankConfig,
+) -> tuple[ReportRow, LowRankLinear | None]:
+    """Rank choice and factors of one Linear layer (AFM from its output ``moments``, SVD from
+    its weight when ``moments`` is None); ``None`` when two factors would not be smaller."""
+    name = f"layer {fqn!r}"
+    basis = None
+    if moments is not None:
+        basis = afm_basis(moments, name)
+        spectrum = basis.eigenvalues
+    else:
+        spectrum = torch.linalg.svdvals(layer.weight.detach().to(torch.float64)) ** 2
+    if config.linear_rank is not None:
+        k = config.linear_rank
+        check_rank(k, spectrum.numel(), name)
+    else:
+        assert config.linear_variance is not None
+        k = rank_for_variance(spectrum, config.linear_variance)
+    before = sum(p.numel() * p.element_size() for p in layer.parameters())
+    shape = (layer.out_features, layer.in_features)
+    if k * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
+        return ReportRow(fqn, "linear", shape, "kept", None, before, before, None), None
+    new = afm_linear(layer, basis, k) if basis is not None else svd_linear(layer, k)[0]
+    after = sum(p.numel() * p.element_size() for p in new.parameters())
+    variance = float(explained_variance_ratio(spectrum)[k - 1])
+    method = "AFM" if basis is not None else "SVD"
+    return ReportRow(fqn, "linear", shape, method, k, before, after, variance), new
+
+
 def _method(config: LowRankConfig) -> str:
     return "AFM" if isinstance(config, AFMConfig) else "SVD"
 
@@ -359,32 +391,10 @@ def _plan_lowrank(
         replacements[fqn] = module
 
     for fqn, layer in linears.items():
-        name = f"layer {fqn!r}"
-        if is_afm:
-            basis = afm_basis(linear_moments[fqn], name)
-            spectrum = basis.eigenvalues
-        else:
-            spectrum = torch.linalg.svdvals(layer.weight.detach().to(torch.float64)) ** 2
-        if config.linear_rank is not None:
-            k = config.linear_rank
-            check_rank(k, spectrum.numel(), name)
-        else:
-            assert config.linear_variance is not None
-            k = rank_for_variance(spectrum, config.linear_variance)
-        before = sum(p.numel() * p.element_size() for p in layer.parameters())
-        shape = (layer.out_features, layer.in_features)
-        # two factors are only worth it when k (in + out) < in * out
-        if k * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
-            rows.append(ReportRow(fqn, "linear", shape, "kept", None, before, before, None))
-            continue
-        if is_afm:
-            new: LowRankLinear = afm_linear(layer, basis, k)
-        else:
-            new, _ = svd_linear(layer, k)
-        after = sum(p.numel() * p.element_size() for p in new.parameters())
-        variance = float(explained_variance_ratio(spectrum)[k - 1])
-        rows.append(ReportRow(fqn, "linear", shape, _method(config), k, before, after, variance))
-        replacements[fqn] = new
+        row, new = linear_factors(fqn, layer, linear_moments[fqn] if is_afm else None, config)
+        rows.append(row)
+        if new is not None:
+            replacements[fqn] = new
     return ConversionPlan(replacements, rows)
 
 

@@ -41,26 +41,22 @@ from torchrec_compress.api import (
     default_forward,
     find_embedding_bag_collections,
     find_mlp_hidden_linears,
+    linear_factors,
 )
 from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
 from torchrec_compress.lowrank import (
     PrincipalBasis,
     afm_basis,
-    afm_linear,
     factor_table,
     projection,
     svd_basis,
-    svd_linear,
 )
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.rank import (
     BYTES_PER_ELEMENT,
     TableSpectrum,
-    check_rank,
     compressed_table_bytes,
-    explained_variance_ratio,
-    rank_for_variance,
     select_ranks,
 )
 from torchrec_compress.statistics import (
@@ -472,37 +468,6 @@ def _calibration_pass(
     return collector.moments
 
 
-def _linear_factors(
-    fqn: str,
-    layer: nn.Linear,
-    moments: Moments | None,
-    config: LowRankConfig,
-) -> tuple[ReportRow, LowRankLinear | None]:
-    """Rank choice and factors of one (replicated) Linear layer, as ``compress_`` does it."""
-    name = f"layer {fqn!r}"
-    basis = None
-    if moments is not None:
-        basis = afm_basis(moments, name)
-        spectrum = basis.eigenvalues
-    else:
-        spectrum = torch.linalg.svdvals(layer.weight.detach().to(torch.float64)) ** 2
-    if config.linear_rank is not None:
-        k = config.linear_rank
-        check_rank(k, spectrum.numel(), name)
-    else:
-        assert config.linear_variance is not None
-        k = rank_for_variance(spectrum, config.linear_variance)
-    before = sum(p.numel() * p.element_size() for p in layer.parameters())
-    shape = (layer.out_features, layer.in_features)
-    if k * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
-        return ReportRow(fqn, "linear", shape, "kept", None, before, before, None), None
-    new = afm_linear(layer, basis, k) if basis is not None else svd_linear(layer, k)[0]
-    after = sum(p.numel() * p.element_size() for p in new.parameters())
-    variance = float(explained_variance_ratio(spectrum)[k - 1])
-    method = "AFM" if basis is not None else "SVD"
-    return ReportRow(fqn, "linear", shape, method, k, before, after, variance), new
-
-
 @dataclass
 class ShardedStatistics:
     """What :func:`sharded_statistics` collected; identical on every process.
@@ -760,7 +725,7 @@ def compress_sharded(
 
     linear_ranks: dict[str, int] = {}
     for fqn in linears:
-        row, new = _linear_factors(
+        row, new = linear_factors(
             fqn, inner.get_submodule(fqn), linear_moments.get(fqn) if is_afm else None, config
         )
         rows_report.append(row)
