@@ -238,10 +238,16 @@ class MECConfig(CompressionConfig):
         num_negatives (int): negatives per sample (one subspace's code replaced each).
         balance_weight (float): weight of ``log K - H(mean soft assignment)`` (0 disables it).
         balance_temperature (float): temperature of the soft assignment at the first step,
-            relative to the batch's mean squared distance (scale free).
+            relative to the batch's mean squared distance (scale free).  It must be small: with
+            a soft assignment (e.g. 0.1) the entropy is maximised by rows that sit equally far
+            from many codewords while their hard codes collapse onto a few.
         balance_temperature_final (float): temperature at the last step (annealed
             geometrically): soft usage early gives every codeword gradient, sharp usage late
             balances the hard codes.
+        balance_sample_size (int): rows drawn uniformly (every row alike, whatever its
+            popularity) each step on which the balance term is computed as well (0: only on
+            the popularity-sampled batch).  Most rows of a large table are rarely looked up and
+            seldom sampled; without this their codes bunch onto a few codewords.
         reseed_interval (int): every this many steps, codewords that no sample picked are moved
             onto the worst-quantized samples and the quantizer is scored on the validation
             sample (0: never re-seed; score only at the end).
@@ -249,6 +255,10 @@ class MECConfig(CompressionConfig):
             quantizer by its reconstruction MSE (a popularity-weighted MSE estimate).
         keep_best (bool): end with the best-scoring state, the k-means start included, so MEC
             never reconstructs worse than its initialisation; ``False`` keeps the last state.
+        perplexity_floor (float): with ``keep_best``, only states whose codebook perplexity
+            (min over subspaces, every row counted once, estimated on ``validation_size``
+            uniformly drawn rows) is at least ``perplexity_floor * K'`` compete on MSE; when no
+            state reaches it, the most balanced one is kept (0 disables the floor).
         kmeans_iterations (int): Lloyd iterations of the k-means initialisation.
         kmeans_sample_size (int): at most this many rows (uniformly drawn, weighted by their
             popularity) train the k-means initialisation.
@@ -277,11 +287,13 @@ class MECConfig(CompressionConfig):
     contrastive_temperature: float = 0.1
     num_negatives: int = 8
     balance_weight: float = 0.1
-    balance_temperature: float = 0.1
-    balance_temperature_final: float = 0.1
+    balance_temperature: float = 0.01
+    balance_temperature_final: float = 0.001
+    balance_sample_size: int = 1024
     reseed_interval: int = 25
     validation_size: int = 8192
     keep_best: bool = True
+    perplexity_floor: float = 0.5
     kmeans_iterations: int = 20
     kmeans_sample_size: int = 65536
     chunk_size: int = 1024
@@ -308,8 +320,13 @@ class MECConfig(CompressionConfig):
             _check_rank(getattr(self, name), f"MECConfig.{name}")
         if self.num_centroids > 2**31:
             raise ValueError(f"MECConfig.num_centroids must be <= 2**31, got {self.num_centroids}")
-        if self.steps < 0 or self.kmeans_iterations < 0 or self.reseed_interval < 0:
-            raise ValueError("MECConfig.steps, kmeans_iterations and reseed_interval must be >= 0")
+        for name in ("steps", "kmeans_iterations", "reseed_interval", "balance_sample_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MECConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.perplexity_floor <= 1.0:
+            raise ValueError(
+                f"MECConfig.perplexity_floor must be in [0, 1], got {self.perplexity_floor}"
+            )
         for name in (
             "contrastive_temperature",
             "balance_temperature",

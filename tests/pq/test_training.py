@@ -11,6 +11,7 @@ from torchrec_compress.pq import (
     ProductQuantizer,
     RowSampler,
     assign,
+    codebook_perplexity,
     decode,
     reconstruction_mse,
     row_weights,
@@ -77,15 +78,24 @@ def test_training_beats_random_codebooks() -> None:
 
 
 def test_balance_term_raises_perplexity() -> None:
-    # keep_best=False: compare what training itself does (without the balance term, popularity
-    # sampling concentrates the codes; with it, usage stays spread).
+    # keep_best=False: compare what training itself does.  The default (sharp) soft assignment
+    # spreads the hard codes; a soft one (temperature 0.1) is maximised by rows sitting equally
+    # far from many codewords, and the hard codes bunch up instead.
     rows, counts = _skewed_table()
-    perplexities = []
-    for balance in (0.0, 1.0):
-        config = MECConfig(**_FAST, steps=100, balance_weight=balance, keep_best=False)
+    perplexities = {}
+    for name, extra in (
+        ("none", {"balance_weight": 0.0}),
+        ("sharp", {"balance_weight": 1.0}),
+        (
+            "soft",
+            {"balance_weight": 1.0, "balance_temperature": 0.1, "balance_temperature_final": 0.1},
+        ),
+    ):
+        config = MECConfig(**_FAST, steps=100, keep_best=False, **extra)
         _, _, metrics = train_pq_table(rows, counts, config, "toy")
-        perplexities.append(min(metrics.perplexity))
-    assert perplexities[1] > perplexities[0] + 2.0
+        perplexities[name] = min(metrics.perplexity)
+    assert perplexities["sharp"] > perplexities["none"] >= 0.5 * 16
+    assert perplexities["soft"] < perplexities["sharp"] - 1.5
 
 
 def test_keep_best_is_never_worse_than_kmeans() -> None:
@@ -226,9 +236,66 @@ def test_bad_inputs_name_the_table() -> None:
         MECConfig(mode="opq")
     with pytest.raises(ValueError, match="num_centroids"):
         MECConfig(num_centroids=2**31 + 1)
+    with pytest.raises(ValueError, match=r"perplexity_floor must be in \[0, 1\], got 1.5"):
+        MECConfig(perplexity_floor=1.5)
+    with pytest.raises(ValueError, match="balance_sample_size must be >= 0, got -1"):
+        MECConfig(balance_sample_size=-1)
 
 
 def test_config_round_trip() -> None:
     config = MECConfig(table_overrides={"t": MECOverride(skip=True), "u": MECOverride(steps=3)})
     assert MECConfig.from_dict(config.to_dict()) == config
     assert config.for_table("u").steps == 3 and config.for_table("u").table_overrides == {}
+
+
+def _collapsed_start() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows, codebooks and counts: the first 8 codewords are exactly the only 8 looked-up rows,
+    the other 8 are far away (unused).  The start reconstructs every lookup exactly, yet its codes
+    use at most 8 of the 16 codewords (perplexity < 0.5 K over all rows)."""
+    rows = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
+    books = rows[:16].clone().view(16, 4, 4).transpose(0, 1).contiguous()
+    books[:, 8:] += 1e3
+    counts = torch.zeros(len(rows))
+    counts[:8] = 1000.0
+    return rows, books, counts
+
+
+def _train_from_collapsed_start(floor: float) -> tuple[float, list[dict[str, float]]]:
+    """Perplexity (min over subspaces, all rows) of the kept state, and the training history."""
+    rows, books, counts = _collapsed_start()
+    mec = MECQuantizer(books)
+    config = MECConfig(**_FAST, steps=40, reseed_interval=10, perplexity_floor=floor)
+    weights = row_weights(counts, len(rows))
+    history = train_mec(mec, rows, weights, config, torch.Generator(), counts)
+    return codebook_perplexity(mec.compute_codes(rows), 16).min().item(), history
+
+
+def test_perplexity_floor_keeps_a_balanced_state() -> None:
+    # Lookup-weighted MSE alone keeps the exact but collapsed start; the floor rules it out and
+    # re-seeding yields balanced states.
+    unfloored, _ = _train_from_collapsed_start(0.0)
+    floored, history = _train_from_collapsed_start(0.5)
+    assert unfloored < 0.5 * 16 <= floored
+    eligible = [h for h in history if h["validation_perplexity"] >= 0.5 * 16]
+    best = min(eligible, key=lambda h: h["validation_mse"])
+    # 2000 rows <= validation_size: the uniform validation sample is the whole table.
+    assert floored == pytest.approx(best["validation_perplexity"])
+    assert best["validation_mse"] > history[0]["validation_mse"]
+
+
+def test_unreachable_perplexity_floor_keeps_the_most_balanced_state() -> None:
+    kept, history = _train_from_collapsed_start(1.0)
+    assert kept == pytest.approx(max(h["validation_perplexity"] for h in history))
+    assert kept > history[0]["validation_perplexity"]
+
+
+def test_contrastive_negatives_do_not_repel_codewords() -> None:
+    # Pushing the swapped-in codeword away from every anchor drives codewords out of the dense
+    # region of rarely looked-up rows and collapses their codes: the negatives train the encoder
+    # and decoder only.
+    rows, _ = _skewed_table(256)
+    mec = MECQuantizer(torch.randn(4, 16, 4, generator=torch.Generator().manual_seed(0)))
+    losses = mec.loss(rows, MECConfig(**_FAST), torch.Generator().manual_seed(0))
+    losses["contrastive"].backward()
+    assert mec.codebooks.grad is None or not mec.codebooks.grad.any()
+    assert mec.encoder.grad.abs().sum() > 0 and mec.decoder.grad.abs().sum() > 0
