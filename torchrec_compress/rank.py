@@ -192,6 +192,7 @@ def _spend_budget(
             f"memory_budget_bytes leaves {budget} bytes for tables {sorted(spectra)}, but their "
             f"smallest allowed ranks {ranks} already need {spent} bytes"
         )
+
     def step(name: str) -> tuple[float, int, int] | None:
         spec, k = spectra[name], ranks[name]
         if k >= spec.embedding_dim:
