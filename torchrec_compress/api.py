@@ -214,35 +214,55 @@ def find_mlp_hidden_linears(
     return found
 
 
-def calibrate(
+def table_owners(
+    ebcs: Mapping[str, EmbeddingBagCollection], table_overrides: Iterable[str] = ()
+) -> dict[str, str]:
+    """Table name -> fqn of the collection holding it.
+
+    Raises:
+        ValueError: naming the table and both collections when a name repeats (compression
+            is keyed by table name), or naming override keys that match no table.
+    """
+    owners: dict[str, str] = {}
+    for fqn, ebc in ebcs.items():
+        for table in ebc.embedding_bag_configs():
+            if table.name in owners:
+                raise ValueError(
+                    f"table {table.name!r} appears in both {owners[table.name]!r} and {fqn!r}; "
+                    "table names must be unique across the model"
+                )
+            owners[table.name] = fqn
+    unknown = sorted(set(table_overrides) - set(owners))
+    if unknown:
+        raise ValueError(
+            f"table_overrides name unknown table(s) {unknown}; tables are {sorted(owners)}"
+        )
+    return owners
+
+
+def calibration_pass(
     model: nn.Module,
     calibration: Iterable[Any],
-    forward_fn: ForwardFn = default_forward,
-    ebcs: Mapping[str, EmbeddingBagCollection] | None = None,
-    linears: Mapping[str, nn.Linear] | None = None,
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Moments]]:
-    """One pass over ``calibration`` in eval mode without gradients, collecting statistics.
+    forward_fn: ForwardFn,
+    counters: Mapping[nn.Module, Any],
+    linears: Mapping[str, nn.Module] | None = None,
+) -> dict[str, Moments]:
+    """One pass over ``calibration`` in eval mode without gradients.
 
-    Hooks see exactly what each module receives/produces inside the model: a forward pre-hook
-    counts each collection's lookups, forward hooks accumulate Linear output moments.  The
-    training flags of all modules are restored and hooks removed, even on error.
+    A forward pre-hook on each module of ``counters`` feeds the KJT it receives to its counter's
+    ``update`` (sharded collections see the local batch with global ids); forward hooks
+    accumulate the output moments of ``linears``.  The training flags of all modules are
+    restored and hooks removed, even on error.
 
     Returns:
-        tuple: (EBC fqn -> table name -> per-row counts, Linear fqn -> output moments).
+        Dict[str, Moments]: Linear fqn -> output moments (of this process's batches).
     """
-    ebcs = dict(ebcs or {})
-    counters = {
-        fqn: LookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted(), ebc.device)
-        for fqn, ebc in ebcs.items()
-    }
     handles = [
-        ebc.register_forward_pre_hook(
-            lambda _m, args, kwargs, c=counters[fqn]: c.update(
-                args[0] if args else kwargs["features"]
-            ),
+        module.register_forward_pre_hook(
+            lambda _m, args, kwargs, c=counter: c.update(args[0] if args else kwargs["features"]),
             with_kwargs=True,
         )
-        for fqn, ebc in ebcs.items()
+        for module, counter in counters.items()
     ]
     training = {m: m.training for m in model.modules()}
     collector = LinearOutputCollector(linears or {})
@@ -256,7 +276,31 @@ def calibrate(
             handle.remove()
         for module, flag in training.items():
             module.train(flag)
-    return {fqn: c.counts() for fqn, c in counters.items()}, collector.moments
+    return collector.moments
+
+
+def calibrate(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    forward_fn: ForwardFn = default_forward,
+    ebcs: Mapping[str, EmbeddingBagCollection] | None = None,
+    linears: Mapping[str, nn.Linear] | None = None,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Moments]]:
+    """Lookup counts of ``ebcs`` and output moments of ``linears`` in one
+    :func:`calibration_pass`.
+
+    Returns:
+        tuple: (EBC fqn -> table name -> per-row counts, Linear fqn -> output moments).
+    """
+    ebcs = dict(ebcs or {})
+    counters = {
+        fqn: LookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted(), ebc.device)
+        for fqn, ebc in ebcs.items()
+    }
+    moments = calibration_pass(
+        model, calibration, forward_fn, {ebcs[f]: c for f, c in counters.items()}, linears
+    )
+    return {fqn: c.counts() for fqn, c in counters.items()}, moments
 
 
 def linear_factors(
@@ -308,20 +352,7 @@ def _plan_lowrank(
     linears = (
         find_mlp_hidden_linears(model, config.keep_mlp_ends, filter_fn) if config.linear else {}
     )
-    table_owner: dict[str, str] = {}
-    for fqn, ebc in ebcs.items():
-        for table in ebc.embedding_bag_configs():
-            if table.name in table_owner:
-                raise ValueError(
-                    f"table {table.name!r} appears in both {table_owner[table.name]!r} and "
-                    f"{fqn!r}; table names must be unique across the model"
-                )
-            table_owner[table.name] = fqn
-    unknown = sorted(set(config.table_overrides) - set(table_owner))
-    if unknown:
-        raise ValueError(
-            f"table_overrides name unknown table(s) {unknown}; tables are {sorted(table_owner)}"
-        )
+    table_owners(ebcs, config.table_overrides)
     counts: dict[str, dict[str, torch.Tensor]] = {}
     linear_moments: dict[str, Moments] = {}
     if is_afm and (ebcs or linears):
@@ -414,20 +445,7 @@ def _plan_mec(
     """
     assert isinstance(config, MECConfig)
     ebcs = find_embedding_bag_collections(model, filter_fn)
-    owners: dict[str, str] = {}
-    for fqn, ebc in ebcs.items():
-        for table in ebc.embedding_bag_configs():
-            if table.name in owners:
-                raise ValueError(
-                    f"table {table.name!r} appears in both {owners[table.name]!r} and {fqn!r}; "
-                    "table names must be unique across the model"
-                )
-            owners[table.name] = fqn
-    unknown = sorted(set(config.table_overrides) - set(owners))
-    if unknown:
-        raise ValueError(
-            f"table_overrides name unknown table(s) {unknown}; tables are {sorted(owners)}"
-        )
+    owners = table_owners(ebcs, config.table_overrides)
     skipped = {name for name, o in config.table_overrides.items() if o.skip}
     counts: dict[str, dict[str, torch.Tensor]] = {}
     if config.popularity_weighting and set(owners) - skipped:

@@ -38,10 +38,12 @@ from torchrec_compress.api import (
     FilterFn,
     ForwardFn,
     ReportRow,
+    calibration_pass,
     default_forward,
     find_embedding_bag_collections,
     find_mlp_hidden_linears,
     linear_factors,
+    table_owners,
 )
 from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
 from torchrec_compress.lowrank import (
@@ -61,7 +63,6 @@ from torchrec_compress.rank import (
 )
 from torchrec_compress.statistics import (
     DEFAULT_CHUNK_ROWS,
-    LinearOutputCollector,
     Moments,
     moments_from_counts,
 )
@@ -437,37 +438,6 @@ def _factor_sharded_tensor(
     return ShardedTensor._init_from_local_shards(shards, *shape, process_group=group)
 
 
-def _calibration_pass(
-    model: nn.Module,
-    calibration: Iterable[Any],
-    forward_fn: ForwardFn,
-    counters: Mapping[nn.Module, SparseLookupCounter],
-    linears: Mapping[str, nn.Module],
-) -> dict[str, Moments]:
-    """One eval-mode, no-grad pass: pre-hooks on the sharded EBCs feed ``counters`` (each sees
-    the local batch's KJT with global ids); returns the Linear output moments (local)."""
-    handles = [
-        module.register_forward_pre_hook(
-            lambda _m, args, kwargs, c=counter: c.update(args[0] if args else kwargs["features"]),
-            with_kwargs=True,
-        )
-        for module, counter in counters.items()
-    ]
-    training = {m: m.training for m in model.modules()}
-    collector = LinearOutputCollector(linears)
-    try:
-        model.eval()
-        with collector, torch.no_grad():
-            for batch in calibration:
-                forward_fn(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, flag in training.items():
-            module.train(flag)
-    return collector.moments
-
-
 @dataclass
 class ShardedStatistics:
     """What :func:`sharded_statistics` collected; identical on every process.
@@ -517,10 +487,8 @@ def sharded_statistics(
         else {}
     )
     tables = [(fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()]
+    table_owners(ebcs)
     names = [t.name for _, t in tables]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise ValueError(f"table names must be unique across the model; repeated: {duplicated}")
 
     # 1. calibration pass: sparse lookup counts and Linear output moments
     counters = {
@@ -531,7 +499,7 @@ def sharded_statistics(
     if is_afm and (ebcs or linears):
         if calibration is None:
             raise ValueError("AFMConfig needs calibration data (an iterable of batches)")
-        linear_moments = _calibration_pass(
+        linear_moments = calibration_pass(
             model,
             calibration,
             forward_fn,

@@ -31,14 +31,15 @@ from torchrec_compress.api import (
     FilterFn,
     ForwardFn,
     ReportRow,
+    calibration_pass,
     default_forward,
     find_embedding_bag_collections,
+    table_owners,
 )
 from torchrec_compress.config import MECConfig
 from torchrec_compress.distributed.lowrank import (
     SparseLookupCounter,
     _all_gather_counts,
-    _calibration_pass,
     _factor_sharded_tensor,
     _local_blocks,
     _row_ranges,
@@ -167,13 +168,8 @@ def compress_sharded_pq(
     tables: list[tuple[str, EmbeddingBagConfig]] = [
         (fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()
     ]
+    table_owners(ebcs, config.table_overrides)
     names = [t.name for _, t in tables]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise ValueError(f"table names must be unique across the model; repeated: {duplicated}")
-    unknown = sorted(set(config.table_overrides) - set(names))
-    if unknown:
-        raise ValueError(f"table_overrides name unknown table(s) {unknown}; tables are {names}")
     skipped = sorted(n for n, o in config.table_overrides.items() if o.skip)
     if skipped:
         raise ValueError(f"compress_sharded_pq cannot skip tables {skipped}; use filter_fn")
@@ -189,7 +185,7 @@ def compress_sharded_pq(
             raise ValueError(
                 "MECConfig(popularity_weighting=True) needs calibration data for the lookup counts"
             )
-        _calibration_pass(
+        calibration_pass(
             model,
             calibration,
             forward_fn,
