@@ -18,24 +18,13 @@ import time
 from collections.abc import Callable
 
 import torch
+from common import zipf_ids
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import _ops
-
-
-def zipf_ids(num_ids: int, num_rows: int, exponent: float, gen: torch.Generator) -> torch.Tensor:
-    """Ids whose popularity rank follows a (continuous) Zipf law, ranks scattered over the table."""
-    u = torch.rand(num_ids, dtype=torch.float64, generator=gen)
-    one_minus_s = 1.0 - exponent
-    ranks = ((num_rows**one_minus_s - 1.0) * u + 1.0).pow(1.0 / one_minus_s).long() - 1
-    # An odd multiplier co-prime with the table size scatters ranks without a permutation array.
-    multiplier = 2654435761
-    while torch.gcd(torch.tensor(multiplier), torch.tensor(num_rows)) != 1:
-        multiplier += 2
-    return (ranks.clamp_(0, num_rows - 1) * multiplier) % num_rows
 
 
 def on_torch_path(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
