@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--pq",
         default="",
-        help="product-quantization variants MODE:M, e.g. mec:16,mec:8,pq:16,pq:8",
+        help="product-quantization variants MODE:M[:K[:RANK]], e.g. mec:16,pq:8:256,afm+mec:8:256:16 "
+        "(afm+mec / afm+pq: MEC / PQ of the rank-RANK AFM factor tables)",
     )
     p.add_argument(
         "--mlp-variance",
@@ -91,10 +92,15 @@ def main(argv: list[str] | None = None) -> None:
         for rank in filter(None, a.table_ranks.split(",")):
             variants[f"{method} rank {rank} tables"] = ["--compress", method, "--rank", rank]
     for spec in filter(None, a.pq.split(",")):
-        mode, subspaces, centroids = (spec.split(":") + ["256"])[:3]
-        variants[f"{mode} M={subspaces} K={centroids} tables"] = [
-            "--compress", mode, "--subspaces", subspaces, "--centroids", centroids
-        ]  # fmt: skip
+        mode, subspaces, centroids, rank = (spec.split(":") + ["256", ""])[:4]
+        flags = ["--compress", mode, "--subspaces", subspaces, "--centroids", centroids]
+        name = f"{mode} M={subspaces} K={centroids}"
+        if mode.startswith("afm+"):
+            if not rank:
+                p.error(f"--pq {spec}: {mode} needs a rank, MODE:M:K:RANK")
+            flags += ["--rank", rank]
+            name = f"{mode} k={rank} M={subspaces} K={centroids}"
+        variants[f"{name} tables"] = flags
     if a.mlp_variance is not None or a.mlp_rank is not None:
         for method in filter(None, a.methods.split(",")):
             knob = (

@@ -1,5 +1,6 @@
 """compress_ with MECConfig on a torchrec DLRM: quality, exact kept tables, report, atomic failure."""
 
+import copy
 import math
 from collections.abc import Iterator
 
@@ -13,7 +14,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.api import compress_
-from torchrec_compress.config import MECConfig, MECOverride
+from torchrec_compress.config import AFMConfig, MECConfig, MECOverride
+from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 
 ROWS = {"t0": 300, "t1": 120, "t2": 40}
@@ -155,3 +157,72 @@ def test_empty_table_is_named() -> None:
     with pytest.raises(ValueError, match=r"table 'void': cannot quantize an empty table"):
         compress_(model, MECConfig(**_FAST, popularity_weighting=False))
     assert model[0] is ebc
+
+
+def _lowrank_then(config: MECConfig, rank: int = 4) -> tuple[DLRM, DLRM, list[Batch]]:
+    """A DLRM compressed by AFM (``rank``), its copy, and the same then quantized by ``config``."""
+    model = _dlrm()
+    batches = _batches()
+    compress_(model, AFMConfig(rank=rank), calibration=batches)
+    lowrank = copy.deepcopy(model)
+    report = compress_(model, config, calibration=batches)
+    assert [r.shape for r in report.rows] == [(n, rank) for n in ROWS.values()]
+    return lowrank, model, batches
+
+
+def test_mec_on_lowrank_factors_is_exact_when_codewords_cover_the_rows() -> None:
+    # K >= rows: each subspace gets a codeword per row, so quantization is lossless and the
+    # model must equal the low-rank one; a projection not reordered like the factor columns
+    # (the columns are reordered by variance) would break that.
+    lowrank, model, batches = _lowrank_then(
+        MECConfig(num_subspaces=2, num_centroids=512, mode="pq")
+    )
+    ebc = _ebc(model)
+    assert isinstance(ebc, LowRankEmbeddingBagCollection)
+    assert isinstance(ebc.factor_ebc, PQEmbeddingBagCollection)
+    orders = [
+        torch.linalg.lstsq(_ebc(lowrank).projection[n].T, ebc.projection[n].T).solution.T.round()
+        for n in ROWS
+    ]
+    assert any(not torch.equal(o, torch.eye(4)) for o in orders), "no column was reordered"
+    model.eval()
+    lowrank.eval()
+    with torch.no_grad():
+        for batch in batches:
+            torch.testing.assert_close(
+                model(batch.dense_features, batch.sparse_features),
+                lowrank(batch.dense_features, batch.sparse_features),
+                atol=1e-5,
+                rtol=1e-5,
+            )
+
+
+def test_mec_on_lowrank_factors_reports_factor_bytes_and_trains() -> None:
+    lowrank, model, _ = _lowrank_then(MECConfig(**{**_FAST, "num_subspaces": 2}))
+    # codebooks are trainable, the projection too; codes are a buffer
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".factor_ebc.codebooks." in n for n in names)
+    assert any(".projection." in n for n in names)
+    assert not any(".factor_ebc.embedding_bags." in n for n in names)
+
+
+def test_mec_on_lowrank_factors_needs_m_to_divide_the_rank() -> None:
+    model = _dlrm()
+    compress_(model, AFMConfig(rank=4), calibration=_batches())
+    before = _state(model)
+    with pytest.raises(ValueError, match="t0"):
+        compress_(model, MECConfig(**{**_FAST, "num_subspaces": 3}), calibration=_batches())
+    after = _state(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_reports_follow_a_table_through_both_stages() -> None:
+    model = _dlrm()
+    first = compress_(model, AFMConfig(rank=4), calibration=_batches())
+    second = compress_(model, MECConfig(**{**_FAST, "num_subspaces": 2}), calibration=_batches())
+    both = first.followed_by(second)
+    assert [r.method for r in both.rows] == ["AFM+MEC"] * 3
+    assert both.bytes_before == first.bytes_before == sum(ROWS.values()) * DIM * 4
+    projection_and_mean = 3 * (4 * DIM + DIM) * 4
+    assert both.bytes_after == second.bytes_after + projection_and_mean

@@ -44,7 +44,7 @@ from torchrec_compress.lowrank import (
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import QuantizationMetrics, code_dtype, train_pq_table
+from torchrec_compress.pq import QuantizationMetrics, code_dtype, subspace_order, train_pq_table
 from torchrec_compress.rank import (
     TableSpectrum,
     check_rank,
@@ -101,6 +101,46 @@ class CompressionReport:
         """``bytes_before / bytes_after`` over all rows."""
         return self.bytes_before / max(self.bytes_after, 1)
 
+    def followed_by(self, later: CompressionReport) -> CompressionReport:
+        """One report for this compression and ``later``, applied to its result.
+
+        Rows are matched by (kind, name): bytes run from this report's ``bytes_before`` to what
+        ``later`` left (``after - later.before + later.after``); methods join as ``"AFM+MEC"``;
+        the rank and explained variance come from here, the perplexity from ``later``.
+
+        Example::
+
+            >>> afm = CompressionReport([ReportRow("t", "table", (100, 64), "AFM", 16, 25600, 6656, 0.9)])
+            >>> mec = CompressionReport([ReportRow("t", "table", (100, 16), "MEC", 8, 6400, 1312, None, 200.0)])
+            >>> row = afm.followed_by(mec).rows[0]
+            >>> row.method, row.bytes_before, row.bytes_after
+            ('AFM+MEC', 25600, 1568)
+        """
+        by_key = {(r.kind, r.name): r for r in later.rows}
+        unknown = sorted(set(by_key) - {(r.kind, r.name) for r in self.rows})
+        if unknown:
+            raise ValueError(f"later report has rows {unknown} that this report does not")
+        rows = []
+        for r in self.rows:
+            nxt = by_key.get((r.kind, r.name))
+            if nxt is None or nxt.method == "kept":
+                rows.append(r)
+                continue
+            rows.append(
+                ReportRow(
+                    name=r.name,
+                    kind=r.kind,
+                    shape=r.shape,
+                    method=nxt.method if r.method == "kept" else f"{r.method}+{nxt.method}",
+                    rank=r.rank,
+                    bytes_before=r.bytes_before,
+                    bytes_after=r.bytes_after - nxt.bytes_before + nxt.bytes_after,
+                    explained_variance=r.explained_variance,
+                    perplexity=nxt.perplexity,
+                )
+            )
+        return CompressionReport(rows)
+
     def __str__(self) -> str:
         header = (
             "name",
@@ -155,10 +195,12 @@ Planner = Callable[
 
 
 def find_embedding_bag_collections(
-    model: nn.Module, filter_fn: FilterFn | None = None
+    model: nn.Module, filter_fn: FilterFn | None = None, lowrank_factors: bool = False
 ) -> dict[str, EmbeddingBagCollection]:
     """Every ``EmbeddingBagCollection`` in ``model`` by fully qualified name, excluding those
-    already inside a compressed module and those ``filter_fn(module, fqn)`` rejects."""
+    ``filter_fn(module, fqn)`` rejects and those already inside a compressed module, except,
+    with ``lowrank_factors``, the factor tables of a ``LowRankEmbeddingBagCollection``
+    (``<fqn>.factor_ebc``, which product quantization can compress further)."""
     found: dict[str, EmbeddingBagCollection] = {}
 
     def visit(module: nn.Module, fqn: str) -> None:
@@ -167,6 +209,8 @@ def find_embedding_bag_collections(
                 found[fqn] = module
             return
         if isinstance(module, LowRankEmbeddingBagCollection):
+            if lowrank_factors and isinstance(module.factor_ebc, EmbeddingBagCollection):
+                visit(module.factor_ebc, f"{fqn}.factor_ebc" if fqn else "factor_ebc")
             return
         for name, child in module.named_children():
             visit(child, f"{fqn}.{name}" if fqn else name)
@@ -442,9 +486,15 @@ def _plan_mec(
     an override is quantized by :func:`~torchrec_compress.pq.train_pq_table` on CPU.  A table
     skipped inside a collection that has quantized tables is stored exactly, as ``N`` codewords
     of one subspace (its rows) and identity codes, so the collection stays one module.
+
+    In a low-rank model (after ``compress_`` with :class:`AFMConfig`) the k-dim factor tables
+    are quantized instead (rows x M codes, then the projection back to d): the factor columns
+    are first reordered so that every subspace gets an equal share of the principal
+    components' variance (:func:`~torchrec_compress.pq.subspace_order`), and the projection
+    rows with them.
     """
     assert isinstance(config, MECConfig)
-    ebcs = find_embedding_bag_collections(model, filter_fn)
+    ebcs = find_embedding_bag_collections(model, filter_fn, lowrank_factors=True)
     owners = table_owners(ebcs, config.table_overrides)
     skipped = {name for name, o in config.table_overrides.items() if o.skip}
     counts: dict[str, dict[str, torch.Tensor]] = {}
@@ -461,8 +511,11 @@ def _plan_mec(
     method = "MEC" if config.mode == "mec" else "PQ"
     for fqn, ebc in ebcs.items():
         tables = ebc.embedding_bag_configs()
+        lowrank = lowrank_parent(model, fqn)
+        factor_ranks = lowrank.ranks() if lowrank is not None else {}
         codes: dict[str, torch.Tensor] = {}
         codebooks: dict[str, torch.Tensor] = {}
+        orders: dict[str, torch.Tensor] = {}
         for t in tables:
             weight = ebc.embedding_bags[t.name].weight.detach()
             if weight.device.type == "meta":
@@ -477,8 +530,12 @@ def _plan_mec(
                 continue
             table_counts = counts[fqn][t.name].cpu() if counts else None
             table_config = config.for_table(t.name)
+            weight = weight.cpu()
+            if t.name in factor_ranks:
+                orders[t.name] = subspace_order(weight, table_counts, table_config, t.name)
+                weight = weight[:, orders[t.name]]
             codes[t.name], codebooks[t.name], metrics = train_pq_table(
-                weight.cpu(), table_counts, table_config, t.name
+                weight, table_counts, table_config, t.name
             )
             num_subspaces, ksub, dsub = codebooks[t.name].shape
             after = t.num_embeddings * num_subspaces * codes[t.name].element_size()
@@ -499,8 +556,21 @@ def _plan_mec(
         if all(t.name in skipped for t in tables):
             continue
         module = PQEmbeddingBagCollection(tables, codes, codebooks, ebc.is_weighted())
-        replacements[fqn] = module.to(ebc.device)
+        module = module.to(ebc.device)
+        if lowrank is None:
+            replacements[fqn] = module
+        else:
+            replacements[fqn.rpartition(".")[0]] = lowrank.with_factor_collection(module, orders)
     return ConversionPlan(replacements, rows)
+
+
+def lowrank_parent(model: nn.Module, fqn: str) -> LowRankEmbeddingBagCollection | None:
+    """The ``LowRankEmbeddingBagCollection`` whose ``factor_ebc`` is at ``fqn``, if any."""
+    parent, _, child = fqn.rpartition(".")
+    if child != "factor_ebc":
+        return None
+    module = model.get_submodule(parent)
+    return module if isinstance(module, LowRankEmbeddingBagCollection) else None
 
 
 def _code_bytes(ksub: int, table_name: str) -> int:

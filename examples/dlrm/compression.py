@@ -7,8 +7,10 @@ true, smaller size.
 """
 
 import argparse
+import copy
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -26,8 +28,11 @@ from torchrec_compress.data import CTRDataset
 from torchrec_compress.distributed import compress_sharded, shard_model
 from torchrec_compress.distributed.mec import compress_sharded_pq
 
-METHODS = ("afm", "svd", "mec", "pq")
+METHODS = ("afm", "svd", "mec", "pq", "afm+mec", "afm+pq")
 PQ_METHODS = ("mec", "pq")
+# AFM first (rank / variance / budget flags), then MEC or PQ of the k-dim factor tables
+# (--subspaces must divide every rank)
+TWO_STAGE = ("afm+mec", "afm+pq")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,13 +90,17 @@ def embedding_bytes(schema_rows: tuple[int, ...], dim: int) -> int:
     return sum(rows * dim * 4 for rows in schema_rows)
 
 
-def make_config(args: argparse.Namespace, total_embedding_bytes: int) -> CompressionConfig:
-    """The config the flags describe: MEC/PQ, or AFM/SVD (one of rank / variance / budget)."""
-    if args.compress in PQ_METHODS:
+def make_config(
+    args: argparse.Namespace, total_embedding_bytes: int, method: str | None = None
+) -> CompressionConfig:
+    """The config the flags describe for ``method`` (default ``args.compress``): MEC/PQ, or
+    AFM/SVD (one of rank / variance / budget)."""
+    method = method or args.compress
+    if method in PQ_METHODS:
         return MECConfig(
             num_subspaces=args.subspaces,
             num_centroids=args.centroids,
-            mode=args.compress,
+            mode=method,
             steps=args.mec_steps,
         )
     chosen = [x is not None for x in (args.rank, args.explained_variance, args.budget_ratio)]
@@ -113,7 +122,7 @@ def make_config(args: argparse.Namespace, total_embedding_bytes: int) -> Compres
         "linear_rank": args.linear_rank,
         "linear_variance": args.linear_variance,
     }
-    return (AFMConfig if args.compress == "afm" else SVDConfig)(**kwargs)
+    return (AFMConfig if method == "afm" else SVDConfig)(**kwargs)
 
 
 def calibration_batches(data: CTRDataset, batch_size: int, limit: int) -> Iterator[Batch]:
@@ -135,25 +144,49 @@ def compress_model(
     device: torch.device,
     work_dir: str,
 ) -> tuple[DistributedModelParallel, CompressionReport, CompressionConfig]:
-    """Compress a trained DMP model and return the re-planned, re-sharded compressed model."""
-    config = make_config(
-        args, embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
-    )
+    """Compress a trained DMP model and return the re-planned, re-sharded compressed model.
+
+    ``afm+mec`` / ``afm+pq`` run two stages: AFM (sharded, re-planned and loaded like the final
+    model), then MEC / PQ of its factor tables; the report follows each table through both.
+    """
+    total_bytes = embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
+    methods = args.compress.split("+")
     meta_model = build_model(data.schema, model_config, torch.device("meta"))
-    state_dir = os.path.join(work_dir, "compressed_init")
-    compress = compress_sharded_pq if isinstance(config, MECConfig) else compress_sharded
-    compressed, report = compress(
-        model,
-        meta_model,
-        config,
-        calibration_batches(data, finetune_config.batch_size, args.calibration_batches),
-        state_dir,
-        forward_fn=train_forward,
-    )
-    attach_sparse_optimizer(compressed, finetune_config)
-    sharded = shard_model(compressed, device, sharding_type=args.sharding_type)
-    load_checkpoint(sharded, state_dir)
-    return sharded, report, config
+    report: CompressionReport | None = None
+    configs = []
+    for stage, method in enumerate(methods):
+        config = make_config(args, total_bytes, method)
+        configs.append(config)
+        last = stage == len(methods) - 1
+        state_dir = os.path.join(work_dir, "compressed_init" if last else f"compressed_{method}")
+        compress = compress_sharded_pq if isinstance(config, MECConfig) else compress_sharded
+        compressed, stage_report = compress(
+            model,
+            meta_model,
+            config,
+            calibration_batches(data, finetune_config.batch_size, args.calibration_batches),
+            state_dir,
+            forward_fn=train_forward,
+        )
+        report = stage_report if report is None else report.followed_by(stage_report)
+        # the next stage compresses this one's (still meta) model further
+        meta_model = copy.deepcopy(compressed) if not last else compressed
+        attach_sparse_optimizer(compressed, finetune_config)
+        model = shard_model(compressed, device, sharding_type=args.sharding_type)
+        load_checkpoint(model, state_dir)
+    assert report is not None
+    return model, report, configs[-1] if len(configs) == 1 else TwoStageConfig(*configs)
+
+
+@dataclass(frozen=True)
+class TwoStageConfig:
+    """``afm+mec`` / ``afm+pq``: the low-rank config, then the product quantizer of its factors."""
+
+    lowrank: CompressionConfig
+    quantizer: CompressionConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lowrank": self.lowrank.to_dict(), "quantizer": self.quantizer.to_dict()}
 
 
 def report_dict(report: CompressionReport) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """MEC / PQ compression of a DMP-sharded model: 2 processes give the 1-process result."""
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -7,9 +8,10 @@ import pytest
 import torch
 
 from examples.dlrm.train import load_checkpoint
-from torchrec_compress.config import MECConfig
-from torchrec_compress.distributed import load_full_state_dict_, shard_model
+from torchrec_compress.config import AFMConfig, MECConfig
+from torchrec_compress.distributed import compress_sharded, load_full_state_dict_, shard_model
 from torchrec_compress.distributed.mec import compress_sharded_pq
+from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
@@ -51,7 +53,42 @@ def _compress(rank: int, world_size: int, root: str) -> dict[str, Any]:
             "ratio": report.compression_ratio,
             "perplexity": [r.perplexity for r in report.rows],
         }
+    out["afm+pq"] = _lowrank_then_pq(rank, world_size, root, full_state)
     return out
+
+
+def _lowrank_then_pq(
+    rank: int, world_size: int, root: str, full_state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """AFM (rank 8) on 2 processes, then PQ of its factor tables with a codeword per row
+    (lossless): the result must equal the low-rank model, however the columns were reordered."""
+    mine = [tiny_batch(16, seed=s) for s in CALIBRATION_SEEDS[rank::world_size]]
+    model = shard_model(tiny_dlrm(torch.device("meta")), torch.device("cpu"), "row_wise")
+    load_full_state_dict_(model, full_state)
+    path = f"{root}/afm_w{world_size}"
+    lowrank, _ = compress_sharded(
+        model, tiny_dlrm(torch.device("meta")), AFMConfig(rank=8), mine, path, lambda m, b: m(b)
+    )
+    second_meta = copy.deepcopy(lowrank)
+    lowrank = shard_model(lowrank, torch.device("cpu"), "row_wise")
+    load_checkpoint(lowrank, path)
+    config = MECConfig(num_subspaces=2, num_centroids=512, mode="pq")
+    compressed, report = compress_sharded_pq(
+        lowrank, second_meta, config, mine, f"{path}_pq", forward_fn=lambda m, b: m(b)
+    )
+    ebc = compressed.model.sparse_arch.embedding_bag_collection
+    assert isinstance(ebc, LowRankEmbeddingBagCollection)
+    assert isinstance(ebc.factor_ebc, PQEmbeddingBagCollection)
+    assert [r.shape[1] for r in report.rows] == [8, 8, 8]
+    sharded = shard_model(compressed, torch.device("cpu"), "table_wise")
+    load_checkpoint(sharded, f"{path}_pq")
+    lowrank.eval()
+    sharded.eval()
+    with torch.no_grad():
+        return {
+            "lowrank": torch.cat([lowrank(b)[1][1].flatten() for b in EVAL]),
+            "logits": torch.cat([sharded(b)[1][1].flatten() for b in EVAL]),
+        }
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +110,15 @@ def test_two_processes_give_the_one_process_model(results: dict[str, Any], varia
         assert got["perplexity"] == pytest.approx(one["perplexity"])
     # 16-dim rows as 4 one-byte codes (+ tiny codebooks): well over 4x smaller.
     assert one["ratio"] > 4
+
+
+def test_pq_of_sharded_lowrank_factors_keeps_the_lowrank_model(results: dict[str, Any]) -> None:
+    one = results["one"]["afm+pq"]
+    torch.testing.assert_close(one["logits"], one["lowrank"], atol=1e-5, rtol=1e-5)
+    for rank_result in results["two"]:
+        got = rank_result["afm+pq"]
+        torch.testing.assert_close(got["lowrank"], one["lowrank"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["logits"], one["logits"], atol=1e-5, rtol=1e-5)
 
 
 def test_column_sharded_original_is_refused(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from torchrec_compress.api import (
     calibration_pass,
     default_forward,
     find_embedding_bag_collections,
+    lowrank_parent,
     table_owners,
 )
 from torchrec_compress.config import MECConfig
@@ -46,7 +47,7 @@ from torchrec_compress.distributed.lowrank import (
     _RowRange,
 )
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import MECQuantizer, fit_quantizer
+from torchrec_compress.pq import MECQuantizer, fit_quantizer, subspace_order
 from torchrec_compress.pq.quantizer import code_dtype
 
 BYTES_PER_FLOAT = 4
@@ -115,6 +116,10 @@ def _perplexity(
     return float(entropy.exp().mean())
 
 
+def _columns(rows: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    return rows if order is None else rows[:, order.to(rows.device)]
+
+
 def _check_whole_rows(layout: list[_RowRange], name: str) -> None:
     if any(len(r.blocks) != 1 for r in layout):
         raise ValueError(
@@ -142,6 +147,10 @@ def compress_sharded_pq(
             rows: table-, row-wise or data-parallel).
         meta_model (nn.Module): the same architecture, unsharded, on the meta device; its
             ``EmbeddingBagCollection`` s are replaced in place by ``PQEmbeddingBagCollection`` s.
+            In a low-rank model (``LowRankEmbeddingBagCollection``, e.g. from
+            :func:`~torchrec_compress.distributed.compress_sharded`) the factor tables are
+            quantized, their columns reordered by :func:`~torchrec_compress.pq.subspace_order`
+            and the projections with them.
         config (MECConfig): ``mode="mec"`` (contrastive, balanced codes) or ``"pq"`` (weighted
             k-means); per-table overrides; ``skip`` is not supported here.
         calibration (Optional[Iterable]): this process's batches for the lookup counts
@@ -164,7 +173,7 @@ def compress_sharded_pq(
     group = dist.group.WORLD
     me = dist.get_rank(group)
     inner = model.module if isinstance(model, DistributedModelParallel) else model
-    ebcs = find_embedding_bag_collections(meta_model, filter_fn)
+    ebcs = find_embedding_bag_collections(meta_model, filter_fn, lowrank_factors=True)
     tables: list[tuple[str, EmbeddingBagConfig]] = [
         (fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()
     ]
@@ -213,6 +222,15 @@ def compress_sharded_pq(
         sample = _gather_sample(ids, layout, blocks, group)
         table_pairs = pairs[table.name]
         sample_counts = _sample_counts(ids, table_pairs) if table_pairs is not None else None
+        # factor tables of a low-rank model: principal components spread over the subspaces,
+        # the projection's rows reordered to match (every process computes the same order)
+        lowrank = lowrank_parent(meta_model, fqn)
+        order = None
+        if lowrank is not None and table.name in lowrank.ranks():
+            order = subspace_order(sample, sample_counts, table_config, table.name)
+            sample = sample[:, order]
+            key = f"{fqn.rpartition('.')[0]}.projection.{table.name}"
+            new_state[key] = new_state[key][order.to(new_state[key].device)]
         holder: list[Any] = [None]
         if me == 0:
             holder[0] = fit_quantizer(sample, sample_counts, table_config, table.name)
@@ -226,7 +244,7 @@ def compress_sharded_pq(
             ).float()
         codes = {
             rows.row: quantizer.compute_codes(
-                blocks[(rows.row, 0)].detach().float(), table_config.chunk_size
+                _columns(blocks[(rows.row, 0)].detach().float(), order), table_config.chunk_size
             )
             for rows in layout
             if rows.lead == me

@@ -48,7 +48,9 @@ class LowRankEmbeddingBagCollection(nn.Module):
         device (Optional[torch.device]): where to allocate.
 
     Attributes:
-        factor_ebc (EmbeddingBagCollection): k-dim factor tables A (same names and features).
+        factor_ebc (EmbeddingBagCollection): k-dim factor tables A (same names and features);
+            after MEC/PQ compression of the factors (``compress_`` with ``MECConfig`` on a
+            low-rank model) a ``PQEmbeddingBagCollection`` of them.
         projection (nn.ParameterDict): table name -> B, ``(k, d)``.
         mean (nn.ParameterDict): table name -> mu, ``(d,)``.
 
@@ -117,6 +119,46 @@ class LowRankEmbeddingBagCollection(nn.Module):
     def ranks(self) -> dict[str, int]:
         """Table name -> rank of each compressed table."""
         return dict(self._ranks)
+
+    @torch.no_grad()
+    def with_factor_collection(
+        self, factor_collection: nn.Module, column_orders: Mapping[str, torch.Tensor] | None = None
+    ) -> LowRankEmbeddingBagCollection:
+        """A copy whose factor tables are ``factor_collection`` (e.g. product-quantized).
+
+        ``factor_collection`` must take the same features and return the factor dims in the
+        same order as ``factor_ebc`` (e.g. a ``PQEmbeddingBagCollection`` of the factor
+        tables).  ``column_orders[name]`` says that its columns of table ``name`` are this
+        module's factor columns in that order (``new_A = A[:, order]``); the projection rows are
+        reordered to match, so the product ``A B`` is unchanged.  Projections and means are
+        copied; ``self`` is left as it is.
+
+        Example::
+
+            >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
+            >>> ebc = LowRankEmbeddingBagCollection([cfg], ranks={"t": 4})
+            >>> swapped = ebc.with_factor_collection(ebc.factor_ebc, {"t": torch.tensor([3, 2, 1, 0])})
+            >>> swapped.projection["t"][0].tolist() == ebc.projection["t"][3].tolist()
+            True
+        """
+        orders = dict(column_orders or {})
+        unknown = sorted(set(orders) - set(self._ranks))
+        if unknown:
+            raise ValueError(f"column_orders name table(s) {unknown} that are not low-rank")
+        new = LowRankEmbeddingBagCollection(
+            self._tables, self._ranks, self._is_weighted, torch.device("meta")
+        )
+        new.factor_ebc = factor_collection
+        for name, k in self._ranks.items():
+            projection = self.projection[name].detach()
+            order = orders.get(name)
+            if order is not None:
+                if sorted(order.tolist()) != list(range(k)):
+                    raise ValueError(f"table {name!r}: column order must permute 0..{k - 1}")
+                projection = projection[order.to(projection.device)]
+            new.projection[name] = nn.Parameter(projection.clone())
+            new.mean[name] = nn.Parameter(self.mean[name].detach().clone())
+        return new
 
     @torch.no_grad()
     def load_table_(

@@ -6,13 +6,20 @@ from torchrec_compress.pq.metrics import (
     distinct_code_tuples,
     reconstruction_mse,
 )
-from torchrec_compress.pq.quantizer import ProductQuantizer, assign, code_dtype, decode
+from torchrec_compress.pq.quantizer import (
+    ProductQuantizer,
+    assign,
+    balanced_subspaces,
+    code_dtype,
+    decode,
+)
 from torchrec_compress.pq.training import (
     MECQuantizer,
     MECStep,
     RowSampler,
     fit_quantizer,
     row_weights,
+    subspace_order,
     train_mec,
     train_pq_table,
 )
@@ -24,6 +31,7 @@ __all__ = [
     "QuantizationMetrics",
     "RowSampler",
     "assign",
+    "balanced_subspaces",
     "code_dtype",
     "codebook_perplexity",
     "decode",
@@ -31,6 +39,7 @@ __all__ = [
     "fit_quantizer",
     "reconstruction_mse",
     "row_weights",
+    "subspace_order",
     "train_mec",
     "train_pq_table",
 ]

@@ -36,7 +36,7 @@ from torchrec_compress.pq.metrics import (
     codebook_perplexity,
     reconstruction_mse,
 )
-from torchrec_compress.pq.quantizer import ProductQuantizer, assign, code_dtype
+from torchrec_compress.pq.quantizer import ProductQuantizer, assign, balanced_subspaces, code_dtype
 
 
 def row_weights(counts: Tensor | None, num_rows: int, popularity_weighting: bool = True) -> Tensor:
@@ -58,6 +58,39 @@ def row_weights(counts: Tensor | None, num_rows: int, popularity_weighting: bool
         raise ValueError(f"counts must have shape [{num_rows}], got {list(counts.shape)}")
     # log2(0) = -inf and log2(1) = 0 both clamp to 1, as the paper's r_i >= 1.
     return counts.double().log2().floor().clamp(min=1.0).float()
+
+
+def subspace_order(
+    weight: Tensor, counts: Tensor | None, config: MECConfig, table_name: str
+) -> Tensor:
+    """Column order balancing variance over the ``M`` subspaces of ``weight`` (see
+    :func:`~torchrec_compress.pq.quantizer.balanced_subspaces`).
+
+    Variances are weighted like the quantizer's objective (``row_weights`` of ``counts``), so
+    popular rows decide.  Meant for principal-component factor tables, whose leading columns
+    would otherwise all land in the first subspace.  ``config`` must be this table's config.
+
+    Example::
+
+        >>> rows = torch.randn(100, 4) * torch.tensor([8.0, 4.0, 2.0, 1.0])
+        >>> subspace_order(rows, None, MECConfig(num_subspaces=2), "t").tolist()
+        [0, 3, 1, 2]
+    """
+    config.check_table(table_name, weight.shape[1] if weight.dim() == 2 else 0)
+    _check_rows(weight, table_name, config.chunk_size)
+    weights = row_weights(counts, weight.shape[0], config.popularity_weighting).double()
+    mass = weights / weights.sum()
+    variances = torch.zeros(weight.shape[1], dtype=torch.float64)
+    mean = torch.zeros(weight.shape[1], dtype=torch.float64)
+    for start in range(0, weight.shape[0], config.chunk_size):  # bounded temporaries
+        mean += (
+            mass[start : start + config.chunk_size]
+            @ weight[start : start + config.chunk_size].double()
+        )
+    for start in range(0, weight.shape[0], config.chunk_size):
+        centred = weight[start : start + config.chunk_size].double() - mean
+        variances += mass[start : start + config.chunk_size] @ centred.pow(2)
+    return balanced_subspaces(variances, config.num_subspaces)
 
 
 class RowSampler:
