@@ -1,5 +1,7 @@
 """LowRankEmbeddingBagCollection pools exactly in the low-rank space and is a drop-in EBC."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from torchrec.models.dlrm import SparseArch
@@ -8,6 +10,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.modules import LowRankEmbeddingBagCollection
+from torchrec_compress.pq import _ops
 
 
 def _tables(pooling: PoolingType) -> list[EmbeddingBagConfig]:
@@ -81,6 +84,46 @@ def test_pooling_is_exact_in_low_rank_space(
     assert actual.keys() == expected.keys() == ["f0", "f1", "f2@t1", "f2@t2", "f3"]
     assert actual.length_per_key() == expected.length_per_key()
     torch.testing.assert_close(actual.values(), expected.values(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not _ops.HAS_KERNELS, reason="C++ kernels not built")
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize(
+    "pooling,weighted",
+    [(PoolingType.SUM, False), (PoolingType.MEAN, False), (PoolingType.SUM, True)],
+)
+@pytest.mark.parametrize("ranks", [{"t0": 8, "t1": 12, "t2": 4}, {"t0": 3, "t1": 5}])
+def test_inference_kernel_gives_the_training_path_result(
+    pooling: PoolingType, weighted: bool, ranks: dict[str, int], isa: str
+) -> None:
+    # with gradients the module pools through factor_ebc; without, through the fused kernel
+    module, _ = _lowrank_and_reference(_tables(pooling), ranks, weighted)
+    features = _features(weighted)
+    expected = module(features)
+    assert expected.values().requires_grad
+    calls = []
+    torch.ops.torchrec_compress.pq_set_kernel_isa(isa)
+    try:
+        with torch.no_grad(), patch.object(module.factor_ebc, "forward", side_effect=calls.append):
+            actual = module(features)
+    finally:
+        torch.ops.torchrec_compress.pq_set_kernel_isa("auto")
+    assert not calls, "the inference path must not run factor_ebc"
+    assert actual.keys() == expected.keys()
+    assert actual.length_per_key() == expected.length_per_key()
+    torch.testing.assert_close(actual.values(), expected.values().detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not _ops.HAS_KERNELS, reason="C++ kernels not built")
+def test_inference_kernel_names_an_out_of_range_id() -> None:
+    module, _ = _lowrank_and_reference(_tables(PoolingType.SUM), {"t0": 4}, False)
+    features = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f0", "f1", "f2", "f3"],
+        values=torch.tensor([1, 20, 3, 4]),
+        lengths=torch.ones(4, dtype=torch.long),
+    )
+    with torch.no_grad(), pytest.raises(RuntimeError, match="id 20 at position 1"):
+        module(features)
 
 
 def test_plain_mean_would_be_wrong_for_multi_hot_bags() -> None:

@@ -251,3 +251,56 @@ def test_kernels_are_built_where_required() -> None:
     if os.environ.get("TORCHREC_COMPRESS_REQUIRE_KERNELS") != "1":
         pytest.skip("kernels not required in this environment")
     assert _ops.HAS_KERNELS, "torchrec_compress._C was not built (see pip's build output)"
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("k", [4, 8, 12, 20, 32, 36, 64, 68, 128, 132])
+def test_lowrank_pooled_lookup_matches_embedding_bag(isa: str, k: int) -> None:
+    # every register-blocked width of both instruction sets, and the scalar fallback (k > 128)
+    gen = torch.Generator().manual_seed(k)
+    table = torch.randn(50, k, generator=gen)
+    ids, offsets = _bags(50, 12, gen)
+    weights = torch.rand(ids.numel(), generator=gen)
+    lengths = (offsets[1:] - offsets[:-1]).float()
+    op = torch.ops.torchrec_compress.lowrank_pooled_lookup
+    torch.ops.torchrec_compress.pq_set_kernel_isa(isa)
+    try:
+        for per_sample_weights in (None, weights):
+            pooled = F.embedding_bag(
+                ids,
+                table,
+                offsets,
+                mode="sum",
+                include_last_offset=True,
+                per_sample_weights=per_sample_weights,
+            )
+            coef = (
+                lengths
+                if per_sample_weights is None
+                else torch.zeros(12).index_add_(
+                    0, torch.repeat_interleave(torch.arange(12), lengths.long()), weights
+                )
+            )
+            for mean in (False, True):
+                scale = 1 / lengths.clamp(min=1) if mean else torch.ones(12)
+                out = op(table, ids, offsets, per_sample_weights, mean)
+                assert out.shape == (12, k + 1)
+                torch.testing.assert_close(out[:, :k], pooled * scale[:, None])
+                torch.testing.assert_close(out[:, k], coef * scale)
+    finally:
+        torch.ops.torchrec_compress.pq_set_kernel_isa("auto")
+
+
+@needs_kernels
+def test_lowrank_pooled_lookup_checks_ids_and_passes_opcheck() -> None:
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randn(20, 8, generator=gen)
+    ids, offsets = _bags(20, 6, gen)
+    op = torch.ops.torchrec_compress.lowrank_pooled_lookup
+    with pytest.raises(RuntimeError, match=r"id 20 at position 1 is outside \[0, 20\)"):
+        op(table, torch.tensor([3, 20, 1]), torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+        op(table, torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1, 3]))
+    torch.library.opcheck(op, (table, ids, offsets, torch.rand(ids.numel(), generator=gen), True))
+    torch.library.opcheck(op, (table, ids.int(), offsets.int()))

@@ -362,3 +362,213 @@ void encode_portable(
     }
   }
 }
+
+// ---- Low-rank (float factor rows) pooled lookup --------------------------------------------
+
+// The first position in [start, end) whose id is outside [0, num_rows), or -1.
+template <typename index_t>
+inline int64_t first_bad_id(const index_t* ids, int64_t num_rows, int64_t start, int64_t end) {
+  bool all_ok = true;
+  for (int64_t j = start; j < end; ++j) {  // branch-free, vectorized: the common all-valid case
+    const int64_t id = static_cast<int64_t>(ids[j]);
+    all_ok &= (id >= 0) & (id < num_rows);
+  }
+  if (all_ok) {
+    return -1;
+  }
+  for (int64_t j = start; j < end; ++j) {
+    if (static_cast<int64_t>(ids[j]) < 0 || static_cast<int64_t>(ids[j]) >= num_rows) {
+      return j;
+    }
+  }
+  return -1;
+}
+
+// Ids ahead of the one being added whose rows are requested from memory.
+constexpr int64_t kPrefetchIds = 8;
+
+// One bag of k = WORDS * LANES floats per row (ids already checked), partial sums in registers.
+template <int LANES, int WORDS, bool WEIGHTED, typename index_t>
+inline void pool_factor_bag(
+    const float* table,
+    const index_t* ids,
+    const float* weights,
+    int64_t start,
+    int64_t end,
+    int64_t prefetch_end,
+    float scale,
+    float* out) {
+  using V = Simd<LANES>;
+  constexpr int64_t k = static_cast<int64_t>(WORDS) * LANES;
+  typename V::type acc[WORDS];
+  for (int v = 0; v < WORDS; ++v) {
+    acc[v] = V::zero();
+  }
+  for (int64_t j = start; j < end; ++j) {
+    // A sliding window over all ids of the range (across bags): misses overlap the adds.
+    if (j + kPrefetchIds < prefetch_end) {
+      const float* ahead = table + static_cast<int64_t>(ids[j + kPrefetchIds]) * k;
+      for (int64_t line = 0; line < k; line += 16) {
+        __builtin_prefetch(ahead + line);
+      }
+    }
+    const float* row = table + static_cast<int64_t>(ids[j]) * k;
+    const typename V::type w = V::set1(WEIGHTED ? weights[j] : 1.0f);
+    for (int v = 0; v < WORDS; ++v) {
+      acc[v] = WEIGHTED ? V::mul_add(w, V::load(row + v * LANES), acc[v])
+                        : V::add(acc[v], V::load(row + v * LANES));
+    }
+  }
+  const typename V::type s = V::set1(scale);
+  for (int v = 0; v < WORDS; ++v) {
+    V::store(out + v * LANES, V::mul_add(s, acc[v], V::zero()));
+  }
+}
+
+// Any k: a scalar loop straight into the output row.
+template <bool WEIGHTED, typename index_t>
+inline void pool_factor_bag_any(
+    const float* table,
+    int64_t k,
+    const index_t* ids,
+    const float* weights,
+    int64_t start,
+    int64_t end,
+    float scale,
+    float* out) {
+  for (int64_t t = 0; t < k; ++t) {
+    out[t] = 0.0f;
+  }
+  for (int64_t j = start; j < end; ++j) {
+    const float* row = table + static_cast<int64_t>(ids[j]) * k;
+    const float w = WEIGHTED ? weights[j] : 1.0f;
+    for (int64_t t = 0; t < k; ++t) {
+      out[t] += WEIGHTED ? w * row[t] : row[t];
+    }
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    out[t] *= scale;
+  }
+}
+
+template <int LANES, int WORDS, bool WEIGHTED, typename index_t>
+int64_t pool_factor_bags(
+    const float* table,
+    int64_t num_rows,
+    int64_t k,
+    const index_t* ids,
+    const index_t* offsets,
+    const float* weights,
+    bool mean,
+    int64_t bag_begin,
+    int64_t bag_end,
+    float* out) {
+  if (bag_begin >= bag_end) {
+    return -1;
+  }
+  const int64_t range_end = offsets[bag_end];
+  const int64_t bad = first_bad_id(ids, num_rows, offsets[bag_begin], range_end);
+  if (bad >= 0) {
+    return bad;
+  }
+  for (int64_t b = bag_begin; b < bag_end; ++b) {
+    const int64_t start = offsets[b];
+    const int64_t end = offsets[b + 1];
+    const int64_t length = end - start;
+    const float scale = mean && length > 0 ? 1.0f / static_cast<float>(length) : 1.0f;
+    float* out_row = out + b * (k + 1);
+    if constexpr (WORDS > 0) {
+      pool_factor_bag<LANES, WORDS, WEIGHTED>(
+          table, ids, weights, start, end, range_end, scale, out_row);
+    } else {
+      pool_factor_bag_any<WEIGHTED>(table, k, ids, weights, start, end, scale, out_row);
+    }
+    // The coefficient of the mean row mu: sum of weights (bag length unweighted), over L for MEAN.
+    float coef = static_cast<float>(length);
+    if (WEIGHTED) {
+      coef = 0.0f;
+      for (int64_t j = start; j < end; ++j) {
+        coef += weights[j];
+      }
+    }
+    out_row[k] = coef * scale;
+  }
+  return -1;
+}
+
+template <bool WEIGHTED, typename index_t>
+int64_t factor_pooled_lookup_typed(
+    const float* table,
+    int64_t num_rows,
+    int64_t k,
+    const index_t* ids,
+    const index_t* offsets,
+    const float* weights,
+    bool mean,
+    int64_t bag_begin,
+    int64_t bag_end,
+    float* out) {
+  constexpr int kLanes = kMaxLanes;
+  // Register-blocked copies for k a multiple of the SIMD width, up to 16 words (k <= 64 with
+  // 4-float words, <= 128 with 8-float ones); other widths take the scalar loop.
+  if (k % kLanes == 0) {
+    switch (k / kLanes) {
+#define TORCHREC_COMPRESS_WORDS_CASE(W)                                                         \
+  case W:                                                                                       \
+    return pool_factor_bags<kLanes, W, WEIGHTED>(                                               \
+        table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
+      TORCHREC_COMPRESS_WORDS_CASE(1)
+      TORCHREC_COMPRESS_WORDS_CASE(2)
+      TORCHREC_COMPRESS_WORDS_CASE(3)
+      TORCHREC_COMPRESS_WORDS_CASE(4)
+      TORCHREC_COMPRESS_WORDS_CASE(6)
+      TORCHREC_COMPRESS_WORDS_CASE(8)
+      TORCHREC_COMPRESS_WORDS_CASE(12)
+      TORCHREC_COMPRESS_WORDS_CASE(16)
+#undef TORCHREC_COMPRESS_WORDS_CASE
+      default:
+        break;
+    }
+  }
+  if (k % 4 == 0 && k / 4 <= 16) {
+    switch (k / 4) {
+#define TORCHREC_COMPRESS_WORDS4_CASE(W)                                                        \
+  case W:                                                                                       \
+    return pool_factor_bags<4, W, WEIGHTED>(                                                    \
+        table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
+      TORCHREC_COMPRESS_WORDS4_CASE(1)
+      TORCHREC_COMPRESS_WORDS4_CASE(3)
+      TORCHREC_COMPRESS_WORDS4_CASE(5)
+      TORCHREC_COMPRESS_WORDS4_CASE(7)
+      TORCHREC_COMPRESS_WORDS4_CASE(9)
+      TORCHREC_COMPRESS_WORDS4_CASE(11)
+      TORCHREC_COMPRESS_WORDS4_CASE(13)
+      TORCHREC_COMPRESS_WORDS4_CASE(15)
+#undef TORCHREC_COMPRESS_WORDS4_CASE
+      default:
+        break;
+    }
+  }
+  return pool_factor_bags<4, 0, WEIGHTED>(
+      table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
+}
+
+template <typename index_t>
+int64_t factor_pooled_lookup(
+    const float* table,
+    int64_t num_rows,
+    int64_t k,
+    const index_t* ids,
+    const index_t* offsets,
+    const float* weights,
+    bool mean,
+    int64_t bag_begin,
+    int64_t bag_end,
+    float* out) {
+  if (weights != nullptr) {
+    return factor_pooled_lookup_typed<true>(
+        table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
+  }
+  return factor_pooled_lookup_typed<false>(
+      table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
+}

@@ -200,6 +200,50 @@ at::Tensor pq_pooled_lookup_backward(
   return grad_books;
 }
 
+at::Tensor lowrank_pooled_lookup(
+    const at::Tensor& table_in,
+    const at::Tensor& ids_in,
+    const at::Tensor& offsets_in,
+    const std::optional<at::Tensor>& per_sample_weights,
+    bool mean) {
+  constexpr const char* op = "lowrank_pooled_lookup";
+  TORCH_CHECK(table_in.device().is_cpu() && ids_in.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(
+      table_in.dim() == 2 && table_in.scalar_type() == at::kFloat, op,
+      ": table must be float32 [N, k], got ", table_in.sizes(), " ", table_in.scalar_type());
+  const at::Tensor table = table_in.contiguous();
+  const at::Tensor ids = ids_in.contiguous();
+  const at::Tensor offsets = checked_offsets(ids, offsets_in, op);
+  at::Tensor weights_holder;
+  const float* weights = checked_weights(per_sample_weights, weights_holder, ids.numel(), op);
+  const int64_t num_rows = table.size(0);
+  const int64_t k = table.size(1);
+  const int64_t num_bags = offsets.numel() - 1;
+  at::Tensor out = at::empty({num_bags, k + 1}, table.options());
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  const Isa isa = current_isa();
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), op, [&] {
+    // one row of k floats is worth k / 8 code lookups of the PQ kernel's grain
+    const int64_t grain = grain_for(num_bags, ids.numel() * std::max<int64_t>(k / 8, 1));
+    at::parallel_for(0, num_bags, grain, [&](int64_t begin, int64_t end) {
+      const int64_t bad = factor_pooled_lookup<index_t>(
+          isa, table.const_data_ptr<float>(), num_rows, k, ids.const_data_ptr<index_t>(),
+          offsets.const_data_ptr<index_t>(), weights, mean, begin, end,
+          out.mutable_data_ptr<float>());
+      if (bad >= 0) {
+        int64_t seen = first_bad.load();
+        while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
+        }
+      }
+    });
+  });
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK(
+      bad == std::numeric_limits<int64_t>::max(), op, ": id ", ids[bad].item<int64_t>(),
+      " at position ", bad, " is outside [0, ", num_rows, ")");
+  return out;
+}
+
 at::Tensor pq_encode(const at::Tensor& x, const at::Tensor& codebooks_in, at::ScalarType dtype) {
   constexpr const char* op = "pq_encode";
   TORCH_CHECK(x.device().is_cpu() && codebooks_in.device().is_cpu(), op, ": CPU tensors only");
@@ -250,6 +294,9 @@ TORCH_LIBRARY(torchrec_compress, m) {
       "pq_pooled_lookup_backward(Tensor grad, Tensor codes, Tensor ids, Tensor offsets, "
       "Tensor? per_sample_weights, int ksub) -> Tensor");
   m.def("pq_encode(Tensor x, Tensor codebooks, ScalarType dtype) -> Tensor");
+  m.def(
+      "lowrank_pooled_lookup(Tensor table, Tensor ids, Tensor offsets, "
+      "Tensor? per_sample_weights=None, bool mean=False) -> Tensor");
   m.def("pq_kernel_isa() -> str", &pq_kernel_isa);
   m.def("pq_set_kernel_isa(str isa) -> str", &pq_set_kernel_isa);
 }
@@ -258,6 +305,7 @@ TORCH_LIBRARY_IMPL(torchrec_compress, CPU, m) {
   m.impl("pq_pooled_lookup", &pq_pooled_lookup);
   m.impl("pq_pooled_lookup_backward", &pq_pooled_lookup_backward);
   m.impl("pq_encode", &pq_encode);
+  m.impl("lowrank_pooled_lookup", &lowrank_pooled_lookup);
 }
 
 }  // namespace torchrec_compress

@@ -20,6 +20,8 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_compress.pq import _ops
+
 
 class LowRankEmbeddingBagCollection(nn.Module):
     """``EmbeddingBagCollection`` replacement with low-rank tables; same inputs and outputs.
@@ -195,6 +197,8 @@ class LowRankEmbeddingBagCollection(nn.Module):
             raise ValueError(
                 "LowRankEmbeddingBagCollection does not support variable batch size per feature"
             )
+        if self._fused_applies(features):
+            return self._fused_forward(features)
         # (B, sum of factor dims): table by table, feature by feature, as the factor configs say
         factor_kt = self.factor_ebc(features)
         factors = factor_kt.values()
@@ -238,5 +242,61 @@ class LowRankEmbeddingBagCollection(nn.Module):
             keys=self._embedding_names,
             length_per_key=self._length_per_key,
             # a single table's output is returned as is, not copied by a one-element cat
+            values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
+        )
+
+    def _fused_applies(self, features: KeyedJaggedTensor) -> bool:
+        """Inference on CPU with an unsharded factor collection: one C++ pass per feature."""
+        if not _ops.HAS_KERNELS or type(self.factor_ebc) is not EmbeddingBagCollection:
+            return False
+        tables = self.factor_ebc.embedding_bags.values()
+        if torch.is_grad_enabled() and any(t.weight.requires_grad for t in tables):
+            return False  # training: nn.EmbeddingBag's autograd (sparse-aware) does the work
+        weights = features.weights_or_none() if self._is_weighted else None
+        if weights is not None and (
+            weights.dtype != torch.float32
+            or any(t.pooling == PoolingType.MEAN for t in self._tables)  # see the class notes
+        ):
+            return False
+        return all(
+            t.weight.device.type == "cpu" and t.weight.dtype == torch.float32 for t in tables
+        ) and features.values().dtype in (torch.int32, torch.int64)
+
+    def _fused_forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """``forward`` through ``torch.ops.torchrec_compress.lowrank_pooled_lookup``.
+
+        Per feature, the kernel pools the k-dim factor rows of every bag and appends the mean
+        row's coefficient (``[B, k + 1]``, reading the KJT's ids and offsets in place); one GEMM
+        with ``[B; mu]`` then gives the ``(B, d)`` output.  Same results as the generic path.
+        """
+        batch = features.stride()
+        values = features.values()
+        offsets = features.offsets()
+        weights = features.weights_or_none() if self._is_weighted else None
+        key_index = {key: i for i, key in enumerate(features.keys())}
+        pooled: list[torch.Tensor] = []
+        for table, feature_names in zip(self._tables, self._feature_names_by_table, strict=True):
+            weight = self.factor_ebc.embedding_bags[table.name].weight
+            compressed = table.name in self._ranks
+            if compressed:
+                projection_and_mean = torch.cat(
+                    [self.projection[table.name], self.mean[table.name].unsqueeze(0)]
+                )
+            for name in feature_names:
+                f = key_index[name]
+                factors_and_coef = torch.ops.torchrec_compress.lowrank_pooled_lookup(
+                    weight.detach(),
+                    values,
+                    offsets[f * batch : (f + 1) * batch + 1],
+                    weights,
+                    table.pooling == PoolingType.MEAN,
+                )
+                if compressed:
+                    pooled.append(factors_and_coef @ projection_and_mean)
+                else:
+                    pooled.append(factors_and_coef[:, :-1])
+        return KeyedTensor(
+            keys=self._embedding_names,
+            length_per_key=self._length_per_key,
             values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
         )
