@@ -57,6 +57,20 @@ def test_dcn_train_then_reload_and_compress_at_full_rank(tmp_path: Path) -> None
     assert svd["compression"]["before_finetune"]["test"]["auc"] == pytest.approx(
         result["test"]["auc"], abs=2e-4
     )
+    # Two stages from the same checkpoint: AFM rank 4, then PQ of the factor tables.
+    proc = _main(
+        "--arch", "dcn", "--load-checkpoint", str(out / "checkpoint"), "--eval-only",
+        "--compress", "afm+pq", "--rank", "4", "--subspaces", "2", "--centroids", "16",
+        "--finetune-epochs", "1", "--out", str(tmp_path / "afm_pq"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "afm_pq" / "result.json").read_text())
+    report = two["compression"]["report"]
+    assert {(r["method"], r["rank"], r["shape"][1]) for r in report["rows"]} == {("AFM+PQ", 4, 8)}
+    # 8 floats per row become 2 one-byte codes; codebooks, projections and means cost the rest
+    assert report["ratio"] > 8
+    assert two["compression"]["config"]["quantizer"]["num_subspaces"] == 2
+    assert two["test"]["auc"] > 0.5
 
 
 def test_torchx_local_cwd_two_processes_train_compress_finetune(tmp_path: Path) -> None:
