@@ -6,8 +6,10 @@ and Zipf ids, for each thread count.  Three paths run interleaved in one process
 
 * ``float EBC``: ``EmbeddingBagCollection`` with the full ``rows x dim`` float32 table;
 * ``low-rank``: ``LowRankEmbeddingBagCollection`` (pooling on k-dim factors, projection, mean);
-* ``bare k-dim``: the module's own k-dim factor EBC plus one matmul, without the mean term and
-  the KeyedTensor bookkeeping: the floor the module's overhead is measured against.
+  without gradients it runs the fused C++ kernel ``lowrank_pooled_lookup`` (k-dim pooling and
+  the mean row's coefficient in one pass) and one GEMM, when the extension is built;
+* ``bare k-dim``: the module's own k-dim factor EBC (TorchRec / ``nn.EmbeddingBag``) plus one
+  matmul, without the mean term and the KeyedTensor bookkeeping: what an ordinary k-dim EBC gives.
 
 ``speedup`` is ``float ms / low-rank ms`` (issue target: >= 1.5 in every cell).  Each cell cycles
 through ``--batches`` distinct id batches, as consecutive serving batches would.  The low-rank
