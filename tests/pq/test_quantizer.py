@@ -4,6 +4,7 @@ import torch
 from torchrec_compress.pq import (
     ProductQuantizer,
     assign,
+    balanced_subspaces,
     code_dtype,
     codebook_perplexity,
     decode,
@@ -93,3 +94,24 @@ def test_metrics() -> None:
     assert reconstruction_mse(rows, codes, books, torch.tensor([1.0, 0, 0, 1])) == pytest.approx(
         0.5
     )
+
+
+@pytest.mark.parametrize("num_subspaces", [1, 2, 4, 8])
+def test_balanced_subspaces_is_a_permutation_with_even_variance_products(
+    num_subspaces: int,
+) -> None:
+    # principal-component-like variances: a steep geometric decay over 16 columns
+    variances = torch.logspace(3, -3, 16)
+    order = balanced_subspaces(variances, num_subspaces)
+    assert sorted(order.tolist()) == list(range(16))
+    log_products = variances[order].log().view(num_subspaces, -1).sum(1)
+    contiguous = variances.log().view(num_subspaces, -1).sum(1)
+    # the spread of per-block products (what sets the largest block's error) shrinks to ~0
+    assert float(log_products.max() - log_products.min()) < 1e-3
+    if num_subspaces > 1:
+        assert float(contiguous.max() - contiguous.min()) > 10
+
+
+def test_balanced_subspaces_rejects_a_non_divisor() -> None:
+    with pytest.raises(ValueError, match="must divide 6"):
+        balanced_subspaces(torch.ones(6), 4)
