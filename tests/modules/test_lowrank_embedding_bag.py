@@ -115,6 +115,24 @@ def test_inference_kernel_gives_the_training_path_result(
 
 
 @pytest.mark.skipif(not _ops.HAS_KERNELS, reason="C++ kernels not built")
+def test_inference_path_sees_parameter_updates() -> None:
+    # the inference path caches [B; mu] per table; an in-place update must not serve stale values
+    module, _ = _lowrank_and_reference(_tables(PoolingType.SUM), {"t0": 8, "t1": 12}, False)
+    features = _features(False)
+    with torch.no_grad():
+        before = module(features).values()
+        module.projection["t0"].mul_(2.0)
+        module.mean["t1"].add_(1.0)
+        after = module(features).values()
+        module.load_state_dict(module.state_dict())  # in-place copies: still consistent
+        reloaded = module(features).values()
+    expected = module(features).values().detach()  # gradients on: the factor_ebc path
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not _ops.HAS_KERNELS, reason="C++ kernels not built")
 def test_inference_kernel_names_an_out_of_range_id() -> None:
     module, _ = _lowrank_and_reference(_tables(PoolingType.SUM), {"t0": 4}, False)
     features = KeyedJaggedTensor.from_lengths_sync(

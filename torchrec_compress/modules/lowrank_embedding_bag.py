@@ -101,6 +101,8 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 self.projection[table.name] = nn.Parameter(torch.eye(k, d, device=device))
                 self.mean[table.name] = nn.Parameter(torch.zeros(d, device=device))
         self._is_weighted = is_weighted
+        # inference path: table name -> ((ptrs, versions), [B; mu]); see _projection_and_mean
+        self._fused_cache: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
         # from the factor configs: the EBC has filled in feature_names=[table name] where empty
         self._embedding_names_by_table = get_embedding_names_by_table(factor_tables)
         self._feature_names_by_table = [list(t.feature_names) for t in factor_tables]
@@ -250,7 +252,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
         if not _ops.HAS_KERNELS or type(self.factor_ebc) is not EmbeddingBagCollection:
             return False
         tables = self.factor_ebc.embedding_bags.values()
-        if torch.is_grad_enabled() and any(t.weight.requires_grad for t in tables):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return False  # training: nn.EmbeddingBag's autograd (sparse-aware) does the work
         weights = features.weights_or_none() if self._is_weighted else None
         if weights is not None and (
@@ -261,6 +263,20 @@ class LowRankEmbeddingBagCollection(nn.Module):
         return all(
             t.weight.device.type == "cpu" and t.weight.dtype == torch.float32 for t in tables
         ) and features.values().dtype in (torch.int32, torch.int64)
+
+    def _projection_and_mean(self, name: str) -> torch.Tensor:
+        """``[B; mu]`` (``(k + 1, d)``), rebuilt only when either parameter changed.
+
+        Tensor versions count in-place updates (optimizer steps, ``load_state_dict``), so a
+        stale copy is never used; serving reuses one copy instead of concatenating per call.
+        """
+        projection, mean = self.projection[name], self.mean[name]
+        key = (projection.data_ptr(), projection._version, mean.data_ptr(), mean._version)
+        cached = self._fused_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.cat([projection.detach(), mean.detach().unsqueeze(0)]))
+            self._fused_cache[name] = cached
+        return cached[1]
 
     def _fused_forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """``forward`` through ``torch.ops.torchrec_compress.lowrank_pooled_lookup``.
@@ -279,9 +295,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
             weight = self.factor_ebc.embedding_bags[table.name].weight
             compressed = table.name in self._ranks
             if compressed:
-                projection_and_mean = torch.cat(
-                    [self.projection[table.name], self.mean[table.name].unsqueeze(0)]
-                )
+                projection_and_mean = self._projection_and_mean(table.name)
             for name in feature_names:
                 f = key_index[name]
                 factors_and_coef = torch.ops.torchrec_compress.lowrank_pooled_lookup(
