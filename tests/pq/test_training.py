@@ -15,6 +15,7 @@ from torchrec_compress.pq import (
     decode,
     reconstruction_mse,
     row_weights,
+    stratified_rows,
     train_mec,
     train_pq_table,
 )
@@ -299,3 +300,29 @@ def test_contrastive_negatives_do_not_repel_codewords() -> None:
     losses["contrastive"].backward()
     assert mec.codebooks.grad is None or not mec.codebooks.grad.any()
     assert mec.encoder.grad.abs().sum() > 0 and mec.decoder.grad.abs().sum() > 0
+
+
+def test_stratified_rows_keeps_popular_rows_and_estimates_table_sums() -> None:
+    gen = torch.Generator().manual_seed(0)
+    num_rows, size = 100_000, 4_000
+    counted = torch.randperm(num_rows, generator=gen)[:3_000]
+    counts = (torch.randperm(3_000, generator=gen) + 1).double()  # distinct: one top set
+    ids, scale = stratified_rows(num_rows, counted, counts, size, gen)
+    assert torch.equal(ids, torch.unique(ids))  # sorted, distinct
+    assert ids.numel() <= size
+    # the size // 2 most looked-up rows are all in, each standing for itself
+    top = counted[torch.argsort(counts, descending=True)[: size // 2]]
+    assert bool(torch.isin(top, ids).all())
+    assert torch.equal(scale[torch.isin(ids, top)], torch.ones(size // 2))
+    # the scale makes sums over the sample estimate sums over the table (here: the row count,
+    # and a smooth function of the id)
+    assert float(scale.sum()) == pytest.approx(num_rows, rel=1e-6)
+    values = (torch.arange(num_rows).double() / num_rows).sin()
+    assert float((values[ids] * scale.double()).sum()) == pytest.approx(
+        float(values.sum()), rel=0.03
+    )
+
+
+def test_stratified_rows_is_the_whole_table_when_it_fits() -> None:
+    ids, scale = stratified_rows(10, torch.tensor([3]), torch.tensor([5.0]), 10)
+    assert torch.equal(ids, torch.arange(10)) and torch.equal(scale, torch.ones(10))

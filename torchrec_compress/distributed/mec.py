@@ -3,9 +3,10 @@
 The route mirrors :func:`~torchrec_compress.distributed.lowrank.compress_sharded`:
 
 1. one calibration pass counts lookups (sparse ``(id, count)`` pairs, summed over the group);
-2. per table, a bounded training sample of rows (at most ``train_rows``, drawn uniformly over the
-   global row space, with their global lookup counts) is gathered; rank 0 trains the quantizer
-   (MEC or plain weighted k-means) and broadcasts it, so every process holds the same one;
+2. per table, a bounded training sample of rows (at most ``train_rows``: the most looked-up rows
+   whole, a uniform draw of the others, with their global lookup counts) is gathered; rank 0
+   trains the quantizer (MEC or plain weighted k-means) and broadcasts it, so every process
+   holds the same one;
 3. every process encodes the rows *it holds* of the original table, chunk by chunk, into a
    row-sharded ``uint8`` codes tensor with the original's row layout (nothing but the sample and
    the quantizer crosses the network);
@@ -47,18 +48,23 @@ from torchrec_compress.distributed.lowrank import (
     _RowRange,
 )
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import MECQuantizer, fit_quantizer, subspace_order
+from torchrec_compress.pq import MECQuantizer, fit_quantizer, stratified_rows, subspace_order
 from torchrec_compress.pq.quantizer import code_dtype
 
 BYTES_PER_FLOAT = 4
 
 
-def _sample_ids(num_rows: int, train_rows: int, seed: int) -> torch.Tensor:
-    """The same sorted distinct row ids on every process (all rows when the table is small)."""
-    if num_rows <= train_rows:
-        return torch.arange(num_rows)
+def _sample_ids(
+    num_rows: int,
+    train_rows: int,
+    seed: int,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sorted distinct row ids, and the rows each stands for, on every process: the
+    most looked-up rows whole, a uniform draw of the others (:func:`stratified_rows`)."""
+    known, counts = pairs if pairs is not None else (torch.zeros(0, dtype=torch.long),) * 2
     generator = torch.Generator().manual_seed(seed)
-    return torch.unique(torch.randint(num_rows, (train_rows,), generator=generator))
+    return stratified_rows(num_rows, known, counts, train_rows, generator)
 
 
 def _gather_sample(
@@ -218,22 +224,24 @@ def compress_sharded_pq(
         layout = _row_ranges(value, table.name, table.embedding_dim)
         _check_whole_rows(layout, table.name)
         blocks = _local_blocks(value, me)
-        ids = _sample_ids(table.num_embeddings, train_rows, table_config.seed + index)
-        sample = _gather_sample(ids, layout, blocks, group)
         table_pairs = pairs[table.name]
+        ids, row_scale = _sample_ids(
+            table.num_embeddings, train_rows, table_config.seed + index, table_pairs
+        )
+        sample = _gather_sample(ids, layout, blocks, group)
         sample_counts = _sample_counts(ids, table_pairs) if table_pairs is not None else None
         # factor tables of a low-rank model: principal components spread over the subspaces,
         # the projection's rows reordered to match (every process computes the same order)
         lowrank = lowrank_parent(meta_model, fqn)
         order = None
         if lowrank is not None and table.name in lowrank.ranks():
-            order = subspace_order(sample, sample_counts, table_config, table.name)
+            order = subspace_order(sample, sample_counts, table_config, table.name, row_scale)
             sample = sample[:, order]
             key = f"{fqn.rpartition('.')[0]}.projection.{table.name}"
             new_state[key] = new_state[key][order.to(new_state[key].device)]
         holder: list[Any] = [None]
         if me == 0:
-            holder[0] = fit_quantizer(sample, sample_counts, table_config, table.name)
+            holder[0] = fit_quantizer(sample, sample_counts, table_config, table.name, row_scale)
         dist.broadcast_object_list(holder, src=0, group=group)
         quantizer = holder[0]
         with torch.no_grad():

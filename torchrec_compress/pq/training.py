@@ -60,8 +60,60 @@ def row_weights(counts: Tensor | None, num_rows: int, popularity_weighting: bool
     return counts.double().log2().floor().clamp(min=1.0).float()
 
 
+def stratified_rows(
+    num_rows: int,
+    counted_ids: Tensor,
+    counts: Tensor,
+    size: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A bounded sample of a table's rows that keeps the rows lookups actually hit.
+
+    A uniform sample of a large Zipf-distributed table misses most of its popular rows, the
+    ones the model reads most, and a quantizer trained on it puts them on far-away codewords.
+    Here the most looked-up rows are taken whole (up to half of ``size``, by count) and the rest
+    of the sample is drawn uniformly from all other rows; each drawn row stands for
+    ``(num_rows - kept) / drawn`` rows, so weighted sums over the sample (k-means, the MEC
+    sampler) estimate sums over the whole table.  Only the counted rows are materialised, so
+    ``num_rows`` may be a billion.
+
+    Args:
+        num_rows (int): rows of the table.
+        counted_ids (Tensor): ``[c]`` distinct ids with lookups.
+        counts (Tensor): ``[c]`` their lookup counts.
+        size (int): rows in the sample (all rows when ``num_rows <= size``).
+        generator (Optional[torch.Generator]): source of the uniform draws.
+
+    Returns:
+        Tuple[Tensor, Tensor]: sorted distinct ``ids`` and ``scale`` (rows each one stands for).
+
+    Example::
+
+        >>> ids, scale = stratified_rows(1000, torch.tensor([7, 3]), torch.tensor([50.0, 9.0]), 10)
+        >>> {3, 7} <= set(ids.tolist()), float(scale[ids == 7])
+        (True, 1.0)
+    """
+    if num_rows <= size:
+        return torch.arange(num_rows), torch.ones(num_rows)
+    order = torch.argsort(counts.double(), descending=True, stable=True)[: size // 2]
+    kept = torch.sort(counted_ids[order].long()).values
+    draws = torch.unique(torch.randint(num_rows, (size - kept.numel(),), generator=generator))
+    if kept.numel():
+        at = torch.searchsorted(kept, draws).clamp(max=kept.numel() - 1)
+        draws = draws[kept[at] != draws]
+    stands_for = (num_rows - kept.numel()) / max(draws.numel(), 1)
+    ids = torch.cat([kept, draws])
+    scale = torch.cat([torch.ones(kept.numel()), torch.full((draws.numel(),), stands_for)])
+    order = torch.argsort(ids)
+    return ids[order], scale[order]
+
+
 def subspace_order(
-    weight: Tensor, counts: Tensor | None, config: MECConfig, table_name: str
+    weight: Tensor,
+    counts: Tensor | None,
+    config: MECConfig,
+    table_name: str,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
     """Column order balancing variance over the ``M`` subspaces of ``weight`` (see
     :func:`~torchrec_compress.pq.quantizer.balanced_subspaces`).
@@ -79,6 +131,8 @@ def subspace_order(
     config.check_table(table_name, weight.shape[1] if weight.dim() == 2 else 0)
     _check_rows(weight, table_name, config.chunk_size)
     weights = row_weights(counts, weight.shape[0], config.popularity_weighting).double()
+    if row_scale is not None:  # weight is a sample (stratified_rows)
+        weights = weights * row_scale.double()
     mass = weights / weights.sum()
     variances = torch.zeros(weight.shape[1], dtype=torch.float64)
     mean = torch.zeros(weight.shape[1], dtype=torch.float64)
@@ -490,7 +544,11 @@ def train_mec(
 
 
 def fit_quantizer(
-    weight: Tensor, counts: Tensor | None, config: MECConfig, table_name: str
+    weight: Tensor,
+    counts: Tensor | None,
+    config: MECConfig,
+    table_name: str,
+    row_scale: Tensor | None = None,
 ) -> ProductQuantizer | MECQuantizer:
     """Trains the quantizer of one table without encoding it (encode with ``compute_codes``).
 
@@ -505,6 +563,9 @@ def fit_quantizer(
         counts (Optional[Tensor]): ``[N]`` lookup counts (``None``: uniform weights).
         config (MECConfig): method settings for this table.
         table_name (str): used in errors.
+        row_scale (Optional[Tensor]): ``[N]`` how many table rows each row of ``weight``
+            stands for, when ``weight`` is a sample (:func:`stratified_rows`); multiplies the
+            popularity weights.
 
     Example::
 
@@ -518,12 +579,23 @@ def fit_quantizer(
     ksub = min(config.num_centroids, num_rows)
     generator = torch.Generator().manual_seed(config.seed)
     weights = row_weights(counts, num_rows, config.popularity_weighting)
+    if row_scale is not None:
+        weights = weights * row_scale
 
-    # k-means on a uniform subsample, each sampled row weighted by its popularity: unbiased for
-    # the weighted objective without touching every row.
+    # k-means on a bounded subsample that keeps the most looked-up rows (stratified_rows),
+    # each row weighted by its popularity and by the rows it stands for.
     if num_rows > config.kmeans_sample_size:
-        subset = torch.randint(num_rows, (config.kmeans_sample_size,), generator=generator)
-        kmeans_rows, kmeans_weights = weight[subset].float(), weights[subset]
+        counted = (
+            counts.nonzero().squeeze(1) if counts is not None else torch.zeros(0, dtype=torch.long)
+        )
+        subset, scale = stratified_rows(
+            num_rows,
+            counted,
+            counts[counted] if counts is not None else torch.zeros(0),
+            config.kmeans_sample_size,
+            generator,
+        )
+        kmeans_rows, kmeans_weights = weight[subset].float(), weights[subset] * scale
     else:
         kmeans_rows, kmeans_weights = weight.float(), weights
     pq = ProductQuantizer(dim, config.num_subspaces, ksub)
