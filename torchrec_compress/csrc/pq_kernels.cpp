@@ -194,25 +194,23 @@ int64_t factor_pooled_lookup(
     const index_t* offsets,
     const float* weights,
     bool mean,
-    const float* projection,
-    int64_t dim,
     int64_t bag_begin,
     int64_t bag_end,
     float* out) {
   if (isa == Isa::kAvx2) {
     return avx2::factor_pooled_lookup(
-        table, num_rows, k, ids, offsets, weights, mean, projection, dim, bag_begin, bag_end, out);
+        table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
   }
   return portable::factor_pooled_lookup(
-      table, num_rows, k, ids, offsets, weights, mean, projection, dim, bag_begin, bag_end, out);
+      table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
 }
 
 template int64_t factor_pooled_lookup<int32_t>(
     Isa, const float*, int64_t, int64_t, const int32_t*, const int32_t*, const float*, bool,
-    const float*, int64_t, int64_t, int64_t, float*);
+    int64_t, int64_t, float*);
 template int64_t factor_pooled_lookup<int64_t>(
     Isa, const float*, int64_t, int64_t, const int64_t*, const int64_t*, const float*, bool,
-    const float*, int64_t, int64_t, int64_t, float*);
+    int64_t, int64_t, float*);
 
 #define TORCHREC_COMPRESS_LOOKUP(code_t, index_t)                                              \
   template int64_t pooled_lookup<code_t, index_t>(                                             \

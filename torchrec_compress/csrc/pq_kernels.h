@@ -79,10 +79,8 @@ void encode(
 // contiguous): out row b ([k + 1] floats) = [s_b * sum_{j in bag b} w_j * table[ids[j]], s_b * c_b]
 // with c_b = sum of w_j (the bag length when `weights` is null) and s_b = 1 / length for `mean`
 // (1 for SUM and for empty bags).  The last column is the coefficient of the mean row mu, so one
-// GEMM with [B; mu] ([k + 1, d]) finishes the low-rank lookup.  With `projection` ([k + 1, dim]
-// row-major, k <= 1024) that product is fused in: out rows are `dim` floats, [row, coef] @
-// projection.  Returns -1 on success, otherwise the position in `ids` of the first id outside
-// [0, num_rows) (nothing is read out of range).
+// GEMM with [B; mu] ([k + 1, d]) finishes the low-rank lookup.  Returns -1 on success, otherwise
+// the position in `ids` of the first id outside [0, num_rows) (nothing is read out of range).
 template <typename index_t>
 int64_t factor_pooled_lookup(
     Isa isa,
@@ -93,8 +91,6 @@ int64_t factor_pooled_lookup(
     const index_t* offsets,
     const float* weights,
     bool mean,
-    const float* projection,
-    int64_t dim,
     int64_t bag_begin,
     int64_t bag_end,
     float* out);

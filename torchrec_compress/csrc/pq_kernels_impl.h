@@ -451,91 +451,6 @@ inline void pool_factor_bag_any(
   }
 }
 
-// Largest factor width the fused projection handles (the pooled row lives on the stack).
-constexpr int64_t kMaxFusedFactorDim = 1024;
-
-// out[0:d] = x[0:kp1] @ pm, pm row-major [kp1, d]: output blocks of 8 SIMD words stay in registers
-// while the kp1 rows of pm (L1-resident: a few KiB) stream past.
-template <int LANES>
-inline void project_row(const float* x, int64_t kp1, const float* pm, int64_t d, float* out) {
-  using V = Simd<LANES>;
-  constexpr int kBlockWords = 8;
-  int64_t j = 0;
-  for (; j + kBlockWords * LANES <= d; j += kBlockWords * LANES) {
-    typename V::type acc[kBlockWords];
-    for (int v = 0; v < kBlockWords; ++v) {
-      acc[v] = V::zero();
-    }
-    for (int64_t t = 0; t < kp1; ++t) {
-      const typename V::type xt = V::set1(x[t]);
-      const float* row = pm + t * d + j;
-      for (int v = 0; v < kBlockWords; ++v) {
-        acc[v] = V::mul_add(xt, V::load(row + v * LANES), acc[v]);
-      }
-    }
-    for (int v = 0; v < kBlockWords; ++v) {
-      V::store(out + j + v * LANES, acc[v]);
-    }
-  }
-  for (; j + LANES <= d; j += LANES) {
-    typename V::type acc = V::zero();
-    for (int64_t t = 0; t < kp1; ++t) {
-      acc = V::mul_add(V::set1(x[t]), V::load(pm + t * d + j), acc);
-    }
-    V::store(out + j, acc);
-  }
-  for (; j < d; ++j) {
-    float acc = 0.0f;
-    for (int64_t t = 0; t < kp1; ++t) {
-      acc += x[t] * pm[t * d + j];
-    }
-    out[j] = acc;
-  }
-}
-
-// Bags projected together: each pm vector load then serves 4 rows (4 x 2 accumulators).
-constexpr int kProjectRows = 4;
-
-// out_r[0:d] = x_r[0:kp1] @ pm for kProjectRows rows x_r (row stride kMaxFusedFactorDim + 1)
-// and output rows `out + r * d`.
-template <int LANES>
-inline void project_rows(const float* x, int64_t kp1, const float* pm, int64_t d, float* out) {
-  using V = Simd<LANES>;
-  constexpr int64_t xs = kMaxFusedFactorDim + 1;
-  int64_t j = 0;
-  for (; j + 2 * LANES <= d; j += 2 * LANES) {
-    typename V::type acc[kProjectRows][2];
-    for (int r = 0; r < kProjectRows; ++r) {
-      acc[r][0] = V::zero();
-      acc[r][1] = V::zero();
-    }
-    for (int64_t t = 0; t < kp1; ++t) {
-      const typename V::type p0 = V::load(pm + t * d + j);
-      const typename V::type p1 = V::load(pm + t * d + j + LANES);
-      for (int r = 0; r < kProjectRows; ++r) {
-        const typename V::type xr = V::set1(x[r * xs + t]);
-        acc[r][0] = V::mul_add(xr, p0, acc[r][0]);
-        acc[r][1] = V::mul_add(xr, p1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < kProjectRows; ++r) {
-      V::store(out + r * d + j, acc[r][0]);
-      V::store(out + r * d + j + LANES, acc[r][1]);
-    }
-  }
-  if (j < d) {  // the last d % (2 * LANES) columns, row by row
-    for (int r = 0; r < kProjectRows; ++r) {
-      for (int64_t jj = j; jj < d; ++jj) {
-        float acc = 0.0f;
-        for (int64_t t = 0; t < kp1; ++t) {
-          acc += x[r * xs + t] * pm[t * d + jj];
-        }
-        out[r * d + jj] = acc;
-      }
-    }
-  }
-}
-
 template <int LANES, int WORDS, bool WEIGHTED, typename index_t>
 int64_t pool_factor_bags(
     const float* table,
@@ -545,17 +460,12 @@ int64_t pool_factor_bags(
     const index_t* offsets,
     const float* weights,
     bool mean,
-    const float* projection,
-    int64_t dim,
     int64_t bag_begin,
     int64_t bag_end,
     float* out) {
   if (bag_begin >= bag_end) {
     return -1;
   }
-  // rows waiting for their projection: bags [b - waiting + 1, b] after bag b is pooled
-  alignas(32) float pooled[kProjectRows][kMaxFusedFactorDim + 1];
-  int waiting = 0;
   const int64_t range_end = offsets[bag_end];
   const int64_t bad = first_bad_id(ids, num_rows, offsets[bag_begin], range_end);
   if (bad >= 0) {
@@ -566,8 +476,7 @@ int64_t pool_factor_bags(
     const int64_t end = offsets[b + 1];
     const int64_t length = end - start;
     const float scale = mean && length > 0 ? 1.0f / static_cast<float>(length) : 1.0f;
-    // [pooled, coef] goes straight to the output, or to a stack row that is then projected
-    float* out_row = projection == nullptr ? out + b * (k + 1) : pooled[waiting];
+    float* out_row = out + b * (k + 1);
     if constexpr (WORDS > 0) {
       pool_factor_bag<LANES, WORDS, WEIGHTED>(
           table, ids, weights, start, end, range_end, scale, out_row);
@@ -583,14 +492,6 @@ int64_t pool_factor_bags(
       }
     }
     out_row[k] = coef * scale;
-    if (projection != nullptr && ++waiting == kProjectRows) {
-      project_rows<kMaxLanes>(
-          &pooled[0][0], k + 1, projection, dim, out + (b + 1 - kProjectRows) * dim);
-      waiting = 0;
-    }
-  }
-  for (int r = 0; r < waiting; ++r) {  // fewer than kProjectRows bags left
-    project_row<kMaxLanes>(pooled[r], k + 1, projection, dim, out + (bag_end - waiting + r) * dim);
   }
   return -1;
 }
@@ -604,8 +505,6 @@ int64_t factor_pooled_lookup_typed(
     const index_t* offsets,
     const float* weights,
     bool mean,
-    const float* projection,
-    int64_t dim,
     int64_t bag_begin,
     int64_t bag_end,
     float* out) {
@@ -617,7 +516,7 @@ int64_t factor_pooled_lookup_typed(
 #define TORCHREC_COMPRESS_WORDS_CASE(W)                                                         \
   case W:                                                                                       \
     return pool_factor_bags<kLanes, W, WEIGHTED>(                                               \
-        table, num_rows, k, ids, offsets, weights, mean, projection, dim, bag_begin, bag_end, out);
+        table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
       TORCHREC_COMPRESS_WORDS_CASE(1)
       TORCHREC_COMPRESS_WORDS_CASE(2)
       TORCHREC_COMPRESS_WORDS_CASE(3)
@@ -636,7 +535,7 @@ int64_t factor_pooled_lookup_typed(
 #define TORCHREC_COMPRESS_WORDS4_CASE(W)                                                        \
   case W:                                                                                       \
     return pool_factor_bags<4, W, WEIGHTED>(                                                    \
-        table, num_rows, k, ids, offsets, weights, mean, projection, dim, bag_begin, bag_end, out);
+        table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
       TORCHREC_COMPRESS_WORDS4_CASE(1)
       TORCHREC_COMPRESS_WORDS4_CASE(3)
       TORCHREC_COMPRESS_WORDS4_CASE(5)
@@ -651,7 +550,7 @@ int64_t factor_pooled_lookup_typed(
     }
   }
   return pool_factor_bags<4, 0, WEIGHTED>(
-      table, num_rows, k, ids, offsets, weights, mean, projection, dim, bag_begin, bag_end, out);
+      table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
 }
 
 template <typename index_t>
@@ -663,15 +562,13 @@ int64_t factor_pooled_lookup(
     const index_t* offsets,
     const float* weights,
     bool mean,
-    const float* projection,
-    int64_t dim,
     int64_t bag_begin,
     int64_t bag_end,
     float* out) {
   if (weights != nullptr) {
     return factor_pooled_lookup_typed<true>(
-        table, num_rows, k, ids, offsets, weights, mean, projection, dim, bag_begin, bag_end, out);
+        table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
   }
   return factor_pooled_lookup_typed<false>(
-      table, num_rows, k, ids, offsets, weights, mean, projection, dim, bag_begin, bag_end, out);
+      table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
 }

@@ -205,8 +205,7 @@ at::Tensor lowrank_pooled_lookup(
     const at::Tensor& ids_in,
     const at::Tensor& offsets_in,
     const std::optional<at::Tensor>& per_sample_weights,
-    bool mean,
-    const std::optional<at::Tensor>& projection_and_mean) {
+    bool mean) {
   constexpr const char* op = "lowrank_pooled_lookup";
   TORCH_CHECK(table_in.device().is_cpu() && ids_in.device().is_cpu(), op, ": CPU tensors only");
   TORCH_CHECK(
@@ -220,20 +219,7 @@ at::Tensor lowrank_pooled_lookup(
   const int64_t num_rows = table.size(0);
   const int64_t k = table.size(1);
   const int64_t num_bags = offsets.numel() - 1;
-  at::Tensor projection;
-  int64_t dim = k + 1;
-  if (projection_and_mean.has_value()) {
-    TORCH_CHECK(
-        projection_and_mean->dim() == 2 && projection_and_mean->size(0) == k + 1 &&
-            projection_and_mean->scalar_type() == at::kFloat && projection_and_mean->device().is_cpu(),
-        op, ": projection_and_mean must be float32 [k + 1 = ", k + 1, ", d] on CPU, got ",
-        projection_and_mean->sizes(), " ", projection_and_mean->scalar_type());
-    TORCH_CHECK(k <= 1024, op, ": the fused projection takes k <= 1024, got ", k);
-    projection = projection_and_mean->contiguous();
-    dim = projection.size(1);
-  }
-  at::Tensor out = at::empty({num_bags, dim}, table.options());
-  const float* projection_ptr = projection.defined() ? projection.const_data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({num_bags, k + 1}, table.options());
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   const Isa isa = current_isa();
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), op, [&] {
@@ -242,8 +228,8 @@ at::Tensor lowrank_pooled_lookup(
     at::parallel_for(0, num_bags, grain, [&](int64_t begin, int64_t end) {
       const int64_t bad = factor_pooled_lookup<index_t>(
           isa, table.const_data_ptr<float>(), num_rows, k, ids.const_data_ptr<index_t>(),
-          offsets.const_data_ptr<index_t>(), weights, mean, projection_ptr,
-          projection.defined() ? dim : 0, begin, end, out.mutable_data_ptr<float>());
+          offsets.const_data_ptr<index_t>(), weights, mean, begin, end,
+          out.mutable_data_ptr<float>());
       if (bad >= 0) {
         int64_t seen = first_bad.load();
         while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
@@ -310,8 +296,7 @@ TORCH_LIBRARY(torchrec_compress, m) {
   m.def("pq_encode(Tensor x, Tensor codebooks, ScalarType dtype) -> Tensor");
   m.def(
       "lowrank_pooled_lookup(Tensor table, Tensor ids, Tensor offsets, "
-      "Tensor? per_sample_weights=None, bool mean=False, Tensor? projection_and_mean=None) "
-      "-> Tensor");
+      "Tensor? per_sample_weights=None, bool mean=False) -> Tensor");
   m.def("pq_kernel_isa() -> str", &pq_kernel_isa);
   m.def("pq_set_kernel_isa(str isa) -> str", &pq_set_kernel_isa);
 }

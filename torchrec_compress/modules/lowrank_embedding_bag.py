@@ -22,9 +22,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_compress.pq import _ops
 
-# Largest rank whose projection the inference kernel fuses (its pooled row lives on the stack).
-_FUSED_MAX_RANK = 1024
-
 
 class LowRankEmbeddingBagCollection(nn.Module):
     """``EmbeddingBagCollection`` replacement with low-rank tables; same inputs and outputs.
@@ -284,9 +281,9 @@ class LowRankEmbeddingBagCollection(nn.Module):
     def _fused_forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """``forward`` through ``torch.ops.torchrec_compress.lowrank_pooled_lookup``.
 
-        Per feature, one kernel call pools the k-dim factor rows of every bag, appends the mean
-        row's coefficient and multiplies by ``[B; mu]`` (reading the KJT's ids and offsets in
-        place), writing the ``(B, d)`` output once.  Same results as the generic path.
+        Per feature, the kernel pools the k-dim factor rows of every bag and appends the mean
+        row's coefficient (``[B, k + 1]``, reading the KJT's ids and offsets in place); one GEMM
+        with ``[B; mu]`` then gives the ``(B, d)`` output.  Same results as the generic path.
         """
         batch = features.stride()
         values = features.values()
@@ -301,22 +298,17 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 projection_and_mean = self._projection_and_mean(table.name)
             for name in feature_names:
                 f = key_index[name]
-                # the kernel projects rows of up to _FUSED_MAX_RANK factors itself
-                fused = compressed and weight.shape[1] <= _FUSED_MAX_RANK
-                out = torch.ops.torchrec_compress.lowrank_pooled_lookup(
+                factors_and_coef = torch.ops.torchrec_compress.lowrank_pooled_lookup(
                     weight.detach(),
                     values,
                     offsets[f * batch : (f + 1) * batch + 1],
                     weights,
                     table.pooling == PoolingType.MEAN,
-                    projection_and_mean if fused else None,
                 )
-                if fused:
-                    pooled.append(out)
-                elif compressed:
-                    pooled.append(out @ projection_and_mean)
+                if compressed:
+                    pooled.append(factors_and_coef @ projection_and_mean)
                 else:
-                    pooled.append(out[:, :-1])
+                    pooled.append(factors_and_coef[:, :-1])
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._length_per_key,

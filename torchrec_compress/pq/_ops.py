@@ -8,12 +8,10 @@ Importing the extension registers, in the ``torchrec_compress`` operator namespa
 - ``pq_pooled_lookup_backward(grad, codes, ids, offsets, per_sample_weights, ksub)``: its
   codebook gradient, ``gC[m, codes[i, m]] += w * grad[b, m]``, threads owning disjoint subspaces.
 - ``pq_encode(x, codebooks, dtype) -> [n, M]``: fused distance + argmin per subspace.
-- ``lowrank_pooled_lookup(table, ids, offsets, per_sample_weights=None, mean=False,
-  projection_and_mean=None) -> [B, k + 1]`` or ``[B, d]``: inference pooling of float factor rows
-  (``[N, k]``) plus, in the last column, each bag's coefficient of the mean row (sum of weights,
-  over the bag length for MEAN); with ``projection_and_mean`` (``[k + 1, d]``, i.e. ``[B; mu]``)
-  each pooled row is projected in the same pass, so the whole low-rank lookup is one op (no
-  autograd: inference only).
+- ``lowrank_pooled_lookup(table, ids, offsets, per_sample_weights=None, mean=False) -> [B, k + 1]``:
+  inference pooling of float factor rows (``[N, k]``) plus, in the last column, each bag's
+  coefficient of the mean row (sum of weights, over the bag length for MEAN), so that one GEMM
+  with ``[projection; mean]`` finishes a low-rank lookup (no autograd: inference only).
 - ``pq_kernel_isa()`` / ``pq_set_kernel_isa(name)``: the instruction set in use (``"avx2"`` or
   ``"generic"``, picked at load time; ``"auto"`` restores that choice).
 
@@ -167,10 +165,8 @@ if HAS_KERNELS:
         offsets: Tensor,
         per_sample_weights: Tensor | None = None,
         mean: bool = False,
-        projection_and_mean: Tensor | None = None,
     ) -> Tensor:
-        dim = table.shape[1] + 1 if projection_and_mean is None else projection_and_mean.shape[1]
-        return table.new_empty(offsets.shape[0] - 1, dim)
+        return table.new_empty(offsets.shape[0] - 1, table.shape[1] + 1)
 
     torch.library.register_autograd(
         "torchrec_compress::pq_pooled_lookup",
