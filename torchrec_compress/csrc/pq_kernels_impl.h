@@ -385,7 +385,7 @@ inline int64_t first_bad_id(const index_t* ids, int64_t num_rows, int64_t start,
 }
 
 // Ids ahead of the one being added whose rows are requested from memory.
-constexpr int64_t kPrefetchIds = 8;
+constexpr int64_t kPrefetchIds = 32;
 
 // One bag of k = WORDS * LANES floats per row (ids already checked), partial sums in registers.
 template <int LANES, int WORDS, bool WEIGHTED, typename index_t>
