@@ -58,8 +58,8 @@ def time_interleaved(
     Args:
         runs (Mapping[str, Callable[[], object]]): name -> zero-argument callable to time.
         threads (int): ``torch.set_num_threads`` for the whole measurement.
-        repeats (int): timed rounds; each round runs every callable once, the order rotated
-            by one each round.
+        repeats (int): timed rounds; each round runs every callable once, in a random
+            (seeded) order.
         warmup (int): untimed rounds first (allocator, caches, lazy initialisation).
 
     Returns:
@@ -78,11 +78,14 @@ def time_interleaved(
         for _ in range(warmup):
             for fn in runs.values():
                 fn()
-        for round_ in range(repeats):
-            # Rotate the order every round: a call right after a heavy one (evicted caches, pages
-            # the allocator just gave back) is slower, and no candidate should always be that one.
-            shift = round_ % len(names)
-            for name in names[shift:] + names[:shift]:
+        order_gen = torch.Generator().manual_seed(0)
+        for _ in range(repeats):
+            # A fresh random order every round: a call right after a heavy one (evicted caches,
+            # pages the allocator just gave back) is slower, and no candidate may always follow
+            # the same one.  (Rotating a fixed order does not do that: it keeps each candidate's
+            # predecessor, so the one listed after a big-table lookup always ran cache-cold.)
+            for index in torch.randperm(len(names), generator=order_gen).tolist():
+                name = names[index]
                 start = time.perf_counter()
                 runs[name]()
                 samples[name].append((time.perf_counter() - start) * 1e3)
