@@ -227,8 +227,11 @@ class MECConfig(CompressionConfig):
         num_subspaces (int): ``M``, must divide every compressed table's dimension.
         num_centroids (int): ``K``, codewords per subspace (at most ``2**31``).
         mode (str): ``"mec"`` or ``"pq"``.
-        popularity_weighting (bool): weight row ``i`` by ``max(1, floor(log2 n_i))`` from its
-            lookup count ``n_i``; off: every row weighs 1.
+        popularity_weighting (bool): weight row ``i`` by its lookup count ``n_i`` as
+            ``weighting`` says; off: every row weighs 1.
+        weighting (str): ``"log2"`` (the paper's ``max(1, floor(log2 n_i))``: balanced code
+            usage) or ``"lookups"`` (``max(1, n_i)``: error weighted as lookups see it; better AUC
+            on skewed tables, fewer codewords used; see BENCHMARKS.md).
         steps (int): MEC training steps (each draws ``sample_size`` rows).
         sample_size (int): rows per training step.
         learning_rate (float): Adam learning rate of encoder, decoder and codebooks.
@@ -279,6 +282,7 @@ class MECConfig(CompressionConfig):
     num_centroids: int = 256
     mode: str = "mec"
     popularity_weighting: bool = True
+    weighting: str = "log2"
     steps: int = 300
     sample_size: int = 1024
     learning_rate: float = 1e-3
@@ -308,6 +312,10 @@ class MECConfig(CompressionConfig):
     def __post_init__(self) -> None:
         if self.mode not in ("mec", "pq"):
             raise ValueError(f"MECConfig.mode must be 'mec' or 'pq', got {self.mode!r}")
+        if self.weighting not in ("log2", "lookups"):
+            raise ValueError(
+                f"MECConfig.weighting must be 'log2' or 'lookups', got {self.weighting!r}"
+            )
         for name in (
             "num_subspaces",
             "num_centroids",

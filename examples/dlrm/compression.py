@@ -71,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--centroids", type=int, default=256, help="mec/pq: K codewords per subspace")
     g.add_argument("--mec-steps", type=int, default=300, help="mec: training steps per table")
     g.add_argument(
+        "--mec-weighting",
+        choices=("log2", "lookups"),
+        default="log2",
+        help="mec/pq row weights from lookup counts n: the paper's max(1, floor(log2 n)), or n",
+    )
+    g.add_argument(
         "--calibration-batches",
         type=int,
         default=0,
@@ -102,6 +108,7 @@ def make_config(
             num_centroids=args.centroids,
             mode=method,
             steps=args.mec_steps,
+            weighting=args.mec_weighting,
         )
     chosen = [x is not None for x in (args.rank, args.explained_variance, args.budget_ratio)]
     if args.keep_embeddings:

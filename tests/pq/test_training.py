@@ -326,3 +326,25 @@ def test_stratified_rows_keeps_popular_rows_and_estimates_table_sums() -> None:
 def test_stratified_rows_is_the_whole_table_when_it_fits() -> None:
     ids, scale = stratified_rows(10, torch.tensor([3]), torch.tensor([5.0]), 10)
     assert torch.equal(ids, torch.arange(10)) and torch.equal(scale, torch.ones(10))
+
+
+def test_lookup_weighting_spends_codewords_on_popular_rows() -> None:
+    # 1-dim rows: 200 popular rows near 0 (looked up 1000 times each) and 2000 rare rows spread
+    # over [1, 100].  Lookup weighting must reconstruct the popular rows better than log2 weighting.
+    gen = torch.Generator().manual_seed(0)
+    popular = torch.rand(200, 1, generator=gen) * 0.5
+    rare = 1 + 99 * torch.rand(2000, 1, generator=gen)
+    rows = torch.cat([popular, rare])
+    counts = torch.cat([torch.full((200,), 1000.0), torch.ones(2000)])
+    errors = {}
+    for weighting in ("log2", "lookups"):
+        config = MECConfig(num_subspaces=1, num_centroids=16, mode="pq", weighting=weighting)
+        codes, books, _ = train_pq_table(rows, counts, config, "t")
+        decoded = decode(codes, books)
+        errors[weighting] = float((decoded[:200] - popular).pow(2).mean())
+    assert errors["lookups"] < 0.25 * errors["log2"]
+
+
+def test_unknown_weighting_is_refused() -> None:
+    with pytest.raises(ValueError, match="weighting must be 'log2' or 'lookups'"):
+        MECConfig(weighting="sqrt")

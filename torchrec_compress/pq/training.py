@@ -39,23 +39,40 @@ from torchrec_compress.pq.metrics import (
 from torchrec_compress.pq.quantizer import ProductQuantizer, assign, balanced_subspaces, code_dtype
 
 
-def row_weights(counts: Tensor | None, num_rows: int, popularity_weighting: bool = True) -> Tensor:
-    """Popularity weights ``r_i = max(1, floor(log2 n_i))`` (all 1 without counts or weighting).
+def row_weights(
+    counts: Tensor | None,
+    num_rows: int,
+    popularity_weighting: bool = True,
+    weighting: str = "log2",
+) -> Tensor:
+    """Popularity weights of rows from their lookup counts (all 1 without counts or weighting).
+
+    ``weighting="log2"`` is the paper's ``r_i = max(1, floor(log2 n_i))``: popular rows count
+    more, but only logarithmically, which keeps codewords spread over the table.
+    ``"lookups"`` is ``max(1, n_i)``: the weight a row's error has in the model's output
+    averaged over lookups, i.e. what AUC sees.
 
     Args:
         counts (Optional[Tensor]): ``[num_rows]`` lookup counts ``n_i`` (float; 0 for unseen rows).
         num_rows (int): rows of the table.
         popularity_weighting (bool): ``False`` gives every row weight 1.
+        weighting (str): ``"log2"`` or ``"lookups"``.
 
     Example::
 
         >>> row_weights(torch.tensor([0.0, 1.0, 3.0, 8.0, 1000.0]), 5)
         tensor([1., 1., 1., 3., 9.])
+        >>> row_weights(torch.tensor([0.0, 1.0, 3.0, 8.0, 1000.0]), 5, weighting="lookups")
+        tensor([   1.,    1.,    3.,    8., 1000.])
     """
+    if weighting not in ("log2", "lookups"):
+        raise ValueError(f"weighting must be 'log2' or 'lookups', got {weighting!r}")
     if counts is None or not popularity_weighting:
         return torch.ones(num_rows)
     if counts.shape != (num_rows,):
         raise ValueError(f"counts must have shape [{num_rows}], got {list(counts.shape)}")
+    if weighting == "lookups":
+        return counts.double().clamp(min=1.0).float()
     # log2(0) = -inf and log2(1) = 0 both clamp to 1, as the paper's r_i >= 1.
     return counts.double().log2().floor().clamp(min=1.0).float()
 
@@ -130,7 +147,9 @@ def subspace_order(
     """
     config.check_table(table_name, weight.shape[1] if weight.dim() == 2 else 0)
     _check_rows(weight, table_name, config.chunk_size)
-    weights = row_weights(counts, weight.shape[0], config.popularity_weighting).double()
+    weights = row_weights(
+        counts, weight.shape[0], config.popularity_weighting, config.weighting
+    ).double()
     if row_scale is not None:  # weight is a sample (stratified_rows)
         weights = weights * row_scale.double()
     mass = weights / weights.sum()
@@ -578,7 +597,7 @@ def fit_quantizer(
     num_rows, dim = weight.shape
     ksub = min(config.num_centroids, num_rows)
     generator = torch.Generator().manual_seed(config.seed)
-    weights = row_weights(counts, num_rows, config.popularity_weighting)
+    weights = row_weights(counts, num_rows, config.popularity_weighting, config.weighting)
     if row_scale is not None:
         weights = weights * row_scale
 
