@@ -110,6 +110,17 @@ const float* checked_weights(
   return holder.const_data_ptr<float>();
 }
 
+// Threads report the first invalid id position of their range (or -1); the smallest one wins,
+// so the error names the same id whatever the split.
+void keep_first_bad(std::atomic<int64_t>& first_bad, int64_t bad) {
+  if (bad < 0) {
+    return;
+  }
+  int64_t seen = first_bad.load();
+  while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
+  }
+}
+
 #define TORCHREC_COMPRESS_DISPATCH_CODES(TYPE, NAME, ...)                        \
   AT_DISPATCH_SWITCH(                                                            \
       TYPE, NAME, AT_DISPATCH_CASE(at::kByte, __VA_ARGS__)                       \
@@ -144,11 +155,7 @@ at::Tensor pq_pooled_lookup(
             isa, shape, codes.const_data_ptr<code_t>(), codebooks.const_data_ptr<float>(),
             ids.const_data_ptr<index_t>(), offsets.const_data_ptr<index_t>(), weights, begin,
             end, out.mutable_data_ptr<float>());
-        if (bad >= 0) {
-          int64_t seen = first_bad.load();
-          while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
-          }
-        }
+        keep_first_bad(first_bad, bad);
       });
     });
   });
@@ -230,11 +237,7 @@ at::Tensor lowrank_pooled_lookup(
           isa, table.const_data_ptr<float>(), num_rows, k, ids.const_data_ptr<index_t>(),
           offsets.const_data_ptr<index_t>(), weights, mean, begin, end,
           out.mutable_data_ptr<float>());
-      if (bad >= 0) {
-        int64_t seen = first_bad.load();
-        while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
-        }
-      }
+      keep_first_bad(first_bad, bad);
     });
   });
   const int64_t bad = first_bad.load();
