@@ -255,7 +255,7 @@ def test_kernels_are_built_where_required() -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("isa", ["auto", "generic"])
-@pytest.mark.parametrize("k", [4, 8, 12, 20, 32, 36, 64, 68, 128, 132])
+@pytest.mark.parametrize("k", [4, 8, 12, 20, 32, 36, 40, 64, 68, 120, 128, 132])
 def test_lowrank_pooled_lookup_matches_embedding_bag(isa: str, k: int) -> None:
     # every register-blocked width of both instruction sets, and the scalar fallback (k > 128)
     gen = torch.Generator().manual_seed(k)

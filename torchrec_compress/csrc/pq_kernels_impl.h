@@ -508,47 +508,46 @@ int64_t factor_pooled_lookup_typed(
     int64_t bag_begin,
     int64_t bag_end,
     float* out) {
-  constexpr int kLanes = kMaxLanes;
   // Register-blocked copies for k a multiple of the SIMD width, up to 16 words (k <= 64 with
-  // 4-float words, <= 128 with 8-float ones); other widths take the scalar loop.
-  if (k % kLanes == 0) {
-    switch (k / kLanes) {
-#define TORCHREC_COMPRESS_WORDS_CASE(W)                                                         \
+  // 4-float words, <= 128 with 8-float ones); with AVX2, a k that is a multiple of 4 but not of 8
+  // takes 4-float words; any other width takes the scalar loop.
+#define TORCHREC_COMPRESS_WORDS_CASE(L, W)                                                      \
   case W:                                                                                       \
-    return pool_factor_bags<kLanes, W, WEIGHTED>(                                               \
+    return pool_factor_bags<L, W, WEIGHTED>(                                                    \
         table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
-      TORCHREC_COMPRESS_WORDS_CASE(1)
-      TORCHREC_COMPRESS_WORDS_CASE(2)
-      TORCHREC_COMPRESS_WORDS_CASE(3)
-      TORCHREC_COMPRESS_WORDS_CASE(4)
-      TORCHREC_COMPRESS_WORDS_CASE(6)
-      TORCHREC_COMPRESS_WORDS_CASE(8)
-      TORCHREC_COMPRESS_WORDS_CASE(12)
-      TORCHREC_COMPRESS_WORDS_CASE(16)
-#undef TORCHREC_COMPRESS_WORDS_CASE
+#define TORCHREC_COMPRESS_WORDS_CASES(L)                                                        \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 1)                                                            \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 2)                                                            \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 3)                                                            \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 4)                                                            \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 5)                                                            \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 6)                                                            \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 7)                                                            \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 8)                                                            \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 9)                                                            \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 10)                                                           \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 11)                                                           \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 12)                                                           \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 13)                                                           \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 14)                                                           \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 15)                                                           \
+  TORCHREC_COMPRESS_WORDS_CASE(L, 16)
+  if (k % kMaxLanes == 0) {
+    switch (k / kMaxLanes) {
+      TORCHREC_COMPRESS_WORDS_CASES(kMaxLanes)
       default:
         break;
     }
   }
-  if (k % 4 == 0 && k / 4 <= 16) {
+  if (kMaxLanes != 4 && k % 4 == 0) {
     switch (k / 4) {
-#define TORCHREC_COMPRESS_WORDS4_CASE(W)                                                        \
-  case W:                                                                                       \
-    return pool_factor_bags<4, W, WEIGHTED>(                                                    \
-        table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
-      TORCHREC_COMPRESS_WORDS4_CASE(1)
-      TORCHREC_COMPRESS_WORDS4_CASE(3)
-      TORCHREC_COMPRESS_WORDS4_CASE(5)
-      TORCHREC_COMPRESS_WORDS4_CASE(7)
-      TORCHREC_COMPRESS_WORDS4_CASE(9)
-      TORCHREC_COMPRESS_WORDS4_CASE(11)
-      TORCHREC_COMPRESS_WORDS4_CASE(13)
-      TORCHREC_COMPRESS_WORDS4_CASE(15)
-#undef TORCHREC_COMPRESS_WORDS4_CASE
+      TORCHREC_COMPRESS_WORDS_CASES(4)
       default:
         break;
     }
   }
+#undef TORCHREC_COMPRESS_WORDS_CASES
+#undef TORCHREC_COMPRESS_WORDS_CASE
   return pool_factor_bags<4, 0, WEIGHTED>(
       table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
 }
