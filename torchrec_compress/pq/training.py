@@ -37,6 +37,7 @@ from torchrec_compress.pq.metrics import (
     reconstruction_mse,
 )
 from torchrec_compress.pq.quantizer import ProductQuantizer, assign, balanced_subspaces, code_dtype
+from torchrec_compress.statistics import Moments
 
 
 def row_weights(
@@ -152,17 +153,11 @@ def subspace_order(
     ).double()
     if row_scale is not None:  # weight is a sample (stratified_rows)
         weights = weights * row_scale.double()
-    mass = weights / weights.sum()
-    variances = torch.zeros(weight.shape[1], dtype=torch.float64)
-    mean = torch.zeros(weight.shape[1], dtype=torch.float64)
-    for start in range(0, weight.shape[0], config.chunk_size):  # bounded temporaries
-        mean += (
-            mass[start : start + config.chunk_size]
-            @ weight[start : start + config.chunk_size].double()
-        )
-    for start in range(0, weight.shape[0], config.chunk_size):
-        centred = weight[start : start + config.chunk_size].double() - mean
-        variances += mass[start : start + config.chunk_size] @ centred.pow(2)
+    moments = Moments.zeros(weight.shape[1])
+    for start in range(0, weight.shape[0], config.chunk_size):  # bounded float64 temporaries
+        end = start + config.chunk_size
+        moments.update(weight[start:end], weights[start:end])
+    variances = moments.covariance().diagonal()
     return balanced_subspaces(variances, config.num_subspaces)
 
 
