@@ -59,9 +59,11 @@ class Moments:
     @classmethod
     def zeros(cls, dim: int, device: torch.device | None = None) -> Moments:
         """Empty moments of ``dim``-dimensional vectors."""
-        kwargs = {"dtype": torch.float64, "device": device}
+        f64 = torch.float64
         return cls(
-            torch.zeros((), **kwargs), torch.zeros(dim, **kwargs), torch.zeros(dim, dim, **kwargs)
+            torch.zeros((), dtype=f64, device=device),
+            torch.zeros(dim, dtype=f64, device=device),
+            torch.zeros(dim, dim, dtype=f64, device=device),
         )
 
     @property

@@ -23,7 +23,7 @@ Split layouts (chosen by what the directory holds):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -297,7 +297,8 @@ class CriteoParquetDataset:
             table = pq.ParquetFile(file).read_row_group(row_group).slice(start, stop - start)
             return self._to_block(table)
 
-        sizes, loader = [stop - start for _, _, start, stop in pieces], load
+        sizes: list[int] = [stop - start for _, _, start, stop in pieces]
+        loader: Callable[[int], RowBlock] = load
         if split == "train":
             sizes, loader = shuffled_blocks(sizes, load, self.seed, epoch)
         return block_batches(

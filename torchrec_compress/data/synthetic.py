@@ -21,7 +21,7 @@ may have up to 2**32 rows (a billion-row table costs nothing) and any split leng
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,7 +192,8 @@ class SyntheticCTRDataset:
             rng = np.random.default_rng([self.config.seed, split_index, index])
             return self._generate(rng, block_sizes[index])
 
-        sizes, loader = block_sizes, load
+        sizes: list[int] = block_sizes
+        loader: Callable[[int], RowBlock] = load
         if split == "train":
             sizes, loader = shuffled_blocks(block_sizes, load, self.config.seed, epoch)
         return block_batches(

@@ -234,6 +234,9 @@ class MECQuantizer(nn.Module):
         (torch.Size([5, 2]), torch.uint8)
     """
 
+    center: Tensor
+    scale: Tensor
+
     def __init__(self, codebooks: Tensor, center: Tensor | None = None, scale: float = 1.0) -> None:
         super().__init__()
         num_subspaces, _, dsub = codebooks.shape
@@ -602,14 +605,14 @@ def fit_quantizer(
         counted = (
             counts.nonzero().squeeze(1) if counts is not None else torch.zeros(0, dtype=torch.long)
         )
-        subset, scale = stratified_rows(
+        subset, row_share = stratified_rows(
             num_rows,
             counted,
             counts[counted] if counts is not None else torch.zeros(0),
             config.kmeans_sample_size,
             generator,
         )
-        kmeans_rows, kmeans_weights = weight[subset].float(), weights[subset] * scale
+        kmeans_rows, kmeans_weights = weight[subset].float(), weights[subset] * row_share
     else:
         kmeans_rows, kmeans_weights = weight.float(), weights
     pq = ProductQuantizer(dim, config.num_subspaces, ksub)
