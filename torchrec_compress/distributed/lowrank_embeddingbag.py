@@ -51,6 +51,7 @@ from torchrec.distributed.types import (
     ShardingEnv,
 )
 from torchrec.distributed.utils import append_prefix
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -186,7 +187,7 @@ class ShardedLowRankEmbeddingBagCollection(
         # whose weights the mean's coefficients need (a bound method, not a submodule)
         self.process_features: Callable[[KJTList], KJTList] | None = None
 
-    def embedding_bag_configs(self) -> list[Any]:
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The original (uncompressed) table configs."""
         return self._embedding_bag_configs
 
@@ -196,7 +197,7 @@ class ShardedLowRankEmbeddingBagCollection(
     def create_context(self) -> LowRankEmbeddingBagCollectionContext:
         return LowRankEmbeddingBagCollectionContext()
 
-    def input_dist(  # pyre-ignore[14]
+    def input_dist(
         self, ctx: LowRankEmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
         check_fixed_batch(features, type(self).__name__)
@@ -353,7 +354,7 @@ class ShardedFeatureProcessedLowRankEmbeddingBagCollection(
         super().__init__(
             module,
             table_name_to_parameter_sharding,
-            ebc_sharder,  # pyre-ignore[6]: shards the low-rank collection like an EBC
+            ebc_sharder,  # shards the low-rank collection where TorchRec's shards an EBC
             env,
             device,
             module_fqn,

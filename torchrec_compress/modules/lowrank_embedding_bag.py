@@ -1,9 +1,12 @@
 """A drop-in ``EmbeddingBagCollection`` whose tables are stored as low-rank factors.
 
 Each compressed table E (N x d) is replaced by a factor table A (N x k), a projection B (k x d)
-and a mean mu (d): ``e_i ~ A_i B + mu``.  Pooling happens on the k-dim factor rows, in an
-ordinary TorchRec ``EmbeddingBagCollection`` (``factor_ebc``), so fbgemm pools and DMP shards
-it with TorchRec's own sharder; one matmul per table then projects back to d.
+and a mean mu (d, stored ``(1, d)``): ``e_i ~ A_i B + mu``.  Pooling happens on the k-dim factor
+rows, in an ordinary TorchRec ``EmbeddingBagCollection`` (``factor_ebc``), so fbgemm pools them;
+one matmul per table then projects back to d.  Under DMP the collection is sharded as one module
+(``torchrec_compress.distributed.lowrank_embeddingbag``: factor tables by TorchRec's EBC sharder,
+projection and mean dense), and its forward traces (``torch.fx``, TorchScript, ``torch.export``,
+``torch.compile``).
 """
 
 from __future__ import annotations
@@ -274,7 +277,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
         self._layout = LowRankLayout(tables, self._ranks, is_weighted)
         # inference path: table name -> ((ptrs, versions), [B; mu]); see _projection_and_mean
         self._fused_cache: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
-        self._register_load_state_dict_pre_hook(_vector_mean_to_row)
+        self.register_load_state_dict_pre_hook(_vector_mean_to_row)
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The original (uncompressed) table configs."""
