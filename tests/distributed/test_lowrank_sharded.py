@@ -139,7 +139,8 @@ def _run(rank: int, world_size: int, path: str) -> dict[str, float]:
     for sharding_type in SHARDING_TYPES:
         skeleton = lowrank_skeleton_(_model(META), table_ranks, linear_ranks)
         sharded = shard_model(skeleton, CPU, sharding_type=sharding_type)
-        kinds = {p.sharding_type for p in sharded.plan.plan[f"{EBC}.factor_ebc"].values()}
+        # planned as one module (its own sharder), not as a walked-into factor EBC
+        kinds = {p.sharding_type for p in sharded.plan.plan[EBC].values()}
         assert kinds == {sharding_type}, f"planner chose {kinds} instead of {sharding_type}"
         load_full_state_dict_(sharded, reference_state)
         out[f"dmp/{sharding_type}"] = _rel(_logits(sharded, test_batch), expected)

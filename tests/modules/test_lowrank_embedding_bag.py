@@ -10,6 +10,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.modules import LowRankEmbeddingBagCollection
+from torchrec_compress.modules.lowrank_embedding_bag import CompositeLowRankEmbeddingBagCollection
 from torchrec_compress.pq import _ops
 
 
@@ -199,3 +200,24 @@ def test_invalid_rank_names_the_table(rank: int) -> None:
 def test_unknown_table_in_ranks() -> None:
     with pytest.raises(ValueError, match="unknown table.*'nope'"):
         LowRankEmbeddingBagCollection(_tables(PoolingType.SUM), {"nope": 2})
+
+
+def test_mean_is_a_row_and_vector_means_of_older_checkpoints_load() -> None:
+    module, _ = _lowrank_and_reference(_tables(PoolingType.SUM), {"t0": 4}, weighted=False)
+    assert tuple(module.mean["t0"].shape) == (1, 8)  # 2-D, so row-wise optimizers apply
+    features = _features(False)
+    expected = module(features).values().detach()
+    state = module.state_dict()
+    older = {k: v.flatten() if k == "mean.t0" else v for k, v in state.items()}
+    fresh = LowRankEmbeddingBagCollection(_tables(PoolingType.SUM), {"t0": 4})
+    fresh.load_state_dict(older)
+    torch.testing.assert_close(fresh(features).values().detach(), expected)
+
+
+def test_swapping_in_a_non_ebc_factor_collection_gives_the_composite_type() -> None:
+    module = LowRankEmbeddingBagCollection(_tables(PoolingType.SUM), {"t0": 4})
+    # an EBC of factors keeps the type that TorchRec shards as one unit...
+    assert type(module.with_factor_collection(module.factor_ebc)) is LowRankEmbeddingBagCollection
+    # ...any other collection gets its own type, which DMP walks into
+    composite = module.with_factor_collection(torch.nn.Identity())
+    assert isinstance(composite, CompositeLowRankEmbeddingBagCollection)

@@ -12,6 +12,11 @@ from torchrec_compress.distributed.lowrank import (
     lowrank_skeleton_,
     sharded_statistics,
 )
+from torchrec_compress.distributed.lowrank_embeddingbag import (
+    FeatureProcessedLowRankSharder,
+    LowRankEmbeddingBagCollectionSharder,
+    ShardedLowRankEmbeddingBagCollection,
+)
 from torchrec_compress.distributed.planning import (
     PlanStorage,
     TableStorage,
@@ -29,8 +34,11 @@ from torchrec_compress.distributed.state import load_full_state_dict_
 
 __all__ = [
     "CPURowWiseEmbeddingBagCollectionSharder",
+    "FeatureProcessedLowRankSharder",
+    "LowRankEmbeddingBagCollectionSharder",
     "PQEmbeddingBagCollectionSharder",
     "PlanStorage",
+    "ShardedLowRankEmbeddingBagCollection",
     "ShardedPQEmbeddingBagCollection",
     "ShardedStatistics",
     "SparseLookupCounter",

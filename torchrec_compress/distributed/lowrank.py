@@ -689,7 +689,7 @@ def compress_sharded(
                 factors[rows.row] = part
         new_state[weight_key] = _factor_sharded_tensor(layouts[table.name], factors, (n, k), group)
         new_state[f"{fqn}.projection.{table.name}"] = projection(basis, k)
-        new_state[f"{fqn}.mean.{table.name}"] = basis.mean.to(torch.float32)
+        new_state[f"{fqn}.mean.{table.name}"] = basis.mean.to(torch.float32).unsqueeze(0)
 
     linear_ranks: dict[str, int] = {}
     for fqn in linears:

@@ -296,6 +296,10 @@ def compress_sharded_pq(
             )
         books_meta = {t.name: torch.empty(codebook_shapes[t.name], device=meta) for t in configs}
         module = PQEmbeddingBagCollection(configs, codes_meta, books_meta, ebc.is_weighted())
+        lowrank = lowrank_parent(meta_model, fqn)
+        if lowrank is not None:
+            # a low-rank collection over PQ factors has its own type (DMP shards inside it)
+            fqn, module = fqn.rpartition(".")[0], lowrank.with_factor_collection(module)
         parent, _, child = fqn.rpartition(".")
         setattr(meta_model.get_submodule(parent), child, module)
     expected = set(meta_model.state_dict())

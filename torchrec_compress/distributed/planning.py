@@ -11,8 +11,13 @@ from torchrec.distributed.planner.types import ParameterConstraints, ShardingOpt
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 
 from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
+from torchrec_compress.distributed.lowrank_embeddingbag import (
+    FeatureProcessedLowRankSharder,
+    LowRankEmbeddingBagCollectionSharder,
+)
 from torchrec_compress.distributed.pq_embeddingbag import PQEmbeddingBagCollectionSharder
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 
@@ -21,12 +26,28 @@ SHARDING_TYPES = tuple(t.value for t in ShardingType)
 
 def default_sharders() -> list[ModuleSharder[nn.Module]]:
     """TorchRec's default sharders, with the EBC sharder replaced by one that offers row-wise on
-    CPU, plus the sharder of :class:`~torchrec_compress.modules.pq_embedding_bag.PQEmbeddingBagCollection`."""
+    CPU, plus the sharders of the compressed collections.
+
+    The sharders of :class:`~torchrec_compress.modules.pq_embedding_bag.PQEmbeddingBagCollection`
+    and :class:`~torchrec_compress.modules.lowrank_embedding_bag.LowRankEmbeddingBagCollection`
+    (also inside a ``FeatureProcessedEmbeddingBagCollection``, whose TorchRec sharder this one
+    extends) shard each collection as one module.
+
+    Example::
+
+        >>> from torchrec_compress.modules import LowRankEmbeddingBagCollection
+        >>> LowRankEmbeddingBagCollection in {s.module_type for s in default_sharders()}
+        True
+    """
+    ebc_sharder = CPURowWiseEmbeddingBagCollectionSharder()
     sharders: list[ModuleSharder[nn.Module]] = [
-        CPURowWiseEmbeddingBagCollectionSharder(),
+        ebc_sharder,
         PQEmbeddingBagCollectionSharder(),
+        LowRankEmbeddingBagCollectionSharder(ebc_sharder),
+        FeatureProcessedLowRankSharder(ebc_sharder),
     ]
-    sharders += [s for s in get_default_sharders() if s.module_type is not EmbeddingBagCollection]
+    replaced = (EmbeddingBagCollection, FeatureProcessedEmbeddingBagCollection)
+    sharders += [s for s in get_default_sharders() if s.module_type not in replaced]
     return sharders
 
 

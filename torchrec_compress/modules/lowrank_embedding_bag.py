@@ -1,26 +1,198 @@
 """A drop-in ``EmbeddingBagCollection`` whose tables are stored as low-rank factors.
 
 Each compressed table E (N x d) is replaced by a factor table A (N x k), a projection B (k x d)
-and a mean mu (d): ``e_i ~ A_i B + mu``.  Pooling happens on the k-dim factor rows, in an
-ordinary TorchRec ``EmbeddingBagCollection`` (``factor_ebc``), so fbgemm pools and DMP shards
-it with TorchRec's own sharder; one matmul per table then projects back to d.
+and a mean mu (d, stored ``(1, d)``): ``e_i ~ A_i B + mu``.  Pooling happens on the k-dim factor
+rows, in an ordinary TorchRec ``EmbeddingBagCollection`` (``factor_ebc``), so fbgemm pools them;
+one matmul per table then projects back to d.  Under DMP the collection is sharded as one module
+(``torchrec_compress.distributed.lowrank_embeddingbag``: factor tables by TorchRec's EBC sharder,
+projection and mean dense), and its forward traces (``torch.fx``, TorchScript, ``torch.export``,
+``torch.compile``).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
+    EmbeddingBagCollectionInterface,
     get_embedding_names_by_table,
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_compress.pq import _ops
+
+
+def is_tracing() -> bool:
+    """Whether the caller runs under ``torch.fx``, TorchScript, ``torch.compile`` or ``torch.export``.
+
+    Traced code must not branch on tensor data nor read ``data_ptr()``/``_version``; eager-only
+    checks and caches are skipped there.
+
+    Example::
+
+        >>> is_tracing()
+        False
+    """
+    return (
+        torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or is_fx_symbolic_tracing()
+    )
+
+
+def check_fixed_batch(features: KeyedJaggedTensor, module: str) -> None:
+    """Raises ``ValueError`` for a variable-batch-per-feature (VBE) input, which low-rank pooling
+    does not support.  Eager only: a traced graph has no data-dependent branches.
+
+    Args:
+        features (KeyedJaggedTensor): the input of the collection.
+        module (str): the module's name for the message.
+
+    Example::
+
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["f"], values=torch.tensor([1]), lengths=torch.tensor([1]))
+        >>> check_fixed_batch(kjt, "LowRankEmbeddingBagCollection")
+    """
+    if features.variable_stride_per_key() or features.inverse_indices_or_none() is not None:
+        raise ValueError(
+            f"{module} does not support variable batch size per feature (VBE): features "
+            f"{features.keys()} have strides {features.stride_per_key()}"
+        )
+
+
+@dataclass(eq=False)
+class LowRankLayout:
+    """How pooled factors become pooled embeddings; shared by the unsharded and sharded modules.
+
+    All fields are Python constants fixed at construction, so :meth:`bag_coefficients` and
+    :meth:`project` trace (``torch.fx``, ``torch.export``, ``torch.compile``) without
+    data-dependent control flow.
+
+    Args:
+        tables (list[EmbeddingBagConfig]): the original table configs (dims d).
+        ranks (dict[str, int]): compressed table name -> rank k.
+        is_weighted (bool): whether inputs carry per-id weights.
+
+    Example::
+
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
+        >>> layout = LowRankLayout([cfg], {"t": 4}, is_weighted=False)
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["f"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 0, 1]))
+        >>> layout.bag_coefficients(kjt)[0].tolist()
+        [[2.0], [0.0], [1.0]]
+    """
+
+    tables: list[EmbeddingBagConfig]
+    ranks: dict[str, int]
+    is_weighted: bool
+    factor_dims: list[int] = field(init=False)
+    feature_names_by_table: list[list[str]] = field(init=False)
+    embedding_names: list[str] = field(init=False)
+    length_per_key: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.factor_dims = [self.ranks.get(t.name, t.embedding_dim) for t in self.tables]
+        # the EBC fills in feature_names=[table name] where empty; so does this
+        self.feature_names_by_table = [list(t.feature_names) or [t.name] for t in self.tables]
+        configs = [copy.copy(t) for t in self.tables]
+        for config, names in zip(configs, self.feature_names_by_table, strict=True):
+            config.feature_names = names
+        self.embedding_names = [n for names in get_embedding_names_by_table(configs) for n in names]
+        self.length_per_key = [
+            t.embedding_dim
+            for t, names in zip(self.tables, self.feature_names_by_table, strict=True)
+            for _ in names
+        ]
+
+    def bag_coefficients(self, features: KeyedJaggedTensor) -> list[torch.Tensor]:
+        """Per compressed table, the coefficient of mu for every bag: ``(B, F_t)`` float32.
+
+        SUM: ``sum_S w_i`` (the bag length when unweighted); MEAN: that divided by the bag
+        length (0 for an empty bag).
+        """
+        by_feature = features.to_dict()
+        coefficients: list[torch.Tensor] = []
+        for table, names in zip(self.tables, self.feature_names_by_table, strict=True):
+            if table.name not in self.ranks:
+                continue
+            per_feature = []
+            for name in names:
+                bags = by_feature[name]
+                lengths = bags.lengths()
+                if self.is_weighted:
+                    total = torch.segment_reduce(bags.weights(), "sum", lengths=lengths).float()
+                else:
+                    total = lengths.float()
+                if table.pooling == PoolingType.MEAN:
+                    total = total / lengths.clamp(min=1)
+                per_feature.append(total)
+            coefficients.append(torch.stack(per_feature, dim=1))
+        return coefficients
+
+    def project(
+        self,
+        factors: KeyedTensor,
+        coefficients: list[torch.Tensor],
+        projection: nn.ParameterDict,
+        mean: nn.ParameterDict,
+        keys_in_order: bool = True,
+    ) -> KeyedTensor:
+        """Pooled embeddings from pooled factors: ``[A | coef] @ [B; mu]`` per compressed table.
+
+        Args:
+            factors (KeyedTensor): pooled factors, one key per embedding name (any key order).
+            coefficients (list[torch.Tensor]): :meth:`bag_coefficients` of the same batch.
+            projection (nn.ParameterDict): table name -> B ``(k, d)``.
+            mean (nn.ParameterDict): table name -> mu ``(1, d)``.
+            keys_in_order (bool): whether ``factors`` has its keys in table order (an unsharded
+                collection); ``False`` (a sharded one, keys grouped by shard) regroups them.
+                A Python constant: traced code cannot compare the keys of a traced value.
+
+        Returns:
+            KeyedTensor: float32 like ``EmbeddingBagCollection``'s, keys in table order.
+        """
+        if keys_in_order:
+            values = factors.values()
+        else:
+            by_name = factors.to_dict()
+            values = torch.cat([by_name[name] for name in self.embedding_names], dim=1)
+        pooled: list[torch.Tensor] = []
+        start, compressed = 0, 0
+        for table, names, k in zip(
+            self.tables, self.feature_names_by_table, self.factor_dims, strict=True
+        ):
+            block = values[:, start : start + k * len(names)]
+            start += k * len(names)
+            if table.name not in self.ranks:
+                pooled.append(block.float())
+                continue
+            coef = coefficients[compressed]
+            compressed += 1
+            # one (B * F_t, k + 1) @ (k + 1, d) for all features of the table (rows in bag,
+            # feature order): [A | coef] @ [B ; mu] adds coef x mu inside the GEMM, so the
+            # (B, d) output is written once, with no second pass or (B, d) temporary.  In
+            # float32 like the EBC's output, whatever the parameters' dtype (bf16, fp16).
+            factors_and_coef = torch.cat([block.reshape(-1, k).float(), coef.reshape(-1, 1)], 1)
+            projection_and_mean = torch.cat([projection[table.name], mean[table.name]]).float()
+            pooled.append(
+                (factors_and_coef @ projection_and_mean).view(-1, len(names) * table.embedding_dim)
+            )
+        return KeyedTensor(
+            keys=self.embedding_names,
+            length_per_key=self.length_per_key,
+            # a single table's output is returned as is, not copied by a one-element cat
+            values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
+        )
 
 
 class LowRankEmbeddingBagCollection(nn.Module):
@@ -54,7 +226,8 @@ class LowRankEmbeddingBagCollection(nn.Module):
             after MEC/PQ compression of the factors (``compress_`` with ``MECConfig`` on a
             low-rank model) a ``PQEmbeddingBagCollection`` of them.
         projection (nn.ParameterDict): table name -> B, ``(k, d)``.
-        mean (nn.ParameterDict): table name -> mu, ``(d,)``.
+        mean (nn.ParameterDict): table name -> mu, ``(1, d)`` (2-D like every other dense
+            parameter, so row-wise optimizers such as TorchRec's ``RowWiseAdagrad`` apply).
 
     Example::
 
@@ -99,19 +272,12 @@ class LowRankEmbeddingBagCollection(nn.Module):
             if table.name in ranks:
                 k, d = ranks[table.name], table.embedding_dim
                 self.projection[table.name] = nn.Parameter(torch.eye(k, d, device=device))
-                self.mean[table.name] = nn.Parameter(torch.zeros(d, device=device))
+                self.mean[table.name] = nn.Parameter(torch.zeros(1, d, device=device))
         self._is_weighted = is_weighted
+        self._layout = LowRankLayout(tables, self._ranks, is_weighted)
         # inference path: table name -> ((ptrs, versions), [B; mu]); see _projection_and_mean
         self._fused_cache: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
-        # from the factor configs: the EBC has filled in feature_names=[table name] where empty
-        self._embedding_names_by_table = get_embedding_names_by_table(factor_tables)
-        self._feature_names_by_table = [list(t.feature_names) for t in factor_tables]
-        self._embedding_names = [n for names in self._embedding_names_by_table for n in names]
-        self._length_per_key = [
-            t.embedding_dim
-            for t, names in zip(tables, self._embedding_names_by_table, strict=True)
-            for _ in names
-        ]
+        self.register_load_state_dict_pre_hook(_vector_mean_to_row)
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The original (uncompressed) table configs."""
@@ -123,6 +289,10 @@ class LowRankEmbeddingBagCollection(nn.Module):
     def ranks(self) -> dict[str, int]:
         """Table name -> rank of each compressed table."""
         return dict(self._ranks)
+
+    def layout(self) -> LowRankLayout:
+        """The constants of the forward (tables, ranks, feature and output names)."""
+        return self._layout
 
     @torch.no_grad()
     def with_factor_collection(
@@ -149,9 +319,14 @@ class LowRankEmbeddingBagCollection(nn.Module):
         unknown = sorted(set(orders) - set(self._ranks))
         if unknown:
             raise ValueError(f"column_orders name table(s) {unknown} that are not low-rank")
-        new = LowRankEmbeddingBagCollection(
-            self._tables, self._ranks, self._is_weighted, torch.device("meta")
+        # an EBC of factors keeps this class, which TorchRec shards as one unit; any other
+        # collection (e.g. product-quantized) is sharded by its own sharder, inside the composite
+        cls = (
+            LowRankEmbeddingBagCollection
+            if type(factor_collection) is EmbeddingBagCollection
+            else CompositeLowRankEmbeddingBagCollection
         )
+        new = cls(self._tables, self._ranks, self._is_weighted, torch.device("meta"))
         new.factor_ebc = factor_collection
         for name, k in self._ranks.items():
             projection = self.projection[name].detach()
@@ -172,7 +347,10 @@ class LowRankEmbeddingBagCollection(nn.Module):
         projection: torch.Tensor | None = None,
         mean: torch.Tensor | None = None,
     ) -> None:
-        """Copies one table's factors in (``factor_table`` only for an uncompressed table)."""
+        """Copies one table's factors in (``factor_table`` only for an uncompressed table).
+
+        ``mean`` may be given as ``(d,)`` or ``(1, d)``.
+        """
         weight = self.factor_ebc.embedding_bags[name].weight
         if factor_table.shape != weight.shape:
             raise ValueError(
@@ -184,67 +362,32 @@ class LowRankEmbeddingBagCollection(nn.Module):
             if projection is None or mean is None:
                 raise ValueError(f"table {name!r} is compressed: projection and mean are needed")
             self.projection[name].copy_(projection)
-            self.mean[name].copy_(mean)
+            self.mean[name].copy_(mean.reshape(self.mean[name].shape))
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings with the original keys, dims and order.
+
+        Traceable: under ``torch.fx``, TorchScript, ``torch.compile`` and ``torch.export`` it is
+        the factor lookup and the projection only (no data-dependent branches); eagerly it also
+        refuses VBE inputs and, for inference on CPU, takes the fused kernel.
 
         Args:
             features (KeyedJaggedTensor): the input of the original collection.
 
         Returns:
-            KeyedTensor: like ``EmbeddingBagCollection.forward``.
+            KeyedTensor: like ``EmbeddingBagCollection.forward`` (float32 values).
         """
-        if features.variable_stride_per_key() or features.inverse_indices_or_none() is not None:
-            raise ValueError(
-                "LowRankEmbeddingBagCollection does not support variable batch size per feature"
-            )
-        if self._fused_applies(features):
-            return self._fused_forward(features)
-        # (B, sum of factor dims): table by table, feature by feature, as the factor configs say
-        factor_kt = self.factor_ebc(features)
-        factors = factor_kt.values()
-        if factor_kt.keys() != self._embedding_names:
-            # a DMP-sharded factor_ebc returns its keys grouped by shard, not in table order
-            factors = torch.cat([factor_kt[name] for name in self._embedding_names], dim=1)
-        batch = features.stride()
-        lengths = features.lengths().view(-1, batch)
-        weights = features.weights_or_none() if self._is_weighted else None
-        # sum of w per bag; unweighted, that is the bag length itself (no segment reduction)
-        if weights is None:
-            bag_sum = lengths
-        else:
-            bag_sum = torch.segment_reduce(weights, "sum", lengths=features.lengths())
-            bag_sum = bag_sum.view(-1, batch)
-        key_index = {key: i for i, key in enumerate(features.keys())}
-        pooled: list[torch.Tensor] = []
-        start = 0
-        for table, feature_names in zip(self._tables, self._feature_names_by_table, strict=True):
-            k = self._ranks.get(table.name, table.embedding_dim)
-            block = factors[:, start : start + k * len(feature_names)]
-            start += block.shape[1]
-            if table.name not in self._ranks:
-                pooled.append(block)
-                continue
-            rows = [key_index[f] for f in feature_names]
-            coef = bag_sum[rows].T  # (B, F_t)
-            if table.pooling == PoolingType.MEAN:
-                coef = coef / lengths[rows].T.clamp(min=1)
-            # one (B * F_t, k + 1) @ (k + 1, d) for all features of the table (rows in bag,
-            # feature order): [A | coef] @ [B ; mu] adds coef x mu inside the GEMM, so the
-            # (B, d) output is written once, with no second pass or (B, d) temporary
-            factors_and_coef = torch.cat(
-                [block.reshape(-1, k), coef.reshape(-1, 1).to(block.dtype)], dim=1
-            )
-            projection_and_mean = torch.cat(
-                [self.projection[table.name], self.mean[table.name].unsqueeze(0)]
-            )
-            pooled.append((factors_and_coef @ projection_and_mean).view(batch, -1))
-        return KeyedTensor(
-            keys=self._embedding_names,
-            length_per_key=self._length_per_key,
-            # a single table's output is returned as is, not copied by a one-element cat
-            values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
+        if not is_tracing():
+            check_fixed_batch(features, type(self).__name__)
+            if self._fused_applies(features):
+                return self._fused_forward(features)
+        return self._layout.project(
+            self.factor_ebc(features),
+            self._layout.bag_coefficients(features),
+            self.projection,
+            self.mean,
+            # unsharded collections return keys in table order; DMP-sharded ones need not
+            keys_in_order=isinstance(self.factor_ebc, EmbeddingBagCollectionInterface),
         )
 
     def _fused_applies(self, features: KeyedJaggedTensor) -> bool:
@@ -274,7 +417,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
         key = (projection.data_ptr(), projection._version, mean.data_ptr(), mean._version)
         cached = self._fused_cache.get(name)
         if cached is None or cached[0] != key:
-            cached = (key, torch.cat([projection.detach(), mean.detach().unsqueeze(0)]))
+            cached = (key, torch.cat([projection.detach(), mean.detach()]).float())
             self._fused_cache[name] = cached
         return cached[1]
 
@@ -291,7 +434,8 @@ class LowRankEmbeddingBagCollection(nn.Module):
         weights = features.weights_or_none() if self._is_weighted else None
         key_index = {key: i for i, key in enumerate(features.keys())}
         pooled: list[torch.Tensor] = []
-        for table, feature_names in zip(self._tables, self._feature_names_by_table, strict=True):
+        layout = self._layout
+        for table, feature_names in zip(layout.tables, layout.feature_names_by_table, strict=True):
             weight = self.factor_ebc.embedding_bags[table.name].weight
             compressed = table.name in self._ranks
             if compressed:
@@ -310,7 +454,44 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 else:
                     pooled.append(factors_and_coef[:, :-1])
         return KeyedTensor(
-            keys=self._embedding_names,
-            length_per_key=self._length_per_key,
+            keys=layout.embedding_names,
+            length_per_key=layout.length_per_key,
             values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
         )
+
+
+class CompositeLowRankEmbeddingBagCollection(LowRankEmbeddingBagCollection):
+    """A :class:`LowRankEmbeddingBagCollection` whose factor tables are another compressed
+    collection (e.g. a ``PQEmbeddingBagCollection``: AFM x MEC); built by
+    :meth:`LowRankEmbeddingBagCollection.with_factor_collection`.
+
+    Same forward and state.  Its own type tells ``DistributedModelParallel`` (which picks
+    sharders by exact type) to walk into it and shard ``factor_ebc`` with that collection's own
+    sharder, leaving the projection and mean dense; a plain low-rank collection is sharded as
+    one unit instead.
+
+    Args:
+        tables (list[EmbeddingBagConfig]): as for :class:`LowRankEmbeddingBagCollection`.
+        ranks (Mapping[str, int]): as for :class:`LowRankEmbeddingBagCollection`.
+        is_weighted (bool): as for :class:`LowRankEmbeddingBagCollection`.
+        device (Optional[torch.device]): as for :class:`LowRankEmbeddingBagCollection`.
+
+    Example::
+
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
+        >>> ebc = LowRankEmbeddingBagCollection([cfg], ranks={"t": 4})
+        >>> composite = ebc.with_factor_collection(nn.Identity())
+        >>> type(composite).__name__
+        'CompositeLowRankEmbeddingBagCollection'
+    """
+
+
+def _vector_mean_to_row(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
+) -> None:
+    """Checkpoints written before the mean became ``(1, d)`` hold it as ``(d,)``."""
+    for name in getattr(module, "mean", {}):
+        key = f"{prefix}mean.{name}"
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() == 1:
+            state_dict[key] = value.unsqueeze(0)
