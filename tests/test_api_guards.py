@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.api import compress_
-from torchrec_compress.config import AFMConfig, MECConfig, SVDConfig
+from torchrec_compress.config import AFMConfig, MECConfig, MECOverride, SVDConfig
 from torchrec_compress.modules import LowRankEmbeddingBagCollection, LowRankLinear
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.testing import run_multiprocess
@@ -418,3 +418,61 @@ def test_examples_dlrm_budget_ratio_4_with_two_row_tables(tmp_path: Path) -> Non
     assert [methods[f"t_f{i}"] for i in range(20)] == ["kept"] * 20
     assert {methods[f"t_f{i}"] for i in range(20, 26)} == {"AFM"}
     assert report["ratio"] > 3.5
+
+
+# --- one import line, PQConfig ---------------------------------------------------------------
+
+
+def test_public_names_import_from_the_package_in_a_fresh_interpreter() -> None:
+    """`from torchrec_compress import compress_, AFMConfig` raised ImportError."""
+    light = """
+import sys
+import torchrec_compress.config
+assert "torch" not in sys.modules, "importing the configs must stay light"
+"""
+    code = """
+from torchrec_compress import (
+    AFMConfig, CompressionReport, CPURowWiseEmbeddingBagCollectionSharder, LowRankEmbeddingBagCollection,
+    LowRankLinear, LowRankOverride, MECConfig, MECOverride, PQConfig, PQEmbeddingBagCollection,
+    PQEmbeddingBagCollectionSharder, SVDConfig, compress_, sharders,
+)
+import torchrec_compress
+from torchrec_compress.distributed import compress_sharded_pq
+from torchrec_compress.distributed.mec import compress_sharded_pq as direct
+assert compress_sharded_pq is direct
+kinds = [type(s) for s in sharders()]
+assert kinds[:2] == [CPURowWiseEmbeddingBagCollectionSharder, PQEmbeddingBagCollectionSharder], kinds
+assert set(torchrec_compress.__all__) <= set(dir(torchrec_compress))
+print("ok")
+"""
+    for first in (light, "import torchrec_compress.distributed.lowrank\n"):
+        proc = subprocess.run(
+            [sys.executable, "-c", first + code],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_pq_config_is_plain_pq() -> None:
+    from torchrec_compress.api import CONVERTERS
+    from torchrec_compress.config import PQConfig  # new: imported here so the file collects
+
+    assert PQConfig in CONVERTERS
+    rows = {"a": 300, "b": 200}
+    fields = dict(num_subspaces=4, num_centroids=16, kmeans_iterations=5)
+    codes = []
+    for config in (PQConfig(**fields), MECConfig(mode="pq", **fields)):
+        model = _dlrm(rows)
+        report = compress_(model, config, calibration=_batches(rows))
+        assert [r.method for r in report.rows] == ["PQ", "PQ"]
+        codes.append(_ebc(model).codes.a.clone())
+    assert torch.equal(codes[0], codes[1])
+    assert PQConfig.from_dict(PQConfig(**fields).to_dict()) == PQConfig(**fields)
+    with pytest.raises(ValueError, match=r"PQConfig.table_overrides \['a'\] set steps"):
+        PQConfig(table_overrides={"a": MECOverride(steps=5)})
+    with pytest.raises(ValueError, match="PQConfig.num_centroids must be a positive int"):
+        PQConfig(num_centroids=0)

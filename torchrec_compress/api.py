@@ -34,6 +34,7 @@ from torchrec_compress.config import (
     CompressionConfig,
     LowRankConfig,
     MECConfig,
+    PQConfig,
     SVDConfig,
 )
 from torchrec_compress.lowrank import (
@@ -611,7 +612,7 @@ def _plan_mec(
                 "batches) for the lookup counts; pass calibration= or popularity_weighting=False"
             )
         counts, _ = calibrate(model, calibration, forward_fn, ebcs)
-    _warn_kept_tables(reasons, type(config).__name__)
+    _warn_kept_tables(reasons, "MEC" if config.mode == "mec" else "PQ")
 
     replacements: dict[str, nn.Module] = {}
     rows: list[ReportRow] = []
@@ -621,6 +622,18 @@ def _plan_mec(
         if module is not None:
             replacements[module[0]] = module[1]
     return ConversionPlan(replacements, rows)
+
+
+def _plan_pq(
+    model: nn.Module,
+    config: CompressionConfig,
+    calibration: Iterable[Any] | None,
+    filter_fn: FilterFn | None,
+    forward_fn: ForwardFn,
+) -> ConversionPlan:
+    """:class:`PQConfig`: the PQ branch of :func:`_plan_mec` (weighted k-means only)."""
+    assert isinstance(config, PQConfig)
+    return _plan_mec(model, config.to_mec_config(), calibration, filter_fn, forward_fn)
 
 
 def _mec_keep_reason(table: EmbeddingBagConfig, config: MECConfig) -> str | None:
@@ -774,8 +787,8 @@ def _check_unsharded(model: nn.Module) -> None:
             f"compress_ works on unsharded models, got a sharded {type(model).__name__}: "
             "compress a DistributedModelParallel model with "
             "torchrec_compress.distributed.compress_sharded (AFMConfig/SVDConfig) or "
-            "torchrec_compress.distributed.compress_sharded_pq (MECConfig/PQConfig), which "
-            "write a checkpoint for the re-sharded compressed model"
+            "torchrec_compress.distributed.compress_sharded_pq (MECConfig; for PQConfig pass "
+            "config.to_mec_config()), which write a checkpoint for the re-sharded compressed model"
         )
     wrapped = [fqn or "<model>" for fqn, m in model.named_modules() if isinstance(m, DDP)]
     if wrapped:
@@ -828,6 +841,7 @@ CONVERTERS: dict[type[CompressionConfig], Planner] = {
     AFMConfig: _plan_lowrank,
     SVDConfig: _plan_lowrank,
     MECConfig: _plan_mec,
+    PQConfig: _plan_pq,
 }
 
 

@@ -12,6 +12,7 @@ from torchrec_compress.distributed.lowrank import (
     lowrank_skeleton_,
     sharded_statistics,
 )
+from torchrec_compress.distributed.mec import compress_sharded_pq
 from torchrec_compress.distributed.planning import (
     PlanStorage,
     TableStorage,
@@ -36,6 +37,7 @@ __all__ = [
     "SparseLookupCounter",
     "TableStorage",
     "compress_sharded",
+    "compress_sharded_pq",
     "default_sharders",
     "encode_sharded_codes_",
     "load_full_state_dict_",
