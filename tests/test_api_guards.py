@@ -416,6 +416,8 @@ def test_examples_dlrm_budget_ratio_4_with_two_row_tables(tmp_path: Path) -> Non
     report = json.loads((tmp_path / "result.json").read_text())["compression"]["report"]
     methods = {r["name"]: r["method"] for r in report["rows"]}
     assert [methods[f"t_f{i}"] for i in range(20)] == ["kept"] * 20
+    notes = {r["name"]: r["note"] for r in report["rows"]}
+    assert notes["t_f0"] == "smallest allowed rank 4 would not be smaller (352 >= 128 bytes)"
     assert {methods[f"t_f{i}"] for i in range(20, 26)} == {"AFM"}
     assert report["ratio"] > 3.5
 
