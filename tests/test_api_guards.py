@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch import nn
 from torchrec.datasets.utils import Batch
-from torchrec.distributed.test_utils.test_model import ModelInput, TestSparseNN
+from torchrec.distributed.test_utils.test_model import ModelInput
+from torchrec.distributed.test_utils.test_model import TestSparseNN as SparseNN  # not a test class
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -232,7 +233,7 @@ def test_linear_on_test_sparse_nn_finds_its_layers() -> None:
     """TestSparseNN's dense arch (hidden_layers + linear) and over arch (linear0, linear1)."""
     tables, weighted = _sparse_nn_tables()
     torch.manual_seed(0)
-    model = TestSparseNN(
+    model = SparseNN(
         tables=tables,
         weighted_tables=weighted,
         submodule_kwargs={"dense_arch_hidden_sizes": [32, 32]},
@@ -247,7 +248,7 @@ def test_linear_on_test_sparse_nn_finds_its_layers() -> None:
     assert model(batches[0]).shape == (8,)
 
     torch.manual_seed(0)
-    model = TestSparseNN(tables=tables, weighted_tables=weighted)
+    model = SparseNN(tables=tables, weighted_tables=weighted)
     config = AFMConfig(rank=4, linear=True, linear_rank=4, keep_mlp_ends=False)
     report = compress_(model, config, calibration=batches, forward_fn=_call)
     assert {r.name for r in report.rows if r.kind == "linear"} == {
@@ -260,7 +261,7 @@ def test_linear_on_test_sparse_nn_finds_its_layers() -> None:
 def test_linear_finding_nothing_says_why() -> None:
     tables, weighted = _sparse_nn_tables()
     torch.manual_seed(0)
-    model = TestSparseNN(tables=tables, weighted_tables=weighted)
+    model = SparseNN(tables=tables, weighted_tables=weighted)
     config = AFMConfig(rank=4, linear=True, linear_rank=4)
     with pytest.warns(
         UserWarning, match=r"found no Linear layer.*'over.dhn_arch': 2.*keep_mlp_ends"
@@ -279,7 +280,7 @@ def test_embedding_collection_tables_are_named() -> None:
         for i in range(2)
     ]
     torch.manual_seed(0)
-    model = TestSparseNN(tables=tables)
+    model = SparseNN(tables=tables)
     with pytest.warns(UserWarning, match=r"EmbeddingCollection.*'sparse.ec': \['seq0', 'seq1'\]"):
         with pytest.raises(ValueError, match="found nothing to compress in TestSparseNN"):
             compress_(model, SVDConfig(rank=4))

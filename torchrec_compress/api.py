@@ -53,6 +53,7 @@ from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import QuantizationMetrics, code_dtype, subspace_order, train_pq_table
 from torchrec_compress.rank import (
     BYTES_PER_ELEMENT,
+    RankChoice,
     TableSpectrum,
     choose_ranks,
     compressed_table_bytes,
@@ -485,6 +486,8 @@ def _plan_lowrank(
     filter_fn: FilterFn | None,
     forward_fn: ForwardFn,
 ) -> ConversionPlan:
+    """AFM / SVD: statistics -> bases -> ranks (:func:`choose_ranks`) -> factors, for every
+    selected table (:func:`_lowrank_collection`) and hidden MLP layer (:func:`linear_factors`)."""
     assert isinstance(config, LowRankConfig)
     is_afm = isinstance(config, AFMConfig)
     ebcs = find_embedding_bag_collections(model, filter_fn) if config.embeddings else {}
@@ -502,20 +505,18 @@ def _plan_lowrank(
             raise ValueError("AFMConfig needs calibration data (an iterable of batches)")
         counts, linear_moments = calibrate(model, calibration, forward_fn, ebcs, linears)
 
-    # tables: statistics -> basis -> global rank selection -> factors
     bases: dict[str, PrincipalBasis] = {}
     spectra: dict[str, TableSpectrum] = {}
-    weights: dict[str, torch.Tensor] = {}
     for fqn, ebc in ebcs.items():
         for table in ebc.embedding_bag_configs():
             weight = ebc.embedding_bags[table.name].weight
+            label = f"table {table.name!r}"
             if is_afm:
                 moments = table_moments(weight, counts[fqn][table.name], table.name)
-                bases[table.name] = afm_basis(moments, f"table {table.name!r}")
+                bases[table.name] = afm_basis(moments, label)
             else:
                 moments = table_moments(weight, None, table.name)
-                bases[table.name] = svd_basis(moments, f"table {table.name!r}")
-            weights[table.name] = weight
+                bases[table.name] = svd_basis(moments, label)
             spectra[table.name] = TableSpectrum(
                 table.num_embeddings,
                 table.embedding_dim,
@@ -523,54 +524,68 @@ def _plan_lowrank(
                 float(moments.count),
             )
     choices = choose_ranks(spectra, config) if spectra else {}
-    ranks = {name: choice.rank for name, choice in choices.items()}
 
     replacements: dict[str, nn.Module] = {}
     rows: list[ReportRow] = []
     for fqn, ebc in ebcs.items():
-        tables = ebc.embedding_bag_configs()
-        table_ranks = {t.name: k for t in tables if (k := ranks[t.name]) is not None}
-        for t in tables:
-            weight, k = weights[t.name], ranks[t.name]
-            before = weight.numel() * weight.element_size()
-            rows.append(
-                ReportRow(
-                    name=t.name,
-                    kind="table",
-                    shape=(t.num_embeddings, t.embedding_dim),
-                    method="kept" if k is None else _method(config),
-                    rank=k,
-                    bytes_before=before,
-                    bytes_after=before
-                    if k is None
-                    else compressed_table_bytes(t.num_embeddings, t.embedding_dim, k),
-                    explained_variance=None if k is None else bases[t.name].explained_variance(k),
-                    note=choices[t.name].note,
-                )
-            )
-        if not table_ranks:
-            continue
-        module = LowRankEmbeddingBagCollection(tables, table_ranks, ebc.is_weighted(), ebc.device)
-        for t in tables:
-            k = ranks[t.name]
-            if k is None:
-                module.load_table_(t.name, weights[t.name])
-            else:
-                basis = bases[t.name]
-                module.load_table_(
-                    t.name,
-                    factor_table(weights[t.name], basis, k),
-                    projection(basis, k),
-                    basis.mean.to(torch.float32),
-                )
-        replacements[fqn] = module
-
+        module, table_rows = _lowrank_collection(ebc, bases, choices, _method(config))
+        rows += table_rows
+        if module is not None:
+            replacements[fqn] = module
     for fqn, layer in linears.items():
         row, new = linear_factors(fqn, layer, linear_moments[fqn] if is_afm else None, config)
         rows.append(row)
         if new is not None:
             replacements[fqn] = new
     return ConversionPlan(replacements, rows)
+
+
+def _lowrank_collection(
+    ebc: EmbeddingBagCollection,
+    bases: Mapping[str, PrincipalBasis],
+    choices: Mapping[str, RankChoice],
+    method: str,
+) -> tuple[LowRankEmbeddingBagCollection | None, list[ReportRow]]:
+    """One collection's low-rank replacement (kept tables at full width inside it), or ``None``
+    when every table is kept, and its report rows."""
+    tables = ebc.embedding_bag_configs()
+    rows = []
+    for t in tables:
+        weight, k = ebc.embedding_bags[t.name].weight, choices[t.name].rank
+        before = weight.numel() * weight.element_size()
+        after = (
+            before if k is None else compressed_table_bytes(t.num_embeddings, t.embedding_dim, k)
+        )
+        rows.append(
+            ReportRow(
+                name=t.name,
+                kind="table",
+                shape=(t.num_embeddings, t.embedding_dim),
+                method="kept" if k is None else method,
+                rank=k,
+                bytes_before=before,
+                bytes_after=after,
+                explained_variance=None if k is None else bases[t.name].explained_variance(k),
+                note=choices[t.name].note,
+            )
+        )
+    table_ranks = {t.name: k for t in tables if (k := choices[t.name].rank) is not None}
+    if not table_ranks:
+        return None, rows
+    module = LowRankEmbeddingBagCollection(tables, table_ranks, ebc.is_weighted(), ebc.device)
+    for t in tables:
+        weight, k = ebc.embedding_bags[t.name].weight, choices[t.name].rank
+        if k is None:
+            module.load_table_(t.name, weight)
+        else:
+            basis = bases[t.name]
+            module.load_table_(
+                t.name,
+                factor_table(weight, basis, k),
+                projection(basis, k),
+                basis.mean.to(torch.float32),
+            )
+    return module, rows
 
 
 def _plan_mec(

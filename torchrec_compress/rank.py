@@ -35,6 +35,10 @@ from torchrec_compress.config import LowRankConfig
 
 # float32 factors, projections and means
 BYTES_PER_ELEMENT = 4
+# the note of a table that a ``LowRankOverride(skip=True)`` leaves uncompressed (no warning)
+SKIPPED = "skipped by table_overrides"
+# the note of a table a memory budget affords whole (no warning: the budget's best use)
+AFFORDED_WHOLE = "budget keeps the whole table"
 
 
 @dataclass
@@ -117,7 +121,7 @@ class RankChoice:
 
     Args:
         rank (Optional[int]): the rank, or ``None`` when the table is kept uncompressed.
-        note (Optional[str]): why a table is kept (``None`` when compressed or skipped).
+        note (Optional[str]): why a table is kept (``None`` when compressed).
     """
 
     rank: int | None
@@ -141,7 +145,7 @@ def _rule_choice(name: str, spec: TableSpectrum, config: LowRankConfig) -> RankC
     override = config.table_overrides.get(name)
     multiple = config.rank_multiple
     if override is not None and override.skip:
-        return RankChoice(None, "skipped by table_overrides")
+        return RankChoice(None, SKIPPED)
     if override is not None and override.rank is not None:
         check_rank(override.rank, spec.embedding_dim, f"table {name!r}")
         return _fixed(override.rank, spec, multiple, "override: ")
@@ -216,7 +220,7 @@ def choose_ranks(
             if c.rank is None
             else compressed_table_bytes(spectra[n].num_embeddings, spectra[n].embedding_dim, c.rank)
             for n, c in choices.items()
-            if c.note != "skipped by table_overrides"
+            if c.note != SKIPPED
         )
         choices.update(
             _spend_budget(
@@ -248,10 +252,7 @@ def _warn_kept(choices: Mapping[str, RankChoice], config_name: str) -> None:
     kept = {
         n: c.note
         for n, c in choices.items()
-        if c.rank is None
-        and c.note is not None
-        and c.note != "skipped by table_overrides"
-        and not c.note.startswith("budget")
+        if c.rank is None and c.note is not None and c.note != SKIPPED and c.note != AFFORDED_WHOLE
     }
     if kept:
         reasons = "; ".join(f"table {n!r}: {note}" for n, note in kept.items())
@@ -319,6 +320,6 @@ def _spend_budget(
     return {
         n: RankChoice(k)
         if k < spectra[n].embedding_dim
-        else RankChoice(None, notes.get(n, "budget keeps the whole table"))
+        else RankChoice(None, notes.get(n, AFFORDED_WHOLE))
         for n, k in ranks.items()
     }
