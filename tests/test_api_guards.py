@@ -479,3 +479,23 @@ def test_pq_config_is_plain_pq() -> None:
         PQConfig(table_overrides={"a": MECOverride(steps=5)})
     with pytest.raises(ValueError, match="PQConfig.num_centroids must be a positive int"):
         PQConfig(num_centroids=0)
+
+
+def test_two_stage_report_keeps_the_later_note_and_bytes() -> None:
+    """AFM then MEC with a table MEC keeps: the identity-code bytes and the note were dropped."""
+    rows = {"a": 300, "b": 200}
+    model, batches = _dlrm(rows), _batches(rows)
+    first = compress_(model, AFMConfig(rank=4), calibration=batches)
+    config = MECConfig(
+        num_subspaces=2, num_centroids=16, steps=2, table_overrides={"b": MECOverride(skip=True)}
+    )
+    second = compress_(model, config, calibration=batches)
+    both = _rows(first.followed_by(second))
+    assert both["a"].method == "AFM+MEC"
+    assert both["b"].method == "AFM"
+    assert both["b"].bytes_after == _rows(first)["b"].bytes_after + 200  # uint8 identity codes
+    assert "identity codes (+200 bytes)" in both["b"].note
+    assert (
+        both["b"].bytes_after
+        == _rows(second)["b"].bytes_after - 200 * 4 * 4 + _rows(first)["b"].bytes_after
+    )

@@ -14,6 +14,7 @@ entry in that dict.  Planners share :func:`find_embedding_bag_collections` and
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -114,8 +115,9 @@ class CompressionReport:
         """One report for this compression and ``later``, applied to its result.
 
         Rows are matched by (kind, name): bytes run from this report's ``bytes_before`` to what
-        ``later`` left (``after - later.before + later.after``); methods join as ``"AFM+MEC"``;
-        the rank and explained variance come from here, the perplexity from ``later``.
+        ``later`` left (``after - later.before + later.after``); methods join as ``"AFM+MEC"``
+        (a row ``later`` kept keeps this method, with ``later``'s note); the rank and explained
+        variance come from here, the perplexity from ``later``.
 
         Example::
 
@@ -132,8 +134,12 @@ class CompressionReport:
         rows = []
         for r in self.rows:
             nxt = by_key.get((r.kind, r.name))
-            if nxt is None or nxt.method == "kept":
+            if nxt is None:
                 rows.append(r)
+                continue
+            after = r.bytes_after - nxt.bytes_before + nxt.bytes_after
+            if nxt.method == "kept":  # its note says why (and any identity-code bytes)
+                rows.append(dataclasses.replace(r, bytes_after=after, note=nxt.note or r.note))
                 continue
             rows.append(
                 ReportRow(
@@ -143,9 +149,10 @@ class CompressionReport:
                     method=nxt.method if r.method == "kept" else f"{r.method}+{nxt.method}",
                     rank=r.rank,
                     bytes_before=r.bytes_before,
-                    bytes_after=r.bytes_after - nxt.bytes_before + nxt.bytes_after,
+                    bytes_after=after,
                     explained_variance=r.explained_variance,
                     perplexity=nxt.perplexity,
+                    note=nxt.note,
                 )
             )
         return CompressionReport(rows)
@@ -437,8 +444,28 @@ def linear_factors(
     config: LowRankConfig,
 ) -> tuple[ReportRow, LowRankLinear | None]:
     """Rank choice and factors of one Linear layer (AFM from its output ``moments``, SVD from
-    its weight when ``moments`` is None); ``None`` (a "kept" row with a note) when two factors
-    would not be smaller, e.g. any rank of a 1-output logit layer."""
+    its weight when ``moments`` is None); ``None`` (a "kept" row with a note, and a warning)
+    when two factors would not be smaller, e.g. any rank of a 1-output logit layer.
+
+    Args:
+        fqn (str): the layer's fully qualified name (report row and messages).
+        layer (nn.Linear): the layer.
+        moments (Optional[Moments]): its output moments (AFM) or ``None`` (SVD).
+        config (LowRankConfig): ``linear_rank`` or ``linear_variance``.
+
+    Returns:
+        tuple[ReportRow, Optional[LowRankLinear]]: the report row and the replacement.
+
+    Example::
+
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     config = SVDConfig(rank=4, linear=True, linear_rank=2)
+        ...     row, new = linear_factors("logit", nn.Linear(8, 1), None, config)
+        >>> row.method, new, row.note
+        ('kept', None, "linear_rank 2 exceeds the layer's 1 principal directions")
+    """
     name = f"layer {fqn!r}"
     basis = None
     if moments is not None:

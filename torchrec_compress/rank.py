@@ -111,7 +111,17 @@ def compressed_table_bytes(num_embeddings: int, embedding_dim: int, rank: int) -
 
 
 def table_bytes(num_embeddings: int, embedding_dim: int) -> int:
-    """Bytes of an uncompressed float32 table."""
+    """Bytes of an uncompressed float32 table.
+
+    Args:
+        num_embeddings (int): rows N.
+        embedding_dim (int): dimension d.
+
+    Example::
+
+        >>> table_bytes(6, 16), compressed_table_bytes(6, 16, 8)  # rank 8 would double it
+        (384, 768)
+    """
     return BYTES_PER_ELEMENT * num_embeddings * embedding_dim
 
 
@@ -122,6 +132,11 @@ class RankChoice:
     Args:
         rank (Optional[int]): the rank, or ``None`` when the table is kept uncompressed.
         note (Optional[str]): why a table is kept (``None`` when compressed).
+
+    Example::
+
+        >>> RankChoice(None, "rank 8 would not be smaller (768 >= 384 bytes)").rank is None
+        True
     """
 
     rank: int | None
@@ -188,6 +203,13 @@ def choose_ranks(
     All ranks are rounded with :func:`round_rank`.  A rank that would not make its table smaller
     (see the module notes) keeps the table; one warning lists every such table and why.
 
+    Args:
+        spectra (Mapping[str, TableSpectrum]): table name -> its rows, dimension and spectrum.
+        config (LowRankConfig): the rank rule, overrides and ``rank_multiple``.
+
+    Returns:
+        Dict[str, RankChoice]: per table (in ``spectra``'s order), its rank or why it is kept.
+
     Raises:
         ValueError: naming the table for an override of an unknown table or an override rank
             outside 1..d.
@@ -237,6 +259,10 @@ def select_ranks(
     spectra: Mapping[str, TableSpectrum], config: LowRankConfig
 ) -> dict[str, int | None]:
     """The ranks of :func:`choose_ranks` (``None``: table kept uncompressed).
+
+    Args:
+        spectra (Mapping[str, TableSpectrum]): table name -> its rows, dimension and spectrum.
+        config (LowRankConfig): the rank rule, overrides and ``rank_multiple``.
 
     Example::
 
