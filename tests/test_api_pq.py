@@ -115,7 +115,11 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     ("config", "damage", "match"),
     [
-        (MECConfig(**{**_FAST, "num_subspaces": 3}), None, r"table 't0'.*not divisible by"),
+        (
+            MECConfig(**_FAST, table_overrides={"t0": MECOverride(num_subspaces=3)}),
+            None,
+            r"table 't0'.*not divisible by",
+        ),
         (
             MECConfig(**_FAST, table_overrides={"t1": MECOverride(num_centroids=2**31 + 1)}),
             None,
@@ -159,9 +163,16 @@ def test_empty_table_is_named() -> None:
     assert model[0] is ebc
 
 
-def _lowrank_then(config: MECConfig, rank: int = 4) -> tuple[DLRM, DLRM, list[Batch]]:
-    """A DLRM compressed by AFM (``rank``), its copy, and the same then quantized by ``config``."""
+def _lowrank_then(
+    config: MECConfig, rank: int = 4, distinct_rows: int | None = None
+) -> tuple[DLRM, DLRM, list[Batch]]:
+    """A DLRM compressed by AFM (``rank``), its copy, and the same then quantized by ``config``
+    (with ``distinct_rows``, every table repeats that many distinct rows)."""
     model = _dlrm()
+    if distinct_rows is not None:
+        with torch.no_grad():
+            for bag in _ebc(model).embedding_bags.values():
+                bag.weight.copy_(bag.weight[torch.arange(len(bag.weight)) % distinct_rows])
     batches = _batches()
     compress_(model, AFMConfig(rank=rank), calibration=batches)
     lowrank = copy.deepcopy(model)
@@ -171,11 +182,12 @@ def _lowrank_then(config: MECConfig, rank: int = 4) -> tuple[DLRM, DLRM, list[Ba
 
 
 def test_mec_on_lowrank_factors_is_exact_when_codewords_cover_the_rows() -> None:
-    # K >= rows: each subspace gets a codeword per row, so quantization is lossless and the
-    # model must equal the low-rank one; a projection not reordered like the factor columns
-    # (the columns are reordered by variance) would break that.
+    # K >= distinct rows: each subspace gets a codeword per distinct row, so quantization is
+    # lossless and the model must equal the low-rank one; a projection not reordered like the
+    # factor columns (the columns are reordered by variance) would break that.  (K >= rows
+    # would be lossless too, but never smaller: such tables are kept.)
     lowrank, model, batches = _lowrank_then(
-        MECConfig(num_subspaces=2, num_centroids=512, mode="pq")
+        MECConfig(num_subspaces=2, num_centroids=16, mode="pq"), distinct_rows=8
     )
     ebc = _ebc(model)
     assert isinstance(ebc, LowRankEmbeddingBagCollection)
@@ -206,12 +218,16 @@ def test_mec_on_lowrank_factors_reports_factor_bytes_and_trains() -> None:
     assert not any(".factor_ebc.embedding_bags." in n for n in names)
 
 
-def test_mec_on_lowrank_factors_needs_m_to_divide_the_rank() -> None:
+def test_mec_on_lowrank_factors_keeps_them_when_m_does_not_divide_the_rank() -> None:
     model = _dlrm()
     compress_(model, AFMConfig(rank=4), calibration=_batches())
     before = _state(model)
-    with pytest.raises(ValueError, match="t0"):
-        compress_(model, MECConfig(**{**_FAST, "num_subspaces": 3}), calibration=_batches())
+    with pytest.warns(UserWarning, match="table 't0': num_subspaces 3 does not divide"):
+        report = compress_(
+            model, MECConfig(**{**_FAST, "num_subspaces": 3}), calibration=_batches()
+        )
+    assert {r.method for r in report.rows} == {"kept"}
+    assert not isinstance(_ebc(model).factor_ebc, PQEmbeddingBagCollection)
     after = _state(model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,15 +1,20 @@
 """Rank selection: rounding, variance targets, overrides and the global byte budget."""
 
+import warnings
+
 import pytest
 import torch
 
 from torchrec_compress.config import AFMConfig, LowRankOverride, SVDConfig
 from torchrec_compress.rank import (
+    RankChoice,
     TableSpectrum,
+    choose_ranks,
     compressed_table_bytes,
     rank_for_variance,
     round_rank,
     select_ranks,
+    table_bytes,
 )
 
 
@@ -43,25 +48,86 @@ def test_fixed_rank_and_overrides() -> None:
     assert select_ranks(_spectra(), config) == {"steep": 8, "flat": None, "small": 4}
 
 
+def _used(spectra: dict[str, TableSpectrum], ranks: dict[str, int | None]) -> int:
+    """Bytes after compression; a kept table (rank None) at its full size."""
+    return sum(
+        table_bytes(s.num_embeddings, s.embedding_dim)
+        if ranks[n] is None
+        else compressed_table_bytes(s.num_embeddings, s.embedding_dim, ranks[n])
+        for n, s in spectra.items()
+    )
+
+
 def test_variance_target_is_rounded() -> None:
-    ranks = select_ranks(_spectra(), AFMConfig(explained_variance=0.9, rank_multiple=1))
-    assert ranks == {"steep": 2, "flat": 15, "small": 7}  # small: 16/18 < 0.9 <= 17/18
-    assert select_ranks(_spectra(), AFMConfig(explained_variance=0.9)) == {
-        "steep": 4,
-        "flat": 16,
-        "small": 8,
-    }
+    # small: 16/18 < 0.9 <= 17/18 needs rank 7: 4 (50*7 + 7*8 + 8) = 1656 >= 1600 bytes: kept
+    with pytest.warns(UserWarning, match=r"table 'small': explained_variance 0\.9: rank 7"):
+        ranks = select_ranks(_spectra(), AFMConfig(explained_variance=0.9, rank_multiple=1))
+    assert ranks == {"steep": 2, "flat": 15, "small": None}
+    # rounded up to 16 = dim (flat) and 8 = dim (small): never smaller, so both kept
+    with pytest.warns(UserWarning, match="keeps 2 table"):
+        ranks = select_ranks(_spectra(), AFMConfig(explained_variance=0.9))
+    assert ranks == {"steep": 4, "flat": None, "small": None}
+
+
+def test_high_variance_target_keeps_every_table() -> None:
+    """explained_variance=0.99 picked rank = dim everywhere: every table grew.  Now kept."""
+    with pytest.warns(UserWarning, match="keeps 2 table"):
+        choices = choose_ranks(_spectra(), AFMConfig(explained_variance=0.99))
+    assert choices["steep"].rank == 4  # a steep spectrum still compresses
+    assert choices["small"].rank is None
+    assert choices["flat"] == RankChoice(
+        None, "explained_variance 0.99: rank 16 would not be smaller (65088 >= 64000 bytes)"
+    )
+
+
+@pytest.mark.parametrize(
+    "spec,rank,note",
+    [
+        # the issue's cases: AFM rank 8 on a 6-row table; the demo's 50 x 64 table at rank 56
+        (TableSpectrum(6, 16, torch.ones(16)), 8, "rank 8 would not be smaller (768 >= 384 bytes)"),
+        (
+            TableSpectrum(50, 64, torch.ones(64)),
+            56,
+            "rank 56 would not be smaller (25792 >= 12800 bytes)",
+        ),
+        (TableSpectrum(100, 8, torch.ones(8)), 12, "rank 12 exceeds embedding_dim 8"),
+        (TableSpectrum(2, 16, torch.ones(16)), 1, "rank 4 would not be smaller (352 >= 128 bytes)"),
+    ],
+)
+def test_a_rank_that_would_not_shrink_the_table_keeps_it(
+    spec: TableSpectrum, rank: int, note: str
+) -> None:
+    spectra = {"big": TableSpectrum(1000, 64, torch.ones(64)), "t": spec}
+    with pytest.warns(UserWarning, match=r"AFMConfig keeps 1 table\(s\) uncompressed: table 't'"):
+        choices = choose_ranks(spectra, AFMConfig(rank=rank))
+    assert choices["t"] == RankChoice(None, note)
+    assert choices["big"].rank == round_rank(rank, 4, 64)
+
+
+def test_every_chosen_rank_is_smaller_than_its_table() -> None:
+    for rows in (1, 2, 3, 5, 8, 13, 50):
+        for dim in (4, 8, 16, 64):
+            spec = TableSpectrum(rows, dim, torch.linspace(2, 1, dim))
+            for rank in range(1, dim + 3):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    k = select_ranks({"t": spec}, AFMConfig(rank=rank))["t"]
+                if k is not None:
+                    assert k <= min(rows, dim)
+                    assert compressed_table_bytes(rows, dim, k) < table_bytes(rows, dim)
 
 
 @pytest.mark.parametrize(
     "config,match",
     [
-        (AFMConfig(rank=12), "table 'small': rank 12 is invalid; valid ranks are 1..8"),
+        (
+            AFMConfig(rank=4, table_overrides={"small": LowRankOverride(rank=12)}),
+            "table 'small': rank 12 is invalid; valid ranks are 1..8",
+        ),
         (
             AFMConfig(rank=4, table_overrides={"nope": LowRankOverride(rank=2)}),
             r"unknown table\(s\) \['nope'\]",
         ),
-        (AFMConfig(memory_budget_bytes=1000), "smallest allowed ranks"),
     ],
 )
 def test_errors_name_the_problem(config: AFMConfig, match: str) -> None:
@@ -73,33 +139,45 @@ def test_errors_name_the_problem(config: AFMConfig, match: str) -> None:
 def test_budget_is_respected_and_spent_where_it_pays(budget: int) -> None:
     spectra = _spectra()
     ranks = select_ranks(spectra, AFMConfig(memory_budget_bytes=budget))
-    used = sum(
-        compressed_table_bytes(s.num_embeddings, s.embedding_dim, ranks[n])
-        for n, s in spectra.items()
-    )
-    assert used <= budget
-    assert all(r % 4 == 0 for r in ranks.values())
+    assert _used(spectra, ranks) <= budget
+    assert all(r is None or r % 4 == 0 for r in ranks.values())
     # the flat table gains far more per rank beyond 4 than the steep one
-    assert ranks["flat"] >= ranks["steep"]
-    if budget == 10**9:
-        assert ranks == {"steep": 16, "flat": 16, "small": 8}
+    assert (ranks["flat"] or 16) >= (ranks["steep"] or 16)
+    if budget == 10**9:  # affords every table whole: nothing is compressed
+        assert ranks == {"steep": None, "flat": None, "small": None}
+
+
+def test_budget_keeps_tables_no_rank_shrinks() -> None:
+    """`--budget-ratio 4` on a d=16 model raised: every 2-row table had to take rank >= 4."""
+    spectra = {f"tiny{i}": TableSpectrum(2, 16, torch.ones(16)) for i in range(20)}
+    spectra["big"] = TableSpectrum(5000, 16, torch.linspace(2, 1, 16))
+    budget = sum(table_bytes(s.num_embeddings, s.embedding_dim) for s in spectra.values()) // 3
+    with pytest.warns(
+        UserWarning, match="table 'tiny0': smallest allowed rank 4 would not be smaller"
+    ):
+        choices = choose_ranks(spectra, AFMConfig(memory_budget_bytes=budget))
+    assert all(choices[f"tiny{i}"].rank is None for i in range(20))
+    assert choices["big"].rank is not None and choices["big"].rank < 16
+    assert _used(spectra, {n: c.rank for n, c in choices.items()}) <= budget
 
 
 def test_budget_charges_overridden_tables_first() -> None:
     spectra = _spectra()
-    budget = 150_000
+    budget = 80_000
     free = select_ranks(spectra, AFMConfig(memory_budget_bytes=budget))
     pinned = select_ranks(
         spectra,
-        AFMConfig(memory_budget_bytes=budget, table_overrides={"flat": LowRankOverride(rank=16)}),
+        AFMConfig(memory_budget_bytes=budget, table_overrides={"flat": LowRankOverride(rank=12)}),
     )
-    assert pinned["flat"] == 16
+    assert pinned["flat"] == 12
     assert pinned["steep"] <= free["steep"]
-    used = sum(
-        compressed_table_bytes(s.num_embeddings, s.embedding_dim, pinned[n])
-        for n, s in spectra.items()
-    )
-    assert used <= budget
+    assert _used(spectra, pinned) <= budget
+
+
+def test_budget_below_the_smallest_ranks_warns_and_uses_them() -> None:
+    with pytest.warns(UserWarning, match="smallest allowed ranks .* need 33600 bytes"):
+        ranks = select_ranks(_spectra(), AFMConfig(memory_budget_bytes=1000))
+    assert ranks == {"steep": 4, "flat": 4, "small": 4}
 
 
 def test_config_validation() -> None:

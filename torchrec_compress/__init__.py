@@ -1,7 +1,116 @@
 """torchrec-compress: make TorchRec recommendation models smaller and faster.
 
-Low-rank (AFM, SVD) and product-quantized (MEC) compression of embedding tables and MLP layers,
-as drop-in TorchRec modules that shard through ``DistributedModelParallel``.
+Low-rank (AFM, SVD) and product-quantized (MEC, PQ) compression of embedding tables and MLP
+layers, as drop-in TorchRec modules that shard through ``DistributedModelParallel``.
+
+The public names below are importable from the package itself; each is loaded on first use
+(PEP 562), so ``import torchrec_compress.config`` stays light and ``torchrec_compress.distributed``
+(which imports :mod:`torchrec_compress.api`) is never imported by the package in a cycle.
+
+Example::
+
+    >>> from torchrec_compress import AFMConfig, compress_, sharders
+    >>> AFMConfig(rank=8).rank, callable(compress_)
+    (8, True)
+    >>> "PQEmbeddingBagCollectionSharder" in {type(s).__name__ for s in sharders()}
+    True
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torchrec.distributed.types import ModuleSharder
+
+    from torchrec_compress.api import CompressionReport, compress_
+    from torchrec_compress.config import (
+        AFMConfig,
+        LowRankOverride,
+        MECConfig,
+        MECOverride,
+        PQConfig,
+        SVDConfig,
+    )
+    from torchrec_compress.distributed import (
+        CPURowWiseEmbeddingBagCollectionSharder,
+        PQEmbeddingBagCollectionSharder,
+    )
+    from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
+    from torchrec_compress.modules.lowrank_linear import LowRankLinear
+    from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "compress_": "torchrec_compress.api",
+    "CompressionReport": "torchrec_compress.api",
+    "AFMConfig": "torchrec_compress.config",
+    "SVDConfig": "torchrec_compress.config",
+    "MECConfig": "torchrec_compress.config",
+    "PQConfig": "torchrec_compress.config",
+    "LowRankOverride": "torchrec_compress.config",
+    "MECOverride": "torchrec_compress.config",
+    "LowRankEmbeddingBagCollection": "torchrec_compress.modules.lowrank_embedding_bag",
+    "LowRankLinear": "torchrec_compress.modules.lowrank_linear",
+    "PQEmbeddingBagCollection": "torchrec_compress.modules.pq_embedding_bag",
+    "PQEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
+    "CPURowWiseEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
+}
+
+__all__ = [
+    "AFMConfig",
+    "CPURowWiseEmbeddingBagCollectionSharder",
+    "CompressionReport",
+    "LowRankEmbeddingBagCollection",
+    "LowRankLinear",
+    "LowRankOverride",
+    "MECConfig",
+    "MECOverride",
+    "PQConfig",
+    "PQEmbeddingBagCollection",
+    "PQEmbeddingBagCollectionSharder",
+    "SVDConfig",
+    "compress_",
+    "sharders",
+]
+
+
+def sharders() -> list[ModuleSharder[nn.Module]]:
+    """Every sharder a ``DistributedModelParallel`` user must pass for compressed models.
+
+    TorchRec's default sharders, with the ``EmbeddingBagCollection`` sharder replaced by one
+    that offers row-wise sharding on CPU, plus the sharder of ``PQEmbeddingBagCollection``
+    (see :func:`torchrec_compress.distributed.planning.default_sharders`).  A
+    ``LowRankEmbeddingBagCollection`` needs none of its own: DMP shards its inner factor EBC.
+
+    Returns:
+        list[ModuleSharder[nn.Module]]: a fresh list, safe to extend.
+
+    Example::
+
+        >>> from torchrec_compress import sharders
+        >>> names = [type(s).__name__ for s in sharders()]
+        >>> names[:2]
+        ['CPURowWiseEmbeddingBagCollectionSharder', 'PQEmbeddingBagCollectionSharder']
+        >>> # DistributedModelParallel(model, plan=plan, sharders=sharders(), ...)
+    """
+    from torchrec_compress.distributed.planning import default_sharders
+
+    return default_sharders()
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'torchrec_compress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -369,3 +369,74 @@ class MECConfig(CompressionConfig):
                 f"table {table_name!r}: embedding_dim {embedding_dim} is not divisible by "
                 f"num_subspaces={self.num_subspaces}; pick a divisor of {embedding_dim}"
             )
+
+
+@dataclass
+class PQConfig(CompressionConfig):
+    """Plain product quantization (FAISS's ``ProductQuantizer``): weighted k-means per subspace.
+
+    The baseline of MEC without its trained encoder: each table of dimension ``d`` is split
+    into ``num_subspaces`` (``M``) blocks of ``d / M`` dims, each with ``num_centroids`` (``K``)
+    codewords found by k-means on the rows (weighted by popularity); rows become ``M`` codes.
+    Storage fields (``M``, ``K``) come first, then how rows are weighted, then the k-means
+    trainer's settings.  Same result as the older ``MECConfig(mode="pq")``, which still works
+    (:meth:`to_mec_config` gives it, e.g. for
+    :func:`~torchrec_compress.distributed.mec.compress_sharded_pq`).
+
+    Args:
+        num_subspaces (int): ``M``, must divide a table's dimension (else the table is kept).
+        num_centroids (int): ``K``, codewords per subspace (at most ``2**31``).
+        popularity_weighting (bool): weight row ``i`` by its lookup count ``n_i`` as
+            ``weighting`` says (needs calibration data); off: every row weighs 1.
+        weighting (str): ``"log2"`` (``max(1, floor(log2 n_i))``) or ``"lookups"``
+            (``max(1, n_i)``).
+        kmeans_iterations (int): Lloyd iterations.
+        kmeans_sample_size (int): at most this many rows (the most looked-up ones whole, a
+            uniform draw of the others) train the k-means.
+        chunk_size (int): rows encoded at once; bounds encoding memory independently of N.
+        seed (int): seed of every random draw.
+        table_overrides (Dict[str, MECOverride]): per table name: ``num_subspaces``,
+            ``num_centroids`` or ``skip`` (``steps`` belongs to MEC and is refused).
+
+    Example::
+
+        >>> cfg = PQConfig(num_subspaces=4, num_centroids=16)
+        >>> PQConfig.from_dict(cfg.to_dict()) == cfg, cfg.to_mec_config().mode
+        (True, 'pq')
+    """
+
+    num_subspaces: int = 8
+    num_centroids: int = 256
+    popularity_weighting: bool = True
+    weighting: str = "log2"
+    kmeans_iterations: int = 20
+    kmeans_sample_size: int = 65536
+    chunk_size: int = 1024
+    seed: int = 0
+    table_overrides: dict[str, MECOverride] = field(default_factory=dict)
+
+    @classmethod
+    def _nested_fields(cls) -> dict[str, type]:
+        return {"table_overrides": MECOverride}
+
+    def __post_init__(self) -> None:
+        stepped = sorted(n for n, o in self.table_overrides.items() if getattr(o, "steps", None))
+        if stepped:
+            raise ValueError(
+                f"PQConfig.table_overrides {stepped} set steps, which only MECConfig trains"
+            )
+        self.to_mec_config()  # validates every shared field with MECConfig's checks
+
+    def to_mec_config(self) -> MECConfig:
+        """The equivalent ``MECConfig(mode="pq")`` (what the PQ trainer and the sharded route read).
+
+        Example::
+
+            >>> PQConfig(num_centroids=16).to_mec_config().num_centroids
+            16
+        """
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        try:
+            return MECConfig(mode="pq", **shared)
+        except ValueError as e:
+            raise ValueError(str(e).replace("MECConfig", "PQConfig")) from e

@@ -12,14 +12,20 @@ Rank rounding.  ``round_rank`` rounds every table rank up to a multiple of ``ran
   "local_cols=3 not divisible by 4"; k=4 shards, runs forward and backward.
 
 So an unrounded rank would build and run unsharded but fail once DMP shards the factor tables.
-A rank equal to the dimension is always allowed: the original table already had that width.
 Linear layers are plain ``nn.Linear`` and need no rounding.
+
+Never bigger.  A table is compressed only when its low-rank form (factor table, projection and
+mean) takes fewer bytes than the table itself: ``4 (N k + k d + d) < 4 N d``, so ``k < d`` and
+``k < N``.  A rank that would not shrink the table (a rank of ``d`` or more, a 6-row table at
+rank 8, a variance target that needs every direction) leaves the table uncompressed, with a
+warning and a note in the report, instead of raising.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,6 +35,10 @@ from torchrec_compress.config import LowRankConfig
 
 # float32 factors, projections and means
 BYTES_PER_ELEMENT = 4
+# the note of a table that a ``LowRankOverride(skip=True)`` leaves uncompressed (no warning)
+SKIPPED = "skipped by table_overrides"
+# the note of a table a memory budget affords whole (no warning: the budget's best use)
+AFFORDED_WHOLE = "budget keeps the whole table"
 
 
 @dataclass
@@ -100,32 +110,159 @@ def compressed_table_bytes(num_embeddings: int, embedding_dim: int, rank: int) -
     return BYTES_PER_ELEMENT * (num_embeddings * rank + rank * embedding_dim + embedding_dim)
 
 
-def select_ranks(
+def table_bytes(num_embeddings: int, embedding_dim: int) -> int:
+    """Bytes of an uncompressed float32 table.
+
+    Args:
+        num_embeddings (int): rows N.
+        embedding_dim (int): dimension d.
+
+    Example::
+
+        >>> table_bytes(6, 16), compressed_table_bytes(6, 16, 8)  # rank 8 would double it
+        (384, 768)
+    """
+    return BYTES_PER_ELEMENT * num_embeddings * embedding_dim
+
+
+@dataclass
+class RankChoice:
+    """One table's outcome of rank selection.
+
+    Args:
+        rank (Optional[int]): the rank, or ``None`` when the table is kept uncompressed.
+        note (Optional[str]): why a table is kept (``None`` when compressed).
+
+    Example::
+
+        >>> RankChoice(None, "rank 8 would not be smaller (768 >= 384 bytes)").rank is None
+        True
+    """
+
+    rank: int | None
+    note: str | None = None
+
+
+def _fixed(rank: int, spec: TableSpectrum, multiple: int, why: str = "") -> RankChoice:
+    """``rank`` rounded, or the table kept (with a note) when that would not make it smaller."""
+    n, d = spec.num_embeddings, spec.embedding_dim
+    if rank > d:
+        return RankChoice(None, f"{why}rank {rank} exceeds embedding_dim {d}")
+    k = round_rank(rank, multiple, d)
+    after, before = compressed_table_bytes(n, d, k), table_bytes(n, d)
+    if after >= before:
+        return RankChoice(None, f"{why}rank {k} would not be smaller ({after} >= {before} bytes)")
+    return RankChoice(k)
+
+
+def _rule_choice(name: str, spec: TableSpectrum, config: LowRankConfig) -> RankChoice | None:
+    """The override's or the global fixed/variance rule for one table; ``None``: budget mode."""
+    override = config.table_overrides.get(name)
+    multiple = config.rank_multiple
+    if override is not None and override.skip:
+        return RankChoice(None, SKIPPED)
+    if override is not None and override.rank is not None:
+        check_rank(override.rank, spec.embedding_dim, f"table {name!r}")
+        return _fixed(override.rank, spec, multiple, "override: ")
+    target = override.explained_variance if override is not None else None
+    target = target if target is not None else config.explained_variance
+    if override is None and config.rank is not None:
+        return _fixed(config.rank, spec, multiple)
+    if target is not None:
+        k = rank_for_variance(spec.eigenvalues, target)
+        return _fixed(k, spec, multiple, f"explained_variance {target}: ")
+    return None
+
+
+def choose_ranks(
     spectra: Mapping[str, TableSpectrum], config: LowRankConfig
-) -> dict[str, int | None]:
-    """Chooses each table's rank from ``config``; ``None`` marks a table left uncompressed.
+) -> dict[str, RankChoice]:
+    """Chooses each table's rank from ``config``, or keeps the table (``rank=None``, with a note).
 
     Modes (exactly one is set in the config), after per-table overrides:
 
-    * ``rank``: that rank for every table (an error names a table whose dim is smaller);
+    * ``rank``: that rank for every table;
     * ``explained_variance``: per table the smallest rank reaching the target;
     * ``memory_budget_bytes``: every table starts at the smallest allowed rank, then ranks are
       raised one rounding step at a time, always where the next step buys the most explained
       variance per byte.  The objective is AFM's own: the squared output error removed, summed
-      over every lookup of every table (gain of a step = its eigenvalues × the table's
+      over every lookup of every table (gain of a step = its eigenvalues x the table's
       ``total_weight``).  A table that is looked up often, or whose outputs vary widely, earns
       rank; a small table with little traffic does not, however large the *fraction* of its
       variance one more direction would explain (that fraction-based objective gave Frappe's
       80-row country table rank 52 and its 4,082-row item table rank 4).  Cost of a step = the
-      factor-table column plus the projection row it adds, ``(N + d) * 4`` bytes per rank.  Eigenvalues are descending, so gains per
-      byte fall within a table and the greedy choice is optimal up to the last, partly
-      affordable step.  Overridden tables are charged first at their own rank.
+      factor-table column plus the projection row it adds, ``(N + d) * 4`` bytes per rank.
+      Eigenvalues are descending, so gains per byte fall within a table and the greedy choice is
+      optimal up to the last, partly affordable step.  The last step of a table is keeping it
+      whole (its largest rank that is still smaller -> the original table).  The budget covers
+      every table not skipped by an override: overridden tables are charged first at their own
+      size, then tables that no rank shrinks (charged whole, kept).  A budget smaller than the
+      smallest allowed ranks need is exceeded with a warning: every table takes its smallest
+      allowed rank (or is kept), the closest the rounding rule allows.
 
-    All ranks are rounded with :func:`round_rank`.
+    All ranks are rounded with :func:`round_rank`.  A rank that would not make its table smaller
+    (see the module notes) keeps the table; one warning lists every such table and why.
+
+    Args:
+        spectra (Mapping[str, TableSpectrum]): table name -> its rows, dimension and spectrum.
+        config (LowRankConfig): the rank rule, overrides and ``rank_multiple``.
+
+    Returns:
+        Dict[str, RankChoice]: per table (in ``spectra``'s order), its rank or why it is kept.
 
     Raises:
-        ValueError: naming the table for an override of an unknown table, a rank outside
-            1..d, or a budget smaller than the smallest allowed ranks need.
+        ValueError: naming the table for an override of an unknown table or an override rank
+            outside 1..d.
+
+    Example::
+
+        >>> from torchrec_compress.config import SVDConfig
+        >>> spec = TableSpectrum(100, 8, torch.tensor([8.0, 4, 2, 1, 0.5, 0.2, 0.1, 0.1]))
+        >>> choose_ranks({"t": spec, "tiny": TableSpectrum(2, 8, spec.eigenvalues)},
+        ...              SVDConfig(explained_variance=0.9))
+        {'t': RankChoice(rank=4, note=None), 'tiny': RankChoice(rank=None, note='explained_variance 0.9: rank 4 would not be smaller (192 >= 64 bytes)')}
+    """
+    unknown = sorted(set(config.table_overrides) - set(spectra))
+    if unknown:
+        raise ValueError(
+            f"table_overrides name unknown table(s) {unknown}; tables are {sorted(spectra)}"
+        )
+    choices: dict[str, RankChoice] = {}
+    free: list[str] = []
+    for name, spec in spectra.items():
+        choice = _rule_choice(name, spec, config)
+        if choice is None:
+            free.append(name)
+        else:
+            choices[name] = choice
+    if free:
+        assert config.memory_budget_bytes is not None
+        fixed_bytes = sum(
+            table_bytes(spectra[n].num_embeddings, spectra[n].embedding_dim)
+            if c.rank is None
+            else compressed_table_bytes(spectra[n].num_embeddings, spectra[n].embedding_dim, c.rank)
+            for n, c in choices.items()
+            if c.note != SKIPPED
+        )
+        choices.update(
+            _spend_budget(
+                {n: spectra[n] for n in free},
+                config.memory_budget_bytes - fixed_bytes,
+                config.rank_multiple,
+            )
+        )
+    _warn_kept(choices, type(config).__name__)
+    return {name: choices[name] for name in spectra}
+
+
+def select_ranks(
+    spectra: Mapping[str, TableSpectrum], config: LowRankConfig
+) -> dict[str, int | None]:
+    """The ranks of :func:`choose_ranks` (``None``: table kept uncompressed).
+
+    Args:
+        spectra (Mapping[str, TableSpectrum]): table name -> its rows, dimension and spectrum.
+        config (LowRankConfig): the rank rule, overrides and ``rank_multiple``.
 
     Example::
 
@@ -134,74 +271,63 @@ def select_ranks(
         >>> select_ranks({"t": spec}, SVDConfig(explained_variance=0.9))
         {'t': 4}
     """
-    unknown = sorted(set(config.table_overrides) - set(spectra))
-    if unknown:
-        raise ValueError(
-            f"table_overrides name unknown table(s) {unknown}; tables are {sorted(spectra)}"
-        )
-    ranks: dict[str, int | None] = {}
-    free: list[str] = []
-    for name, spec in spectra.items():
-        override = config.table_overrides.get(name)
-        if override is not None and override.skip:
-            ranks[name] = None
-        elif override is not None and override.rank is not None:
-            ranks[name] = _rounded(override.rank, spec, config, name)
-        elif override is not None and override.explained_variance is not None:
-            k = rank_for_variance(spec.eigenvalues, override.explained_variance)
-            ranks[name] = _rounded(k, spec, config, name)
-        elif config.rank is not None:
-            ranks[name] = _rounded(config.rank, spec, config, name)
-        elif config.explained_variance is not None:
-            k = rank_for_variance(spec.eigenvalues, config.explained_variance)
-            ranks[name] = _rounded(k, spec, config, name)
-        else:
-            free.append(name)
-    if free:
-        assert config.memory_budget_bytes is not None
-        fixed_bytes = sum(
-            compressed_table_bytes(spectra[n].num_embeddings, spectra[n].embedding_dim, k)
-            for n, k in ranks.items()
-            if k is not None
-        )
-        ranks.update(
-            _spend_budget(
-                {n: spectra[n] for n in free},
-                config.memory_budget_bytes - fixed_bytes,
-                config.rank_multiple,
-            )
-        )
-    return {name: ranks[name] for name in spectra}
+    return {name: choice.rank for name, choice in choose_ranks(spectra, config).items()}
 
 
-def _rounded(rank: int, spec: TableSpectrum, config: LowRankConfig, name: str) -> int:
-    check_rank(rank, spec.embedding_dim, f"table {name!r}")
-    return round_rank(rank, config.rank_multiple, spec.embedding_dim)
+def _warn_kept(choices: Mapping[str, RankChoice], config_name: str) -> None:
+    kept = {
+        n: c.note
+        for n, c in choices.items()
+        if c.rank is None and c.note is not None and c.note != SKIPPED and c.note != AFFORDED_WHOLE
+    }
+    if kept:
+        reasons = "; ".join(f"table {n!r}: {note}" for n, note in kept.items())
+        warnings.warn(
+            f"{config_name} keeps {len(kept)} table(s) uncompressed: {reasons}", stacklevel=3
+        )
 
 
 def _spend_budget(
     spectra: Mapping[str, TableSpectrum], budget: int, multiple: int
-) -> dict[str, int | None]:
-    ranks = {n: round_rank(1, multiple, s.embedding_dim) for n, s in spectra.items()}
-    spent = sum(
-        compressed_table_bytes(s.num_embeddings, s.embedding_dim, ranks[n])
-        for n, s in spectra.items()
-    )
-    if spent > budget:
-        raise ValueError(
-            f"memory_budget_bytes leaves {budget} bytes for tables {sorted(spectra)}, but their "
-            f"smallest allowed ranks {ranks} already need {spent} bytes"
-        )
+) -> dict[str, RankChoice]:
+    """Greedy budget spending (see :func:`choose_ranks`); rank ``d`` stands for the whole table."""
+
+    def cost(spec: TableSpectrum, k: int) -> int:
+        n, d = spec.num_embeddings, spec.embedding_dim
+        return table_bytes(n, d) if k >= d else compressed_table_bytes(n, d, k)
 
     def step(name: str) -> tuple[float, int, int] | None:
         spec, k = spectra[name], ranks[name]
-        if k >= spec.embedding_dim:
+        d = spec.embedding_dim
+        if k >= d:
             return None
-        nxt = round_rank(k + 1, multiple, spec.embedding_dim)
+        nxt = round_rank(k + 1, multiple, d)
+        if cost(spec, nxt) >= table_bytes(spec.num_embeddings, d):
+            nxt = d  # no larger rank is smaller than the table: the next step keeps it whole
         gain = float(spec.eigenvalues[k:nxt].sum()) * spec.total_weight
-        cost = (nxt - k) * (spec.num_embeddings + spec.embedding_dim) * BYTES_PER_ELEMENT
-        return (gain / cost, nxt, cost) if gain > 0 else None
+        extra = cost(spec, nxt) - cost(spec, k)
+        return (gain / extra, nxt, extra) if gain > 0 else None
 
+    ranks = {n: round_rank(1, multiple, s.embedding_dim) for n, s in spectra.items()}
+    notes: dict[str, str] = {}
+    for name, spec in spectra.items():
+        after, before = (
+            cost(spec, ranks[name]),
+            table_bytes(spec.num_embeddings, spec.embedding_dim),
+        )
+        if after >= before:
+            notes[name] = (
+                f"smallest allowed rank {ranks[name]} would not be smaller ({after} >= {before} bytes)"
+            )
+            ranks[name] = spec.embedding_dim
+    spent = sum(cost(s, ranks[n]) for n, s in spectra.items())
+    if spent > budget:
+        warnings.warn(
+            f"memory_budget_bytes leaves {budget} bytes for tables {sorted(spectra)}, but their "
+            f"smallest allowed ranks {ranks} (rank = dim: kept whole) need {spent} bytes; "
+            "using those ranks (lower rank_multiple or raise the budget to meet it)",
+            stacklevel=4,
+        )
     # max-heap on gain per byte; the name breaks ties deterministically
     heap: list[tuple[float, str, int, int]] = []
     for name in sorted(spectra):
@@ -209,12 +335,17 @@ def _spend_budget(
         if candidate is not None:
             heapq.heappush(heap, (-candidate[0], name, candidate[1], candidate[2]))
     while heap:
-        _, name, nxt, cost = heapq.heappop(heap)
-        if spent + cost > budget:
+        _, name, nxt, extra = heapq.heappop(heap)
+        if spent + extra > budget:
             continue  # this table's next step does not fit; cheaper steps elsewhere may
-        spent += cost
+        spent += extra
         ranks[name] = nxt
         candidate = step(name)
         if candidate is not None:
             heapq.heappush(heap, (-candidate[0], name, candidate[1], candidate[2]))
-    return dict(ranks)
+    return {
+        n: RankChoice(k)
+        if k < spectra[n].embedding_dim
+        else RankChoice(None, notes.get(n, AFFORDED_WHOLE))
+        for n, k in ranks.items()
+    }

@@ -211,6 +211,7 @@ def report_dict(report: CompressionReport) -> dict[str, Any]:
                 "bytes_before": r.bytes_before,
                 "bytes_after": r.bytes_after,
                 "explained_variance": r.explained_variance,
+                "note": r.note,
             }
             for r in report.rows
         ],

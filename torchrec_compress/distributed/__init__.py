@@ -17,6 +17,7 @@ from torchrec_compress.distributed.lowrank_embeddingbag import (
     LowRankEmbeddingBagCollectionSharder,
     ShardedLowRankEmbeddingBagCollection,
 )
+from torchrec_compress.distributed.mec import compress_sharded_pq
 from torchrec_compress.distributed.planning import (
     PlanStorage,
     TableStorage,
@@ -44,6 +45,7 @@ __all__ = [
     "SparseLookupCounter",
     "TableStorage",
     "compress_sharded",
+    "compress_sharded_pq",
     "default_sharders",
     "encode_sharded_codes_",
     "load_full_state_dict_",

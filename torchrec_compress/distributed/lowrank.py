@@ -58,8 +58,8 @@ from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.rank import (
     BYTES_PER_ELEMENT,
     TableSpectrum,
+    choose_ranks,
     compressed_table_bytes,
-    select_ranks,
 )
 from torchrec_compress.statistics import (
     DEFAULT_CHUNK_ROWS,
@@ -648,7 +648,8 @@ def compress_sharded(
             bases[table.name].eigenvalues,
             float(moments[table.name].count),
         )
-    ranks = select_ranks(spectra, config) if spectra else {}
+    choices = choose_ranks(spectra, config) if spectra else {}
+    ranks = {name: choice.rank for name, choice in choices.items()}
     table_ranks = {name: k for name, k in ranks.items() if k is not None}
     compressed_ebcs = {fqn for fqn, t in tables if t.name in table_ranks}
 
@@ -673,6 +674,7 @@ def compress_sharded(
                 before,
                 before if k is None else compressed_table_bytes(n, d, k),
                 None if k is None else bases[table.name].explained_variance(k),
+                note=choices[table.name].note,
             )
         )
         if fqn not in compressed_ebcs:
