@@ -99,6 +99,7 @@ class LowRankLayout:
     feature_names_by_table: list[list[str]] = field(init=False)
     embedding_names: list[str] = field(init=False)
     length_per_key: list[int] = field(init=False)
+    runs: list[_Run] = field(init=False)
 
     def __post_init__(self) -> None:
         self.factor_dims = [self.ranks.get(t.name, t.embedding_dim) for t in self.tables]
@@ -113,6 +114,7 @@ class LowRankLayout:
             for t, names in zip(self.tables, self.feature_names_by_table, strict=True)
             for _ in names
         ]
+        self.runs = _runs(self)
 
     def bag_coefficients(self, features: KeyedJaggedTensor) -> list[torch.Tensor]:
         """Per compressed table, the coefficient of mu for every bag: ``(B, F_t)`` float32.
@@ -147,7 +149,12 @@ class LowRankLayout:
         mean: nn.ParameterDict,
         keys_in_order: bool = True,
     ) -> KeyedTensor:
-        """Pooled embeddings from pooled factors: ``[A | coef] @ [B; mu]`` per compressed table.
+        """Pooled embeddings from pooled factors: ``[A | coef] @ [B; mu]`` per feature.
+
+        Consecutive compressed tables of equal rank and dimension form one run (all of them,
+        with one global rank): every feature of a run is projected by a single batched GEMM,
+        ``(F, B, k + 1) @ (F, k + 1, d)``, so the number of ops does not grow with the number
+        of tables.  Adding ``coef x mu`` inside the GEMM writes each output once.
 
         Args:
             factors (KeyedTensor): pooled factors, one key per embedding name (any key order).
@@ -167,32 +174,69 @@ class LowRankLayout:
             by_name = factors.to_dict()
             values = torch.cat([by_name[name] for name in self.embedding_names], dim=1)
         pooled: list[torch.Tensor] = []
-        start, compressed = 0, 0
-        for table, names, k in zip(
-            self.tables, self.feature_names_by_table, self.factor_dims, strict=True
-        ):
-            block = values[:, start : start + k * len(names)]
-            start += k * len(names)
-            if table.name not in self.ranks:
+        for run in self.runs:
+            block = values[:, run.start : run.stop]
+            if run.rank is None:
                 pooled.append(block.float())
                 continue
-            coef = coefficients[compressed]
-            compressed += 1
-            # one (B * F_t, k + 1) @ (k + 1, d) for all features of the table (rows in bag,
-            # feature order): [A | coef] @ [B ; mu] adds coef x mu inside the GEMM, so the
-            # (B, d) output is written once, with no second pass or (B, d) temporary.  In
-            # float32 like the EBC's output, whatever the parameters' dtype (bf16, fp16).
-            factors_and_coef = torch.cat([block.reshape(-1, k).float(), coef.reshape(-1, 1)], 1)
-            projection_and_mean = torch.cat([projection[table.name], mean[table.name]]).float()
-            pooled.append(
-                (factors_and_coef @ projection_and_mean).view(-1, len(names) * table.embedding_dim)
-            )
+            num_features = len(run.feature_tables)
+            coef = torch.cat([coefficients[i] for i in run.coefficients], dim=1)
+            # (F, B, k + 1): features first, so one bmm covers them all
+            factors_and_coef = torch.cat(
+                [block.reshape(-1, num_features, run.rank).float(), coef.unsqueeze(2)], dim=2
+            ).transpose(0, 1)
+            # (F, k + 1, d): a table read by several features repeats its [B; mu]
+            projection_and_mean = torch.cat(
+                [
+                    torch.stack([projection[name] for name in run.feature_tables]),
+                    torch.stack([mean[name] for name in run.feature_tables]),
+                ],
+                dim=1,
+            ).float()
+            out = torch.bmm(factors_and_coef, projection_and_mean)  # (F, B, d)
+            pooled.append(out.transpose(0, 1).reshape(-1, num_features * run.dim))
         return KeyedTensor(
             keys=self.embedding_names,
             length_per_key=self.length_per_key,
-            # a single table's output is returned as is, not copied by a one-element cat
+            # a single run's output is returned as is, not copied by a one-element cat
             values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
         )
+
+
+@dataclass
+class _Run:
+    """Consecutive tables projected together: ``rank`` None for uncompressed tables (passed
+    through), else compressed tables of rank ``rank`` and dimension ``dim``; columns
+    ``[start, stop)`` of the pooled factors; one table name per feature; indices into
+    :meth:`LowRankLayout.bag_coefficients`."""
+
+    rank: int | None
+    dim: int
+    start: int
+    stop: int
+    feature_tables: list[str]
+    coefficients: list[int]
+
+
+def _runs(layout: LowRankLayout) -> list[_Run]:
+    runs: list[_Run] = []
+    start, compressed = 0, 0
+    for table, names, k in zip(
+        layout.tables, layout.feature_names_by_table, layout.factor_dims, strict=True
+    ):
+        rank = k if table.name in layout.ranks else None
+        stop = start + k * len(names)
+        last = runs[-1] if runs else None
+        if last is None or last.rank != rank or last.dim != table.embedding_dim:
+            last = _Run(rank, table.embedding_dim, start, start, [], [])
+            runs.append(last)
+        last.stop = stop
+        last.feature_tables += [table.name] * len(names)
+        if rank is not None:
+            last.coefficients.append(compressed)
+            compressed += 1
+        start = stop
+    return runs
 
 
 class LowRankEmbeddingBagCollection(nn.Module):
