@@ -277,16 +277,27 @@ def _fp_model() -> _FPModel:
     return model
 
 
+def _adagrad_step(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``param`` after one Adagrad step on ``grad`` (what an in-backward Adagrad must give)."""
+    updated = nn.Parameter(param.detach().clone())
+    updated.grad = grad
+    torch.optim.Adagrad([updated], lr=LR).step()
+    return updated.detach()
+
+
 def _fp_checks(rank: int, world_size: int) -> dict[str, Any]:
-    """An FPEBC over a PQ collection plans and shards (table- and row-wise) and matches."""
+    """An FPEBC over a PQ collection plans and shards (table- and row-wise) and matches; an
+    in-backward Adagrad on ``fpebc.parameters()`` (codebooks and position weights) steps on the
+    averaged gradients."""
     out: dict[str, Any] = {}
     batch = _fp_batch(100 + rank)
     reference = _fp_model()
     reference(batch).sum().backward()
     expected_out = reference(batch).detach()
     expected_grads = {
-        n: p.grad.clone() for n, p in reference.named_parameters() if "position_weights" in n
+        n: p.grad.clone() for n, p in reference.named_parameters() if n.startswith("fpebc.")
     }
+    assert any("position_weights" in n for n in expected_grads)
     for grad in expected_grads.values():
         dist.all_reduce(grad)
         grad /= world_size
@@ -300,15 +311,22 @@ def _fp_checks(rank: int, world_size: int) -> dict[str, Any]:
         PQFeatureProcessedEmbeddingBagCollectionSharder(),
     ]
     topology = Topology(world_size=world_size, compute_device="cpu")
-    for sharding_type in ("table_wise", "row_wise"):
+    for sharding_type, in_backward in (
+        ("table_wise", False),
+        ("row_wise", False),
+        ("row_wise", True),
+    ):
+        key = f"fp/{sharding_type}" + ("/in_backward" if in_backward else "")
         model = _fp_model()
+        if in_backward:
+            _apply_optimizer_in_backward(torch.optim.Adagrad, model.fpebc.parameters(), {"lr": LR})
         constraints = {
             t: ParameterConstraints(sharding_types=[sharding_type]) for t in ("t0", "t1")
         }
         plan = EmbeddingShardingPlanner(topology, constraints=constraints).collective_plan(
             model, sharders, dist.group.WORLD
         )
-        out[f"fp/{sharding_type}/plan"] = sorted(
+        out[f"{key}/plan"] = sorted(
             {(p.sharding_type, p.compute_kernel) for p in plan.plan["fpebc"].values()}
         )
         state = copy.deepcopy(model.state_dict())
@@ -317,15 +335,18 @@ def _fp_checks(rank: int, world_size: int) -> dict[str, Any]:
         load_full_state_dict_(dmp, state)
         got = dmp(batch)
         got.sum().backward()
-        grads = {
-            n.removeprefix("module."): p.grad
-            for n, p in dmp.named_parameters()
-            if "position_weights" in n
-        }
-        out[f"fp/{sharding_type}/forward"] = float((got - expected_out).abs().max())
-        out[f"fp/{sharding_type}/grad"] = max(
-            float((grads[n] - g).abs().max()) for n, g in expected_grads.items()
-        )
+        params = {n.removeprefix("module."): p for n, p in dmp.named_parameters()}
+        out[f"{key}/forward"] = float((got - expected_out).abs().max())
+        if in_backward:
+            out[f"{key}/update"] = max(
+                float((params[n] - _adagrad_step(state[n], g)).abs().max())
+                for n, g in expected_grads.items()
+            )
+            out[f"{key}/fused_keys"] = sorted(dmp.fused_optimizer.params)
+        else:
+            out[f"{key}/grad"] = max(
+                float((params[n].grad - g).abs().max()) for n, g in expected_grads.items()
+            )
     return out
 
 
@@ -389,6 +410,18 @@ def test_fpebc_over_pq_plans_shards_and_matches(
         assert r[f"fp/{sharding_type}/plan"] == [(sharding_type, "quant")]
         assert r[f"fp/{sharding_type}/forward"] <= 1e-6, r
         assert r[f"fp/{sharding_type}/grad"] <= 1e-6, r
+
+
+def test_fpebc_over_pq_in_backward_optimizer(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        assert r["fp/row_wise/in_backward/forward"] <= 1e-6, r
+        assert r["fp/row_wise/in_backward/update"] <= 1e-6, r
+        assert r["fp/row_wise/in_backward/fused_keys"] == [
+            "fpebc._embedding_bag_collection.codebooks.t0",
+            "fpebc._embedding_bag_collection.codebooks.t1",
+            "fpebc._feature_processors.position_weights.f0",
+            "fpebc._feature_processors.position_weights.f1",
+        ]
 
 
 def test_dmp_without_pq_sharder_warns(results: list[dict[str, Any]]) -> None:

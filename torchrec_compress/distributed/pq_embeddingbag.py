@@ -45,6 +45,7 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
 from torch.distributed.optim import _apply_optimizer_in_backward
+from torch.distributed.optim.apply_optimizer_in_backward import param_to_optim_hook_handle_map
 from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel, KJTList
 from torchrec.distributed.types import (
@@ -145,22 +146,29 @@ def _all_to_all(
     return out
 
 
-def _copy_in_backward_optimizers(
-    source: Tensor, target: nn.Parameter, pg: dist.ProcessGroup | None
-) -> None:
+def _copy_in_backward_optimizers(source: Tensor, target: nn.Parameter) -> None:
     """Attaches to ``target`` the in-backward optimizers attached to ``source`` (new instances).
 
     ``apply_optimizer_in_backward`` records the optimizer classes and settings on the parameter;
     a sharded module that builds new parameters must attach them again, or they are dropped.
-    The step runs once the gradient is averaged over ``pg`` (DDP's semantics; DDP's own
-    in-backward path needs an accelerator, so these codebooks are kept out of DDP).
+    The step itself is hooked by :func:`_step_in_backward`.
     """
     classes = getattr(source, "_optimizer_classes", [])
     settings = getattr(source, "_optimizer_kwargs", [{}] * len(classes))
     for optimizer_class, kwargs in zip(classes, settings, strict=True):
         _apply_optimizer_in_backward(optimizer_class, [target], kwargs, register_hook=False)
-    if not classes:
-        return
+
+
+def _step_in_backward(param: nn.Parameter, pg: dist.ProcessGroup | None) -> None:
+    """Steps ``param``'s in-backward optimizers once its gradient is averaged over ``pg``.
+
+    DDP's semantics for a replicated parameter, without DDP: its own in-backward path needs an
+    accelerator (it waits on ``torch.accelerator.current_stream()``), so such parameters are
+    left out of DDP (``sharded_parameter_names``).  The per-parameter hook PyTorch's
+    ``_apply_optimizer_in_backward`` registered (a step on the local gradient) is removed.
+    """
+    for handle in param_to_optim_hook_handle_map.pop(param, []):
+        handle.remove()
 
     def step(param: Tensor) -> None:
         assert param.grad is not None
@@ -171,43 +179,50 @@ def _copy_in_backward_optimizers(
             optimizer.step()
         param.grad = None
 
-    target.register_post_accumulate_grad_hook(step)
+    param.register_post_accumulate_grad_hook(step)
 
 
-class CodebookFusedOptimizer(FusedOptimizer):
-    """The codebooks' in-backward optimizers, seen as one TorchRec ``KeyedOptimizer``.
+def _in_backward_group(pg: dist.ProcessGroup, needed: bool) -> dist.ProcessGroup | None:
+    """A group of their own for in-backward all-reduces (they interleave with DDP's); collective."""
+    if not needed or dist.get_world_size(pg) < 2:
+        return None
+    return dist.new_group(ranks=dist.get_process_group_ranks(pg))
+
+
+class InBackwardFusedOptimizer(FusedOptimizer):
+    """The in-backward optimizers of some parameters, seen as one TorchRec ``KeyedOptimizer``.
 
     The updates happen in backward (once the gradient is all-reduced), so ``step`` and
-    ``zero_grad`` do nothing; ``state_dict`` / ``load_state_dict`` reach the live state of the underlying
-    optimizers under the codebook keys, as for TorchRec's fused embedding optimizers.
+    ``zero_grad`` do nothing; ``state_dict`` / ``load_state_dict`` reach the live state of the
+    underlying optimizers under the parameters' keys, as for TorchRec's fused optimizers.
 
     Args:
-        codebooks (Dict[str, nn.Parameter]): key -> codebook; those without an in-backward
-            optimizer are left out.
+        params (Dict[str, nn.Parameter]): key -> parameter (e.g. ``codebooks.<table>``); those
+            without an in-backward optimizer are left out.
 
     Example::
 
         >>> from torch.distributed.optim import _apply_optimizer_in_backward
         >>> books = nn.Parameter(torch.zeros(2, 4, 3))
         >>> _apply_optimizer_in_backward(torch.optim.SGD, [books], {"lr": 0.1})
-        >>> list(CodebookFusedOptimizer({"codebooks.t": books}).params)
+        >>> list(InBackwardFusedOptimizer({"codebooks.t": books}).params)
         ['codebooks.t']
     """
 
-    def __init__(self, codebooks: Mapping[str, nn.Parameter]) -> None:
-        params = {k: p for k, p in codebooks.items() if hasattr(p, "_in_backward_optimizers")}
-        optimizers = [o for p in params.values() for o in p._in_backward_optimizers]
+    def __init__(self, params: Mapping[str, nn.Parameter]) -> None:
+        fused = {k: p for k, p in params.items() if hasattr(p, "_in_backward_optimizers")}
+        optimizers = [o for p in fused.values() for o in p._in_backward_optimizers]
         super().__init__(
-            params,
+            fused,
             _OptimizerStates(optimizers),
             [group for o in optimizers for group in o.param_groups],
         )
 
     def step(self, closure: Any = None) -> None:
-        """Nothing: the codebooks were updated in backward."""
+        """Nothing: the parameters were updated in backward."""
 
     def zero_grad(self, set_to_none: bool = False) -> None:
-        """Nothing: the in-backward step already cleared the codebook gradients."""
+        """Nothing: the in-backward step already cleared the gradients."""
 
 
 class _OptimizerStates(Mapping[Tensor, Any]):
@@ -308,7 +323,7 @@ class ShardedPQEmbeddingBagCollection(
             self.codes.register_buffer(table.name, local.to(device).contiguous())
             self.codebooks[table.name] = nn.Parameter(books.to(device))
         self._fused_codebooks: list[str] = self._attach_in_backward_optimizers(module)
-        self._fused_optimizer = CodebookFusedOptimizer(
+        self._fused_optimizer = InBackwardFusedOptimizer(
             {f"codebooks.{name}": books for name, books in self.codebooks.items()}
         )
         self._build_routing(device)
@@ -320,12 +335,10 @@ class ShardedPQEmbeddingBagCollection(
         tables = [
             t for t in self._table_names if hasattr(module.codebooks[t], "_optimizer_classes")
         ]
-        # A group of their own: their all-reduces run inside backward, interleaved with DDP's.
-        pg = None
-        if tables and self._world_size > 1:
-            pg = dist.new_group(ranks=dist.get_process_group_ranks(self._pg))
+        pg = _in_backward_group(self._pg, bool(tables))
         for name in tables:
-            _copy_in_backward_optimizers(module.codebooks[name], self.codebooks[name], pg)
+            _copy_in_backward_optimizers(module.codebooks[name], self.codebooks[name])
+            _step_in_backward(self.codebooks[name], pg)
         return tables
 
     def _build_routing(self, device: torch.device) -> None:
@@ -665,7 +678,7 @@ class PQEmbeddingBagCollectionSharder(ModuleSharder[PQEmbeddingBagCollection]):
 
 
 class ShardedPQFeatureProcessedEmbeddingBagCollection(
-    ShardedModule[KJTList, Tensor, KeyedTensor, PQShardingContext]
+    ShardedModule[KJTList, Tensor, KeyedTensor, PQShardingContext], FusedOptimizerModule
 ):
     """A ``FeatureProcessedEmbeddingBagCollection`` over a PQ collection, sharded.
 
@@ -675,7 +688,10 @@ class ShardedPQFeatureProcessedEmbeddingBagCollection(
     batch, just before pooling: so every bag keeps its positions whatever the sharding type
     (row-wise included), and the processors see the current parameters when
     ``TrainPipelineSparseDist`` starts the input dist a batch ahead.  ``state_dict`` keys are
-    those of the unsharded module (``_embedding_bag_collection.codes.<table>``, ...).
+    those of the unsharded module (``_embedding_bag_collection.codes.<table>``, ...).  In-backward
+    optimizers (TorchRec's recipe on ``sparse_arch.parameters()``) on the codebooks and on the
+    processors' parameters step on gradients averaged over the processes and are exposed as
+    ``fused_optimizer``.
 
     Args:
         module (FeatureProcessedEmbeddingBagCollection): whose ``_embedding_bag_collection`` is a
@@ -708,6 +724,28 @@ class ShardedPQFeatureProcessedEmbeddingBagCollection(
             module._feature_processors, FeatureProcessorsCollection
         )
         init_parameters(self._feature_processors, device)
+        self._fused_processor_params: list[str] = [
+            name
+            for name, p in self._feature_processors.named_parameters()
+            if hasattr(p, "_in_backward_optimizers")
+        ]
+        pg = _in_backward_group(
+            self._embedding_bag_collection._pg, bool(self._fused_processor_params)
+        )
+        for name in self._fused_processor_params:
+            _step_in_backward(self._feature_processors.get_parameter(name), pg)
+        self._fused_optimizer = InBackwardFusedOptimizer(
+            {
+                **{
+                    f"_embedding_bag_collection.{k}": p
+                    for k, p in self._embedding_bag_collection.named_parameters()
+                },
+                **{
+                    f"_feature_processors.{k}": p
+                    for k, p in self._feature_processors.named_parameters()
+                },
+            }
+        )
 
     def create_context(self) -> PQShardingContext:
         return PQShardingContext()
@@ -736,11 +774,18 @@ class ShardedPQFeatureProcessedEmbeddingBagCollection(
             }
         return self._embedding_bag_collection.output_dist(ctx, output)
 
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        """The in-backward optimizers of the codebooks and of the processors' parameters."""
+        return self._fused_optimizer
+
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
-        """The code buffers of the inner collection (DDP skips them)."""
+        """What DDP skips: the inner collection's, and processor parameters updated in backward."""
         yield from self._embedding_bag_collection.sharded_parameter_names(
             append_prefix(prefix, "_embedding_bag_collection")
         )
+        for name in self._fused_processor_params:
+            yield append_prefix(prefix, f"_feature_processors.{name}")
 
     @property
     def unsharded_module_type(self) -> type[FeatureProcessedEmbeddingBagCollection]:
