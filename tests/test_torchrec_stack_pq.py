@@ -1,14 +1,15 @@
 """A PQ (MEC) compressed model wherever TorchRec's EBC goes: its pipeline, tracers, optimizers.
 
-Models are TorchRec's own (``torchrec.models.dlrm.DLRM``, ``FeatureProcessedEmbeddingBagCollection``
-with ``PositionWeightedModuleCollection``) compressed by ``compress_(model, MECConfig(mode="pq"))``.
+Models are TorchRec's own (``torchrec.models.dlrm.DLRM``, ``TestSparseNN`` with an EBC, a
+position-weighted ``FeatureProcessedEmbeddingBagCollection`` and a weighted EBC, and an FPEBC with
+``PositionWeightedModuleCollection``) compressed by ``compress_(model, MECConfig(mode="pq"))``.
 
 Single process: ``torchrec.fx.symbolic_trace`` -> ``torch.jit.script``, ``torch.export`` and
 ``torch.compile(fullgraph=True)`` reproduce eager outputs (and codebook gradients), with and
 without grad; ``model.to(torch.bfloat16)`` runs.
 
-1 and 2 gloo processes (one spawn each): ``TrainPipelineSparseDist`` trains to the weights of a
-plain loop; an in-backward optimizer on the codebooks survives sharding (updates as expected,
+1 and 2 gloo processes (one spawn each): ``TrainPipelineSparseDist`` trains DLRM and TestSparseNN
+to the weights of a plain loop; an in-backward optimizer on the codebooks survives sharding (updates as expected,
 exposed in ``fused_optimizer``); an FPEBC over a PQ collection plans, shards and matches the
 unsharded module; DMP without the PQ sharder warns.
 """
@@ -28,7 +29,9 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.test_utils.test_model import ModelInput, TestSparseNN
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ModuleSharder
 from torchrec.models.dlrm import DLRMTrain
 from torchrec.modules.feature_processor_ import PositionWeightedModuleCollection
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
@@ -194,6 +197,98 @@ def _pipeline_checks(rank: int, world_size: int) -> dict[str, float]:
     return out
 
 
+SPARSENN_TABLES = [
+    EmbeddingBagConfig(
+        name=f"feature_{i}", feature_names=[f"feature_{i}"], embedding_dim=16, num_embeddings=n
+    )
+    for i, n in enumerate((100, 120, 140))
+]
+SPARSENN_WEIGHTED = [
+    EmbeddingBagConfig(
+        name="weighted_0", feature_names=["weighted_feature_0"], embedding_dim=8, num_embeddings=50
+    )
+]
+
+
+def _sparsenn_batches(num: int, seed: int) -> list[ModelInput]:
+    return [
+        ModelInput.generate(
+            batch_size=8,
+            world_size=1,
+            num_float_features=10,
+            tables=SPARSENN_TABLES,
+            weighted_tables=SPARSENN_WEIGHTED,
+            random_seed=seed + i,
+            pooling_avg=4,
+        )[1][0]
+        for i in range(num)
+    ]
+
+
+def _pq_sparsenn() -> TestSparseNN:
+    """TorchRec's TestSparseNN with an EBC, a position-weighted FPEBC (``feature_1``) and a
+    weighted EBC, all three product-quantized."""
+    torch.manual_seed(0)
+    model = TestSparseNN(
+        tables=SPARSENN_TABLES,
+        weighted_tables=SPARSENN_WEIGHTED,
+        num_float_features=10,
+        max_feature_lengths={"feature_1": 64},  # the FPEBC's table (named as its feature)
+    )
+    compress_(model, PQ_CONFIG, calibration=_sparsenn_batches(3, seed=0))
+    assert isinstance(model.sparse.fp_ebc._embedding_bag_collection, PQEmbeddingBagCollection)
+    return model
+
+
+def _fp_sharders() -> list[ModuleSharder[nn.Module]]:
+    """The project's sharders with the PQ FPEBC sharder in place of TorchRec's FPEBC sharder
+    (one sharder per module type)."""
+    return [
+        *(
+            s
+            for s in default_sharders()
+            if s.module_type is not FeatureProcessedEmbeddingBagCollection
+        ),
+        PQFeatureProcessedEmbeddingBagCollectionSharder(),  # type: ignore[list-item]
+    ]
+
+
+def _pipeline_sparsenn_checks(rank: int, world_size: int) -> dict[str, float]:
+    """TrainPipelineSparseDist vs a plain loop on TestSparseNN (EBC + FPEBC + weighted EBC)."""
+    batches = _sparsenn_batches(3, seed=100 + 10 * rank)
+    topology = Topology(world_size=world_size, compute_device="cpu")
+    trained = []
+    for use_pipeline in (False, True):
+        model = _pq_sparsenn()
+        state = copy.deepcopy(model.state_dict())
+        plan = EmbeddingShardingPlanner(topology).collective_plan(
+            model, _fp_sharders(), dist.group.WORLD
+        )
+        dmp = DistributedModelParallel(model, device=CPU, plan=plan, sharders=_fp_sharders())
+        load_full_state_dict_(dmp, state)
+        optimizer = torch.optim.SGD(dmp.parameters(), lr=1.0)
+        if use_pipeline:
+            pipeline = TrainPipelineSparseDist(dmp, optimizer, CPU)
+            iterator = iter(batches)
+            for _ in batches:
+                pipeline.progress(iterator)
+        else:
+            for batch in batches:
+                optimizer.zero_grad()
+                loss, _ = dmp(batch)
+                loss.backward()
+                optimizer.step()
+        trained.append({k: v.detach().clone() for k, v in dmp.named_parameters()})
+    plain, piped = trained
+    position_weights = "sparse.fp_ebc._feature_processors.position_weights.feature_1"
+    return {
+        "pipeline/sparsenn": max(float((plain[k] - piped[k]).abs().max()) for k in plain),
+        "pipeline/sparsenn/position_weights_moved": float(
+            (plain[position_weights] - state[position_weights]).abs().max()
+        ),
+    }
+
+
 def _in_backward_optimizer_checks(rank: int, world_size: int) -> dict[str, Any]:
     """Adagrad attached in backward to ``sparse_arch.parameters()`` (the codebooks) survives DMP."""
     model = _pq_dlrm()
@@ -301,15 +396,7 @@ def _fp_checks(rank: int, world_size: int) -> dict[str, Any]:
     for grad in expected_grads.values():
         dist.all_reduce(grad)
         grad /= world_size
-    # in place of TorchRec's FPEBC sharder (one sharder per module type)
-    sharders = [
-        *(
-            s
-            for s in default_sharders()
-            if s.module_type is not FeatureProcessedEmbeddingBagCollection
-        ),
-        PQFeatureProcessedEmbeddingBagCollectionSharder(),
-    ]
+    sharders = _fp_sharders()
     topology = Topology(world_size=world_size, compute_device="cpu")
     for sharding_type, in_backward in (
         ("table_wise", False),
@@ -373,6 +460,7 @@ def _unsharded_warning_checks(rank: int, world_size: int) -> dict[str, list[str]
 def _run(rank: int, world_size: int) -> dict[str, Any]:
     return {
         **_pipeline_checks(rank, world_size),
+        **_pipeline_sparsenn_checks(rank, world_size),
         **_in_backward_optimizer_checks(rank, world_size),
         **_fp_checks(rank, world_size),
         **_unsharded_warning_checks(rank, world_size),
@@ -391,6 +479,14 @@ def test_train_pipeline_sparse_dist_matches_plain_loop(
     for r in results:
         assert r[f"pipeline/{sharding_type}/moved"] > 1e-4, r  # the codebooks did train
         assert r[f"pipeline/{sharding_type}"] <= 1e-6, r
+
+
+def test_train_pipeline_sparse_dist_on_test_sparse_nn_with_fpebc(
+    results: list[dict[str, Any]],
+) -> None:
+    for r in results:
+        assert r["pipeline/sparsenn/position_weights_moved"] > 1e-6, r
+        assert r["pipeline/sparsenn"] <= 1e-6, r
 
 
 def test_in_backward_optimizer_on_codebooks_survives_sharding(
