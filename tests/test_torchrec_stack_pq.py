@@ -115,8 +115,21 @@ def test_symbolic_trace_then_script_matches_eager(
     # the per-feature lookup is one leaf call (keeps the C++ kernel), not traced through
     assert "pq_feature_lookup" in traced.code
     scripted = torch.jit.script(traced)
+    if _ops.HAS_KERNELS:
+        assert "torchrec_compress::pq_pooled_lookup" in str(scripted.inlined_graph)
     # scripted modules share the parameters of the traced one, which shares the model's
     _check_matches_eager(model, scripted, args)
+
+
+def test_scripted_bfloat16_model_takes_the_torch_path_and_matches_eager(
+    dlrm_and_batch: tuple[nn.Module, tuple[torch.Tensor, KeyedJaggedTensor]],
+) -> None:
+    """bf16 codebooks have no kernel: the scripted pure-torch lookup runs instead."""
+    model, (dense, sparse) = dlrm_and_batch
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    scripted = torch.jit.script(torchrec.fx.symbolic_trace(low))
+    assert "embedding_bag" in str(scripted.inlined_graph)
+    _check_matches_eager(low, scripted, (dense.bfloat16(), sparse))
 
 
 def test_export_matches_eager_and_keeps_the_kernel(
@@ -529,6 +542,14 @@ def test_dmp_without_pq_sharder_warns(results: list[dict[str, Any]]) -> None:
         (message,) = r["warning/without_sharder"]
         assert "t_f0" in message and "PQEmbeddingBagCollectionSharder" in message
         assert "2 processes" in message
+
+
+def test_torchrec_fpebc_sharder_on_pq_says_which_sharder_to_use() -> None:
+    topology = Topology(world_size=2, compute_device="cpu")
+    with pytest.raises(AttributeError, match=r"\['t0', 't1'\].*PQFeatureProcessedEmbeddingBag"):
+        EmbeddingShardingPlanner(topology).plan(_fp_model(), default_sharders())
+    plan = EmbeddingShardingPlanner(topology).plan(_fp_model(), _fp_sharders())
+    assert {p.compute_kernel for p in plan.plan["fpebc"].values()} == {"quant"}
 
 
 def test_fp_sharder_refuses_an_uncompressed_fpebc() -> None:

@@ -285,6 +285,19 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             stacklevel=3,
         )
 
+    def __getattr__(self, name: str) -> Tensor | nn.Module:
+        if name == "embedding_bags":
+            # TorchRec code written for the EBC (e.g. its FPEBC sharder) reads this attribute.
+            raise AttributeError(
+                f"PQEmbeddingBagCollection (tables "
+                f"{[t.name for t in self._embedding_bag_configs]}) has no embedding_bags: its "
+                "tables are codes and codebooks. To shard a FeatureProcessedEmbeddingBagCollection "
+                "over it, pass torchrec_compress.distributed.pq_embeddingbag."
+                "PQFeatureProcessedEmbeddingBagCollectionSharder in place of TorchRec's "
+                "FeatureProcessedEmbeddingBagCollectionSharder"
+            )
+        return super().__getattr__(name)
+
     def decoded_weight(self, table_name: str) -> Tensor:
         """The ``[num_embeddings, embedding_dim]`` float table the codes stand for."""
         return decode(getattr(self.codes, table_name), self.codebooks[table_name])
