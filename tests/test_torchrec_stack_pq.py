@@ -33,7 +33,10 @@ from torchrec.distributed.test_utils.test_model import ModelInput, TestSparseNN
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ModuleSharder
 from torchrec.models.dlrm import DLRMTrain
-from torchrec.modules.feature_processor_ import PositionWeightedModuleCollection
+from torchrec.modules.feature_processor_ import (
+    PositionWeightedModule,
+    PositionWeightedModuleCollection,
+)
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -342,9 +345,10 @@ def _in_backward_optimizer_checks(rank: int, world_size: int) -> dict[str, Any]:
 
 
 class _FPModel(nn.Module):
-    """TorchRec's position-weighted FPEBC (the feature-processor recipe) and a linear head."""
+    """TorchRec's position-weighted FPEBC (the feature-processor recipe) and a linear head;
+    the processors as one ``PositionWeightedModuleCollection`` or one module per feature."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_feature: bool = False) -> None:
         super().__init__()
         torch.manual_seed(3)
         tables = [
@@ -355,7 +359,9 @@ class _FPModel(nn.Module):
         ]
         self.fpebc = FeatureProcessedEmbeddingBagCollection(
             EmbeddingBagCollection(tables, is_weighted=True),
-            PositionWeightedModuleCollection({"f0": 4, "f1": 4}),
+            {"f0": PositionWeightedModule(4), "f1": PositionWeightedModule(4)}  # type: ignore[arg-type]
+            if per_feature
+            else PositionWeightedModuleCollection({"f0": 4, "f1": 4}),
         )
         with torch.no_grad():  # non-trivial position weights
             for weight in self.fpebc._feature_processors.parameters():
@@ -378,8 +384,8 @@ def _fp_batch(seed: int) -> KeyedJaggedTensor:
     return KeyedJaggedTensor.from_lengths_sync(["f0", "f1"], values, lengths.flatten())
 
 
-def _fp_model() -> _FPModel:
-    model = _FPModel()
+def _fp_model(per_feature: bool = False) -> _FPModel:
+    model = _FPModel(per_feature)
     compress_(model, PQ_CONFIG, calibration=[_fp_batch(s) for s in range(3)])
     assert isinstance(model.fpebc._embedding_bag_collection, PQEmbeddingBagCollection)
     return model
@@ -393,31 +399,37 @@ def _adagrad_step(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return updated.detach()
 
 
+def _fp_reference(
+    batch: KeyedJaggedTensor, world_size: int, per_feature: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Unsharded output and ``fpebc`` gradients averaged over the processes (DDP's)."""
+    reference = _fp_model(per_feature)
+    reference(batch).sum().backward()
+    grads = {n: p.grad.clone() for n, p in reference.named_parameters() if n.startswith("fpebc.")}
+    assert any("position_weight" in n for n in grads)
+    for grad in grads.values():
+        dist.all_reduce(grad)
+        grad /= world_size
+    return reference(batch).detach(), grads
+
+
 def _fp_checks(rank: int, world_size: int) -> dict[str, Any]:
     """An FPEBC over a PQ collection plans and shards (table- and row-wise) and matches; an
     in-backward Adagrad on ``fpebc.parameters()`` (codebooks and position weights) steps on the
     averaged gradients."""
     out: dict[str, Any] = {}
     batch = _fp_batch(100 + rank)
-    reference = _fp_model()
-    reference(batch).sum().backward()
-    expected_out = reference(batch).detach()
-    expected_grads = {
-        n: p.grad.clone() for n, p in reference.named_parameters() if n.startswith("fpebc.")
-    }
-    assert any("position_weights" in n for n in expected_grads)
-    for grad in expected_grads.values():
-        dist.all_reduce(grad)
-        grad /= world_size
+    references = {flag: _fp_reference(batch, world_size, flag) for flag in (False, True)}
     sharders = _fp_sharders()
     topology = Topology(world_size=world_size, compute_device="cpu")
-    for sharding_type, in_backward in (
-        ("table_wise", False),
-        ("row_wise", False),
-        ("row_wise", True),
+    for key, sharding_type, in_backward, per_feature in (
+        ("fp/table_wise", "table_wise", False, False),
+        ("fp/row_wise", "row_wise", False, False),
+        ("fp/row_wise/in_backward", "row_wise", True, False),
+        ("fp/row_wise/per_feature", "row_wise", False, True),
     ):
-        key = f"fp/{sharding_type}" + ("/in_backward" if in_backward else "")
-        model = _fp_model()
+        expected_out, expected_grads = references[per_feature]
+        model = _fp_model(per_feature)
         if in_backward:
             _apply_optimizer_in_backward(torch.optim.Adagrad, model.fpebc.parameters(), {"lr": LR})
         constraints = {
@@ -511,14 +523,13 @@ def test_in_backward_optimizer_on_codebooks_survives_sharding(
         assert r["in_backward/codebooks_left_to_dense_optimizer"] == []
 
 
-@pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise"])
-def test_fpebc_over_pq_plans_shards_and_matches(
-    results: list[dict[str, Any]], sharding_type: str
-) -> None:
+@pytest.mark.parametrize("case", ["table_wise", "row_wise", "row_wise/per_feature"])
+def test_fpebc_over_pq_plans_shards_and_matches(results: list[dict[str, Any]], case: str) -> None:
+    sharding_type = case.split("/")[0]
     for r in results:
-        assert r[f"fp/{sharding_type}/plan"] == [(sharding_type, "quant")]
-        assert r[f"fp/{sharding_type}/forward"] <= 1e-6, r
-        assert r[f"fp/{sharding_type}/grad"] <= 1e-6, r
+        assert r[f"fp/{case}/plan"] == [(sharding_type, "quant")]
+        assert r[f"fp/{case}/forward"] <= 1e-6, r
+        assert r[f"fp/{case}/grad"] <= 1e-6, r
 
 
 def test_fpebc_over_pq_in_backward_optimizer(results: list[dict[str, Any]]) -> None:
