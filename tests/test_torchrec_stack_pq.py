@@ -333,11 +333,16 @@ def _in_backward_optimizer_checks(rank: int, world_size: int) -> dict[str, Any]:
         for name in expected
     }
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    # the fused optimizer's state dict is the live Adagrad state: a load writes into it
+    saved = dmp.fused_optimizer.state_dict()
+    modified = copy.deepcopy(saved)
+    modified["state"][f"{PQ_PATH}.codebooks.t_f0"]["sum"].fill_(7.0)
+    dmp.fused_optimizer.load_state_dict(modified)
+    books = dmp.module.model.sparse_arch.embedding_bag_collection.codebooks["t_f0"]
     return {
         "in_backward/update": max(float((got[n] - expected[n]).abs().max()) for n in expected),
-        "in_backward/fused_keys": sorted(
-            k for k in dmp.fused_optimizer.state_dict()["state"] if "codebooks." in k
-        ),
+        "in_backward/fused_keys": sorted(k for k in saved["state"] if "codebooks." in k),
+        "in_backward/loaded_state": books._in_backward_optimizers[0].state[books]["sum"].tolist(),
         "in_backward/codebooks_left_to_dense_optimizer": sorted(
             k for k in dense if "codebooks." in k
         ),
@@ -521,6 +526,7 @@ def test_in_backward_optimizer_on_codebooks_survives_sharding(
         assert r["in_backward/update"] <= 1e-6, r
         assert r["in_backward/fused_keys"] == [f"{PQ_PATH}.codebooks.t_f{i}" for i in range(3)]
         assert r["in_backward/codebooks_left_to_dense_optimizer"] == []
+        assert torch.tensor(r["in_backward/loaded_state"]).eq(7.0).all()
 
 
 @pytest.mark.parametrize("case", ["table_wise", "row_wise", "row_wise/per_feature"])
