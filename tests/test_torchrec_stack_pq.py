@@ -29,7 +29,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.test_utils.test_model import ModelInput, TestSparseNN
+from torchrec.distributed.test_utils import test_model  # a module: pytest would collect Test*
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ModuleSharder
 from torchrec.models.dlrm import DLRMTrain
@@ -226,9 +226,9 @@ SPARSENN_WEIGHTED = [
 ]
 
 
-def _sparsenn_batches(num: int, seed: int) -> list[ModelInput]:
+def _sparsenn_batches(num: int, seed: int) -> list[test_model.ModelInput]:
     return [
-        ModelInput.generate(
+        test_model.ModelInput.generate(
             batch_size=8,
             world_size=1,
             num_float_features=10,
@@ -241,11 +241,11 @@ def _sparsenn_batches(num: int, seed: int) -> list[ModelInput]:
     ]
 
 
-def _pq_sparsenn() -> TestSparseNN:
+def _pq_sparsenn() -> test_model.TestSparseNN:
     """TorchRec's TestSparseNN with an EBC, a position-weighted FPEBC (``feature_1``) and a
     weighted EBC, all three product-quantized."""
     torch.manual_seed(0)
-    model = TestSparseNN(
+    model = test_model.TestSparseNN(
         tables=SPARSENN_TABLES,
         weighted_tables=SPARSENN_WEIGHTED,
         num_float_features=10,
