@@ -66,6 +66,7 @@ from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCo
 from torchrec.optim.fused import FusedOptimizer, FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.streamable import Multistreamable
 
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection, pq_feature_lookup
 
@@ -81,7 +82,7 @@ COMPUTE_KERNEL: str = EmbeddingComputeKernel.QUANT.value
 
 
 @dataclass
-class PQShardingContext:
+class PQShardingContext(Multistreamable):
     """What the requesting side of one forward remembers between the stages.
 
     Args:
@@ -101,6 +102,13 @@ class PQShardingContext:
     recv_splits: list[int] = field(default_factory=list)
     table_of_id: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     recv_tables: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        """Marks its tensors as used on ``stream`` (``TrainPipelineSparseDist`` on CUDA)."""
+        if self.input is not None:
+            self.input.record_stream(stream)  # the features are views of it
+        for tensor in (self.order, self.table_of_id, self.recv_tables):
+            tensor.record_stream(stream)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
