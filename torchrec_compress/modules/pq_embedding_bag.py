@@ -282,7 +282,7 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             f"all {code_bytes} bytes of its codes. To shard them, pass "
             "PQEmbeddingBagCollectionSharder to DistributedModelParallel (sharders="
             "torchrec_compress.distributed.default_sharders() includes it).",
-            stacklevel=3,
+            stacklevel=2,
         )
 
     def __getattr__(self, name: str) -> Tensor | nn.Module:
