@@ -1,5 +1,8 @@
+import warnings
+
 import pytest
 import torch
+import torchrec.fx
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -193,3 +196,44 @@ def test_word_gather_path_matches_decode(byte_offset: int) -> None:
         ids, decode(codes, books), offsets, mode="sum", include_last_offset=True
     )
     torch.testing.assert_close(pq_pooled_lookup(codes, books, ids, offsets), want)
+
+
+class _Wrapper(torch.nn.Module):
+    """fx traces modules from their parent (a KeyedTensor output is returned as its values)."""
+
+    def __init__(self, pq: PQEmbeddingBagCollection) -> None:
+        super().__init__()
+        self.pq = pq
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.pq(features).values()
+
+
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_symbolic_trace_and_script_match_eager(pooling: PoolingType, weighted: bool) -> None:
+    model = _Wrapper(_pq_ebc(pooling, weighted))
+    features = _features(weighted)
+    traced = torchrec.fx.symbolic_trace(model)
+    scripted = torch.jit.script(traced)
+    expected = model(features)
+    for compiled in (traced, scripted):
+        assert (compiled(features) - expected).abs().max() <= 1e-6
+    books = model.pq.codebooks["t_user"]
+    expected.sum().backward()
+    grad, books.grad = books.grad.clone(), None
+    scripted(features).sum().backward()
+    assert grad.abs().max() > 0 and (books.grad - grad).abs().max() <= 1e-6
+
+
+def test_missing_embedding_bags_name_the_pq_fpebc_sharder() -> None:
+    pq = _pq_ebc(PoolingType.SUM, is_weighted=True)
+    assert not hasattr(pq, "embedding_bags")
+    with pytest.raises(AttributeError, match="t_user.*PQFeatureProcessedEmbeddingBagCollection"):
+        pq.embedding_bags  # noqa: B018 - the attribute access is what is tested
+
+
+def test_runs_unsharded_in_one_process_without_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _pq_ebc(PoolingType.SUM, is_weighted=False)(_features(False))

@@ -10,7 +10,8 @@ trained: every process holds a replica, left as ordinary dense parameters that D
 all-reduces.
 
 Forward, in the three ``ShardedModule`` stages (every collective is an ``all_to_all_single``,
-which gloo and NCCL both provide):
+which gloo and NCCL both provide; the input dist returns TorchRec's ``KJTListSplitsAwaitable``, so
+``TrainPipelineSparseDist`` pipelines it like an EBC's):
 
 1. ``input_dist``: every id is routed to the process that owns its code row.  Tables are laid
    end to end in one row space and the shards of all tables are intervals of it, so a single
@@ -43,9 +44,11 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torch.distributed.optim.apply_optimizer_in_backward import param_to_optim_hook_handle_map
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel, KJTList
 from torchrec.distributed.types import (
-    Awaitable,
     EmbeddingModuleShardingPlan,
     LazyAwaitable,
     LazyNoWait,
@@ -56,11 +59,16 @@ from torchrec.distributed.types import (
     ShardingEnv,
     ShardingType,
 )
-from torchrec.distributed.utils import append_prefix
+from torchrec.distributed.utils import append_prefix, init_parameters
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.feature_processor_ import FeatureProcessorsCollection
+from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
+from torchrec.optim.fused import FusedOptimizer, FusedOptimizerModule
+from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.streamable import Multistreamable
 
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection, pq_pooled_lookup
+from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection, pq_feature_lookup
 
 SHARDING_TYPES: tuple[str, ...] = (
     ShardingType.TABLE_WISE.value,
@@ -74,11 +82,12 @@ COMPUTE_KERNEL: str = EmbeddingComputeKernel.QUANT.value
 
 
 @dataclass
-class PQShardingContext:
+class PQShardingContext(Multistreamable):
     """What the requesting side of one forward remembers between the stages.
 
     Args:
-        features (Dict[str, JaggedTensor]): the local batch, per feature.
+        input (Optional[KeyedJaggedTensor]): the local batch as it came in.
+        features (Dict[str, JaggedTensor]): the local batch, per feature (what is pooled).
         order (Tensor): permutation sorting the local ids by owning process.
         send_splits (List[int]): ids sent to each process.
         recv_splits (List[int]): ids received from each process.
@@ -86,12 +95,20 @@ class PQShardingContext:
         recv_tables (Tensor): table index of every received id (owner side).
     """
 
+    input: KeyedJaggedTensor | None = None
     features: dict[str, Any] = field(default_factory=dict)
     order: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     send_splits: list[int] = field(default_factory=list)
     recv_splits: list[int] = field(default_factory=list)
     table_of_id: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     recv_tables: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        """Marks its tensors as used on ``stream`` (``TrainPipelineSparseDist`` on CUDA)."""
+        if self.input is not None:
+            self.input.record_stream(stream)  # the features are views of it
+        for tensor in (self.order, self.table_of_id, self.recv_tables):
+            tensor.record_stream(stream)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -137,8 +154,106 @@ def _all_to_all(
     return out
 
 
+def _copy_in_backward_optimizers(source: Tensor, target: nn.Parameter) -> None:
+    """Attaches to ``target`` the in-backward optimizers attached to ``source`` (new instances).
+
+    ``apply_optimizer_in_backward`` records the optimizer classes and settings on the parameter;
+    a sharded module that builds new parameters must attach them again, or they are dropped.
+    The step itself is hooked by :func:`_step_in_backward`.
+    """
+    classes = getattr(source, "_optimizer_classes", [])
+    settings = getattr(source, "_optimizer_kwargs", [{}] * len(classes))
+    for optimizer_class, kwargs in zip(classes, settings, strict=True):
+        _apply_optimizer_in_backward(optimizer_class, [target], kwargs, register_hook=False)
+
+
+def _step_in_backward(param: nn.Parameter, pg: dist.ProcessGroup | None) -> None:
+    """Steps ``param``'s in-backward optimizers once its gradient is averaged over ``pg``.
+
+    DDP's semantics for a replicated parameter, without DDP: its own in-backward path needs an
+    accelerator (it waits on ``torch.accelerator.current_stream()``), so such parameters are
+    left out of DDP (``sharded_parameter_names``).  The per-parameter hook PyTorch's
+    ``_apply_optimizer_in_backward`` registered (a step on the local gradient) is removed.
+    """
+    for handle in param_to_optim_hook_handle_map.pop(param, []):
+        handle.remove()
+
+    def step(param: Tensor) -> None:
+        assert param.grad is not None
+        if pg is not None:
+            dist.all_reduce(param.grad, group=pg)
+            param.grad /= dist.get_world_size(pg)
+        for optimizer in param._in_backward_optimizers:  # type: ignore[attr-defined]
+            optimizer.step()
+        param.grad = None
+
+    param.register_post_accumulate_grad_hook(step)
+
+
+def _in_backward_group(pg: dist.ProcessGroup, needed: bool) -> dist.ProcessGroup | None:
+    """A group of their own for in-backward all-reduces (they interleave with DDP's); collective."""
+    if not needed or dist.get_world_size(pg) < 2:
+        return None
+    return dist.new_group(ranks=dist.get_process_group_ranks(pg))
+
+
+class InBackwardFusedOptimizer(FusedOptimizer):
+    """The in-backward optimizers of some parameters, seen as one TorchRec ``KeyedOptimizer``.
+
+    The updates happen in backward (once the gradient is all-reduced), so ``step`` and
+    ``zero_grad`` do nothing; ``state_dict`` / ``load_state_dict`` reach the live state of the
+    underlying optimizers under the parameters' keys, as for TorchRec's fused optimizers.
+
+    Args:
+        params (Dict[str, nn.Parameter]): key -> parameter (e.g. ``codebooks.<table>``); those
+            without an in-backward optimizer are left out.
+
+    Example::
+
+        >>> from torch.distributed.optim import _apply_optimizer_in_backward
+        >>> books = nn.Parameter(torch.zeros(2, 4, 3))
+        >>> _apply_optimizer_in_backward(torch.optim.SGD, [books], {"lr": 0.1})
+        >>> list(InBackwardFusedOptimizer({"codebooks.t": books}).params)
+        ['codebooks.t']
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter]) -> None:
+        fused = {k: p for k, p in params.items() if hasattr(p, "_in_backward_optimizers")}
+        optimizers = [o for p in fused.values() for o in p._in_backward_optimizers]
+        super().__init__(
+            fused,
+            _OptimizerStates(optimizers),
+            [group for o in optimizers for group in o.param_groups],
+        )
+
+    def step(self, closure: Any = None) -> None:
+        """Nothing: the parameters were updated in backward."""
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Nothing: the in-backward step already cleared the gradients."""
+
+
+class _OptimizerStates(Mapping[Tensor, Any]):
+    """Live union of several optimizers' ``state`` (filled lazily at their first step)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self._optimizers = optimizers
+
+    def __getitem__(self, param: Tensor) -> Any:
+        for optimizer in self._optimizers:
+            if param in optimizer.state:
+                return optimizer.state[param]
+        raise KeyError(param)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (p for o in self._optimizers for p in o.state)
+
+    def __len__(self) -> int:
+        return sum(len(o.state) for o in self._optimizers)
+
+
 class ShardedPQEmbeddingBagCollection(
-    ShardedModule[Tensor, Tensor, KeyedTensor, PQShardingContext]
+    ShardedModule[KJTList, Tensor, KeyedTensor, PQShardingContext], FusedOptimizerModule
 ):
     """``PQEmbeddingBagCollection`` with row-sharded codes and replicated codebooks.
 
@@ -215,9 +330,24 @@ class ShardedPQEmbeddingBagCollection(
                 books = source_books.detach().clone()
             self.codes.register_buffer(table.name, local.to(device).contiguous())
             self.codebooks[table.name] = nn.Parameter(books.to(device))
+        self._fused_codebooks: list[str] = self._attach_in_backward_optimizers(module)
+        self._fused_optimizer = InBackwardFusedOptimizer(
+            {f"codebooks.{name}": books for name, books in self.codebooks.items()}
+        )
         self._build_routing(device)
         self._register_state_dict_hook(self._codes_as_sharded_tensors)
         self._register_load_state_dict_pre_hook(self._codes_from_state_dict, with_module=False)
+
+    def _attach_in_backward_optimizers(self, module: PQEmbeddingBagCollection) -> list[str]:
+        """Re-attaches the source codebooks' in-backward optimizers; returns those tables."""
+        tables = [
+            t for t in self._table_names if hasattr(module.codebooks[t], "_optimizer_classes")
+        ]
+        pg = _in_backward_group(self._pg, bool(tables))
+        for name in tables:
+            _copy_in_backward_optimizers(module.codebooks[name], self.codebooks[name])
+            _step_in_backward(self.codebooks[name], pg)
+        return tables
 
     def _build_routing(self, device: torch.device) -> None:
         """Every non-empty shard of every table as an interval of one global row space."""
@@ -344,7 +474,7 @@ class ShardedPQEmbeddingBagCollection(
 
     def input_dist(
         self, ctx: PQShardingContext, features: KeyedJaggedTensor
-    ) -> Awaitable[Awaitable[Tensor]]:
+    ) -> KJTListSplitsAwaitable[PQShardingContext]:
         """Sends every id to the process owning its code row; returns the ids received.
 
         The ids travel as keys of the global row space (table offset + id), so an owner finds
@@ -353,6 +483,7 @@ class ShardedPQEmbeddingBagCollection(
         if features.variable_stride_per_key():
             raise ValueError("variable batch size per feature is not supported by PQ sharding")
         feature_dict = features.to_dict()
+        ctx.input = features
         ctx.features = feature_dict
         ids: list[Tensor] = []
         counts: list[int] = []
@@ -393,16 +524,19 @@ class ShardedPQEmbeddingBagCollection(
         ctx.send_splits = send_counts.tolist()
         ctx.recv_splits = recv_counts.tolist()
         received = _all_to_all(keys[ctx.order], ctx.send_splits, ctx.recv_splits, self._pg)
-        return NoWait(NoWait(received))
+        # TorchRec's shape of an input dist (what TrainPipelineSparseDist fuses and waits on):
+        # one awaitable per sharding, each giving an awaitable of the redistributed input.
+        return KJTListSplitsAwaitable([NoWait(NoWait(received))], ctx)  # type: ignore[list-item]
 
-    def compute(self, ctx: PQShardingContext, dist_input: Tensor) -> Tensor:
+    def compute(self, ctx: PQShardingContext, dist_input: KJTList) -> Tensor:
         """Gathers the code bytes of every received id: one flat ``uint8`` buffer, in order."""
-        shard = torch.searchsorted(self._shard_starts, dist_input, right=True) - 1
+        received: Tensor = dist_input[0]  # type: ignore[assignment]
+        shard = torch.searchsorted(self._shard_starts, received, right=True) - 1
         tables = self._shard_tables[shard]
-        local_rows = dist_input - self._shard_starts[shard] + self._shard_local_base[shard]
+        local_rows = received - self._shard_starts[shard] + self._shard_local_base[shard]
         item_bytes = self._table_bytes[tables]
         byte_start = torch.cumsum(item_bytes, 0) - item_bytes
-        out = torch.empty(int(item_bytes.sum()), dtype=torch.uint8, device=dist_input.device)
+        out = torch.empty(int(item_bytes.sum()), dtype=torch.uint8, device=received.device)
         for index, name in enumerate(self._table_names):
             selected = (tables == index).nonzero().squeeze(1)
             if selected.numel() == 0:
@@ -453,28 +587,34 @@ class ShardedPQEmbeddingBagCollection(
                 first += count
                 positions = starts.unsqueeze(1) + torch.arange(width, device=returned.device)
                 codes = returned[positions.view(-1)].view(local_codes.dtype).view(count, -1)
-                offsets = feature.offsets()
-                result = pq_pooled_lookup(
-                    codes,
-                    books,
-                    torch.arange(count, device=codes.device),
-                    offsets,
-                    feature.weights() if self._is_weighted else None,
+                pooled.append(
+                    pq_feature_lookup(
+                        codes,
+                        books,
+                        torch.arange(count, device=codes.device),
+                        feature.offsets(),
+                        feature.weights() if self._is_weighted else None,
+                        mean,
+                    )
                 )
-                if mean:
-                    lengths = (offsets[1:] - offsets[:-1]).clamp(min=1)
-                    result = result / lengths.unsqueeze(1).to(result.dtype)
-                pooled.append(result)
         return KeyedTensor(
             keys=self._embedding_names,
             values=torch.cat(pooled, dim=1),
             length_per_key=self._lengths_per_embedding,
         )
 
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        """The in-backward optimizers of the codebooks (empty when none was attached)."""
+        return self._fused_optimizer
+
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
-        """The code buffers only: DMP's DDP wrapper must skip them and all-reduce the codebooks."""
+        """What DMP's DDP wrapper must skip: the codes, and the codebooks that are updated in
+        backward (they all-reduce their own gradients); DDP all-reduces the other codebooks."""
         for name in self._table_names:
             yield append_prefix(prefix, f"codes.{name}")
+        for name in self._fused_codebooks:
+            yield append_prefix(prefix, f"codebooks.{name}")
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The original table configs."""
@@ -543,6 +683,200 @@ class PQEmbeddingBagCollectionSharder(ModuleSharder[PQEmbeddingBagCollection]):
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
         return [COMPUTE_KERNEL]
+
+
+class ShardedPQFeatureProcessedEmbeddingBagCollection(
+    ShardedModule[KJTList, Tensor, KeyedTensor, PQShardingContext], FusedOptimizerModule
+):
+    """A ``FeatureProcessedEmbeddingBagCollection`` over a PQ collection, sharded.
+
+    The inner ``PQEmbeddingBagCollection`` is sharded as :class:`ShardedPQEmbeddingBagCollection`
+    (ids out, code bytes back); the feature processors (e.g. TorchRec's position weights) stay
+    replicated dense modules and run where the bags are pooled, on the requesting process's own
+    batch, just before pooling: so every bag keeps its positions whatever the sharding type
+    (row-wise included), and the processors see the current parameters when
+    ``TrainPipelineSparseDist`` starts the input dist a batch ahead.  ``state_dict`` keys are
+    those of the unsharded module (``_embedding_bag_collection.codes.<table>``, ...).  In-backward
+    optimizers (TorchRec's recipe on ``sparse_arch.parameters()``) on the codebooks and on the
+    processors' parameters step on gradients averaged over the processes and are exposed as
+    ``fused_optimizer``.
+
+    Args:
+        module (FeatureProcessedEmbeddingBagCollection): whose ``_embedding_bag_collection`` is a
+            ``PQEmbeddingBagCollection`` (weighted).
+        table_shardings (Dict[str, ParameterSharding]): the plan of every table's codes.
+        env (ShardingEnv): process group, rank and world size.
+        device (torch.device): where the shards and replicas live.
+
+    Example::
+
+        >>> # 2 processes, see tests/test_torchrec_stack_pq.py
+        >>> # DistributedModelParallel(model, plan=plan, sharders=[
+        >>> #     PQFeatureProcessedEmbeddingBagCollectionSharder(), *default_sharders()])
+    """
+
+    def __init__(
+        self,
+        module: FeatureProcessedEmbeddingBagCollection,
+        table_shardings: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        inner = _pq_collection_of(module)
+        self._embedding_bag_collection = ShardedPQEmbeddingBagCollection(
+            inner, table_shardings, env, device
+        )
+        self._feature_processors: nn.Module = module._feature_processors
+        self._is_collection: bool = isinstance(
+            module._feature_processors, FeatureProcessorsCollection
+        )
+        init_parameters(self._feature_processors, device)
+        self._fused_processor_params: list[str] = [
+            name
+            for name, p in self._feature_processors.named_parameters()
+            if hasattr(p, "_in_backward_optimizers")
+        ]
+        pg = _in_backward_group(
+            self._embedding_bag_collection._pg, bool(self._fused_processor_params)
+        )
+        for name in self._fused_processor_params:
+            _step_in_backward(self._feature_processors.get_parameter(name), pg)
+        self._fused_optimizer = InBackwardFusedOptimizer(
+            {
+                **{
+                    f"_embedding_bag_collection.{k}": p
+                    for k, p in self._embedding_bag_collection.named_parameters()
+                },
+                **{
+                    f"_feature_processors.{k}": p
+                    for k, p in self._feature_processors.named_parameters()
+                },
+            }
+        )
+
+    def create_context(self) -> PQShardingContext:
+        return PQShardingContext()
+
+    def input_dist(
+        self, ctx: PQShardingContext, features: KeyedJaggedTensor
+    ) -> KJTListSplitsAwaitable[PQShardingContext]:
+        """The inner collection's input dist: only the ids travel, the weights stay here."""
+        return self._embedding_bag_collection.input_dist(ctx, features)
+
+    def compute(self, ctx: PQShardingContext, dist_input: KJTList) -> Tensor:
+        """The inner collection's code gather."""
+        return self._embedding_bag_collection.compute(ctx, dist_input)
+
+    def output_dist(self, ctx: PQShardingContext, output: Tensor) -> LazyAwaitable[KeyedTensor]:
+        """Processes the local features (per-id weights), then the inner collection pools them."""
+        assert ctx.input is not None, "input_dist records the local batch"
+        if self._is_collection:
+            ctx.features = self._feature_processors(ctx.input).to_dict()
+        else:
+            processors = self._feature_processors
+            assert isinstance(processors, nn.ModuleDict)
+            ctx.features = {
+                name: processors[name](feature) if name in processors else feature
+                for name, feature in ctx.features.items()
+            }
+        return self._embedding_bag_collection.output_dist(ctx, output)
+
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        """The in-backward optimizers of the codebooks and of the processors' parameters."""
+        return self._fused_optimizer
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        """What DDP skips: the inner collection's, and processor parameters updated in backward."""
+        yield from self._embedding_bag_collection.sharded_parameter_names(
+            append_prefix(prefix, "_embedding_bag_collection")
+        )
+        for name in self._fused_processor_params:
+            yield append_prefix(prefix, f"_feature_processors.{name}")
+
+    @property
+    def unsharded_module_type(self) -> type[FeatureProcessedEmbeddingBagCollection]:
+        return FeatureProcessedEmbeddingBagCollection
+
+
+def _pq_collection_of(module: FeatureProcessedEmbeddingBagCollection) -> PQEmbeddingBagCollection:
+    inner = module._embedding_bag_collection
+    if not isinstance(inner, PQEmbeddingBagCollection):
+        tables = [t.name for t in inner.embedding_bag_configs()]
+        raise TypeError(
+            f"PQFeatureProcessedEmbeddingBagCollectionSharder shards a "
+            f"FeatureProcessedEmbeddingBagCollection whose collection is a "
+            f"PQEmbeddingBagCollection; this one holds a {type(inner).__name__} (tables {tables}): "
+            "shard it with TorchRec's FeatureProcessedEmbeddingBagCollectionSharder"
+        )
+    return inner
+
+
+class PQFeatureProcessedEmbeddingBagCollectionSharder(
+    ModuleSharder[FeatureProcessedEmbeddingBagCollection]
+):
+    """Shards a ``FeatureProcessedEmbeddingBagCollection`` whose collection was product-quantized.
+
+    ``compress_`` swaps the inner ``EmbeddingBagCollection`` of an FPEBC for a
+    ``PQEmbeddingBagCollection``; TorchRec's FPEBC sharder cannot plan that (it reads
+    ``embedding_bags``).  Pass this sharder in its place: the planner sees the codes as
+    :class:`PQEmbeddingBagCollectionSharder` shows them, and DMP builds a
+    :class:`ShardedPQFeatureProcessedEmbeddingBagCollection`.  (DMP and the planner pick one
+    sharder per module type, and the planner asks for sharding types without the module, so one
+    sharder cannot serve both kinds of FPEBC: a model holding an FPEBC over a plain EBC as well
+    keeps TorchRec's sharder and cannot use this one; this sharder raises naming the tables.)
+    As for every FPEBC, TorchRec's planner offers row-wise types only under an explicit
+    ``ParameterConstraints(sharding_types=[...])``; here they are exact (positions are taken
+    before any id leaves its process).
+
+    Example::
+
+        >>> from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+        >>> from torchrec.modules.embedding_configs import EmbeddingBagConfig
+        >>> from torchrec.modules.feature_processor_ import PositionWeightedModuleCollection
+        >>> table = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=100,
+        ...                            feature_names=["f"])
+        >>> pq = PQEmbeddingBagCollection([table], {"t": torch.zeros(100, 2, dtype=torch.uint8)},
+        ...                               {"t": torch.zeros(2, 16, 4)}, is_weighted=True)
+        >>> fpebc = FeatureProcessedEmbeddingBagCollection(
+        ...     pq, PositionWeightedModuleCollection({"f": 4}))
+        >>> planner = EmbeddingShardingPlanner(Topology(world_size=2, compute_device="cpu"))
+        >>> plan = planner.plan(fpebc, [PQFeatureProcessedEmbeddingBagCollectionSharder()])
+        >>> plan.plan[""]["t"].sharding_type
+        'table_wise'
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pq_sharder = PQEmbeddingBagCollectionSharder()
+
+    def shard(
+        self,
+        module: FeatureProcessedEmbeddingBagCollection,
+        params: EmbeddingModuleShardingPlan,
+        env: ShardingEnv,
+        device: torch.device | None = None,
+        module_fqn: str | None = None,
+    ) -> ShardedPQFeatureProcessedEmbeddingBagCollection:
+        return ShardedPQFeatureProcessedEmbeddingBagCollection(
+            module, params, env, device if device is not None else torch.device("cpu")
+        )
+
+    def shardable_parameters(
+        self, module: FeatureProcessedEmbeddingBagCollection
+    ) -> dict[str, nn.Parameter]:
+        return self._pq_sharder.shardable_parameters(_pq_collection_of(module))
+
+    @property
+    def module_type(self) -> type[FeatureProcessedEmbeddingBagCollection]:
+        return FeatureProcessedEmbeddingBagCollection
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return self._pq_sharder.sharding_types(compute_device_type)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        return self._pq_sharder.compute_kernels(sharding_type, compute_device_type)
 
 
 class CodeEncoder(Protocol):

@@ -9,9 +9,14 @@ from ``[B, d]``.  The tiny codebook (``M * K * dsub`` floats) stays in cache, so
 memory traffic is ``M`` bytes of codes per id instead of ``d`` floats.
 """
 
+import warnings
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.compiler import is_compiling
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollectionInterface,
@@ -24,7 +29,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_compress.pq import _ops
 from torchrec_compress.pq.quantizer import code_dtype, decode
 
-_INT32_MAX = 2**31 - 1
+# TorchRec's own helpers are fx leaves only where TorchRec calls them: make them leaves here too
+# (their bodies iterate over names and test sizes, which a symbolic trace cannot do).
+torch.fx.wrap("reorder_inverse_indices")
+torch.fx.wrap("process_pooled_embeddings")
 
 
 def pq_pooled_lookup(
@@ -54,15 +62,15 @@ def pq_pooled_lookup(
     """
     # The C++ kernel (when built) fuses gather, decode and sum in one pass with no [M, n] index
     # buffer; the torch path below is the fallback and handles every other device and dtype.
+    # (Written for TorchScript too: a scripted model keeps both paths.)
     if _ops.lookup_kernel_applies(codes, codebooks, ids, offsets, per_sample_weights):
-        return torch.ops.torchrec_compress.pq_pooled_lookup(
-            codes, codebooks, ids, offsets, per_sample_weights
-        )
-    num_subspaces, ksub, dsub = codebooks.shape
+        return _ops.kernel_pooled_lookup(codes, codebooks, ids, offsets, per_sample_weights)
+    num_subspaces, ksub, dsub = codebooks.shape[0], codebooks.shape[1], codebooks.shape[2]
     num_ids = ids.numel()
     num_bags = offsets.numel() - 1
     # int32 indices halve the index traffic; fall back to int64 only when they could overflow.
-    index_dtype = torch.int32 if num_subspaces * max(ksub, num_ids) <= _INT32_MAX else torch.int64
+    int32_max = 2147483647  # a literal: TorchScript reads no module-level constants
+    index_dtype = torch.int32 if num_subspaces * max(ksub, num_ids) <= int32_max else torch.int64
     # [n, M]: the only random access into the big table.  Gathering whole rows as 8-byte words
     # is faster than byte-wise index_select when the row length allows it.
     if (
@@ -100,6 +108,45 @@ def pq_pooled_lookup(
     return pooled.view(num_subspaces, num_bags, dsub).transpose(0, 1).reshape(num_bags, -1)
 
 
+@torch.fx.wrap
+def pq_feature_lookup(
+    codes: Tensor,
+    codebooks: Tensor,
+    ids: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Tensor | None,
+    mean: bool,
+) -> Tensor:
+    """Pooled PQ lookup of one feature, SUM or MEAN (empty bags give zeros either way).
+
+    A leaf of ``torch.fx`` traces (``torchrec.fx.symbolic_trace``) and TorchScript-compatible,
+    so a traced model keeps the C++ kernel and can be scripted.
+
+    Args:
+        codes (Tensor): ``[N, M]`` integer codes of the table.
+        codebooks (Tensor): ``[M, K, dsub]``.
+        ids (Tensor): ``[n]`` row ids of all bags, concatenated.
+        offsets (Tensor): ``[B + 1]`` bag boundaries in ``ids``.
+        per_sample_weights (Optional[Tensor]): ``[n]`` weight of each id.
+        mean (bool): divide each bag by its length (``PoolingType.MEAN``).
+
+    Example::
+
+        >>> books = torch.arange(8.0).view(2, 2, 2)  # M=2, K=2, dsub=2
+        >>> codes = torch.tensor([[0, 1], [1, 0]], dtype=torch.uint8)
+        >>> pq_feature_lookup(codes, books, torch.tensor([0, 1, 1]), torch.tensor([0, 2, 2, 3]),
+        ...                   None, mean=True)
+        tensor([[1., 2., 5., 6.],
+                [0., 0., 0., 0.],
+                [2., 3., 4., 5.]])
+    """
+    pooled = pq_pooled_lookup(codes, codebooks, ids, offsets, per_sample_weights)
+    if mean:
+        lengths = (offsets[1:] - offsets[:-1]).clamp(min=1)
+        pooled = pooled / lengths.unsqueeze(1).to(pooled.dtype)
+    return pooled
+
+
 class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """Drop-in for TorchRec's ``EmbeddingBagCollection`` whose tables are product-quantized.
 
@@ -110,7 +157,11 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``KeyedTensor`` has the keys, dims and order of the ``EmbeddingBagCollection`` built from the
     same configs, and equals its output when that EBC's weights are the decoded tables (SUM and
     MEAN pooling, weighted features, empty bags).  Loading a state dict whose codes are out of
-    ``[0, K)`` raises an error naming the table.
+    ``[0, K)`` raises an error naming the table.  The forward traces like the EBC's
+    (``torchrec.fx.symbolic_trace`` then ``torch.jit.script``, ``torch.export``,
+    ``torch.compile(fullgraph=True)``), each feature's lookup one :func:`pq_feature_lookup` call.
+    Run unsharded in a job of several processes (``DistributedModelParallel`` without
+    ``PQEmbeddingBagCollectionSharder``), it warns once: every process would hold all the codes.
 
     Args:
         tables (List[EmbeddingBagConfig]): the original table configs.
@@ -175,6 +226,7 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             t.embedding_dim for t in tables for _ in t.feature_names
         ]
         self.register_load_state_dict_pre_hook(self._check_loaded_codes)
+        self._replication_checked = False
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled lookups of every feature: a ``KeyedTensor`` ``[B, sum of dims]``.
@@ -182,6 +234,8 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         Args:
             features (KeyedJaggedTensor): ids (and weights when ``is_weighted``) per feature.
         """
+        if not (self._replication_checked or is_fx_symbolic_tracing() or is_compiling()):
+            self._warn_if_replicated()
         flat_feature_names = [name for names in self._feature_names for name in names]
         inverse_indices = reorder_inverse_indices(
             inverse_indices=features.inverse_indices_or_none(),
@@ -195,23 +249,54 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             table_codes = getattr(self.codes, table.name)
             for name in names:
                 feature = feature_dict[name]
-                offsets = feature.offsets()
-                result = pq_pooled_lookup(
-                    table_codes,
-                    self.codebooks[table.name],
-                    feature.values(),
-                    offsets,
-                    feature.weights() if self._is_weighted else None,
+                pooled.append(
+                    pq_feature_lookup(
+                        table_codes,
+                        self.codebooks[table.name],
+                        feature.values(),
+                        feature.offsets(),
+                        feature.weights() if self._is_weighted else None,
+                        mean,
+                    )
                 )
-                if mean:
-                    lengths = (offsets[1:] - offsets[:-1]).clamp(min=1)
-                    result = result / lengths.unsqueeze(1).to(result.dtype)
-                pooled.append(result)
         return KeyedTensor(
             keys=self._embedding_names,
             values=process_pooled_embeddings(pooled, inverse_indices),
             length_per_key=self._lengths_per_embedding,
         )
+
+    def _warn_if_replicated(self) -> None:
+        """Warns once when this module runs unsharded in a multi-process job.
+
+        That is what ``DistributedModelParallel`` leaves when it was not given
+        ``PQEmbeddingBagCollectionSharder``: it walks into the module, finds nothing to shard, and
+        every process then holds (and DDP broadcasts) all the codes.
+        """
+        self._replication_checked = True
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        code_bytes = sum(c.numel() * c.element_size() for c in self.codes.buffers())
+        warnings.warn(
+            f"PQEmbeddingBagCollection with tables {[t.name for t in self._embedding_bag_configs]} "
+            f"runs unsharded in a job of {dist.get_world_size()} processes: every process holds "
+            f"all {code_bytes} bytes of its codes. To shard them, pass "
+            "PQEmbeddingBagCollectionSharder to DistributedModelParallel (sharders="
+            "torchrec_compress.distributed.default_sharders() includes it).",
+            stacklevel=2,
+        )
+
+    def __getattr__(self, name: str) -> Tensor | nn.Module:
+        if name == "embedding_bags":
+            # TorchRec code written for the EBC (e.g. its FPEBC sharder) reads this attribute.
+            raise AttributeError(
+                f"PQEmbeddingBagCollection (tables "
+                f"{[t.name for t in self._embedding_bag_configs]}) has no embedding_bags: its "
+                "tables are codes and codebooks. To shard a FeatureProcessedEmbeddingBagCollection "
+                "over it, pass torchrec_compress.distributed.pq_embeddingbag."
+                "PQFeatureProcessedEmbeddingBagCollectionSharder in place of TorchRec's "
+                "FeatureProcessedEmbeddingBagCollectionSharder"
+            )
+        return super().__getattr__(name)
 
     def decoded_weight(self, table_name: str) -> Tensor:
         """The ``[num_embeddings, embedding_dim]`` float table the codes stand for."""

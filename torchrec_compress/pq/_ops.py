@@ -31,7 +31,6 @@ except ImportError:
     HAS_KERNELS = False
 
 _CODE_DTYPES = (torch.uint8, torch.int16, torch.int32)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def lookup_kernel_applies(
@@ -42,6 +41,8 @@ def lookup_kernel_applies(
     per_sample_weights: Tensor | None,
 ) -> bool:
     """Whether ``pq_pooled_lookup`` can run these (CPU) tensors; the torch path handles the rest.
+
+    Written for TorchScript as well (a scripted model keeps the kernel).
 
     Args:
         codes (Tensor): ``[N, M]`` codes.
@@ -56,19 +57,59 @@ def lookup_kernel_applies(
         >>> lookup_kernel_applies(codes, books, torch.tensor([1]), torch.tensor([0, 1]), None) == HAS_KERNELS
         True
     """
-    tensors = [codes, codebooks, ids, offsets]
-    if per_sample_weights is not None:
-        if per_sample_weights.dtype != torch.float32:
-            return False
-        tensors.append(per_sample_weights)
+    if not kernels_built():
+        return False
+    if per_sample_weights is not None and (
+        per_sample_weights.dtype != torch.float32 or per_sample_weights.device.type != "cpu"
+    ):
+        return False
     return (
-        HAS_KERNELS
-        and all(t.device.type == "cpu" for t in tensors)
-        and codes.dtype in _CODE_DTYPES
+        codes.device.type == "cpu"
+        and codebooks.device.type == "cpu"
+        and ids.device.type == "cpu"
+        and offsets.device.type == "cpu"
+        and (codes.dtype == torch.uint8 or codes.dtype == torch.int16 or codes.dtype == torch.int32)
         and codebooks.dtype == torch.float32
-        and ids.dtype in _INDEX_DTYPES
-        and offsets.dtype in _INDEX_DTYPES
+        and (ids.dtype == torch.int32 or ids.dtype == torch.int64)
+        and (offsets.dtype == torch.int32 or offsets.dtype == torch.int64)
     )
+
+
+# The two definitions below depend on HAS_KERNELS at import; TorchScript cannot read a global
+# flag, but it compiles whichever function the name is bound to.
+if HAS_KERNELS:
+
+    def kernels_built() -> bool:
+        """Whether the C++ extension was loaded (``HAS_KERNELS``), readable from TorchScript."""
+        return True
+
+    def kernel_pooled_lookup(
+        codes: Tensor,
+        codebooks: Tensor,
+        ids: Tensor,
+        offsets: Tensor,
+        per_sample_weights: Tensor | None,
+    ) -> Tensor:
+        """``torch.ops.torchrec_compress.pq_pooled_lookup`` (see the module docstring)."""
+        return torch.ops.torchrec_compress.pq_pooled_lookup(
+            codes, codebooks, ids, offsets, per_sample_weights
+        )
+
+else:
+
+    def kernels_built() -> bool:
+        """Whether the C++ extension was loaded (``HAS_KERNELS``), readable from TorchScript."""
+        return False
+
+    def kernel_pooled_lookup(
+        codes: Tensor,
+        codebooks: Tensor,
+        ids: Tensor,
+        offsets: Tensor,
+        per_sample_weights: Tensor | None,
+    ) -> Tensor:
+        """Stand-in when the extension was not built (never called: see ``lookup_kernel_applies``)."""
+        raise RuntimeError("torchrec_compress._C was not built: pq_pooled_lookup is unavailable")
 
 
 def encode_kernel_applies(x: Tensor, codebooks: Tensor, dtype: torch.dtype) -> bool:
