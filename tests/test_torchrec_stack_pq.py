@@ -569,6 +569,16 @@ def test_torchrec_fpebc_sharder_on_pq_says_which_sharder_to_use() -> None:
     assert {p.compute_kernel for p in plan.plan["fpebc"].values()} == {"quant"}
 
 
+def test_default_sharders_of_a_model_pick_its_fpebc_sharder() -> None:
+    topology = Topology(world_size=2, compute_device="cpu")
+    model = _fp_model()
+    plan = EmbeddingShardingPlanner(topology).plan(model, default_sharders(model))
+    assert {p.compute_kernel for p in plan.plan["fpebc"].values()} == {"quant"}
+    mixed = nn.ModuleDict({"pq": _fp_model().fpebc, "plain": _FPModel().fpebc})
+    with pytest.raises(ValueError, match=r"\['pq'\].*\['plain'\]"):
+        default_sharders(mixed)
+
+
 def test_fp_sharder_refuses_an_uncompressed_fpebc() -> None:
     sharder = PQFeatureProcessedEmbeddingBagCollectionSharder()
     with pytest.raises(TypeError, match=r"EmbeddingBagCollection \(tables \['t0', 't1'\]\)"):

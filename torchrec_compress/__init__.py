@@ -79,13 +79,14 @@ __all__ = [
 ]
 
 
-def sharders() -> list[ModuleSharder[nn.Module]]:
+def sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Module]]:
     """Every sharder a ``DistributedModelParallel`` user must pass for compressed models.
 
     TorchRec's default sharders, with the ``EmbeddingBagCollection`` sharder replaced by one
-    that offers row-wise sharding on CPU, plus the sharder of ``PQEmbeddingBagCollection``
-    (see :func:`torchrec_compress.distributed.planning.default_sharders`).  A
-    ``LowRankEmbeddingBagCollection`` needs none of its own: DMP shards its inner factor EBC.
+    that offers row-wise sharding on CPU, plus the sharders of ``LowRankEmbeddingBagCollection``,
+    ``PQEmbeddingBagCollection`` and of a ``FeatureProcessedEmbeddingBagCollection`` holding
+    either (see :func:`torchrec_compress.distributed.planning.default_sharders`; pass ``model``
+    so that the FPEBC sharder matches its FPEBCs).
 
     Returns:
         list[ModuleSharder[nn.Module]]: a fresh list, safe to extend.
@@ -100,7 +101,7 @@ def sharders() -> list[ModuleSharder[nn.Module]]:
     """
     from torchrec_compress.distributed.planning import default_sharders
 
-    return default_sharders()
+    return default_sharders(model)
 
 
 def __getattr__(name: str) -> Any:

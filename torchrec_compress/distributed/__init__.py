@@ -28,6 +28,7 @@ from torchrec_compress.distributed.planning import (
 )
 from torchrec_compress.distributed.pq_embeddingbag import (
     PQEmbeddingBagCollectionSharder,
+    PQFeatureProcessedEmbeddingBagCollectionSharder,
     ShardedPQEmbeddingBagCollection,
     encode_sharded_codes_,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "FeatureProcessedLowRankSharder",
     "LowRankEmbeddingBagCollectionSharder",
     "PQEmbeddingBagCollectionSharder",
+    "PQFeatureProcessedEmbeddingBagCollectionSharder",
     "PlanStorage",
     "ShardedLowRankEmbeddingBagCollection",
     "ShardedPQEmbeddingBagCollection",

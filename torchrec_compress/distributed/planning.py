@@ -18,20 +18,33 @@ from torchrec_compress.distributed.lowrank_embeddingbag import (
     FeatureProcessedLowRankSharder,
     LowRankEmbeddingBagCollectionSharder,
 )
-from torchrec_compress.distributed.pq_embeddingbag import PQEmbeddingBagCollectionSharder
+from torchrec_compress.distributed.pq_embeddingbag import (
+    PQEmbeddingBagCollectionSharder,
+    PQFeatureProcessedEmbeddingBagCollectionSharder,
+)
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
 
 
-def default_sharders() -> list[ModuleSharder[nn.Module]]:
+def default_sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Module]]:
     """TorchRec's default sharders, with the EBC sharder replaced by one that offers row-wise on
     CPU, plus the sharders of the compressed collections.
 
     The sharders of :class:`~torchrec_compress.modules.pq_embedding_bag.PQEmbeddingBagCollection`
     and :class:`~torchrec_compress.modules.lowrank_embedding_bag.LowRankEmbeddingBagCollection`
-    (also inside a ``FeatureProcessedEmbeddingBagCollection``, whose TorchRec sharder this one
-    extends) shard each collection as one module.
+    shard each collection as one module.  DMP and the planner take one sharder per module type,
+    and a ``FeatureProcessedEmbeddingBagCollection`` needs a different one when its collection
+    was product-quantized: given ``model``, the FPEBC sharder is chosen for the FPEBCs it holds
+    (plain or low-rank: :class:`FeatureProcessedLowRankSharder`, which extends TorchRec's;
+    product-quantized: :class:`PQFeatureProcessedEmbeddingBagCollectionSharder`).
+
+    Args:
+        model (Optional[nn.Module]): the model to shard; ``None`` assumes no product-quantized
+            FPEBC.
+
+    Raises:
+        ValueError: ``model`` holds FPEBCs of both kinds (no single sharder can plan them).
 
     Example::
 
@@ -40,15 +53,35 @@ def default_sharders() -> list[ModuleSharder[nn.Module]]:
         True
     """
     ebc_sharder = CPURowWiseEmbeddingBagCollectionSharder()
+    fp_sharder: ModuleSharder[nn.Module] = FeatureProcessedLowRankSharder(ebc_sharder)
+    if model is not None and _product_quantized_fpebcs(model):
+        fp_sharder = PQFeatureProcessedEmbeddingBagCollectionSharder()  # type: ignore[assignment]
     sharders: list[ModuleSharder[nn.Module]] = [
         ebc_sharder,
-        PQEmbeddingBagCollectionSharder(),
-        LowRankEmbeddingBagCollectionSharder(ebc_sharder),
-        FeatureProcessedLowRankSharder(ebc_sharder),
+        PQEmbeddingBagCollectionSharder(),  # type: ignore[list-item]
+        LowRankEmbeddingBagCollectionSharder(ebc_sharder),  # type: ignore[list-item]
+        fp_sharder,
     ]
     replaced = (EmbeddingBagCollection, FeatureProcessedEmbeddingBagCollection)
     sharders += [s for s in get_default_sharders() if s.module_type not in replaced]
     return sharders
+
+
+def _product_quantized_fpebcs(model: nn.Module) -> bool:
+    """Whether the FPEBCs of ``model`` wrap ``PQEmbeddingBagCollection``\\ s (all or none)."""
+    kinds = {
+        fqn or "<model>": isinstance(m._embedding_bag_collection, PQEmbeddingBagCollection)
+        for fqn, m in model.named_modules()
+        if isinstance(m, FeatureProcessedEmbeddingBagCollection)
+    }
+    if len(set(kinds.values())) > 1:
+        raise ValueError(
+            "one sharder per module type: FeatureProcessedEmbeddingBagCollections over "
+            f"product-quantized collections {sorted(k for k, pq in kinds.items() if pq)} and over "
+            f"other collections {sorted(k for k, pq in kinds.items() if not pq)} cannot be sharded "
+            "in one model; compress all of them alike"
+        )
+    return any(kinds.values())
 
 
 def table_constraints(
@@ -111,7 +144,7 @@ def plan_model(
         >>> len(plan.plan[""]["t"].ranks) > 1
         True
     """
-    sharders = sharders if sharders is not None else default_sharders()
+    sharders = sharders if sharders is not None else default_sharders(model)
     planner = EmbeddingShardingPlanner(
         topology=topology,
         constraints=table_constraints(model, sharding_type, topology.world_size),
@@ -140,7 +173,7 @@ def shard_model(
         compute_device=device.type,
         local_world_size=dist.get_world_size(pg) if device.type == "cpu" else None,
     )
-    sharders = default_sharders()
+    sharders = default_sharders(model)
     plan = plan_model(model, topology, sharding_type, sharders, pg)
     return DistributedModelParallel(
         module=model, device=device, plan=plan, sharders=sharders, init_data_parallel=True
@@ -260,7 +293,7 @@ def plan_storage(
         constraints=table_constraints(model, sharding_type, topology.world_size),
         callbacks=[record],
     )
-    plan = planner.plan(model, sharders if sharders is not None else default_sharders())
+    plan = planner.plan(model, sharders if sharders is not None else default_sharders(model))
     tables = []
     for option in chosen:
         storage = option.total_storage
