@@ -7,9 +7,11 @@ int8 factor table of k = 16 (from a 128-dim table) at 20 bytes per row on a meta
 """
 
 import copy
+import doctest
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -26,9 +28,11 @@ from torchrec.quant.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_compress import rowwise_quant
 from torchrec_compress.api import CONVERTERS, compress_
 from torchrec_compress.config import AFMConfig
 from torchrec_compress.distributed import plan_storage
+from torchrec_compress.distributed import rowwise_quant as rowwise_quant_sharders
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.rowwise_quant import (
     RowWiseQuantConfig,
@@ -105,6 +109,13 @@ def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 def test_registered_through_converters_alone() -> None:
     assert CONVERTERS[RowWiseQuantConfig] is _plan_rowwise
+
+
+@pytest.mark.parametrize("module", [rowwise_quant, rowwise_quant_sharders])
+def test_docstring_examples_run(module: ModuleType) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
