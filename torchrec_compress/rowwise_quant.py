@@ -75,7 +75,8 @@ class RowWiseQuantOverride:
     Args:
         bits (Optional[int]): 8, 4 or 2 for this table (``None`` keeps the global ``bits``).
         skip (bool): leave this table unquantized.  In a collection that has quantized tables
-            it is stored at its own precision inside the quantized collection (exact, frozen).
+            its rows are stored unchanged inside the quantized collection (frozen; pooled by
+            fbgemm, so sums may differ from ``nn.EmbeddingBag``'s in the last bit).
     """
 
     bits: int | None = None
