@@ -21,7 +21,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.planner import Topology
 from torchrec.inference.modules import quantize_embeddings
 from torchrec.models.dlrm import DLRM
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
@@ -149,6 +149,36 @@ def test_outputs_equal_torchrec_serving_conversion(bits: int) -> None:
     torch.testing.assert_close(_logits(model, batches), _logits(served, batches), rtol=0, atol=0)
 
 
+def test_fp16_rows_train_and_convert_to_int8_for_serving() -> None:
+    """``bits=16``: a trainable TorchRec collection of fp16 rows (half the bytes); a later
+    ``bits=8`` pass serves it in int8."""
+    model, batches = _dlrm(), _batches()
+    expected = _logits(model, batches)
+    report = compress_(model, RowWiseQuantConfig(bits=16))
+    ebc = model.sparse_arch.embedding_bag_collection
+    assert type(ebc) is EmbeddingBagCollection
+    assert {t.data_type for t in ebc.embedding_bag_configs()} == {DataType.FP16}
+    assert ebc.embedding_bags["t0"].weight.dtype == torch.float16
+    assert [(r.method, r.bytes_after) for r in report.rows] == [
+        ("FP16", rows * DIM * 2) for rows in ROWS.values()
+    ]
+    assert _rel(_logits(model, batches), expected) < 1e-3
+
+    rows_before = ebc.embedding_bags["t0"].weight.detach().clone()
+    model.train()
+    batch = batches[0]
+    logits = model(batch.dense_features, batch.sparse_features).squeeze(1)
+    nn.functional.binary_cross_entropy_with_logits(logits, batch.labels).backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    looked_up = batch.sparse_features["f0"].values().unique()
+    moved = (ebc.embedding_bags["t0"].weight.detach() - rows_before)[looked_up].abs().amax(1)
+    assert bool((moved > 0).all())
+
+    served = compress_(model, RowWiseQuantConfig(bits=8))
+    assert isinstance(model.sparse_arch.embedding_bag_collection, QuantEmbeddingBagCollection)
+    assert [r.bytes_before for r in served.rows] == [r.bytes_after for r in report.rows]
+
+
 def _perturbed_quantized(bits: int) -> DLRM:
     """A quantized DLRM whose every value differs from ``_dlrm()``'s."""
     model = _dlrm()
@@ -257,7 +287,7 @@ def test_per_table_bits_and_errors_leave_model_unchanged() -> None:
     assert type(model[0]) is EmbeddingBagCollection
     with pytest.raises(ValueError, match=r"unknown table\(s\) \['nope'\]"):
         compress_(model, RowWiseQuantConfig(table_overrides={"nope": RowWiseQuantOverride()}))
-    with pytest.raises(ValueError, match="RowWiseQuantConfig.bits must be one of"):
+    with pytest.raises(ValueError, match=r"RowWiseQuantConfig.bits must be one of \[2, 4, 8, 16\]"):
         RowWiseQuantConfig(bits=3)
     config = RowWiseQuantConfig(bits=2, table_overrides={"t": RowWiseQuantOverride(skip=True)})
     assert RowWiseQuantConfig.from_dict(config.to_dict()) == config
@@ -299,7 +329,7 @@ def _forward(model: nn.Module, batch: Batch) -> torch.Tensor:
 def test_afm_int8_factors_planned_at_true_size() -> None:
     """AFM k = 16 of a 128-dim table, int8 factors: the planner's bytes per row on meta.
 
-    Original 512, float factors 64, int8 factors 16 + 4 (fp16 scale and bias): <= 32.
+    Original 512, float factors 64, fp16 factors 32, int8 factors 16 + 4 (fp16 scale, bias).
     """
     rows = 10**8
     table = EmbeddingBagConfig(name="t", embedding_dim=128, num_embeddings=rows)
@@ -316,6 +346,9 @@ def test_afm_int8_factors_planned_at_true_size() -> None:
     compress_(model, RowWiseQuantConfig(bits=8))
     assert isinstance(model[0].factor_ebc, QuantEmbeddingBagCollection)
     int8_factors = per_row(model)
+    fp16 = nn.Sequential(LowRankEmbeddingBagCollection([table], {"t": 16}, device=meta))
+    compress_(fp16, RowWiseQuantConfig(bits=16))
     assert 512 <= per_row(original) < 513
     assert 64 <= float_factors < 65
+    assert 32 <= per_row(fp16) < 33  # trainable fp16 factors
     assert 20 <= int8_factors < 21

@@ -1,4 +1,4 @@
-"""Row-wise int8 / int4 / int2 quantization of embedding tables, and of AFM factor tables.
+"""Row-wise int8 / int4 / int2 (and trainable fp16) embedding tables, and AFM factor tables.
 
 ``compress_(model, RowWiseQuantConfig(bits=8))`` stores every selected table as TorchRec's
 quantized ``EmbeddingBagCollection`` (``torchrec.quant.embedding_modules``): each row becomes
@@ -22,7 +22,11 @@ Training.  The quantized rows are frozen: measured with fbgemm-gpu-cpu 1.8.0 and
   match with metadata.shard_lengths").
 
 So, like product-quantized codes, the quantized rows are fixed and everything around them (the
-AFM projections and means, the dense layers) fine-tunes.
+AFM projections and means, the dense layers) fine-tunes.  Where rows must keep training,
+``bits=16`` stores them as fp16 in an ordinary TorchRec ``EmbeddingBagCollection`` whose table
+configs say ``DataType.FP16``: unsharded it trains through ``nn.EmbeddingBag``, and DMP's fused
+TBE stores and updates fp16 rows on CPU (``rows x 2 d`` bytes; AFM k=16 x fp16: 32 per row).
+A later ``compress_`` with ``bits=8`` turns those rows into int8 for serving.
 
 Planning.  The quantized collection is stored with its scale and bias split from the rows
 (``quant_state_dict_split_scale_bias``), so TorchRec's planner, through TorchRec's
@@ -41,7 +45,11 @@ from typing import Any
 import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
 from torch import nn
-from torchrec.modules.embedding_configs import DataType, data_type_to_sparse_type
+from torchrec.modules.embedding_configs import (
+    DATA_TYPE_NUM_BITS,
+    DataType,
+    data_type_to_sparse_type,
+)
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import DEFAULT_ROW_ALIGNMENT, quantize_state_dict
 from torchrec.quant.embedding_modules import (
@@ -60,7 +68,14 @@ from torchrec_compress.api import (
 )
 from torchrec_compress.config import CompressionConfig
 
-BITS_TO_DATA_TYPE: dict[int, DataType] = {8: DataType.INT8, 4: DataType.INT4, 2: DataType.INT2}
+BITS_TO_DATA_TYPE: dict[int, DataType] = {
+    16: DataType.FP16,
+    8: DataType.INT8,
+    4: DataType.INT4,
+    2: DataType.INT2,
+}
+# trainable (fbgemm's CPU training TBE updates them); the integer types are served frozen
+TRAINABLE_DATA_TYPES = (DataType.FP32, DataType.FP16)
 
 
 def _check_bits(bits: int | None, what: str) -> None:
@@ -73,7 +88,7 @@ class RowWiseQuantOverride:
     """Per-table setting of a :class:`RowWiseQuantConfig`.
 
     Args:
-        bits (Optional[int]): 8, 4 or 2 for this table (``None`` keeps the global ``bits``).
+        bits (Optional[int]): 16, 8, 4 or 2 for this table (``None`` keeps the global ``bits``).
         skip (bool): leave this table unquantized.  In a collection that has quantized tables
             its rows are stored unchanged inside the quantized collection (frozen; pooled by
             fbgemm, so sums may differ from ``nn.EmbeddingBag``'s in the last bit).
@@ -90,16 +105,19 @@ class RowWiseQuantOverride:
 
 @dataclass
 class RowWiseQuantConfig(CompressionConfig):
-    """Row-wise integer quantization of embedding tables (fbgemm's fused n-bit rows).
+    """Row-wise quantization of embedding tables: fbgemm's fused n-bit rows, or fp16.
 
-    Each row of a table of dimension ``d`` is stored as ``d`` ``bits``-bit integers with an fp16
-    scale and bias (min/max of the row); a table whose quantized rows would not be smaller
-    than its rows now (e.g. ``d = 1``) is kept and reported as kept.  No calibration data is
-    needed.  fbgemm packs whole bytes in pairs: ``d * bits / 8`` must be even (``d`` a multiple
-    of 2, 4, 8 for 8, 4, 2 bits).
+    With ``bits`` 8, 4 or 2, each row of a table of dimension ``d`` is stored as ``d``
+    ``bits``-bit integers with an fp16 scale and bias (min/max of the row), frozen, in TorchRec's
+    quantized ``EmbeddingBagCollection`` (the serving module).  fbgemm packs whole bytes in
+    pairs: ``d * bits / 8`` must be even (``d`` a multiple of 2, 4, 8 for 8, 4, 2 bits).
+    With ``bits=16`` rows are stored as fp16 and stay trainable: a collection none of whose
+    tables is quantized to integers stays a TorchRec ``EmbeddingBagCollection``.  A table whose
+    new rows would not be smaller than its rows now (e.g. ``d = 1`` in int8, an fp16 table in
+    fp16) is kept and reported as kept.  No calibration data is needed.
 
     Args:
-        bits (int): 8, 4 or 2.
+        bits (int): 16, 8, 4 or 2.
         table_overrides (Dict[str, RowWiseQuantOverride]): per table name; names must exist.
         factor_tables (bool): in a low-rank model, quantize the k-dim factor tables of every
             ``LowRankEmbeddingBagCollection`` (AFM x int8); off: such collections are left as
@@ -189,7 +207,7 @@ def check_quantizable(table_name: str, embedding_dim: int, bits: int) -> None:
         ValueError: table 't': embedding_dim 12 cannot be stored in 2 bits by fbgemm (d * 2 / 8 must be an even number of bytes: d a multiple of 8); use more bits or RowWiseQuantOverride(skip=True)
     """
     multiple = 16 // bits
-    if embedding_dim % multiple != 0:
+    if bits < 16 and embedding_dim % multiple != 0:
         raise ValueError(
             f"table {table_name!r}: embedding_dim {embedding_dim} cannot be stored in {bits} "
             f"bits by fbgemm (d * {bits} / 8 must be an even number of bytes: d a multiple of "
@@ -259,17 +277,60 @@ def _table_rows(
         after = before
         if bits is not None:
             data_type = BITS_TO_DATA_TYPE[bits]
-            after = t.num_embeddings * quantized_row_bytes(
-                t.embedding_dim, data_type, weight.device
-            )
+            if data_type in TRAINABLE_DATA_TYPES:  # an nn.EmbeddingBag / training TBE row
+                after = t.num_embeddings * t.embedding_dim * DATA_TYPE_NUM_BITS[data_type] // 8
+            else:
+                after = t.num_embeddings * quantized_row_bytes(
+                    t.embedding_dim, data_type, weight.device
+                )
         if bits is None or after >= before:
             data_types[t.name] = t.data_type
             rows.append(ReportRow(t.name, "table", shape, "kept", None, before, before, None))
             continue
         check_quantizable(t.name, t.embedding_dim, bits)
         data_types[t.name] = data_type
-        rows.append(ReportRow(t.name, "table", shape, f"INT{bits}", None, before, after, None))
+        method = data_type.value  # "INT8", "FP16", ...
+        rows.append(ReportRow(t.name, "table", shape, method, None, before, after, None))
     return data_types, rows
+
+
+@torch.no_grad()
+def fp16_collection(
+    ebc: EmbeddingBagCollection, data_types: Mapping[str, DataType]
+) -> EmbeddingBagCollection:
+    """A trainable TorchRec ``EmbeddingBagCollection`` with ``ebc``'s tables and rows, stored as
+    ``data_types`` says (``DataType.FP16`` or ``DataType.FP32`` per table).
+
+    Its outputs are float32 (TorchRec's collection casts pooled fp16); DMP's fused TBE stores and
+    trains the fp16 rows (``weights_precision`` from the table's ``data_type``).
+
+    Args:
+        ebc (EmbeddingBagCollection): the collection to copy (left unchanged).
+        data_types (Mapping[str, DataType]): table name -> ``FP16`` or ``FP32``, every table.
+
+    Returns:
+        EmbeddingBagCollection: same tables, features and pooling.
+
+    Example::
+
+        >>> from torchrec import EmbeddingBagConfig
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
+        >>> half = fp16_collection(EmbeddingBagCollection([cfg]), {"t": DataType.FP16})
+        >>> half.embedding_bags["t"].weight.dtype, half.embedding_bag_configs()[0].data_type
+        (torch.float16, <DataType.FP16: 'FP16'>)
+    """
+    configs = copy.deepcopy(ebc.embedding_bag_configs())
+    for config in configs:
+        if data_types[config.name] not in TRAINABLE_DATA_TYPES:
+            raise ValueError(
+                f"table {config.name!r}: {data_types[config.name]} rows cannot be trained; "
+                f"valid: {[t.value for t in TRAINABLE_DATA_TYPES]}"
+            )
+        config.data_type = data_types[config.name]
+    new = EmbeddingBagCollection(configs, ebc.is_weighted(), ebc.device)
+    for config in configs:
+        new.embedding_bags[config.name].weight.copy_(ebc.embedding_bags[config.name].weight)
+    return new
 
 
 def _plan_rowwise(
@@ -282,7 +343,9 @@ def _plan_rowwise(
     """Quantizes every selected ``EmbeddingBagCollection`` (and AFM factor collection).
 
     ``calibration`` and ``forward_fn`` are not needed: quantization uses the rows alone.  A
-    collection none of whose tables is quantized is left in place.
+    collection none of whose tables changes is left in place; one whose tables are all fp16 or
+    kept becomes a trainable :func:`fp16_collection`, any other TorchRec's quantized collection
+    (:func:`quantize_collection`).
     """
     assert isinstance(config, RowWiseQuantConfig)
     ebcs = find_embedding_bag_collections(model, filter_fn, lowrank_factors=config.factor_tables)
@@ -294,7 +357,10 @@ def _plan_rowwise(
         rows += table_rows
         if all(r.method == "kept" for r in table_rows):
             continue
-        module = quantize_collection(ebc, data_types)
+        if all(t in TRAINABLE_DATA_TYPES for t in data_types.values()):
+            module: nn.Module = fp16_collection(ebc, data_types)
+        else:
+            module = quantize_collection(ebc, data_types)
         lowrank = lowrank_parent(model, fqn)
         if lowrank is None:
             replacements[fqn] = module
