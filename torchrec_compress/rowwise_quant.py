@@ -89,8 +89,8 @@ class RowWiseQuantOverride:
 
     Args:
         bits (Optional[int]): 16, 8, 4 or 2 for this table (``None`` keeps the global ``bits``).
-        skip (bool): leave this table unquantized.  In a collection that has quantized tables
-            its rows are stored unchanged inside the quantized collection (frozen; pooled by
+        skip (bool): leave this table as it is.  In a collection that has int8/4/2 tables its
+            rows are stored unchanged inside the quantized collection (frozen; pooled by
             fbgemm, so sums may differ from ``nn.EmbeddingBag``'s in the last bit).
     """
 
