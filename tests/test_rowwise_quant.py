@@ -240,7 +240,7 @@ def test_weighted_collection_equals_torchrec_serving_conversion() -> None:
     assert _rel(got, expected.detach()) < 0.01
 
 
-def test_skipped_and_not_smaller_tables_are_kept_exactly() -> None:
+def test_skipped_and_not_smaller_tables_are_kept() -> None:
     """``skip`` keeps a table's float rows (fbgemm's float pooling: equal to rounding); a
     1-dim table in int8 (1 + 4 bytes per row, 4 now) is kept; all kept: module not swapped."""
     model = _dlrm()
