@@ -1,0 +1,188 @@
+"""Fine-tuning AFM x int8 and AFM x fp16 DLRMs under DMP, in 1 and 2 gloo processes.
+
+The int8 factor rows are frozen (fbgemm has no CPU backward for uint8 rows, see
+``torchrec_compress.rowwise_quant``); with :func:`training_sharders` DMP keeps the quantized
+collection whole on every rank while the projections, means and MLPs train data-parallel.
+One SGD step must equal the unsharded step on the same (global) data, and leave the int8 rows
+as they were.  TorchRec's default sharders, which include its inference-only quantized sharder,
+cannot shard the quantized collection on CPU at all.
+
+With ``bits=16`` the factor rows stay trainable: DMP's fused TBE stores them as fp16 and one
+step (fused SGD on the rows, SGD on the rest) matches the unsharded step.
+"""
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import Topology
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.quant.embedding_modules import (
+    EmbeddingBagCollection as QuantEmbeddingBagCollection,
+)
+
+from torchrec_compress.api import compress_
+from torchrec_compress.config import AFMConfig
+from torchrec_compress.distributed import load_full_state_dict_, plan_model, shard_model
+from torchrec_compress.distributed.rowwise_quant import training_sharders
+from torchrec_compress.rowwise_quant import RowWiseQuantConfig
+from torchrec_compress.testing import run_multiprocess
+from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
+
+CPU = torch.device("cpu")
+LR = 0.5
+EBC = "model.sparse_arch.embedding_bag_collection"
+
+
+def _forward(model: nn.Module, batch: Batch) -> object:
+    return model(batch)
+
+
+def _quantized_model() -> nn.Module:
+    """The same AFM(k=8) x int8 DLRM on every rank (same seed, same calibration data)."""
+    model = tiny_dlrm(CPU, dim=16, seed=3)
+    calibration = [tiny_batch(32, seed=100 + i) for i in range(2)]
+    compress_(model, AFMConfig(rank=8), calibration=calibration, forward_fn=_forward)
+    compress_(model, RowWiseQuantConfig(bits=8))
+    return model
+
+
+def _sgd_step(model: nn.Module, batches: list[Batch]) -> None:
+    """One SGD step on the mean of the batches' losses (what DDP's gradient averaging gives)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    for batch in batches:
+        (model(batch)[0] / len(batches)).backward()
+    with torch.no_grad():
+        for p in params:
+            p -= LR * p.grad
+            p.grad = None
+
+
+def _fp16_model() -> nn.Module:
+    """The same AFM(k=8) x fp16 DLRM on every rank: its fp16 factor rows keep training."""
+    model = tiny_dlrm(CPU, dim=16, seed=3)
+    calibration = [tiny_batch(32, seed=100 + i) for i in range(2)]
+    compress_(model, AFMConfig(rank=8), calibration=calibration, forward_fn=_forward)
+    compress_(model, RowWiseQuantConfig(bits=16))
+    return model
+
+
+def _fp16_reference_step(model: nn.Module, batches: list[Batch]) -> None:
+    """The step DMP takes on ``batches`` (one per rank): DDP averages the dense gradients over
+    ranks, while every rank's gradient of a pooled lookup reaches the table shard (summed)."""
+    model.train()
+    for batch in batches:
+        model(batch)[0].backward()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 1.0 if "factor_ebc" in name else 1.0 / len(batches)
+            p -= LR * scale * p.grad
+            p.grad = None
+
+
+def _finetune_fp16(rank: int, world_size: int) -> dict[str, Any]:
+    batches = [tiny_batch(16, seed=10 + r) for r in range(world_size)]
+    probe = tiny_batch(16, seed=99)
+    reference = _fp16_model()
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    reference.eval()
+    with torch.no_grad():
+        logits_before = reference(probe)[1][1]
+    _fp16_reference_step(reference, batches)
+    reference.eval()
+    with torch.no_grad():
+        expected = reference(probe)[1][1]
+
+    model = _fp16_model()
+    tables = [p for n, p in model.named_parameters() if "factor_ebc" in n]
+    apply_optimizer_in_backward(torch.optim.SGD, tables, {"lr": LR})
+    dmp = shard_model(model, CPU, "table_wise")
+    load_full_state_dict_(dmp, state)
+    table = dmp.state_dict()[f"{EBC}.factor_ebc.embedding_bags.t_f0.weight"]
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    optimizer = torch.optim.SGD(list(dense.values()), lr=LR)
+    dmp.train()
+    dmp(batches[rank])[0].backward()
+    optimizer.step()
+    dmp.eval()
+    with torch.no_grad():
+        got = dmp(probe)[1][1]
+    return {
+        "fp16_shards": all(s.tensor.dtype == torch.float16 for s in table.local_shards()),
+        "step_diff": float((got - expected).abs().max()),
+        "step_size": float((expected - logits_before).abs().max()),
+    }
+
+
+def _finetune(rank: int, world_size: int) -> dict[str, Any]:
+    batches = [tiny_batch(16, seed=10 + r) for r in range(world_size)]
+    reference = _quantized_model()
+    with torch.no_grad():
+        reference.eval()
+        expected_logits = reference(batches[rank])[1][1]
+    _sgd_step(reference, batches)
+
+    model = _quantized_model()
+    projection = model.get_parameter(f"{EBC}.projection.t_f0").detach().clone()
+    factor_rows = {
+        k: v.clone() for k, v in model.get_submodule(f"{EBC}.factor_ebc").state_dict().items()
+    }
+    sharders = training_sharders()
+    topology = Topology(world_size=world_size, local_world_size=world_size, compute_device="cpu")
+    plan = plan_model(model, topology, sharders=sharders, pg=dist.group.WORLD)
+    dmp = DistributedModelParallel(model, device=CPU, plan=plan, sharders=sharders)
+    dmp.eval()
+    with torch.no_grad():
+        logits = dmp(batches[rank])[1][1]
+    optimizer = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=LR)
+    dmp.train()
+    dmp(batches[rank])[0].backward()
+    optimizer.step()
+
+    got = dict(dmp.module.named_parameters())
+    params = dict(reference.named_parameters())
+    factor_ebc = dmp.module.get_submodule(f"{EBC}.factor_ebc")
+    return {
+        "logits_diff": float((logits - expected_logits).abs().max()),
+        "param_diff": max(float((got[n] - p).abs().max()) for n, p in params.items()),
+        "projection_moved": float((got[f"{EBC}.projection.t_f0"] - projection).abs().max()),
+        "rows_unchanged": all(
+            torch.equal(v, factor_rows[k]) for k, v in factor_ebc.state_dict().items()
+        ),
+        "factor_quantized": isinstance(factor_ebc, QuantEmbeddingBagCollection),
+        "default_sharders": _default_shard() if world_size == 1 else None,
+        **_finetune_fp16(rank, world_size),
+    }
+
+
+def _default_shard() -> str:
+    """TorchRec's default sharders include its inference-only quantized sharder."""
+    try:
+        shard_model(_quantized_model(), CPU)
+    except AssertionError as e:
+        return str(e)
+    return "sharded"
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_afm_int8_and_fp16_finetune_under_dmp(world_size: int) -> None:
+    for result in run_multiprocess(_finetune, world_size=world_size):
+        assert result["factor_quantized"]
+        assert result["logits_diff"] < 1e-6
+        assert result["param_diff"] < 1e-5
+        assert result["projection_moved"] > 1e-6
+        assert result["rows_unchanged"]
+        # fp16 factor rows: stored fp16 in DMP's fused TBE and trained like the unsharded step
+        # (up to fp16 rounding of the updated rows)
+        assert result["fp16_shards"]
+        assert result["step_size"] > 1e-3
+        assert result["step_diff"] < 1e-4
+    if world_size == 1:
+        # why training_sharders exists: TorchRec's quantized sharder builds CUDA kernels
+        assert "CUDA" in result["default_sharders"]
