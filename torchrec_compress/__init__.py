@@ -36,11 +36,15 @@ if TYPE_CHECKING:
     )
     from torchrec_compress.distributed import (
         CPURowWiseEmbeddingBagCollectionSharder,
+        FeatureProcessedLowRankSharder,
+        LowRankEmbeddingBagCollectionSharder,
         PQEmbeddingBagCollectionSharder,
+        PQFeatureProcessedEmbeddingBagCollectionSharder,
     )
     from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
     from torchrec_compress.modules.lowrank_linear import LowRankLinear
     from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+    from torchrec_compress.rowwise_quant import RowWiseQuantConfig, RowWiseQuantOverride
 
 __version__ = "0.1.0"
 
@@ -59,13 +63,20 @@ _EXPORTS = {
     "PQEmbeddingBagCollection": "torchrec_compress.modules.pq_embedding_bag",
     "PQEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
     "CPURowWiseEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
+    "LowRankEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
+    "PQFeatureProcessedEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
+    "FeatureProcessedLowRankSharder": "torchrec_compress.distributed",
+    "RowWiseQuantConfig": "torchrec_compress.rowwise_quant",
+    "RowWiseQuantOverride": "torchrec_compress.rowwise_quant",
 }
 
 __all__ = [
     "AFMConfig",
     "CPURowWiseEmbeddingBagCollectionSharder",
     "CompressionReport",
+    "FeatureProcessedLowRankSharder",
     "LowRankEmbeddingBagCollection",
+    "LowRankEmbeddingBagCollectionSharder",
     "LowRankLinear",
     "LowRankOverride",
     "MECConfig",
@@ -73,6 +84,9 @@ __all__ = [
     "PQConfig",
     "PQEmbeddingBagCollection",
     "PQEmbeddingBagCollectionSharder",
+    "PQFeatureProcessedEmbeddingBagCollectionSharder",
+    "RowWiseQuantConfig",
+    "RowWiseQuantOverride",
     "SVDConfig",
     "compress_",
     "sharders",

@@ -32,6 +32,7 @@ from torchrec_compress.distributed.pq_embeddingbag import (
     ShardedPQEmbeddingBagCollection,
     encode_sharded_codes_,
 )
+from torchrec_compress.distributed.rowwise_quant import training_sharders
 from torchrec_compress.distributed.state import load_full_state_dict_
 
 __all__ = [
@@ -56,4 +57,5 @@ __all__ = [
     "plan_storage",
     "shard_model",
     "sharded_statistics",
+    "training_sharders",
 ]

@@ -173,7 +173,11 @@ def shard_model(
         compute_device=device.type,
         local_world_size=dist.get_world_size(pg) if device.type == "cpu" else None,
     )
-    sharders = default_sharders(model)
+    # TorchRec's quantized (inference) EBC sharder cannot shard on CPU nor exchange ids between
+    # training processes: row-wise quantized collections stay whole on every rank
+    from torchrec_compress.distributed.rowwise_quant import training_sharders
+
+    sharders = training_sharders(default_sharders(model))
     plan = plan_model(model, topology, sharding_type, sharders, pg)
     return DistributedModelParallel(
         module=model, device=device, plan=plan, sharders=sharders, init_data_parallel=True
