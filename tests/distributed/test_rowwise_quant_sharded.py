@@ -28,7 +28,12 @@ from torchrec.quant.embedding_modules import (
 
 from torchrec_compress.api import compress_
 from torchrec_compress.config import AFMConfig
-from torchrec_compress.distributed import load_full_state_dict_, plan_model, shard_model
+from torchrec_compress.distributed import (
+    default_sharders,
+    load_full_state_dict_,
+    plan_model,
+    shard_model,
+)
 from torchrec_compress.distributed.rowwise_quant import training_sharders
 from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 from torchrec_compress.testing import run_multiprocess
@@ -162,9 +167,11 @@ def _finetune(rank: int, world_size: int) -> dict[str, Any]:
 
 
 def _default_shard() -> str:
-    """TorchRec's default sharders include its inference-only quantized sharder."""
+    """TorchRec's default sharders include its inference-only quantized sharder: DMP given
+    them fails on CPU; ``shard_model`` leaves it out (``training_sharders``)."""
+    shard_model(_quantized_model(), CPU)
     try:
-        shard_model(_quantized_model(), CPU)
+        DistributedModelParallel(_quantized_model(), device=CPU, sharders=default_sharders())
     except AssertionError as e:
         return str(e)
     return "sharded"

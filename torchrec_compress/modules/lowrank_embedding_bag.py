@@ -21,11 +21,11 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
-    EmbeddingBagCollectionInterface,
     get_embedding_names_by_table,
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import _ops
 
 
@@ -408,6 +408,13 @@ class LowRankEmbeddingBagCollection(nn.Module):
             self.projection[name].copy_(projection)
             self.mean[name].copy_(mean.reshape(self.mean[name].shape))
 
+    @property
+    def _factor_keys_in_order(self) -> bool:
+        """Whether ``factor_ebc`` returns its keys in table order (TorchRec's and the PQ
+        collection do; TorchRec's quantized collection groups them by pooling type and a
+        DMP-sharded one by shard, so their outputs are regrouped by name)."""
+        return type(self.factor_ebc) in (EmbeddingBagCollection, PQEmbeddingBagCollection)
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings with the original keys, dims and order.
 
@@ -431,7 +438,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
             self.projection,
             self.mean,
             # unsharded collections return keys in table order; DMP-sharded ones need not
-            keys_in_order=isinstance(self.factor_ebc, EmbeddingBagCollectionInterface),
+            keys_in_order=self._factor_keys_in_order,
         )
 
     def _fused_applies(self, features: KeyedJaggedTensor) -> bool:
