@@ -371,6 +371,7 @@ class ShardedPQEmbeddingBagCollection(
                 if m.shard_sizes[0] == 0 or m.placement is None:
                     continue
                 rank = m.placement.rank()
+                assert rank is not None, f"table {table.name!r}: a shard has no rank"
                 starts.append(offset + m.shard_offsets[0])
                 ranks.append(rank)
                 table_index.append(index)
@@ -945,7 +946,7 @@ def encode_sharded_codes_(
     targets = sorted(codes.metadata().shards_metadata, key=lambda m: m.shard_offsets[0])
     targets = [m for m in targets if m.shard_sizes[0] > 0]
     starts = torch.tensor([m.shard_offsets[0] for m in targets], dtype=torch.long)
-    owners = torch.tensor([m.placement.rank() for m in targets], dtype=torch.long)
+    owners = torch.tensor([_placement_rank(m) for m in targets], dtype=torch.long)
     owner = owners[torch.searchsorted(starts, keys, right=True) - 1]
     order = torch.argsort(owner, stable=True)
     send_counts = torch.bincount(owner, minlength=world_size)
@@ -962,3 +963,10 @@ def encode_sharded_codes_(
     for index, shard in enumerate(mine):
         selected = (which == index).nonzero().squeeze(1)
         shard.tensor[got_keys[selected] - shard.metadata.shard_offsets[0]] = got_codes[selected]
+
+
+def _placement_rank(shard: ShardMetadata) -> int:
+    rank = shard.placement.rank() if shard.placement is not None else None
+    if rank is None:
+        raise ValueError(f"shard at offsets {shard.shard_offsets} has no placement rank")
+    return rank

@@ -10,6 +10,7 @@ memory traffic is ``M`` bytes of codes per id instead of ``d`` floats.
 """
 
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -285,7 +286,7 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             stacklevel=2,
         )
 
-    def __getattr__(self, name: str) -> Tensor | nn.Module:
+    def __getattr__(self, name: str) -> Any:
         if name == "embedding_bags":
             # TorchRec code written for the EBC (e.g. its FPEBC sharder) reads this attribute.
             raise AttributeError(

@@ -20,6 +20,8 @@ under ``torch.fx`` / ``torch.compile`` and train, and says when they apply.  Whe
 was not built, ``HAS_KERNELS`` is ``False`` and callers keep their pure-torch paths.
 """
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -141,7 +143,7 @@ def _per_id_bags(offsets: Tensor, num_ids: int) -> Tensor:
     return torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=num_ids)
 
 
-def _setup_lookup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor):
+def _setup_lookup_context(ctx: Any, inputs: tuple, output: Tensor):
     codes, codebooks, ids, offsets, per_sample_weights = inputs
     ctx.ksub = codebooks.shape[1]
     saved = [codes, ids, offsets, per_sample_weights]
@@ -152,7 +154,7 @@ def _setup_lookup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tupl
 
 
 def _lookup_backward(
-    ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ctx: Any, grad: Tensor
 ) -> tuple[None, Tensor | None, None, None, Tensor | None]:
     codes, ids, offsets, per_sample_weights, *codebooks = ctx.saved_tensors
     grad_books = None
