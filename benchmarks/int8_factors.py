@@ -97,11 +97,13 @@ def main() -> None:
     rows = run_multiprocess(_evaluate, world_size=1, timeout_s=3600.0, args=args, out=str(out))[0]
     print(f"command: {' '.join(sys.argv)}")
     print(f"baseline test AUC {result['baseline']['test']['auc']:.4f}")
-    print("| factors | test AUC | Δ vs float factors | test logloss | factor bytes |")
+    print("| factors | test AUC | Δ vs float factors | test logloss | factor bytes (float) |")
     print("|---|---|---|---|---|")
     base = rows["float"]["auc"]
     for name, row in rows.items():
-        size = f"{row['factor_bytes']:,}" if "factor_bytes" in row else "-"
+        size = "-"
+        if "factor_bytes" in row:
+            size = f"{row['factor_bytes']:,} ({row['float_factor_bytes']:,})"
         print(
             f"| {name} | {row['auc']:.4f} | {row['auc'] - base:+.4f} | "
             f"{row['logloss']:.4f} | {size} |"
