@@ -4,6 +4,11 @@ The unsharded modules in :mod:`torchrec_compress.modules` know nothing of distri
 TorchRec, each sharded module lives next to its sharder in one file of this package.
 """
 
+from torchrec_compress.distributed.compression import (
+    ShardedCompressionReport,
+    compress_sharded_model,
+    unsharded_skeleton,
+)
 from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
 from torchrec_compress.distributed.lowrank import (
     ShardedStatistics,
@@ -40,11 +45,13 @@ __all__ = [
     "PQEmbeddingBagCollectionSharder",
     "PlanStorage",
     "ShardedLowRankEmbeddingBagCollection",
+    "ShardedCompressionReport",
     "ShardedPQEmbeddingBagCollection",
     "ShardedStatistics",
     "SparseLookupCounter",
     "TableStorage",
     "compress_sharded",
+    "compress_sharded_model",
     "compress_sharded_pq",
     "default_sharders",
     "encode_sharded_codes_",
@@ -54,4 +61,5 @@ __all__ = [
     "plan_storage",
     "shard_model",
     "sharded_statistics",
+    "unsharded_skeleton",
 ]

@@ -33,19 +33,15 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.api import (
-    CompressionReport,
+from torchrec_compress.calibration import ForwardFn, calibration_pass, default_forward
+from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.discovery import (
     FilterFn,
-    ForwardFn,
-    ReportRow,
-    calibration_pass,
-    default_forward,
     find_embedding_bag_collections,
     find_mlp_hidden_linears,
-    linear_factors,
     table_owners,
 )
-from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.factorization import linear_factors
 from torchrec_compress.lowrank import (
     PrincipalBasis,
     afm_basis,
@@ -61,6 +57,7 @@ from torchrec_compress.rank import (
     choose_ranks,
     compressed_table_bytes,
 )
+from torchrec_compress.report import CompressionReport, ReportRow
 from torchrec_compress.statistics import (
     DEFAULT_CHUNK_ROWS,
     Moments,
@@ -615,6 +612,51 @@ def compress_sharded(
         tuple[nn.Module, CompressionReport]: ``meta_model`` with compressed modules, and the
         report (identical on every process).
     """
+    compressed, state, report = sharded_lowrank_state(
+        model, meta_model, config, calibration, forward_fn, filter_fn, chunk_rows
+    )
+    save_compressed_state(state, checkpoint_dir)
+    return compressed, report
+
+
+def check_compressed_state(module: nn.Module, state: Mapping[str, Any]) -> None:
+    """Raises ``RuntimeError`` naming the keys by which ``state`` and ``module``'s differ."""
+    expected = set(module.state_dict())
+    if expected != set(state):
+        raise RuntimeError(
+            "compressed state does not match the compressed module: missing "
+            f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
+        )
+
+
+def save_compressed_state(state: Mapping[str, Any], checkpoint_dir: str) -> None:
+    """Collective DCP save of ``{"model": state}`` (the layout of ``examples/dlrm/train.py``'s
+    checkpoints) over the default group, then a barrier."""
+    dcp.save({"model": dict(state)}, checkpoint_id=checkpoint_dir, process_group=dist.group.WORLD)
+    dist.barrier()
+
+
+def sharded_lowrank_state(
+    model: DistributedModelParallel,
+    meta_model: nn.Module,
+    config: LowRankConfig,
+    calibration: Iterable[Any] | None,
+    forward_fn: ForwardFn = default_forward,
+    filter_fn: FilterFn | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
+    """Steps 1-3 of :func:`compress_sharded`: the compressed module and its state, not saved.
+
+    Collective.  The state holds the factor tables as row-sharded ``ShardedTensor`` s laid out
+    like the original rows, and the dense parameters (shared with ``model``, not copied);
+    ``torchrec_compress.compress_`` wraps it in a
+    :class:`~torchrec_compress.distributed.compression.ShardedCompressionReport`.  Arguments as
+    in :func:`compress_sharded`.
+
+    Returns:
+        tuple[nn.Module, dict[str, Any], CompressionReport]: ``meta_model`` with low-rank
+        modules, its state dict (keys equal to ``meta_model.state_dict()``'s), the report.
+    """
     statistics = sharded_statistics(
         model, meta_model, config, calibration, forward_fn, filter_fn, chunk_rows
     )
@@ -706,14 +748,7 @@ def compress_sharded(
             del new_state[key]
         new_state.update({f"{fqn}.{key}": value for key, value in new.state_dict().items()})
 
-    # 4. the compressed module and its checkpoint
+    # 4. the compressed module (on meta) and its state
     lowrank_skeleton_(meta_model, table_ranks, linear_ranks)
-    expected = set(meta_model.state_dict())
-    if expected != set(new_state):
-        raise RuntimeError(
-            "compressed state does not match the compressed module: missing "
-            f"{sorted(expected - set(new_state))[:5]}, unexpected {sorted(set(new_state) - expected)[:5]}"
-        )
-    dcp.save({"model": new_state}, checkpoint_id=checkpoint_dir, process_group=group)
-    dist.barrier(group)
-    return meta_model, CompressionReport(rows_report)
+    check_compressed_state(meta_model, new_state)
+    return meta_model, new_state, CompressionReport(rows_report)

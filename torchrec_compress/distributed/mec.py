@@ -21,24 +21,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_compress.api import (
-    CompressionReport,
+from torchrec_compress.calibration import ForwardFn, calibration_pass, default_forward
+from torchrec_compress.config import MECConfig
+from torchrec_compress.discovery import (
     FilterFn,
-    ForwardFn,
-    ReportRow,
-    calibration_pass,
-    default_forward,
     find_embedding_bag_collections,
     lowrank_parent,
     table_owners,
 )
-from torchrec_compress.config import MECConfig
 from torchrec_compress.distributed.lowrank import (
     SparseLookupCounter,
     _all_gather_counts,
@@ -46,10 +41,13 @@ from torchrec_compress.distributed.lowrank import (
     _local_blocks,
     _row_ranges,
     _RowRange,
+    check_compressed_state,
+    save_compressed_state,
 )
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import MECQuantizer, fit_quantizer, stratified_rows, subspace_order
 from torchrec_compress.pq.quantizer import code_dtype
+from torchrec_compress.report import CompressionReport, ReportRow
 
 BYTES_PER_FLOAT = 4
 
@@ -175,6 +173,33 @@ def compress_sharded_pq(
         >>> # 2 processes: see tests/distributed/test_mec_sharded.py
         >>> # compressed, report = compress_sharded_pq(dmp, meta_model, MECConfig(), batches, "ckpt")
         >>> # sharded = shard_model(compressed, device); load the checkpoint into it
+    """
+    compressed, state, report = sharded_pq_state(
+        model, meta_model, config, calibration, forward_fn, filter_fn, train_rows
+    )
+    save_compressed_state(state, checkpoint_dir)
+    return compressed, report
+
+
+def sharded_pq_state(
+    model: DistributedModelParallel,
+    meta_model: nn.Module,
+    config: MECConfig,
+    calibration: Iterable[Any] | None,
+    forward_fn: ForwardFn = default_forward,
+    filter_fn: FilterFn | None = None,
+    train_rows: int = 65536,
+) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
+    """Steps 1-3 of :func:`compress_sharded_pq`: the compressed module and its state, not saved.
+
+    Collective.  Codes are row-sharded ``ShardedTensor`` s laid out like the original rows;
+    ``torchrec_compress.compress_`` wraps the result in a
+    :class:`~torchrec_compress.distributed.compression.ShardedCompressionReport`.  Arguments as
+    in :func:`compress_sharded_pq`.
+
+    Returns:
+        tuple[nn.Module, dict[str, Any], CompressionReport]: ``meta_model`` with
+        ``PQEmbeddingBagCollection`` s, its state dict, the report.
     """
     group = dist.group.WORLD
     me = dist.get_rank(group)
@@ -302,16 +327,8 @@ def compress_sharded_pq(
             fqn, module = fqn.rpartition(".")[0], lowrank.with_factor_collection(module)
         parent, _, child = fqn.rpartition(".")
         setattr(meta_model.get_submodule(parent), child, module)
-    expected = set(meta_model.state_dict())
-    if expected != set(new_state):
-        raise RuntimeError(
-            "compressed state does not match the compressed module: missing "
-            f"{sorted(expected - set(new_state))[:5]}, "
-            f"unexpected {sorted(set(new_state) - expected)[:5]}"
-        )
+    check_compressed_state(meta_model, new_state)
     assert all(isinstance(v, ShardedTensor) for k, v in new_state.items() if ".codes." in k), (
         "codes must be row-sharded"
     )
-    dcp.save({"model": new_state}, checkpoint_id=checkpoint_dir, process_group=group)
-    dist.barrier(group)
-    return meta_model, CompressionReport(rows_report)
+    return meta_model, new_state, CompressionReport(rows_report)
