@@ -92,7 +92,7 @@ def _pq(
     return sharded_pq_state(model, meta_model, config, calibration, forward_fn, filter_fn)
 
 
-# config type -> sharded route; the counterpart of ``torchrec_compress.api.CONVERTERS``
+# config type -> sharded route (the counterpart of the local planners of ``compress_``)
 SHARDED_CONVERTERS: dict[type[CompressionConfig], ShardedConverter] = {
     AFMConfig: _lowrank,
     SVDConfig: _lowrank,

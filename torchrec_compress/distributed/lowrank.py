@@ -7,10 +7,11 @@ TorchRec's EBC sharder, so the planner sizes the factor tables at their true row
 :func:`lowrank_skeleton_` swaps modules for empty low-rank ones of given ranks (on ``meta``: no
 memory), e.g. to plan a compressed model for a cluster that does not exist yet.
 
-:func:`compress_sharded` compresses a DMP-sharded model where it lies: lookup counts travel as
+:func:`sharded_lowrank_state` compresses a DMP-sharded model where it lies (the AFM/SVD route of
+``torchrec_compress.compress_`` on a ``DistributedModelParallel`` model): lookup counts travel as
 ``(id, count)`` pairs, moments are computed per shard and summed, factor rows are computed by
-the processes holding the rows, and the result is a DCP checkpoint that any later plan and
-world size can load.  No process ever holds a whole table.  Costs that grow with the data,
+the processes holding the rows, and the result is the compressed state, which a DCP checkpoint
+carries to any later plan and world size.  No process ever holds a whole table.  Costs that grow with the data,
 not the tables: every process receives all processes' distinct ``(id, count)`` pairs (one
 all-gather); column-split tables move their counted rows (statistics) and all their rows'
 k-dim partial factors (``chunk_rows`` at a time) to the first column owner.
@@ -569,6 +570,10 @@ def compress_sharded(
 ) -> tuple[nn.Module, CompressionReport]:
     """AFM/SVD compression of a DMP-sharded model without gathering any table on one process.
 
+    Deprecated: use ``torchrec_compress.compress_(model, config, calibration)`` and the report's
+    ``reshard(device)`` (or ``save(checkpoint_dir)``), the same for every method; this wrapper
+    needs a ``meta_model`` and always writes a checkpoint.
+
     Collective: every process of the default group calls it with its own calibration batches.
 
     1. Lookup counts: a pre-hook on each sharded EBC counts the ids of the local batches as
@@ -612,6 +617,12 @@ def compress_sharded(
         tuple[nn.Module, CompressionReport]: ``meta_model`` with compressed modules, and the
         report (identical on every process).
     """
+    warnings.warn(
+        "compress_sharded is deprecated: use torchrec_compress.compress_(dmp, config, "
+        "calibration) and report.reshard(device) or report.save(checkpoint_dir)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     compressed, state, report = sharded_lowrank_state(
         model, meta_model, config, calibration, forward_fn, filter_fn, chunk_rows
     )

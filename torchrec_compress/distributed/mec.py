@@ -1,6 +1,8 @@
 """MEC / PQ compression of a DMP-sharded model, codes computed where the rows live.
 
-The route mirrors :func:`~torchrec_compress.distributed.lowrank.compress_sharded`:
+The MEC/PQ route of ``torchrec_compress.compress_`` on a ``DistributedModelParallel`` model
+(:func:`sharded_pq_state`); it mirrors the low-rank one
+(:func:`~torchrec_compress.distributed.lowrank.sharded_lowrank_state`):
 
 1. one calibration pass counts lookups (sparse ``(id, count)`` pairs, summed over the group);
 2. per table, a bounded training sample of rows (at most ``train_rows``: the most looked-up rows
@@ -11,11 +13,12 @@ The route mirrors :func:`~torchrec_compress.distributed.lowrank.compress_sharded
    row-sharded ``uint8`` codes tensor with the original's row layout (nothing but the sample and
    the quantizer crosses the network);
 4. the compressed state (codes as ``ShardedTensor``, replicated codebooks, the dense weights) is
-   saved as a DCP checkpoint, and ``meta_model`` gets ``PQEmbeddingBagCollection`` s on ``meta``.
-   The caller plans and shards that module with any plan and world size and loads the checkpoint
-   (DCP reshards the codes).
+   returned with ``meta_model``, whose collections became ``PQEmbeddingBagCollection`` s on
+   ``meta``; ``ShardedCompressionReport.reshard`` plans and shards that module with any plan and
+   world size and loads the state through DCP (which reshards the codes).
 """
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -144,6 +147,9 @@ def compress_sharded_pq(
 ) -> tuple[nn.Module, CompressionReport]:
     """Product-quantizes the tables of a DMP-sharded model without gathering any table.
 
+    Deprecated: use ``torchrec_compress.compress_(model, config, calibration)`` and the report's
+    ``reshard(device)`` (or ``save(checkpoint_dir)``), the same for every method.
+
     Collective: every process calls it with the same arguments and its own calibration batches.
 
     Args:
@@ -174,6 +180,12 @@ def compress_sharded_pq(
         >>> # compressed, report = compress_sharded_pq(dmp, meta_model, MECConfig(), batches, "ckpt")
         >>> # sharded = shard_model(compressed, device); load the checkpoint into it
     """
+    warnings.warn(
+        "compress_sharded_pq is deprecated: use torchrec_compress.compress_(dmp, config, "
+        "calibration) and report.reshard(device) or report.save(checkpoint_dir)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     compressed, state, report = sharded_pq_state(
         model, meta_model, config, calibration, forward_fn, filter_fn, train_rows
     )
