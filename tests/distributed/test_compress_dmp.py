@@ -84,6 +84,9 @@ def _run(rank: int, world_size: int) -> dict[str, Any]:
         assert {p.sharding_type for p in plans} == {target}
         compressed = resharded.module.sparse_arch.embedding_bag_collection
         assert type(compressed).__name__ == f"Sharded{module_type.__name__}"
+        if name == "afm":  # the same method again on the compressed DMP model: an error
+            with pytest.raises(ValueError, match="already compressed"):
+                compress_(resharded, config, calibration=copy.copy(mine))
         out[name] = {
             "error": float((_logits(resharded) - _logits(reference)).abs().max()),
             "unchanged": float((_logits(dmp) - before).abs().max()),

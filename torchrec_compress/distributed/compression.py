@@ -202,8 +202,8 @@ class ShardedCompressionReport(CompressionReport):
         >>> # compressed_dmp = report.reshard(torch.device("cpu"))
     """
 
-    compressed_model: nn.Module | None = None
-    state: dict[str, Any] = field(default_factory=dict, repr=False)
+    compressed_model: nn.Module | None = field(default=None, repr=False, compare=False)
+    state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def save(self, checkpoint_dir: str) -> None:
         """Writes the compressed state as a DCP checkpoint ``{"model": state}`` (collective).
