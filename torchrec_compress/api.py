@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,10 +45,7 @@ from torchrec_compress.discovery import (
     no_linear_reason,
     table_owners,
 )
-from torchrec_compress.distributed.compression import (
-    ShardedCompressionReport,
-    compress_sharded_model,
-)
+from torchrec_compress.distributed.compression import compress_sharded_model
 from torchrec_compress.factorization import linear_factors
 from torchrec_compress.lowrank import (
     PrincipalBasis,
@@ -479,30 +476,6 @@ CONVERTERS: dict[type[CompressionConfig], Planner] = {
     MECConfig: _plan_mec,
     PQConfig: _plan_pq,
 }
-
-
-@overload
-def compress_(
-    model: DistributedModelParallel,
-    config: CompressionConfig,
-    calibration: Iterable[Any] | None = None,
-    filter_fn: FilterFn | None = None,
-    forward_fn: ForwardFn = default_forward,
-    *,
-    meta_model: nn.Module | None = None,
-) -> ShardedCompressionReport: ...
-
-
-@overload
-def compress_(
-    model: nn.Module,
-    config: CompressionConfig,
-    calibration: Iterable[Any] | None = None,
-    filter_fn: FilterFn | None = None,
-    forward_fn: ForwardFn = default_forward,
-    *,
-    meta_model: nn.Module | None = None,
-) -> CompressionReport: ...
 
 
 def compress_(
