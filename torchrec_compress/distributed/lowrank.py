@@ -54,6 +54,7 @@ from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagC
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.rank import (
     BYTES_PER_ELEMENT,
+    RankChoice,
     TableSpectrum,
     choose_ranks,
     compressed_table_bytes,
@@ -672,85 +673,46 @@ def sharded_lowrank_state(
         model, meta_model, config, calibration, forward_fn, filter_fn, chunk_rows
     )
     tables, linears = statistics.tables, statistics.linears
-    moments, linear_moments = statistics.table_moments, statistics.linear_moments
     is_afm = isinstance(config, AFMConfig)
-    group = dist.group.WORLD
-    me = dist.get_rank()
     inner = model.module if isinstance(model, DistributedModelParallel) else model
     state = model.state_dict()
-    layouts: dict[str, list[_RowRange]] = {}
-    local: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
-    for fqn, table in tables:
-        value = state[f"{fqn}.embedding_bags.{table.name}.weight"]
-        layouts[table.name] = _row_ranges(value, table.name, table.embedding_dim)
-        local[table.name] = _local_blocks(value, me)
 
     # 3. identical bases and ranks everywhere; factor rows of the ranges this process leads
-    bases: dict[str, PrincipalBasis] = {}
-    spectra: dict[str, TableSpectrum] = {}
-    for _, table in tables:
-        label = f"table {table.name!r}"
-        bases[table.name] = (
-            afm_basis(moments[table.name], label)
-            if is_afm
-            else svd_basis(moments[table.name], label)
+    bases = {
+        t.name: (afm_basis if is_afm else svd_basis)(
+            statistics.table_moments[t.name], f"table {t.name!r}"
         )
-        spectra[table.name] = TableSpectrum(
-            table.num_embeddings,
-            table.embedding_dim,
-            bases[table.name].eigenvalues,
-            float(moments[table.name].count),
+        for _, t in tables
+    }
+    spectra = {
+        t.name: TableSpectrum(
+            t.num_embeddings,
+            t.embedding_dim,
+            bases[t.name].eigenvalues,
+            float(statistics.table_moments[t.name].count),
         )
+        for _, t in tables
+    }
     choices = choose_ranks(spectra, config) if spectra else {}
-    ranks = {name: choice.rank for name, choice in choices.items()}
-    table_ranks = {name: k for name, k in ranks.items() if k is not None}
+    table_ranks = {name: c.rank for name, c in choices.items() if c.rank is not None}
     compressed_ebcs = {fqn for fqn, t in tables if t.name in table_ranks}
-
     new_state: dict[str, Any] = {
         key: value
         for key, value in state.items()
         if not any(key.startswith(f"{fqn}.") for fqn in compressed_ebcs)
     }
-    rows_report: list[ReportRow] = []
+    method = "AFM" if is_afm else "SVD"
+    rows_report = [_table_row(t, bases[t.name], choices[t.name], method) for _, t in tables]
     for fqn, table in tables:
-        k = ranks[table.name]
-        n, d = table.num_embeddings, table.embedding_dim
-        before = n * d * BYTES_PER_ELEMENT
-        method = "kept" if k is None else ("AFM" if is_afm else "SVD")
-        rows_report.append(
-            ReportRow(
-                table.name,
-                "table",
-                (n, d),
-                method,
-                k,
-                before,
-                before if k is None else compressed_table_bytes(n, d, k),
-                None if k is None else bases[table.name].explained_variance(k),
-                note=choices[table.name].note,
-            )
-        )
-        if fqn not in compressed_ebcs:
-            continue
-        weight_key = f"{fqn}.factor_ebc.embedding_bags.{table.name}.weight"
-        if k is None:
-            new_state[weight_key] = state[f"{fqn}.embedding_bags.{table.name}.weight"]
-            continue
-        basis = bases[table.name]
-        factors = {}
-        for rows in layouts[table.name]:
-            part = _range_factors(rows, local[table.name], basis, k, chunk_rows)
-            if part is not None and me == rows.lead:
-                factors[rows.row] = part
-        new_state[weight_key] = _factor_sharded_tensor(layouts[table.name], factors, (n, k), group)
-        new_state[f"{fqn}.projection.{table.name}"] = projection(basis, k)
-        new_state[f"{fqn}.mean.{table.name}"] = basis.mean.to(torch.float32).unsqueeze(0)
+        if fqn in compressed_ebcs:
+            weight = state[f"{fqn}.embedding_bags.{table.name}.weight"]
+            k = choices[table.name].rank
+            new_state.update(_table_state(weight, fqn, table, bases[table.name], k, chunk_rows))
 
     linear_ranks: dict[str, int] = {}
     for fqn in linears:
-        row, new = linear_factors(
-            fqn, inner.get_submodule(fqn), linear_moments.get(fqn) if is_afm else None, config
-        )
+        moments = statistics.linear_moments.get(fqn) if is_afm else None
+        row, new = linear_factors(fqn, inner.get_submodule(fqn), moments, config)
         rows_report.append(row)
         if new is None:
             continue
@@ -763,3 +725,52 @@ def sharded_lowrank_state(
     lowrank_skeleton_(meta_model, table_ranks, linear_ranks)
     check_compressed_state(meta_model, new_state)
     return meta_model, new_state, CompressionReport(rows_report)
+
+
+def _table_row(
+    table: EmbeddingBagConfig, basis: PrincipalBasis, choice: RankChoice, method: str
+) -> ReportRow:
+    """The report row of one table: compressed at ``choice.rank``, or kept (rank ``None``)."""
+    k = choice.rank
+    n, d = table.num_embeddings, table.embedding_dim
+    before = n * d * BYTES_PER_ELEMENT
+    return ReportRow(
+        table.name,
+        "table",
+        (n, d),
+        "kept" if k is None else method,
+        k,
+        before,
+        before if k is None else compressed_table_bytes(n, d, k),
+        None if k is None else basis.explained_variance(k),
+        note=choice.note,
+    )
+
+
+def _table_state(
+    weight: torch.Tensor,
+    fqn: str,
+    table: EmbeddingBagConfig,
+    basis: PrincipalBasis,
+    rank: int | None,
+    chunk_rows: int,
+) -> dict[str, Any]:
+    """The state entries of one table of a collection that becomes low-rank (collective): its
+    row-sharded factor table, projection and mean, or (``rank`` ``None``) its original weight
+    kept at full width inside ``factor_ebc``."""
+    weight_key = f"{fqn}.factor_ebc.embedding_bags.{table.name}.weight"
+    if rank is None:
+        return {weight_key: weight}
+    layout = _row_ranges(weight, table.name, table.embedding_dim)
+    local = _local_blocks(weight, dist.get_rank())
+    factors = {}
+    for rows in layout:
+        part = _range_factors(rows, local, basis, rank, chunk_rows)
+        if part is not None and dist.get_rank() == rows.lead:
+            factors[rows.row] = part
+    shape = (table.num_embeddings, rank)
+    return {
+        weight_key: _factor_sharded_tensor(layout, factors, shape, dist.group.WORLD),
+        f"{fqn}.projection.{table.name}": projection(basis, rank),
+        f"{fqn}.mean.{table.name}": basis.mean.to(torch.float32).unsqueeze(0),
+    }
