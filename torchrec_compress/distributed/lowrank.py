@@ -437,6 +437,35 @@ def _factor_sharded_tensor(
     return ShardedTensor._init_from_local_shards(shards, *shape, process_group=group)
 
 
+def _local_table_moments(
+    value: torch.Tensor,
+    table: EmbeddingBagConfig,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None,
+    chunk_rows: int,
+) -> Moments:
+    """This process's part of one table's moments (collective over the table's column owners):
+    rows weighted by their global lookup counts ``pairs`` (AFM), or uniformly (SVD, or a table
+    the calibration data never looked up, with a warning)."""
+    layout = _row_ranges(value, table.name, table.embedding_dim)
+    blocks = _local_blocks(value, dist.get_rank())
+    uniform = pairs is None or pairs[1].sum() <= 0
+    if pairs is not None and uniform:
+        warnings.warn(
+            f"table {table.name!r} has no lookups in the calibration data; AFM falls back "
+            "to uniform row weights for it",
+            stacklevel=4,
+        )
+    total = Moments.zeros(table.embedding_dim)
+    for rows in layout:
+        if pairs is None or uniform:
+            counts = torch.ones(rows.rows, dtype=torch.float64)
+        else:
+            counts = _dense_counts(pairs[0], pairs[1], rows.row, rows.rows)
+        label = f"table {table.name!r}"
+        total.add_(_range_moments(rows, blocks, counts, table.embedding_dim, chunk_rows, label))
+    return total
+
+
 @dataclass
 class ShardedStatistics:
     """What :func:`sharded_statistics` collected; identical on every process.
@@ -477,7 +506,6 @@ def sharded_statistics(
         )
     is_afm = isinstance(config, AFMConfig)
     group = dist.group.WORLD
-    me = dist.get_rank()
     inner = model.module if isinstance(model, DistributedModelParallel) else model
     ebcs = find_embedding_bag_collections(meta_model, filter_fn) if config.embeddings else {}
     linears = (
@@ -486,7 +514,7 @@ def sharded_statistics(
         else {}
     )
     tables = [(fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()]
-    table_owners(ebcs)
+    table_owners(ebcs, config.table_overrides)
     names = [t.name for _, t in tables]
 
     # 1. calibration pass: sparse lookup counts and Linear output moments
@@ -517,36 +545,12 @@ def sharded_statistics(
 
     # 2. moments per shard, summed over the group
     state = model.state_dict()
-    moments: dict[str, Moments] = {}
-    for fqn, table in tables:
-        value = state[f"{fqn}.embedding_bags.{table.name}.weight"]
-        layout = _row_ranges(value, table.name, table.embedding_dim)
-        blocks = _local_blocks(value, me)
-        pairs = global_counts[table.name]
-        uniform = pairs is None or pairs[1].sum() <= 0
-        if pairs is not None and uniform:
-            warnings.warn(
-                f"table {table.name!r} has no lookups in the calibration data; AFM falls back "
-                "to uniform row weights for it",
-                stacklevel=2,
-            )
-        total = Moments.zeros(table.embedding_dim)
-        for rows in layout:
-            if uniform:
-                counts = torch.ones(rows.rows, dtype=torch.float64)
-            else:
-                counts = _dense_counts(*pairs, rows.row, rows.rows)
-            total.add_(
-                _range_moments(
-                    rows,
-                    blocks,
-                    counts,
-                    table.embedding_dim,
-                    chunk_rows,
-                    f"table {table.name!r}",
-                )
-            )
-        moments[table.name] = total
+    moments = {
+        t.name: _local_table_moments(
+            state[f"{fqn}.embedding_bags.{t.name}.weight"], t, global_counts[t.name], chunk_rows
+        )
+        for fqn, t in tables
+    }
     _sum_identical_(
         [
             t
