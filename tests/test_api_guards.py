@@ -331,7 +331,8 @@ def test_exhausted_calibration_iterator_raises() -> None:
 
 
 def _compress_sharded_model(rank: int, world_size: int) -> list[str]:
-    """On a DMP-sharded DLRM and on a DDP-wrapped one, compress_ raises and swaps nothing."""
+    """compress_ on the module tree inside DMP (sharded modules outside DMP) and on a DDP-wrapped
+    model raises and swaps nothing (DMP models themselves: tests/distributed/test_compress_dmp.py)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from torchrec_compress.distributed import shard_model
@@ -341,14 +342,9 @@ def _compress_sharded_model(rank: int, world_size: int) -> list[str]:
     dmp = shard_model(tiny_dlrm(torch.device("cpu")), torch.device("cpu"))
     batches = [tiny_batch(8, seed=rank)]
     types = [type(m) for m in dmp.modules()]
-    for target, config in [
-        (dmp, AFMConfig(rank=4, linear=True, linear_rank=2, keep_mlp_ends=False)),
-        (dmp.module, SVDConfig(rank=4)),
-        (dmp, MECConfig()),
-    ]:
-        with pytest.raises(TypeError) as error:
-            compress_(target, config, calibration=batches, forward_fn=_call)
-        messages.append(str(error.value))
+    with pytest.raises(TypeError) as error:
+        compress_(dmp.module, SVDConfig(rank=4), calibration=batches, forward_fn=_call)
+    messages.append(str(error.value))
     assert [type(m) for m in dmp.modules()] == types
     ddp = DistributedDataParallel(nn.Sequential(tiny_dlrm(torch.device("cpu")).model.dense_arch))
     with pytest.raises(TypeError) as error:
@@ -358,14 +354,14 @@ def _compress_sharded_model(rank: int, world_size: int) -> list[str]:
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_sharded_or_ddp_model_raises_naming_the_route(world_size: int) -> None:
+def test_sharded_modules_outside_dmp_or_ddp_model_raise_naming_the_route(world_size: int) -> None:
     """compress_ on a DMP model returned an empty report and, with linear=True, swapped a Linear
-    inside DDP."""
+    inside DDP.  A DMP model is now compressed (tests/distributed/test_compress_dmp.py); its
+    inner module tree and DDP are refused."""
     for messages in run_multiprocess(_compress_sharded_model, world_size=world_size):
-        afm, inner, mec, ddp = messages
-        assert "torchrec_compress.distributed.compress_sharded " in afm
-        assert "DistributedModelParallel" in afm and "compress_sharded" in inner
-        assert "torchrec_compress.distributed.compress_sharded_pq" in mec
+        inner, ddp = messages
+        assert "DistributedModelParallel model itself" in inner and "reshard" in inner
+        assert "embedding_bag_collection" in inner
         assert "DistributedDataParallel" in ddp and "compress the unwrapped module" in ddp
 
 

@@ -4,8 +4,9 @@ Low-rank (AFM, SVD) and product-quantized (MEC, PQ) compression of embedding tab
 layers, as drop-in TorchRec modules that shard through ``DistributedModelParallel``.
 
 The public names below are importable from the package itself; each is loaded on first use
-(PEP 562), so ``import torchrec_compress.config`` stays light and ``torchrec_compress.distributed``
-(which imports :mod:`torchrec_compress.api`) is never imported by the package in a cycle.
+(PEP 562), so ``import torchrec_compress.config`` stays light.  Layering: :mod:`torchrec_compress.api`
+(the entry point, ``compress_``) sits above :mod:`torchrec_compress.distributed`, which imports only
+the lower modules (``report``, ``calibration``, ``discovery``, ``factorization``, ...).
 
 Example::
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
     from torchrec.distributed.types import ModuleSharder
 
-    from torchrec_compress.api import CompressionReport, compress_
+    from torchrec_compress.api import compress_
     from torchrec_compress.config import (
         AFMConfig,
         LowRankOverride,
@@ -40,10 +41,12 @@ if TYPE_CHECKING:
         LowRankEmbeddingBagCollectionSharder,
         PQEmbeddingBagCollectionSharder,
         PQFeatureProcessedEmbeddingBagCollectionSharder,
+        ShardedCompressionReport,
     )
     from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
     from torchrec_compress.modules.lowrank_linear import LowRankLinear
     from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+    from torchrec_compress.report import CompressionReport
     from torchrec_compress.rowwise_quant import RowWiseQuantConfig, RowWiseQuantOverride
 
 __version__ = "0.1.0"
@@ -51,7 +54,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "compress_": "torchrec_compress.api",
-    "CompressionReport": "torchrec_compress.api",
+    "CompressionReport": "torchrec_compress.report",
     "AFMConfig": "torchrec_compress.config",
     "SVDConfig": "torchrec_compress.config",
     "MECConfig": "torchrec_compress.config",
@@ -68,6 +71,7 @@ _EXPORTS = {
     "FeatureProcessedLowRankSharder": "torchrec_compress.distributed",
     "RowWiseQuantConfig": "torchrec_compress.rowwise_quant",
     "RowWiseQuantOverride": "torchrec_compress.rowwise_quant",
+    "ShardedCompressionReport": "torchrec_compress.distributed",
 }
 
 __all__ = [
@@ -88,6 +92,7 @@ __all__ = [
     "RowWiseQuantConfig",
     "RowWiseQuantOverride",
     "SVDConfig",
+    "ShardedCompressionReport",
     "compress_",
     "sharders",
 ]

@@ -14,22 +14,20 @@ entry in that dict.  Planners share :func:`find_embedding_bag_collections` and
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_compress.calibration import ForwardFn, calibrate, calibration_pass, default_forward
 from torchrec_compress.config import (
     AFMConfig,
     CompressionConfig,
@@ -38,14 +36,23 @@ from torchrec_compress.config import (
     PQConfig,
     SVDConfig,
 )
+from torchrec_compress.discovery import (
+    FilterFn,
+    find_embedding_bag_collections,
+    find_mlp_hidden_linears,
+    find_mlps,
+    lowrank_parent,
+    no_linear_reason,
+    table_owners,
+)
+from torchrec_compress.distributed.compression import compress_sharded_model
+from torchrec_compress.factorization import linear_factors
 from torchrec_compress.lowrank import (
     PrincipalBasis,
     afm_basis,
-    afm_linear,
     factor_table,
     projection,
     svd_basis,
-    svd_linear,
     table_moments,
 )
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
@@ -58,145 +65,30 @@ from torchrec_compress.rank import (
     TableSpectrum,
     choose_ranks,
     compressed_table_bytes,
-    explained_variance_ratio,
-    rank_for_variance,
 )
-from torchrec_compress.statistics import LinearOutputCollector, LookupCounter, Moments
+from torchrec_compress.report import CompressionReport, ReportRow
+from torchrec_compress.statistics import Moments
 
-FilterFn = Callable[[nn.Module, str], bool]
-ForwardFn = Callable[[nn.Module, Any], Any]
-
-
-def default_forward(model: nn.Module, batch: Batch | KeyedJaggedTensor) -> Any:
-    """``model(dense, sparse)`` for a ``Batch`` (torchrec DLRM's signature), else ``model(kjt)``."""
-    if isinstance(batch, Batch):
-        return model(batch.dense_features, batch.sparse_features)
-    return model(batch)
-
-
-@dataclass
-class ReportRow:
-    """One compressed (or inspected and kept) table or layer."""
-
-    name: str
-    kind: str  # "table" or "linear"
-    shape: tuple[int, ...]
-    method: str  # e.g. "AFM", "SVD", or "kept" when left uncompressed
-    rank: int | None
-    bytes_before: int
-    bytes_after: int
-    explained_variance: float | None
-    # PQ tables: mean over subspaces of the codebook usage perplexity (every row counted once).
-    perplexity: float | None = None
-    # why a table or layer was kept (or how it is stored), e.g. "rank 8 would not be smaller"
-    note: str | None = None
-
-
-@dataclass
-class CompressionReport:
-    """What ``compress_`` did, one row per table / layer; ``str()`` prints a table."""
-
-    rows: list[ReportRow] = field(default_factory=list)
-
-    @property
-    def bytes_before(self) -> int:
-        return sum(r.bytes_before for r in self.rows)
-
-    @property
-    def bytes_after(self) -> int:
-        return sum(r.bytes_after for r in self.rows)
-
-    @property
-    def compression_ratio(self) -> float:
-        """``bytes_before / bytes_after`` over all rows."""
-        return self.bytes_before / max(self.bytes_after, 1)
-
-    def followed_by(self, later: CompressionReport) -> CompressionReport:
-        """One report for this compression and ``later``, applied to its result.
-
-        Rows are matched by (kind, name): bytes run from this report's ``bytes_before`` to what
-        ``later`` left (``after - later.before + later.after``); methods join as ``"AFM+MEC"``
-        (a row ``later`` kept keeps this method, with ``later``'s note); the rank and explained
-        variance come from here, the perplexity from ``later``.
-
-        Example::
-
-            >>> afm = CompressionReport([ReportRow("t", "table", (100, 64), "AFM", 16, 25600, 6656, 0.9)])
-            >>> mec = CompressionReport([ReportRow("t", "table", (100, 16), "MEC", 8, 6400, 1312, None, 200.0)])
-            >>> row = afm.followed_by(mec).rows[0]
-            >>> row.method, row.bytes_before, row.bytes_after
-            ('AFM+MEC', 25600, 1568)
-        """
-        by_key = {(r.kind, r.name): r for r in later.rows}
-        unknown = sorted(set(by_key) - {(r.kind, r.name) for r in self.rows})
-        if unknown:
-            raise ValueError(f"later report has rows {unknown} that this report does not")
-        rows = []
-        for r in self.rows:
-            nxt = by_key.get((r.kind, r.name))
-            if nxt is None:
-                rows.append(r)
-                continue
-            after = r.bytes_after - nxt.bytes_before + nxt.bytes_after
-            if nxt.method == "kept":  # its note says why (and any identity-code bytes)
-                rows.append(dataclasses.replace(r, bytes_after=after, note=nxt.note or r.note))
-                continue
-            rows.append(
-                ReportRow(
-                    name=r.name,
-                    kind=r.kind,
-                    shape=r.shape,
-                    method=nxt.method if r.method == "kept" else f"{r.method}+{nxt.method}",
-                    rank=r.rank,
-                    bytes_before=r.bytes_before,
-                    bytes_after=after,
-                    explained_variance=r.explained_variance,
-                    perplexity=nxt.perplexity,
-                    note=nxt.note,
-                )
-            )
-        return CompressionReport(rows)
-
-    def __str__(self) -> str:
-        header = (
-            "name",
-            "kind",
-            "shape",
-            "method",
-            "rank",
-            "bytes before",
-            "bytes after",
-            "expl.var",
-        )
-        lines = [
-            (
-                r.name,
-                r.kind,
-                "x".join(map(str, r.shape)),
-                r.method,
-                "-" if r.rank is None else str(r.rank),
-                f"{r.bytes_before:,}",
-                f"{r.bytes_after:,}",
-                "-" if r.explained_variance is None else f"{r.explained_variance:.4f}",
-            )
-            for r in self.rows
-        ]
-        if any(r.perplexity is not None for r in self.rows):
-            header = (*header, "perplexity")
-            lines = [
-                (*line, "-" if r.perplexity is None else f"{r.perplexity:.1f}")
-                for line, r in zip(lines, self.rows, strict=True)
-            ]
-        if any(r.note is not None for r in self.rows):
-            header = (*header, "note")
-            lines = [(*line, r.note or "") for line, r in zip(lines, self.rows, strict=True)]
-        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        total = (
-            f"total: {self.bytes_before:,} -> {self.bytes_after:,} bytes "
-            f"({self.compression_ratio:.2f}x smaller)"
-        )
-        return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in lines), total])
+# names that lived here before the split into lower modules, still importable from here
+__all__ = [
+    "CONVERTERS",
+    "CompressionReport",
+    "ConversionPlan",
+    "FilterFn",
+    "ForwardFn",
+    "Planner",
+    "ReportRow",
+    "calibrate",
+    "calibration_pass",
+    "compress_",
+    "default_forward",
+    "find_embedding_bag_collections",
+    "find_mlp_hidden_linears",
+    "find_mlps",
+    "linear_factors",
+    "lowrank_parent",
+    "table_owners",
+]
 
 
 @dataclass
@@ -211,295 +103,6 @@ Planner = Callable[
     [nn.Module, CompressionConfig, Iterable[Any] | None, FilterFn | None, ForwardFn],
     ConversionPlan,
 ]
-
-
-def find_embedding_bag_collections(
-    model: nn.Module, filter_fn: FilterFn | None = None, lowrank_factors: bool = False
-) -> dict[str, EmbeddingBagCollection]:
-    """Every ``EmbeddingBagCollection`` in ``model`` by fully qualified name, excluding those
-    ``filter_fn(module, fqn)`` rejects and those already inside a compressed module, except,
-    with ``lowrank_factors``, the factor tables of a ``LowRankEmbeddingBagCollection``
-    (``<fqn>.factor_ebc``, which product quantization can compress further)."""
-    found: dict[str, EmbeddingBagCollection] = {}
-
-    def visit(module: nn.Module, fqn: str) -> None:
-        if isinstance(module, EmbeddingBagCollection):
-            if filter_fn is None or filter_fn(module, fqn):
-                found[fqn] = module
-            return
-        if isinstance(module, LowRankEmbeddingBagCollection):
-            if lowrank_factors and isinstance(module.factor_ebc, EmbeddingBagCollection):
-                visit(module.factor_ebc, f"{fqn}.factor_ebc" if fqn else "factor_ebc")
-            return
-        for name, child in module.named_children():
-            visit(child, f"{fqn}.{name}" if fqn else name)
-
-    visit(model, "")
-    return found
-
-
-def find_mlps(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, list[str]]:
-    """The model's MLPs: fully qualified name -> the fqns of its ``nn.Linear`` layers, in module
-    order (a lone Linear outside any MLP is an MLP of one layer, named by itself).
-
-    An MLP is the outermost module that is either an ``nn.Sequential`` holding two or more
-    ``nn.Linear`` layers at any depth (``torchrec.modules.mlp.MLP`` is a Sequential of
-    ``Perceptron``\\ s; DLRM's over arch is a Sequential of an MLP and a final Linear, one MLP
-    of all their layers), or a module with two or more Linear layers among its children and
-    its ``nn.ModuleList`` children's children (TorchRec's ``TestDHNArch``: ``linear0``,
-    ``linear1``; ``TestDenseArch``: ``hidden_layers`` then ``linear``).  Layers
-    inside an existing ``LowRankLinear`` are never listed; ``filter_fn(layer, fqn)`` drops layers
-    (the ends of an MLP stay its ends).
-
-    Args:
-        model (nn.Module): e.g. ``torchrec.models.dlrm.DLRM``.
-        filter_fn (Optional[Callable[[nn.Module, str], bool]]): applied to every layer.
-
-    Example::
-
-        >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 1))
-        >>> find_mlps(nn.ModuleDict({"top": mlp, "head": nn.Linear(2, 1)}))
-        {'top': ['top.0', 'top.2', 'top.3'], 'head': ['head']}
-    """
-    found: dict[str, list[str]] = {}
-
-    def join(fqn: str, name: str) -> str:
-        return f"{fqn}.{name}" if fqn else name
-
-    def linears(module: nn.Module, fqn: str) -> list[str]:
-        if isinstance(module, LowRankLinear):
-            return []
-        if type(module) is nn.Linear:
-            return [fqn] if filter_fn is None or filter_fn(module, fqn) else []
-        return [x for n, c in module.named_children() for x in linears(c, join(fqn, n))]
-
-    def direct_linears(module: nn.Module) -> int:
-        children = list(module.children())
-        for child in module.children():
-            if isinstance(child, nn.ModuleList):
-                children += list(child.children())
-        return sum(type(c) is nn.Linear for c in children)
-
-    def visit(module: nn.Module, fqn: str) -> None:
-        if isinstance(module, LowRankLinear):
-            return
-        sequential = isinstance(module, nn.Sequential) and len(linears(module, fqn)) >= 2
-        if type(module) is nn.Linear or sequential or direct_linears(module) >= 2:
-            if layers := linears(module, fqn):
-                found[fqn] = layers
-            return
-        for name, child in module.named_children():
-            visit(child, join(fqn, name))
-
-    visit(model, "")
-    return found
-
-
-def find_mlp_hidden_linears(
-    model: nn.Module, keep_mlp_ends: bool = True, filter_fn: FilterFn | None = None
-) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers of MLPs to compress, by fully qualified name.
-
-    MLPs are found by :func:`find_mlps`.  With ``keep_mlp_ends`` the first and last layer of
-    every MLP are left out (so MLPs of one or two layers give none); without it every
-    ``nn.Linear`` of the model (outside ``LowRankLinear``) is taken.
-
-    Args:
-        model (nn.Module): the model to search.
-        keep_mlp_ends (bool): leave the first and last layer of every MLP out.
-        filter_fn (Optional[Callable[[nn.Module, str], bool]]): ``(layer, fqn) -> bool``.
-
-    Example::
-
-        >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 1))
-        >>> list(find_mlp_hidden_linears(mlp)), len(find_mlp_hidden_linears(mlp, False))
-        (['2'], 3)
-    """
-    found: dict[str, nn.Linear] = {}
-    for layers in find_mlps(model).values():
-        for name in layers[1:-1] if keep_mlp_ends else layers:
-            layer = model.get_submodule(name)
-            if filter_fn is None or filter_fn(layer, name):
-                found[name] = cast(nn.Linear, layer)
-    return found
-
-
-def _no_linear_reason(model: nn.Module, keep_mlp_ends: bool) -> str:
-    mlps = find_mlps(model)
-    if not mlps:
-        return "the model has no nn.Linear layer outside LowRankLinear"
-    if keep_mlp_ends and all(len(layers) <= 2 for layers in mlps.values()):
-        sizes = {fqn: len(layers) for fqn, layers in mlps.items()}
-        return (
-            f"its MLPs {sizes} (fqn: Linear layers) have no layer between their first and "
-            "last, which keep_mlp_ends=True keeps; pass keep_mlp_ends=False to compress them"
-        )
-    return "filter_fn rejected every candidate layer"
-
-
-def table_owners(
-    ebcs: Mapping[str, EmbeddingBagCollection], table_overrides: Iterable[str] = ()
-) -> dict[str, str]:
-    """Table name -> fqn of the collection holding it.
-
-    Raises:
-        ValueError: naming the table and both collections when a name repeats (compression
-            is keyed by table name), or naming override keys that match no table.
-    """
-    owners: dict[str, str] = {}
-    for fqn, ebc in ebcs.items():
-        for table in ebc.embedding_bag_configs():
-            if table.name in owners:
-                raise ValueError(
-                    f"table {table.name!r} appears in both {owners[table.name]!r} and {fqn!r}; "
-                    "table names must be unique across the model"
-                )
-            owners[table.name] = fqn
-    unknown = sorted(set(table_overrides) - set(owners))
-    if unknown:
-        raise ValueError(
-            f"table_overrides name unknown table(s) {unknown}; tables are {sorted(owners)}"
-        )
-    return owners
-
-
-def calibration_pass(
-    model: nn.Module,
-    calibration: Iterable[Any],
-    forward_fn: ForwardFn,
-    counters: Mapping[nn.Module, Any],
-    linears: Mapping[str, nn.Module] | None = None,
-) -> dict[str, Moments]:
-    """One pass over ``calibration`` in eval mode without gradients.
-
-    A forward pre-hook on each module of ``counters`` feeds the KJT it receives to its counter's
-    ``update`` (sharded collections see the local batch with global ids); forward hooks
-    accumulate the output moments of ``linears``.  The training flags of all modules are
-    restored and hooks removed, even on error.
-
-    Raises:
-        ValueError: when ``calibration`` yields no batch (e.g. an exhausted iterator).
-
-    Returns:
-        Dict[str, Moments]: Linear fqn -> output moments (of this process's batches).
-    """
-    handles = [
-        module.register_forward_pre_hook(
-            lambda _m, args, kwargs, c=counter: c.update(args[0] if args else kwargs["features"]),
-            with_kwargs=True,
-        )
-        for module, counter in counters.items()
-    ]
-    training = {m: m.training for m in model.modules()}
-    collector = LinearOutputCollector(linears or {})
-    num_batches = 0
-    try:
-        model.eval()
-        with collector, torch.no_grad():
-            for batch in calibration:
-                forward_fn(model, batch)
-                num_batches += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, flag in training.items():
-            module.train(flag)
-    if num_batches == 0:
-        raise ValueError(
-            f"calibration data {type(calibration).__name__} yielded no batch (an empty list, or "
-            "an iterator already exhausted, e.g. by an earlier call); it is iterated once: "
-            "pass a list or a fresh iterator"
-        )
-    return collector.moments
-
-
-def calibrate(
-    model: nn.Module,
-    calibration: Iterable[Any],
-    forward_fn: ForwardFn = default_forward,
-    ebcs: Mapping[str, EmbeddingBagCollection] | None = None,
-    linears: Mapping[str, nn.Linear] | None = None,
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Moments]]:
-    """Lookup counts of ``ebcs`` and output moments of ``linears`` in one
-    :func:`calibration_pass`.
-
-    Returns:
-        tuple: (EBC fqn -> table name -> per-row counts, Linear fqn -> output moments).
-    """
-    ebcs = dict(ebcs or {})
-    counters = {
-        fqn: LookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted(), ebc.device)
-        for fqn, ebc in ebcs.items()
-    }
-    moments = calibration_pass(
-        model, calibration, forward_fn, {ebcs[f]: c for f, c in counters.items()}, linears
-    )
-    return {fqn: c.counts() for fqn, c in counters.items()}, moments
-
-
-def linear_factors(
-    fqn: str,
-    layer: nn.Linear,
-    moments: Moments | None,
-    config: LowRankConfig,
-) -> tuple[ReportRow, LowRankLinear | None]:
-    """Rank choice and factors of one Linear layer (AFM from its output ``moments``, SVD from
-    its weight when ``moments`` is None); ``None`` (a "kept" row with a note, and a warning)
-    when two factors would not be smaller, e.g. any rank of a 1-output logit layer.
-
-    Args:
-        fqn (str): the layer's fully qualified name (report row and messages).
-        layer (nn.Linear): the layer.
-        moments (Optional[Moments]): its output moments (AFM) or ``None`` (SVD).
-        config (LowRankConfig): ``linear_rank`` or ``linear_variance``.
-
-    Returns:
-        tuple[ReportRow, Optional[LowRankLinear]]: the report row and the replacement.
-
-    Example::
-
-        >>> import warnings
-        >>> with warnings.catch_warnings():
-        ...     warnings.simplefilter("ignore")
-        ...     config = SVDConfig(rank=4, linear=True, linear_rank=2)
-        ...     row, new = linear_factors("logit", nn.Linear(8, 1), None, config)
-        >>> row.method, new, row.note
-        ('kept', None, "linear_rank 2 exceeds the layer's 1 principal directions")
-    """
-    name = f"layer {fqn!r}"
-    basis = None
-    if moments is not None:
-        basis = afm_basis(moments, name)
-        spectrum = basis.eigenvalues
-    else:
-        spectrum = torch.linalg.svdvals(layer.weight.detach().to(torch.float64)) ** 2
-    if config.linear_rank is not None:
-        k = config.linear_rank
-        source = f"linear_rank {k}"
-    else:
-        assert config.linear_variance is not None
-        k = rank_for_variance(spectrum, config.linear_variance)
-        source = f"linear_variance {config.linear_variance}: rank {k}"
-    before = sum(p.numel() * p.element_size() for p in layer.parameters())
-    shape = (layer.out_features, layer.in_features)
-    has_bias = basis is not None or layer.bias is not None
-    after = BYTES_PER_ELEMENT * (
-        k * (layer.in_features + layer.out_features) + (k + layer.out_features) * has_bias
-    )
-    if k > spectrum.numel() or after >= before:
-        reason = (
-            f"exceeds the layer's {spectrum.numel()} principal directions"
-            if k > spectrum.numel()
-            else f"would not be smaller ({after} >= {before} bytes)"
-        )
-        note = f"{source} {reason}"
-        warnings.warn(f"{type(config).__name__} keeps {name}: {note}", stacklevel=3)
-        return ReportRow(fqn, "linear", shape, "kept", None, before, before, None, note=note), None
-    new = afm_linear(layer, basis, k) if basis is not None else svd_linear(layer, k)[0]
-    after = sum(p.numel() * p.element_size() for p in new.parameters())
-    variance = float(explained_variance_ratio(spectrum)[k - 1])
-    method = "AFM" if basis is not None else "SVD"
-    return ReportRow(fqn, "linear", shape, method, k, before, after, variance), new
 
 
 def _method(config: LowRankConfig) -> str:
@@ -523,7 +126,7 @@ def _plan_lowrank(
     )
     table_owners(ebcs, config.table_overrides)
     if config.linear and not linears and ebcs:
-        reason = _no_linear_reason(model, config.keep_mlp_ends)
+        reason = no_linear_reason(model, config.keep_mlp_ends)
         warnings.warn(f"linear=True found no Linear layer to compress: {reason}", stacklevel=3)
     counts: dict[str, dict[str, torch.Tensor]] = {}
     linear_moments: dict[str, Moments] = {}
@@ -799,15 +402,6 @@ def _pq_row(
     )
 
 
-def lowrank_parent(model: nn.Module, fqn: str) -> LowRankEmbeddingBagCollection | None:
-    """The ``LowRankEmbeddingBagCollection`` whose ``factor_ebc`` is at ``fqn``, if any."""
-    parent, _, child = fqn.rpartition(".")
-    if child != "factor_ebc":
-        return None
-    module = model.get_submodule(parent)
-    return module if isinstance(module, LowRankEmbeddingBagCollection) else None
-
-
 def _code_bytes(ksub: int, table_name: str) -> int:
     try:
         return torch.empty((), dtype=code_dtype(ksub)).element_size()
@@ -820,17 +414,14 @@ def _mean_perplexity(metrics: QuantizationMetrics) -> float:
 
 
 def _check_unsharded(model: nn.Module) -> None:
-    """``compress_`` swaps modules of an unsharded, unwrapped model; anything else must go the
-    sharded route (or be compressed before wrapping)."""
-    if isinstance(model, DistributedModelParallel) or any(
-        isinstance(m, ShardedModule) for m in model.modules()
-    ):
+    """Below the DMP route, ``compress_`` swaps modules of an unsharded, unwrapped model: a
+    module tree holding sharded modules (e.g. ``dmp.module``) or DDP is refused."""
+    sharded = [fqn or "<model>" for fqn, m in model.named_modules() if isinstance(m, ShardedModule)]
+    if sharded:
         raise TypeError(
-            f"compress_ works on unsharded models, got a sharded {type(model).__name__}: "
-            "compress a DistributedModelParallel model with "
-            "torchrec_compress.distributed.compress_sharded (AFMConfig/SVDConfig) or "
-            "torchrec_compress.distributed.compress_sharded_pq (MECConfig; for PQConfig pass "
-            "config.to_mec_config()), which write a checkpoint for the re-sharded compressed model"
+            f"compress_ got a {type(model).__name__} holding sharded modules (at {sharded[:3]}) "
+            "outside DistributedModelParallel: pass the DistributedModelParallel model itself "
+            "(compress_(dmp, config, ...) then report.reshard(device))"
         )
     wrapped = [fqn or "<model>" for fqn, m in model.named_modules() if isinstance(m, DDP)]
     if wrapped:
@@ -893,42 +484,60 @@ def compress_(
     calibration: Iterable[Any] | None = None,
     filter_fn: FilterFn | None = None,
     forward_fn: ForwardFn = default_forward,
+    *,
+    meta_model: nn.Module | None = None,
 ) -> CompressionReport:
-    """Compresses ``model`` in place and reports what changed.
+    """Compresses ``model`` (plain or ``DistributedModelParallel``) and reports what changed.
 
-    Every selected module is planned first (statistics, ranks, factors); the swap happens only
-    when all of them succeeded, so on any error the model is unchanged.
+    A plain model is compressed in place: every selected module is planned first (statistics,
+    ranks, factors); the swap happens only when all of them succeeded, so on any error the
+    model is unchanged.
+
+    A ``DistributedModelParallel`` model is compressed where its rows live (collective: every
+    process calls ``compress_`` with its own calibration batches; statistics are summed over
+    the group, factors and codes computed by the processes holding the rows, no table is
+    gathered on one process) and left unchanged.  The result is a
+    :class:`~torchrec_compress.distributed.compression.ShardedCompressionReport`, whose one
+    call ``report.reshard(device)`` re-plans the compressed model at its true sizes, shards it
+    and loads the compressed state, for every method alike.
 
     Never bigger, never silent: a table or layer is replaced only when that makes it smaller;
     otherwise it is kept, with a warning and a ``note`` in its report row (e.g. a rank above
     ``min(rows, dim)``, a variance target that needs every direction, ``M`` not dividing a
     table's dimension, a 1-output logit layer).  A collection whose tables are all kept stays
-    the original module.  Errors, rather than a silent empty report: a sharded
-    (``DistributedModelParallel``) or DDP-wrapped model, nothing to compress (e.g. a model
+    the original module.  Errors, rather than a silent empty report: a DDP-wrapped model or a
+    module tree holding sharded modules outside DMP, nothing to compress (e.g. a model
     already compressed with the same method), calibration data that yields no batch.
     ``EmbeddingCollection`` (sequence) tables are not supported: a warning names them.
 
     Args:
-        model (nn.Module): e.g. ``torchrec.models.dlrm.DLRM``; compressed modules are swapped
-            into their parents (the model itself cannot be the swapped module).
-        config (CompressionConfig): :class:`AFMConfig`, :class:`SVDConfig`, ...
+        model (nn.Module): e.g. ``torchrec.models.dlrm.DLRM``, or one sharded by
+            ``DistributedModelParallel``; compressed modules are swapped into their parents
+            (the model itself cannot be the swapped module).
+        config (CompressionConfig): :class:`AFMConfig`, :class:`SVDConfig`, :class:`MECConfig`,
+            :class:`PQConfig` (DMP models take these four).
         calibration (Optional[Iterable]): batches (``Batch`` or ``KeyedJaggedTensor``); needed by
-            AFM, accepted and ignored by SVD.  Iterated once.
+            AFM, accepted and ignored by SVD.  Iterated once.  DMP: this process's batches.
         filter_fn (Optional[Callable[[nn.Module, str], bool]]): ``(module, fqn) -> bool``; only
-            modules it accepts are compressed.
+            modules it accepts are compressed (DMP: the unsharded modules, same fqns).
         forward_fn (Callable[[nn.Module, Any], Any]): how to run the model on one batch;
             default :func:`default_forward`.
+        meta_model (Optional[nn.Module]): DMP models only, and only when the unsharded
+            architecture cannot be derived from the DMP model (a sharded module type this
+            package does not know): the same model unsharded on ``meta``.
 
     Returns:
-        CompressionReport: one row per table/layer, with bytes and explained variance.
+        CompressionReport: one row per table/layer, with bytes and explained variance; a
+        ``ShardedCompressionReport`` (with ``reshard``) for a DMP model.
 
     Raises:
-        TypeError: for a sharded or DDP-wrapped model (naming the sharded route), or a config
-            type without converter.
+        TypeError: for a DDP-wrapped model, sharded modules outside DMP, or a config type
+            without converter.
         ValueError: naming the table/layer/value at fault; when nothing is left to compress.
 
     Example::
 
+        >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
         >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50, feature_names=["f"])
         >>> model = nn.Sequential(EmbeddingBagCollection([cfg]))
         >>> kjt = KeyedJaggedTensor.from_lengths_sync(
@@ -936,7 +545,18 @@ def compress_(
         >>> report = compress_(model, AFMConfig(rank=4), calibration=[kjt])
         >>> type(model[0]).__name__, report.rows[0].rank
         ('LowRankEmbeddingBagCollection', 4)
+        >>> # sharded, on every process: compress_(dmp, AFMConfig(rank=4), my_batches).reshard(device)
     """
+    if isinstance(model, DistributedModelParallel):
+        sharded = compress_sharded_model(
+            model, config, calibration, filter_fn, forward_fn, meta_model=meta_model
+        )
+        if not sharded.rows:
+            assert sharded.compressed_model is not None
+            raise _nothing_to_compress(sharded.compressed_model, config)
+        return sharded
+    if meta_model is not None:
+        raise TypeError("compress_: meta_model= is for DistributedModelParallel models only")
     planner = CONVERTERS.get(type(config))
     if planner is None:
         raise TypeError(

@@ -1,13 +1,12 @@
 """The compression stage of the DLRM pipeline: trained (sharded) baseline -> compressed, re-sharded model.
 
-The route never gathers a table on one process: statistics and factors are computed shard by
-shard (:func:`torchrec_compress.distributed.compress_sharded`), written as a DCP checkpoint of the
-compressed state, and loaded into the compressed model after the planner has re-planned it at its
-true, smaller size.
+One verb for every method: ``compress_(dmp_model, config, calibration=...)`` computes statistics,
+factors and codes shard by shard (no table is gathered on one process), and the report's
+``reshard`` re-plans the compressed model at its true, smaller size, shards it and loads the
+compressed state through a DCP checkpoint (kept in the run directory: fine-tuning falls back to it).
 """
 
 import argparse
-import copy
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,13 +19,11 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from examples.dlrm.model import ModelConfig, build_model
-from examples.dlrm.train import TrainConfig, attach_sparse_optimizer, load_checkpoint
-from torchrec_compress.api import CompressionReport
-from torchrec_compress.config import AFMConfig, CompressionConfig, MECConfig, SVDConfig
+from examples.dlrm.model import ModelConfig
+from examples.dlrm.train import TrainConfig, attach_sparse_optimizer
+from torchrec_compress import AFMConfig, CompressionReport, MECConfig, SVDConfig, compress_
+from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset
-from torchrec_compress.distributed import compress_sharded, shard_model
-from torchrec_compress.distributed.mec import compress_sharded_pq
 
 METHODS = ("afm", "svd", "mec", "pq", "afm+mec", "afm+pq")
 PQ_METHODS = ("mec", "pq")
@@ -158,29 +155,28 @@ def compress_model(
     """
     total_bytes = embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
     methods = args.compress.split("+")
-    meta_model = build_model(data.schema, model_config, torch.device("meta"))
     report: CompressionReport | None = None
     configs = []
     for stage, method in enumerate(methods):
         config = make_config(args, total_bytes, method)
         configs.append(config)
         last = stage == len(methods) - 1
-        state_dir = os.path.join(work_dir, "compressed_init" if last else f"compressed_{method}")
-        compress = compress_sharded_pq if isinstance(config, MECConfig) else compress_sharded
-        compressed, stage_report = compress(
+        stage_report = compress_(
             model,
-            meta_model,
             config,
             calibration_batches(data, finetune_config.batch_size, args.calibration_batches),
-            state_dir,
             forward_fn=train_forward,
         )
         report = stage_report if report is None else report.followed_by(stage_report)
-        # the next stage compresses this one's (still meta) model further
-        meta_model = copy.deepcopy(compressed) if not last else compressed
-        attach_sparse_optimizer(compressed, finetune_config)
-        model = shard_model(compressed, device, sharding_type=args.sharding_type)
-        load_checkpoint(model, state_dir)
+        # the next stage compresses this one's re-sharded model further
+        model = stage_report.reshard(
+            device,
+            sharding_type=args.sharding_type,
+            prepare=lambda m: attach_sparse_optimizer(m, finetune_config),
+            checkpoint_dir=os.path.join(
+                work_dir, "compressed_init" if last else f"compressed_{method}"
+            ),
+        )
     assert report is not None
     return model, report, configs[-1] if len(configs) == 1 else TwoStageConfig(*configs)
 

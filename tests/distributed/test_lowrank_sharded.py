@@ -4,7 +4,8 @@ One spawn runs everything (fixtures below); each rank feeds its own batches.
 
 * A model holding a ``LowRankEmbeddingBagCollection`` shards table-, column- and row-wise and
   its forward equals the unsharded one.
-* ``compress_sharded`` of a table-, column- or row-wise sharded model: summed statistics equal
+* the sharded AFM/SVD route (:func:`sharded_lowrank_state`, what ``compress_`` runs on a DMP model,
+  here with small message chunks) of a table-, column- or row-wise sharded model: summed statistics equal
   the single-process ones, factors equal those of ``compress_``, and the compressed checkpoint,
   loaded into a differently sharded compressed model, reproduces ``compress_``'s forward.
 """
@@ -19,18 +20,21 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.models.dlrm import DLRM, DLRMTrain
 
 from torchrec_compress.api import calibrate, compress_
-from torchrec_compress.config import AFMConfig, SVDConfig
+from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
 from torchrec_compress.distributed import load_full_state_dict_, shard_model
 from torchrec_compress.distributed.lowrank import (
     SparseLookupCounter,
-    compress_sharded,
     lowrank_skeleton_,
+    save_compressed_state,
+    sharded_lowrank_state,
     sharded_statistics,
 )
 from torchrec_compress.lowrank import table_moments
+from torchrec_compress.report import CompressionReport
 from torchrec_compress.statistics import count_lookups
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import DENSE_IN, tiny_batch, tiny_tables
@@ -93,13 +97,25 @@ def _loaded_state(checkpoint: str, table_ranks: dict, linear_ranks: dict) -> dic
     return state["model"]
 
 
+def _compress_sharded(
+    dmp: DistributedModelParallel,
+    config: LowRankConfig,
+    batches: list[Batch] | None,
+    checkpoint: str,
+) -> tuple[nn.Module, CompressionReport]:
+    """The sharded route with small chunks (several messages per row exchange), saved."""
+    compressed, state, report = sharded_lowrank_state(
+        dmp, _model(META), config, batches, _forward, chunk_rows=CHUNK_ROWS
+    )
+    save_compressed_state(state, checkpoint)
+    return compressed, report
+
+
 def _svd_factor_error(dmp: nn.Module, original: nn.Module, path: str) -> float:
     reference = copy.deepcopy(original)
     report = compress_(reference, SVD_CONFIG)
     checkpoint = os.path.join(path, "svd")
-    _, sharded_report = compress_sharded(
-        dmp, _model(META), SVD_CONFIG, None, checkpoint, chunk_rows=CHUNK_ROWS
-    )
+    _, sharded_report = _compress_sharded(dmp, SVD_CONFIG, None, checkpoint)
     assert [r.rank for r in sharded_report.rows] == [r.rank for r in report.rows]
     ranks = {r.name: r.rank for r in report.rows if r.rank}
     state, expected = _loaded_state(checkpoint, ranks, {}), reference.state_dict()
@@ -166,9 +182,7 @@ def _run(rank: int, world_size: int, path: str) -> dict[str, float]:
         )
 
         checkpoint = os.path.join(path, sharding_type)
-        compressed, sharded_report = compress_sharded(
-            dmp, _model(META), CONFIG, _batches(rank), checkpoint, _forward, chunk_rows=CHUNK_ROWS
-        )
+        compressed, sharded_report = _compress_sharded(dmp, CONFIG, _batches(rank), checkpoint)
         assert [(r.name, r.rank) for r in sharded_report.rows] == [
             (r.name, r.rank) for r in report.rows
         ]

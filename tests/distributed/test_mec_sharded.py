@@ -1,16 +1,14 @@
-"""MEC / PQ compression of a DMP-sharded model: 2 processes give the 1-process result."""
+"""MEC / PQ compression of a DMP-sharded model (``compress_`` then ``report.reshard``): 2 processes
+give the 1-process result."""
 
-import copy
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from examples.dlrm.train import load_checkpoint
+from torchrec_compress import compress_
 from torchrec_compress.config import AFMConfig, MECConfig
-from torchrec_compress.distributed import compress_sharded, load_full_state_dict_, shard_model
-from torchrec_compress.distributed.mec import compress_sharded_pq
+from torchrec_compress.distributed import load_full_state_dict_, shard_model
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.testing import run_multiprocess
@@ -22,7 +20,7 @@ EVAL = [tiny_batch(8, seed=900 + i) for i in range(2)]
 CALIBRATION_SEEDS = (200, 201)
 
 
-def _compress(rank: int, world_size: int, root: str) -> dict[str, Any]:
+def _compress(rank: int, world_size: int) -> dict[str, Any]:
     full_state = tiny_dlrm(torch.device("cpu"), seed=7).state_dict()
     # The union of all processes' calibration batches is the same whatever the world size.
     mine = CALIBRATION_SEEDS[rank::world_size]
@@ -30,21 +28,18 @@ def _compress(rank: int, world_size: int, root: str) -> dict[str, Any]:
     for original, mode, target in VARIANTS:
         model = shard_model(tiny_dlrm(torch.device("meta")), torch.device("cpu"), original)
         load_full_state_dict_(model, full_state)
-        path = f"{root}/{original}_{mode}_w{world_size}"
         config = MECConfig(num_subspaces=4, num_centroids=16, mode=mode, steps=20)
-        compressed, report = compress_sharded_pq(
+        report = compress_(
             model,
-            tiny_dlrm(torch.device("meta")),
             config,
             [tiny_batch(16, seed=s) for s in mine],
-            path,
             forward_fn=lambda m, b: m(b),
         )
         assert isinstance(
-            compressed.model.sparse_arch.embedding_bag_collection, PQEmbeddingBagCollection
+            report.compressed_model.model.sparse_arch.embedding_bag_collection,
+            PQEmbeddingBagCollection,
         )
-        sharded = shard_model(compressed, torch.device("cpu"), target)
-        load_checkpoint(sharded, path)
+        sharded = report.reshard(torch.device("cpu"), target)
         sharded.eval()
         with torch.no_grad():
             logits = torch.cat([sharded(b)[1][1].flatten() for b in EVAL])
@@ -53,35 +48,28 @@ def _compress(rank: int, world_size: int, root: str) -> dict[str, Any]:
             "ratio": report.compression_ratio,
             "perplexity": [r.perplexity for r in report.rows],
         }
-    out["afm+pq"] = _lowrank_then_pq(rank, world_size, root, full_state)
+    out["afm+pq"] = _lowrank_then_pq(rank, world_size, full_state)
     return out
 
 
 def _lowrank_then_pq(
-    rank: int, world_size: int, root: str, full_state: dict[str, torch.Tensor]
+    rank: int, world_size: int, full_state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """AFM (rank 8) on 2 processes, then PQ of its factor tables with a codeword per row
     (lossless): the result must equal the low-rank model, however the columns were reordered."""
     mine = [tiny_batch(16, seed=s) for s in CALIBRATION_SEEDS[rank::world_size]]
     model = shard_model(tiny_dlrm(torch.device("meta")), torch.device("cpu"), "row_wise")
     load_full_state_dict_(model, full_state)
-    path = f"{root}/afm_w{world_size}"
-    lowrank, _ = compress_sharded(
-        model, tiny_dlrm(torch.device("meta")), AFMConfig(rank=8), mine, path, lambda m, b: m(b)
+    lowrank = compress_(model, AFMConfig(rank=8), mine, forward_fn=lambda m, b: m(b)).reshard(
+        torch.device("cpu"), "row_wise"
     )
-    second_meta = copy.deepcopy(lowrank)
-    lowrank = shard_model(lowrank, torch.device("cpu"), "row_wise")
-    load_checkpoint(lowrank, path)
     config = MECConfig(num_subspaces=2, num_centroids=512, mode="pq")
-    compressed, report = compress_sharded_pq(
-        lowrank, second_meta, config, mine, f"{path}_pq", forward_fn=lambda m, b: m(b)
-    )
-    ebc = compressed.model.sparse_arch.embedding_bag_collection
+    report = compress_(lowrank, config, mine, forward_fn=lambda m, b: m(b))
+    ebc = report.compressed_model.model.sparse_arch.embedding_bag_collection
     assert isinstance(ebc, LowRankEmbeddingBagCollection)
     assert isinstance(ebc.factor_ebc, PQEmbeddingBagCollection)
     assert [r.shape[1] for r in report.rows] == [8, 8, 8]
-    sharded = shard_model(compressed, torch.device("cpu"), "table_wise")
-    load_checkpoint(sharded, f"{path}_pq")
+    sharded = report.reshard(torch.device("cpu"), "table_wise")
     lowrank.eval()
     sharded.eval()
     with torch.no_grad():
@@ -92,10 +80,9 @@ def _lowrank_then_pq(
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = str(tmp_path_factory.mktemp("mec"))
-    two = run_multiprocess(_compress, world_size=2, root=root)
-    (one,) = run_multiprocess(_compress, world_size=1, root=root)
+def results() -> dict[str, Any]:
+    two = run_multiprocess(_compress, world_size=2)
+    (one,) = run_multiprocess(_compress, world_size=1)
     return {"two": two, "one": one}
 
 
@@ -121,18 +108,16 @@ def test_pq_of_sharded_lowrank_factors_keeps_the_lowrank_model(results: dict[str
         torch.testing.assert_close(got["logits"], one["logits"], atol=1e-5, rtol=1e-5)
 
 
-def test_column_sharded_original_is_refused(tmp_path: Path) -> None:
+def test_column_sharded_original_is_refused() -> None:
     with pytest.raises(RuntimeError, match="sharded by columns"):
-        run_multiprocess(_column_wise, world_size=2, path=str(tmp_path / "cw"), timeout_s=120)
+        run_multiprocess(_column_wise, world_size=2, timeout_s=120)
 
 
-def _column_wise(rank: int, world_size: int, path: str) -> None:
+def _column_wise(rank: int, world_size: int) -> None:
     model = shard_model(tiny_dlrm(torch.device("meta")), torch.device("cpu"), "column_wise")
-    compress_sharded_pq(
+    compress_(
         model,
-        tiny_dlrm(torch.device("meta")),
         MECConfig(num_subspaces=4, num_centroids=16, mode="pq"),
         [tiny_batch(16, seed=rank)],
-        path,
         forward_fn=lambda m, b: m(b),
     )

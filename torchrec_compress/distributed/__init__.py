@@ -4,6 +4,11 @@ The unsharded modules in :mod:`torchrec_compress.modules` know nothing of distri
 TorchRec, each sharded module lives next to its sharder in one file of this package.
 """
 
+from torchrec_compress.distributed.compression import (
+    ShardedCompressionReport,
+    compress_sharded_model,
+    unsharded_skeleton,
+)
 from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
 from torchrec_compress.distributed.lowrank import (
     ShardedStatistics,
@@ -43,11 +48,13 @@ __all__ = [
     "PQFeatureProcessedEmbeddingBagCollectionSharder",
     "PlanStorage",
     "ShardedLowRankEmbeddingBagCollection",
+    "ShardedCompressionReport",
     "ShardedPQEmbeddingBagCollection",
     "ShardedStatistics",
     "SparseLookupCounter",
     "TableStorage",
     "compress_sharded",
+    "compress_sharded_model",
     "compress_sharded_pq",
     "default_sharders",
     "encode_sharded_codes_",
@@ -58,4 +65,5 @@ __all__ = [
     "shard_model",
     "sharded_statistics",
     "training_sharders",
+    "unsharded_skeleton",
 ]

@@ -7,10 +7,11 @@ TorchRec's EBC sharder, so the planner sizes the factor tables at their true row
 :func:`lowrank_skeleton_` swaps modules for empty low-rank ones of given ranks (on ``meta``: no
 memory), e.g. to plan a compressed model for a cluster that does not exist yet.
 
-:func:`compress_sharded` compresses a DMP-sharded model where it lies: lookup counts travel as
+:func:`sharded_lowrank_state` compresses a DMP-sharded model where it lies (the AFM/SVD route of
+``torchrec_compress.compress_`` on a ``DistributedModelParallel`` model): lookup counts travel as
 ``(id, count)`` pairs, moments are computed per shard and summed, factor rows are computed by
-the processes holding the rows, and the result is a DCP checkpoint that any later plan and
-world size can load.  No process ever holds a whole table.  Costs that grow with the data,
+the processes holding the rows, and the result is the compressed state, which a DCP checkpoint
+carries to any later plan and world size.  No process ever holds a whole table.  Costs that grow with the data,
 not the tables: every process receives all processes' distinct ``(id, count)`` pairs (one
 all-gather); column-split tables move their counted rows (statistics) and all their rows'
 k-dim partial factors (``chunk_rows`` at a time) to the first column owner.
@@ -33,19 +34,15 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.api import (
-    CompressionReport,
+from torchrec_compress.calibration import ForwardFn, calibration_pass, default_forward
+from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.discovery import (
     FilterFn,
-    ForwardFn,
-    ReportRow,
-    calibration_pass,
-    default_forward,
     find_embedding_bag_collections,
     find_mlp_hidden_linears,
-    linear_factors,
     table_owners,
 )
-from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.factorization import linear_factors
 from torchrec_compress.lowrank import (
     PrincipalBasis,
     afm_basis,
@@ -57,10 +54,12 @@ from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagC
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.rank import (
     BYTES_PER_ELEMENT,
+    RankChoice,
     TableSpectrum,
     choose_ranks,
     compressed_table_bytes,
 )
+from torchrec_compress.report import CompressionReport, ReportRow
 from torchrec_compress.statistics import (
     DEFAULT_CHUNK_ROWS,
     Moments,
@@ -438,6 +437,35 @@ def _factor_sharded_tensor(
     return ShardedTensor._init_from_local_shards(shards, *shape, process_group=group)
 
 
+def _local_table_moments(
+    value: torch.Tensor,
+    table: EmbeddingBagConfig,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None,
+    chunk_rows: int,
+) -> Moments:
+    """This process's part of one table's moments (collective over the table's column owners):
+    rows weighted by their global lookup counts ``pairs`` (AFM), or uniformly (SVD, or a table
+    the calibration data never looked up, with a warning)."""
+    layout = _row_ranges(value, table.name, table.embedding_dim)
+    blocks = _local_blocks(value, dist.get_rank())
+    uniform = pairs is None or pairs[1].sum() <= 0
+    if pairs is not None and uniform:
+        warnings.warn(
+            f"table {table.name!r} has no lookups in the calibration data; AFM falls back "
+            "to uniform row weights for it",
+            stacklevel=4,
+        )
+    total = Moments.zeros(table.embedding_dim)
+    for rows in layout:
+        if pairs is None or uniform:
+            counts = torch.ones(rows.rows, dtype=torch.float64)
+        else:
+            counts = _dense_counts(pairs[0], pairs[1], rows.row, rows.rows)
+        label = f"table {table.name!r}"
+        total.add_(_range_moments(rows, blocks, counts, table.embedding_dim, chunk_rows, label))
+    return total
+
+
 @dataclass
 class ShardedStatistics:
     """What :func:`sharded_statistics` collected; identical on every process.
@@ -478,7 +506,6 @@ def sharded_statistics(
         )
     is_afm = isinstance(config, AFMConfig)
     group = dist.group.WORLD
-    me = dist.get_rank()
     inner = model.module if isinstance(model, DistributedModelParallel) else model
     ebcs = find_embedding_bag_collections(meta_model, filter_fn) if config.embeddings else {}
     linears = (
@@ -487,7 +514,7 @@ def sharded_statistics(
         else {}
     )
     tables = [(fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()]
-    table_owners(ebcs)
+    table_owners(ebcs, config.table_overrides)
     names = [t.name for _, t in tables]
 
     # 1. calibration pass: sparse lookup counts and Linear output moments
@@ -518,36 +545,12 @@ def sharded_statistics(
 
     # 2. moments per shard, summed over the group
     state = model.state_dict()
-    moments: dict[str, Moments] = {}
-    for fqn, table in tables:
-        value = state[f"{fqn}.embedding_bags.{table.name}.weight"]
-        layout = _row_ranges(value, table.name, table.embedding_dim)
-        blocks = _local_blocks(value, me)
-        pairs = global_counts[table.name]
-        uniform = pairs is None or pairs[1].sum() <= 0
-        if pairs is not None and uniform:
-            warnings.warn(
-                f"table {table.name!r} has no lookups in the calibration data; AFM falls back "
-                "to uniform row weights for it",
-                stacklevel=2,
-            )
-        total = Moments.zeros(table.embedding_dim)
-        for rows in layout:
-            if uniform:
-                counts = torch.ones(rows.rows, dtype=torch.float64)
-            else:
-                counts = _dense_counts(*pairs, rows.row, rows.rows)
-            total.add_(
-                _range_moments(
-                    rows,
-                    blocks,
-                    counts,
-                    table.embedding_dim,
-                    chunk_rows,
-                    f"table {table.name!r}",
-                )
-            )
-        moments[table.name] = total
+    moments = {
+        t.name: _local_table_moments(
+            state[f"{fqn}.embedding_bags.{t.name}.weight"], t, global_counts[t.name], chunk_rows
+        )
+        for fqn, t in tables
+    }
     _sum_identical_(
         [
             t
@@ -571,6 +574,10 @@ def compress_sharded(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> tuple[nn.Module, CompressionReport]:
     """AFM/SVD compression of a DMP-sharded model without gathering any table on one process.
+
+    Deprecated: use ``torchrec_compress.compress_(model, config, calibration)`` and the report's
+    ``reshard(device)`` (or ``save(checkpoint_dir)``), the same for every method; this wrapper
+    needs a ``meta_model`` and always writes a checkpoint.
 
     Collective: every process of the default group calls it with its own calibration batches.
 
@@ -615,89 +622,101 @@ def compress_sharded(
         tuple[nn.Module, CompressionReport]: ``meta_model`` with compressed modules, and the
         report (identical on every process).
     """
+    warnings.warn(
+        "compress_sharded is deprecated: use torchrec_compress.compress_(dmp, config, "
+        "calibration) and report.reshard(device) or report.save(checkpoint_dir)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    compressed, state, report = sharded_lowrank_state(
+        model, meta_model, config, calibration, forward_fn, filter_fn, chunk_rows
+    )
+    save_compressed_state(state, checkpoint_dir)
+    return compressed, report
+
+
+def check_compressed_state(module: nn.Module, state: Mapping[str, Any]) -> None:
+    """Raises ``RuntimeError`` naming the keys by which ``state`` and ``module``'s differ."""
+    expected = set(module.state_dict())
+    if expected != set(state):
+        raise RuntimeError(
+            "compressed state does not match the compressed module: missing "
+            f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
+        )
+
+
+def save_compressed_state(state: Mapping[str, Any], checkpoint_dir: str) -> None:
+    """Collective DCP save of ``{"model": state}`` (the layout of ``examples/dlrm/train.py``'s
+    checkpoints) over the default group, then a barrier."""
+    dcp.save({"model": dict(state)}, checkpoint_id=checkpoint_dir, process_group=dist.group.WORLD)
+    dist.barrier()
+
+
+def sharded_lowrank_state(
+    model: DistributedModelParallel,
+    meta_model: nn.Module,
+    config: LowRankConfig,
+    calibration: Iterable[Any] | None,
+    forward_fn: ForwardFn = default_forward,
+    filter_fn: FilterFn | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
+    """Steps 1-3 of :func:`compress_sharded`: the compressed module and its state, not saved.
+
+    Collective.  The state holds the factor tables as row-sharded ``ShardedTensor`` s laid out
+    like the original rows, and the dense parameters (shared with ``model``, not copied);
+    ``torchrec_compress.compress_`` wraps it in a
+    :class:`~torchrec_compress.distributed.compression.ShardedCompressionReport`.  Arguments as
+    in :func:`compress_sharded`.
+
+    Returns:
+        tuple[nn.Module, dict[str, Any], CompressionReport]: ``meta_model`` with low-rank
+        modules, its state dict (keys equal to ``meta_model.state_dict()``'s), the report.
+    """
     statistics = sharded_statistics(
         model, meta_model, config, calibration, forward_fn, filter_fn, chunk_rows
     )
     tables, linears = statistics.tables, statistics.linears
-    moments, linear_moments = statistics.table_moments, statistics.linear_moments
     is_afm = isinstance(config, AFMConfig)
-    group = dist.group.WORLD
-    me = dist.get_rank()
     inner = model.module if isinstance(model, DistributedModelParallel) else model
     state = model.state_dict()
-    layouts: dict[str, list[_RowRange]] = {}
-    local: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
-    for fqn, table in tables:
-        value = state[f"{fqn}.embedding_bags.{table.name}.weight"]
-        layouts[table.name] = _row_ranges(value, table.name, table.embedding_dim)
-        local[table.name] = _local_blocks(value, me)
 
     # 3. identical bases and ranks everywhere; factor rows of the ranges this process leads
-    bases: dict[str, PrincipalBasis] = {}
-    spectra: dict[str, TableSpectrum] = {}
-    for _, table in tables:
-        label = f"table {table.name!r}"
-        bases[table.name] = (
-            afm_basis(moments[table.name], label)
-            if is_afm
-            else svd_basis(moments[table.name], label)
+    bases = {
+        t.name: (afm_basis if is_afm else svd_basis)(
+            statistics.table_moments[t.name], f"table {t.name!r}"
         )
-        spectra[table.name] = TableSpectrum(
-            table.num_embeddings,
-            table.embedding_dim,
-            bases[table.name].eigenvalues,
-            float(moments[table.name].count),
+        for _, t in tables
+    }
+    spectra = {
+        t.name: TableSpectrum(
+            t.num_embeddings,
+            t.embedding_dim,
+            bases[t.name].eigenvalues,
+            float(statistics.table_moments[t.name].count),
         )
+        for _, t in tables
+    }
     choices = choose_ranks(spectra, config) if spectra else {}
-    ranks = {name: choice.rank for name, choice in choices.items()}
-    table_ranks = {name: k for name, k in ranks.items() if k is not None}
+    table_ranks = {name: c.rank for name, c in choices.items() if c.rank is not None}
     compressed_ebcs = {fqn for fqn, t in tables if t.name in table_ranks}
-
     new_state: dict[str, Any] = {
         key: value
         for key, value in state.items()
         if not any(key.startswith(f"{fqn}.") for fqn in compressed_ebcs)
     }
-    rows_report: list[ReportRow] = []
+    method = "AFM" if is_afm else "SVD"
+    rows_report = [_table_row(t, bases[t.name], choices[t.name], method) for _, t in tables]
     for fqn, table in tables:
-        k = ranks[table.name]
-        n, d = table.num_embeddings, table.embedding_dim
-        before = n * d * BYTES_PER_ELEMENT
-        method = "kept" if k is None else ("AFM" if is_afm else "SVD")
-        rows_report.append(
-            ReportRow(
-                table.name,
-                "table",
-                (n, d),
-                method,
-                k,
-                before,
-                before if k is None else compressed_table_bytes(n, d, k),
-                None if k is None else bases[table.name].explained_variance(k),
-                note=choices[table.name].note,
-            )
-        )
-        if fqn not in compressed_ebcs:
-            continue
-        weight_key = f"{fqn}.factor_ebc.embedding_bags.{table.name}.weight"
-        if k is None:
-            new_state[weight_key] = state[f"{fqn}.embedding_bags.{table.name}.weight"]
-            continue
-        basis = bases[table.name]
-        factors = {}
-        for rows in layouts[table.name]:
-            part = _range_factors(rows, local[table.name], basis, k, chunk_rows)
-            if part is not None and me == rows.lead:
-                factors[rows.row] = part
-        new_state[weight_key] = _factor_sharded_tensor(layouts[table.name], factors, (n, k), group)
-        new_state[f"{fqn}.projection.{table.name}"] = projection(basis, k)
-        new_state[f"{fqn}.mean.{table.name}"] = basis.mean.to(torch.float32).unsqueeze(0)
+        if fqn in compressed_ebcs:
+            weight = state[f"{fqn}.embedding_bags.{table.name}.weight"]
+            k = choices[table.name].rank
+            new_state.update(_table_state(weight, fqn, table, bases[table.name], k, chunk_rows))
 
     linear_ranks: dict[str, int] = {}
     for fqn in linears:
-        row, new = linear_factors(
-            fqn, inner.get_submodule(fqn), linear_moments.get(fqn) if is_afm else None, config
-        )
+        moments = statistics.linear_moments.get(fqn) if is_afm else None
+        row, new = linear_factors(fqn, inner.get_submodule(fqn), moments, config)
         rows_report.append(row)
         if new is None:
             continue
@@ -706,14 +725,56 @@ def compress_sharded(
             del new_state[key]
         new_state.update({f"{fqn}.{key}": value for key, value in new.state_dict().items()})
 
-    # 4. the compressed module and its checkpoint
+    # 4. the compressed module (on meta) and its state
     lowrank_skeleton_(meta_model, table_ranks, linear_ranks)
-    expected = set(meta_model.state_dict())
-    if expected != set(new_state):
-        raise RuntimeError(
-            "compressed state does not match the compressed module: missing "
-            f"{sorted(expected - set(new_state))[:5]}, unexpected {sorted(set(new_state) - expected)[:5]}"
-        )
-    dcp.save({"model": new_state}, checkpoint_id=checkpoint_dir, process_group=group)
-    dist.barrier(group)
-    return meta_model, CompressionReport(rows_report)
+    check_compressed_state(meta_model, new_state)
+    return meta_model, new_state, CompressionReport(rows_report)
+
+
+def _table_row(
+    table: EmbeddingBagConfig, basis: PrincipalBasis, choice: RankChoice, method: str
+) -> ReportRow:
+    """The report row of one table: compressed at ``choice.rank``, or kept (rank ``None``)."""
+    k = choice.rank
+    n, d = table.num_embeddings, table.embedding_dim
+    before = n * d * BYTES_PER_ELEMENT
+    return ReportRow(
+        table.name,
+        "table",
+        (n, d),
+        "kept" if k is None else method,
+        k,
+        before,
+        before if k is None else compressed_table_bytes(n, d, k),
+        None if k is None else basis.explained_variance(k),
+        note=choice.note,
+    )
+
+
+def _table_state(
+    weight: torch.Tensor,
+    fqn: str,
+    table: EmbeddingBagConfig,
+    basis: PrincipalBasis,
+    rank: int | None,
+    chunk_rows: int,
+) -> dict[str, Any]:
+    """The state entries of one table of a collection that becomes low-rank (collective): its
+    row-sharded factor table, projection and mean, or (``rank`` ``None``) its original weight
+    kept at full width inside ``factor_ebc``."""
+    weight_key = f"{fqn}.factor_ebc.embedding_bags.{table.name}.weight"
+    if rank is None:
+        return {weight_key: weight}
+    layout = _row_ranges(weight, table.name, table.embedding_dim)
+    local = _local_blocks(weight, dist.get_rank())
+    factors = {}
+    for rows in layout:
+        part = _range_factors(rows, local, basis, rank, chunk_rows)
+        if part is not None and dist.get_rank() == rows.lead:
+            factors[rows.row] = part
+    shape = (table.num_embeddings, rank)
+    return {
+        weight_key: _factor_sharded_tensor(layout, factors, shape, dist.group.WORLD),
+        f"{fqn}.projection.{table.name}": projection(basis, rank),
+        f"{fqn}.mean.{table.name}": basis.mean.to(torch.float32).unsqueeze(0),
+    }

@@ -1,6 +1,8 @@
 """MEC / PQ compression of a DMP-sharded model, codes computed where the rows live.
 
-The route mirrors :func:`~torchrec_compress.distributed.lowrank.compress_sharded`:
+The MEC/PQ route of ``torchrec_compress.compress_`` on a ``DistributedModelParallel`` model
+(:func:`sharded_pq_state`); it mirrors the low-rank one
+(:func:`~torchrec_compress.distributed.lowrank.sharded_lowrank_state`):
 
 1. one calibration pass counts lookups (sparse ``(id, count)`` pairs, summed over the group);
 2. per table, a bounded training sample of rows (at most ``train_rows``: the most looked-up rows
@@ -11,34 +13,31 @@ The route mirrors :func:`~torchrec_compress.distributed.lowrank.compress_sharded
    row-sharded ``uint8`` codes tensor with the original's row layout (nothing but the sample and
    the quantizer crosses the network);
 4. the compressed state (codes as ``ShardedTensor``, replicated codebooks, the dense weights) is
-   saved as a DCP checkpoint, and ``meta_model`` gets ``PQEmbeddingBagCollection`` s on ``meta``.
-   The caller plans and shards that module with any plan and world size and loads the checkpoint
-   (DCP reshards the codes).
+   returned with ``meta_model``, whose collections became ``PQEmbeddingBagCollection`` s on
+   ``meta``; ``ShardedCompressionReport.reshard`` plans and shards that module with any plan and
+   world size and loads the state through DCP (which reshards the codes).
 """
 
+import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_compress.api import (
-    CompressionReport,
+from torchrec_compress.calibration import ForwardFn, calibration_pass, default_forward
+from torchrec_compress.config import MECConfig
+from torchrec_compress.discovery import (
     FilterFn,
-    ForwardFn,
-    ReportRow,
-    calibration_pass,
-    default_forward,
     find_embedding_bag_collections,
     lowrank_parent,
     table_owners,
 )
-from torchrec_compress.config import MECConfig
 from torchrec_compress.distributed.lowrank import (
     SparseLookupCounter,
     _all_gather_counts,
@@ -46,10 +45,14 @@ from torchrec_compress.distributed.lowrank import (
     _local_blocks,
     _row_ranges,
     _RowRange,
+    check_compressed_state,
+    save_compressed_state,
 )
+from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import MECQuantizer, fit_quantizer, stratified_rows, subspace_order
 from torchrec_compress.pq.quantizer import code_dtype
+from torchrec_compress.report import CompressionReport, ReportRow
 
 BYTES_PER_FLOAT = 4
 
@@ -146,6 +149,9 @@ def compress_sharded_pq(
 ) -> tuple[nn.Module, CompressionReport]:
     """Product-quantizes the tables of a DMP-sharded model without gathering any table.
 
+    Deprecated: use ``torchrec_compress.compress_(model, config, calibration)`` and the report's
+    ``reshard(device)`` (or ``save(checkpoint_dir)``), the same for every method.
+
     Collective: every process calls it with the same arguments and its own calibration batches.
 
     Args:
@@ -176,142 +182,223 @@ def compress_sharded_pq(
         >>> # compressed, report = compress_sharded_pq(dmp, meta_model, MECConfig(), batches, "ckpt")
         >>> # sharded = shard_model(compressed, device); load the checkpoint into it
     """
-    group = dist.group.WORLD
-    me = dist.get_rank(group)
-    inner = model.module if isinstance(model, DistributedModelParallel) else model
+    warnings.warn(
+        "compress_sharded_pq is deprecated: use torchrec_compress.compress_(dmp, config, "
+        "calibration) and report.reshard(device) or report.save(checkpoint_dir)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    compressed, state, report = sharded_pq_state(
+        model, meta_model, config, calibration, forward_fn, filter_fn, train_rows
+    )
+    save_compressed_state(state, checkpoint_dir)
+    return compressed, report
+
+
+def sharded_pq_state(
+    model: DistributedModelParallel,
+    meta_model: nn.Module,
+    config: MECConfig,
+    calibration: Iterable[Any] | None,
+    forward_fn: ForwardFn = default_forward,
+    filter_fn: FilterFn | None = None,
+    train_rows: int = 65536,
+) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
+    """Steps 1-3 of :func:`compress_sharded_pq`: the compressed module and its state, not saved.
+
+    Collective.  Codes are row-sharded ``ShardedTensor`` s laid out like the original rows;
+    ``torchrec_compress.compress_`` wraps the result in a
+    :class:`~torchrec_compress.distributed.compression.ShardedCompressionReport`.  Arguments as
+    in :func:`compress_sharded_pq`.
+
+    Returns:
+        tuple[nn.Module, dict[str, Any], CompressionReport]: ``meta_model`` with
+        ``PQEmbeddingBagCollection`` s, its state dict, the report.
+    """
     ebcs = find_embedding_bag_collections(meta_model, filter_fn, lowrank_factors=True)
     tables: list[tuple[str, EmbeddingBagConfig]] = [
         (fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()
     ]
     table_owners(ebcs, config.table_overrides)
-    names = [t.name for _, t in tables]
     skipped = sorted(n for n, o in config.table_overrides.items() if o.skip)
     if skipped:
         raise ValueError(f"compress_sharded_pq cannot skip tables {skipped}; use filter_fn")
-
-    # 1. lookup counts, summed over the group as sparse pairs
-    counters = {
-        fqn: SparseLookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted())
-        for fqn, ebc in ebcs.items()
-    }
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = dict.fromkeys(names)
-    if config.popularity_weighting and tables:
-        if calibration is None:
-            raise ValueError(
-                "MECConfig(popularity_weighting=True) needs calibration data for the lookup counts"
-            )
-        calibration_pass(
-            model,
-            calibration,
-            forward_fn,
-            {inner.get_submodule(fqn): c for fqn, c in counters.items()},
-            {},
-        )
-        gathered = _all_gather_counts([counters[fqn].counts()[t.name] for fqn, t in tables], group)
-        pairs = dict(zip(names, gathered, strict=True))
+    pairs = _global_counts(model, ebcs, tables, config, calibration, forward_fn)
 
     # 2-3. per table: sample -> quantizer (rank 0, broadcast) -> local codes
     state = model.state_dict()
     new_state: dict[str, Any] = {
         key: value for key, value in state.items() if not any(key.startswith(f"{f}.") for f in ebcs)
     }
-    rows_report: list[ReportRow] = []
-    codebook_shapes: dict[str, tuple[int, int, int]] = {}
-    method = "MEC" if config.mode == "mec" else "PQ"
-    for index, (fqn, table) in enumerate(tables):
-        table_config = config.for_table(table.name)
-        value = state[f"{fqn}.embedding_bags.{table.name}.weight"]
-        layout = _row_ranges(value, table.name, table.embedding_dim)
-        _check_whole_rows(layout, table.name)
-        blocks = _local_blocks(value, me)
-        table_pairs = pairs[table.name]
-        ids, row_scale = _sample_ids(
-            table.num_embeddings, train_rows, table_config.seed + index, table_pairs
+    rows_report = [
+        _quantize_table(
+            state[f"{fqn}.embedding_bags.{table.name}.weight"],
+            table,
+            config.for_table(table.name),
+            _SampleSpec(train_rows, index, pairs[table.name]),
+            lowrank_parent(meta_model, fqn),
+            _TableKeys(fqn, new_state),
         )
-        sample = _gather_sample(ids, layout, blocks, group)
-        sample_counts = _sample_counts(ids, table_pairs) if table_pairs is not None else None
-        # factor tables of a low-rank model: principal components spread over the subspaces,
-        # the projection's rows reordered to match (every process computes the same order)
-        lowrank = lowrank_parent(meta_model, fqn)
-        order = None
-        if lowrank is not None and table.name in lowrank.ranks():
-            order = subspace_order(sample, sample_counts, table_config, table.name, row_scale)
-            sample = sample[:, order]
-            key = f"{fqn.rpartition('.')[0]}.projection.{table.name}"
-            new_state[key] = new_state[key][order.to(new_state[key].device)]
-        holder: list[Any] = [None]
-        if me == 0:
-            holder[0] = fit_quantizer(sample, sample_counts, table_config, table.name, row_scale)
-        dist.broadcast_object_list(holder, src=0, group=group)
-        quantizer = holder[0]
-        with torch.no_grad():
-            codebooks = (
-                quantizer.decoded_codebooks()
-                if isinstance(quantizer, MECQuantizer)
-                else quantizer.codebooks
-            ).float()
-        codes = {
-            rows.row: quantizer.compute_codes(
-                _columns(blocks[(rows.row, 0)].detach().float(), order), table_config.chunk_size
-            )
-            for rows in layout
-            if rows.lead == me
-        }
-        num_subspaces, ksub, dsub = codebooks.shape
-        codebook_shapes[table.name] = (num_subspaces, ksub, dsub)
-        dtype = code_dtype(ksub)  # the same on every process, whether it holds rows or not
-        new_state[f"{fqn}.codes.{table.name}"] = _factor_sharded_tensor(
-            layout,
-            {row: c.to(dtype) for row, c in codes.items()},
-            (table.num_embeddings, num_subspaces),
-            group,
-        )
-        new_state[f"{fqn}.codebooks.{table.name}"] = codebooks
-        before = table.num_embeddings * table.embedding_dim * BYTES_PER_FLOAT
-        code_bytes = torch.empty((), dtype=dtype).element_size()
-        rows_report.append(
-            ReportRow(
-                name=table.name,
-                kind="table",
-                shape=(table.num_embeddings, table.embedding_dim),
-                method=method,
-                rank=num_subspaces,
-                bytes_before=before,
-                bytes_after=table.num_embeddings * num_subspaces * code_bytes
-                + num_subspaces * ksub * dsub * BYTES_PER_FLOAT,
-                explained_variance=None,
-                perplexity=_perplexity(codes, ksub, group),
-            )
-        )
+        for index, (fqn, table) in enumerate(tables)
+    ]
 
-    # 4. the compressed module on meta, and its checkpoint
+    # 4. the compressed module on meta
+    _pq_skeleton_(meta_model, ebcs, new_state)
+    check_compressed_state(meta_model, new_state)
+    assert all(isinstance(v, ShardedTensor) for k, v in new_state.items() if ".codes." in k), (
+        "codes must be row-sharded"
+    )
+    return meta_model, new_state, CompressionReport(rows_report)
+
+
+def _global_counts(
+    model: DistributedModelParallel,
+    ebcs: Mapping[str, nn.Module],
+    tables: list[tuple[str, EmbeddingBagConfig]],
+    config: MECConfig,
+    calibration: Iterable[Any] | None,
+    forward_fn: ForwardFn,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Step 1: table name -> global sorted ``(ids, counts)`` of this group's calibration
+    lookups (``None`` without popularity weighting); sparse pairs, summed over the group."""
+    names = [t.name for _, t in tables]
+    if not (config.popularity_weighting and tables):
+        return dict.fromkeys(names)
+    if calibration is None:
+        raise ValueError(
+            "MECConfig(popularity_weighting=True) needs calibration data for the lookup counts"
+        )
+    inner = model.module if isinstance(model, DistributedModelParallel) else model
+    counters = {
+        fqn: SparseLookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted())
+        for fqn, ebc in ebcs.items()
+    }
+    calibration_pass(
+        model,
+        calibration,
+        forward_fn,
+        {inner.get_submodule(fqn): c for fqn, c in counters.items()},
+        {},
+    )
+    local = [counters[fqn].counts()[t.name] for fqn, t in tables]
+    return dict(zip(names, _all_gather_counts(local, dist.group.WORLD), strict=True))
+
+
+@dataclass(frozen=True)
+class _SampleSpec:
+    """How one table's training sample is drawn: at most ``train_rows`` rows, seeded by the
+    table's ``index`` in the model, with its global lookup ``pairs`` (or ``None``)."""
+
+    train_rows: int
+    index: int
+    pairs: tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class _TableKeys:
+    """Where one table's compressed tensors go: ``state`` keys under the collection ``fqn``."""
+
+    fqn: str
+    state: dict[str, Any]
+
+
+def _quantize_table(
+    value: torch.Tensor,
+    table: EmbeddingBagConfig,
+    table_config: MECConfig,
+    spec: _SampleSpec,
+    lowrank: LowRankEmbeddingBagCollection | None,
+    out: _TableKeys,
+) -> ReportRow:
+    """Steps 2-3 for one table (collective): sample, quantizer fitted on rank 0 and broadcast,
+    codes of the local rows; writes codes, codebooks (and a reordered projection of a low-rank
+    factor table) into ``out.state`` and returns the report row."""
+    group = dist.group.WORLD
+    me = dist.get_rank(group)
+    layout = _row_ranges(value, table.name, table.embedding_dim)
+    _check_whole_rows(layout, table.name)
+    blocks = _local_blocks(value, me)
+    ids, row_scale = _sample_ids(
+        table.num_embeddings, spec.train_rows, table_config.seed + spec.index, spec.pairs
+    )
+    sample = _gather_sample(ids, layout, blocks, group)
+    sample_counts = _sample_counts(ids, spec.pairs) if spec.pairs is not None else None
+    # factor tables of a low-rank model: principal components spread over the subspaces,
+    # the projection's rows reordered to match (every process computes the same order)
+    order = None
+    if lowrank is not None and table.name in lowrank.ranks():
+        order = subspace_order(sample, sample_counts, table_config, table.name, row_scale)
+        sample = sample[:, order]
+        key = f"{out.fqn.rpartition('.')[0]}.projection.{table.name}"
+        out.state[key] = out.state[key][order.to(out.state[key].device)]
+    holder: list[Any] = [None]
+    if me == 0:
+        holder[0] = fit_quantizer(sample, sample_counts, table_config, table.name, row_scale)
+    dist.broadcast_object_list(holder, src=0, group=group)
+    quantizer = holder[0]
+    with torch.no_grad():
+        codebooks = (
+            quantizer.decoded_codebooks()
+            if isinstance(quantizer, MECQuantizer)
+            else quantizer.codebooks
+        ).float()
+    codes = {
+        rows.row: quantizer.compute_codes(
+            _columns(blocks[(rows.row, 0)].detach().float(), order), table_config.chunk_size
+        )
+        for rows in layout
+        if rows.lead == me
+    }
+    num_subspaces, ksub, dsub = codebooks.shape
+    dtype = code_dtype(ksub)  # the same on every process, whether it holds rows or not
+    out.state[f"{out.fqn}.codes.{table.name}"] = _factor_sharded_tensor(
+        layout,
+        {row: c.to(dtype) for row, c in codes.items()},
+        (table.num_embeddings, num_subspaces),
+        group,
+    )
+    out.state[f"{out.fqn}.codebooks.{table.name}"] = codebooks
+    code_bytes = torch.empty((), dtype=dtype).element_size()
+    return ReportRow(
+        name=table.name,
+        kind="table",
+        shape=(table.num_embeddings, table.embedding_dim),
+        method="MEC" if table_config.mode == "mec" else "PQ",
+        rank=num_subspaces,
+        bytes_before=table.num_embeddings * table.embedding_dim * BYTES_PER_FLOAT,
+        bytes_after=table.num_embeddings * num_subspaces * code_bytes
+        + num_subspaces * ksub * dsub * BYTES_PER_FLOAT,
+        explained_variance=None,
+        perplexity=_perplexity(codes, ksub, group),
+    )
+
+
+def _pq_skeleton_(
+    meta_model: nn.Module, ebcs: Mapping[str, nn.Module], state: Mapping[str, Any]
+) -> None:
+    """Swaps every collection of ``ebcs`` in ``meta_model`` for a ``PQEmbeddingBagCollection``
+    on ``meta`` shaped like the codes and codebooks in ``state`` (inside its low-rank parent
+    when it holds factor tables)."""
+    meta = torch.device("meta")
     for fqn, ebc in ebcs.items():
         configs = ebc.embedding_bag_configs()
-        meta = torch.device("meta")
-        codes_meta = {}
-        for t in configs:
-            num_subspaces, ksub, _ = codebook_shapes[t.name]
-            codes_meta[t.name] = torch.empty(
-                t.num_embeddings, num_subspaces, dtype=code_dtype(ksub), device=meta
+        books = {t.name: state[f"{fqn}.codebooks.{t.name}"] for t in configs}
+        codes_meta = {
+            t.name: torch.empty(
+                t.num_embeddings,
+                books[t.name].shape[0],
+                dtype=code_dtype(books[t.name].shape[1]),
+                device=meta,
             )
-        books_meta = {t.name: torch.empty(codebook_shapes[t.name], device=meta) for t in configs}
-        module = PQEmbeddingBagCollection(configs, codes_meta, books_meta, ebc.is_weighted())
+            for t in configs
+        }
+        books_meta = {name: torch.empty(b.shape, device=meta) for name, b in books.items()}
+        module: nn.Module = PQEmbeddingBagCollection(
+            configs, codes_meta, books_meta, ebc.is_weighted()
+        )
         lowrank = lowrank_parent(meta_model, fqn)
         if lowrank is not None:
             # a low-rank collection over PQ factors has its own type (DMP shards inside it)
             fqn, module = fqn.rpartition(".")[0], lowrank.with_factor_collection(module)
         parent, _, child = fqn.rpartition(".")
         setattr(meta_model.get_submodule(parent), child, module)
-    expected = set(meta_model.state_dict())
-    if expected != set(new_state):
-        raise RuntimeError(
-            "compressed state does not match the compressed module: missing "
-            f"{sorted(expected - set(new_state))[:5]}, "
-            f"unexpected {sorted(set(new_state) - expected)[:5]}"
-        )
-    assert all(isinstance(v, ShardedTensor) for k, v in new_state.items() if ".codes." in k), (
-        "codes must be row-sharded"
-    )
-    dcp.save({"model": new_state}, checkpoint_id=checkpoint_dir, process_group=group)
-    dist.barrier(group)
-    return meta_model, CompressionReport(rows_report)

@@ -1,0 +1,112 @@
+"""``compress_`` of a ``DistributedModelParallel`` model, and its one next call, ``reshard``.
+
+TorchRec's own ``DLRM`` is sharded by DMP on 1 and 2 gloo processes, compressed with the same
+verb as a plain model (every method), and ``report.reshard(device)`` re-plans, re-shards
+(differently from the original) and loads the compressed model.  Its outputs must equal those of
+``compress_`` applied to the same weights unsharded, with the union of all processes' batches.
+Before this, ``compress_`` on a DMP model raised ``TypeError`` naming two method-specific verbs.
+"""
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torchrec.models.dlrm import DLRM
+
+from torchrec_compress import AFMConfig, MECConfig, PQConfig, SVDConfig, compress_
+from torchrec_compress.config import CompressionConfig
+from torchrec_compress.distributed import load_full_state_dict_, shard_model
+from torchrec_compress.distributed.compression import ShardedCompressionReport
+from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
+from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.testing import run_multiprocess
+from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
+
+CPU, META = torch.device("cpu"), torch.device("meta")
+CALIBRATION_SEEDS = (300, 301)
+EVAL = [tiny_batch(8, seed=700 + i) for i in range(2)]
+# name -> (config, sharding of the original, sharding of the compressed model, module type)
+CASES: dict[str, tuple[CompressionConfig, str, str, type[nn.Module]]] = {
+    "afm": (AFMConfig(rank=8), "table_wise", "row_wise", LowRankEmbeddingBagCollection),
+    "svd": (SVDConfig(rank=8), "column_wise", "table_wise", LowRankEmbeddingBagCollection),
+    "mec": (
+        MECConfig(num_subspaces=4, num_centroids=16, steps=20),
+        "row_wise",
+        "table_wise",
+        PQEmbeddingBagCollection,
+    ),
+    "pq": (
+        PQConfig(num_subspaces=4, num_centroids=16),
+        "table_wise",
+        "row_wise",
+        PQEmbeddingBagCollection,
+    ),
+}
+
+
+def _dlrm(device: torch.device) -> DLRM:
+    """TorchRec's DLRM (not a project model): ``model(dense, sparse) -> logits``."""
+    return tiny_dlrm(device, seed=11).model
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(b.dense_features, b.sparse_features).flatten() for b in EVAL])
+
+
+def _run(rank: int, world_size: int) -> dict[str, Any]:
+    full_state = _dlrm(CPU).state_dict()
+    everyone = [tiny_batch(16, seed=s) for s in CALIBRATION_SEEDS]
+    mine = everyone[rank::world_size]
+    out: dict[str, Any] = {}
+    for name, (config, original, target, module_type) in CASES.items():
+        reference = _dlrm(CPU)
+        reference.load_state_dict(full_state)
+        expected_report = compress_(reference, config, calibration=everyone)
+        assert isinstance(reference.sparse_arch.embedding_bag_collection, module_type)
+
+        dmp = shard_model(_dlrm(META), CPU, sharding_type=original)
+        load_full_state_dict_(dmp, full_state)
+        types = [type(m) for m in dmp.modules()]
+        before = _logits(dmp)
+        report = compress_(dmp, config, calibration=copy.copy(mine))
+        assert isinstance(report, ShardedCompressionReport), type(report)
+        assert [type(m) for m in dmp.modules()] == types, "the original DMP model changed"
+        assert [(r.name, r.method, r.rank) for r in report.rows] == [
+            (r.name, r.method, r.rank) for r in expected_report.rows
+        ], (report, expected_report)
+
+        resharded = report.reshard(CPU, sharding_type=target)
+        plans = resharded.plan.plan["sparse_arch.embedding_bag_collection"].values()
+        assert {p.sharding_type for p in plans} == {target}
+        compressed = resharded.module.sparse_arch.embedding_bag_collection
+        assert type(compressed).__name__ == f"Sharded{module_type.__name__}"
+        if name == "afm":  # the same method again on the compressed DMP model: an error
+            with pytest.raises(ValueError, match="already compressed"):
+                compress_(resharded, config, calibration=copy.copy(mine))
+        out[name] = {
+            "error": float((_logits(resharded) - _logits(reference)).abs().max()),
+            "unchanged": float((_logits(dmp) - before).abs().max()),
+            "ratio": report.compression_ratio,
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[int, list[dict[str, Any]]]:
+    return {w: run_multiprocess(_run, world_size=w) for w in (1, 2)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("method", list(CASES))
+def test_compress_dmp_then_reshard_equals_unsharded_compress_(
+    results: dict[int, list[dict[str, Any]]], world_size: int, method: str
+) -> None:
+    for rank_result in results[world_size]:
+        got = rank_result[method]
+        assert got["error"] <= 1e-5, got
+        assert got["unchanged"] == 0.0, got
+        assert got["ratio"] > 1.5, got

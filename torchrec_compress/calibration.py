@@ -1,0 +1,98 @@
+"""One calibration pass over a model: lookup counts of its tables and output moments of its
+Linear layers, for plain and sharded models alike (hooks see each module's local input)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_compress.statistics import LinearOutputCollector, LookupCounter, Moments
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+def default_forward(model: nn.Module, batch: Batch | KeyedJaggedTensor) -> Any:
+    """``model(dense, sparse)`` for a ``Batch`` (torchrec DLRM's signature), else ``model(kjt)``."""
+    if isinstance(batch, Batch):
+        return model(batch.dense_features, batch.sparse_features)
+    return model(batch)
+
+
+def calibration_pass(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    forward_fn: ForwardFn,
+    counters: Mapping[nn.Module, Any],
+    linears: Mapping[str, nn.Module] | None = None,
+) -> dict[str, Moments]:
+    """One pass over ``calibration`` in eval mode without gradients.
+
+    A forward pre-hook on each module of ``counters`` feeds the KJT it receives to its counter's
+    ``update`` (sharded collections see the local batch with global ids); forward hooks
+    accumulate the output moments of ``linears``.  The training flags of all modules are
+    restored and hooks removed, even on error.
+
+    Raises:
+        ValueError: when ``calibration`` yields no batch (e.g. an exhausted iterator).
+
+    Returns:
+        Dict[str, Moments]: Linear fqn -> output moments (of this process's batches).
+    """
+    handles = [
+        module.register_forward_pre_hook(
+            lambda _m, args, kwargs, c=counter: c.update(args[0] if args else kwargs["features"]),
+            with_kwargs=True,
+        )
+        for module, counter in counters.items()
+    ]
+    training = {m: m.training for m in model.modules()}
+    collector = LinearOutputCollector(linears or {})
+    num_batches = 0
+    try:
+        model.eval()
+        with collector, torch.no_grad():
+            for batch in calibration:
+                forward_fn(model, batch)
+                num_batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in training.items():
+            module.train(flag)
+    if num_batches == 0:
+        raise ValueError(
+            f"calibration data {type(calibration).__name__} yielded no batch (an empty list, or "
+            "an iterator already exhausted, e.g. by an earlier call); it is iterated once: "
+            "pass a list or a fresh iterator"
+        )
+    return collector.moments
+
+
+def calibrate(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    forward_fn: ForwardFn = default_forward,
+    ebcs: Mapping[str, EmbeddingBagCollection] | None = None,
+    linears: Mapping[str, nn.Linear] | None = None,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Moments]]:
+    """Lookup counts of ``ebcs`` and output moments of ``linears`` in one
+    :func:`calibration_pass`.
+
+    Returns:
+        tuple: (EBC fqn -> table name -> per-row counts, Linear fqn -> output moments).
+    """
+    ebcs = dict(ebcs or {})
+    counters = {
+        fqn: LookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted(), ebc.device)
+        for fqn, ebc in ebcs.items()
+    }
+    moments = calibration_pass(
+        model, calibration, forward_fn, {ebcs[f]: c for f, c in counters.items()}, linears
+    )
+    return {fqn: c.counts() for fqn, c in counters.items()}, moments

@@ -1,0 +1,331 @@
+"""``compress_`` of a ``DistributedModelParallel`` model: the sharded driver and its result.
+
+:func:`compress_sharded_model` runs the method's sharded route (statistics, factors and codes
+computed by the processes that hold the rows; no table is gathered on one process) and returns a
+:class:`ShardedCompressionReport`.  Its one call, :meth:`ShardedCompressionReport.reshard`,
+re-plans the compressed model at its true sizes, shards it with
+:func:`~torchrec_compress.distributed.planning.default_sharders` and loads the compressed state
+through a DCP checkpoint (DCP reshards it into the new plan), whatever the method.
+
+The unsharded skeleton of the model (on ``meta``) is derived from the DMP model itself
+(:func:`unsharded_skeleton`): sharded collections become empty unsharded ones of the same tables,
+the dense modules are copied to ``meta``.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torchrec.distributed.comm import get_local_size
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardedModule
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from torchrec_compress.calibration import ForwardFn, default_forward
+from torchrec_compress.config import (
+    AFMConfig,
+    CompressionConfig,
+    MECConfig,
+    PQConfig,
+    SVDConfig,
+)
+from torchrec_compress.discovery import FilterFn
+from torchrec_compress.distributed.lowrank import save_compressed_state, sharded_lowrank_state
+from torchrec_compress.distributed.lowrank_embeddingbag import ShardedLowRankEmbeddingBagCollection
+from torchrec_compress.distributed.mec import sharded_pq_state
+from torchrec_compress.distributed.planning import shard_model
+from torchrec_compress.distributed.pq_embeddingbag import ShardedPQEmbeddingBagCollection
+from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
+from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.report import CompressionReport
+
+META = torch.device("meta")
+
+# (sharded model, unsharded skeleton on meta, config, calibration, forward_fn, filter_fn)
+# -> (compressed skeleton, its state dict, report)
+ShardedConverter = Callable[
+    [
+        DistributedModelParallel,
+        nn.Module,
+        CompressionConfig,
+        Iterable[Any] | None,
+        ForwardFn,
+        FilterFn | None,
+    ],
+    tuple[nn.Module, dict[str, Any], CompressionReport],
+]
+
+
+def _lowrank(
+    model: DistributedModelParallel,
+    meta_model: nn.Module,
+    config: CompressionConfig,
+    calibration: Iterable[Any] | None,
+    forward_fn: ForwardFn,
+    filter_fn: FilterFn | None,
+) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
+    assert isinstance(config, (AFMConfig, SVDConfig))
+    return sharded_lowrank_state(model, meta_model, config, calibration, forward_fn, filter_fn)
+
+
+def _pq(
+    model: DistributedModelParallel,
+    meta_model: nn.Module,
+    config: CompressionConfig,
+    calibration: Iterable[Any] | None,
+    forward_fn: ForwardFn,
+    filter_fn: FilterFn | None,
+) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
+    if isinstance(config, PQConfig):
+        config = config.to_mec_config()
+    assert isinstance(config, MECConfig)
+    return sharded_pq_state(model, meta_model, config, calibration, forward_fn, filter_fn)
+
+
+# config type -> sharded route (the counterpart of the local planners of ``compress_``)
+SHARDED_CONVERTERS: dict[type[CompressionConfig], ShardedConverter] = {
+    AFMConfig: _lowrank,
+    SVDConfig: _lowrank,
+    MECConfig: _pq,
+    PQConfig: _pq,
+}
+
+
+def _skeleton_of(module: ShardedModule[Any, Any, Any, Any], fqn: str) -> nn.Module:
+    """The empty unsharded (``meta``) module of one sharded collection."""
+    if isinstance(module, ShardedLowRankEmbeddingBagCollection):
+        ranks = {name: int(p.shape[0]) for name, p in module.projection.items()}
+        return LowRankEmbeddingBagCollection(
+            module.embedding_bag_configs(), ranks, module.is_weighted(), META
+        )
+    if isinstance(module, ShardedPQEmbeddingBagCollection):
+        configs = module.embedding_bag_configs()
+        codes = {
+            t.name: torch.empty(t.num_embeddings, local.shape[1], dtype=local.dtype, device=META)
+            for t in configs
+            for local in [getattr(module.codes, t.name)]
+        }
+        books = {n: torch.empty_like(b, device=META) for n, b in module.codebooks.items()}
+        return PQEmbeddingBagCollection(configs, codes, books, module.is_weighted())
+    if isinstance(module, ShardedEmbeddingBagCollection):
+        # TorchRec's sharded EBC keeps its configs and weighting, without a public getter
+        return EmbeddingBagCollection(
+            module._embedding_bag_configs, module._is_weighted, device=META
+        )
+    raise TypeError(
+        f"cannot derive the unsharded module of {type(module).__name__} at {fqn!r}; pass "
+        "meta_model= (the same architecture, unsharded, on the meta device) to compress_"
+    )
+
+
+def unsharded_skeleton(model: DistributedModelParallel) -> nn.Module:
+    """The architecture of a DMP model, unsharded and on ``meta`` (no weights).
+
+    Sharded ``EmbeddingBagCollection`` s and this package's sharded low-rank and PQ collections
+    become empty unsharded ones of the same tables; every other module is deep-copied (the
+    dense part of a recommendation model is small) with its parameters and persistent buffers
+    on ``meta`` (non-persistent buffers, which no checkpoint restores, keep their values).
+
+    Args:
+        model (DistributedModelParallel): the sharded model (left unchanged).
+
+    Returns:
+        nn.Module: the unwrapped module tree (``model.module``'s structure) on ``meta``.
+
+    Raises:
+        TypeError: naming a sharded module whose unsharded form is unknown (e.g. a
+            feature-processed collection): pass ``meta_model=`` to ``compress_`` instead.
+
+    Example::
+
+        >>> # 2 processes: see tests/distributed/test_compress_dmp.py
+        >>> # skeleton = unsharded_skeleton(dmp)  # EBCs instead of ShardedEBCs, all on meta
+    """
+    inner = model.module
+    memo: dict[int, Any] = {
+        id(m): _skeleton_of(m, fqn)
+        for fqn, m in inner.named_modules()
+        if isinstance(m, ShardedModule)
+    }
+    if id(inner) in memo:
+        return memo[id(inner)]
+    skeleton = copy.deepcopy(inner, memo)
+    skeleton.apply(_weights_to_meta_)
+    return skeleton
+
+
+def _weights_to_meta_(module: nn.Module) -> None:
+    """Parameters and persistent buffers to ``meta``; non-persistent buffers stay as they are.
+
+    A non-persistent buffer is not in any checkpoint, so it must keep its value: DMP would
+    zero-fill it on ``meta`` (e.g. the ``triu_indices`` of DLRM's ``InteractionArch``).
+    """
+    for name, param in module._parameters.items():
+        if param is not None and param.device != META:
+            module._parameters[name] = nn.Parameter(
+                torch.empty_like(param, device=META), requires_grad=param.requires_grad
+            )
+    for name, buffer in module._buffers.items():
+        if buffer is not None and name not in module._non_persistent_buffers_set:
+            module._buffers[name] = torch.empty_like(buffer, device=META)
+
+
+@dataclass
+class ShardedCompressionReport(CompressionReport):
+    """What ``compress_`` did to a DMP model, and the compressed model it has not built yet.
+
+    The original DMP model is left unchanged.  The compressed model exists as an unsharded
+    skeleton on ``meta`` (:attr:`compressed_model`) and its state (factor tables and codes
+    sharded like the original rows, dense parameters shared with the original model):
+    :meth:`reshard` turns them into a sharded model, the one step every method needs next.
+    Call it before the original model is trained further (the dense state is shared).
+
+    Args:
+        rows (list[ReportRow]): one per table / layer, as for a plain model.
+        compressed_model (Optional[nn.Module]): the compressed architecture on ``meta``.
+        state (dict[str, Any]): its state dict, keys equal to ``compressed_model``'s.
+
+    Example::
+
+        >>> # every process, 1 or more (see tests/distributed/test_compress_dmp.py):
+        >>> # report = compress_(dmp, AFMConfig(rank=16), calibration=my_batches)
+        >>> # compressed_dmp = report.reshard(torch.device("cpu"))
+    """
+
+    compressed_model: nn.Module | None = field(default=None, repr=False, compare=False)
+    state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def save(self, checkpoint_dir: str) -> None:
+        """Writes the compressed state as a DCP checkpoint ``{"model": state}`` (collective).
+
+        Any later plan and world size can load it into ``compressed_model`` sharded.
+
+        Args:
+            checkpoint_dir (str): a directory every process can read and write.
+        """
+        save_compressed_state(self.state, checkpoint_dir)
+
+    def reshard(
+        self,
+        device: torch.device,
+        sharding_type: str | None = None,
+        prepare: Callable[[nn.Module], None] | None = None,
+        checkpoint_dir: str | None = None,
+    ) -> DistributedModelParallel:
+        """The compressed model, re-planned at its true sizes, sharded and loaded (collective).
+
+        A copy of :attr:`compressed_model` is given to ``prepare`` (e.g. to attach in-backward
+        optimizers, which the planner then counts), planned by TorchRec's planner with this
+        package's sharders (``torchrec_compress.sharders()``) on the current process group,
+        wrapped in ``DistributedModelParallel``, and loaded from a DCP checkpoint of
+        :attr:`state` (DCP reshards the factor tables and codes into the new plan).  Callable
+        more than once.
+
+        Args:
+            device (torch.device): where the sharded model lives.
+            sharding_type (Optional[str]): force one sharding type for every table (``None``:
+                the planner's choice).
+            prepare (Optional[Callable[[nn.Module], None]]): called on the unsharded
+                compressed model (on ``meta``) before planning.
+            checkpoint_dir (Optional[str]): where the checkpoint is written and kept; default a
+                temporary directory made by rank 0 and removed afterwards, which needs every
+                process on one host (pass a shared directory otherwise).
+
+        Returns:
+            DistributedModelParallel: the compressed model, ready to fine-tune or evaluate.
+
+        Raises:
+            ValueError: without ``checkpoint_dir`` when the processes span several hosts.
+        """
+        if self.compressed_model is None:
+            raise ValueError("this report has no compressed model to reshard")
+        if checkpoint_dir is None and get_local_size() != dist.get_world_size():
+            raise ValueError(
+                f"reshard: {dist.get_world_size()} processes over several hosts (local world "
+                f"size {get_local_size()}) need a checkpoint_dir every host can read"
+            )
+        module = copy.deepcopy(self.compressed_model)
+        if prepare is not None:
+            prepare(module)
+        sharded = shard_model(module, device, sharding_type=sharding_type)
+        path = checkpoint_dir if checkpoint_dir is not None else _shared_tempdir()
+        try:
+            self.save(path)
+            state = {"model": sharded.state_dict()}
+            dcp.load(state, checkpoint_id=path)
+            sharded.load_state_dict(state["model"])
+        finally:
+            if checkpoint_dir is None:
+                dist.barrier()
+                if dist.get_rank() == 0:
+                    shutil.rmtree(path, ignore_errors=True)
+        return sharded
+
+
+def _shared_tempdir() -> str:
+    """A temporary directory made by rank 0, its path broadcast to the group (one host)."""
+    holder: list[Any] = [
+        tempfile.mkdtemp(prefix="torchrec_compress_") if dist.get_rank() == 0 else None
+    ]
+    dist.broadcast_object_list(holder, src=0)
+    return str(holder[0])
+
+
+def compress_sharded_model(
+    model: DistributedModelParallel,
+    config: CompressionConfig,
+    calibration: Iterable[Any] | None = None,
+    filter_fn: FilterFn | None = None,
+    forward_fn: ForwardFn = default_forward,
+    meta_model: nn.Module | None = None,
+) -> ShardedCompressionReport:
+    """The sharded driver behind ``compress_(dmp_model, config, ...)`` (collective).
+
+    Every process calls it with its own calibration batches; statistics are summed over the
+    group, factors and codes computed by the processes holding the rows.  The report rows are
+    identical on every process.
+
+    Args:
+        model (DistributedModelParallel): the trained, sharded model (left unchanged).
+        config (CompressionConfig): ``AFMConfig``, ``SVDConfig``, ``MECConfig`` or ``PQConfig``.
+        calibration (Optional[Iterable]): this process's batches (AFM; MEC/PQ with popularity
+            weighting).
+        filter_fn (Optional[Callable[[nn.Module, str], bool]]): applied to the unsharded
+            skeleton's modules and their fqns (the same fqns as in ``model.module``).
+        forward_fn (Callable[[nn.Module, Any], Any]): how to run ``model`` on one batch.
+        meta_model (Optional[nn.Module]): the unsharded architecture on ``meta``, only where
+            :func:`unsharded_skeleton` cannot derive it; swapped in place.
+
+    Returns:
+        ShardedCompressionReport: the report; its :meth:`~ShardedCompressionReport.reshard`
+        builds the compressed sharded model.
+
+    Raises:
+        TypeError: for a config type without a sharded route.
+
+    Example::
+
+        >>> # 2 processes: see tests/distributed/test_compress_dmp.py
+        >>> # report = compress_sharded_model(dmp, MECConfig(num_subspaces=4), batches)
+    """
+    converter = SHARDED_CONVERTERS.get(type(config))
+    if converter is None:
+        raise TypeError(
+            f"compress_ has no sharded route for {type(config).__name__}; sharded models take "
+            f"{sorted(c.__name__ for c in SHARDED_CONVERTERS)} (or compress before sharding)"
+        )
+    skeleton = meta_model if meta_model is not None else unsharded_skeleton(model)
+    compressed, state, report = converter(
+        model, skeleton, config, calibration, forward_fn, filter_fn
+    )
+    return ShardedCompressionReport(report.rows, compressed, state)
