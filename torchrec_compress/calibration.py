@@ -29,7 +29,7 @@ def calibration_pass(
     calibration: Iterable[Any],
     forward_fn: ForwardFn,
     counters: Mapping[nn.Module, Any],
-    linears: Mapping[str, nn.Module] | None = None,
+    linears: Mapping[str, nn.Linear] | None = None,
 ) -> dict[str, Moments]:
     """One pass over ``calibration`` in eval mode without gradients.
 

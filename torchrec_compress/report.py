@@ -91,7 +91,7 @@ class CompressionReport:
         return CompressionReport(rows)
 
     def __str__(self) -> str:
-        header = (
+        header: tuple[str, ...] = (
             "name",
             "kind",
             "shape",
@@ -101,7 +101,7 @@ class CompressionReport:
             "bytes after",
             "expl.var",
         )
-        lines = [
+        lines: list[tuple[str, ...]] = [
             (
                 r.name,
                 r.kind,

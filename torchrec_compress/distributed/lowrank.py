@@ -42,6 +42,7 @@ from torchrec_compress.discovery import (
     find_mlp_hidden_linears,
     table_owners,
 )
+from torchrec_compress.distributed.state import shard_rank
 from torchrec_compress.factorization import linear_factors
 from torchrec_compress.lowrank import (
     PrincipalBasis,
@@ -176,7 +177,7 @@ def _row_ranges(value: torch.Tensor, name: str, dim: int) -> list[_RowRange]:
                 m.shard_sizes[0],
                 m.shard_offsets[1],
                 m.shard_sizes[1],
-                m.placement.rank(),
+                shard_rank(m),
             )
             for m in value.metadata().shards_metadata
         ]

@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_compress.calibration import ForwardFn, calibration_pass, default_forward
 from torchrec_compress.config import MECConfig
@@ -253,7 +254,7 @@ def sharded_pq_state(
 
 def _global_counts(
     model: DistributedModelParallel,
-    ebcs: Mapping[str, nn.Module],
+    ebcs: Mapping[str, EmbeddingBagCollection],
     tables: list[tuple[str, EmbeddingBagConfig]],
     config: MECConfig,
     calibration: Iterable[Any] | None,
@@ -374,7 +375,7 @@ def _quantize_table(
 
 
 def _pq_skeleton_(
-    meta_model: nn.Module, ebcs: Mapping[str, nn.Module], state: Mapping[str, Any]
+    meta_model: nn.Module, ebcs: Mapping[str, EmbeddingBagCollection], state: Mapping[str, Any]
 ) -> None:
     """Swaps every collection of ``ebcs`` in ``meta_model`` for a ``PQEmbeddingBagCollection``
     on ``meta`` shaped like the codes and codebooks in ``state`` (inside its low-rank parent

@@ -55,11 +55,11 @@ def default_sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Mo
     ebc_sharder = CPURowWiseEmbeddingBagCollectionSharder()
     fp_sharder: ModuleSharder[nn.Module] = FeatureProcessedLowRankSharder(ebc_sharder)
     if model is not None and _product_quantized_fpebcs(model):
-        fp_sharder = PQFeatureProcessedEmbeddingBagCollectionSharder()  # type: ignore[assignment]
+        fp_sharder = PQFeatureProcessedEmbeddingBagCollectionSharder()
     sharders: list[ModuleSharder[nn.Module]] = [
         ebc_sharder,
-        PQEmbeddingBagCollectionSharder(),  # type: ignore[list-item]
-        LowRankEmbeddingBagCollectionSharder(ebc_sharder),  # type: ignore[list-item]
+        PQEmbeddingBagCollectionSharder(),
+        LowRankEmbeddingBagCollectionSharder(ebc_sharder),
         fp_sharder,
     ]
     replaced = (EmbeddingBagCollection, FeatureProcessedEmbeddingBagCollection)

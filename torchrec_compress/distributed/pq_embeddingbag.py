@@ -68,6 +68,7 @@ from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
+from torchrec_compress.distributed.state import shard_rank
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection, pq_feature_lookup
 
 SHARDING_TYPES: tuple[str, ...] = (
@@ -108,7 +109,7 @@ class PQShardingContext(Multistreamable):
         if self.input is not None:
             self.input.record_stream(stream)  # the features are views of it
         for tensor in (self.order, self.table_of_id, self.recv_tables):
-            tensor.record_stream(stream)  # type: ignore[arg-type]
+            tensor.record_stream(stream)
 
 
 @dataclass(frozen=True)
@@ -370,8 +371,7 @@ class ShardedPQEmbeddingBagCollection(
             for m in shards.metadata:
                 if m.shard_sizes[0] == 0 or m.placement is None:
                     continue
-                rank = m.placement.rank()
-                assert rank is not None, f"table {table.name!r}: a shard has no rank"
+                rank = shard_rank(m)
                 starts.append(offset + m.shard_offsets[0])
                 ranks.append(rank)
                 table_index.append(index)
@@ -527,11 +527,11 @@ class ShardedPQEmbeddingBagCollection(
         received = _all_to_all(keys[ctx.order], ctx.send_splits, ctx.recv_splits, self._pg)
         # TorchRec's shape of an input dist (what TrainPipelineSparseDist fuses and waits on):
         # one awaitable per sharding, each giving an awaitable of the redistributed input.
-        return KJTListSplitsAwaitable([NoWait(NoWait(received))], ctx)  # type: ignore[list-item]
+        return KJTListSplitsAwaitable([NoWait(NoWait(received))], ctx)
 
     def compute(self, ctx: PQShardingContext, dist_input: KJTList) -> Tensor:
         """Gathers the code bytes of every received id: one flat ``uint8`` buffer, in order."""
-        received: Tensor = dist_input[0]  # type: ignore[assignment]
+        received: Tensor = dist_input[0]
         shard = torch.searchsorted(self._shard_starts, received, right=True) - 1
         tables = self._shard_tables[shard]
         local_rows = received - self._shard_starts[shard] + self._shard_local_base[shard]
@@ -946,7 +946,7 @@ def encode_sharded_codes_(
     targets = sorted(codes.metadata().shards_metadata, key=lambda m: m.shard_offsets[0])
     targets = [m for m in targets if m.shard_sizes[0] > 0]
     starts = torch.tensor([m.shard_offsets[0] for m in targets], dtype=torch.long)
-    owners = torch.tensor([_placement_rank(m) for m in targets], dtype=torch.long)
+    owners = torch.tensor([shard_rank(m) for m in targets], dtype=torch.long)
     owner = owners[torch.searchsorted(starts, keys, right=True) - 1]
     order = torch.argsort(owner, stable=True)
     send_counts = torch.bincount(owner, minlength=world_size)
@@ -963,10 +963,3 @@ def encode_sharded_codes_(
     for index, shard in enumerate(mine):
         selected = (which == index).nonzero().squeeze(1)
         shard.tensor[got_keys[selected] - shard.metadata.shard_offsets[0]] = got_codes[selected]
-
-
-def _placement_rank(shard: ShardMetadata) -> int:
-    rank = shard.placement.rank() if shard.placement is not None else None
-    if rank is None:
-        raise ValueError(f"shard at offsets {shard.shard_offsets} has no placement rank")
-    return rank

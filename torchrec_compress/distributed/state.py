@@ -4,6 +4,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -48,3 +49,15 @@ def load_full_state_dict_(model: nn.Module, state_dict: Mapping[str, torch.Tenso
         raise KeyError(f"state dict mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}")
     for key, dst in target.items():
         _copy_into(dst, state_dict[key], key)
+
+
+def shard_rank(shard: ShardMetadata) -> int:
+    """The process that holds ``shard`` (a ``ShardedTensor``'s shard metadata).
+
+    Raises:
+        ValueError: the shard has no placement (naming its offsets).
+    """
+    rank = shard.placement.rank() if shard.placement is not None else None
+    if rank is None:
+        raise ValueError(f"shard at offsets {shard.shard_offsets} has no placement rank")
+    return rank
