@@ -20,12 +20,14 @@ demo: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m examples.dlrm.main --dataset synthetic --epochs 2 \
 		--compress afm --budget-ratio 4 --finetune-epochs 1 --out runs/demo
 
-test: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH TORCHREC_COMPRESS_REQUIRE_KERNELS=1 $(PY) -m pytest -q tests
+# lint and type checks first (seconds), then the tests and the library's docstring examples
+test: lint
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH TORCHREC_COMPRESS_REQUIRE_KERNELS=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) runs
