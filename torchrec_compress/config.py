@@ -380,8 +380,7 @@ class PQConfig(CompressionConfig):
     codewords found by k-means on the rows (weighted by popularity); rows become ``M`` codes.
     Storage fields (``M``, ``K``) come first, then how rows are weighted, then the k-means
     trainer's settings.  Same result as the older ``MECConfig(mode="pq")``, which still works
-    (:meth:`to_mec_config` gives it, e.g. for
-    :func:`~torchrec_compress.distributed.mec.compress_sharded_pq`).
+    (:meth:`to_mec_config` gives it).
 
     Args:
         num_subspaces (int): ``M``, must divide a table's dimension (else the table is kept).
