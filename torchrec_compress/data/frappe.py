@@ -53,6 +53,89 @@ _FIELD_STARTS = np.array([start for _, start, _ in FRAPPE_FIELDS], dtype=np.int6
 _NUM_IDS = FRAPPE_FIELDS[-1][1] + FRAPPE_FIELDS[-1][2]
 
 
+def _read_tokens(path: Path) -> pa.Table:
+    """The file as string columns ``label, token0..``; a line with the wrong number of tokens is
+    an error naming the file and the 1-based line."""
+    columns = ["label"] + [f"token{i}" for i in range(len(FRAPPE_FIELDS))]
+    bad_rows: list[pacsv.InvalidRow] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        bad_rows.append(row)
+        return "skip"
+
+    table = pacsv.read_csv(
+        path,
+        # Without threads, InvalidRow.number is the 1-based line number.
+        read_options=pacsv.ReadOptions(column_names=columns, use_threads=False),
+        parse_options=pacsv.ParseOptions(
+            delimiter=" ", invalid_row_handler=on_invalid, ignore_empty_lines=False
+        ),
+        convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string())),
+    )
+    if bad_rows:
+        row = bad_rows[0]
+        raise ValueError(
+            f"{path}:{row.number}: {row.actual_columns} space-separated tokens in {row.text!r}; "
+            f"expected {row.expected_columns} (a label and one id:1 per field {FRAPPE_SCHEMA.sparse_features})"
+        )
+    return table
+
+
+def _labels(path: Path, table: pa.Table) -> np.ndarray:
+    # Every row was valid, none skipped: row i is line i + 1.
+    label_text = table.column("label").combine_chunks()
+    label_ok = pc.is_in(label_text, value_set=pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
+    if not label_ok.all():
+        line = int(np.argmin(label_ok))
+        raise ValueError(f"{path}:{line + 1}: label {label_text[line].as_py()!r} is not 0 or 1")
+    return pc.cast(label_text, pa.float32()).to_numpy()
+
+
+def _ids(path: Path, table: pa.Table) -> np.ndarray:
+    """``[rows, fields]`` global ids of the ``<id>:1`` tokens, each inside some field's range."""
+    num_fields = len(FRAPPE_FIELDS)
+    ids = np.empty((table.num_rows, num_fields), dtype=np.int64)
+    for column in range(num_fields):
+        tokens = table.column(f"token{column}").combine_chunks()
+        pattern = r"^(?P<id>[0-9]{1,12}):1$"
+        valid = pc.match_substring_regex(tokens, pattern).to_numpy(zero_copy_only=False)
+        if not valid.all():
+            line = int(np.argmin(valid))
+            raise ValueError(
+                f"{path}:{line + 1}: token {tokens[line].as_py()!r} is not of the form <id>:1"
+            )
+        parsed = pc.extract_regex(tokens, pattern).field("id")
+        ids[:, column] = pc.cast(parsed, pa.int64()).to_numpy()
+    outside = ids >= _NUM_IDS
+    if outside.any():
+        line, column = np.argwhere(outside)[0]
+        raise ValueError(
+            f"{path}:{line + 1}: id {ids[line, column]} (token {column + 1}) is outside every "
+            f"field's range; valid ids are 0..{_NUM_IDS - 1}"
+        )
+    return ids
+
+
+def _check_one_id_per_field(path: Path, ids: np.ndarray, fields: np.ndarray) -> None:
+    num_fields = len(FRAPPE_FIELDS)
+    sorted_fields = np.sort(fields, axis=1)
+    complete = (sorted_fields == np.arange(num_fields)).all(axis=1)
+    if complete.all():
+        return
+    line = int(np.argmin(complete))
+    seen: np.ndarray = np.zeros(num_fields, dtype=bool)
+    # Only the failing line is scanned, to name the first repeated field's token.
+    for column, field in enumerate(fields[line].tolist()):
+        if seen[field]:
+            name = FRAPPE_FIELDS[field][0]
+            raise ValueError(
+                f"{path}:{line + 1}: token {ids[line, column]}:1 is a second id of field "
+                f"{name!r} (ids {FRAPPE_FIELDS[field][1]}..{FRAPPE_FIELDS[field][1] + FRAPPE_FIELDS[field][2] - 1}); "
+                f"each line needs exactly one id per field"
+            )
+        seen[field] = True
+
+
 def read_frappe_libsvm(path: str | Path) -> RowBlock:
     """Parse one Frappe libsvm file into a :class:`RowBlock` of local ids (vectorised).
 
@@ -75,75 +158,14 @@ def read_frappe_libsvm(path: str | Path) -> RowBlock:
         raise FileNotFoundError(f"Frappe file {str(path)!r} does not exist")
     if path.stat().st_size == 0:
         raise ValueError(f"Frappe file {str(path)!r} is empty")
-    num_fields = len(FRAPPE_FIELDS)
-    columns = ["label"] + [f"token{i}" for i in range(num_fields)]
-    bad_rows: list[pacsv.InvalidRow] = []
-
-    def on_invalid(row: pacsv.InvalidRow) -> str:
-        bad_rows.append(row)
-        return "skip"
-
-    table = pacsv.read_csv(
-        path,
-        # Without threads, InvalidRow.number is the 1-based line number.
-        read_options=pacsv.ReadOptions(column_names=columns, use_threads=False),
-        parse_options=pacsv.ParseOptions(
-            delimiter=" ", invalid_row_handler=on_invalid, ignore_empty_lines=False
-        ),
-        convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string())),
-    )
-    if bad_rows:
-        row = bad_rows[0]
-        raise ValueError(
-            f"{path}:{row.number}: {row.actual_columns} space-separated tokens in {row.text!r}; "
-            f"expected {row.expected_columns} (a label and one id:1 per field {FRAPPE_SCHEMA.sparse_features})"
-        )
-    # Every row was valid, none skipped: row i is line i + 1.
-    label_text = table.column("label").combine_chunks()
-    label_ok = pc.is_in(label_text, value_set=pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
-    if not label_ok.all():
-        line = int(np.argmin(label_ok))
-        raise ValueError(f"{path}:{line + 1}: label {label_text[line].as_py()!r} is not 0 or 1")
-    labels = pc.cast(label_text, pa.float32()).to_numpy()
-
-    ids = np.empty((table.num_rows, num_fields), dtype=np.int64)
-    for column in range(num_fields):
-        tokens = table.column(f"token{column}").combine_chunks()
-        pattern = r"^(?P<id>[0-9]{1,12}):1$"
-        valid = pc.match_substring_regex(tokens, pattern).to_numpy(zero_copy_only=False)
-        if not valid.all():
-            line = int(np.argmin(valid))
-            raise ValueError(
-                f"{path}:{line + 1}: token {tokens[line].as_py()!r} is not of the form <id>:1"
-            )
-        parsed = pc.extract_regex(tokens, pattern).field("id")
-        ids[:, column] = pc.cast(parsed, pa.int64()).to_numpy()
-    outside = ids >= _NUM_IDS
-    if outside.any():
-        line, column = np.argwhere(outside)[0]
-        raise ValueError(
-            f"{path}:{line + 1}: id {ids[line, column]} (token {column + 1}) is outside every "
-            f"field's range; valid ids are 0..{_NUM_IDS - 1}"
-        )
+    table = _read_tokens(path)
+    labels = _labels(path, table)
+    ids = _ids(path, table)
     fields = np.searchsorted(_FIELD_STARTS, ids, side="right") - 1
-    sorted_fields = np.sort(fields, axis=1)
-    complete = (sorted_fields == np.arange(num_fields)).all(axis=1)
-    if not complete.all():
-        line = int(np.argmin(complete))
-        seen: np.ndarray = np.zeros(num_fields, dtype=bool)
-        # Only the failing line is scanned, to name the first repeated field's token.
-        for column, field in enumerate(fields[line].tolist()):
-            if seen[field]:
-                name = FRAPPE_FIELDS[field][0]
-                raise ValueError(
-                    f"{path}:{line + 1}: token {ids[line, column]}:1 is a second id of field "
-                    f"{name!r} (ids {FRAPPE_FIELDS[field][1]}..{FRAPPE_FIELDS[field][1] + FRAPPE_FIELDS[field][2] - 1}); "
-                    f"each line needs exactly one id per field"
-                )
-            seen[field] = True
+    _check_one_id_per_field(path, ids, fields)
     local = np.empty_like(ids)
     np.put_along_axis(local, fields, ids - _FIELD_STARTS[fields], axis=1)
-    num_rows = table.num_rows
+    num_rows, num_fields = ids.shape
     return RowBlock(
         dense=np.zeros((num_rows, 1), dtype=np.float32),
         labels=labels.astype(np.float32),
