@@ -42,6 +42,7 @@ from torchrec_compress.api import compress_  # noqa: E402
 from torchrec_compress.config import AFMConfig, CompressionConfig, MECConfig  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
 from torchrec_compress.distributed import shard_model  # noqa: E402
+from torchrec_compress.rowwise_quant import RowWiseQuantConfig  # noqa: E402
 from torchrec_compress.testing import run_multiprocess  # noqa: E402
 
 
@@ -55,6 +56,9 @@ def method_configs(name: str, rank: int, subspaces: int) -> list[CompressionConf
         "afm-mlp": [AFMConfig(rank=rank, linear=True, linear_rank=64)],
         "mec": [mec],
         "afm+mec": [AFMConfig(rank=rank), mec],
+        # frozen int8 rows (fbgemm cannot train them on CPU), replicated; the rest trains
+        "int8": [RowWiseQuantConfig(bits=8)],
+        "afm+int8": [AFMConfig(rank=rank), RowWiseQuantConfig(bits=8)],
     }
     if name not in stages:
         raise SystemExit(f"unknown method {name!r}; choose from {sorted(stages)}")
@@ -106,7 +110,7 @@ def _measure(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default="baseline,afm,afm-mlp,mec,afm+mec")
+    p.add_argument("--methods", default="baseline,afm,afm-mlp,mec,afm+mec,int8,afm+int8")
     p.add_argument("--world-sizes", default="1,2")
     p.add_argument("--batch-size", type=int, default=1024, help="per process")
     p.add_argument("--steps", type=int, default=20, help="timed steps per method and round")
