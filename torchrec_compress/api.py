@@ -58,9 +58,9 @@ from torchrec_compress.lowrank import (
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import QuantizationMetrics, code_dtype, subspace_order, train_pq_table
+from torchrec_compress.pq import QuantizationMetrics, subspace_order, train_pq_table
+from torchrec_compress.pq.sizing import code_bytes, pq_keep_reason
 from torchrec_compress.rank import (
-    BYTES_PER_ELEMENT,
     RankChoice,
     TableSpectrum,
     choose_ranks,
@@ -245,7 +245,7 @@ def _plan_mec(
     ebcs = find_embedding_bag_collections(model, filter_fn, lowrank_factors=True)
     table_owners(ebcs, config.table_overrides)
     reasons = {
-        t.name: _mec_keep_reason(t, config)
+        t.name: pq_keep_reason(t, config)
         for ebc in ebcs.values()
         for t in ebc.embedding_bag_configs()
     }
@@ -279,36 +279,6 @@ def _plan_pq(
     """:class:`PQConfig`: the PQ branch of :func:`_plan_mec` (weighted k-means only)."""
     assert isinstance(config, PQConfig)
     return _plan_mec(model, config.to_mec_config(), calibration, filter_fn, forward_fn)
-
-
-def _mec_keep_reason(table: EmbeddingBagConfig, config: MECConfig) -> str | None:
-    """Why ``table`` stays unquantized, or ``None``: skipped by an override, a global ``M``
-    that does not divide its dimension, or codes + codebooks not smaller than its rows.
-
-    Raises:
-        ValueError: naming the table when its own override's ``num_subspaces`` does not
-            divide its dimension (an explicit per-table choice, unlike the global ``M``).
-    """
-    override = config.table_overrides.get(table.name)
-    if override is not None and override.skip:
-        return "skipped by table_overrides"
-    table_config = config.for_table(table.name)
-    n, d, m = table.num_embeddings, table.embedding_dim, table_config.num_subspaces
-    if d % m:
-        if override is not None and override.num_subspaces is not None:
-            table_config.check_table(table.name, d)
-        return f"num_subspaces {m} does not divide embedding_dim {d}"
-    if n == 0:
-        return None  # train_pq_table names the empty table
-    ksub = min(table_config.num_centroids, n)
-    after = n * m * _code_bytes(ksub, table.name) + ksub * d * BYTES_PER_ELEMENT
-    before = n * d * BYTES_PER_ELEMENT
-    if after >= before:
-        return (
-            f"num_subspaces {m} x num_centroids {ksub} would not be smaller "
-            f"({after} >= {before} bytes)"
-        )
-    return None
 
 
 def _warn_kept_tables(reasons: Mapping[str, str | None], config_name: str) -> None:
@@ -355,7 +325,7 @@ def _quantize_collection(
             codes[t.name] = torch.arange(t.num_embeddings).unsqueeze(1)
             codebooks[t.name] = weight.float().cpu().unsqueeze(0)
             row = _kept_row(t, weight, None)
-            extra = t.num_embeddings * _code_bytes(t.num_embeddings, t.name)
+            extra = t.num_embeddings * code_bytes(t.num_embeddings, t.name)
             row.bytes_after += extra
             row.note = f"{reason}; stored exactly as identity codes (+{extra} bytes)"
             rows.append(row)
@@ -400,13 +370,6 @@ def _pq_row(
         explained_variance=None,
         perplexity=_mean_perplexity(metrics),
     )
-
-
-def _code_bytes(ksub: int, table_name: str) -> int:
-    try:
-        return torch.empty((), dtype=code_dtype(ksub)).element_size()
-    except ValueError as e:
-        raise ValueError(f"table {table_name!r}: {e}") from e
 
 
 def _mean_perplexity(metrics: QuantizationMetrics) -> float:

@@ -92,12 +92,26 @@ def _run(rank: int, world_size: int) -> dict[str, Any]:
             "unchanged": float((_logits(dmp) - before).abs().max()),
             "ratio": report.compression_ratio,
         }
+    # MEC's defaults (K=256) would not make these small tables smaller: never bigger, and
+    # since this route cannot keep single tables, it says so before any work
+    dmp = shard_model(_dlrm(META), CPU, sharding_type="table_wise")
+    with pytest.raises(ValueError, match="cannot keep single tables") as error:
+        compress_(dmp, MECConfig(), calibration=copy.copy(mine))
+    out["kept_message"] = str(error.value)
     return out
 
 
 @pytest.fixture(scope="module")
 def results() -> dict[int, list[dict[str, Any]]]:
     return {w: run_multiprocess(_run, world_size=w) for w in (1, 2)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_compress_dmp_refuses_to_grow_tables(
+    results: dict[int, list[dict[str, Any]]], world_size: int
+) -> None:
+    for rank_result in results[world_size]:
+        assert "would not be smaller" in rank_result["kept_message"], rank_result["kept_message"]
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

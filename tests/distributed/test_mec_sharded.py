@@ -55,15 +55,21 @@ def _compress(rank: int, world_size: int) -> dict[str, Any]:
 def _lowrank_then_pq(
     rank: int, world_size: int, full_state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """AFM (rank 8) on 2 processes, then PQ of its factor tables with a codeword per row
-    (lossless): the result must equal the low-rank model, however the columns were reordered."""
+    """AFM (rank 8) on 2 processes, then PQ of its factor tables with a codeword per distinct
+    row (lossless): the result must equal the low-rank model, however the columns were
+    reordered.  Every table holds 8 distinct rows, so 8 codewords are lossless and still
+    smaller than the factor tables (a codeword per row would not be: never bigger)."""
     mine = [tiny_batch(16, seed=s) for s in CALIBRATION_SEEDS[rank::world_size]]
     model = shard_model(tiny_dlrm(torch.device("meta")), torch.device("cpu"), "row_wise")
-    load_full_state_dict_(model, full_state)
+    state = {
+        key: value[torch.arange(value.shape[0]) % 8] if ".embedding_bags." in key else value
+        for key, value in full_state.items()
+    }
+    load_full_state_dict_(model, state)
     lowrank = compress_(model, AFMConfig(rank=8), mine, forward_fn=lambda m, b: m(b)).reshard(
         torch.device("cpu"), "row_wise"
     )
-    config = MECConfig(num_subspaces=2, num_centroids=512, mode="pq")
+    config = MECConfig(num_subspaces=2, num_centroids=8, mode="pq")
     report = compress_(lowrank, config, mine, forward_fn=lambda m, b: m(b))
     ebc = report.compressed_model.model.sparse_arch.embedding_bag_collection
     assert isinstance(ebc, LowRankEmbeddingBagCollection)

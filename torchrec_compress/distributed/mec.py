@@ -53,6 +53,7 @@ from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagC
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import MECQuantizer, fit_quantizer, stratified_rows, subspace_order
 from torchrec_compress.pq.quantizer import code_dtype
+from torchrec_compress.pq.sizing import pq_keep_reason
 from torchrec_compress.report import CompressionReport, ReportRow
 
 BYTES_PER_FLOAT = 4
@@ -221,9 +222,16 @@ def sharded_pq_state(
         (fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()
     ]
     table_owners(ebcs, config.table_overrides)
-    skipped = sorted(n for n, o in config.table_overrides.items() if o.skip)
-    if skipped:
-        raise ValueError(f"compress_sharded_pq cannot skip tables {skipped}; use filter_fn")
+    # never bigger, never silent: the tables the unsharded driver would keep (this route cannot
+    # keep single tables of a collection) stop it before any work, each with its reason
+    kept = {t.name: pq_keep_reason(t, config) for _, t in tables}
+    kept = {name: reason for name, reason in kept.items() if reason is not None}
+    if kept:
+        raise ValueError(
+            f"product quantization of a sharded model cannot keep single tables, and would keep "
+            f"{kept}; leave their collections out with filter_fn, or choose num_subspaces / "
+            "num_centroids that make them smaller"
+        )
     pairs = _global_counts(model, ebcs, tables, config, calibration, forward_fn)
 
     # 2-3. per table: sample -> quantizer (rank 0, broadcast) -> local codes
