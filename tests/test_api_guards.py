@@ -457,10 +457,10 @@ print("ok")
 
 
 def test_pq_config_is_plain_pq() -> None:
-    from torchrec_compress.api import CONVERTERS
     from torchrec_compress.config import PQConfig  # new: imported here so the file collects
+    from torchrec_compress.registry import METHODS
 
-    assert PQConfig in CONVERTERS
+    assert METHODS[PQConfig].local is not None and METHODS[PQConfig].sharded is not None
     rows = {"a": 300, "b": 200}
     fields = dict(num_subspaces=4, num_centroids=16, kmeans_iterations=5)
     codes = []

@@ -1,4 +1,4 @@
-"""compress_ with RowWiseQuantConfig: a third method registered through ``CONVERTERS`` alone.
+"""compress_ with RowWiseQuantConfig: a third method registered through ``torchrec_compress.registry`` alone.
 
 On torchrec's DLRM: int8 / int4 / int2 outputs close to float, exact report bytes, the same
 outputs as TorchRec's own serving conversion, kept and skipped tables, atomic failure; AFM then
@@ -29,11 +29,12 @@ from torchrec.quant.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress import rowwise_quant
-from torchrec_compress.api import CONVERTERS, compress_
+from torchrec_compress.api import compress_
 from torchrec_compress.config import AFMConfig
 from torchrec_compress.distributed import plan_storage
 from torchrec_compress.distributed import rowwise_quant as rowwise_quant_sharders
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
+from torchrec_compress.registry import METHODS, method_for
 from torchrec_compress.rowwise_quant import (
     RowWiseQuantConfig,
     RowWiseQuantOverride,
@@ -107,8 +108,13 @@ def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got - expected).abs().max() / expected.abs().max())
 
 
-def test_registered_through_converters_alone() -> None:
-    assert CONVERTERS[RowWiseQuantConfig] is _plan_rowwise
+def test_registered_through_the_registry_alone() -> None:
+    assert METHODS[RowWiseQuantConfig].local is _plan_rowwise
+
+
+def test_no_sharded_route_is_a_clear_error() -> None:
+    with pytest.raises(TypeError, match=r"no sharded .*RowWiseQuantConfig.*'AFMConfig'"):
+        method_for(RowWiseQuantConfig(bits=8), sharded=True)
 
 
 @pytest.mark.parametrize("module", [rowwise_quant, rowwise_quant_sharders])

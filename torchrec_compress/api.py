@@ -5,18 +5,19 @@
 statistics in one pass over the calibration data, factorises, and only then swaps the modules:
 if anything fails (bad rank, unknown table, NaN) the model is left unchanged.
 
-Each config type maps to a *planner* in :data:`CONVERTERS`: a function that inspects the
-model (never mutating it) and returns a :class:`ConversionPlan` (fully qualified name -> new
-module, plus report rows).  ``compress_`` applies plans atomically, so adding a method is one
-entry in that dict.  Planners share :func:`find_embedding_bag_collections` and
-:func:`calibrate` (lookup counts and Linear output moments in one pass).
+Each config class is a method in :mod:`torchrec_compress.registry`: its *local planner*
+inspects the model (never mutating it) and returns a :class:`ConversionPlan` (fully qualified
+name -> new module, plus report rows), which ``compress_`` applies atomically; its *sharded*
+route compresses a ``DistributedModelParallel`` model where the rows live.  This module
+registers the local planners of AFM, SVD, MEC and PQ; planners share
+:func:`find_embedding_bag_collections` and :func:`calibrate` (lookup counts and Linear output
+moments in one pass).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -66,12 +67,12 @@ from torchrec_compress.rank import (
     choose_ranks,
     compressed_table_bytes,
 )
+from torchrec_compress.registry import ConversionPlan, Planner, method_for, register_method
 from torchrec_compress.report import CompressionReport, ReportRow
 from torchrec_compress.statistics import Moments
 
 # names that lived here before the split into lower modules, still importable from here
 __all__ = [
-    "CONVERTERS",
     "CompressionReport",
     "ConversionPlan",
     "FilterFn",
@@ -88,20 +89,6 @@ __all__ = [
     "linear_factors",
     "lowrank_parent",
     "table_owners",
-]
-
-
-@dataclass
-class ConversionPlan:
-    """What a planner wants swapped: fully qualified name -> new module, and report rows."""
-
-    replacements: dict[str, nn.Module]
-    rows: list[ReportRow]
-
-
-Planner = Callable[
-    [nn.Module, CompressionConfig, Iterable[Any] | None, FilterFn | None, ForwardFn],
-    ConversionPlan,
 ]
 
 
@@ -432,13 +419,10 @@ def _nothing_to_compress(model: nn.Module, config: CompressionConfig) -> ValueEr
     return ValueError(text + " (after filter_fn, if given)")
 
 
-# config type -> planner; a new method registers its config class here.
-CONVERTERS: dict[type[CompressionConfig], Planner] = {
-    AFMConfig: _plan_lowrank,
-    SVDConfig: _plan_lowrank,
-    MECConfig: _plan_mec,
-    PQConfig: _plan_pq,
-}
+register_method(AFMConfig, local=_plan_lowrank)
+register_method(SVDConfig, local=_plan_lowrank)
+register_method(MECConfig, local=_plan_mec)
+register_method(PQConfig, local=_plan_pq)
 
 
 def compress_(
@@ -520,12 +504,7 @@ def compress_(
         return sharded
     if meta_model is not None:
         raise TypeError("compress_: meta_model= is for DistributedModelParallel models only")
-    planner = CONVERTERS.get(type(config))
-    if planner is None:
-        raise TypeError(
-            f"no converter for {type(config).__name__}; known configs: "
-            f"{sorted(c.__name__ for c in CONVERTERS)}"
-        )
+    planner = method_for(config, sharded=False)
     _check_unsharded(model)
     if not isinstance(config, LowRankConfig) or config.embeddings:
         _warn_sequence_tables(model, filter_fn)

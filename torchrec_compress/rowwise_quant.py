@@ -56,17 +56,16 @@ from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
 )
 
-from torchrec_compress.api import (
-    CONVERTERS,
-    ConversionPlan,
+from torchrec_compress.calibration import ForwardFn
+from torchrec_compress.config import CompressionConfig
+from torchrec_compress.discovery import (
     FilterFn,
-    ForwardFn,
-    ReportRow,
     find_embedding_bag_collections,
     lowrank_parent,
     table_owners,
 )
-from torchrec_compress.config import CompressionConfig
+from torchrec_compress.registry import ConversionPlan, register_method
+from torchrec_compress.report import ReportRow
 
 BITS_TO_DATA_TYPE: dict[int, DataType] = {
     16: DataType.FP16,
@@ -369,4 +368,4 @@ def _plan_rowwise(
     return ConversionPlan(replacements, rows)
 
 
-CONVERTERS[RowWiseQuantConfig] = _plan_rowwise
+register_method(RowWiseQuantConfig, local=_plan_rowwise)

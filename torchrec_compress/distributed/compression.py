@@ -47,23 +47,10 @@ from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.distributed.pq_embeddingbag import ShardedPQEmbeddingBagCollection
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.registry import method_for, register_method
 from torchrec_compress.report import CompressionReport
 
 META = torch.device("meta")
-
-# (sharded model, unsharded skeleton on meta, config, calibration, forward_fn, filter_fn)
-# -> (compressed skeleton, its state dict, report)
-ShardedConverter = Callable[
-    [
-        DistributedModelParallel,
-        nn.Module,
-        CompressionConfig,
-        Iterable[Any] | None,
-        ForwardFn,
-        FilterFn | None,
-    ],
-    tuple[nn.Module, dict[str, Any], CompressionReport],
-]
 
 
 def _lowrank(
@@ -92,13 +79,11 @@ def _pq(
     return sharded_pq_state(model, meta_model, config, calibration, forward_fn, filter_fn)
 
 
-# config type -> sharded route (the counterpart of the local planners of ``compress_``)
-SHARDED_CONVERTERS: dict[type[CompressionConfig], ShardedConverter] = {
-    AFMConfig: _lowrank,
-    SVDConfig: _lowrank,
-    MECConfig: _pq,
-    PQConfig: _pq,
-}
+# the sharded routes of the built-in methods (their local planners register in api.py)
+register_method(AFMConfig, sharded=_lowrank)
+register_method(SVDConfig, sharded=_lowrank)
+register_method(MECConfig, sharded=_pq)
+register_method(PQConfig, sharded=_pq)
 
 
 def _skeleton_of(module: ShardedModule[Any, Any, Any, Any], fqn: str) -> nn.Module:
@@ -318,12 +303,7 @@ def compress_sharded_model(
         >>> # 2 processes: see tests/distributed/test_compress_dmp.py
         >>> # report = compress_sharded_model(dmp, MECConfig(num_subspaces=4), batches)
     """
-    converter = SHARDED_CONVERTERS.get(type(config))
-    if converter is None:
-        raise TypeError(
-            f"compress_ has no sharded route for {type(config).__name__}; sharded models take "
-            f"{sorted(c.__name__ for c in SHARDED_CONVERTERS)} (or compress before sharding)"
-        )
+    converter = method_for(config, sharded=True)
     skeleton = meta_model if meta_model is not None else unsharded_skeleton(model)
     compressed, state, report = converter(
         model, skeleton, config, calibration, forward_fn, filter_fn
