@@ -31,8 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_compress import rowwise_quant
 from torchrec_compress.api import compress_
 from torchrec_compress.config import AFMConfig
-from torchrec_compress.distributed import plan_storage
-from torchrec_compress.distributed import rowwise_quant as rowwise_quant_sharders
+from torchrec_compress.distributed import plan_storage, planning
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.registry import METHODS, method_for
 from torchrec_compress.rowwise_quant import (
@@ -117,7 +116,7 @@ def test_no_sharded_route_is_a_clear_error() -> None:
         method_for(RowWiseQuantConfig(bits=8), sharded=True)
 
 
-@pytest.mark.parametrize("module", [rowwise_quant, rowwise_quant_sharders])
+@pytest.mark.parametrize("module", [rowwise_quant, planning])
 def test_docstring_examples_run(module: ModuleType) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0

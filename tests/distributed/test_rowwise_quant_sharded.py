@@ -34,7 +34,7 @@ from torchrec_compress.distributed import (
     plan_model,
     shard_model,
 )
-from torchrec_compress.distributed.rowwise_quant import training_sharders
+from torchrec_compress.distributed.planning import training_sharders
 from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm

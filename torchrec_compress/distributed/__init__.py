@@ -30,6 +30,7 @@ from torchrec_compress.distributed.planning import (
     plan_model,
     plan_storage,
     shard_model,
+    training_sharders,
 )
 from torchrec_compress.distributed.pq_embeddingbag import (
     PQEmbeddingBagCollectionSharder,
@@ -37,7 +38,6 @@ from torchrec_compress.distributed.pq_embeddingbag import (
     ShardedPQEmbeddingBagCollection,
     encode_sharded_codes_,
 )
-from torchrec_compress.distributed.rowwise_quant import training_sharders
 from torchrec_compress.distributed.state import load_full_state_dict_
 
 __all__ = [

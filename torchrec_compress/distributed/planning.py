@@ -1,5 +1,6 @@
 """Planning and sharding a model with TorchRec's planner and ``DistributedModelParallel``."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -8,10 +9,14 @@ from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption
+from torchrec.distributed.quant_embeddingbag import QuantEmbeddingBagCollectionSharder
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
+from torchrec.quant.embedding_modules import (
+    EmbeddingBagCollection as QuantEmbeddingBagCollection,
+)
 
 from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
 from torchrec_compress.distributed.lowrank_embeddingbag import (
@@ -82,6 +87,44 @@ def _product_quantized_fpebcs(model: nn.Module) -> bool:
             "in one model; compress all of them alike"
         )
     return any(kinds.values())
+
+
+def training_sharders(
+    sharders: Sequence[ModuleSharder[nn.Module]] | None = None,
+) -> list[ModuleSharder[nn.Module]]:
+    """``sharders`` (default :func:`default_sharders`) without the sharders of TorchRec's
+    quantized (inference) embedding bag collections; :func:`shard_model` uses them.
+
+    A row-wise quantized table (:mod:`torchrec_compress.rowwise_quant`) is TorchRec's quantized
+    ``EmbeddingBagCollection``.  TorchRec's ``QuantEmbeddingBagCollectionSharder`` plans it at its
+    true size (``rows x (d * bits / 8 + 4)`` bytes), but shards it into TorchRec's inference
+    module (one process driving several GPUs, CUDA kernels): on CPU that fails ("Torch not
+    compiled with CUDA enabled", torchrec 1.8.0), and its local-only input dist would not
+    exchange ids between training processes anyway.  Without it, DMP keeps each quantized
+    collection whole on every rank (its frozen ``uint8`` rows are not broadcast) while AFM
+    projections, means and dense layers train.
+
+    Args:
+        sharders (Optional[Sequence[ModuleSharder[nn.Module]]]): the sharders to filter.
+
+    Returns:
+        list[ModuleSharder[nn.Module]]: the same sharders, in order, minus those of TorchRec's
+        quantized ``EmbeddingBagCollection``.
+
+    Example::
+
+        >>> any(isinstance(s, QuantEmbeddingBagCollectionSharder) for s in training_sharders())
+        False
+        >>> len(training_sharders()) == len(default_sharders()) - 1
+        True
+    """
+    sharders = list(sharders) if sharders is not None else default_sharders()
+    return [
+        s
+        for s in sharders
+        if not isinstance(s, QuantEmbeddingBagCollectionSharder)
+        and s.module_type is not QuantEmbeddingBagCollection
+    ]
 
 
 def table_constraints(
@@ -173,10 +216,6 @@ def shard_model(
         compute_device=device.type,
         local_world_size=dist.get_world_size(pg) if device.type == "cpu" else None,
     )
-    # TorchRec's quantized (inference) EBC sharder cannot shard on CPU nor exchange ids between
-    # training processes: row-wise quantized collections stay whole on every rank
-    from torchrec_compress.distributed.rowwise_quant import training_sharders
-
     sharders = training_sharders(default_sharders(model))
     plan = plan_model(model, topology, sharding_type, sharders, pg)
     return DistributedModelParallel(
