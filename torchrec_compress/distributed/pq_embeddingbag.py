@@ -17,10 +17,15 @@ which gloo and NCCL both provide; the input dist returns TorchRec's ``KJTListSpl
    end to end in one row space and the shards of all tables are intervals of it, so a single
    ``searchsorted`` over the shard starts finds the owner of every id of every table, whatever
    the sharding type (one interval for table-wise, one per process for row-wise).
-2. ``compute``: each owner gathers ``M`` code bytes per id it received.
+2. ``compute``: each owner gathers ``M`` code bytes per id it received.  Tables whose codes
+   share (dtype, ``M``, ``dsub``) form a group whose local code rows live in one flat buffer
+   (the ``codes.<table>`` buffers are views of it), so the gather is one ``index_select`` per
+   group, not per table.
 3. ``output_dist``: the codes travel back in the order the ids were sent and every process pools
    its own batch locally with its codebook replica, exactly as the unsharded module does (SUM,
-   MEAN, per-id weights, multi-hot, empty bags).
+   MEAN, per-id weights, multi-hot, empty bags): one kernel call per group for all its features,
+   over its tables' codebooks concatenated along ``K`` (codes shifted by the ``K`` before them).
+   With one process nothing is exchanged at all.
 
 So the traffic is one id out and ``M`` bytes back per id, instead of ``d`` floats per bag and
 feature for a pooled float table, and the backward pass needs no communication besides DDP's
