@@ -730,12 +730,13 @@ class ShardedPQEmbeddingBagCollection(
         """Pools the local bags: one kernel call per group of tables, all its features at once.
 
         Table ``t``'s codes are shifted by the ``K`` of the group's tables before it, into the
-        ``[M, sum K, dsub]`` concatenated codebooks, and the group's bags (``[F_g * B]``,
-        feature-major as in the KJT) are pooled at once.
+        ``[M, sum K, dsub]`` concatenated codebooks, and the group's bags are pooled at once in
+        batch-major order (bag ``(b, f)`` is row ``b * F_g + f``), so the kernel writes the
+        ``[B, F_g * d]`` output directly and reads its gradient without a transposed copy.
         """
         kjt = self._grouped_kjt(ctx.features) if ctx.features else ctx.ordered
         assert kjt is not None, "input_dist records the local batch"
-        batch, offsets = kjt.stride(), kjt.offsets()
+        batch, offsets, lengths = kjt.stride(), kjt.offsets(), kjt.lengths()
         weights = kjt.weights() if self._is_weighted else None
         pooled: list[Tensor] = []
         first = 0
@@ -745,27 +746,28 @@ class ShardedPQEmbeddingBagCollection(
             codes += self._code_shift[ctx.table_of_id[first:last]].unsqueeze(1)
             books = [self.codebooks[self._table_names[t]] for t in group.tables]
             bags = slice(
-                group.first_feature * batch, (group.first_feature + group.num_features) * batch + 1
+                group.first_feature * batch, (group.first_feature + group.num_features) * batch
+            )
+            ids, bag_offsets, bag_lengths = _batch_major(
+                offsets[bags] - first, lengths[bags], group.num_features, last - first
             )
             values = pq_feature_lookup(
                 codes,
                 torch.cat(books, dim=1) if len(books) > 1 else books[0],
-                torch.arange(last - first, device=codes.device),
-                offsets[bags] - first if first else offsets[bags],
-                weights[first:last] if weights is not None else None,
+                ids,
+                bag_offsets,
+                weights[first:last][ids] if weights is not None else None,
                 False,
             )
             if group.has_mean:
                 features = slice(group.first_feature, group.first_feature + group.num_features)
-                lengths = kjt.lengths()[bags.start : bags.stop - 1].view(-1, batch)
                 scale = torch.where(
-                    self._feature_is_mean[features].unsqueeze(1),
-                    lengths.clamp(min=1).to(values.dtype),
+                    self._feature_is_mean[features].unsqueeze(0),
+                    bag_lengths.view(batch, -1).clamp(min=1).to(values.dtype),
                     1.0,
                 )
                 values = values / scale.view(-1, 1)
-            values = values.view(group.num_features, batch, group.dim).transpose(0, 1)
-            pooled.append(values.reshape(batch, group.num_features * group.dim))
+            pooled.append(values.view(batch, group.num_features * group.dim))
             first = last
         return KeyedTensor(
             keys=self._embedding_names,
@@ -805,6 +807,26 @@ class ShardedPQEmbeddingBagCollection(
     @property
     def unsharded_module_type(self) -> type[PQEmbeddingBagCollection]:
         return PQEmbeddingBagCollection
+
+
+def _batch_major(
+    starts: Tensor, lengths: Tensor, num_features: int, num_ids: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Id positions, offsets and lengths of feature-major bags (``[F, B]``) in batch-major order.
+
+    Args:
+        starts (Tensor): ``[F * B]`` first id position of each bag (feature-major).
+        lengths (Tensor): ``[F * B]`` ids per bag (feature-major).
+        num_features (int): ``F``.
+        num_ids (int): total ids.
+    """
+    bm_starts = starts.view(num_features, -1).t().reshape(-1)
+    bm_lengths = lengths.view(num_features, -1).t().reshape(-1).long()
+    bm_offsets = torch.zeros(bm_lengths.numel() + 1, dtype=torch.long, device=lengths.device)
+    torch.cumsum(bm_lengths, 0, out=bm_offsets[1:])
+    shift = torch.repeat_interleave(bm_starts - bm_offsets[:-1], bm_lengths, output_size=num_ids)
+    ids = shift + torch.arange(num_ids, device=lengths.device)
+    return ids, bm_offsets, bm_lengths
 
 
 class PQEmbeddingBagCollectionSharder(ModuleSharder[PQEmbeddingBagCollection]):
