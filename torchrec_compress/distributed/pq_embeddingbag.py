@@ -753,7 +753,7 @@ class ShardedPQEmbeddingBagCollection(
             )
             values = pq_feature_lookup(
                 codes,
-                torch.cat(books, dim=1) if len(books) > 1 else books[0],
+                _CatCodebooks.apply(*books) if len(books) > 1 else books[0],
                 ids,
                 bag_offsets,
                 weights[first:last][ids] if weights is not None else None,
@@ -807,6 +807,25 @@ class ShardedPQEmbeddingBagCollection(
     @property
     def unsharded_module_type(self) -> type[PQEmbeddingBagCollection]:
         return PQEmbeddingBagCollection
+
+
+class _CatCodebooks(torch.autograd.Function):
+    """``torch.cat(codebooks, dim=1)`` whose backward gives each codebook a contiguous gradient.
+
+    (Plain ``cat`` hands back strided slices, which DDP's gradient buckets warn about and copy.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *books: Tensor) -> Tensor:
+        ctx.sizes = [b.shape[1] for b in books]
+        return torch.cat(books, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
+        # a fresh tensor with default strides (a size-1 M keeps its parent's stride in a view)
+        return tuple(
+            g.clone(memory_format=torch.contiguous_format) for g in grad.split(ctx.sizes, dim=1)
+        )
 
 
 def _batch_major(
