@@ -26,6 +26,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingType
 from torchrec.models.dlrm import DLRM, DLRMTrain
+from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_compress.distributed import default_sharders, load_full_state_dict_, plan_storage
 from torchrec_compress.distributed.pq_embeddingbag import (
@@ -305,3 +306,95 @@ def test_planner_sizes_codes_over_30x_below_fp32() -> None:
     assert pq_storage.tables[0].shape == (rows, 16)
     assert pq_storage.hbm >= rows * 16
     assert fp32_storage.hbm / pq_storage.hbm >= 30
+
+
+# ------------------------------------------ tables of several code shapes, 1 and 2 processes
+
+
+def _mixed_tables() -> tuple[list[EmbeddingBagConfig], dict[str, torch.Tensor], dict[str, Any]]:
+    """Three tables in two code shapes, the shapes interleaved in module order (a, b, c):
+    a and c (M=2, dsub=4, K=4 and 6) pool together, b (M=1, dsub=12, MEAN) alone."""
+    mean = PoolingType.MEAN
+    tables = [
+        EmbeddingBagConfig(
+            name="a", embedding_dim=8, num_embeddings=40, feature_names=["a1", "a2"]
+        ),
+        EmbeddingBagConfig(
+            name="b", embedding_dim=12, num_embeddings=30, feature_names=["b1"], pooling=mean
+        ),
+        EmbeddingBagConfig(
+            name="c", embedding_dim=8, num_embeddings=20, feature_names=["c1"], pooling=mean
+        ),
+    ]
+    gen = torch.Generator().manual_seed(11)
+    shapes = {"a": (2, 4, 4), "b": (1, 8, 12), "c": (2, 6, 4)}
+    codes, books = {}, {}
+    for t in tables:
+        m, k, dsub = shapes[t.name]
+        codes[t.name] = torch.randint(k, (t.num_embeddings, m), generator=gen).to(torch.uint8)
+        books[t.name] = torch.randn(m, k, dsub, generator=gen)
+    return tables, codes, books
+
+
+def _mixed_checks(rank: int, world_size: int) -> dict[str, Any]:
+    """Sharded == unsharded (forward and codebook gradients) with an input in another key order
+    holding a foreign feature, and one pooled kernel call per code shape (not per feature)."""
+    import torchrec_compress.distributed.pq_embeddingbag as pq_sharded
+
+    tables, codes, books = _mixed_tables()
+    keys, rows = ["c1", "z", "b1", "a2", "a1"], [20, 5, 30, 40, 40]
+    gen = torch.Generator().manual_seed(12)  # the same batch on every process
+    lengths = torch.randint(0, 4, (len(keys) * 4,), generator=gen)
+    lengths[[1, 6, 13]] = 0  # empty bags, one of them in the MEAN table
+    maxima = torch.tensor(rows).repeat_interleave(4).repeat_interleave(lengths)
+    values = (torch.rand(int(lengths.sum()), generator=gen) * maxima).long()
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys, values, lengths)
+    probe = torch.randn(4, 36, generator=gen)
+
+    reference = PQEmbeddingBagCollection(tables, codes, books)
+    expected = reference(kjt)
+    (expected.values() * probe).sum().backward()
+    expected_grads = _codebook_grads(reference)
+    calls = []
+
+    def counting(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return lookup(*args)
+
+    lookup = pq_sharded.pq_feature_lookup
+    pq_sharded.pq_feature_lookup = counting  # type: ignore[assignment]
+    out: dict[str, Any] = {}
+    try:
+        for sharding_type in SHARDING_TYPES:
+            dmp = _dmp(PQEmbeddingBagCollection(tables, codes, books), sharding_type, tables)
+            calls.clear()
+            got = dmp(kjt).wait()
+            out[f"{sharding_type}/calls"] = len(calls)
+            out[f"{sharding_type}/keys"] = (got.keys(), got.length_per_key())
+            out[f"{sharding_type}/forward"] = float((got.values() - expected.values()).abs().max())
+            (got.values() * probe).sum().backward()
+            grads = _codebook_grads(dmp)
+            out[f"{sharding_type}/grad"] = max(
+                float((grads[t] - g).abs().max()) for t, g in expected_grads.items()
+            )
+            out[f"{sharding_type}/grad_keys"] = sorted(grads)
+    finally:
+        pq_sharded.pq_feature_lookup = lookup  # type: ignore[assignment]
+    return out
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2proc"])
+def mixed_results(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return run_multiprocess(_mixed_checks, world_size=request.param)
+
+
+@pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
+def test_mixed_code_shapes_match_unsharded_with_one_kernel_call_per_shape(
+    mixed_results: list[dict[str, Any]], sharding_type: str
+) -> None:
+    for r in mixed_results:
+        assert r[f"{sharding_type}/keys"] == (["a1", "a2", "b1", "c1"], [8, 8, 12, 8])
+        assert r[f"{sharding_type}/forward"] <= 1e-6, r
+        assert r[f"{sharding_type}/grad_keys"] == ["a", "b", "c"]
+        assert r[f"{sharding_type}/grad"] <= 1e-5, r
+        assert r[f"{sharding_type}/calls"] == 2, r  # one per code shape, not one per feature

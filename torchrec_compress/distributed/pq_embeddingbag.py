@@ -17,10 +17,15 @@ which gloo and NCCL both provide; the input dist returns TorchRec's ``KJTListSpl
    end to end in one row space and the shards of all tables are intervals of it, so a single
    ``searchsorted`` over the shard starts finds the owner of every id of every table, whatever
    the sharding type (one interval for table-wise, one per process for row-wise).
-2. ``compute``: each owner gathers ``M`` code bytes per id it received.
+2. ``compute``: each owner gathers ``M`` code bytes per id it received.  Tables whose codes
+   share (dtype, ``M``, ``dsub``) form a group whose local code rows live in one flat buffer
+   (the ``codes.<table>`` buffers are views of it), so the gather is one ``index_select`` per
+   group, not per table.
 3. ``output_dist``: the codes travel back in the order the ids were sent and every process pools
    its own batch locally with its codebook replica, exactly as the unsharded module does (SUM,
-   MEAN, per-id weights, multi-hot, empty bags).
+   MEAN, per-id weights, multi-hot, empty bags): one kernel call per group for all its features,
+   over its tables' codebooks concatenated along ``K`` (codes shifted by the ``K`` before them).
+   With one process nothing is exchanged at all.
 
 So the traffic is one id out and ``M`` bytes back per id, instead of ``d`` floats per bag and
 feature for a pooled float table, and the backward pass needs no communication besides DDP's
@@ -92,24 +97,54 @@ class PQShardingContext(Multistreamable):
         order (Tensor): permutation sorting the local ids by owning process.
         send_splits (List[int]): ids sent to each process.
         recv_splits (List[int]): ids received from each process.
-        table_of_id (Tensor): table index of every local id (module feature order).
-        recv_tables (Tensor): table index of every received id (owner side).
+        table_of_id (Tensor): table index of every local id (in the order of ``ordered``).
+        ordered (Optional[KeyedJaggedTensor]): the local batch, the module's features only,
+            grouped by code shape (what is pooled: one kernel call per group).
+        group_ends (List[int]): end of each group's ids in ``ordered`` (several groups only).
     """
 
     input: KeyedJaggedTensor | None = None
     features: dict[str, Any] = field(default_factory=dict)
+    ordered: KeyedJaggedTensor | None = None
     order: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     send_splits: list[int] = field(default_factory=list)
     recv_splits: list[int] = field(default_factory=list)
     table_of_id: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
-    recv_tables: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    group_ends: list[int] = field(default_factory=list)
 
     def record_stream(self, stream: torch.Stream) -> None:
         """Marks its tensors as used on ``stream`` (``TrainPipelineSparseDist`` on CUDA)."""
         if self.input is not None:
             self.input.record_stream(stream)  # the features are views of it
-        for tensor in (self.order, self.table_of_id, self.recv_tables):
+        if self.ordered is not None:
+            self.ordered.record_stream(stream)
+        for tensor in (self.order, self.table_of_id):
             tensor.record_stream(stream)
+
+
+@dataclass
+class _CodeGroup:
+    """Tables whose codes share dtype, ``M`` and ``dsub``: one flat buffer, one kernel call.
+
+    Args:
+        tables (List[int]): table indices (module order).
+        first_feature (int): position of its first feature in the grouped feature order.
+        num_features (int): its features (those of its tables, in module order).
+        dtype (torch.dtype): codes dtype.
+        width (int): bytes per code row.
+        dim (int): ``M * dsub``.
+        has_mean (bool): whether a table of the group pools by MEAN.
+        flat (Tensor): ``[local rows of its tables, width]`` bytes; ``codes.<table>`` view it.
+    """
+
+    tables: list[int]
+    first_feature: int
+    num_features: int
+    dtype: torch.dtype
+    width: int
+    dim: int
+    has_mean: bool
+    flat: Tensor
 
 
 @dataclass(frozen=True)
@@ -336,6 +371,8 @@ class ShardedPQEmbeddingBagCollection(
             {f"codebooks.{name}": books for name, books in self.codebooks.items()}
         )
         self._build_routing(device)
+        self._permutations: dict[tuple[str, ...], list[int]] = {}
+        self._groups: list[_CodeGroup] = self._build_groups(device)
         self._register_state_dict_hook(self._codes_as_sharded_tensors)
         self._register_load_state_dict_pre_hook(self._codes_from_state_dict, with_module=False)
 
@@ -389,6 +426,136 @@ class ShardedPQEmbeddingBagCollection(
         self._table_offsets = as_tensor(table_offsets)
         self._table_rows = as_tensor(table_rows)
         self._table_bytes = as_tensor(table_bytes)
+
+    def _build_groups(self, device: torch.device) -> list[_CodeGroup]:
+        """Groups the tables by code shape; lays out the features and code rows group by group.
+
+        Tables of one group are pooled by one kernel call over their codebooks concatenated
+        along ``K`` (each table's codes shifted by the ``K`` of the tables before it), and their
+        local code rows live in one flat buffer (one gather in ``compute``).
+        """
+        keys: dict[tuple[torch.dtype, int, int], list[int]] = {}
+        for index, name in enumerate(self._table_names):
+            codes: Tensor = getattr(self.codes, name)
+            keys.setdefault((codes.dtype, codes.shape[1], self.codebooks[name].shape[2]), [])
+            keys[(codes.dtype, codes.shape[1], self.codebooks[name].shape[2])].append(index)
+        groups: list[_CodeGroup] = []
+        grouped: list[int] = []  # table index of each feature, in the grouped order
+        table_group, code_shift, flat_base = (
+            [0] * len(self._table_names),
+            [0] * len(self._table_names),
+            [0] * len(self._table_names),
+        )
+        for (dtype, num_subspaces, dsub), tables in keys.items():
+            shift, base = 0, 0
+            for index in tables:
+                name = self._table_names[index]
+                table_group[index], code_shift[index], flat_base[index] = len(groups), shift, base
+                shift += self.codebooks[name].shape[1]
+                base += getattr(self.codes, name).shape[0]
+            features = [index for index in tables for _ in self._feature_names[index]]
+            groups.append(
+                _CodeGroup(
+                    tables=tables,
+                    first_feature=len(grouped),
+                    num_features=len(features),
+                    dtype=dtype,
+                    width=num_subspaces * torch.empty(0, dtype=dtype).element_size(),
+                    dim=num_subspaces * dsub,
+                    has_mean=any(self._pooling_is_mean[i] for i in tables),
+                    flat=torch.empty(0, dtype=torch.uint8),
+                )
+            )
+            grouped += features
+            self._flatten(groups[-1])
+        self._grouped_names: list[str] = [
+            n for g in groups for i in g.tables for n in self._feature_names[i]
+        ]
+        position = {name: i for i, name in enumerate(self._grouped_names)}
+        self._regroup: list[int] | None = [position[n] for n in self._embedding_names]
+        if self._regroup == list(range(len(self._regroup))):
+            self._regroup = None
+        dim_of = dict(zip(self._embedding_names, self._lengths_per_embedding, strict=True))
+        self._grouped_dims: list[int] = [dim_of[n] for n in self._grouped_names]
+        self._feature_tables = torch.tensor(grouped, dtype=torch.long, device=device)
+        self._feature_is_mean = torch.tensor(
+            [self._pooling_is_mean[i] for i in grouped], dtype=torch.bool, device=device
+        )
+        self._group_last_feature = torch.tensor(
+            [g.first_feature + g.num_features - 1 for g in groups], dtype=torch.long, device=device
+        )
+        self._table_group = torch.tensor(table_group, dtype=torch.long, device=device)
+        self._code_shift = torch.tensor(code_shift, dtype=torch.int32, device=device)
+        self._shard_flat_base = (
+            self._shard_starts.new_tensor(flat_base)[self._shard_tables] + self._shard_local_base
+        )
+        self._wire_width: int = max((g.width for g in groups), default=1)
+        return groups
+
+    def _flatten(self, group: _CodeGroup) -> Tensor:
+        """Moves the local code rows of a group's tables into one ``[rows, width]`` buffer.
+
+        The ``codes.<table>`` buffers become views of it, so in-place writes (loading a state
+        dict, ``encode_sharded_codes_``) reach it; ``_flat_of`` rebuilds it if a buffer was
+        replaced instead.
+        """
+        parts = []
+        for index in group.tables:
+            codes: Tensor = getattr(self.codes, self._table_names[index])
+            parts.append(codes.contiguous().view(torch.uint8).view(codes.shape[0], group.width))
+        group.flat = flat = torch.cat(parts)
+        base = 0
+        for index, part in zip(group.tables, parts, strict=True):
+            rows = part.shape[0]
+            view = flat[base : base + rows].view(group.dtype)
+            self.codes.register_buffer(self._table_names[index], view)
+            base += rows
+        return flat
+
+    def _flat_of(self, group: _CodeGroup) -> Tensor:
+        """The group's flat code buffer, rebuilt when a ``codes.<table>`` no longer views it."""
+        flat = group.flat
+        base = flat.data_ptr()
+        for index in group.tables:
+            codes: Tensor = getattr(self.codes, self._table_names[index])
+            if codes.data_ptr() != base or codes.device != flat.device:
+                return self._flatten(group)
+            base += codes.shape[0] * group.width
+        return flat
+
+    def _in_grouped_order(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``features`` restricted to the module's features, in the grouped order."""
+        keys = features.keys()
+        if keys == self._grouped_names:
+            return features
+        weights = features.weights_or_none()
+        if weights is not None and weights.requires_grad:
+            # fbgemm's permute_2D_sparse_data backward crashes on a subset of keys: concatenate
+            return self._grouped_kjt(features.to_dict())
+        indices = self._permutations.get(tuple(keys))
+        if indices is None:
+            position = {name: i for i, name in enumerate(keys)}
+            missing = [name for name in self._grouped_names if name not in position]
+            if missing:
+                raise KeyError(
+                    f"features {missing} of the PQ tables are missing from the input; it has {keys}"
+                )
+            indices = [position[name] for name in self._grouped_names]
+            self._permutations[tuple(keys)] = indices
+        return features.permute(indices)
+
+    def _grouped_kjt(self, features: Mapping[str, Any]) -> KeyedJaggedTensor:
+        """A KJT of per-feature ``JaggedTensor`` s (processed bags), in the grouped order."""
+        missing = [name for name in self._grouped_names if name not in features]
+        if missing:
+            raise KeyError(f"features {missing} of the PQ tables are missing; got {list(features)}")
+        jts = [features[name] for name in self._grouped_names]
+        return KeyedJaggedTensor(
+            keys=self._grouped_names,
+            values=torch.cat([jt.values() for jt in jts]),
+            weights=torch.cat([jt.weights() for jt in jts]) if self._is_weighted else None,
+            lengths=torch.cat([jt.lengths() for jt in jts]),
+        )
 
     def _own_rows(self, table_name: str, full: Tensor) -> Tensor:
         """This process's code rows of ``table_name`` out of the full ``[rows, M]`` codes."""
@@ -479,45 +646,28 @@ class ShardedPQEmbeddingBagCollection(
         """Sends every id to the process owning its code row; returns the ids received.
 
         The ids travel as keys of the global row space (table offset + id), so an owner finds
-        the table and local row of each with the same ``searchsorted``.
+        the table and local row of each with the same ``searchsorted``.  With one process
+        nothing travels and the ids keep their order (``ctx.order`` stays empty).
         """
         if features.variable_stride_per_key():
             raise ValueError("variable batch size per feature is not supported by PQ sharding")
-        feature_dict = features.to_dict()
-        ctx.input = features
-        ctx.features = feature_dict
-        ids: list[Tensor] = []
-        counts: list[int] = []
-        for names in self._feature_names:
-            table_count = 0
-            for name in names:
-                if name not in feature_dict:
-                    raise KeyError(
-                        f"feature {name!r} of the PQ tables is missing from the input; it has "
-                        f"{features.keys()}"
-                    )
-                values = feature_dict[name].values()
-                ids.append(values)
-                table_count += values.numel()
-            counts.append(table_count)
-        device = self._shard_starts.device
-        all_ids = torch.cat(ids).long() if ids else torch.empty(0, dtype=torch.long)
+        ordered = self._in_grouped_order(features)
+        ctx.input, ctx.ordered, ctx.features = features, ordered, {}
+        all_ids = ordered.values().long()
+        feature_lengths = ordered.lengths().view(len(self._grouped_names), -1).sum(1)
         table_of_id = torch.repeat_interleave(
-            torch.arange(len(counts), device=device), torch.tensor(counts, device=device)
+            self._feature_tables, feature_lengths, output_size=all_ids.numel()
         )
-        rows = self._table_rows[table_of_id]
-        out_of_range = (all_ids < 0) | (all_ids >= rows)
-        if bool(out_of_range.any()):
-            bad = int(out_of_range.nonzero()[0, 0])
-            table = self._embedding_bag_configs[int(table_of_id[bad])]
-            raise IndexError(
-                f"table {table.name!r} (features {table.feature_names}): id {int(all_ids[bad])} "
-                f"is out of range [0, {table.num_embeddings})"
-            )
+        ctx.table_of_id = table_of_id
+        if len(self._groups) > 1:
+            ctx.group_ends = feature_lengths.cumsum(0)[self._group_last_feature].tolist()
+        self._check_ids(all_ids, table_of_id)
         keys = all_ids + self._table_offsets[table_of_id]
+        if self._world_size == 1:
+            ctx.send_splits = ctx.recv_splits = [keys.numel()]
+            return KJTListSplitsAwaitable([NoWait(NoWait(keys))], ctx)
         owner = self._shard_ranks[torch.searchsorted(self._shard_starts, keys, right=True) - 1]
         ctx.order = torch.argsort(owner, stable=True)
-        ctx.table_of_id = table_of_id
         send_counts = torch.bincount(owner, minlength=self._world_size)
         recv_counts = _all_to_all(
             send_counts, [1] * self._world_size, [1] * self._world_size, self._pg
@@ -529,80 +679,109 @@ class ShardedPQEmbeddingBagCollection(
         # one awaitable per sharding, each giving an awaitable of the redistributed input.
         return KJTListSplitsAwaitable([NoWait(NoWait(received))], ctx)
 
+    def _check_ids(self, all_ids: Tensor, table_of_id: Tensor) -> None:
+        """Raises naming the table and the id when an id is outside its table's rows."""
+        out_of_range = (all_ids < 0) | (all_ids >= self._table_rows[table_of_id])
+        if bool(out_of_range.any()):
+            bad = int(out_of_range.nonzero()[0, 0])
+            table = self._embedding_bag_configs[int(table_of_id[bad])]
+            raise IndexError(
+                f"table {table.name!r} (features {table.feature_names}): id {int(all_ids[bad])} "
+                f"is out of range [0, {table.num_embeddings})"
+            )
+
     def compute(self, ctx: PQShardingContext, dist_input: KJTList) -> Tensor:
-        """Gathers the code bytes of every received id: one flat ``uint8`` buffer, in order."""
+        """Gathers the code bytes of every received id: ``[n, wire width]`` ``uint8`` rows.
+
+        One gather per group of tables with the same code shape; rows narrower than the widest
+        group are padded with zeros on the wire only.
+        """
         received: Tensor = dist_input[0]
         shard = torch.searchsorted(self._shard_starts, received, right=True) - 1
-        tables = self._shard_tables[shard]
-        local_rows = received - self._shard_starts[shard] + self._shard_local_base[shard]
-        item_bytes = self._table_bytes[tables]
-        byte_start = torch.cumsum(item_bytes, 0) - item_bytes
-        out = torch.empty(int(item_bytes.sum()), dtype=torch.uint8, device=received.device)
-        for index, name in enumerate(self._table_names):
-            selected = (tables == index).nonzero().squeeze(1)
-            if selected.numel() == 0:
-                continue
-            local_codes: Tensor = getattr(self.codes, name)
-            row_bytes = local_codes.view(torch.uint8).view(local_codes.shape[0], -1)
-            width = row_bytes.shape[1]
-            positions = byte_start[selected].unsqueeze(1) + torch.arange(width, device=out.device)
-            out[positions.view(-1)] = row_bytes.index_select(0, local_rows[selected]).view(-1)
-        ctx.recv_tables = tables
+        rows = received - self._shard_starts[shard] + self._shard_flat_base[shard]
+        if len(self._groups) == 1:
+            return self._gather(self._groups[0], rows)
+        group_of_id = self._table_group[self._shard_tables[shard]]
+        out = torch.zeros(
+            received.numel(), self._wire_width, dtype=torch.uint8, device=received.device
+        )
+        for index, group in enumerate(self._groups):
+            selected = (group_of_id == index).nonzero().squeeze(1)
+            out[:, : group.width].index_copy_(0, selected, self._gather(group, rows[selected]))
         return out
+
+    def _gather(self, group: _CodeGroup, rows: Tensor) -> Tensor:
+        """``[len(rows), width]`` code bytes of a group (whole rows as 8-byte words if possible)."""
+        flat = self._flat_of(group)
+        if group.width % 8 == 0:
+            return flat.view(torch.int64).index_select(0, rows).view(torch.uint8)
+        return flat.index_select(0, rows)
 
     def output_dist(self, ctx: PQShardingContext, output: Tensor) -> LazyAwaitable[KeyedTensor]:
         """Returns the code bytes to the requesters, then pools every local bag."""
-        source = torch.repeat_interleave(
-            torch.arange(self._world_size, device=output.device),
-            torch.tensor(ctx.recv_splits, device=output.device),
-        )
-        send_bytes = _bytes_per_process(
-            source, self._table_bytes[ctx.recv_tables], self._world_size
-        )
-        owner = torch.repeat_interleave(
-            torch.arange(self._world_size, device=output.device),
-            torch.tensor(ctx.send_splits, device=output.device),
-        )
-        sorted_item_bytes = self._table_bytes[ctx.table_of_id[ctx.order]]
-        recv_bytes = _bytes_per_process(owner, sorted_item_bytes, self._world_size)
-        returned = _all_to_all(output, send_bytes, recv_bytes, self._pg)
-        # byte offset of each local id (original order) inside the returned buffer
-        sorted_start = torch.cumsum(sorted_item_bytes, 0) - sorted_item_bytes
-        id_start = torch.empty_like(sorted_start)
-        id_start[ctx.order] = sorted_start
-        return LazyNoWait(self._pool(ctx, returned, id_start))
+        if self._world_size == 1:
+            return LazyNoWait(self._pool(ctx, output))
+        returned = _all_to_all(output, ctx.recv_splits, ctx.send_splits, self._pg)
+        codes = torch.empty_like(returned)
+        codes[ctx.order] = returned
+        return LazyNoWait(self._pool(ctx, codes))
 
-    def _pool(self, ctx: PQShardingContext, returned: Tensor, id_start: Tensor) -> KeyedTensor:
+    def _pool(self, ctx: PQShardingContext, code_rows: Tensor) -> KeyedTensor:
+        """Pools the local bags: one kernel call per group of tables, all its features at once.
+
+        Table ``t``'s codes are shifted by the ``K`` of the group's tables before it, into the
+        ``[M, sum K, dsub]`` concatenated codebooks, and the group's bags are pooled at once in
+        batch-major order (bag ``(b, f)`` is row ``b * F_g + f``), so the kernel writes the
+        ``[B, F_g * d]`` output directly and reads its gradient without a transposed copy.
+        """
+        kjt = self._grouped_kjt(ctx.features) if ctx.features else ctx.ordered
+        assert kjt is not None, "input_dist records the local batch"
+        batch, offsets, lengths = kjt.stride(), kjt.offsets(), kjt.lengths()
+        weights = kjt.weights() if self._is_weighted else None
         pooled: list[Tensor] = []
         first = 0
-        for name, names, mean in zip(
-            self._table_names, self._feature_names, self._pooling_is_mean, strict=True
-        ):
-            local_codes: Tensor = getattr(self.codes, name)
-            width = local_codes.shape[1] * local_codes.element_size()
-            books = self.codebooks[name]
-            for feature_name in names:
-                feature = ctx.features[feature_name]
-                count = feature.values().numel()
-                starts = id_start[first : first + count]
-                first += count
-                positions = starts.unsqueeze(1) + torch.arange(width, device=returned.device)
-                codes = returned[positions.view(-1)].view(local_codes.dtype).view(count, -1)
-                pooled.append(
-                    pq_feature_lookup(
-                        codes,
-                        books,
-                        torch.arange(count, device=codes.device),
-                        feature.offsets(),
-                        feature.weights() if self._is_weighted else None,
-                        mean,
-                    )
+        for index, group in enumerate(self._groups):
+            last = ctx.group_ends[index] if len(self._groups) > 1 else code_rows.shape[0]
+            codes = code_rows[first:last, : group.width].view(group.dtype).to(torch.int32)
+            codes += self._code_shift[ctx.table_of_id[first:last]].unsqueeze(1)
+            books = [self.codebooks[self._table_names[t]] for t in group.tables]
+            bags = slice(
+                group.first_feature * batch, (group.first_feature + group.num_features) * batch
+            )
+            ids, bag_offsets, bag_lengths = _batch_major(
+                offsets[bags] - first, lengths[bags], group.num_features, last - first
+            )
+            values = pq_feature_lookup(
+                codes,
+                _CatCodebooks.apply(*books) if len(books) > 1 else books[0],
+                ids,
+                bag_offsets,
+                weights[first:last][ids] if weights is not None else None,
+                False,
+            )
+            if group.has_mean:
+                features = slice(group.first_feature, group.first_feature + group.num_features)
+                scale = torch.where(
+                    self._feature_is_mean[features].unsqueeze(0),
+                    bag_lengths.view(batch, -1).clamp(min=1).to(values.dtype),
+                    1.0,
                 )
+                values = values / scale.view(-1, 1)
+            pooled.append(values.view(batch, group.num_features * group.dim))
+            first = last
         return KeyedTensor(
             keys=self._embedding_names,
-            values=torch.cat(pooled, dim=1),
+            values=self._in_module_columns(pooled),
             length_per_key=self._lengths_per_embedding,
         )
+
+    def _in_module_columns(self, pooled: list[Tensor]) -> Tensor:
+        """The groups' ``[B, F_g * d_g]`` outputs as ``[B, sum d]`` in module feature order."""
+        values = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
+        if self._regroup is None:
+            return values
+        chunks = values.split(self._grouped_dims, dim=1)
+        return torch.cat([chunks[i] for i in self._regroup], dim=1)
 
     @property
     def fused_optimizer(self) -> KeyedOptimizer:
@@ -628,6 +807,45 @@ class ShardedPQEmbeddingBagCollection(
     @property
     def unsharded_module_type(self) -> type[PQEmbeddingBagCollection]:
         return PQEmbeddingBagCollection
+
+
+class _CatCodebooks(torch.autograd.Function):
+    """``torch.cat(codebooks, dim=1)`` whose backward gives each codebook a contiguous gradient.
+
+    (Plain ``cat`` hands back strided slices, which DDP's gradient buckets warn about and copy.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *books: Tensor) -> Tensor:
+        ctx.sizes = [b.shape[1] for b in books]
+        return torch.cat(books, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
+        # a fresh tensor with default strides (a size-1 M keeps its parent's stride in a view)
+        return tuple(
+            g.clone(memory_format=torch.contiguous_format) for g in grad.split(ctx.sizes, dim=1)
+        )
+
+
+def _batch_major(
+    starts: Tensor, lengths: Tensor, num_features: int, num_ids: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Id positions, offsets and lengths of feature-major bags (``[F, B]``) in batch-major order.
+
+    Args:
+        starts (Tensor): ``[F * B]`` first id position of each bag (feature-major).
+        lengths (Tensor): ``[F * B]`` ids per bag (feature-major).
+        num_features (int): ``F``.
+        num_ids (int): total ids.
+    """
+    bm_starts = starts.view(num_features, -1).t().reshape(-1)
+    bm_lengths = lengths.view(num_features, -1).t().reshape(-1).long()
+    bm_offsets = torch.zeros(bm_lengths.numel() + 1, dtype=torch.long, device=lengths.device)
+    torch.cumsum(bm_lengths, 0, out=bm_offsets[1:])
+    shift = torch.repeat_interleave(bm_starts - bm_offsets[:-1], bm_lengths, output_size=num_ids)
+    ids = shift + torch.arange(num_ids, device=lengths.device)
+    return ids, bm_offsets, bm_lengths
 
 
 class PQEmbeddingBagCollectionSharder(ModuleSharder[PQEmbeddingBagCollection]):
@@ -773,13 +991,15 @@ class ShardedPQFeatureProcessedEmbeddingBagCollection(
         """Processes the local features (per-id weights), then the inner collection pools them."""
         assert ctx.input is not None, "input_dist records the local batch"
         if self._is_collection:
-            ctx.features = self._feature_processors(ctx.input).to_dict()
+            processed = self._feature_processors(ctx.input)
+            ctx.ordered = self._embedding_bag_collection._in_grouped_order(processed)
         else:
             processors = self._feature_processors
             assert isinstance(processors, nn.ModuleDict)
+            assert ctx.ordered is not None
             ctx.features = {
                 name: processors[name](feature) if name in processors else feature
-                for name, feature in ctx.features.items()
+                for name, feature in ctx.ordered.to_dict().items()
             }
         return self._embedding_bag_collection.output_dist(ctx, output)
 
