@@ -78,7 +78,11 @@ def attach_sparse_optimizer(model: nn.Module, config: TrainConfig) -> None:
 def build_optimizer(model: DistributedModelParallel, config: TrainConfig) -> CombinedOptimizer:
     """Fused table optimizer + Adam for every parameter not already optimised in backward."""
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
-    dense_opt = KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(ps, lr=config.lr))
+    # foreach: one fused update over the many small dense tensors (MLP layers, projections,
+    # codebooks) instead of a Python loop over them; the same arithmetic
+    dense_opt = KeyedOptimizerWrapper(
+        dense, lambda ps: torch.optim.Adam(ps, lr=config.lr, foreach=True)
+    )
     return CombinedOptimizer([model.fused_optimizer, dense_opt])
 
 
