@@ -29,12 +29,14 @@ from torchrec_compress.pq import _ops
 
 def on_torch_path(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Runs ``fn`` with the C++ kernels hidden, i.e. on the pure-torch fallback."""
-    has_kernels = _ops.HAS_KERNELS
+    # lookup_kernel_applies asks kernels_built() (a function, so that TorchScript can read it)
+    has_kernels, kernels_built = _ops.HAS_KERNELS, _ops.kernels_built
     _ops.HAS_KERNELS = False
+    _ops.kernels_built = lambda: False
     try:
         return fn()
     finally:
-        _ops.HAS_KERNELS = has_kernels
+        _ops.HAS_KERNELS, _ops.kernels_built = has_kernels, kernels_built
 
 
 def _time(fn: Callable[[], object]) -> float:
