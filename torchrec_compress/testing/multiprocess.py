@@ -7,7 +7,9 @@ returns each rank's result, re-raising the first failure with the rank's traceba
 
 import os
 import pickle
+import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -91,12 +93,7 @@ def run_multiprocess(
     outputs: dict[int, Any] = {}
     failure: str | None = None
     try:
-        for _ in range(world_size):
-            rank, ok, out = results.get(timeout=timeout_s)
-            if not ok and failure is None:
-                failure = f"rank {rank} failed:\n{out}"
-                break
-            outputs[rank] = pickle.loads(out)
+        failure = _collect(procs, results, outputs, timeout_s)
     finally:
         for p in procs:
             p.join(timeout=5 if failure else timeout_s)
@@ -105,6 +102,37 @@ def run_multiprocess(
     if failure is not None:
         raise RuntimeError(failure)
     return [outputs[r] for r in range(world_size)]
+
+
+def _collect(
+    procs: list[Any], results: Any, outputs: dict[int, Any], timeout_s: float
+) -> str | None:
+    """Fills ``outputs`` (rank -> result) from ``results``; returns the first failure's text.
+
+    Polls once a second, so a process that dies without reporting (killed, ``os._exit``, a
+    crash in native code) fails the run at once, naming its rank and exit code, instead of
+    leaving the others to wait for ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while len(outputs) < len(procs):
+        try:
+            rank, ok, out = results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [
+                (r, p.exitcode)
+                for r, p in enumerate(procs)
+                if r not in outputs and p.exitcode not in (None, 0)
+            ]
+            if dead:
+                return "; ".join(f"rank {r} exited with code {c} before reporting" for r, c in dead)
+            if time.monotonic() > deadline:
+                waiting = [r for r in range(len(procs)) if r not in outputs]
+                return f"ranks {waiting} did not finish within {timeout_s} s"
+            continue
+        if not ok:
+            return f"rank {rank} failed:\n{out}"
+        outputs[rank] = pickle.loads(out)
+    return None
 
 
 def all_reduce_rank(rank: int, world_size: int) -> float:
