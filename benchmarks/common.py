@@ -14,17 +14,24 @@ Scripts import this file as ``from common import ...``: run them as ``python ben
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import logging
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from torchrec.distributed.planner import Topology
 
 
 @dataclass(frozen=True)
@@ -138,3 +145,27 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     ]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def add_topology_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--world-size``, ``--local-world-size`` and ``--hbm-gib`` of the planning benchmarks."""
+    parser.add_argument("--world-size", type=int, default=64)
+    parser.add_argument("--local-world-size", type=int, default=8)
+    parser.add_argument("--hbm-gib", type=float, default=80.0, help="device memory per GPU")
+
+
+def planning_topology(args: argparse.Namespace) -> Topology:
+    """The hypothetical GPU cluster those flags describe (planned on this CPU machine, on
+    ``meta``), with one torch thread and the planner's dry-run warnings silenced: they are
+    about the sizing of dense tensors, which the planning benchmarks do not report."""
+    from torchrec.distributed.planner import Topology
+
+    torch.set_num_threads(1)
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    return Topology(
+        world_size=args.world_size,
+        local_world_size=args.local_world_size,
+        compute_device="cuda",
+        hbm_cap=int(args.hbm_gib * 2**30),
+    )

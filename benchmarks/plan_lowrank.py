@@ -13,11 +13,10 @@ Usage::
 """
 
 import argparse
-import logging
 import time
-import warnings
 
 import torch
+from common import add_topology_arguments, planning_topology
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.planner import Topology
@@ -64,20 +63,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000_000, help="rows of the big table")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--world-size", type=int, default=64)
-    parser.add_argument("--local-world-size", type=int, default=8)
-    parser.add_argument("--hbm-gib", type=float, default=80.0, help="device memory per GPU")
+    add_topology_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    # the planner warns about meta-device (dry run) sizing of dense tensors, which we do not report
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    topology = Topology(
-        world_size=args.world_size,
-        local_world_size=args.local_world_size,
-        compute_device="cuda",
-        hbm_cap=int(args.hbm_gib * 2**30),
-    )
+    topology = planning_topology(args)
     start = time.perf_counter()
     original, compressed = compare(args.rows, args.dim, args.rank, topology)
     elapsed = time.perf_counter() - start

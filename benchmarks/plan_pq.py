@@ -16,11 +16,10 @@ Usage::
 """
 
 import argparse
-import logging
 import time
-import warnings
 
 import torch
+from common import add_topology_arguments, planning_topology
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.planner import Topology
@@ -60,20 +59,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--subspaces", type=int, default=16, help="M: codes per row")
     parser.add_argument("--centroids", type=int, default=256, help="K: codewords per subspace")
-    parser.add_argument("--world-size", type=int, default=64)
-    parser.add_argument("--local-world-size", type=int, default=8)
-    parser.add_argument("--hbm-gib", type=float, default=80.0, help="device memory per GPU")
+    add_topology_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    # the planner warns about meta-device (dry run) sizing of dense tensors, which we do not report
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    topology = Topology(
-        world_size=args.world_size,
-        local_world_size=args.local_world_size,
-        compute_device="cuda",
-        hbm_cap=int(args.hbm_gib * 2**30),
-    )
+    topology = planning_topology(args)
     start = time.perf_counter()
     fp32, pq = compare(args.rows, args.dim, args.subspaces, args.centroids, topology)
     elapsed = time.perf_counter() - start

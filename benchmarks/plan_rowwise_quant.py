@@ -21,16 +21,15 @@ Usage::
 """
 
 import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 
-import torch
 from torch import nn
 from torchrec.distributed.planner import Topology
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
+
+from common import add_topology_arguments, planning_topology  # noqa: E402
 
 from benchmarks.plan_lowrank import meta_dlrm  # noqa: E402
 from torchrec_compress.api import compress_  # noqa: E402
@@ -73,19 +72,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000_000, help="rows of the big table")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--world-size", type=int, default=64)
-    parser.add_argument("--local-world-size", type=int, default=8)
-    parser.add_argument("--hbm-gib", type=float, default=80.0, help="device memory per GPU")
+    add_topology_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    topology = Topology(
-        world_size=args.world_size,
-        local_world_size=args.local_world_size,
-        compute_device="cuda",
-        hbm_cap=int(args.hbm_gib * 2**30),
-    )
+    topology = planning_topology(args)
     print(f"{args.rows:,} x {args.dim} table on {args.world_size} x {args.hbm_gib:g} GiB")
     for name, model in variants(args.rows, args.dim, args.rank).items():
         print(f"{name:<20} {bytes_per_row(model, topology, args.rows):8.2f} bytes per row")
