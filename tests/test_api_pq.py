@@ -2,7 +2,6 @@
 
 import copy
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,12 +23,8 @@ DIM = 8
 _FAST = dict(num_subspaces=4, num_centroids=16, steps=20, sample_size=256, validation_size=512)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread for every test of this module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dlrm() -> DLRM:

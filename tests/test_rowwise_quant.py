@@ -9,7 +9,6 @@ int8 factor table of k = 16 (from a 128-dim table) at 20 bytes per row on a meta
 import copy
 import doctest
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -48,12 +47,8 @@ TORCH_DTYPES = {8: torch.qint8, 4: torch.quint4x2, 2: torch.quint2x4}
 TOLERANCE = {8: 0.002, 4: 0.03, 2: 0.12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread for every test of this module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dlrm() -> DLRM:

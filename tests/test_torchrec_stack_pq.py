@@ -16,7 +16,6 @@ unsharded module; DMP without the PQ sharder warns.
 
 import copy
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -61,12 +60,8 @@ CPU = torch.device("cpu")
 LR = 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread for every test of this module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pq_dlrm() -> DLRMTrain:

@@ -1,6 +1,5 @@
 import dataclasses
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,15 +19,8 @@ from torchrec_compress.pq import (
     train_pq_table,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Training runs many small ops: on a loaded 2-core machine a second intra-op thread makes them
-    # 10x slower, so these tests pin one thread and restore the setting afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread for every test of this module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _FAST = dict(num_subspaces=4, num_centroids=16, sample_size=512, learning_rate=1e-2)
