@@ -60,7 +60,7 @@ from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagC
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import QuantizationMetrics, subspace_order, train_pq_table
-from torchrec_compress.pq.sizing import code_bytes, pq_keep_reason
+from torchrec_compress.pq.sizing import code_bytes, pq_keep_reason, pq_table_bytes
 from torchrec_compress.rank import (
     RankChoice,
     TableSpectrum,
@@ -353,7 +353,9 @@ def _pq_row(
         method="MEC" if config.mode == "mec" else "PQ",
         rank=num_subspaces,
         bytes_before=weight.numel() * weight.element_size(),
-        bytes_after=codes.numel() * codes.element_size() + num_subspaces * ksub * dsub * 4,
+        bytes_after=pq_table_bytes(
+            table.num_embeddings, num_subspaces, ksub, dsub, codes.element_size()
+        ),
         explained_variance=None,
         perplexity=_mean_perplexity(metrics),
     )

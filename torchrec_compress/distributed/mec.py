@@ -53,7 +53,7 @@ from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagC
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import MECQuantizer, fit_quantizer, stratified_rows, subspace_order
 from torchrec_compress.pq.quantizer import code_dtype
-from torchrec_compress.pq.sizing import pq_keep_reason
+from torchrec_compress.pq.sizing import pq_keep_reason, pq_table_bytes
 from torchrec_compress.report import CompressionReport, ReportRow
 
 BYTES_PER_FLOAT = 4
@@ -367,7 +367,6 @@ def _quantize_table(
         group,
     )
     out.state[f"{out.fqn}.codebooks.{table.name}"] = codebooks
-    code_bytes = torch.empty((), dtype=dtype).element_size()
     return ReportRow(
         name=table.name,
         kind="table",
@@ -375,8 +374,13 @@ def _quantize_table(
         method="MEC" if table_config.mode == "mec" else "PQ",
         rank=num_subspaces,
         bytes_before=table.num_embeddings * table.embedding_dim * BYTES_PER_FLOAT,
-        bytes_after=table.num_embeddings * num_subspaces * code_bytes
-        + num_subspaces * ksub * dsub * BYTES_PER_FLOAT,
+        bytes_after=pq_table_bytes(
+            table.num_embeddings,
+            num_subspaces,
+            ksub,
+            dsub,
+            torch.empty((), dtype=dtype).element_size(),
+        ),
         explained_variance=None,
         perplexity=_perplexity(codes, ksub, group),
     )

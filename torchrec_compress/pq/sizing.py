@@ -21,6 +21,18 @@ def code_bytes(ksub: int, table_name: str) -> int:
         raise ValueError(f"table {table_name!r}: {e}") from e
 
 
+def pq_table_bytes(rows: int, num_subspaces: int, ksub: int, dsub: int, code_size: int) -> int:
+    """Bytes of a product-quantized table: ``rows x M`` codes of ``code_size`` bytes each, plus
+    ``M x K x dsub`` float32 codewords.
+
+    Example::
+
+        >>> pq_table_bytes(rows=1000, num_subspaces=8, ksub=256, dsub=8, code_size=1)
+        73536
+    """
+    return rows * num_subspaces * code_size + num_subspaces * ksub * dsub * BYTES_PER_ELEMENT
+
+
 def pq_keep_reason(table: EmbeddingBagConfig, config: MECConfig) -> str | None:
     """Why ``table`` stays unquantized, or ``None``: skipped by an override, a global ``M``
     that does not divide its dimension, or codes + codebooks not smaller than its rows.
@@ -41,7 +53,7 @@ def pq_keep_reason(table: EmbeddingBagConfig, config: MECConfig) -> str | None:
     if n == 0:
         return None  # train_pq_table names the empty table
     ksub = min(table_config.num_centroids, n)
-    after = n * m * code_bytes(ksub, table.name) + ksub * d * BYTES_PER_ELEMENT
+    after = pq_table_bytes(n, m, ksub, d // m, code_bytes(ksub, table.name))
     before = n * d * BYTES_PER_ELEMENT
     if after >= before:
         return (
