@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
 from torchrec_compress.api import find_embedding_bag_collections  # noqa: E402
-from torchrec_compress.config import MECConfig  # noqa: E402
+from torchrec_compress.config import MECConfig, MECTraining  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
 from torchrec_compress.pq import (  # noqa: E402
     reconstruction_mse,
@@ -53,11 +53,12 @@ from torchrec_compress.pq import (  # noqa: E402
 )
 from torchrec_compress.statistics import count_lookups  # noqa: E402
 
-MODES: dict[str, dict[str, Any]] = {
-    "pq": {"mode": "pq"},
-    "mec-plain": {"popularity_weighting": False, "balance_weight": 0.0},
-    "mec-full": {},
-    "mec-full-last": {"keep_best": False},
+# mode -> (MECConfig fields, MECTraining fields)
+MODES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "pq": ({"mode": "pq"}, {}),
+    "mec-plain": ({"popularity_weighting": False}, {"balance_weight": 0.0}),
+    "mec-full": ({}, {}),
+    "mec-full-last": ({}, {"keep_best": False}),
 }
 
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", required=True, help="DCP checkpoint dir (with run.json)")
     p.add_argument("--num-subspaces", type=int, default=8)
     p.add_argument("--num-centroids", type=int, default=256)
-    p.add_argument("--steps", type=int, default=MECConfig.steps)
+    p.add_argument("--steps", type=int, default=MECTraining.steps)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--tables", default="", help="comma-separated subset (default: all)")
     p.add_argument("--threads", type=int, default=1)
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
             config = MECConfig(
                 num_subspaces=args.num_subspaces,
                 num_centroids=args.num_centroids,
-                steps=args.steps,
-                **MODES[mode],
+                training=MECTraining(steps=args.steps, **MODES[mode][1]),
+                **MODES[mode][0],
             )
             rows.append(measure(name, weight, counts, mode, config))
             print(rows[-1], file=sys.stderr, flush=True)

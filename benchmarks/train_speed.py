@@ -39,7 +39,12 @@ from examples.dlrm.main import quiet_torchrec  # noqa: E402
 from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
 from examples.dlrm.train import TrainConfig, attach_sparse_optimizer, build_optimizer  # noqa: E402
 from torchrec_compress.api import compress_  # noqa: E402
-from torchrec_compress.config import AFMConfig, CompressionConfig, MECConfig  # noqa: E402
+from torchrec_compress.config import (  # noqa: E402
+    AFMConfig,
+    CompressionConfig,
+    MECConfig,
+    MECTraining,
+)
 from torchrec_compress.data import get_dataset  # noqa: E402
 from torchrec_compress.distributed import shard_model  # noqa: E402
 from torchrec_compress.rowwise_quant import RowWiseQuantConfig  # noqa: E402
@@ -48,7 +53,10 @@ from torchrec_compress.testing import run_multiprocess  # noqa: E402
 
 def method_configs(name: str, rank: int, subspaces: int) -> list[CompressionConfig]:
     """The ``compress_`` stages of one method name (``baseline`` has none)."""
-    mec = MECConfig(num_subspaces=subspaces, steps=5, kmeans_iterations=2, reseed_interval=0)
+    mec = MECConfig(
+        num_subspaces=subspaces,
+        training=MECTraining(steps=5, kmeans_iterations=2, reseed_interval=0),
+    )
     stages: dict[str, list[CompressionConfig]] = {
         "baseline": [],
         "afm": [AFMConfig(rank=rank)],

@@ -26,7 +26,16 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.api import compress_
-from torchrec_compress.config import AFMConfig, MECConfig, MECOverride, SVDConfig
+from torchrec_compress.config import (
+    AFMConfig,
+    CompressionConfig,
+    KMeansTraining,
+    MECConfig,
+    MECOverride,
+    MECTraining,
+    PQConfig,
+    SVDConfig,
+)
 from torchrec_compress.modules import LowRankEmbeddingBagCollection, LowRankLinear
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.testing import run_multiprocess
@@ -165,7 +174,9 @@ def test_mec_keeps_tables_m_does_not_divide_and_quantizes_the_others() -> None:
     ]
     model = nn.Sequential(EmbeddingBagCollection(tables))
     d12 = model[0].embedding_bags["d12"].weight.detach().clone()
-    config = MECConfig(num_subspaces=8, num_centroids=16, steps=5, popularity_weighting=False)
+    config = MECConfig(
+        num_subspaces=8, num_centroids=16, popularity_weighting=False, training=MECTraining(steps=5)
+    )
     with pytest.warns(UserWarning, match="table 'd12': num_subspaces 8 does not divide"):
         report = compress_(model, config)
     assert isinstance(model[0], PQEmbeddingBagCollection)
@@ -295,8 +306,8 @@ def test_nothing_to_compress_raises() -> None:
         (SVDConfig(rank=4), SVDConfig(rank=4)),
         (AFMConfig(rank=4), AFMConfig(rank=4)),
         (
-            MECConfig(num_subspaces=4, num_centroids=16, steps=2),
-            MECConfig(num_subspaces=4, num_centroids=16, steps=2),
+            MECConfig(num_subspaces=4, num_centroids=16, training=MECTraining(steps=2)),
+            MECConfig(num_subspaces=4, num_centroids=16, training=MECTraining(steps=2)),
         ),
     ],
 )
@@ -427,7 +438,7 @@ assert "torch" not in sys.modules, "importing the configs must stay light"
     code = """
 from torchrec_compress import (
     AFMConfig, CompressionReport, CPURowWiseEmbeddingBagCollectionSharder, LowRankEmbeddingBagCollection,
-    LowRankLinear, LowRankOverride, MECConfig, MECOverride, PQConfig, PQEmbeddingBagCollection,
+    LowRankLinear, LowRankOverride, MECConfig, MECOverride, MECTraining, KMeansTraining, PQConfig, PQEmbeddingBagCollection,
     PQEmbeddingBagCollectionSharder, SVDConfig, compress_, sharders,
 )
 import torchrec_compress
@@ -457,15 +468,18 @@ def test_pq_config_is_plain_pq() -> None:
 
     assert METHODS[PQConfig].local is not None and METHODS[PQConfig].sharded is not None
     rows = {"a": 300, "b": 200}
-    fields = dict(num_subspaces=4, num_centroids=16, kmeans_iterations=5)
+    fields = dict(num_subspaces=4, num_centroids=16)
+    pq = PQConfig(**fields, training=KMeansTraining(kmeans_iterations=5))
+    mec = MECConfig(**fields, mode="pq", training=MECTraining(kmeans_iterations=5))
     codes = []
-    for config in (PQConfig(**fields), MECConfig(mode="pq", **fields)):
+    for config in (pq, mec):
         model = _dlrm(rows)
         report = compress_(model, config, calibration=_batches(rows))
         assert [r.method for r in report.rows] == ["PQ", "PQ"]
         codes.append(_ebc(model).codes.a.clone())
     assert torch.equal(codes[0], codes[1])
-    assert PQConfig.from_dict(PQConfig(**fields).to_dict()) == PQConfig(**fields)
+    assert PQConfig.from_dict(pq.to_dict()) == pq
+    assert pq.to_mec_config() == mec
     with pytest.raises(ValueError, match=r"PQConfig.table_overrides \['a'\] set steps"):
         PQConfig(table_overrides={"a": MECOverride(steps=5)})
     with pytest.raises(ValueError, match="PQConfig.num_centroids must be a positive int"):
@@ -478,7 +492,10 @@ def test_two_stage_report_keeps_the_later_note_and_bytes() -> None:
     model, batches = _dlrm(rows), _batches(rows)
     first = compress_(model, AFMConfig(rank=4), calibration=batches)
     config = MECConfig(
-        num_subspaces=2, num_centroids=16, steps=2, table_overrides={"b": MECOverride(skip=True)}
+        num_subspaces=2,
+        num_centroids=16,
+        table_overrides={"b": MECOverride(skip=True)},
+        training=MECTraining(steps=2),
     )
     second = compress_(model, config, calibration=batches)
     both = _rows(first.followed_by(second))
@@ -490,3 +507,35 @@ def test_two_stage_report_keeps_the_later_note_and_bytes() -> None:
         both["b"].bytes_after
         == _rows(second)["b"].bytes_after - 200 * 4 * 4 + _rows(first)["b"].bytes_after
     )
+
+
+# --- one handler per config class ------------------------------------------------------------
+
+
+def test_every_method_has_one_handler_that_the_local_driver_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The method's steps live in its registered handler (both drivers call it), not in the
+    drivers: breaking the handler breaks ``compress_``."""
+    from torchrec_compress.factorization import LowRankHandler
+    from torchrec_compress.pq.method import PQHandler
+    from torchrec_compress.registry import handler_for
+
+    pq = PQConfig(num_subspaces=4, num_centroids=16)
+    assert isinstance(handler_for(AFMConfig(rank=4)), LowRankHandler)
+    assert handler_for(SVDConfig(rank=4)).method == "SVD"
+    assert handler_for(pq) == PQHandler(pq.to_mec_config())
+    assert handler_for(MECConfig()).method == "MEC"
+    with pytest.raises(TypeError, match="no handler for CompressionConfig"):
+        handler_for(CompressionConfig())
+
+    rows = {"a": 300, "b": 200}
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("handler called")
+
+    for cls, config in ((LowRankHandler, SVDConfig(rank=4)), (PQHandler, pq)):
+        with monkeypatch.context() as patch:
+            patch.setattr(cls, "fit", broken)
+            with pytest.raises(RuntimeError, match="handler called"):
+                compress_(_dlrm(rows), config, calibration=_batches(rows))

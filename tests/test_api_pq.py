@@ -13,14 +13,18 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.api import compress_
-from torchrec_compress.config import AFMConfig, MECConfig, MECOverride
+from torchrec_compress.config import AFMConfig, MECConfig, MECOverride, MECTraining
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 
 ROWS = {"t0": 300, "t1": 120, "t2": 40}
 DIM = 8
 # Small and fast: K=16 codewords of 2 dims in 4 subspaces.
-_FAST = dict(num_subspaces=4, num_centroids=16, steps=20, sample_size=256, validation_size=512)
+_FAST = dict(
+    num_subspaces=4,
+    num_centroids=16,
+    training=MECTraining(steps=20, sample_size=256, validation_size=512),
+)
 
 
 # one intra-op thread for every test of this module (tests/conftest.py)

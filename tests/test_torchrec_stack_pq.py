@@ -40,7 +40,7 @@ from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCo
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_compress.api import compress_
-from torchrec_compress.config import MECConfig
+from torchrec_compress.config import MECConfig, MECTraining
 from torchrec_compress.distributed import default_sharders, load_full_state_dict_, shard_model
 from torchrec_compress.distributed.pq_embeddingbag import (
     PQEmbeddingBagCollectionSharder,
@@ -53,7 +53,10 @@ from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 
 PQ_CONFIG = MECConfig(
-    mode="pq", num_subspaces=4, num_centroids=16, steps=5, sample_size=64, validation_size=64
+    mode="pq",
+    num_subspaces=4,
+    num_centroids=16,
+    training=MECTraining(steps=5, sample_size=64, validation_size=64),
 )
 PQ_PATH = "model.sparse_arch.embedding_bag_collection"
 CPU = torch.device("cpu")

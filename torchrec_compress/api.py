@@ -47,27 +47,21 @@ from torchrec_compress.discovery import (
     table_owners,
 )
 from torchrec_compress.distributed.compression import compress_sharded_model
-from torchrec_compress.factorization import linear_factors
-from torchrec_compress.lowrank import (
-    PrincipalBasis,
-    afm_basis,
-    factor_table,
-    projection,
-    svd_basis,
-    table_moments,
-)
+from torchrec_compress.factorization import LowRankHandler, linear_factors
+from torchrec_compress.lowrank import PrincipalBasis, factor_table, projection, table_moments
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import QuantizationMetrics, subspace_order, train_pq_table
-from torchrec_compress.pq.sizing import code_bytes, pq_keep_reason, pq_table_bytes
-from torchrec_compress.rank import (
-    RankChoice,
-    TableSpectrum,
-    choose_ranks,
-    compressed_table_bytes,
+from torchrec_compress.pq.method import PQHandler, code_usage
+from torchrec_compress.pq.sizing import code_bytes
+from torchrec_compress.rank import RankChoice
+from torchrec_compress.registry import (
+    ConversionPlan,
+    Planner,
+    handler_for,
+    method_for,
+    register_method,
 )
-from torchrec_compress.registry import ConversionPlan, Planner, method_for, register_method
 from torchrec_compress.report import CompressionReport, ReportRow
 from torchrec_compress.statistics import Moments
 
@@ -90,10 +84,6 @@ __all__ = [
     "lowrank_parent",
     "table_owners",
 ]
-
-
-def _method(config: LowRankConfig) -> str:
-    return "AFM" if isinstance(config, AFMConfig) else "SVD"
 
 
 def _plan_lowrank(
@@ -122,30 +112,24 @@ def _plan_lowrank(
             raise ValueError("AFMConfig needs calibration data (an iterable of batches)")
         counts, linear_moments = calibrate(model, calibration, forward_fn, ebcs, linears)
 
-    bases: dict[str, PrincipalBasis] = {}
-    spectra: dict[str, TableSpectrum] = {}
-    for fqn, ebc in ebcs.items():
-        for table in ebc.embedding_bag_configs():
-            weight = ebc.embedding_bags[table.name].weight
-            label = f"table {table.name!r}"
-            if is_afm:
-                moments = table_moments(weight, counts[fqn][table.name], table.name)
-                bases[table.name] = afm_basis(moments, label)
-            else:
-                moments = table_moments(weight, None, table.name)
-                bases[table.name] = svd_basis(moments, label)
-            spectra[table.name] = TableSpectrum(
-                table.num_embeddings,
-                table.embedding_dim,
-                bases[table.name].eigenvalues,
-                float(moments.count),
-            )
-    choices = choose_ranks(spectra, config) if spectra else {}
+    handler = handler_for(config)
+    assert isinstance(handler, LowRankHandler)
+    moments = {
+        t.name: table_moments(
+            ebc.embedding_bags[t.name].weight,
+            counts[fqn][t.name] if handler.needs_lookup_counts else None,
+            t.name,
+        )
+        for fqn, ebc in ebcs.items()
+        for t in ebc.embedding_bag_configs()
+    }
+    tables = [t for ebc in ebcs.values() for t in ebc.embedding_bag_configs()]
+    bases, choices = handler.fit(tables, moments)
 
     replacements: dict[str, nn.Module] = {}
     rows: list[ReportRow] = []
     for fqn, ebc in ebcs.items():
-        module, table_rows = _lowrank_collection(ebc, bases, choices, _method(config))
+        module, table_rows = _lowrank_collection(ebc, bases, choices, handler)
         rows += table_rows
         if module is not None:
             replacements[fqn] = module
@@ -161,31 +145,17 @@ def _lowrank_collection(
     ebc: EmbeddingBagCollection,
     bases: Mapping[str, PrincipalBasis],
     choices: Mapping[str, RankChoice],
-    method: str,
+    handler: LowRankHandler,
 ) -> tuple[LowRankEmbeddingBagCollection | None, list[ReportRow]]:
     """One collection's low-rank replacement (kept tables at full width inside it), or ``None``
     when every table is kept, and its report rows."""
     tables = ebc.embedding_bag_configs()
-    rows = []
-    for t in tables:
-        weight, k = ebc.embedding_bags[t.name].weight, choices[t.name].rank
-        before = weight.numel() * weight.element_size()
-        after = (
-            before if k is None else compressed_table_bytes(t.num_embeddings, t.embedding_dim, k)
+    rows = [
+        handler.table_row(
+            t, bases[t.name], choices[t.name], ebc.embedding_bags[t.name].weight.element_size()
         )
-        rows.append(
-            ReportRow(
-                name=t.name,
-                kind="table",
-                shape=(t.num_embeddings, t.embedding_dim),
-                method="kept" if k is None else method,
-                rank=k,
-                bytes_before=before,
-                bytes_after=after,
-                explained_variance=None if k is None else bases[t.name].explained_variance(k),
-                note=choices[t.name].note,
-            )
-        )
+        for t in tables
+    ]
     table_ranks = {t.name: k for t in tables if (k := choices[t.name].rank) is not None}
     if not table_ranks:
         return None, rows
@@ -229,12 +199,12 @@ def _plan_mec(
     rows with them.
     """
     assert isinstance(config, MECConfig)
+    handler = handler_for(config)
+    assert isinstance(handler, PQHandler)
     ebcs = find_embedding_bag_collections(model, filter_fn, lowrank_factors=True)
     table_owners(ebcs, config.table_overrides)
     reasons = {
-        t.name: pq_keep_reason(t, config)
-        for ebc in ebcs.values()
-        for t in ebc.embedding_bag_configs()
+        t.name: handler.keep_reason(t) for ebc in ebcs.values() for t in ebc.embedding_bag_configs()
     }
     counts: dict[str, dict[str, torch.Tensor]] = {}
     if config.popularity_weighting and any(r is None for r in reasons.values()):
@@ -244,12 +214,12 @@ def _plan_mec(
                 "batches) for the lookup counts; pass calibration= or popularity_weighting=False"
             )
         counts, _ = calibrate(model, calibration, forward_fn, ebcs)
-    _warn_kept_tables(reasons, "MEC" if config.mode == "mec" else "PQ")
+    _warn_kept_tables(reasons, handler.method)
 
     replacements: dict[str, nn.Module] = {}
     rows: list[ReportRow] = []
     for fqn, ebc in ebcs.items():
-        module, table_rows = _quantize_collection(model, fqn, ebc, config, reasons, counts)
+        module, table_rows = _quantize_collection(model, fqn, ebc, handler, reasons, counts)
         rows += table_rows
         if module is not None:
             replacements[module[0]] = module[1]
@@ -287,7 +257,7 @@ def _quantize_collection(
     model: nn.Module,
     fqn: str,
     ebc: EmbeddingBagCollection,
-    config: MECConfig,
+    handler: PQHandler,
     reasons: Mapping[str, str | None],
     counts: Mapping[str, Mapping[str, torch.Tensor]],
 ) -> tuple[tuple[str, nn.Module] | None, list[ReportRow]]:
@@ -318,15 +288,16 @@ def _quantize_collection(
             rows.append(row)
             continue
         table_counts = counts[fqn][t.name].cpu() if counts else None
-        table_config = config.for_table(t.name)
         weight = weight.cpu()
         if t.name in factor_ranks:
-            orders[t.name] = subspace_order(weight, table_counts, table_config, t.name)
+            orders[t.name] = handler.subspace_order(weight, table_counts, t.name)
             weight = weight[:, orders[t.name]]
-        codes[t.name], codebooks[t.name], metrics = train_pq_table(
-            weight, table_counts, table_config, t.name
-        )
-        rows.append(_pq_row(t, weights[t.name], codes[t.name], codebooks[t.name], metrics, config))
+        quantizer = handler.fit(weight, table_counts, t.name)
+        codebooks[t.name] = handler.codebooks(quantizer)
+        codes[t.name] = handler.encode(quantizer, weight, t.name)
+        usage = code_usage(codes[t.name], codebooks[t.name].shape[1])
+        size = weights[t.name].element_size()
+        rows.append(handler.table_row(t, codebooks[t.name], usage, size))
     before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
     if after >= before:
         note = f"collection {fqn!r} would not be smaller quantized ({after} >= {before} bytes)"
@@ -335,34 +306,6 @@ def _quantize_collection(
     if lowrank is None:
         return (fqn, module), rows
     return (fqn.rpartition(".")[0], lowrank.with_factor_collection(module, orders)), rows
-
-
-def _pq_row(
-    table: EmbeddingBagConfig,
-    weight: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    metrics: QuantizationMetrics,
-    config: MECConfig,
-) -> ReportRow:
-    num_subspaces, ksub, dsub = codebooks.shape
-    return ReportRow(
-        name=table.name,
-        kind="table",
-        shape=(table.num_embeddings, table.embedding_dim),
-        method="MEC" if config.mode == "mec" else "PQ",
-        rank=num_subspaces,
-        bytes_before=weight.numel() * weight.element_size(),
-        bytes_after=pq_table_bytes(
-            table.num_embeddings, num_subspaces, ksub, dsub, codes.element_size()
-        ),
-        explained_variance=None,
-        perplexity=_mean_perplexity(metrics),
-    )
-
-
-def _mean_perplexity(metrics: QuantizationMetrics) -> float:
-    return sum(metrics.perplexity) / len(metrics.perplexity)
 
 
 def _check_unsharded(model: nn.Module) -> None:

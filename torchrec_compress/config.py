@@ -22,8 +22,9 @@ _C = TypeVar("_C", bound="CompressionConfig")
 class CompressionConfig:
     """Base of all method configs: plain data with a dict round trip.
 
-    Subclasses whose fields hold nested dataclasses list them in ``_nested_fields`` (field name ->
-    dataclass type of the dict values) so that ``from_dict`` can rebuild them.
+    Subclasses whose fields hold nested dataclasses list them so that ``from_dict`` can rebuild
+    them: ``_nested_fields`` (field name -> dataclass type of the dict values) and
+    ``_sub_configs`` (field name -> dataclass type of the field).
     """
 
     def to_dict(self) -> dict[str, Any]:
@@ -35,9 +36,23 @@ class CompressionConfig:
         return {}
 
     @classmethod
+    def _sub_configs(cls) -> dict[str, type]:
+        return {}
+
+    @classmethod
     def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
-        """Rebuilds a config from ``to_dict`` output (validation runs again)."""
+        """Rebuilds a config from ``to_dict`` output (validation runs again).
+
+        A sub-config's fields may also be given flat (as configs wrote them before they had
+        sub-configs): they are moved into it.
+        """
         kwargs = dict(data)
+        for name, sub_type in cls._sub_configs().items():
+            sub = dict(kwargs.get(name) or {})
+            for f in dataclasses.fields(sub_type):
+                if f.name in kwargs:
+                    sub[f.name] = kwargs.pop(f.name)
+            kwargs[name] = sub_type(**sub)
         for name, value_type in cls._nested_fields().items():
             if name in kwargs:
                 kwargs[name] = {
@@ -214,25 +229,48 @@ class MECOverride:
 
 
 @dataclass
-class MECConfig(CompressionConfig):
-    """MEC product quantization ("A Universal Framework for Compressing Embeddings in CTR Prediction").
+class KMeansTraining:
+    """How plain PQ trains its codebooks: popularity-weighted k-means per subspace.
 
-    Each table of dimension ``d`` is split into ``num_subspaces`` (``M``) blocks of ``d / M``
-    dims with ``num_centroids`` (``K``) codewords each; rows become ``M`` codes (``uint8`` for
-    ``K <= 256``, see ``torchrec_compress.pq.code_dtype``).  ``mode="mec"`` trains the paper's quantizer
-    (popularity-weighted sampling, straight-through encoder, contrastive and balance terms);
-    ``mode="pq"`` is the baseline: popularity-weighted k-means only.
+    What a :class:`PQConfig` stores (``M``, ``K``, the weighting) is separate from this: the same
+    storage can be trained differently without changing the module that serves it.
 
     Args:
-        num_subspaces (int): ``M``, must divide every compressed table's dimension.
-        num_centroids (int): ``K``, codewords per subspace (at most ``2**31``).
-        mode (str): ``"mec"`` or ``"pq"``.
-        popularity_weighting (bool): weight row ``i`` by its lookup count ``n_i`` as
-            ``weighting`` says; off: every row weighs 1.
-        weighting (str): ``"log2"`` (the paper's ``max(1, floor(log2 n_i))``: balanced code
-            usage) or ``"lookups"`` (``max(1, n_i)``: error weighted as lookups see it; better AUC
-            on skewed tables, fewer codewords used; see BENCHMARKS.md).
-        steps (int): MEC training steps (each draws ``sample_size`` rows).
+        kmeans_iterations (int): Lloyd iterations.
+        kmeans_sample_size (int): at most this many rows (the most looked-up ones whole, a
+            uniform draw of the others, weighted by the rows each stands for) train the k-means.
+        chunk_size (int): rows encoded at once; bounds encoding memory independently of N.
+        seed (int): seed of every random draw (sampling, k-means, negatives).
+
+    Example::
+
+        >>> KMeansTraining(kmeans_iterations=5).kmeans_sample_size
+        65536
+    """
+
+    kmeans_iterations: int = 20
+    kmeans_sample_size: int = 65536
+    chunk_size: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field_name in ("kmeans_sample_size", "chunk_size"):
+            _check_rank(getattr(self, field_name), f"{name}.{field_name}")
+        if self.kmeans_iterations < 0:
+            raise ValueError(f"{name}.kmeans_iterations must be >= 0, got {self.kmeans_iterations}")
+
+
+@dataclass
+class MECTraining(KMeansTraining):
+    """How MEC trains its codes: k-means start, then the paper's quantizer training.
+
+    Popularity-weighted sampling, a straight-through encoder, commitment, contrastive and
+    balance terms (see ``DESIGN.md``).  The k-means fields of :class:`KMeansTraining` set its
+    initialisation.
+
+    Args:
+        steps (int): MEC training steps (each draws ``sample_size`` rows); 0: k-means only.
         sample_size (int): rows per training step.
         learning_rate (float): Adam learning rate of encoder, decoder and codebooks.
         commitment_weight (float): ``beta`` of the commitment loss ``||z - sg(q)||^2``.
@@ -262,27 +300,15 @@ class MECConfig(CompressionConfig):
             (min over subspaces, every row counted once, estimated on ``validation_size``
             uniformly drawn rows) is at least ``perplexity_floor * K'`` compete on MSE; when no
             state reaches it, the most balanced one is kept (0 disables the floor).
-        kmeans_iterations (int): Lloyd iterations of the k-means initialisation.
-        kmeans_sample_size (int): at most this many rows (uniformly drawn, weighted by their
-            popularity) train the k-means initialisation.
-        chunk_size (int): rows encoded at once; bounds encoding memory independently of N.
-        seed (int): seed of every random draw (sampling, k-means, negatives).
         reference_shared_negative (bool): reproduce the reference code's single random
             negative shared by the whole batch instead of per-sample negatives.
-        table_overrides (Dict[str, MECOverride]): per table name.
 
     Example::
 
-        >>> cfg = MECConfig(num_subspaces=8, table_overrides={"t_user": MECOverride(skip=True)})
-        >>> MECConfig.from_dict(cfg.to_dict()) == cfg
-        True
+        >>> MECTraining(steps=50).learning_rate
+        0.001
     """
 
-    num_subspaces: int = 8
-    num_centroids: int = 256
-    mode: str = "mec"
-    popularity_weighting: bool = True
-    weighting: str = "log2"
     steps: int = 300
     sample_size: int = 1024
     learning_rate: float = 1e-3
@@ -298,42 +324,18 @@ class MECConfig(CompressionConfig):
     validation_size: int = 8192
     keep_best: bool = True
     perplexity_floor: float = 0.5
-    kmeans_iterations: int = 20
-    kmeans_sample_size: int = 65536
-    chunk_size: int = 1024
-    seed: int = 0
     reference_shared_negative: bool = False
-    table_overrides: dict[str, MECOverride] = field(default_factory=dict)
-
-    @classmethod
-    def _nested_fields(cls) -> dict[str, type]:
-        return {"table_overrides": MECOverride}
 
     def __post_init__(self) -> None:
-        if self.mode not in ("mec", "pq"):
-            raise ValueError(f"MECConfig.mode must be 'mec' or 'pq', got {self.mode!r}")
-        if self.weighting not in ("log2", "lookups"):
-            raise ValueError(
-                f"MECConfig.weighting must be 'log2' or 'lookups', got {self.weighting!r}"
-            )
-        for name in (
-            "num_subspaces",
-            "num_centroids",
-            "sample_size",
-            "kmeans_sample_size",
-            "chunk_size",
-            "num_negatives",
-            "validation_size",
-        ):
-            _check_rank(getattr(self, name), f"MECConfig.{name}")
-        if self.num_centroids > 2**31:
-            raise ValueError(f"MECConfig.num_centroids must be <= 2**31, got {self.num_centroids}")
-        for name in ("steps", "kmeans_iterations", "reseed_interval", "balance_sample_size"):
+        super().__post_init__()
+        for name in ("sample_size", "num_negatives", "validation_size"):
+            _check_rank(getattr(self, name), f"MECTraining.{name}")
+        for name in ("steps", "reseed_interval", "balance_sample_size"):
             if getattr(self, name) < 0:
-                raise ValueError(f"MECConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"MECTraining.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.perplexity_floor <= 1.0:
             raise ValueError(
-                f"MECConfig.perplexity_floor must be in [0, 1], got {self.perplexity_floor}"
+                f"MECTraining.perplexity_floor must be in [0, 1], got {self.perplexity_floor}"
             )
         for name in (
             "contrastive_temperature",
@@ -342,21 +344,93 @@ class MECConfig(CompressionConfig):
             "learning_rate",
         ):
             if getattr(self, name) <= 0:
-                raise ValueError(f"MECConfig.{name} must be > 0, got {getattr(self, name)}")
-        for table, override in self.table_overrides.items():
-            if not isinstance(override, MECOverride):
-                raise ValueError(
-                    f"MECConfig.table_overrides[{table!r}] must be a MECOverride, got {override!r}"
-                )
+                raise ValueError(f"MECTraining.{name} must be > 0, got {getattr(self, name)}")
+
+
+def _check_storage(config: "MECConfig | PQConfig") -> None:
+    name = type(config).__name__
+    if config.weighting not in ("log2", "lookups"):
+        raise ValueError(f"{name}.weighting must be 'log2' or 'lookups', got {config.weighting!r}")
+    _check_rank(config.num_subspaces, f"{name}.num_subspaces")
+    _check_rank(config.num_centroids, f"{name}.num_centroids")
+    if config.num_centroids > 2**31:
+        raise ValueError(f"{name}.num_centroids must be <= 2**31, got {config.num_centroids}")
+    for table, override in config.table_overrides.items():
+        if not isinstance(override, MECOverride):
+            raise ValueError(
+                f"{name}.table_overrides[{table!r}] must be a MECOverride, got {override!r}"
+            )
+
+
+@dataclass
+class MECConfig(CompressionConfig):
+    """MEC product quantization ("A Universal Framework for Compressing Embeddings in CTR Prediction").
+
+    What is stored comes first: each table of dimension ``d`` is split into ``num_subspaces``
+    (``M``) blocks of ``d / M`` dims with ``num_centroids`` (``K``) codewords each; rows become
+    ``M`` codes (``uint8`` for ``K <= 256``, see ``torchrec_compress.pq.code_dtype``), and rows
+    are weighted by popularity as ``weighting`` says.  How the codes are trained is
+    ``training`` (:class:`MECTraining`).  ``mode="mec"`` trains the paper's quantizer;
+    ``mode="pq"`` is the baseline, popularity-weighted k-means only (prefer :class:`PQConfig`).
+
+    Args:
+        num_subspaces (int): ``M``, must divide every compressed table's dimension.
+        num_centroids (int): ``K``, codewords per subspace (at most ``2**31``).
+        popularity_weighting (bool): weight row ``i`` by its lookup count ``n_i`` as
+            ``weighting`` says; off: every row weighs 1.
+        weighting (str): ``"log2"`` (the paper's ``max(1, floor(log2 n_i))``: balanced code
+            usage) or ``"lookups"`` (``max(1, n_i)``: error weighted as lookups see it; better AUC
+            on skewed tables, fewer codewords used; see BENCHMARKS.md).
+        table_overrides (Dict[str, MECOverride]): per table name.
+        mode (str): ``"mec"`` or ``"pq"``.
+        training (MECTraining): how the codes are trained.
+
+    Example::
+
+        >>> cfg = MECConfig(
+        ...     num_subspaces=8,
+        ...     table_overrides={"t_user": MECOverride(skip=True)},
+        ...     training=MECTraining(steps=100),
+        ... )
+        >>> MECConfig.from_dict(cfg.to_dict()) == cfg
+        True
+        >>> MECConfig.from_dict({"num_subspaces": 4, "steps": 7}).training.steps  # flat, older
+        7
+    """
+
+    num_subspaces: int = 8
+    num_centroids: int = 256
+    popularity_weighting: bool = True
+    weighting: str = "log2"
+    table_overrides: dict[str, MECOverride] = field(default_factory=dict)
+    mode: str = "mec"
+    training: MECTraining = field(default_factory=MECTraining)
+
+    @classmethod
+    def _nested_fields(cls) -> dict[str, type]:
+        return {"table_overrides": MECOverride}
+
+    @classmethod
+    def _sub_configs(cls) -> dict[str, type]:
+        return {"training": MECTraining}
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("mec", "pq"):
+            raise ValueError(f"MECConfig.mode must be 'mec' or 'pq', got {self.mode!r}")
+        if not isinstance(self.training, MECTraining):
+            raise ValueError(f"MECConfig.training must be a MECTraining, got {self.training!r}")
+        _check_storage(self)
 
     def for_table(self, table_name: str) -> "MECConfig":
         """Returns this config with ``table_name``'s override applied (overrides dropped)."""
         override = self.table_overrides.get(table_name)
         changes: dict[str, Any] = {"table_overrides": {}}
         if override is not None:
-            for name in ("num_subspaces", "num_centroids", "steps"):
+            for name in ("num_subspaces", "num_centroids"):
                 if getattr(override, name) is not None:
                     changes[name] = getattr(override, name)
+            if override.steps is not None:
+                changes["training"] = dataclasses.replace(self.training, steps=override.steps)
         try:
             return dataclasses.replace(self, **changes)
         except ValueError as e:
@@ -378,8 +452,8 @@ class PQConfig(CompressionConfig):
     The baseline of MEC without its trained encoder: each table of dimension ``d`` is split
     into ``num_subspaces`` (``M``) blocks of ``d / M`` dims, each with ``num_centroids`` (``K``)
     codewords found by k-means on the rows (weighted by popularity); rows become ``M`` codes.
-    Storage fields (``M``, ``K``) come first, then how rows are weighted, then the k-means
-    trainer's settings.  Same result as the older ``MECConfig(mode="pq")``, which still works
+    What is stored (``M``, ``K``, the weighting) is separate from how the k-means is trained
+    (``training``, :class:`KMeansTraining`).  Same result as ``MECConfig(mode="pq")``
     (:meth:`to_mec_config` gives it).
 
     Args:
@@ -389,13 +463,9 @@ class PQConfig(CompressionConfig):
             ``weighting`` says (needs calibration data); off: every row weighs 1.
         weighting (str): ``"log2"`` (``max(1, floor(log2 n_i))``) or ``"lookups"``
             (``max(1, n_i)``).
-        kmeans_iterations (int): Lloyd iterations.
-        kmeans_sample_size (int): at most this many rows (the most looked-up ones whole, a
-            uniform draw of the others) train the k-means.
-        chunk_size (int): rows encoded at once; bounds encoding memory independently of N.
-        seed (int): seed of every random draw.
         table_overrides (Dict[str, MECOverride]): per table name: ``num_subspaces``,
             ``num_centroids`` or ``skip`` (``steps`` belongs to MEC and is refused).
+        training (KMeansTraining): how the k-means is trained.
 
     Example::
 
@@ -408,15 +478,16 @@ class PQConfig(CompressionConfig):
     num_centroids: int = 256
     popularity_weighting: bool = True
     weighting: str = "log2"
-    kmeans_iterations: int = 20
-    kmeans_sample_size: int = 65536
-    chunk_size: int = 1024
-    seed: int = 0
     table_overrides: dict[str, MECOverride] = field(default_factory=dict)
+    training: KMeansTraining = field(default_factory=KMeansTraining)
 
     @classmethod
     def _nested_fields(cls) -> dict[str, type]:
         return {"table_overrides": MECOverride}
+
+    @classmethod
+    def _sub_configs(cls) -> dict[str, type]:
+        return {"training": KMeansTraining}
 
     def __post_init__(self) -> None:
         stepped = sorted(n for n, o in self.table_overrides.items() if getattr(o, "steps", None))
@@ -424,7 +495,9 @@ class PQConfig(CompressionConfig):
             raise ValueError(
                 f"PQConfig.table_overrides {stepped} set steps, which only MECConfig trains"
             )
-        self.to_mec_config()  # validates every shared field with MECConfig's checks
+        if type(self.training) is not KMeansTraining:
+            raise ValueError(f"PQConfig.training must be a KMeansTraining, got {self.training!r}")
+        _check_storage(self)
 
     def to_mec_config(self) -> MECConfig:
         """The equivalent ``MECConfig(mode="pq")`` (what the PQ trainer and the sharded route read).
@@ -434,8 +507,6 @@ class PQConfig(CompressionConfig):
             >>> PQConfig(num_centroids=16).to_mec_config().num_centroids
             16
         """
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        try:
-            return MECConfig(mode="pq", **shared)
-        except ValueError as e:
-            raise ValueError(str(e).replace("MECConfig", "PQConfig")) from e
+        storage = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        training = MECTraining(**dataclasses.asdict(storage.pop("training")))
+        return MECConfig(mode="pq", training=training, **storage)

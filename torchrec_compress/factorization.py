@@ -1,19 +1,115 @@
-"""Low-rank factors of one ``nn.Linear`` layer with its report row (AFM from output moments,
-SVD from the weight): the step both the local and the sharded driver take per layer."""
+"""The AFM / SVD method's steps, taken alike by the local and the sharded driver.
+
+:class:`LowRankHandler` turns each table's moments into a basis and a rank and writes its
+report row; :func:`linear_factors` factors one ``nn.Linear`` layer (AFM from output moments,
+SVD from the weight).  The drivers only move data: the local one computes moments from the
+whole table, the sharded one all-reduces them from the rows each process holds.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_compress.config import LowRankConfig
-from torchrec_compress.lowrank import afm_basis, afm_linear, svd_linear
+from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.lowrank import PrincipalBasis, afm_basis, afm_linear, svd_basis, svd_linear
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
-from torchrec_compress.rank import BYTES_PER_ELEMENT, explained_variance_ratio, rank_for_variance
+from torchrec_compress.rank import (
+    BYTES_PER_ELEMENT,
+    RankChoice,
+    TableSpectrum,
+    choose_ranks,
+    compressed_table_bytes,
+    explained_variance_ratio,
+    rank_for_variance,
+)
+from torchrec_compress.registry import register_method
 from torchrec_compress.report import ReportRow
 from torchrec_compress.statistics import Moments
+
+
+@dataclass(frozen=True)
+class LowRankHandler:
+    """AFM / SVD of embedding tables: bases, ranks and report rows from each table's moments.
+
+    Registered for :class:`AFMConfig` and :class:`SVDConfig` (``registry.handler_for``); the
+    local and the sharded driver both call it, so both choose the same ranks and report the
+    same bytes for the same moments.
+
+    Args:
+        config (LowRankConfig): the method's config.
+
+    Example::
+
+        >>> from torchrec_compress.config import SVDConfig
+        >>> from torchrec_compress.lowrank import table_moments
+        >>> t = EmbeddingBagConfig(num_embeddings=32, embedding_dim=8, name="t", feature_names=["f"])
+        >>> handler = LowRankHandler(SVDConfig(rank=4))
+        >>> bases, choices = handler.fit([t], {"t": table_moments(torch.randn(32, 8), None, "t")})
+        >>> choices["t"].rank, handler.table_row(t, bases["t"], choices["t"]).method
+        (4, 'SVD')
+    """
+
+    config: LowRankConfig
+
+    @property
+    def method(self) -> str:
+        """``"AFM"`` or ``"SVD"`` (the report's method column)."""
+        return "AFM" if isinstance(self.config, AFMConfig) else "SVD"
+
+    @property
+    def needs_lookup_counts(self) -> bool:
+        """AFM weighs rows by their calibration lookups; SVD factors the weights alone."""
+        return isinstance(self.config, AFMConfig)
+
+    def fit(
+        self, tables: Sequence[EmbeddingBagConfig], moments: Mapping[str, Moments]
+    ) -> tuple[dict[str, PrincipalBasis], dict[str, RankChoice]]:
+        """Every table's principal basis and rank choice (``RankChoice.rank`` ``None``: kept)."""
+        basis_of = afm_basis if self.needs_lookup_counts else svd_basis
+        bases = {t.name: basis_of(moments[t.name], f"table {t.name!r}") for t in tables}
+        spectra = {
+            t.name: TableSpectrum(
+                t.num_embeddings,
+                t.embedding_dim,
+                bases[t.name].eigenvalues,
+                float(moments[t.name].count),
+            )
+            for t in tables
+        }
+        return bases, (choose_ranks(spectra, self.config) if spectra else {})
+
+    def table_row(
+        self,
+        table: EmbeddingBagConfig,
+        basis: PrincipalBasis,
+        choice: RankChoice,
+        bytes_per_element: int = BYTES_PER_ELEMENT,
+    ) -> ReportRow:
+        """The report row of one table: compressed at ``choice.rank``, or kept."""
+        k = choice.rank
+        n, d = table.num_embeddings, table.embedding_dim
+        before = n * d * bytes_per_element
+        return ReportRow(
+            name=table.name,
+            kind="table",
+            shape=(n, d),
+            method="kept" if k is None else self.method,
+            rank=k,
+            bytes_before=before,
+            bytes_after=before if k is None else compressed_table_bytes(n, d, k),
+            explained_variance=None if k is None else basis.explained_variance(k),
+            note=choice.note,
+        )
+
+
+register_method(AFMConfig, handler=LowRankHandler)
+register_method(SVDConfig, handler=LowRankHandler)
 
 
 def linear_factors(

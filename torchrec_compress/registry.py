@@ -1,6 +1,9 @@
 """One registry of compression methods, keyed by config class (torchao's handler registry).
 
-A method is a config class, a module, and the two functions registered here: ``local`` plans
+A method is a config class, a module, its handler and the two drivers registered here.  The
+handler holds the method's own steps (e.g. basis and rank from a table's moments, a quantizer
+fitted on a sample of rows and the codes of any rows, each table's report row); both drivers
+call it through :func:`handler_for`, and only move data around it.  ``local`` plans
 the compression of an unsharded model (it inspects the model and returns a
 :class:`ConversionPlan`, never mutating it, so ``compress_`` swaps modules only when everything
 succeeded), and ``sharded`` compresses a ``DistributedModelParallel`` model where its rows live
@@ -22,7 +25,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -56,10 +59,11 @@ ShardedPlanner = Callable[
 
 @dataclass(frozen=True)
 class CompressionMethod:
-    """The functions of one method; either may be missing (e.g. no sharded route yet)."""
+    """The functions of one method; any may be missing (e.g. no sharded route yet)."""
 
     local: Planner | None = None
     sharded: ShardedPlanner | None = None
+    handler: Callable[[Any], Any] | None = None
 
 
 METHODS: dict[type[CompressionConfig], CompressionMethod] = {}
@@ -70,8 +74,9 @@ def register_method(
     *,
     local: Planner | None = None,
     sharded: ShardedPlanner | None = None,
+    handler: Callable[[Any], Any] | None = None,
 ) -> None:
-    """Registers the ``local`` and/or ``sharded`` function of ``config_class``'s method.
+    """Registers the ``local`` / ``sharded`` driver and/or the ``handler`` of a method.
 
     Each may be registered separately (by the module that implements it); registering one again
     replaces it.
@@ -80,13 +85,35 @@ def register_method(
         config_class (type[CompressionConfig]): the method's config class (exact type).
         local (Optional[Planner]): plans the compression of an unsharded model.
         sharded (Optional[ShardedPlanner]): compresses a ``DistributedModelParallel`` model.
+        handler (Optional[Callable]): builds the method's handler from a config (e.g. the
+            handler class itself).
     """
-    method = METHODS.get(config_class, CompressionMethod())
-    if local is not None:
-        method = replace(method, local=local)
-    if sharded is not None:
-        method = replace(method, sharded=sharded)
-    METHODS[config_class] = method
+    old = METHODS.get(config_class, CompressionMethod())
+    METHODS[config_class] = CompressionMethod(
+        local=local or old.local,
+        sharded=sharded or old.sharded,
+        handler=handler or old.handler,
+    )
+
+
+def handler_for(config: CompressionConfig) -> Any:
+    """The handler of ``config``'s method, built from ``config`` (what both drivers call).
+
+    Example::
+
+        >>> from torchrec_compress.config import SVDConfig
+        >>> import torchrec_compress.factorization  # registers the AFM / SVD handler
+        >>> handler_for(SVDConfig(rank=4)).method
+        'SVD'
+
+    Raises:
+        TypeError: naming the config class when its method registered no handler.
+    """
+    handler = METHODS.get(type(config), CompressionMethod()).handler
+    if handler is None:
+        known = sorted(c.__name__ for c, m in METHODS.items() if m.handler is not None)
+        raise TypeError(f"no handler for {type(config).__name__}; configs with one: {known}")
+    return handler(config)
 
 
 def method_for(config: CompressionConfig, sharded: bool) -> Callable[..., Any]:

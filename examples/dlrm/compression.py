@@ -21,7 +21,14 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from examples.dlrm.model import ModelConfig
 from examples.dlrm.train import TrainConfig, attach_sparse_optimizer
-from torchrec_compress import AFMConfig, CompressionReport, MECConfig, SVDConfig, compress_
+from torchrec_compress import (
+    AFMConfig,
+    CompressionReport,
+    MECConfig,
+    MECTraining,
+    SVDConfig,
+    compress_,
+)
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset
 
@@ -104,8 +111,8 @@ def make_config(
             num_subspaces=args.subspaces,
             num_centroids=args.centroids,
             mode=method,
-            steps=args.mec_steps,
             weighting=args.mec_weighting,
+            training=MECTraining(steps=args.mec_steps),
         )
     chosen = [x is not None for x in (args.rank, args.explained_variance, args.budget_ratio)]
     if args.keep_embeddings:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchrec.models.dlrm import DLRM
 
-from torchrec_compress import AFMConfig, MECConfig, PQConfig, SVDConfig, compress_
+from torchrec_compress import AFMConfig, MECConfig, MECTraining, PQConfig, SVDConfig, compress_
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.distributed import load_full_state_dict_, shard_model
 from torchrec_compress.distributed.compression import ShardedCompressionReport
@@ -32,7 +32,7 @@ CASES: dict[str, tuple[CompressionConfig, str, str, type[nn.Module]]] = {
     "afm": (AFMConfig(rank=8), "table_wise", "row_wise", LowRankEmbeddingBagCollection),
     "svd": (SVDConfig(rank=8), "column_wise", "table_wise", LowRankEmbeddingBagCollection),
     "mec": (
-        MECConfig(num_subspaces=4, num_centroids=16, steps=20),
+        MECConfig(num_subspaces=4, num_centroids=16, training=MECTraining(steps=20)),
         "row_wise",
         "table_wise",
         PQEmbeddingBagCollection,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from torchrec_compress import compress_
-from torchrec_compress.config import AFMConfig, MECConfig
+from torchrec_compress.config import AFMConfig, MECConfig, MECTraining
 from torchrec_compress.distributed import load_full_state_dict_, shard_model
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
@@ -28,7 +28,9 @@ def _compress(rank: int, world_size: int) -> dict[str, Any]:
     for original, mode, target in VARIANTS:
         model = shard_model(tiny_dlrm(torch.device("meta")), torch.device("cpu"), original)
         load_full_state_dict_(model, full_state)
-        config = MECConfig(num_subspaces=4, num_centroids=16, mode=mode, steps=20)
+        config = MECConfig(
+            num_subspaces=4, num_centroids=16, mode=mode, training=MECTraining(steps=20)
+        )
         report = compress_(
             model,
             config,

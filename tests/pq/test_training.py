@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from torchrec_compress.config import MECConfig, MECOverride
+from torchrec_compress.config import MECConfig, MECOverride, MECTraining
 from torchrec_compress.pq import (
     MECQuantizer,
     ProductQuantizer,
@@ -23,7 +23,8 @@ from torchrec_compress.pq import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-_FAST = dict(num_subspaces=4, num_centroids=16, sample_size=512, learning_rate=1e-2)
+_FAST = dict(num_subspaces=4, num_centroids=16)
+_TRAIN = dict(sample_size=512, learning_rate=1e-2)
 
 
 def _skewed_table(num_rows: int = 4000, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +61,9 @@ def test_sampling_frequency_is_proportional_to_weights() -> None:
 
 def test_training_beats_random_codebooks() -> None:
     rows, counts = _skewed_table()
-    codes, books, metrics = train_pq_table(rows, counts, MECConfig(**_FAST, steps=100), "toy")
+    codes, books, metrics = train_pq_table(
+        rows, counts, MECConfig(**_FAST, training=MECTraining(**_TRAIN, steps=100)), "toy"
+    )
     gen = torch.Generator().manual_seed(1)
     random_pq = ProductQuantizer(16, 4, 16)
     random_pq.codebooks = rows[torch.randint(len(rows), (16,), generator=gen)].view(16, 4, 4)
@@ -84,7 +87,9 @@ def test_balance_term_raises_perplexity() -> None:
             {"balance_weight": 1.0, "balance_temperature": 0.1, "balance_temperature_final": 0.1},
         ),
     ):
-        config = MECConfig(**_FAST, steps=100, keep_best=False, **extra)
+        config = MECConfig(
+            **_FAST, training=MECTraining(**_TRAIN, **extra, steps=100, keep_best=False)
+        )
         _, _, metrics = train_pq_table(rows, counts, config, "toy")
         perplexities[name] = min(metrics.perplexity)
     assert perplexities["sharp"] > perplexities["none"] >= 0.5 * 16
@@ -94,12 +99,19 @@ def test_balance_term_raises_perplexity() -> None:
 def test_keep_best_is_never_worse_than_kmeans() -> None:
     rows, counts = _skewed_table(2000)
     weights = counts  # MEC keeps the state that reconstructs rows drawn like lookups best
-    pq_codes, pq_books, _ = train_pq_table(rows, counts, MECConfig(**_FAST, mode="pq"), "toy")
+    pq_codes, pq_books, _ = train_pq_table(
+        rows, counts, MECConfig(**_FAST, mode="pq", training=MECTraining(**_TRAIN)), "toy"
+    )
     pq_mse = reconstruction_mse(rows, pq_codes, pq_books, weights)
     # A learning rate far too high wrecks the codebooks; the k-means start must survive.
-    wild = MECConfig(**{**_FAST, "learning_rate": 1.0}, steps=30, reseed_interval=10)
+    wild = MECConfig(
+        **_FAST,
+        training=MECTraining(**{**_TRAIN, "learning_rate": 1.0}, steps=30, reseed_interval=10),
+    )
     for keep_best in (True, False):
-        config = dataclasses.replace(wild, keep_best=keep_best)
+        config = dataclasses.replace(
+            wild, training=dataclasses.replace(wild.training, keep_best=keep_best)
+        )
         codes, books, _ = train_pq_table(rows, counts, config, "toy")
         mse = reconstruction_mse(rows, codes, books, weights)
         if keep_best:
@@ -118,7 +130,10 @@ def test_dead_codewords_are_reseeded() -> None:
     for interval in (0, 10):
         mec = MECQuantizer(books)
         config = MECConfig(
-            **_FAST, steps=40, reseed_interval=interval, keep_best=False, balance_weight=0.0
+            **_FAST,
+            training=MECTraining(
+                **_TRAIN, steps=40, reseed_interval=interval, keep_best=False, balance_weight=0.0
+            ),
         )
         history = train_mec(mec, rows, row_weights(counts, len(rows)), config, gen)
         codes = mec.compute_codes(rows)
@@ -129,7 +144,7 @@ def test_dead_codewords_are_reseeded() -> None:
 
 def test_training_is_scale_free() -> None:
     rows, counts = _skewed_table(1000)
-    config = MECConfig(**_FAST, steps=10)
+    config = MECConfig(**_FAST, training=MECTraining(**_TRAIN, steps=10))
     codes, books, _ = train_pq_table(rows, counts, config, "toy")
     scaled_codes, scaled_books, _ = train_pq_table(1000.0 * rows + 5.0, counts, config, "toy")
     assert (codes == scaled_codes).float().mean() > 0.99
@@ -139,7 +154,12 @@ def test_training_is_scale_free() -> None:
 def test_num_centroids_is_capped_by_rows() -> None:
     rows = torch.randn(10, 8)
     for mode in ("pq", "mec"):
-        config = MECConfig(num_subspaces=2, num_centroids=256, mode=mode, steps=5, sample_size=8)
+        config = MECConfig(
+            num_subspaces=2,
+            num_centroids=256,
+            mode=mode,
+            training=MECTraining(steps=5, sample_size=8),
+        )
         codes, books, metrics = train_pq_table(rows, None, config, "tiny")
         assert books.shape == (2, 10, 4) and codes.dtype == torch.uint8
         assert metrics.mse < 1e-6 and metrics.distinct_codes == 10
@@ -147,7 +167,7 @@ def test_num_centroids_is_capped_by_rows() -> None:
 
 def test_pq_mode_is_kmeans_only() -> None:
     rows, counts = _skewed_table(500)
-    config = MECConfig(**_FAST, mode="pq", kmeans_iterations=5)
+    config = MECConfig(**_FAST, mode="pq", training=MECTraining(**_TRAIN, kmeans_iterations=5))
     codes, books, metrics = train_pq_table(rows, counts, config, "toy")
     pq = ProductQuantizer(16, 4, 16)
     pq.codebooks = books
@@ -159,7 +179,9 @@ def test_straight_through_reaches_encoder_and_codebooks() -> None:
     rows, _ = _skewed_table(256)
     mec = MECQuantizer(torch.randn(4, 16, 4))
     for shared in (False, True):
-        config = MECConfig(**_FAST, reference_shared_negative=shared)
+        config = MECConfig(
+            **_FAST, training=MECTraining(**_TRAIN, reference_shared_negative=shared)
+        )
         mec.zero_grad()
         losses = mec.loss(rows, config, torch.Generator().manual_seed(0))
         assert set(losses) == {
@@ -177,7 +199,11 @@ def test_straight_through_reaches_encoder_and_codebooks() -> None:
     # The encoder trains through the contrastive/reconstruction path alone, not only commitment.
     mec.zero_grad()
     losses = mec.loss(
-        rows, MECConfig(**_FAST, commitment_weight=0.0, balance_weight=0.0), torch.Generator()
+        rows,
+        MECConfig(
+            **_FAST, training=MECTraining(**_TRAIN, commitment_weight=0.0, balance_weight=0.0)
+        ),
+        torch.Generator(),
     )
     (losses["reconstruction"] + losses["contrastive"]).backward()
     assert mec.encoder.grad.abs().sum() > 0
@@ -202,10 +228,8 @@ def test_large_k_uses_int16_and_overrides_apply() -> None:
     config = MECConfig(
         num_subspaces=4,
         num_centroids=300,
-        steps=1,
-        sample_size=32,
-        kmeans_iterations=1,
         table_overrides={"wide": MECOverride(num_subspaces=2)},
+        training=MECTraining(steps=1, sample_size=32, kmeans_iterations=1),
     )
     codes, books, _ = train_pq_table(rows, None, config, "t")
     assert codes.dtype == torch.int16 and codes.shape == (400, 4) and books.shape == (4, 300, 2)
@@ -215,10 +239,16 @@ def test_large_k_uses_int16_and_overrides_apply() -> None:
 
 
 def test_bad_inputs_name_the_table() -> None:
-    config = MECConfig(num_subspaces=3, num_centroids=4, steps=1, sample_size=8)
+    config = MECConfig(
+        num_subspaces=3, num_centroids=4, training=MECTraining(steps=1, sample_size=8)
+    )
     with pytest.raises(ValueError, match=r"table 'ads'.*not divisible by num_subspaces=3"):
         train_pq_table(torch.randn(10, 8), None, config, "ads")
-    config = MECConfig(num_subspaces=2, num_centroids=4, steps=1, sample_size=8, chunk_size=4)
+    config = MECConfig(
+        num_subspaces=2,
+        num_centroids=4,
+        training=MECTraining(steps=1, sample_size=8, chunk_size=4),
+    )
     rows = torch.randn(10, 8)
     rows[6, 1] = math.nan
     with pytest.raises(ValueError, match=r"table 'ads': row 6 has NaN"):
@@ -230,15 +260,35 @@ def test_bad_inputs_name_the_table() -> None:
     with pytest.raises(ValueError, match="num_centroids"):
         MECConfig(num_centroids=2**31 + 1)
     with pytest.raises(ValueError, match=r"perplexity_floor must be in \[0, 1\], got 1.5"):
-        MECConfig(perplexity_floor=1.5)
+        MECConfig(training=MECTraining(perplexity_floor=1.5))
     with pytest.raises(ValueError, match="balance_sample_size must be >= 0, got -1"):
-        MECConfig(balance_sample_size=-1)
+        MECConfig(training=MECTraining(balance_sample_size=-1))
 
 
 def test_config_round_trip() -> None:
     config = MECConfig(table_overrides={"t": MECOverride(skip=True), "u": MECOverride(steps=3)})
     assert MECConfig.from_dict(config.to_dict()) == config
-    assert config.for_table("u").steps == 3 and config.for_table("u").table_overrides == {}
+    assert config.for_table("u").training.steps == 3 and config.for_table("u").table_overrides == {}
+
+
+def test_config_separates_storage_from_training() -> None:
+    """What is stored (M, K, weighting) is MECConfig's; how codes are trained is MECTraining's."""
+    storage = {"num_subspaces", "num_centroids", "popularity_weighting", "weighting"}
+    assert storage <= {f.name for f in dataclasses.fields(MECConfig)}
+    assert not {"steps", "learning_rate", "kmeans_iterations"} & {
+        f.name for f in dataclasses.fields(MECConfig)
+    }
+    with pytest.raises(TypeError, match="steps"):
+        MECConfig(steps=3)  # type: ignore[call-arg]
+    # configs written before the split (flat, e.g. a run.json) still load
+    old = {"num_subspaces": 4, "steps": 7, "kmeans_iterations": 3, "mode": "pq"}
+    config = MECConfig.from_dict(old)
+    assert (config.num_subspaces, config.training.steps, config.training.kmeans_iterations) == (
+        4,
+        7,
+        3,
+    )
+    assert MECConfig.from_dict(config.to_dict()) == config
 
 
 def _collapsed_start() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -257,7 +307,10 @@ def _train_from_collapsed_start(floor: float) -> tuple[float, list[dict[str, flo
     """Perplexity (min over subspaces, all rows) of the kept state, and the training history."""
     rows, books, counts = _collapsed_start()
     mec = MECQuantizer(books)
-    config = MECConfig(**_FAST, steps=40, reseed_interval=10, perplexity_floor=floor)
+    config = MECConfig(
+        **_FAST,
+        training=MECTraining(**_TRAIN, steps=40, reseed_interval=10, perplexity_floor=floor),
+    )
     weights = row_weights(counts, len(rows))
     history = train_mec(mec, rows, weights, config, torch.Generator(), counts)
     return codebook_perplexity(mec.compute_codes(rows), 16).min().item(), history
@@ -288,7 +341,9 @@ def test_contrastive_negatives_do_not_repel_codewords() -> None:
     # and decoder only.
     rows, _ = _skewed_table(256)
     mec = MECQuantizer(torch.randn(4, 16, 4, generator=torch.Generator().manual_seed(0)))
-    losses = mec.loss(rows, MECConfig(**_FAST), torch.Generator().manual_seed(0))
+    losses = mec.loss(
+        rows, MECConfig(**_FAST, training=MECTraining(**_TRAIN)), torch.Generator().manual_seed(0)
+    )
     losses["contrastive"].backward()
     assert mec.codebooks.grad is None or not mec.codebooks.grad.any()
     assert mec.encoder.grad.abs().sum() > 0 and mec.decoder.grad.abs().sum() > 0

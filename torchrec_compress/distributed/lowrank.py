@@ -43,24 +43,16 @@ from torchrec_compress.discovery import (
     table_owners,
 )
 from torchrec_compress.distributed.state import shard_rank
-from torchrec_compress.factorization import linear_factors
+from torchrec_compress.factorization import LowRankHandler, linear_factors
 from torchrec_compress.lowrank import (
     PrincipalBasis,
-    afm_basis,
     factor_table,
     projection,
-    svd_basis,
 )
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
-from torchrec_compress.rank import (
-    BYTES_PER_ELEMENT,
-    RankChoice,
-    TableSpectrum,
-    choose_ranks,
-    compressed_table_bytes,
-)
-from torchrec_compress.report import CompressionReport, ReportRow
+from torchrec_compress.registry import handler_for
+from torchrec_compress.report import CompressionReport
 from torchrec_compress.statistics import (
     DEFAULT_CHUNK_ROWS,
     Moments,
@@ -678,27 +670,14 @@ def sharded_lowrank_state(
         model, meta_model, config, calibration, forward_fn, filter_fn, chunk_rows
     )
     tables, linears = statistics.tables, statistics.linears
-    is_afm = isinstance(config, AFMConfig)
     inner = model.module if isinstance(model, DistributedModelParallel) else model
     state = model.state_dict()
 
-    # 3. identical bases and ranks everywhere; factor rows of the ranges this process leads
-    bases = {
-        t.name: (afm_basis if is_afm else svd_basis)(
-            statistics.table_moments[t.name], f"table {t.name!r}"
-        )
-        for _, t in tables
-    }
-    spectra = {
-        t.name: TableSpectrum(
-            t.num_embeddings,
-            t.embedding_dim,
-            bases[t.name].eigenvalues,
-            float(statistics.table_moments[t.name].count),
-        )
-        for _, t in tables
-    }
-    choices = choose_ranks(spectra, config) if spectra else {}
+    # 3. identical bases and ranks everywhere (the method's handler, as in the local driver);
+    # factor rows of the ranges this process leads
+    handler = handler_for(config)
+    assert isinstance(handler, LowRankHandler)
+    bases, choices = handler.fit([t for _, t in tables], statistics.table_moments)
     table_ranks = {name: c.rank for name, c in choices.items() if c.rank is not None}
     compressed_ebcs = {fqn for fqn, t in tables if t.name in table_ranks}
     new_state: dict[str, Any] = {
@@ -706,8 +685,7 @@ def sharded_lowrank_state(
         for key, value in state.items()
         if not any(key.startswith(f"{fqn}.") for fqn in compressed_ebcs)
     }
-    method = "AFM" if is_afm else "SVD"
-    rows_report = [_table_row(t, bases[t.name], choices[t.name], method) for _, t in tables]
+    rows_report = [handler.table_row(t, bases[t.name], choices[t.name]) for _, t in tables]
     for fqn, table in tables:
         if fqn in compressed_ebcs:
             weight = state[f"{fqn}.embedding_bags.{table.name}.weight"]
@@ -716,7 +694,7 @@ def sharded_lowrank_state(
 
     linear_ranks: dict[str, int] = {}
     for fqn in linears:
-        moments = statistics.linear_moments.get(fqn) if is_afm else None
+        moments = statistics.linear_moments.get(fqn) if handler.needs_lookup_counts else None
         row, new = linear_factors(fqn, inner.get_submodule(fqn), moments, config)
         rows_report.append(row)
         if new is None:
@@ -730,26 +708,6 @@ def sharded_lowrank_state(
     lowrank_skeleton_(meta_model, table_ranks, linear_ranks)
     check_compressed_state(meta_model, new_state)
     return meta_model, new_state, CompressionReport(rows_report)
-
-
-def _table_row(
-    table: EmbeddingBagConfig, basis: PrincipalBasis, choice: RankChoice, method: str
-) -> ReportRow:
-    """The report row of one table: compressed at ``choice.rank``, or kept (rank ``None``)."""
-    k = choice.rank
-    n, d = table.num_embeddings, table.embedding_dim
-    before = n * d * BYTES_PER_ELEMENT
-    return ReportRow(
-        table.name,
-        "table",
-        (n, d),
-        "kept" if k is None else method,
-        k,
-        before,
-        before if k is None else compressed_table_bytes(n, d, k),
-        None if k is None else basis.explained_variance(k),
-        note=choice.note,
-    )
 
 
 def _table_state(

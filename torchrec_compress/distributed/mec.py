@@ -51,9 +51,10 @@ from torchrec_compress.distributed.lowrank import (
 )
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import MECQuantizer, fit_quantizer, stratified_rows, subspace_order
+from torchrec_compress.pq import stratified_rows
+from torchrec_compress.pq.method import PQHandler, code_usage
 from torchrec_compress.pq.quantizer import code_dtype
-from torchrec_compress.pq.sizing import pq_keep_reason, pq_table_bytes
+from torchrec_compress.registry import handler_for
 from torchrec_compress.report import CompressionReport, ReportRow
 
 BYTES_PER_FLOAT = 4
@@ -105,26 +106,15 @@ def _sample_counts(ids: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]) 
     return out
 
 
-def _perplexity(
-    codes: Mapping[int, torch.Tensor], ksub: int, group: dist.ProcessGroup | None
-) -> float:
-    """Mean over subspaces of exp(entropy) of codeword usage, every row counted once."""
-    usage = None
-    for part in codes.values():
-        local = torch.stack([torch.bincount(col.long(), minlength=ksub) for col in part.T]).double()
-        usage = local if usage is None else usage + local
-    if usage is None:
-        usage = torch.zeros(0, ksub, dtype=torch.float64)
-    size = torch.tensor([usage.shape[0]])
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, size, group=group)
-    num_subspaces = int(max(s.item() for s in sizes))
+def _global_usage(
+    codes: Mapping[int, torch.Tensor], num_subspaces: int, ksub: int, group: Any
+) -> torch.Tensor:
+    """``[M, K]`` codeword usage of a table's codes, summed over the processes holding them."""
     total = torch.zeros(num_subspaces, ksub, dtype=torch.float64)
-    total[: usage.shape[0]] += usage
+    for part in codes.values():
+        total += code_usage(part, ksub)
     dist.all_reduce(total, group=group)
-    p = total / total.sum(1, keepdim=True).clamp(min=1)
-    entropy = -(p * torch.log(p.clamp(min=1e-300))).sum(1)
-    return float(entropy.exp().mean())
+    return total
 
 
 def _columns(rows: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
@@ -224,7 +214,9 @@ def sharded_pq_state(
     table_owners(ebcs, config.table_overrides)
     # never bigger, never silent: the tables the unsharded driver would keep (this route cannot
     # keep single tables of a collection) stop it before any work, each with its reason
-    kept = {t.name: pq_keep_reason(t, config) for _, t in tables}
+    handler = handler_for(config)
+    assert isinstance(handler, PQHandler)
+    kept = {t.name: handler.keep_reason(t) for _, t in tables}
     kept = {name: reason for name, reason in kept.items() if reason is not None}
     if kept:
         raise ValueError(
@@ -243,7 +235,7 @@ def sharded_pq_state(
         _quantize_table(
             state[f"{fqn}.embedding_bags.{table.name}.weight"],
             table,
-            config.for_table(table.name),
+            handler,
             _SampleSpec(train_rows, index, pairs[table.name]),
             lowrank_parent(meta_model, fqn),
             _TableKeys(fqn, new_state),
@@ -314,7 +306,7 @@ class _TableKeys:
 def _quantize_table(
     value: torch.Tensor,
     table: EmbeddingBagConfig,
-    table_config: MECConfig,
+    handler: PQHandler,
     spec: _SampleSpec,
     lowrank: LowRankEmbeddingBagCollection | None,
     out: _TableKeys,
@@ -327,63 +319,35 @@ def _quantize_table(
     layout = _row_ranges(value, table.name, table.embedding_dim)
     _check_whole_rows(layout, table.name)
     blocks = _local_blocks(value, me)
-    ids, row_scale = _sample_ids(
-        table.num_embeddings, spec.train_rows, table_config.seed + spec.index, spec.pairs
-    )
+    seed = handler.config.for_table(table.name).training.seed + spec.index
+    ids, row_scale = _sample_ids(table.num_embeddings, spec.train_rows, seed, spec.pairs)
     sample = _gather_sample(ids, layout, blocks, group)
     sample_counts = _sample_counts(ids, spec.pairs) if spec.pairs is not None else None
     # factor tables of a low-rank model: principal components spread over the subspaces,
     # the projection's rows reordered to match (every process computes the same order)
     order = None
     if lowrank is not None and table.name in lowrank.ranks():
-        order = subspace_order(sample, sample_counts, table_config, table.name, row_scale)
+        order = handler.subspace_order(sample, sample_counts, table.name, row_scale)
         sample = sample[:, order]
         key = f"{out.fqn.rpartition('.')[0]}.projection.{table.name}"
         out.state[key] = out.state[key][order.to(out.state[key].device)]
     holder: list[Any] = [None]
     if me == 0:
-        holder[0] = fit_quantizer(sample, sample_counts, table_config, table.name, row_scale)
+        holder[0] = handler.fit(sample, sample_counts, table.name, row_scale)
     dist.broadcast_object_list(holder, src=0, group=group)
     quantizer = holder[0]
-    with torch.no_grad():
-        codebooks = (
-            quantizer.decoded_codebooks()
-            if isinstance(quantizer, MECQuantizer)
-            else quantizer.codebooks
-        ).float()
+    codebooks = handler.codebooks(quantizer)
     codes = {
-        rows.row: quantizer.compute_codes(
-            _columns(blocks[(rows.row, 0)].detach().float(), order), table_config.chunk_size
-        )
+        rows.row: handler.encode(quantizer, _columns(blocks[(rows.row, 0)], order), table.name)
         for rows in layout
         if rows.lead == me
     }
-    num_subspaces, ksub, dsub = codebooks.shape
-    dtype = code_dtype(ksub)  # the same on every process, whether it holds rows or not
+    num_subspaces, ksub, _ = codebooks.shape
     out.state[f"{out.fqn}.codes.{table.name}"] = _factor_sharded_tensor(
-        layout,
-        {row: c.to(dtype) for row, c in codes.items()},
-        (table.num_embeddings, num_subspaces),
-        group,
+        layout, codes, (table.num_embeddings, num_subspaces), group
     )
     out.state[f"{out.fqn}.codebooks.{table.name}"] = codebooks
-    return ReportRow(
-        name=table.name,
-        kind="table",
-        shape=(table.num_embeddings, table.embedding_dim),
-        method="MEC" if table_config.mode == "mec" else "PQ",
-        rank=num_subspaces,
-        bytes_before=table.num_embeddings * table.embedding_dim * BYTES_PER_FLOAT,
-        bytes_after=pq_table_bytes(
-            table.num_embeddings,
-            num_subspaces,
-            ksub,
-            dsub,
-            torch.empty((), dtype=dtype).element_size(),
-        ),
-        explained_variance=None,
-        perplexity=_perplexity(codes, ksub, group),
-    )
+    return handler.table_row(table, codebooks, _global_usage(codes, num_subspaces, ksub, group))
 
 
 def _pq_skeleton_(

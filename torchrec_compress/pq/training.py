@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchrec_compress.config import MECConfig
+from torchrec_compress.config import MECConfig, MECTraining
 from torchrec_compress.pq.metrics import (
     QuantizationMetrics,
     codebook_perplexity,
@@ -147,15 +147,17 @@ def subspace_order(
         [0, 3, 1, 2]
     """
     config.check_table(table_name, weight.shape[1] if weight.dim() == 2 else 0)
-    _check_rows(weight, table_name, config.chunk_size)
+    _check_rows(weight, table_name, config.training.chunk_size)
     weights = row_weights(
         counts, weight.shape[0], config.popularity_weighting, config.weighting
     ).double()
     if row_scale is not None:  # weight is a sample (stratified_rows)
         weights = weights * row_scale.double()
     moments = Moments.zeros(weight.shape[1])
-    for start in range(0, weight.shape[0], config.chunk_size):  # bounded float64 temporaries
-        end = start + config.chunk_size
+    for start in range(
+        0, weight.shape[0], config.training.chunk_size
+    ):  # bounded float64 temporaries
+        end = start + config.training.chunk_size
         moments.update(weight[start:end], weights[start:end])
     variances = moments.covariance().diagonal()
     return balanced_subspaces(variances, config.num_subspaces)
@@ -297,7 +299,7 @@ class MECQuantizer(nn.Module):
             x (Tensor): ``[b, d]`` rows in the original space.
             config (MECConfig): loss weights and temperatures.
             generator (torch.Generator): draws the contrastive negatives.
-            balance_temperature (Optional[float]): overrides ``config.balance_temperature``
+            balance_temperature (Optional[float]): overrides ``config.training.balance_temperature``
                 (training anneals it).
             balance_rows (Optional[Tensor]): ``[u, d]`` rows drawn uniformly; the balance term
                 is computed on them too (``"uniform_balance"``), so that usage is spread over
@@ -319,18 +321,20 @@ class MECQuantizer(nn.Module):
         losses = {
             "reconstruction": F.mse_loss(recon, target),
             "codebook": F.mse_loss(q, z.detach()),
-            "commitment": config.commitment_weight * F.mse_loss(z, q.detach()),
+            "commitment": config.training.commitment_weight * F.mse_loss(z, q.detach()),
         }
-        if config.contrastive_weight > 0:
-            losses["contrastive"] = config.contrastive_weight * self._contrastive(
+        if config.training.contrastive_weight > 0:
+            losses["contrastive"] = config.training.contrastive_weight * self._contrastive(
                 target, recon_sub, codes, config, generator
             )
-        if config.balance_weight > 0:
-            temperature = balance_temperature or config.balance_temperature
-            losses["balance"] = config.balance_weight * _balance(partial, z_norms, temperature)
+        if config.training.balance_weight > 0:
+            temperature = balance_temperature or config.training.balance_temperature
+            losses["balance"] = config.training.balance_weight * _balance(
+                partial, z_norms, temperature
+            )
             if balance_rows is not None:
                 z_uniform = self.encode(balance_rows)
-                losses["uniform_balance"] = config.balance_weight * _balance(
+                losses["uniform_balance"] = config.training.balance_weight * _balance(
                     self._partial_distances(z_uniform), z_uniform.pow(2).sum(-1), temperature
                 )
         losses["total"] = torch.stack(list(losses.values())).sum()
@@ -357,10 +361,10 @@ class MECQuantizer(nn.Module):
         """InfoNCE: anchor ``target``, positive its reconstruction, negatives one code swapped."""
         num_subspaces, ksub, dsub = self.codebooks.shape
         batch = target.shape[0]
-        if config.reference_shared_negative:
+        if config.training.reference_shared_negative:
             shape = (1, 1)  # the reference code: one random negative for the whole batch
         else:
-            shape = (batch, config.num_negatives)
+            shape = (batch, config.training.num_negatives)
         subspace = torch.randint(num_subspaces, shape, generator=generator)
         own_code = codes.t()[torch.arange(batch).unsqueeze(1), subspace]  # [b, R]
         # A shift in [1, K) guarantees the negative code differs from the sample's own code.
@@ -379,7 +383,7 @@ class MECQuantizer(nn.Module):
         candidates = torch.cat([recon.unsqueeze(1), negatives], dim=1).flatten(2)  # [b,1+R,d]
         logits = F.cosine_similarity(target.unsqueeze(1), candidates, dim=-1)
         labels = torch.zeros(batch, dtype=torch.long)
-        return F.cross_entropy(logits / config.contrastive_temperature, labels)
+        return F.cross_entropy(logits / config.training.contrastive_temperature, labels)
 
 
 def _balance(partial_distances: Tensor, z_norms: Tensor, temperature: float) -> Tensor:
@@ -442,20 +446,20 @@ def _reseed_dead_codewords_(
     return num_dead
 
 
-def _learning_rate(config: MECConfig, step: int) -> float:
+def _learning_rate(training: MECTraining, step: int) -> float:
     """Linear warm-up over the first 5% of the steps, then cosine decay to zero."""
-    warmup = max(1, config.steps // 20)
+    warmup = max(1, training.steps // 20)
     if step < warmup:
-        return config.learning_rate * (step + 1) / warmup
-    progress = (step - warmup) / max(1, config.steps - warmup)
-    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return training.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, training.steps - warmup)
+    return training.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _balance_temperature(config: MECConfig, step: int) -> float:
+def _balance_temperature(training: MECTraining, step: int) -> float:
     """Geometric anneal from ``balance_temperature`` to ``balance_temperature_final``: soft,
     smooth usage early (every codeword gets gradient), close to the hard usage at the end."""
-    progress = step / max(1, config.steps - 1)
-    start, end = config.balance_temperature, config.balance_temperature_final
+    progress = step / max(1, training.steps - 1)
+    start, end = training.balance_temperature, training.balance_temperature_final
     return start * (end / start) ** progress
 
 
@@ -490,17 +494,17 @@ def train_mec(
 ) -> list[dict[str, float]]:
     """Trains ``mec`` in place on rows of ``weight`` drawn with probability ``∝ weights``.
 
-    Adam with warm-up and cosine decay; every ``config.reseed_interval`` steps dead codewords are
+    Adam with warm-up and cosine decay; every ``config.training.reseed_interval`` steps dead codewords are
     re-seeded (:func:`_reseed_dead_codewords_`) and the quantizer is scored on a sample drawn
     with probability ``∝ validation_weights`` (default ``weights``): its plain MSE estimates the
     MSE weighted that way, e.g. by lookup counts, as the CTR model sees the table.  With
-    ``config.keep_best`` the best-scoring state, the initial one included, is what ``mec`` holds
+    ``config.training.keep_best`` the best-scoring state, the initial one included, is what ``mec`` holds
     at the end: training can then only improve the weighted reconstruction of its start.
 
     A weighted MSE alone rewards states where the many rarely looked-up rows share a few
-    codewords, so with ``config.perplexity_floor`` only states whose perplexity on uniformly
+    codewords, so with ``config.training.perplexity_floor`` only states whose perplexity on uniformly
     drawn rows reaches ``perplexity_floor * K`` compete on MSE; if none does, the most balanced
-    state wins.  With ``config.balance_sample_size`` the balance term is also computed on
+    state wins.  With ``config.training.balance_sample_size`` the balance term is also computed on
     uniformly drawn rows every step.
 
     Returns:
@@ -511,51 +515,57 @@ def train_mec(
     validation_sampler = (
         sampler if validation_weights is None else RowSampler(validation_weights, generator)
     )
-    validation = weight[validation_sampler.sample(config.validation_size)].float()
+    validation = weight[validation_sampler.sample(config.training.validation_size)].float()
     num_rows = weight.shape[0]
-    uniform_validation = weight[_uniform_ids(num_rows, config.validation_size, generator)].float()
-    floor = config.perplexity_floor * mec.ksub
+    uniform_validation = weight[
+        _uniform_ids(num_rows, config.training.validation_size, generator)
+    ].float()
+    floor = config.training.perplexity_floor * mec.ksub
 
     def evaluate(step: int, reseeded: int) -> tuple[tuple[int, float], dict[str, float]]:
-        mse = _validation_mse(mec, validation, config.chunk_size)
-        perplexity = _validation_perplexity(mec, uniform_validation, config.chunk_size)
+        mse = _validation_mse(mec, validation, config.training.chunk_size)
+        perplexity = _validation_perplexity(mec, uniform_validation, config.training.chunk_size)
         # States above the floor beat all others and rank by MSE; below it, by balance.
         rank = (1, -mse) if perplexity >= floor else (0, perplexity)
         record = {"step": float(step), "validation_mse": mse, "validation_perplexity": perplexity}
         return rank, {**record, "reseeded": float(reseeded)}
 
-    optimizer = torch.optim.Adam(mec.parameters(), lr=config.learning_rate)
+    optimizer = torch.optim.Adam(mec.parameters(), lr=config.training.learning_rate)
     best_rank, record = evaluate(0, 0)
     best_state = {k: v.clone() for k, v in mec.state_dict().items()}
     history = [record]
     usage = torch.zeros(mec.codebooks.shape[:2], dtype=torch.long)
-    interval = config.reseed_interval or config.steps
+    interval = config.training.reseed_interval or config.training.steps
     flat_offsets = torch.arange(usage.shape[0]).unsqueeze(1) * usage.shape[1]
-    for step in range(config.steps):
+    for step in range(config.training.steps):
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
-        batch = weight[sampler.sample(config.sample_size)].float()
+            group["lr"] = _learning_rate(config.training, step)
+        batch = weight[sampler.sample(config.training.sample_size)].float()
         balance_rows = None
-        if config.balance_sample_size and config.balance_weight > 0:
-            ids = torch.randint(num_rows, (config.balance_sample_size,), generator=generator)
+        if config.training.balance_sample_size and config.training.balance_weight > 0:
+            ids = torch.randint(
+                num_rows, (config.training.balance_sample_size,), generator=generator
+            )
             balance_rows = weight[ids].float()
         optimizer.zero_grad(set_to_none=True)
-        out = mec(batch, config, generator, _balance_temperature(config, step), balance_rows)
+        out = mec(
+            batch, config, generator, _balance_temperature(config.training, step), balance_rows
+        )
         out.losses["total"].backward()
         optimizer.step()
         usage.view(-1).index_add_(
             0, (out.codes + flat_offsets).view(-1), torch.ones(out.codes.numel(), dtype=torch.long)
         )
-        if (step + 1) % interval == 0 or step + 1 == config.steps:
+        if (step + 1) % interval == 0 or step + 1 == config.training.steps:
             rank, record = evaluate(step + 1, 0)
             if rank > best_rank:
                 best_rank = rank
                 best_state = {k: v.clone() for k, v in mec.state_dict().items()}
-            if config.reseed_interval and step + 1 < config.steps:
+            if config.training.reseed_interval and step + 1 < config.training.steps:
                 record["reseeded"] = float(_reseed_dead_codewords_(mec, optimizer, usage, out))
             usage.zero_()
             history.append(record)
-    if config.keep_best:
+    if config.training.keep_best:
         mec.load_state_dict(best_state)
     return history
 
@@ -591,17 +601,17 @@ def fit_quantizer(
         torch.Size([3, 2])
     """
     config.check_table(table_name, weight.shape[1] if weight.dim() == 2 else 0)
-    _check_rows(weight, table_name, config.chunk_size)
+    _check_rows(weight, table_name, config.training.chunk_size)
     num_rows, dim = weight.shape
     ksub = min(config.num_centroids, num_rows)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.training.seed)
     weights = row_weights(counts, num_rows, config.popularity_weighting, config.weighting)
     if row_scale is not None:
         weights = weights * row_scale
 
     # k-means on a bounded subsample that keeps the most looked-up rows (stratified_rows),
     # each row weighted by its popularity and by the rows it stands for.
-    if num_rows > config.kmeans_sample_size:
+    if num_rows > config.training.kmeans_sample_size:
         counted = (
             counts.nonzero().squeeze(1) if counts is not None else torch.zeros(0, dtype=torch.long)
         )
@@ -609,7 +619,7 @@ def fit_quantizer(
             num_rows,
             counted,
             counts[counted] if counts is not None else torch.zeros(0),
-            config.kmeans_sample_size,
+            config.training.kmeans_sample_size,
             generator,
         )
         kmeans_rows, kmeans_weights = weight[subset].float(), weights[subset] * row_share
@@ -617,13 +627,13 @@ def fit_quantizer(
         kmeans_rows, kmeans_weights = weight.float(), weights
     pq = ProductQuantizer(dim, config.num_subspaces, ksub)
     # With K >= N rows k-means puts a codeword on every row: exact, nothing left to train.
-    if config.mode == "pq" or config.steps == 0 or num_rows <= config.num_centroids:
+    if config.mode == "pq" or config.training.steps == 0 or num_rows <= config.num_centroids:
         pq.train(
             kmeans_rows,
             kmeans_weights,
-            niter=config.kmeans_iterations,
+            niter=config.training.kmeans_iterations,
             generator=generator,
-            chunk_size=config.chunk_size,
+            chunk_size=config.training.chunk_size,
         )
         return pq
     # MEC trains on standardised rows; k-means is translation and scale equivariant, so
@@ -635,9 +645,9 @@ def fit_quantizer(
     pq.train(
         (kmeans_rows - center) / scale,
         kmeans_weights,
-        niter=config.kmeans_iterations,
+        niter=config.training.kmeans_iterations,
         generator=generator,
-        chunk_size=config.chunk_size,
+        chunk_size=config.training.chunk_size,
     )
     mec = MECQuantizer(pq.codebooks, center, scale)
     # Score on rows drawn like lookups (n_i, not r_i): the reconstruction the CTR model sees.
@@ -666,14 +676,14 @@ def train_pq_table(
 
     Example::
 
-        >>> cfg = MECConfig(num_subspaces=2, num_centroids=4, steps=2, sample_size=8)
+        >>> cfg = MECConfig(2, 4, training=MECTraining(steps=2, sample_size=8))
         >>> codes, books, metrics = train_pq_table(torch.randn(16, 4), None, cfg, "t")
         >>> codes.shape, codes.dtype, books.shape
         (torch.Size([16, 2]), torch.uint8, torch.Size([2, 4, 2]))
     """
     config = config.for_table(table_name)
     quantizer = fit_quantizer(weight, counts, config, table_name)
-    codes = quantizer.compute_codes(weight, config.chunk_size)
+    codes = quantizer.compute_codes(weight, config.training.chunk_size)
     if isinstance(quantizer, MECQuantizer):
         with torch.no_grad():
             codebooks = quantizer.decoded_codebooks()
