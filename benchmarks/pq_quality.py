@@ -16,7 +16,9 @@ row counted once and rows weighted by their lookup counts), its ratio to ``K' = 
 (``K`` is capped at the table's rows: a table of 7 rows can use at most 7 codewords, so the
 perplexity target ``>= 0.5 K`` is judged against ``K'``), the distinct code tuples, and the
 reconstruction MSE per element weighted by lookup counts (what the CTR model sees), by the
-popularity weights ``max(1, floor(log2 n))`` (what PQ/MEC optimise) and unweighted.
+popularity weights ``max(1, floor(log2 n))`` (what PQ/MEC optimise) and unweighted, and the
+share of rows whose MEC codes differ from the ``pq`` mode's (the same k-means start): whether MEC
+training moved the codes at all.
 
 Example::
 
@@ -77,6 +79,9 @@ class Row:
     popularity_mse: float
     mse: float
     seconds: float
+    # share of rows whose codes differ from the same table's "pq" mode codes (same k-means
+    # start): how far MEC training moved the codes; None without a "pq" row before it
+    codes_changed: float | None = None
 
 
 def load_tables(
@@ -99,11 +104,19 @@ def load_tables(
     }
 
 
+_PQ_CODES: dict[str, torch.Tensor] = {}
+
+
 def measure(
     name: str, weight: torch.Tensor, counts: torch.Tensor, mode: str, config: MECConfig
 ) -> Row:
     start = time.perf_counter()
     codes, codebooks, metrics = train_pq_table(weight, counts, config, name)
+    if mode == "pq":
+        _PQ_CODES[name] = codes
+    changed = None
+    if name in _PQ_CODES and mode != "pq":
+        changed = float((codes != _PQ_CODES[name]).any(1).float().mean())
     seconds = time.perf_counter() - start
     ksub = codebooks.shape[1]
     perplexity = torch.tensor(metrics.perplexity)
@@ -123,6 +136,7 @@ def measure(
         popularity_mse=reconstruction_mse(weight, codes, codebooks, popularity),
         mse=metrics.mse,
         seconds=seconds,
+        codes_changed=changed,
     )
 
 
@@ -175,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         "count-w. MSE",
         "pop.-w. MSE",
         "MSE",
+        "codes != PQ",
         "s",
     )
     print(
@@ -193,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{r.count_mse:.4e}",
                     f"{r.popularity_mse:.4e}",
                     f"{r.mse:.4e}",
+                    "-" if r.codes_changed is None else f"{r.codes_changed:.1%}",
                     f"{r.seconds:.1f}",
                 )
                 for r in rows
