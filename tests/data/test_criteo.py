@@ -179,3 +179,40 @@ def test_missing_paths_and_bad_options(tmp_path: Path) -> None:
         CriteoParquetDataset(tmp_path / "flat", num_embeddings=1)
     with pytest.raises(ValueError, match="split_fractions"):
         CriteoParquetDataset(tmp_path / "flat", split_fractions=(0.5, 0.1, 0.1))
+
+
+@pytest.mark.parametrize("token", ["nan", "NaN", "NA", "N/A", "NULL", "null", "#N/A"])
+@pytest.mark.parametrize(("column", "name"), [(2, "int_0"), (15, "cat_0")])
+def test_null_like_tokens_are_errors_not_missing(
+    tmp_path: Path, token: str, column: int, name: str
+) -> None:
+    fields = ["1"] + ["5"] * 13 + ["abc"] * 26
+    fields[column - 1] = token
+    _write_tsv(tmp_path / "bad.tsv", 20, seed=4)
+    with open(tmp_path / "bad.tsv", "a") as tsv:
+        tsv.write("\t".join(fields) + "\n")
+    with pytest.raises(
+        ValueError, match=rf"bad.tsv:21: column {column} \({name}\) holds '{token}'"
+    ):
+        convert_criteo_tsv([tmp_path / "bad.tsv"], tmp_path / "pq", progress=False)
+
+
+def test_invalid_utf8_names_file_line_and_column(tmp_path: Path) -> None:
+    _write_tsv(tmp_path / "bad.tsv", 30, seed=5)
+    with open(tmp_path / "bad.tsv", "ab") as tsv:
+        tsv.write(b"\t".join([b"0"] + [b"7"] * 13 + [b"0a\xff"] + [b"abc"] * 25) + b"\n")
+    with pytest.raises(
+        ValueError, match=r"bad.tsv:31: column 15 \(cat_0\) holds b'0a\\xff' \(not valid UTF-8\)"
+    ):
+        convert_criteo_tsv([tmp_path / "bad.tsv"], tmp_path / "pq", progress=False)
+
+
+def test_directory_and_missing_input_get_different_messages(tmp_path: Path) -> None:
+    (tmp_path / "days").mkdir()
+    with pytest.raises(IsADirectoryError, match="days' is a directory, not a file"):
+        convert_criteo_tsv([tmp_path / "days"], tmp_path / "pq", progress=False)
+    with pytest.raises(FileNotFoundError, match="no.tsv' does not exist"):
+        convert_criteo_tsv([tmp_path / "no.tsv"], tmp_path / "pq", progress=False)
+    _write_tsv(tmp_path / "a.tsv", 5, seed=0)
+    with pytest.raises(NotADirectoryError, match="a.tsv' is a file, not a directory"):
+        CriteoParquetDataset(tmp_path / "a.tsv")

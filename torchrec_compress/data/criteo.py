@@ -6,6 +6,8 @@ negative), 26 categorical features (hex hashes, may be empty).
 :func:`convert_criteo_tsv` streams each TSV file block by block with ``pyarrow.csv.open_csv``
 (bounded memory, never a whole day) into one parquet file of raw values: ``label`` int8,
 ``int_0..int_12`` int64 and ``cat_0..cat_25`` int64 parsed from hex, empty fields as nulls.
+Only an empty field is missing: text such as ``nan``, ``NA`` or ``NULL`` and bytes that are not
+UTF-8 are errors naming the file, the 1-based line and the 1-based column.
 Table sizes therefore stay a read-time choice.
 
 :class:`CriteoParquetDataset` streams those files one row group at a time:
@@ -40,6 +42,7 @@ from torchrec.datasets.criteo import (
 from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
+from torchrec_compress.data.checks import describe_field, require_directory, require_file
 from torchrec_compress.data.schema import (
     SPLITS,
     CTRSchema,
@@ -61,7 +64,7 @@ for _digit, _char in enumerate("0123456789abcdef"):
     _HEX_DIGIT[ord(_char)] = _HEX_DIGIT[ord(_char.upper())] = _digit
 
 
-def _hex_to_int64(strings: pa.StringArray) -> pa.Int64Array:
+def _hex_to_int64(strings: pa.BinaryArray) -> pa.Int64Array:
     """Hex strings (already validated, at most 15 digits) to int64, nulls kept; vectorised."""
     _, offsets_buffer, data_buffer = strings.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[
@@ -80,18 +83,22 @@ def _hex_to_int64(strings: pa.StringArray) -> pa.Int64Array:
 
 
 def _convert_block(batch: pa.RecordBatch, path: Path, first_line: int) -> pa.Table:
-    """Validate one block of string columns and convert it to :data:`PARQUET_SCHEMA`."""
+    """Validate one block of byte-string columns and convert it to :data:`PARQUET_SCHEMA`.
+
+    Fields arrive as raw bytes (no UTF-8 check, only the empty field is null), so that text such
+    as ``nan`` or ``NULL`` and bytes that are not UTF-8 fail here, naming file, line and column.
+    """
     arrays = []
     for name, field in zip(DEFAULT_COLUMN_NAMES, PARQUET_SCHEMA, strict=True):
         column = batch.column(name)
         if name == DEFAULT_LABEL_NAME:
             pattern, what = r"^[01]$", "a 0/1 label"
         elif name in DEFAULT_INT_NAMES:
-            pattern, what = r"^-?[0-9]{1,18}$", "an integer"
+            pattern, what = r"^-?[0-9]{1,18}$", "an integer or an empty field (missing)"
         else:
             pattern, what = (
                 f"^[0-9a-fA-F]{{1,{_MAX_HEX_DIGITS}}}$",
-                f"a hex hash of at most {_MAX_HEX_DIGITS} digits",
+                f"a hex hash of at most {_MAX_HEX_DIGITS} digits or an empty field (missing)",
             )
         matches = pc.match_substring_regex(column, pattern)
         valid = pc.or_kleene(matches, pc.is_null(column)).to_numpy(zero_copy_only=False)
@@ -102,7 +109,7 @@ def _convert_block(batch: pa.RecordBatch, path: Path, first_line: int) -> pa.Tab
             column_number = DEFAULT_COLUMN_NAMES.index(name) + 1
             raise ValueError(
                 f"{path}:{first_line + row}: column {column_number} ({name}) holds "
-                f"{column[row].as_py()!r}; expected {what}"
+                f"{describe_field(column[row].as_py())}; expected {what}"
             )
         if name in DEFAULT_CAT_NAMES:
             arrays.append(_hex_to_int64(column))
@@ -137,6 +144,7 @@ def convert_criteo_tsv(
 
     Raises:
         FileNotFoundError: an input does not exist.
+        IsADirectoryError: an input is a directory.
         ValueError: for an empty input, and naming file and 1-based line for a line with the wrong number of columns,
             and file, line and column for a value that is not a 0/1 label, an integer, or hex.
 
@@ -152,12 +160,7 @@ def convert_criteo_tsv(
     """
     if rows_per_row_group < 1:
         raise ValueError(f"rows_per_row_group must be >= 1, got {rows_per_row_group}")
-    sources = [Path(path) for path in inputs]
-    for source in sources:
-        if not source.is_file():
-            raise FileNotFoundError(f"Criteo TSV file {str(source)!r} does not exist")
-        if source.stat().st_size == 0:
-            raise ValueError(f"Criteo TSV file {str(source)!r} is empty")
+    sources = [require_file(path, "Criteo TSV file") for path in inputs]
     targets = [Path(out_dir) / f"{source.stem}.parquet" for source in sources]
     if len(set(targets)) != len(targets):
         raise ValueError(f"inputs {[str(s) for s in sources]} map to clashing outputs {targets}")
@@ -201,9 +204,13 @@ def _convert_file(
                 invalid_row_handler=on_invalid,
                 ignore_empty_lines=False,
             ),
+            # Only an empty field is missing: pyarrow's default null tokens (nan, NA, NULL, ...)
+            # would otherwise turn into missing values silently.
             convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(DEFAULT_COLUMN_NAMES, pa.string()),
+                column_types=dict.fromkeys(DEFAULT_COLUMN_NAMES, pa.binary()),
+                null_values=[""],
                 strings_can_be_null=True,
+                check_utf8=False,
             ),
         )
         first_line = 1
@@ -264,9 +271,7 @@ class CriteoParquetDataset:
         seed: int = 0,
         split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     ) -> None:
-        root = Path(path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"Criteo parquet directory {str(root)!r} does not exist")
+        root = require_directory(path, "Criteo parquet directory")
         sizes = (
             [num_embeddings] * len(DEFAULT_CAT_NAMES)
             if isinstance(num_embeddings, int)
