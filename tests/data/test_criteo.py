@@ -1,7 +1,10 @@
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -216,3 +219,80 @@ def test_directory_and_missing_input_get_different_messages(tmp_path: Path) -> N
     _write_tsv(tmp_path / "a.tsv", 5, seed=0)
     with pytest.raises(NotADirectoryError, match="a.tsv' is a file, not a directory"):
         CriteoParquetDataset(tmp_path / "a.tsv")
+
+
+def _foreign_criteo_table(tmp_path: Path, num_rows: int = 30) -> pa.Table:
+    """A Criteo-schema table as another tool might write it (starting from converted values)."""
+    _write_tsv(tmp_path / "src.tsv", num_rows, seed=6)
+    [converted] = convert_criteo_tsv([tmp_path / "src.tsv"], tmp_path / "src", progress=False)
+    return pq.read_table(converted)
+
+
+def _replace(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, values)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda t: t.drop_columns(["cat_3"]),
+            r"x.parquet: no column 'cat_3' \(declared sparse\); the file has columns \['label'",
+        ),
+        (
+            lambda t: _replace(t, "cat_3", pc.cast(t["cat_3"], pa.string())),
+            r"x.parquet: column 'cat_3' \(sparse\) has type string; Criteo categorical columns",
+        ),
+        (
+            lambda t: _replace(t, "cat_3", pa.array([1.5, -1.0] * 15)),
+            r"x.parquet: column 'cat_3' \(sparse\) has type double; .*must be integers",
+        ),
+        (
+            lambda t: _replace(t, "int_0", pc.cast(t["int_0"], pa.string())),
+            r"x.parquet: column 'int_0' \(dense\) has type string; expected integers or floats",
+        ),
+        (
+            lambda t: t.drop_columns(["label"]),
+            r"x.parquet: no column 'label' \(declared label\)",
+        ),
+    ],
+)
+def test_foreign_parquet_schema_is_checked_when_opened(
+    tmp_path: Path, change: Callable[[pa.Table], pa.Table], message: str
+) -> None:
+    (tmp_path / "flat").mkdir()
+    pq.write_table(change(_foreign_criteo_table(tmp_path)), tmp_path / "flat" / "x.parquet")
+    with pytest.raises(ValueError, match=message):
+        CriteoParquetDataset(tmp_path / "flat", num_embeddings=100)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        (
+            "int_2",
+            float("inf"),
+            r"row 11 \(0-based\), column 'int_2': dense value inf is not finite",
+        ),
+        ("int_2", -float("inf"), r"row 11 \(0-based\), column 'int_2': dense value -inf"),
+        ("int_2", float("nan"), r"row 11 \(0-based\), column 'int_2': dense value nan"),
+        ("label", 2, r"row 11 \(0-based\), column 'label': label 2.0 is not 0 or 1"),
+        ("label", None, r"row 11 \(0-based\), column 'label': the label is missing"),
+    ],
+)
+def test_bad_values_in_foreign_parquet_name_file_row_column(
+    tmp_path: Path, column: str, value: float | None, message: str
+) -> None:
+    table = _foreign_criteo_table(tmp_path)
+    values = pc.cast(table[column], pa.float64()).to_pylist()
+    values[11] = value
+    (tmp_path / "flat").mkdir()
+    # Row 11 of the file sits in its second row group.
+    pq.write_table(
+        _replace(table, column, pa.array(values)), tmp_path / "flat" / "x.parquet", row_group_size=8
+    )
+    dataset = CriteoParquetDataset(
+        tmp_path / "flat", num_embeddings=100, split_fractions=(0.0, 0.0, 1.0)
+    )
+    with pytest.raises(ValueError, match="x.parquet: " + message):
+        list(dataset.batches("test", 64))
