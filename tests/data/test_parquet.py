@@ -114,6 +114,22 @@ def test_string_hash_is_fixed_and_ints_hash_like_criteo() -> None:
     columns = ParquetColumns("y", sparse=(SparseColumn("v", 4),))
     block = read_block(table, columns, "t.parquet", 0)
     assert block.values[0].tolist() == [1 + 5 % 3, 1 + (-3) % 3, 0]
+    # A dictionary-encoded column (pandas' category dtype) hashes like its plain values.
+    words = pa.array(["a", "zzzz", None, "a"])
+    plain, encoded = (
+        read_block(pa.table({"y": [0] * 4, "v": v}), columns, "t.parquet", 0).values[0].tolist()
+        for v in (words, words.dictionary_encode())
+    )
+    assert (
+        plain
+        == encoded
+        == [
+            1 + 1804080386290714614 % 3,
+            1 + 16394436400544638496 % 3,
+            0,
+            1 + 1804080386290714614 % 3,
+        ]
+    )
 
 
 def test_split_rules_ranks_and_epochs_with_bags(tmp_path: Path) -> None:
@@ -153,6 +169,10 @@ def test_json_declaration_and_get_dataset(tmp_path: Path) -> None:
     [
         ({"label": "y", "sparse": [{"name": "a", "num_embeddings": 9}], "dens": []}, "'dens'"),
         ({"label": "y", "sparse": [{"name": "a"}]}, "needs 'name' and 'num_embeddings'"),
+        (
+            {"label": "y", "sparse": [{"name": "a", "num_embeddings": 9, "rows": 3}]},
+            "'rows': 3} needs 'name' and 'num_embeddings' and may have 'mapping'",
+        ),
         ({"label": "y", "sparse": []}, "at least one sparse column"),
         (
             {"label": "y", "sparse": [{"name": "a", "num_embeddings": 9, "mapping": "vocab"}]},

@@ -145,9 +145,13 @@ class ParquetColumns:
             )
         sparse = []
         for entry in data.get("sparse", ()):
-            if not isinstance(entry, Mapping) or not {"name", "num_embeddings"} <= set(entry):
+            required = {"name", "num_embeddings"}
+            if not isinstance(entry, Mapping) or not required <= set(entry) <= {
+                *required,
+                "mapping",
+            }:
                 raise ValueError(
-                    f"sparse entry {entry!r} needs 'name' and 'num_embeddings' (and may have 'mapping')"
+                    f"sparse entry {entry!r} needs 'name' and 'num_embeddings' and may have 'mapping'"
                 )
             sparse.append(SparseColumn(**entry))
         return cls(
