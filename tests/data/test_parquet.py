@@ -175,6 +175,11 @@ def test_json_declaration_and_get_dataset(tmp_path: Path) -> None:
         ),
         ({"label": "y", "sparse": []}, "at least one sparse column"),
         (
+            {"label": "y", "dense": "p", "sparse": [{"name": "a", "num_embeddings": 9}]},
+            "'dense' and 'sparse' must be lists",
+        ),
+        ({"label": 3, "sparse": [{"name": "a", "num_embeddings": 9}]}, "non-empty strings"),
+        (
             {"label": "y", "sparse": [{"name": "a", "num_embeddings": 9, "mapping": "vocab"}]},
             "sparse column 'a': unknown mapping 'vocab'",
         ),

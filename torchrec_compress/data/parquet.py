@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -119,7 +119,7 @@ class ParquetColumns:
 
     label: str
     dense: tuple[str, ...] = ()
-    sparse: tuple[SparseColumn, ...] = field(default_factory=tuple)
+    sparse: tuple[SparseColumn, ...] = ()
     dense_transform: str = "none"
 
     def __post_init__(self) -> None:
@@ -130,6 +130,8 @@ class ParquetColumns:
         if not self.sparse:
             raise ValueError("declare at least one sparse column (a CTR model needs a table)")
         names = [self.label, *self.dense, *(column.name for column in self.sparse)]
+        if not all(isinstance(name, str) and name for name in names):
+            raise ValueError(f"column names must be non-empty strings, got {names}")
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"columns {repeated} are declared more than once")
@@ -143,6 +145,8 @@ class ParquetColumns:
             raise ValueError(
                 f"column declaration needs 'label' and may have {sorted(known - {'label'})}; got {keys}"
             )
+        if isinstance(data.get("dense"), str) or isinstance(data.get("sparse"), str | Mapping):
+            raise ValueError("'dense' and 'sparse' must be lists (of names, and of sparse entries)")
         sparse = []
         for entry in data.get("sparse", ()):
             required = {"name", "num_embeddings"}
@@ -264,7 +268,7 @@ class ParquetDataset:
             return read_block(
                 table.slice(piece.start, piece.stop - piece.start),
                 self.columns,
-                f"{piece.file}",
+                str(piece.file),
                 piece.group_start + piece.start,
             )
 
