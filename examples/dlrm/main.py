@@ -38,7 +38,7 @@ from examples.dlrm.train import (
     is_main,
     load_checkpoint,
 )
-from torchrec_compress.data import get_dataset
+from torchrec_compress.data import DATASETS, get_dataset
 from torchrec_compress.distributed import shard_model
 
 logger = logging.getLogger("examples.dlrm")
@@ -58,7 +58,7 @@ def _option(text: str) -> Any:
         except ValueError:
             pass
     if "," in value:
-        return key, [int(v) for v in value.split(",")]
+        return key, [float(v) if "." in v else int(v) for v in value.split(",")]
     return key, value
 
 
@@ -66,11 +66,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--dataset", choices=["synthetic", "frappe", "criteo"], default="synthetic")
+    p.add_argument("--dataset", choices=list(DATASETS), default="synthetic")
     p.add_argument(
         "--data-path",
         default=None,
-        help="frappe: dir with valid.libsvm/test.libsvm; criteo: parquet dir",
+        help="frappe: dir with valid.libsvm/test.libsvm; criteo, parquet: parquet dir "
+        "(parquet also needs --data-opt columns=COLUMNS.json)",
     )
     p.add_argument(
         "--data-opt",

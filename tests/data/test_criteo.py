@@ -1,7 +1,10 @@
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -179,3 +182,117 @@ def test_missing_paths_and_bad_options(tmp_path: Path) -> None:
         CriteoParquetDataset(tmp_path / "flat", num_embeddings=1)
     with pytest.raises(ValueError, match="split_fractions"):
         CriteoParquetDataset(tmp_path / "flat", split_fractions=(0.5, 0.1, 0.1))
+
+
+@pytest.mark.parametrize("token", ["nan", "NaN", "NA", "N/A", "NULL", "null", "#N/A"])
+@pytest.mark.parametrize(("column", "name"), [(2, "int_0"), (15, "cat_0")])
+def test_null_like_tokens_are_errors_not_missing(
+    tmp_path: Path, token: str, column: int, name: str
+) -> None:
+    fields = ["1"] + ["5"] * 13 + ["abc"] * 26
+    fields[column - 1] = token
+    _write_tsv(tmp_path / "bad.tsv", 20, seed=4)
+    with open(tmp_path / "bad.tsv", "a") as tsv:
+        tsv.write("\t".join(fields) + "\n")
+    with pytest.raises(
+        ValueError, match=rf"bad.tsv:21: column {column} \({name}\) holds '{token}'"
+    ):
+        convert_criteo_tsv([tmp_path / "bad.tsv"], tmp_path / "pq", progress=False)
+
+
+def test_invalid_utf8_names_file_line_and_column(tmp_path: Path) -> None:
+    _write_tsv(tmp_path / "bad.tsv", 30, seed=5)
+    with open(tmp_path / "bad.tsv", "ab") as tsv:
+        tsv.write(b"\t".join([b"0"] + [b"7"] * 13 + [b"0a\xff"] + [b"abc"] * 25) + b"\n")
+    with pytest.raises(
+        ValueError, match=r"bad.tsv:31: column 15 \(cat_0\) holds b'0a\\xff' \(not valid UTF-8\)"
+    ):
+        convert_criteo_tsv([tmp_path / "bad.tsv"], tmp_path / "pq", progress=False)
+
+
+def test_directory_and_missing_input_get_different_messages(tmp_path: Path) -> None:
+    (tmp_path / "days").mkdir()
+    with pytest.raises(IsADirectoryError, match="days' is a directory, not a file"):
+        convert_criteo_tsv([tmp_path / "days"], tmp_path / "pq", progress=False)
+    with pytest.raises(FileNotFoundError, match="no.tsv' does not exist"):
+        convert_criteo_tsv([tmp_path / "no.tsv"], tmp_path / "pq", progress=False)
+    _write_tsv(tmp_path / "a.tsv", 5, seed=0)
+    with pytest.raises(NotADirectoryError, match="a.tsv' is a file, not a directory"):
+        CriteoParquetDataset(tmp_path / "a.tsv")
+
+
+def _foreign_criteo_table(tmp_path: Path, num_rows: int = 30) -> pa.Table:
+    """A Criteo-schema table as another tool might write it (starting from converted values)."""
+    _write_tsv(tmp_path / "src.tsv", num_rows, seed=6)
+    [converted] = convert_criteo_tsv([tmp_path / "src.tsv"], tmp_path / "src", progress=False)
+    return pq.read_table(converted)
+
+
+def _replace(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, values)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda t: t.drop_columns(["cat_3"]),
+            r"x.parquet: no column 'cat_3' \(declared sparse\); the file has columns \['label'",
+        ),
+        (
+            lambda t: _replace(t, "cat_3", pc.cast(t["cat_3"], pa.string())),
+            r"x.parquet: column 'cat_3' \(sparse\) has type string; Criteo categorical columns",
+        ),
+        (
+            lambda t: _replace(t, "cat_3", pa.array([1.5, -1.0] * 15)),
+            r"x.parquet: column 'cat_3' \(sparse\) has type double; .*must be integers",
+        ),
+        (
+            lambda t: _replace(t, "int_0", pc.cast(t["int_0"], pa.string())),
+            r"x.parquet: column 'int_0' \(dense\) has type string; expected integers or floats",
+        ),
+        (
+            lambda t: t.drop_columns(["label"]),
+            r"x.parquet: no column 'label' \(declared label\)",
+        ),
+    ],
+)
+def test_foreign_parquet_schema_is_checked_when_opened(
+    tmp_path: Path, change: Callable[[pa.Table], pa.Table], message: str
+) -> None:
+    (tmp_path / "flat").mkdir()
+    pq.write_table(change(_foreign_criteo_table(tmp_path)), tmp_path / "flat" / "x.parquet")
+    with pytest.raises(ValueError, match=message):
+        CriteoParquetDataset(tmp_path / "flat", num_embeddings=100)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        (
+            "int_2",
+            float("inf"),
+            r"row 11 \(0-based\), column 'int_2': dense value inf is not finite",
+        ),
+        ("int_2", -float("inf"), r"row 11 \(0-based\), column 'int_2': dense value -inf"),
+        ("int_2", float("nan"), r"row 11 \(0-based\), column 'int_2': dense value nan"),
+        ("label", 2, r"row 11 \(0-based\), column 'label': label 2.0 is not 0 or 1"),
+        ("label", None, r"row 11 \(0-based\), column 'label': the label is missing"),
+    ],
+)
+def test_bad_values_in_foreign_parquet_name_file_row_column(
+    tmp_path: Path, column: str, value: float | None, message: str
+) -> None:
+    table = _foreign_criteo_table(tmp_path)
+    values = pc.cast(table[column], pa.float64()).to_pylist()
+    values[11] = value
+    (tmp_path / "flat").mkdir()
+    # Row 11 of the file sits in its second row group.
+    pq.write_table(
+        _replace(table, column, pa.array(values)), tmp_path / "flat" / "x.parquet", row_group_size=8
+    )
+    dataset = CriteoParquetDataset(
+        tmp_path / "flat", num_embeddings=100, split_fractions=(0.0, 0.0, 1.0)
+    )
+    with pytest.raises(ValueError, match="x.parquet: " + message):
+        list(dataset.batches("test", 64))

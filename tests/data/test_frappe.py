@@ -138,3 +138,20 @@ def test_missing_path(tmp_path: Path) -> None:
     (tmp_path / "valid.libsvm").write_text("")
     with pytest.raises(ValueError, match="valid.libsvm' is empty"):
         get_dataset("frappe", path=tmp_path)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.libsvm").write_bytes(
+        f"{GOOD}\n{GOOD}\n".encode() + GOOD.replace("960", "9\xff0").encode("latin-1") + b"\n"
+    )
+    with pytest.raises(ValueError, match=r"bad.libsvm:3: token b'9\\xff0:1' \(not valid UTF-8\)"):
+        read_frappe_libsvm(tmp_path / "bad.libsvm")
+
+
+def test_directory_and_file_swapped(tmp_path: Path) -> None:
+    (tmp_path / "valid.libsvm").mkdir()
+    with pytest.raises(IsADirectoryError, match="valid.libsvm' is a directory, not a file"):
+        get_dataset("frappe", path=tmp_path)
+    (tmp_path / "file").write_text(GOOD)
+    with pytest.raises(NotADirectoryError, match="file' is a file, not a directory"):
+        get_dataset("frappe", path=tmp_path / "file")

@@ -1,4 +1,4 @@
-"""CTR datasets behind one interface: synthetic (the default), Frappe and Criteo.
+"""CTR datasets behind one interface: synthetic (the default), Frappe, Criteo and your own parquet.
 
 Every dataset has a :class:`CTRSchema` and yields ``torchrec.datasets.utils.Batch`` objects
 from ``batches(split, batch_size, rank, world_size, epoch)``, with the split semantics of
@@ -21,10 +21,11 @@ from typing import Any
 from torchrec_compress.data.checks import check_batch
 from torchrec_compress.data.criteo import CriteoParquetDataset, convert_criteo_tsv
 from torchrec_compress.data.frappe import FRAPPE_SCHEMA, FrappeDataset, read_frappe_libsvm
+from torchrec_compress.data.parquet import ParquetColumns, ParquetDataset, SparseColumn
 from torchrec_compress.data.schema import CTRDataset, CTRSchema, RowBlock
 from torchrec_compress.data.synthetic import SyntheticCTRConfig, SyntheticCTRDataset
 
-DATASETS: tuple[str, ...] = ("synthetic", "frappe", "criteo")
+DATASETS: tuple[str, ...] = ("synthetic", "frappe", "criteo", "parquet")
 
 
 def get_dataset(
@@ -33,17 +34,19 @@ def get_dataset(
     """Build a dataset by name.
 
     Args:
-        name: ``"synthetic"``, ``"frappe"`` or ``"criteo"``.
-        path: data directory; required for Frappe (holding ``valid.libsvm`` and ``test.libsvm``)
-            and Criteo (parquet files from :func:`convert_criteo_tsv`), unused for synthetic.
+        name: ``"synthetic"``, ``"frappe"``, ``"criteo"`` or ``"parquet"``.
+        path: data directory; required for Frappe (holding ``valid.libsvm`` and ``test.libsvm``),
+            Criteo (parquet files from :func:`convert_criteo_tsv`) and parquet (your files, see
+            :mod:`torchrec_compress.data.parquet`), unused for synthetic.
         seed: seed of the data (synthetic) and of the per-epoch train shuffle.
         **options: synthetic: :class:`SyntheticCTRConfig` fields (or ``config=`` a whole config,
             whose seed is kept; other
             options then override its fields); frappe: ``val_fraction``, ``split_seed``; criteo:
-            ``num_embeddings`` (one int or 26), ``split_fractions``.
+            ``num_embeddings`` (one int or 26), ``split_fractions``; parquet: ``columns`` (a
+            :class:`ParquetColumns` or the path of its JSON file; required), ``split_fractions``.
 
     Raises:
-        ValueError: unknown name, or a missing path.
+        ValueError: unknown name, a missing path, or parquet without ``columns``.
         FileNotFoundError: ``path`` does not exist.
 
     Example::
@@ -65,6 +68,13 @@ def get_dataset(
         raise FileNotFoundError(f"data path {str(path)!r} for dataset {name!r} does not exist")
     if name == "frappe":
         return FrappeDataset(path, seed=seed, **options)
+    if name == "parquet":
+        if "columns" not in options:
+            raise ValueError(
+                "dataset 'parquet' needs columns= (a ParquetColumns or the path of its JSON "
+                "file; on the command line: --data-opt columns=PATH.json)"
+            )
+        return ParquetDataset(path, seed=seed, **options)
     return CriteoParquetDataset(path, seed=seed, **options)
 
 
@@ -75,7 +85,10 @@ __all__ = [
     "CTRSchema",
     "CriteoParquetDataset",
     "FrappeDataset",
+    "ParquetColumns",
+    "ParquetDataset",
     "RowBlock",
+    "SparseColumn",
     "SyntheticCTRConfig",
     "SyntheticCTRDataset",
     "check_batch",

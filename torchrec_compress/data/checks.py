@@ -1,4 +1,4 @@
-"""Validation of batches against a :class:`~torchrec_compress.data.schema.CTRSchema`.
+"""Validation of input paths and of batches against a :class:`~torchrec_compress.data.schema.CTRSchema`.
 
 An id outside its table makes fbgemm read or write out of bounds (silently on CPU), so a batch
 is checked once, cheaply, before it reaches a model: one min/max per feature, never a loop over
@@ -7,10 +7,89 @@ rows or ids.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torchrec.datasets.utils import Batch
 
 from torchrec_compress.data.schema import CTRSchema
+
+
+def describe_field(value: bytes) -> str:
+    """A text field's raw bytes for an error message, saying so when they are not UTF-8.
+
+    Args:
+        value: the field as read (readers keep fields as bytes so that a file that is not
+            UTF-8 fails with its file and line, not deep inside pyarrow).
+
+    Example::
+
+        >>> describe_field(b"nan"), describe_field(b"0a\\xff")
+        ("'nan'", "b'0a\\\\xff' (not valid UTF-8)")
+    """
+    try:
+        return repr(value.decode("utf-8"))
+    except UnicodeDecodeError:
+        return f"{value!r} (not valid UTF-8)"
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """``path`` as a ``Path`` if it is a non-empty file; otherwise an error saying what it is.
+
+    Args:
+        path: the input file.
+        what: what the file should hold, for the message (e.g. ``"Criteo TSV file"``).
+
+    Raises:
+        FileNotFoundError: nothing exists at ``path``.
+        IsADirectoryError: ``path`` is a directory.
+        ValueError: the file is empty.
+
+    Example::
+
+        >>> require_file("/", "Criteo TSV file")
+        Traceback (most recent call last):
+        ...
+        IsADirectoryError: Criteo TSV file '/' is a directory, not a file; pass the files inside it
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{what} {str(path)!r} is a directory, not a file; pass the files inside it"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {str(path)!r} is empty")
+    return path
+
+
+def require_directory(path: str | Path, what: str) -> Path:
+    """``path`` as a ``Path`` if it is a directory; otherwise an error saying what it is.
+
+    Args:
+        path: the input directory.
+        what: what the directory should hold, for the message (e.g. ``"Frappe directory"``).
+
+    Raises:
+        FileNotFoundError: nothing exists at ``path``.
+        NotADirectoryError: ``path`` is a file.
+
+    Example::
+
+        >>> require_directory("/nowhere", "Frappe directory")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: Frappe directory '/nowhere' does not exist
+    """
+    path = Path(path)
+    if path.is_file():
+        raise NotADirectoryError(
+            f"{what} {str(path)!r} is a file, not a directory; pass the directory that holds it"
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    return path
 
 
 def check_batch(batch: Batch, schema: CTRSchema) -> None:

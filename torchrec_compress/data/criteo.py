@@ -6,11 +6,15 @@ negative), 26 categorical features (hex hashes, may be empty).
 :func:`convert_criteo_tsv` streams each TSV file block by block with ``pyarrow.csv.open_csv``
 (bounded memory, never a whole day) into one parquet file of raw values: ``label`` int8,
 ``int_0..int_12`` int64 and ``cat_0..cat_25`` int64 parsed from hex, empty fields as nulls.
+Only an empty field is missing: text such as ``nan``, ``NA`` or ``NULL`` and bytes that are not
+UTF-8 are errors naming the file, the 1-based line and the 1-based column.
 Table sizes therefore stay a read-time choice.
 
-:class:`CriteoParquetDataset` streams those files one row group at a time:
-dense ``= log(1 + max(x, 0))`` with nulls as 0; categorical ``v`` of a table with ``n`` rows
-``-> 1 + (v mod (n - 1))``, null -> 0 (row 0 is reserved for "missing").
+:class:`CriteoParquetDataset` streams those files (or Criteo-schema files written by another
+tool) one row group at a time through :class:`~torchrec_compress.data.parquet.ParquetDataset`:
+dense ``= log(1 + max(x, 0))`` with nulls as 0 (a NaN or infinite value is an error);
+categorical integer ``v`` of a table with ``n`` rows ``-> 1 + (v mod (n - 1))``, null -> 0
+(row 0 is reserved for "missing"); every file's columns and types are checked when it is opened.
 
 Split layouts (chosen by what the directory holds):
 
@@ -23,7 +27,7 @@ Split layouts (chosen by what the directory holds):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +41,10 @@ from torchrec.datasets.criteo import (
     DEFAULT_INT_NAMES,
     DEFAULT_LABEL_NAME,
 )
-from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
-from torchrec_compress.data.schema import (
-    SPLITS,
-    CTRSchema,
-    RowBlock,
-    block_batches,
-    check_split,
-    shuffled_blocks,
-)
+from torchrec_compress.data.checks import describe_field, require_file
+from torchrec_compress.data.parquet import ParquetColumns, ParquetDataset, SparseColumn
 
 PARQUET_SCHEMA = pa.schema(
     [pa.field(DEFAULT_LABEL_NAME, pa.int8(), nullable=False)]
@@ -61,7 +58,7 @@ for _digit, _char in enumerate("0123456789abcdef"):
     _HEX_DIGIT[ord(_char)] = _HEX_DIGIT[ord(_char.upper())] = _digit
 
 
-def _hex_to_int64(strings: pa.StringArray) -> pa.Int64Array:
+def _hex_to_int64(strings: pa.BinaryArray) -> pa.Int64Array:
     """Hex strings (already validated, at most 15 digits) to int64, nulls kept; vectorised."""
     _, offsets_buffer, data_buffer = strings.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[
@@ -80,18 +77,22 @@ def _hex_to_int64(strings: pa.StringArray) -> pa.Int64Array:
 
 
 def _convert_block(batch: pa.RecordBatch, path: Path, first_line: int) -> pa.Table:
-    """Validate one block of string columns and convert it to :data:`PARQUET_SCHEMA`."""
+    """Validate one block of byte-string columns and convert it to :data:`PARQUET_SCHEMA`.
+
+    Fields arrive as raw bytes (no UTF-8 check, only the empty field is null), so that text such
+    as ``nan`` or ``NULL`` and bytes that are not UTF-8 fail here, naming file, line and column.
+    """
     arrays = []
     for name, field in zip(DEFAULT_COLUMN_NAMES, PARQUET_SCHEMA, strict=True):
         column = batch.column(name)
         if name == DEFAULT_LABEL_NAME:
             pattern, what = r"^[01]$", "a 0/1 label"
         elif name in DEFAULT_INT_NAMES:
-            pattern, what = r"^-?[0-9]{1,18}$", "an integer"
+            pattern, what = r"^-?[0-9]{1,18}$", "an integer or an empty field (missing)"
         else:
             pattern, what = (
                 f"^[0-9a-fA-F]{{1,{_MAX_HEX_DIGITS}}}$",
-                f"a hex hash of at most {_MAX_HEX_DIGITS} digits",
+                f"a hex hash of at most {_MAX_HEX_DIGITS} digits or an empty field (missing)",
             )
         matches = pc.match_substring_regex(column, pattern)
         valid = pc.or_kleene(matches, pc.is_null(column)).to_numpy(zero_copy_only=False)
@@ -102,7 +103,7 @@ def _convert_block(batch: pa.RecordBatch, path: Path, first_line: int) -> pa.Tab
             column_number = DEFAULT_COLUMN_NAMES.index(name) + 1
             raise ValueError(
                 f"{path}:{first_line + row}: column {column_number} ({name}) holds "
-                f"{column[row].as_py()!r}; expected {what}"
+                f"{describe_field(column[row].as_py())}; expected {what}"
             )
         if name in DEFAULT_CAT_NAMES:
             arrays.append(_hex_to_int64(column))
@@ -137,6 +138,7 @@ def convert_criteo_tsv(
 
     Raises:
         FileNotFoundError: an input does not exist.
+        IsADirectoryError: an input is a directory.
         ValueError: for an empty input, and naming file and 1-based line for a line with the wrong number of columns,
             and file, line and column for a value that is not a 0/1 label, an integer, or hex.
 
@@ -152,12 +154,7 @@ def convert_criteo_tsv(
     """
     if rows_per_row_group < 1:
         raise ValueError(f"rows_per_row_group must be >= 1, got {rows_per_row_group}")
-    sources = [Path(path) for path in inputs]
-    for source in sources:
-        if not source.is_file():
-            raise FileNotFoundError(f"Criteo TSV file {str(source)!r} does not exist")
-        if source.stat().st_size == 0:
-            raise ValueError(f"Criteo TSV file {str(source)!r} is empty")
+    sources = [require_file(path, "Criteo TSV file") for path in inputs]
     targets = [Path(out_dir) / f"{source.stem}.parquet" for source in sources]
     if len(set(targets)) != len(targets):
         raise ValueError(f"inputs {[str(s) for s in sources]} map to clashing outputs {targets}")
@@ -201,9 +198,13 @@ def _convert_file(
                 invalid_row_handler=on_invalid,
                 ignore_empty_lines=False,
             ),
+            # Only an empty field is missing: pyarrow's default null tokens (nan, NA, NULL, ...)
+            # would otherwise turn into missing values silently.
             convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(DEFAULT_COLUMN_NAMES, pa.string()),
+                column_types=dict.fromkeys(DEFAULT_COLUMN_NAMES, pa.binary()),
+                null_values=[""],
                 strings_can_be_null=True,
+                check_utf8=False,
             ),
         )
         first_line = 1
@@ -234,8 +235,36 @@ def _raise_on_invalid_row(source: Path, bad_rows: list[pacsv.InvalidRow]) -> Non
         )
 
 
-class CriteoParquetDataset:
-    """Criteo parquet files made by :func:`convert_criteo_tsv`, streamed one row group at a time.
+def criteo_columns(num_embeddings: Sequence[int]) -> ParquetColumns:
+    """The Criteo parquet columns of :func:`convert_criteo_tsv` as a :class:`ParquetColumns`.
+
+    Args:
+        num_embeddings: rows of each of the 26 categorical tables (>= 2).
+
+    Example::
+
+        >>> columns = criteo_columns([1000] * 26)
+        >>> columns.dense_transform, columns.sparse[0]
+        ('log1p', SparseColumn(name='cat_0', num_embeddings=1000, mapping='hash'))
+    """
+    return ParquetColumns(
+        label=DEFAULT_LABEL_NAME,
+        dense=tuple(DEFAULT_INT_NAMES),
+        sparse=tuple(
+            SparseColumn(name, rows, "hash")
+            for name, rows in zip(DEFAULT_CAT_NAMES, num_embeddings, strict=True)
+        ),
+        dense_transform="log1p",
+    )
+
+
+class CriteoParquetDataset(ParquetDataset):
+    """Criteo parquet files, streamed one row group at a time.
+
+    A :class:`~torchrec_compress.data.parquet.ParquetDataset` with :func:`criteo_columns`:
+    files from :func:`convert_criteo_tsv` or from another tool, checked the same way (a missing
+    column, a string or float categorical column, a non-finite dense value are errors naming
+    the file and column).
 
     Args:
         path: a directory in one of the two layouts of the module docstring.
@@ -264,9 +293,6 @@ class CriteoParquetDataset:
         seed: int = 0,
         split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     ) -> None:
-        root = Path(path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"Criteo parquet directory {str(root)!r} does not exist")
         sizes = (
             [num_embeddings] * len(DEFAULT_CAT_NAMES)
             if isinstance(num_embeddings, int)
@@ -276,108 +302,19 @@ class CriteoParquetDataset:
             raise ValueError(
                 f"num_embeddings must be one int >= 2 or {len(DEFAULT_CAT_NAMES)} ints >= 2, got {num_embeddings}"
             )
-        self.schema = CTRSchema(len(DEFAULT_INT_NAMES), tuple(DEFAULT_CAT_NAMES), tuple(sizes))
-        self.seed = seed
-        self._pieces = _split_pieces(root, split_fractions)
+        super().__init__(path, criteo_columns(sizes), seed, split_fractions)
 
-    def num_rows(self, split: str) -> int:
-        """Rows of ``split``."""
-        check_split(split)
-        return sum(stop - start for _, _, start, stop in self._pieces[split])
-
-    def batches(
-        self, split: str, batch_size: int, rank: int = 0, world_size: int = 1, epoch: int = 0
-    ) -> Iterator[Batch]:
-        """Batches of ``rank``'s share of ``split``; ``epoch`` reshuffles train."""
-        check_split(split)
-        pieces = self._pieces[split]
-
-        def load(index: int) -> RowBlock:
-            file, row_group, start, stop = pieces[index]
-            table = pq.ParquetFile(file).read_row_group(row_group).slice(start, stop - start)
-            return self._to_block(table)
-
-        sizes: list[int] = [stop - start for _, _, start, stop in pieces]
-        loader: Callable[[int], RowBlock] = load
-        if split == "train":
-            sizes, loader = shuffled_blocks(sizes, load, self.seed, epoch)
-        return block_batches(
-            sizes, loader, self.schema.sparse_features, batch_size, rank, world_size, split
-        )
-
-    def _to_block(self, table: pa.Table) -> RowBlock:
-        raw = np.stack(
-            [pc.fill_null(table.column(name), 0).to_numpy() for name in DEFAULT_INT_NAMES], axis=1
-        )
-        dense = np.log1p(np.maximum(raw, 0)).astype(np.float32)
-        ids = []
-        for name, rows in zip(DEFAULT_CAT_NAMES, self.schema.num_embeddings, strict=True):
-            values = pc.fill_null(table.column(name), -1).to_numpy()
-            ids.append(np.where(values < 0, 0, 1 + values % (rows - 1)))
-        return RowBlock(
-            dense=dense,
-            labels=table.column(DEFAULT_LABEL_NAME).to_numpy().astype(np.float32),
-            lengths=np.ones((len(ids), table.num_rows), dtype=np.int32),
-            values=tuple(ids),
-        )
-
-
-_Piece = tuple[Path, int, int, int]  # (file, row group, first row, end row) inside the row group
-
-
-def _row_groups(files: Sequence[Path]) -> list[_Piece]:
-    pieces = []
-    for file in files:
-        metadata = pq.ParquetFile(file).metadata
-        for row_group in range(metadata.num_row_groups):
-            rows = metadata.row_group(row_group).num_rows
-            if rows:
-                pieces.append((file, row_group, 0, rows))
-    return pieces
-
-
-def _split_pieces(
-    root: Path, split_fractions: tuple[float, float, float]
-) -> dict[str, list[_Piece]]:
-    """Row-group pieces of each split, for either layout (see the module docstring)."""
-    if (root / "train").is_dir():
-        pieces = {}
-        for split in SPLITS:
-            directory = root / split
-            files = sorted(directory.glob("*.parquet"))
-            if not files:
-                raise FileNotFoundError(
-                    f"{str(directory)!r} holds no parquet files; the per-split layout needs "
-                    f"{root}/train, {root}/val and {root}/test"
+    def _check_schema(self, file: Path, schema: pa.Schema) -> None:
+        super()._check_schema(file, schema)
+        for name in DEFAULT_CAT_NAMES:
+            data_type = schema.field(name).type
+            if not pa.types.is_integer(data_type):
+                raise ValueError(
+                    f"{file}: column {name!r} (sparse) has type {data_type}; Criteo categorical "
+                    "columns hold the integers convert_criteo_tsv parses from hex (strings would "
+                    "hash to other rows): convert the TSV with convert_criteo_tsv, or read these "
+                    "files with ParquetDataset (--dataset parquet), which hashes strings"
                 )
-            pieces[split] = _row_groups(files)
-        return pieces
-    files = sorted(root.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(
-            f"{str(root)!r} holds neither train/ val/ test/ directories nor *.parquet files"
-        )
-    if (
-        len(split_fractions) != 3
-        or min(split_fractions) < 0
-        or abs(sum(split_fractions) - 1) > 1e-9
-    ):
-        raise ValueError(
-            f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}"
-        )
-    all_pieces = _row_groups(files)
-    total = sum(stop for _, _, _, stop in all_pieces)
-    cuts = np.round(np.cumsum([0.0, *split_fractions]) * total).astype(np.int64)
-    group_starts = np.cumsum([0] + [stop for _, _, _, stop in all_pieces])
-    pieces = {}
-    for split, low, high in zip(SPLITS, cuts[:-1], cuts[1:], strict=True):
-        # Clip every row group to [low, high) in global row coordinates.
-        pieces[split] = [
-            (file, row_group, int(max(low - first, 0)), int(min(high - first, stop)))
-            for (file, row_group, _, stop), first in zip(all_pieces, group_starts[:-1], strict=True)
-            if first < high and first + stop > low
-        ]
-    return pieces
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from torchrec.datasets.utils import Batch
 
+from torchrec_compress.data.checks import describe_field, require_directory, require_file
 from torchrec_compress.data.schema import (
     CTRSchema,
     RowBlock,
@@ -70,7 +71,10 @@ def _read_tokens(path: Path) -> pa.Table:
         parse_options=pacsv.ParseOptions(
             delimiter=" ", invalid_row_handler=on_invalid, ignore_empty_lines=False
         ),
-        convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string())),
+        # Raw bytes: a line that is not UTF-8 then fails below, naming file and line.
+        convert_options=pacsv.ConvertOptions(
+            column_types=dict.fromkeys(columns, pa.binary()), check_utf8=False
+        ),
     )
     if bad_rows:
         row = bad_rows[0]
@@ -84,10 +88,11 @@ def _read_tokens(path: Path) -> pa.Table:
 def _labels(path: Path, table: pa.Table) -> np.ndarray:
     # Every row was valid, none skipped: row i is line i + 1.
     label_text = table.column("label").combine_chunks()
-    label_ok = pc.is_in(label_text, value_set=pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
+    label_ok = pc.is_in(label_text, value_set=pa.array([b"0", b"1"])).to_numpy(zero_copy_only=False)
     if not label_ok.all():
         line = int(np.argmin(label_ok))
-        raise ValueError(f"{path}:{line + 1}: label {label_text[line].as_py()!r} is not 0 or 1")
+        label = describe_field(label_text[line].as_py())
+        raise ValueError(f"{path}:{line + 1}: label {label} is not 0 or 1")
     return pc.cast(label_text, pa.float32()).to_numpy()
 
 
@@ -102,7 +107,7 @@ def _ids(path: Path, table: pa.Table) -> np.ndarray:
         if not valid.all():
             line = int(np.argmin(valid))
             raise ValueError(
-                f"{path}:{line + 1}: token {tokens[line].as_py()!r} is not of the form <id>:1"
+                f"{path}:{line + 1}: token {describe_field(tokens[line].as_py())} is not of the form <id>:1"
             )
         parsed = pc.extract_regex(tokens, pattern).field("id")
         ids[:, column] = pc.cast(parsed, pa.int64()).to_numpy()
@@ -141,6 +146,7 @@ def read_frappe_libsvm(path: str | Path) -> RowBlock:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        IsADirectoryError: ``path`` is a directory.
         ValueError: for an empty file, and naming the file, the 1-based line and the offending token, for a line with
             the wrong number of fields, a label other than 0/1, a token other than ``<id>:1``,
             an id outside every field's range, or two ids of the same field on one line.
@@ -153,11 +159,7 @@ def read_frappe_libsvm(path: str | Path) -> RowBlock:
         >>> [int(v[0]) for v in read_frappe_libsvm(path).values][:3]
         [3, 3, 1]
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Frappe file {str(path)!r} does not exist")
-    if path.stat().st_size == 0:
-        raise ValueError(f"Frappe file {str(path)!r} is empty")
+    path = require_file(path, "Frappe file")
     table = _read_tokens(path)
     labels = _labels(path, table)
     ids = _ids(path, table)
@@ -200,9 +202,7 @@ class FrappeDataset:
     def __init__(
         self, path: str | Path, seed: int = 0, val_fraction: float = 0.1, split_seed: int = 2026
     ) -> None:
-        root = Path(path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"Frappe directory {str(root)!r} does not exist")
+        root = require_directory(path, "Frappe directory")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.seed = seed
