@@ -25,6 +25,10 @@ CONFIGS = {
     "afm": AFMConfig(rank=8),
     "afm_one_kept": AFMConfig(rank=8, table_overrides=KEEP_ONE),
     "svd_one_kept": SVDConfig(rank=8, table_overrides=KEEP_ONE),
+    # rank 2 of 16 dims, stored two factor rows to a row (the mean-pooled t_f1 too)
+    "afm_packed": AFMConfig(
+        rank=2, rank_multiple=1, table_overrides={"t_f0": LowRankOverride(skip=True)}
+    ),
 }
 
 
@@ -76,18 +80,20 @@ def test_fx_symbolic_trace_then_torchscript(config_name: str) -> None:
         _check_close(scripted, model, grad)
 
 
+@pytest.mark.parametrize("config_name", ["afm_one_kept", "afm_packed"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
-def test_torch_export(grad: bool) -> None:
-    model = _compressed_dlrm("afm_one_kept")
+def test_torch_export(grad: bool, config_name: str) -> None:
+    model = _compressed_dlrm(config_name)
     with torch.set_grad_enabled(grad):
         exported = torch.export.export(model, _inputs())
     _check_close(exported.module(), model, grad, same_shapes=True)
 
 
+@pytest.mark.parametrize("config_name", ["afm_one_kept", "afm_packed"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
-def test_torch_compile_fullgraph(grad: bool) -> None:
+def test_torch_compile_fullgraph(grad: bool, config_name: str) -> None:
     torch._dynamo.reset()
-    model = _compressed_dlrm("afm_one_kept")
+    model = _compressed_dlrm(config_name)
     _check_close(torch.compile(model, fullgraph=True), model, grad)
 
 

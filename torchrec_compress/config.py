@@ -123,8 +123,10 @@ class LowRankConfig(CompressionConfig):
             MLP is an ``nn.Sequential`` (at any depth, e.g. inside ``torchrec.modules.mlp.MLP``)
             that holds two or more ``nn.Linear`` layers, counted in module order.
         rank_multiple (int): ranks are rounded up to a multiple of this (capped at the table's
-            dimension), because fbgemm's quantized and GPU table-batched kernels require
-            embedding dims that are multiples of 4 (see ``torchrec_compress.rank.round_rank``).
+            dimension).  fbgemm's training kernels need widths that are multiples of 4, so a
+            factor table of another rank is stored packed, ``4 / gcd(k, 4)`` factor rows to a
+            row, at the cost of that many lookups per id (``torchrec_compress.rank``); the
+            default 4 never packs, 1 keeps every rank exact (e.g. d=16 -> k=2).
     """
 
     rank: int | None = None

@@ -32,6 +32,13 @@ def find_embedding_bag_collections(
             return
         if isinstance(module, LowRankEmbeddingBagCollection):
             if lowrank_factors and isinstance(module.factor_ebc, EmbeddingBagCollection):
+                packed = sorted(module.layout().packing)
+                if packed:
+                    raise ValueError(
+                        f"the factor tables {packed} of {fqn or '<model>'!r} are stored packed "
+                        "(ranks not a multiple of 4) and cannot be compressed further; compress "
+                        "with ranks that are multiples of 4 (rank_multiple=4) first"
+                    )
                 visit(module.factor_ebc, f"{fqn}.factor_ebc" if fqn else "factor_ebc")
             return
         for name, child in module.named_children():

@@ -11,7 +11,11 @@ Rank rounding.  ``round_rank`` rounds every table rank up to a multiple of ``ran
 * DMP sharding a k=3 factor table ``table_wise`` (kernel ``fused``) fails with torchrec's
   "local_cols=3 not divisible by 4"; k=4 shards, runs forward and backward.
 
-So an unrounded rank would build and run unsharded but fail once DMP shards the factor tables.
+So a factor table whose rank is not a multiple of 4 is stored packed: ``p = 4 / gcd(k, 4)`` factor
+rows to a stored row of width ``p k`` (:func:`rows_per_packed_row`; the collection splits each
+feature into ``p`` weighted slot features, see ``LowRankEmbeddingBagCollection``).  That costs
+``p`` lookups per id, so ranks are still rounded up to ``rank_multiple`` (default 4: no packing);
+``rank_multiple=1`` keeps every rank exact (e.g. the AFM paper's d=16 -> k=2).
 Linear layers are plain ``nn.Linear`` and need no rounding.
 
 Never bigger.  A table is compressed only when its low-rank form (factor table, projection and
@@ -105,9 +109,31 @@ def rank_for_variance(eigenvalues: torch.Tensor, target: float) -> int:
     return int((ratio < target - 1e-12).sum().item()) + 1
 
 
+def rows_per_packed_row(rank: int) -> int:
+    """How many k-dim factor rows one stored row holds: fbgemm's training kernels need widths
+    that are multiples of 4, so a factor table of rank ``k`` not a multiple of 4 is stored
+    ``p = 4 / gcd(k, 4)`` rows to a row (width ``p k``); 1 otherwise.
+
+    Example::
+
+        >>> [rows_per_packed_row(k) for k in (1, 2, 3, 4, 6, 8)]
+        [4, 2, 4, 1, 2, 1]
+    """
+    return 4 // math.gcd(rank, 4)
+
+
 def compressed_table_bytes(num_embeddings: int, embedding_dim: int, rank: int) -> int:
-    """Bytes of a low-rank table: factor table N x k, projection k x d, mean d (float32)."""
-    return BYTES_PER_ELEMENT * (num_embeddings * rank + rank * embedding_dim + embedding_dim)
+    """Bytes of a low-rank table: factor table N x k (as stored: a packed table's last row is
+    padded), projection k x d, mean d (float32).
+
+    Example::
+
+        >>> compressed_table_bytes(1001, 16, 4), compressed_table_bytes(1001, 16, 2)
+        (16336, 8208)
+    """
+    packed = rows_per_packed_row(rank)
+    stored_rows = -(-num_embeddings // packed) * packed
+    return BYTES_PER_ELEMENT * (stored_rows * rank + rank * embedding_dim + embedding_dim)
 
 
 def table_bytes(num_embeddings: int, embedding_dim: int) -> int:

@@ -50,6 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--rank", type=int, default=None, help="one rank for every table")
     g.add_argument(
+        "--rank-multiple",
+        type=int,
+        default=4,
+        help="round ranks up to a multiple of this (1: exact ranks, e.g. --rank 2 of d=16; "
+        "ranks that are not multiples of 4 are stored packed)",
+    )
+    g.add_argument(
         "--explained-variance",
         type=float,
         default=None,
@@ -132,6 +139,7 @@ def make_config(
         "linear": args.compress_linear,
         "linear_rank": args.linear_rank,
         "linear_variance": args.linear_variance,
+        "rank_multiple": args.rank_multiple,
     }
     return (AFMConfig if method == "afm" else SVDConfig)(**kwargs)
 

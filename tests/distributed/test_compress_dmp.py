@@ -31,6 +31,13 @@ EVAL = [tiny_batch(8, seed=700 + i) for i in range(2)]
 CASES: dict[str, tuple[CompressionConfig, str, str, type[nn.Module]]] = {
     "afm": (AFMConfig(rank=8), "table_wise", "row_wise", LowRankEmbeddingBagCollection),
     "svd": (SVDConfig(rank=8), "column_wise", "table_wise", LowRankEmbeddingBagCollection),
+    # exact rank 2 (fbgemm needs widths that are multiples of 4): stored packed, 2 rows to a row
+    "afm_k2": (
+        AFMConfig(rank=2, rank_multiple=1),
+        "table_wise",
+        "row_wise",
+        LowRankEmbeddingBagCollection,
+    ),
     "mec": (
         MECConfig(num_subspaces=4, num_centroids=16, training=MECTraining(steps=20)),
         "row_wise",

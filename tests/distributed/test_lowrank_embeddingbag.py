@@ -44,6 +44,12 @@ EBC = "model.sparse_arch.embedding_bag_collection"
 STEPS = 3
 # t_f2 stays uncompressed: the collection mixes a low-rank and a full-width table
 CONFIG = AFMConfig(rank=RANK, table_overrides={"t_f2": LowRankOverride(skip=True)})
+# exact rank 2 (packed), one table at rank 4 (not packed), the mean-pooled one kept
+PACKED = AFMConfig(
+    rank=2,
+    rank_multiple=1,
+    table_overrides={"t_f0": LowRankOverride(rank=4), "t_f1": LowRankOverride(skip=True)},
+)
 
 
 def _dlrm(device: torch.device) -> DLRMTrain:
@@ -63,23 +69,25 @@ def _forward(model: nn.Module, batch: Batch) -> object:
     return model(batch)
 
 
-def _compressed_state() -> dict[str, torch.Tensor]:
+def _compressed_state(config: AFMConfig = CONFIG) -> dict[str, torch.Tensor]:
     """The AFM-compressed DLRM's weights (identical on every process)."""
     model = _dlrm(CPU)
-    compress_(model, CONFIG, [tiny_batch(16, seed=i) for i in range(4)], forward_fn=_forward)
+    compress_(model, config, [tiny_batch(16, seed=i) for i in range(4)], forward_fn=_forward)
     return model.state_dict()
 
 
-def _compressed_model(state: dict[str, torch.Tensor]) -> DLRMTrain:
+def _compressed_model(state: dict[str, torch.Tensor], config: AFMConfig = CONFIG) -> DLRMTrain:
     model = _dlrm(CPU)
-    compress_(model, CONFIG, [tiny_batch(16, seed=i) for i in range(4)], forward_fn=_forward)
+    compress_(model, config, [tiny_batch(16, seed=i) for i in range(4)], forward_fn=_forward)
     model.load_state_dict(state)
     return model
 
 
-def _sharded(state: dict[str, torch.Tensor], sharding_type: str) -> nn.Module:
+def _sharded(
+    state: dict[str, torch.Tensor], sharding_type: str, config: AFMConfig = CONFIG
+) -> nn.Module:
     """The compressed DLRM under DMP, factor tables trained by SGD in backward."""
-    model = _compressed_model(state)
+    model = _compressed_model(state, config)
     factor_ebc = model.model.sparse_arch.embedding_bag_collection.factor_ebc
     apply_optimizer_in_backward(torch.optim.SGD, factor_ebc.parameters(), {"lr": 0.1})
     dmp = shard_model(model, CPU, sharding_type=sharding_type)
@@ -111,9 +119,11 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     )
 
 
-def _pipeline_vs_plain_loop(rank: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
+def _pipeline_vs_plain_loop(
+    rank: int, state: dict[str, torch.Tensor], config: AFMConfig = CONFIG
+) -> dict[str, float]:
     batches = [tiny_batch(8, seed=300 + 10 * rank + i) for i in range(STEPS)]
-    plain = _sharded(state, "table_wise")
+    plain = _sharded(state, "table_wise", config)
     initial = _local(plain.state_dict())
     optimizer = _dense_optimizer(plain)
     for batch in batches:
@@ -121,7 +131,7 @@ def _pipeline_vs_plain_loop(rank: int, state: dict[str, torch.Tensor]) -> dict[s
         loss, _ = plain(batch)
         loss.backward()
         optimizer.step()
-    pipelined = _sharded(state, "table_wise")
+    pipelined = _sharded(state, "table_wise", config)
     assert isinstance(
         pipelined.module.model.sparse_arch.embedding_bag_collection,
         ShardedLowRankEmbeddingBagCollection,
@@ -139,14 +149,19 @@ def _pipeline_vs_plain_loop(rank: int, state: dict[str, torch.Tensor]) -> dict[s
     return {"pipeline": _max_diff(_local(pipelined.state_dict()), trained)}
 
 
-def _planned_as_one_module_and_exact(rank: int, state: dict[str, torch.Tensor]) -> dict:
-    reference = _compressed_model(state)
+def _planned_as_one_module_and_exact(
+    rank: int,
+    state: dict[str, torch.Tensor],
+    config: AFMConfig = CONFIG,
+    sharding_types: tuple[str, ...] = ("table_wise", "row_wise", "column_wise"),
+) -> dict:
+    reference = _compressed_model(state, config)
     batch = tiny_batch(16, seed=500 + rank)
     with torch.no_grad():
         expected = reference(batch)[1][1]
     out: dict[str, float] = {}
-    for sharding_type in ("table_wise", "row_wise", "column_wise"):
-        dmp = _sharded(state, sharding_type)
+    for sharding_type in sharding_types:
+        dmp = _sharded(state, sharding_type, config)
         plan = dmp.plan.plan
         assert EBC in plan and f"{EBC}.factor_ebc" not in plan, sorted(plan)
         assert {p.sharding_type for p in plan[EBC].values()} == {sharding_type}
@@ -226,9 +241,24 @@ def _feature_processed(rank: int) -> dict[str, float]:
     return out
 
 
+def _packed(rank: int, world_size: int) -> dict[str, float]:
+    """Rank 2 of 16-dim tables (the AFM paper's d=16 -> k=2), stored 2 factor rows to a row."""
+    state = _compressed_state(PACKED)
+    factors = state[f"{EBC}.factor_ebc.embedding_bags.t_f2.weight"]
+    assert factors.shape == (150, 4), factors.shape  # 300 rows x k=2, two to a row
+    out = {f"packed/{k}": v for k, v in _pipeline_vs_plain_loop(rank, state, PACKED).items()}
+    if world_size > 1:
+        exact = _planned_as_one_module_and_exact(
+            rank, state, PACKED, sharding_types=("table_wise", "row_wise")
+        )
+        out |= {f"packed/{k}": v for k, v in exact.items()}
+    return out
+
+
 def _run(rank: int, world_size: int) -> dict[str, float]:
     state = _compressed_state()
     out = _pipeline_vs_plain_loop(rank, state)
+    out |= _packed(rank, world_size)
     if world_size > 1:
         out |= _planned_as_one_module_and_exact(rank, state)
         out |= _rowwise_adagrad_recipe(rank, state)
@@ -257,6 +287,20 @@ def test_train_pipeline_sparse_dist_matches_plain_loop(
 ) -> None:
     results = request.getfixturevalue(world)
     assert results["pipeline"] <= 1e-6, results
+
+
+@pytest.mark.parametrize("world", ["one_process", "two_processes"])
+def test_packed_rank_two_trains_in_the_pipeline_and_shards_exactly(
+    world: str, request: pytest.FixtureRequest
+) -> None:
+    """AFM d=16 -> k=2 (refused before: fbgemm needs widths that are multiples of 4): factor
+    rows stored two to a row; TrainPipelineSparseDist equals the plain loop, and table- and
+    row-wise sharded forwards equal the unsharded model."""
+    results = request.getfixturevalue(world)
+    assert results["packed/pipeline"] <= 1e-6, results
+    if world == "two_processes":
+        for sharding_type in ("table_wise", "row_wise"):
+            assert results[f"packed/forward/{sharding_type}"] <= 1e-5, results
 
 
 def test_planned_as_one_module_and_sharded_forward_is_exact(

@@ -49,8 +49,12 @@ from torchrec_compress.lowrank import (
     factor_table,
     projection,
 )
-from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
+from torchrec_compress.modules.lowrank_embedding_bag import (
+    LowRankEmbeddingBagCollection,
+    pack_factor_rows,
+)
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
+from torchrec_compress.rank import rows_per_packed_row
 from torchrec_compress.registry import handler_for
 from torchrec_compress.report import CompressionReport
 from torchrec_compress.statistics import (
@@ -731,9 +735,33 @@ def _table_state(
         part = _range_factors(rows, local, basis, rank, chunk_rows)
         if part is not None and dist.get_rank() == rows.lead:
             factors[rows.row] = part
-    shape = (table.num_embeddings, rank)
+    layout, factors, shape = _packed(layout, factors, table, rank)
     return {
         weight_key: _factor_sharded_tensor(layout, factors, shape, dist.group.WORLD),
         f"{fqn}.projection.{table.name}": projection(basis, rank),
         f"{fqn}.mean.{table.name}": basis.mean.to(torch.float32).unsqueeze(0),
     }
+
+
+def _packed(
+    layout: list[_RowRange],
+    factors: dict[int, torch.Tensor],
+    table: EmbeddingBagConfig,
+    rank: int,
+) -> tuple[list[_RowRange], dict[int, torch.Tensor], tuple[int, int]]:
+    """The row ranges, local factor rows and shape of a factor table as stored: unchanged for a
+    rank that is a multiple of 4, else ``p`` rows to a stored row (``pack_factor_rows``), each
+    range packed where it lives; ranges must then start at multiples of ``p``."""
+    p = rows_per_packed_row(rank)
+    if p == 1:
+        return layout, factors, (table.num_embeddings, rank)
+    misaligned = [r.row for r in layout if r.row % p]
+    if misaligned:
+        raise ValueError(
+            f"table {table.name!r}: rank {rank} is stored {p} rows to a row, but its row shards "
+            f"start at rows {misaligned}, not multiples of {p}; shard it table-wise, or choose a "
+            "rank that is a multiple of 4"
+        )
+    packed_layout = [_RowRange(r.row // p, -(-r.rows // p), r.blocks) for r in layout]
+    packed = {row // p: pack_factor_rows(part, p) for row, part in factors.items()}
+    return packed_layout, packed, (-(-table.num_embeddings // p), p * rank)

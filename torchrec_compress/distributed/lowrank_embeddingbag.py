@@ -205,7 +205,7 @@ class ShardedLowRankEmbeddingBagCollection(
         if self.process_features is not None:
             local = self.process_features(KJTList([features]))[0]
         ctx.bag_coefficients = self._layout.bag_coefficients(local)
-        return self.factor_ebc.input_dist(ctx, features)
+        return self.factor_ebc.input_dist(ctx, self._layout.factor_features(features))
 
     def compute(
         self, ctx: LowRankEmbeddingBagCollectionContext, dist_input: KJTList
@@ -409,8 +409,16 @@ class FeatureProcessedLowRankSharder(FeatureProcessedEmbeddingBagCollectionShard
         device: torch.device | None = None,
         module_fqn: str | None = None,
     ) -> ShardedFeatureProcessedEmbeddingBagCollection:
-        if type(module._embedding_bag_collection) is not LowRankEmbeddingBagCollection:
+        collection = module._embedding_bag_collection
+        if type(collection) is not LowRankEmbeddingBagCollection:
             return super().shard(module, params, env, device, module_fqn)
+        packed = sorted(collection.layout().packing)
+        if packed:
+            raise ValueError(
+                f"tables {packed} of a FeatureProcessedEmbeddingBagCollection have ranks that are "
+                "not multiples of 4 (stored packed): the sharded feature processors cannot read "
+                "their slot features; choose ranks that are multiples of 4 (rank_multiple=4)"
+            )
         return ShardedFeatureProcessedLowRankEmbeddingBagCollection(
             module,
             params,

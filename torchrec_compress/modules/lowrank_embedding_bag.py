@@ -23,10 +23,11 @@ from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
     get_embedding_names_by_table,
 )
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import _ops
+from torchrec_compress.rank import rows_per_packed_row
 
 
 def is_tracing() -> bool:
@@ -100,6 +101,9 @@ class LowRankLayout:
     embedding_names: list[str] = field(init=False)
     length_per_key: list[int] = field(init=False)
     runs: list[_Run] = field(init=False)
+    packing: dict[str, int] = field(init=False)
+    factor_sources: list[list[tuple[str, int]]] = field(init=False)
+    _plain_features: list[tuple[str, bool]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.factor_dims = [self.ranks.get(t.name, t.embedding_dim) for t in self.tables]
@@ -115,6 +119,111 @@ class LowRankLayout:
             for _ in names
         ]
         self.runs = _runs(self)
+        # table -> factor rows per stored row, for ranks that are not a multiple of 4
+        self.packing = {
+            name: p for name, k in self.ranks.items() if (p := rows_per_packed_row(k)) > 1
+        }
+        self.factor_sources = self._factor_sources()
+        # features read by unpacked tables (in table order, once), with whether that table
+        # pools by MEAN: passed on as they are, MEAN ones weighted by 1 / L
+        plain: dict[str, bool] = {}
+        for t, names in zip(self.tables, self.feature_names_by_table, strict=True):
+            for f in names if t.name not in self.packing else []:
+                mean = t.pooling == PoolingType.MEAN
+                if plain.setdefault(f, mean) != mean and self.packing:
+                    raise ValueError(
+                        f"feature {f!r} is read by a SUM- and a MEAN-pooled table of a "
+                        f"collection with packed tables {sorted(self.packing)}; choose ranks "
+                        "that are multiples of 4"
+                    )
+        self._plain_features = list(plain.items())
+
+    def slot_feature(self, table: str, feature: str, slot: int) -> str:
+        """The factor collection's feature for ids of ``feature`` in ``slot`` of a packed table."""
+        return f"{feature}__{table}__slot{slot}"
+
+    def factor_configs(self) -> list[EmbeddingBagConfig]:
+        """The factor collection's tables: k-dim (kept tables d-dim); a packed table holds
+        ``p`` factor rows per row (``ceil(N / p)`` rows of width ``p k``) and reads one slot
+        feature per original feature and slot."""
+        factors = []
+        for table, names, k in zip(
+            self.tables, self.feature_names_by_table, self.factor_dims, strict=True
+        ):
+            factor = copy.deepcopy(table)
+            factor.embedding_dim = k
+            if self.packing:
+                factor.pooling = PoolingType.SUM  # MEAN: ids weigh 1 / L (factor_features)
+            p = self.packing.get(table.name, 1)
+            if p > 1:
+                factor.num_embeddings = -(-table.num_embeddings // p)
+                factor.embedding_dim = p * k
+                factor.feature_names = [
+                    self.slot_feature(table.name, f, s) for f in names for s in range(p)
+                ]
+            factors.append(factor)
+        return factors
+
+    def _factor_sources(self) -> list[list[tuple[str, int]]]:
+        """Per output embedding (in order), the factor outputs ``(name, first column)`` whose
+        ``k`` columns sum to its pooled factors: one for a plain table, one per slot when packed."""
+        sources = []
+        factor_names = get_embedding_names_by_table(self.factor_configs())
+        for table, names, k in zip(self.tables, factor_names, self.factor_dims, strict=True):
+            p = self.packing.get(table.name, 1)
+            for first in range(0, len(names), p):
+                sources.append([(names[first + s], s * k) for s in range(p)])
+        return sources
+
+    def factor_features(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The factor collection's input: ``features`` itself, or with packed tables, per packed
+        table and feature ``p`` slot features: every id ``i`` becomes stored row ``i // p`` with
+        weight ``w_i [i % p == s]`` in slot ``s``.  The factor tables of a packed collection all
+        pool by SUM; a MEAN table's ids weigh ``w_i / L`` instead (static shapes: traceable)."""
+        if not self.packing:
+            return features
+        by_feature = features.to_dict()
+        keys: list[str] = []
+        values: list[torch.Tensor] = []
+        lengths: list[torch.Tensor] = []
+        weights: list[torch.Tensor] = []
+        for name, mean in self._plain_features:  # constants: traceable
+            bags = by_feature[name]
+            keys.append(name)
+            values.append(bags.values())
+            lengths.append(bags.lengths())
+            weights.append(self._weights(bags, mean))
+        for table, names in zip(self.tables, self.feature_names_by_table, strict=True):
+            p = self.packing.get(table.name, 1)
+            for name in names if p > 1 else []:
+                bags = by_feature[name]
+                ids = bags.values()
+                w = self._weights(bags, table.pooling == PoolingType.MEAN)
+                for slot in range(p):
+                    keys.append(self.slot_feature(table.name, name, slot))
+                    values.append(torch.div(ids, p, rounding_mode="floor"))
+                    lengths.append(bags.lengths())
+                    weights.append(w * (ids % p == slot).to(w.dtype))
+        return KeyedJaggedTensor(
+            keys=keys,
+            values=torch.cat(values),
+            lengths=torch.cat(lengths),
+            weights=torch.cat(weights),
+        )
+
+    def _weights(self, bags: JaggedTensor, mean: bool) -> torch.Tensor:
+        """Per-id weights of one feature for a SUM-pooled factor table: ``w_i`` (1 unweighted),
+        divided by the bag length for a MEAN table (fbgemm's weighted MEAN divides by ``L``)."""
+        ids = bags.values()
+        if self.is_weighted:
+            weights = bags.weights().float()
+        else:
+            weights = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        if not mean:
+            return weights
+        lengths = bags.lengths()
+        per_bag = lengths.clamp(min=1).float().reciprocal()
+        return weights * torch.repeat_interleave(per_bag, lengths, output_size=ids.numel())
 
     def bag_coefficients(self, features: KeyedJaggedTensor) -> list[torch.Tensor]:
         """Per compressed table, the coefficient of mu for every bag: ``(B, F_t)`` float32.
@@ -168,11 +277,14 @@ class LowRankLayout:
         Returns:
             KeyedTensor: float32 like ``EmbeddingBagCollection``'s, keys in table order.
         """
-        if keys_in_order:
+        if keys_in_order and not self.packing:
             values = factors.values()
         else:
             by_name = factors.to_dict()
-            values = torch.cat([by_name[name] for name in self.embedding_names], dim=1)
+            values = torch.cat(
+                [self._pooled_factors(by_name, sources, k) for sources, k in self._source_dims()],
+                dim=1,
+            )
         pooled: list[torch.Tensor] = []
         for run in self.runs:
             block = values[:, run.start : run.stop]
@@ -201,6 +313,21 @@ class LowRankLayout:
             # a single run's output is returned as is, not copied by a one-element cat
             values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
         )
+
+    def _source_dims(self) -> list[tuple[list[tuple[str, int]], int]]:
+        dims = [
+            k
+            for k, names in zip(self.factor_dims, self.feature_names_by_table, strict=True)
+            for _ in names
+        ]
+        return list(zip(self.factor_sources, dims, strict=True))
+
+    @staticmethod
+    def _pooled_factors(
+        by_name: dict[str, torch.Tensor], sources: list[tuple[str, int]], k: int
+    ) -> torch.Tensor:
+        parts = [by_name[name][:, start : start + k] for name, start in sources]
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
 
 @dataclass
@@ -304,12 +431,11 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 )
         self._tables = tables
         self._ranks = dict(ranks)
-        factor_tables = []
-        for table in tables:
-            factor = copy.deepcopy(table)
-            factor.embedding_dim = ranks.get(table.name, table.embedding_dim)
-            factor_tables.append(factor)
-        self.factor_ebc = EmbeddingBagCollection(factor_tables, is_weighted, device)
+        self._layout = LowRankLayout(tables, self._ranks, is_weighted)
+        # packed tables read weighted slot features (see LowRankLayout.factor_features)
+        self.factor_ebc = EmbeddingBagCollection(
+            self._layout.factor_configs(), is_weighted or bool(self._layout.packing), device
+        )
         self.projection = nn.ParameterDict()
         self.mean = nn.ParameterDict()
         for table in tables:
@@ -318,7 +444,6 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 self.projection[table.name] = nn.Parameter(torch.eye(k, d, device=device))
                 self.mean[table.name] = nn.Parameter(torch.zeros(1, d, device=device))
         self._is_weighted = is_weighted
-        self._layout = LowRankLayout(tables, self._ranks, is_weighted)
         # inference path: table name -> ((ptrs, versions), [B; mu]); see _projection_and_mean
         self._fused_cache: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
         self.register_load_state_dict_pre_hook(_vector_mean_to_row)
@@ -396,6 +521,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
         ``mean`` may be given as ``(d,)`` or ``(1, d)``.
         """
         weight = self.factor_ebc.embedding_bags[name].weight
+        factor_table = pack_factor_rows(factor_table, self._layout.packing.get(name, 1))
         if factor_table.shape != weight.shape:
             raise ValueError(
                 f"table {name!r}: factor table has shape {tuple(factor_table.shape)}, "
@@ -433,7 +559,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
             if self._fused_applies(features):
                 return self._fused_forward(features)
         return self._layout.project(
-            self.factor_ebc(features),
+            self.factor_ebc(self._layout.factor_features(features)),
             self._layout.bag_coefficients(features),
             self.projection,
             self.mean,
@@ -488,6 +614,8 @@ class LowRankEmbeddingBagCollection(nn.Module):
         layout = self._layout
         for table, feature_names in zip(layout.tables, layout.feature_names_by_table, strict=True):
             weight = self.factor_ebc.embedding_bags[table.name].weight
+            if table.name in layout.packing:  # row-major packing: a view of the k-dim rows
+                weight = weight.view(-1, self._ranks[table.name])
             compressed = table.name in self._ranks
             if compressed:
                 projection_and_mean = self._projection_and_mean(table.name)
@@ -546,3 +674,33 @@ def _vector_mean_to_row(
         value = state_dict.get(key)
         if isinstance(value, torch.Tensor) and value.dim() == 1:
             state_dict[key] = value.unsqueeze(0)
+
+
+def pack_factor_rows(factors: torch.Tensor, rows_per_row: int) -> torch.Tensor:
+    """``(N, k)`` factor rows stored ``rows_per_row`` to a row: ``(ceil(N / p), p k)``, the last
+    row zero-padded (row ``i`` is columns ``(i % p) k ..`` of stored row ``i // p``).
+
+    Example::
+
+        >>> pack_factor_rows(torch.arange(6.0).view(3, 2), 2).tolist()
+        [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 0.0, 0.0]]
+    """
+    if rows_per_row == 1:
+        return factors
+    n, k = factors.shape
+    stored = -(-n // rows_per_row)
+    padded = factors.new_zeros(stored * rows_per_row, k)
+    padded[:n] = factors
+    return padded.view(stored, rows_per_row * k)
+
+
+def unpack_factor_rows(packed: torch.Tensor, rows_per_row: int, num_rows: int) -> torch.Tensor:
+    """The inverse of :func:`pack_factor_rows`: the first ``num_rows`` factor rows.
+
+    Example::
+
+        >>> unpack_factor_rows(pack_factor_rows(torch.arange(6.0).view(3, 2), 2), 2, 3).tolist()
+        [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    """
+    k = packed.shape[1] // rows_per_row
+    return packed.reshape(-1, k)[:num_rows]
