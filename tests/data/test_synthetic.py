@@ -1,5 +1,6 @@
 import math
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -69,13 +70,15 @@ def test_stream_independent_of_batch_size(dataset: SyntheticCTRDataset) -> None:
 
 
 def test_epoch_reshuffles_train_only(dataset: SyntheticCTRDataset) -> None:
-    epoch0 = _rows(list(dataset.batches("train", 100, epoch=0)))
-    epoch1 = _rows(list(dataset.batches("train", 100, epoch=1)))
+    replayed = SyntheticCTRDataset(replace(SMALL, fresh_train_rows=False))
+    epoch0 = _rows(list(replayed.batches("train", 100, epoch=0)))
+    epoch1 = _rows(list(replayed.batches("train", 100, epoch=1)))
     assert epoch0 != epoch1 and Counter(epoch0) == Counter(epoch1)
+    assert epoch0 == _rows(list(dataset.batches("train", 100, epoch=0)))
     assert _rows(list(dataset.batches("val", 100, epoch=0))) == _rows(
         list(dataset.batches("val", 100, epoch=3))
     )
-    again = SyntheticCTRDataset(SMALL)
+    again = SyntheticCTRDataset(replace(SMALL, fresh_train_rows=False))
     assert _rows(list(again.batches("train", 100, epoch=1))) == epoch1
     other_seed = SyntheticCTRDataset(SyntheticCTRConfig(**{**SMALL.__dict__, "seed": 6}))
     assert _rows(list(other_seed.batches("test", 100))) != _rows(list(dataset.batches("test", 100)))
@@ -149,3 +152,19 @@ def test_rank_batch_bounds_cover_split() -> None:
         for low, high in zip(bounds[:-1], bounds[1:], strict=True):
             assert low[-1] == high[0]
         assert all(np.all(np.diff(b) > 0) for b in bounds)
+
+
+def test_train_epochs_stream_fresh_rows_by_default(dataset: SyntheticCTRDataset) -> None:
+    """Production CTR training is one pass over fresh data: by default no train row repeats
+    across epochs (the demo's second epoch re-read the first one's rows and overfitted)."""
+    assert SyntheticCTRConfig().fresh_train_rows
+    seen: set = set()
+    for epoch in range(3):
+        rows = _rows(list(dataset.batches("train", 100, epoch=epoch)))
+        assert len(rows) == SMALL.train_rows
+        assert not seen & set(rows), f"epoch {epoch} repeats rows"
+        seen |= set(rows)
+    # deterministic, and still independent of the world size
+    assert _rows(list(SyntheticCTRDataset(SMALL).batches("train", 100, epoch=2))) == _rows(
+        list(dataset.batches("train", 100, epoch=2))
+    )

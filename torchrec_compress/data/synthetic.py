@@ -16,6 +16,8 @@ may have up to 2**32 rows (a billion-row table costs nothing) and any split leng
   returns the noiseless logit, the Bayes-optimal score for AUC.
 - Rows are generated in blocks of ``block_rows`` seeded by ``(seed, split, block)``, so data does
   not depend on world size or batch size, and a rank generates only the blocks it reads.
+- Streaming by default (``fresh_train_rows``): each epoch of the train split is new rows, as in
+  production CTR training (one pass over fresh data); a model cannot overfit rows it saw.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class SyntheticCTRConfig:
         train_rows, val_rows, test_rows: rows per split.
         block_rows: rows generated per block (the unit of generation and of shuffling).
         seed: seed of everything (teacher, bijections, rows).
+        fresh_train_rows: streaming, like production CTR training: every epoch of the train
+            split is ``train_rows`` rows never seen before (epoch ``e`` reads rows ``e *
+            train_rows ..``), so no row is seen twice and an "epoch" is a pass over fresh data;
+            ``False``: the same ``train_rows`` rows every epoch, reshuffled.
 
     Example::
 
@@ -95,6 +101,7 @@ class SyntheticCTRConfig:
     test_rows: int = 50_000
     block_rows: int = 8_192
     seed: int = 0
+    fresh_train_rows: bool = True
 
     def __post_init__(self) -> None:
         # Lists (e.g. from a command line) become tuples, keeping the config hashable.
@@ -182,14 +189,18 @@ class SyntheticCTRDataset:
     def batches(
         self, split: str, batch_size: int, rank: int = 0, world_size: int = 1, epoch: int = 0
     ) -> Iterator[Batch]:
-        """Batches of ``rank``'s share of ``split``; ``epoch`` reshuffles train (blocks and rows)."""
+        """Batches of ``rank``'s share of ``split``; ``epoch`` reshuffles train (blocks and rows)
+        and, with ``fresh_train_rows``, reads rows no earlier epoch read."""
         check_split(split)
         total, block = self.num_rows(split), self.config.block_rows
         block_sizes = [min(block, total - start) for start in range(0, total, block)]
         split_index = SPLITS.index(split)
+        first_block = (
+            epoch * len(block_sizes) if split == "train" and self.config.fresh_train_rows else 0
+        )
 
         def load(index: int) -> RowBlock:
-            rng = np.random.default_rng([self.config.seed, split_index, index])
+            rng = np.random.default_rng([self.config.seed, split_index, first_block + index])
             return self._generate(rng, block_sizes[index])
 
         sizes: list[int] = block_sizes
