@@ -26,7 +26,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from examples.dlrm.compression import add_arguments, compress_model, report_dict
+from examples.dlrm.compression import (
+    add_arguments,
+    checkpoint_layout,
+    compress_model,
+    report_dict,
+    stage_configs,
+)
 from examples.dlrm.model import ARCHS, ModelConfig, build_model
 from examples.dlrm.train import (
     SPARSE_OPTIMIZERS,
@@ -37,9 +43,11 @@ from examples.dlrm.train import (
     fit,
     is_main,
     load_checkpoint,
+    save_checkpoint,
 )
 from torchrec_compress.data import get_dataset
 from torchrec_compress.distributed import shard_model
+from torchrec_compress.layout import compression_layout, restore_layout_
 
 logger = logging.getLogger("examples.dlrm")
 
@@ -167,14 +175,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.eval_only and not args.load_checkpoint:
         raise SystemExit("--eval-only needs --load-checkpoint")
+    # a compressed checkpoint: rebuild its compressed modules before sharding and loading
+    layout = checkpoint_layout(args.load_checkpoint) if args.load_checkpoint else None
     model = build_model(data.schema, model_config, torch.device("meta"))
+    if layout:
+        restore_layout_(model, layout, quantized_device=device)
+    configs = list(layout.configs) if layout else []
     attach_sparse_optimizer(model, train_config)
     model = shard_model(model, device, sharding_type=args.sharding_type)
     if is_main():
         logger.info("dataset %s: %s", args.dataset, data.schema)
         logger.info("plan:\n%s", model.plan)
     os.makedirs(args.out, exist_ok=True)
-    metadata = {"model": asdict(model_config), "dataset": args.dataset, "world_size": world}
+    checkpoint_dir = os.path.join(args.out, "checkpoint")
+    metadata = {
+        "model": asdict(model_config),
+        "dataset": args.dataset,
+        "world_size": world,
+        "compression_layout": compression_layout(model, configs).to_dict(),
+    }
     result: dict[str, Any] = {
         "dataset": args.dataset,
         "world_size": world,
@@ -185,9 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_checkpoint(model, args.load_checkpoint)
     if not args.eval_only:
         optimizer = build_optimizer(model, train_config)
-        fitted = fit(
-            model, optimizer, data, train_config, os.path.join(args.out, "checkpoint"), metadata
-        )
+        fitted = fit(model, optimizer, data, train_config, checkpoint_dir, metadata)
         result.update(
             best_epoch=fitted.best_epoch, epochs_run=fitted.epochs_run, history=fitted.history
         )
@@ -205,6 +222,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model, report, config = compress_model(
             model, data, model_config, finetune_config, args, device, args.out
         )
+        configs += stage_configs(config)
+        metadata = {
+            **metadata,
+            "compression": config.to_dict(),
+            "compression_layout": compression_layout(model, configs).to_dict(),
+        }
         if is_main():
             logger.info("compressed with %s:\n%s", config, report)
             logger.info("compressed plan:\n%s", model.plan)
@@ -217,18 +240,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for split in ("val", "test")
             },
         }
+        # OUT/checkpoint holds the run's final model: from here on the compressed one
+        before_val_auc = result["compression"]["before_finetune"]["val"]["auc"]
+        save_checkpoint(model, checkpoint_dir, {**metadata, "val_auc": before_val_auc})
         if finetune_config.epochs > 0:
             fitted = fit(
                 model,
                 build_optimizer(model, finetune_config),
                 data,
                 finetune_config,
-                os.path.join(args.out, "checkpoint_compressed"),
-                {**metadata, "compression": result["compression"]["config"]},
-                start=(
-                    result["compression"]["before_finetune"]["val"]["auc"],
-                    os.path.join(args.out, "compressed_init"),
-                ),
+                checkpoint_dir,
+                metadata,
+                start=(before_val_auc, os.path.join(args.out, "compressed_init")),
             )
             result["compression"]["finetune_history"] = fitted.history
     for split in ("val", "test"):
