@@ -70,12 +70,7 @@ from torchrec_compress.modules.lowrank_embedding_bag import (
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq.quantizer import code_dtype
-from torchrec_compress.rowwise_quant import (
-    TRAINABLE_DATA_TYPES,
-    RowWiseQuantConfig,
-    fp16_collection,
-    quantize_collection,
-)
+from torchrec_compress.rowwise_quant import RowWiseQuantConfig, empty_rowwise_collection
 
 LAYOUT_VERSION = 1
 KINDS = ("lowrank", "composite", "pq", "rowwise_quant", "lowrank_linear")
@@ -330,8 +325,7 @@ def _rowwise_collection(
     quantized_device: torch.device,
 ) -> nn.Module:
     """fp16 rows (trainable, on ``device``) or TorchRec's quantized collection, built on
-    ``quantized_device``: its fbgemm n-bit kernel keeps the device it was built on, so it
-    cannot be moved off ``meta`` later (and DMP keeps it whole on every rank anyway)."""
+    ``quantized_device`` (see :func:`empty_rowwise_collection`)."""
     tables = ebc.embedding_bag_configs()
     names = entry["data_types"]
     _table_names(tables, names, f"layout of {path!r} (data_types)")
@@ -339,10 +333,7 @@ def _rowwise_collection(
         types = {t.name: DataType(names.get(t.name, t.data_type.value)) for t in tables}
     except ValueError as e:
         raise ValueError(f"layout of {path!r}: {e}") from e
-    if all(t in TRAINABLE_DATA_TYPES for t in types.values()):
-        return fp16_collection(EmbeddingBagCollection(tables, ebc.is_weighted(), device), types)
-    source = EmbeddingBagCollection(tables, ebc.is_weighted(), quantized_device)
-    return quantize_collection(source, types)
+    return empty_rowwise_collection(tables, ebc.is_weighted(), types, device, quantized_device)
 
 
 def _replacement(

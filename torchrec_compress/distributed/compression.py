@@ -51,11 +51,13 @@ from torchrec_compress.distributed.lowrank_embeddingbag import ShardedLowRankEmb
 from torchrec_compress.distributed.mec import sharded_pq_state
 from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.distributed.pq_embeddingbag import ShardedPQEmbeddingBagCollection
+from torchrec_compress.distributed.rowwise_quant import sharded_rowwise_state
 from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.registry import method_for, register_method
 from torchrec_compress.report import CompressionReport
+from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 
 META = torch.device("meta")
 
@@ -86,7 +88,21 @@ def _pq(
     return sharded_pq_state(model, meta_model, config, calibration, forward_fn, filter_fn)
 
 
-# the sharded routes of the built-in methods (their local planners register in api.py)
+def _rowwise(
+    model: DistributedModelParallel,
+    meta_model: nn.Module,
+    config: CompressionConfig,
+    calibration: Iterable[Any] | None,
+    forward_fn: ForwardFn,
+    filter_fn: FilterFn | None,
+) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
+    assert isinstance(config, RowWiseQuantConfig)
+    return sharded_rowwise_state(model, meta_model, config, calibration, forward_fn, filter_fn)
+
+
+# the sharded routes of the built-in methods (their local planners register in api.py and
+# rowwise_quant.py)
+register_method(RowWiseQuantConfig, sharded=_rowwise)
 register_method(AFMConfig, sharded=_lowrank)
 register_method(SVDConfig, sharded=_lowrank)
 register_method(MECConfig, sharded=_pq)
@@ -300,7 +316,8 @@ def compress_sharded_model(
 
     Args:
         model (DistributedModelParallel): the trained, sharded model (left unchanged).
-        config (CompressionConfig): ``AFMConfig``, ``SVDConfig``, ``MECConfig`` or ``PQConfig``.
+        config (CompressionConfig): ``AFMConfig``, ``SVDConfig``, ``MECConfig``, ``PQConfig`` or
+            ``RowWiseQuantConfig``.
         calibration (Optional[Iterable]): this process's batches (AFM; MEC/PQ with popularity
             weighting).
         filter_fn (Optional[Callable[[nn.Module, str], bool]]): applied to the unsharded
