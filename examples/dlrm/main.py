@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from examples.dlrm.compression import (
     add_arguments,
@@ -45,7 +46,8 @@ from examples.dlrm.train import (
     load_checkpoint,
     save_checkpoint,
 )
-from torchrec_compress.data import get_dataset
+from torchrec_compress.config import CompressionConfig
+from torchrec_compress.data import CTRDataset, get_dataset
 from torchrec_compress.distributed import shard_model
 from torchrec_compress.layout import compression_layout, restore_layout_
 
@@ -152,6 +154,27 @@ def quiet_torchrec() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def build_sharded_model(
+    data: CTRDataset,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> tuple[DistributedModelParallel, list[CompressionConfig]]:
+    """The DMP model to train or evaluate, and the compression configs already applied to it.
+
+    With ``--load-checkpoint`` of a compressed run, the checkpoint's compression layout rebuilds
+    the compressed modules before sharding (the weights are loaded later).
+    """
+    layout = checkpoint_layout(args.load_checkpoint) if args.load_checkpoint else None
+    model = build_model(data.schema, model_config, torch.device("meta"))
+    if layout:
+        restore_layout_(model, layout, quantized_device=device)
+    attach_sparse_optimizer(model, train_config)
+    sharded = shard_model(model, device, sharding_type=args.sharding_type)
+    return sharded, list(layout.configs) if layout else []
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = init_distributed()
     world = dist.get_world_size()
@@ -175,14 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.eval_only and not args.load_checkpoint:
         raise SystemExit("--eval-only needs --load-checkpoint")
-    # a compressed checkpoint: rebuild its compressed modules before sharding and loading
-    layout = checkpoint_layout(args.load_checkpoint) if args.load_checkpoint else None
-    model = build_model(data.schema, model_config, torch.device("meta"))
-    if layout:
-        restore_layout_(model, layout, quantized_device=device)
-    configs = list(layout.configs) if layout else []
-    attach_sparse_optimizer(model, train_config)
-    model = shard_model(model, device, sharding_type=args.sharding_type)
+    model, configs = build_sharded_model(data, model_config, train_config, args, device)
     if is_main():
         logger.info("dataset %s: %s", args.dataset, data.schema)
         logger.info("plan:\n%s", model.plan)

@@ -1,6 +1,6 @@
 """``load_compressed``: a compressed DMP checkpoint into the *uncompressed* model, any world size.
 
-A DLRM is compressed under DMP with AFM, then its factor tables with PQ (AFM+PQ); each stage's
+A DLRM is compressed under DMP with AFM, then its factor tables with PQ (AFM+PQ) or int8; each stage's
 checkpoint (``report.reshard(checkpoint_dir=...)``, ``save_compressed``) carries its layout, and
 ``load_compressed(tiny_dlrm(meta), path, device)`` rebuilds, shards and loads it: the logits equal
 the compressed model's, in 1 and 2 processes, and a checkpoint written by 2 processes loads in 1.
@@ -24,6 +24,7 @@ from torchrec_compress.distributed import (
     save_compressed,
     shard_model,
 )
+from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 
@@ -61,9 +62,14 @@ def _compress_and_load(rank: int, world_size: int, out: str) -> dict[str, Any]:
     loaded_both = load_compressed(tiny_dlrm(META, dim=16), both_dir, CPU)
     layout = read_compression_layout(both_dir)
     assert layout is not None
+
+    int8_dir = str(Path(out, "afm_int8"))
+    int8 = compress_(afm, RowWiseQuantConfig(bits=8)).reshard(CPU, checkpoint_dir=int8_dir)
+    loaded_int8 = load_compressed(tiny_dlrm(META, dim=16), int8_dir, CPU)
     return {
         "afm_diff": float((_logits(loaded_afm, probe) - _logits(afm, probe)).abs().max()),
         "both_diff": float((_logits(loaded_both, probe) - _logits(both, probe)).abs().max()),
+        "int8_diff": float((_logits(loaded_int8, probe) - _logits(int8, probe)).abs().max()),
         "kinds": (layout.modules[EBC]["kind"], layout.modules[EBC]["factors"]["kind"]),
         "configs": [type(c).__name__ for c in layout.configs],
         "logits": _logits(loaded_both, probe),
@@ -80,6 +86,7 @@ def test_load_compressed_afm_and_afm_pq(world_size: int, tmp_path: Path) -> None
     results = run_multiprocess(_compress_and_load, world_size=world_size, out=str(tmp_path))
     for result in results:
         assert result["afm_diff"] < 1e-6 and result["both_diff"] < 1e-6
+        assert result["int8_diff"] < 1e-6
         assert result["kinds"] == ("composite", "pq")
         assert result["configs"] == ["AFMConfig", "PQConfig"]
     if world_size == 2:
