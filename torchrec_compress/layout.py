@@ -70,11 +70,12 @@ from torchrec_compress.modules.lowrank_embedding_bag import (
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq.quantizer import code_dtype
+from torchrec_compress.registry import METHODS
 from torchrec_compress.rowwise_quant import RowWiseQuantConfig, empty_rowwise_collection
 
 LAYOUT_VERSION = 1
 KINDS = ("lowrank", "composite", "pq", "rowwise_quant", "lowrank_linear")
-# config classes a layout can name, by class name
+# config classes a layout can name, by class name (and any registered later: _config_classes)
 CONFIG_CLASSES: dict[str, type[CompressionConfig]] = {
     c.__name__: c for c in (AFMConfig, SVDConfig, MECConfig, PQConfig, RowWiseQuantConfig)
 }
@@ -86,13 +87,13 @@ def _config_dict(config: CompressionConfig) -> dict[str, Any]:
 
 
 def _config_from_dict(data: Mapping[str, Any]) -> CompressionConfig:
+    known = {**CONFIG_CLASSES, **{c.__name__: c for c in METHODS}}
     name = data.get("class")
-    if name not in CONFIG_CLASSES:
+    if name not in known:
         raise ValueError(
-            f"compression layout names unknown config class {name!r}; known: "
-            f"{sorted(CONFIG_CLASSES)}"
+            f"compression layout names unknown config class {name!r}; known: {sorted(known)}"
         )
-    return CONFIG_CLASSES[name].from_dict(dict(data.get("options", {})))
+    return known[name].from_dict(dict(data.get("options", {})))
 
 
 @dataclass

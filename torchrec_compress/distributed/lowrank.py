@@ -84,7 +84,9 @@ def lowrank_skeleton_(
     :class:`LowRankEmbeddingBagCollection` (other tables of it stay full width inside
     ``factor_ebc``); every ``nn.Linear`` whose fully qualified name is in ``linear_ranks``
     becomes a :class:`LowRankLinear`.  Nothing is computed: the new modules are placeholders
-    whose weights come from a checkpoint, which is what planning and DCP loading need.
+    whose weights come from a checkpoint, which is what planning and DCP loading need.  For
+    every method and chain (PQ codes, int8 rows, AFM+MEC), by module path, see
+    :func:`torchrec_compress.layout.restore_layout_`.
 
     Args:
         model (nn.Module): the module tree (typically on ``meta``); not the swapped module itself.
