@@ -203,7 +203,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("dataset %s: %s", args.dataset, data.schema)
         logger.info("plan:\n%s", model.plan)
     os.makedirs(args.out, exist_ok=True)
-    checkpoint_dir = os.path.join(args.out, "checkpoint")
     metadata = {
         "model": asdict(model_config),
         "dataset": args.dataset,
@@ -220,7 +219,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_checkpoint(model, args.load_checkpoint)
     if not args.eval_only:
         optimizer = build_optimizer(model, train_config)
-        fitted = fit(model, optimizer, data, train_config, checkpoint_dir, metadata)
+        fitted = fit(
+            model, optimizer, data, train_config, os.path.join(args.out, "checkpoint"), metadata
+        )
         result.update(
             best_epoch=fitted.best_epoch, epochs_run=fitted.epochs_run, history=fitted.history
         )
@@ -256,20 +257,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for split in ("val", "test")
             },
         }
-        # OUT/checkpoint holds the run's final model: from here on the compressed one
-        before_val_auc = result["compression"]["before_finetune"]["val"]["auc"]
-        save_checkpoint(model, checkpoint_dir, {**metadata, "val_auc": before_val_auc})
         if finetune_config.epochs > 0:
             fitted = fit(
                 model,
                 build_optimizer(model, finetune_config),
                 data,
                 finetune_config,
-                checkpoint_dir,
-                metadata,
-                start=(before_val_auc, os.path.join(args.out, "compressed_init")),
+                os.path.join(args.out, "checkpoint_compressed"),
+                {**metadata, "compression": result["compression"]["config"]},
+                start=(
+                    result["compression"]["before_finetune"]["val"]["auc"],
+                    os.path.join(args.out, "compressed_init"),
+                ),
             )
             result["compression"]["finetune_history"] = fitted.history
+        # OUT/checkpoint holds the run's final model: the compressed (and fine-tuned) one
+        save_checkpoint(model, os.path.join(args.out, "checkpoint"), metadata)
     for split in ("val", "test"):
         result[split] = evaluate(model, data, split, train_config.eval_batch_size)
     if is_main():

@@ -178,11 +178,13 @@ def save_checkpoint(model: nn.Module, path: str, metadata: dict[str, Any]) -> No
     dist.barrier()
 
 
-def read_checkpoint_metadata(path: str) -> dict[str, Any]:
-    """The ``metadata`` that :func:`save_checkpoint` stored with a checkpoint (``{}`` if none),
-    readable before any model exists (e.g. its compression layout, to build the model)."""
+def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
+    """Load weights saved by :func:`save_checkpoint` into ``model`` (resharding as needed)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])
     meta_path = os.path.join(path, "run.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -190,13 +192,16 @@ def read_checkpoint_metadata(path: str) -> dict[str, Any]:
     return {}
 
 
-def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
-    """Load weights saved by :func:`save_checkpoint` into ``model`` (resharding as needed)."""
-    metadata = read_checkpoint_metadata(path)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path)
-    model.load_state_dict(state["model"])
-    return metadata
+def read_checkpoint_metadata(path: str) -> dict[str, Any]:
+    """The ``metadata`` :func:`save_checkpoint` stored with a checkpoint (``{}`` if none), read
+    before any model exists (its compression layout says how to build the model)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    meta_path = os.path.join(path, "run.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return json.load(f)
+    return {}
 
 
 @dataclass

@@ -45,7 +45,6 @@ def test_compressed_run_checkpoint_holds_the_compressed_model(afm_run: Path) -> 
     assert entry["kind"] == "lowrank" and set(entry["ranks"].values()) == {4}
     assert [c["class"] for c in layout["configs"]] == ["AFMConfig"]
     assert entry["config"]["options"]["rank"] == 4
-    assert not (afm_run / "checkpoint_compressed").exists()
 
 
 def test_eval_only_loads_the_compressed_init_checkpoint(afm_run: Path, tmp_path: Path) -> None:
