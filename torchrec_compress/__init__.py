@@ -44,7 +44,10 @@ if TYPE_CHECKING:
         PQEmbeddingBagCollectionSharder,
         PQFeatureProcessedEmbeddingBagCollectionSharder,
         ShardedCompressionReport,
+        load_compressed,
+        save_compressed,
     )
+    from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
     from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
     from torchrec_compress.modules.lowrank_linear import LowRankLinear
     from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
@@ -76,11 +79,17 @@ _EXPORTS = {
     "RowWiseQuantConfig": "torchrec_compress.rowwise_quant",
     "RowWiseQuantOverride": "torchrec_compress.rowwise_quant",
     "ShardedCompressionReport": "torchrec_compress.distributed",
+    "load_compressed": "torchrec_compress.distributed",
+    "save_compressed": "torchrec_compress.distributed",
+    "CompressionLayout": "torchrec_compress.layout",
+    "compression_layout": "torchrec_compress.layout",
+    "restore_layout_": "torchrec_compress.layout",
 }
 
 __all__ = [
     "AFMConfig",
     "CPURowWiseEmbeddingBagCollectionSharder",
+    "CompressionLayout",
     "CompressionReport",
     "FeatureProcessedLowRankSharder",
     "KMeansTraining",
@@ -100,6 +109,10 @@ __all__ = [
     "SVDConfig",
     "ShardedCompressionReport",
     "compress_",
+    "compression_layout",
+    "load_compressed",
+    "restore_layout_",
+    "save_compressed",
     "sharders",
 ]
 

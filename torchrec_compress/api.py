@@ -407,7 +407,8 @@ def compress_(
             ``DistributedModelParallel``; compressed modules are swapped into their parents
             (the model itself cannot be the swapped module).
         config (CompressionConfig): :class:`AFMConfig`, :class:`SVDConfig`, :class:`MECConfig`,
-            :class:`PQConfig` (DMP models take these four).
+            :class:`PQConfig`, ``RowWiseQuantConfig`` (DMP models take all five; int8 / fp16 rows
+            only, see :mod:`torchrec_compress.distributed.rowwise_quant`).
         calibration (Optional[Iterable]): batches (``Batch`` or ``KeyedJaggedTensor``); needed by
             AFM, accepted and ignored by SVD.  Iterated once.  DMP: this process's batches.
         filter_fn (Optional[Callable[[nn.Module, str], bool]]): ``(module, fqn) -> bool``; only

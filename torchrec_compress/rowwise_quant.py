@@ -48,6 +48,8 @@ from torch import nn
 from torchrec.modules.embedding_configs import (
     DATA_TYPE_NUM_BITS,
     DataType,
+    EmbeddingBagConfig,
+    data_type_to_dtype,
     data_type_to_sparse_type,
 )
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -262,10 +264,15 @@ def quantize_collection(
     )
 
 
-def _table_rows(
-    ebc: EmbeddingBagCollection, config: RowWiseQuantConfig
+def table_rows(
+    ebc: EmbeddingBagCollection, config: RowWiseQuantConfig, device: torch.device | None = None
 ) -> tuple[dict[str, DataType], list[ReportRow]]:
-    """Stored type and report row of every table of ``ebc``."""
+    """Stored type and report row of every table of ``ebc`` (quantized row sizes for ``device``,
+    default where ``ebc``'s weights are).
+
+    Raises:
+        ValueError: naming a table whose dimension ``bits`` cannot pack (:func:`check_quantizable`).
+    """
     data_types: dict[str, DataType] = {}
     rows: list[ReportRow] = []
     for t in ebc.embedding_bag_configs():
@@ -280,7 +287,7 @@ def _table_rows(
                 after = t.num_embeddings * t.embedding_dim * DATA_TYPE_NUM_BITS[data_type] // 8
             else:
                 after = t.num_embeddings * quantized_row_bytes(
-                    t.embedding_dim, data_type, weight.device
+                    t.embedding_dim, data_type, device if device is not None else weight.device
                 )
         if bits is None or after >= before:
             data_types[t.name] = t.data_type
@@ -332,6 +339,76 @@ def fp16_collection(
     return new
 
 
+def empty_rowwise_collection(
+    tables: list[EmbeddingBagConfig],
+    is_weighted: bool,
+    data_types: Mapping[str, DataType],
+    device: torch.device,
+    quantized_device: torch.device | None = None,
+) -> nn.Module:
+    """The empty collection that stores ``tables`` as ``data_types`` (weights come from a
+    checkpoint): a trainable fp16 ``EmbeddingBagCollection`` on ``device`` when every type is
+    FP16/FP32, else TorchRec's quantized collection built on ``quantized_device`` (default
+    ``device``; fbgemm's n-bit kernel keeps the device it was built on, so it cannot be moved
+    off ``meta`` later: pass the device it will run on).
+
+    Args:
+        tables (list[EmbeddingBagConfig]): the float table configs.
+        is_weighted (bool): whether features carry per-id weights.
+        data_types (Mapping[str, DataType]): table name -> stored type, every table.
+        device (torch.device): where an fp16 collection lives (e.g. ``meta``).
+        quantized_device (Optional[torch.device]): where a quantized collection is built.
+
+    Example::
+
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
+        >>> empty = empty_rowwise_collection([cfg], False, {"t": DataType.INT8}, torch.device("cpu"))
+        >>> empty.state_dict()["embedding_bags.t.weight"].dtype
+        torch.uint8
+    """
+    source = EmbeddingBagCollection(tables, is_weighted, device)
+    if all(t in TRAINABLE_DATA_TYPES for t in data_types.values()):
+        return fp16_collection(source, data_types)
+    if quantized_device is not None and quantized_device != device:
+        source = EmbeddingBagCollection(tables, is_weighted, quantized_device)
+    return quantize_collection(source, data_types)
+
+
+@torch.no_grad()
+def stored_rows(
+    table: EmbeddingBagConfig, rows: torch.Tensor, data_type: DataType, quantized: bool
+) -> dict[str, torch.Tensor]:
+    """What a block of ``rows`` of ``table`` becomes when stored as ``data_type``: the table's
+    state entries by suffix (``"weight"``; ``"weight_qscale"`` and ``"weight_qbias"`` for integer
+    types), exactly as :func:`quantize_collection` (``quantized``) or :func:`fp16_collection`
+    stores them.  Rows are quantized independently, so the blocks of a row-sharded table give the
+    rows of the whole table's entries.
+
+    Args:
+        table (EmbeddingBagConfig): the table the rows belong to.
+        rows (torch.Tensor): ``[n, embedding_dim]`` float rows (any ``n``).
+        data_type (DataType): their stored type.
+        quantized (bool): whether the collection is TorchRec's quantized one (its fp16/fp32
+            tables are stored as bytes too) or a trainable fp16 collection.
+
+    Example::
+
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
+        >>> {k: tuple(v.shape) for k, v in stored_rows(cfg, torch.randn(3, 8), DataType.INT8, True).items()}
+        {'weight': (3, 8), 'weight_qscale': (3, 1), 'weight_qbias': (3, 1)}
+    """
+    if not quantized:
+        return {"weight": rows.to(data_type_to_dtype(data_type))}
+    block = copy.deepcopy(table)
+    block.num_embeddings = rows.shape[0]
+    source = EmbeddingBagCollection([block], device=torch.device("meta"))
+    source.embedding_bags[block.name].weight = nn.Parameter(rows, requires_grad=False)
+    prefix = f"embedding_bags.{block.name}."
+    module = quantize_collection(source, {block.name: data_type})
+    entries = module.state_dict().items()
+    return {k[len(prefix) :]: v.contiguous() for k, v in entries if k.startswith(prefix)}
+
+
 def _plan_rowwise(
     model: nn.Module,
     config: CompressionConfig,
@@ -352,9 +429,9 @@ def _plan_rowwise(
     replacements: dict[str, nn.Module] = {}
     rows: list[ReportRow] = []
     for fqn, ebc in ebcs.items():
-        data_types, table_rows = _table_rows(ebc, config)
-        rows += table_rows
-        if all(r.method == "kept" for r in table_rows):
+        data_types, collection_rows = table_rows(ebc, config)
+        rows += collection_rows
+        if all(r.method == "kept" for r in collection_rows):
             continue
         if all(t in TRAINABLE_DATA_TYPES for t in data_types.values()):
             module: nn.Module = fp16_collection(ebc, data_types)

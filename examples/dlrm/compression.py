@@ -20,7 +20,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from examples.dlrm.model import ModelConfig
-from examples.dlrm.train import TrainConfig, attach_sparse_optimizer
+from examples.dlrm.train import TrainConfig, attach_sparse_optimizer, read_checkpoint_metadata
 from torchrec_compress import (
     AFMConfig,
     CompressionReport,
@@ -31,6 +31,8 @@ from torchrec_compress import (
 )
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset
+from torchrec_compress.distributed import read_compression_layout
+from torchrec_compress.layout import CompressionLayout
 
 METHODS = ("afm", "svd", "mec", "pq", "afm+mec", "afm+pq")
 PQ_METHODS = ("mec", "pq")
@@ -205,6 +207,23 @@ class TwoStageConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"lowrank": self.lowrank.to_dict(), "quantizer": self.quantizer.to_dict()}
+
+
+def stage_configs(config: CompressionConfig | TwoStageConfig) -> list[CompressionConfig]:
+    """The configs :func:`compress_model` applied, in order."""
+    if isinstance(config, TwoStageConfig):
+        return [config.lowrank, config.quantizer]
+    return [config]
+
+
+def checkpoint_layout(path: str) -> CompressionLayout | None:
+    """The compression layout of a checkpoint: from the metadata ``save_checkpoint`` stored
+    with it, else from the checkpoint itself (``compressed_init``, written by the library's
+    ``report.reshard``); ``None`` for a checkpoint of neither kind (uncompressed)."""
+    data = read_checkpoint_metadata(path).get("compression_layout")
+    if data is not None:
+        return CompressionLayout.from_dict(data)
+    return read_compression_layout(path)
 
 
 def report_dict(report: CompressionReport) -> dict[str, Any]:

@@ -25,8 +25,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from examples.dlrm.compression import add_arguments, compress_model, report_dict
+from examples.dlrm.compression import (
+    add_arguments,
+    checkpoint_layout,
+    compress_model,
+    report_dict,
+    stage_configs,
+)
 from examples.dlrm.model import ARCHS, ModelConfig, build_model
 from examples.dlrm.train import (
     SPARSE_OPTIMIZERS,
@@ -37,9 +44,12 @@ from examples.dlrm.train import (
     fit,
     is_main,
     load_checkpoint,
+    save_checkpoint,
 )
-from torchrec_compress.data import DATASETS, get_dataset
+from torchrec_compress.config import CompressionConfig
+from torchrec_compress.data import DATASETS, CTRDataset, get_dataset
 from torchrec_compress.distributed import shard_model
+from torchrec_compress.layout import compression_layout, restore_layout_
 
 logger = logging.getLogger("examples.dlrm")
 
@@ -145,6 +155,27 @@ def quiet_torchrec() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def build_sharded_model(
+    data: CTRDataset,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> tuple[DistributedModelParallel, list[CompressionConfig]]:
+    """The DMP model to train or evaluate, and the compression configs already applied to it.
+
+    With ``--load-checkpoint`` of a compressed run, the checkpoint's compression layout rebuilds
+    the compressed modules before sharding (the weights are loaded later).
+    """
+    layout = checkpoint_layout(args.load_checkpoint) if args.load_checkpoint else None
+    model = build_model(data.schema, model_config, torch.device("meta"))
+    if layout:
+        restore_layout_(model, layout, quantized_device=device)
+    attach_sparse_optimizer(model, train_config)
+    sharded = shard_model(model, device, sharding_type=args.sharding_type)
+    return sharded, list(layout.configs) if layout else []
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = init_distributed()
     world = dist.get_world_size()
@@ -168,14 +199,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.eval_only and not args.load_checkpoint:
         raise SystemExit("--eval-only needs --load-checkpoint")
-    model = build_model(data.schema, model_config, torch.device("meta"))
-    attach_sparse_optimizer(model, train_config)
-    model = shard_model(model, device, sharding_type=args.sharding_type)
+    model, configs = build_sharded_model(data, model_config, train_config, args, device)
     if is_main():
         logger.info("dataset %s: %s", args.dataset, data.schema)
         logger.info("plan:\n%s", model.plan)
     os.makedirs(args.out, exist_ok=True)
-    metadata = {"model": asdict(model_config), "dataset": args.dataset, "world_size": world}
+    metadata = {
+        "model": asdict(model_config),
+        "dataset": args.dataset,
+        "world_size": world,
+        "compression_layout": compression_layout(model, configs).to_dict(),
+    }
     result: dict[str, Any] = {
         "dataset": args.dataset,
         "world_size": world,
@@ -206,6 +240,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model, report, config = compress_model(
             model, data, model_config, finetune_config, args, device, args.out
         )
+        configs += stage_configs(config)
+        metadata = {
+            **metadata,
+            "compression": config.to_dict(),
+            "compression_layout": compression_layout(model, configs).to_dict(),
+        }
         if is_main():
             logger.info("compressed with %s:\n%s", config, report)
             logger.info("compressed plan:\n%s", model.plan)
@@ -232,6 +272,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ),
             )
             result["compression"]["finetune_history"] = fitted.history
+        # OUT/checkpoint holds the run's final model: the compressed (and fine-tuned) one
+        save_checkpoint(model, os.path.join(args.out, "checkpoint"), metadata)
     for split in ("val", "test"):
         result[split] = evaluate(model, data, split, train_config.eval_batch_size)
     if is_main():

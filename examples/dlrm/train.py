@@ -192,6 +192,18 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     return {}
 
 
+def read_checkpoint_metadata(path: str) -> dict[str, Any]:
+    """The ``metadata`` :func:`save_checkpoint` stored with a checkpoint (``{}`` if none), read
+    before any model exists (its compression layout says how to build the model)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    meta_path = os.path.join(path, "run.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return json.load(f)
+    return {}
+
+
 @dataclass
 class FitResult:
     best_epoch: int

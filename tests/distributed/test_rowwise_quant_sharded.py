@@ -9,13 +9,21 @@ cannot shard the quantized collection on CPU at all.
 
 With ``bits=16`` the factor rows stay trainable: DMP's fused TBE stores them as fp16 and one
 step (fused SGD on the rows, SGD on the rest) matches the unsharded step.
+
+``compress_(dmp, RowWiseQuantConfig(...))`` (which raised ``TypeError`` before) quantizes the rows
+where they live (row-wise and table-wise shards, AFM factor tables) and ``report.reshard`` gives
+the same model, report and outputs as the config applied unsharded; int4/int2 and column-split
+tables are refused by name.
 """
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -32,14 +40,17 @@ from torchrec_compress.distributed import (
     default_sharders,
     load_full_state_dict_,
     plan_model,
+    read_compression_layout,
     shard_model,
 )
 from torchrec_compress.distributed.planning import training_sharders
+from torchrec_compress.layout import restore_layout_
 from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 
 CPU = torch.device("cpu")
+META = torch.device("meta")
 LR = 0.5
 EBC = "model.sparse_arch.embedding_bag_collection"
 
@@ -193,3 +204,108 @@ def test_afm_int8_and_fp16_finetune_under_dmp(world_size: int) -> None:
     if world_size == 1:
         # why training_sharders exists: TorchRec's quantized sharder builds CUDA kernels
         assert "CUDA" in result["default_sharders"]
+
+
+# --------------------------------------------------------------------------------------------
+# compress_(dmp, RowWiseQuantConfig(...)): rows quantized where they live, then report.reshard
+# (before: TypeError, "no sharded compression for RowWiseQuantConfig")
+# --------------------------------------------------------------------------------------------
+
+
+def _sharded(reference: nn.Module, sharding_type: str) -> DistributedModelParallel:
+    dmp = shard_model(tiny_dlrm(META, dim=16), CPU, sharding_type)
+    load_full_state_dict_(dmp, reference.state_dict())
+    return dmp
+
+
+def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(batch)[1][1]
+
+
+def _whole_tables(reference: nn.Module, probe: Batch, bits: int, sharding_type: str) -> dict:
+    """int8 / fp16 of the float tables under DMP == the same config applied unsharded."""
+    expected = copy.deepcopy(reference)
+    expected_rows = compress_(expected, RowWiseQuantConfig(bits=bits)).rows
+    report = compress_(_sharded(reference, sharding_type), RowWiseQuantConfig(bits=bits))
+    quantized = report.reshard(CPU)
+    return {
+        "rows_equal": report.rows == expected_rows,
+        "diff": float((_logits(quantized, probe) - _logits(expected, probe)).abs().max()),
+        "quantized": isinstance(quantized.module.get_submodule(EBC), QuantEmbeddingBagCollection),
+        "layout": report.layout().modules[EBC]["data_types"],
+    }
+
+
+def _afm_then_int8(reference: nn.Module, probe: Batch, rank: int, out: str) -> dict:
+    """AFM under DMP (row-wise), then int8 of its factor tables under DMP == int8 of the same
+    AFM model's factors applied unsharded (the AFM checkpoint loaded whole)."""
+    calibration = [tiny_batch(32, seed=100 + rank)]
+    afm_dir = str(Path(out, "afm"))
+    afm = compress_(
+        _sharded(reference, "row_wise"), AFMConfig(rank=8), calibration, forward_fn=_forward
+    ).reshard(CPU, sharding_type="row_wise", checkpoint_dir=afm_dir)
+    layout = read_compression_layout(afm_dir)
+    assert layout is not None
+    expected = restore_layout_(tiny_dlrm(CPU, dim=16), layout, device=CPU)
+    state = {"model": expected.state_dict()}
+    dcp.load(state, checkpoint_id=afm_dir)
+    expected.load_state_dict(state["model"])
+    compress_(expected, RowWiseQuantConfig(bits=8))
+    report = compress_(afm, RowWiseQuantConfig(bits=8))
+    quantized = report.reshard(CPU)
+    return {
+        "diff": float((_logits(quantized, probe) - _logits(expected, probe)).abs().max()),
+        "kinds": [
+            (e["kind"], (e["factors"] or {}).get("kind")) for e in report.layout().modules.values()
+        ],
+        "methods": sorted({r.method for r in report.rows}),
+    }
+
+
+def _refusals(reference: nn.Module, world_size: int) -> dict[str, str]:
+    errors = {}
+    cases = [("int4", "table_wise", RowWiseQuantConfig(bits=4))]
+    if world_size > 1:  # a 16-dim table splits by columns only over several processes
+        cases.append(("column_wise", "column_wise", RowWiseQuantConfig(bits=8)))
+    for name, sharding_type, config in cases:
+        try:
+            compress_(_sharded(reference, sharding_type), config)
+        except ValueError as e:
+            errors[name] = str(e)
+    return errors
+
+
+def _quantize_sharded(rank: int, world_size: int, out: str) -> dict[str, Any]:
+    reference = tiny_dlrm(CPU, dim=16, seed=3)
+    probe = tiny_batch(16, seed=7 + rank)
+    return {
+        "int8_row_wise": _whole_tables(reference, probe, 8, "row_wise"),
+        "int8_table_wise": _whole_tables(reference, probe, 8, "table_wise"),
+        "fp16_row_wise": _whole_tables(reference, probe, 16, "row_wise"),
+        "afm_int8": _afm_then_int8(reference, probe, rank, out),
+        "refusals": _refusals(reference, world_size),
+    }
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_rowwise_quant_of_a_dmp_model_where_rows_live(world_size: int, tmp_path: Path) -> None:
+    results = run_multiprocess(_quantize_sharded, world_size=world_size, out=str(tmp_path))
+    for result in results:
+        for case in ("int8_row_wise", "int8_table_wise"):
+            assert result[case]["rows_equal"], case
+            assert result[case]["quantized"], case
+            assert result[case]["diff"] < 1e-6, (case, result[case]["diff"])
+            assert set(result[case]["layout"].values()) == {"INT8"}
+        fp16 = result["fp16_row_wise"]
+        # trainable fp16 rows stay a (sharded) float collection; fbgemm pools them in fp16
+        assert fp16["rows_equal"] and not fp16["quantized"] and fp16["diff"] < 1e-3
+        afm = result["afm_int8"]
+        assert afm["diff"] < 1e-6, afm["diff"]
+        assert afm["kinds"] == [("composite", "rowwise_quant")]
+        assert afm["methods"] == ["INT8"]
+        refusals = result["refusals"]
+        assert "{'t_f0': 'INT4', 't_f1': 'INT4', 't_f2': 'INT4'}" in refusals["int4"]
+        if world_size > 1:
+            assert "table 't_f0' is split by columns" in refusals["column_wise"]

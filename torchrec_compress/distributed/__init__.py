@@ -7,6 +7,9 @@ TorchRec, each sharded module lives next to its sharder in one file of this pack
 from torchrec_compress.distributed.compression import (
     ShardedCompressionReport,
     compress_sharded_model,
+    load_compressed,
+    read_compression_layout,
+    save_compressed,
     unsharded_skeleton,
 )
 from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
@@ -58,10 +61,13 @@ __all__ = [
     "compress_sharded_pq",
     "default_sharders",
     "encode_sharded_codes_",
+    "load_compressed",
     "load_full_state_dict_",
     "lowrank_skeleton_",
     "plan_model",
     "plan_storage",
+    "read_compression_layout",
+    "save_compressed",
     "shard_model",
     "sharded_statistics",
     "training_sharders",

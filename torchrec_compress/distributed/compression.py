@@ -15,6 +15,8 @@ the dense modules are copied to ``meta``.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -40,15 +42,22 @@ from torchrec_compress.config import (
     SVDConfig,
 )
 from torchrec_compress.discovery import FilterFn
-from torchrec_compress.distributed.lowrank import save_compressed_state, sharded_lowrank_state
+from torchrec_compress.distributed.lowrank import (
+    COMPRESSION_LAYOUT_KEY,
+    save_compressed_state,
+    sharded_lowrank_state,
+)
 from torchrec_compress.distributed.lowrank_embeddingbag import ShardedLowRankEmbeddingBagCollection
 from torchrec_compress.distributed.mec import sharded_pq_state
 from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.distributed.pq_embeddingbag import ShardedPQEmbeddingBagCollection
+from torchrec_compress.distributed.rowwise_quant import sharded_rowwise_state
+from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.registry import method_for, register_method
 from torchrec_compress.report import CompressionReport
+from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 
 META = torch.device("meta")
 
@@ -79,7 +88,21 @@ def _pq(
     return sharded_pq_state(model, meta_model, config, calibration, forward_fn, filter_fn)
 
 
-# the sharded routes of the built-in methods (their local planners register in api.py)
+def _rowwise(
+    model: DistributedModelParallel,
+    meta_model: nn.Module,
+    config: CompressionConfig,
+    calibration: Iterable[Any] | None,
+    forward_fn: ForwardFn,
+    filter_fn: FilterFn | None,
+) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
+    assert isinstance(config, RowWiseQuantConfig)
+    return sharded_rowwise_state(model, meta_model, config, calibration, forward_fn, filter_fn)
+
+
+# the sharded routes of the built-in methods (their local planners register in api.py and
+# rowwise_quant.py)
+register_method(RowWiseQuantConfig, sharded=_rowwise)
 register_method(AFMConfig, sharded=_lowrank)
 register_method(SVDConfig, sharded=_lowrank)
 register_method(MECConfig, sharded=_pq)
@@ -189,16 +212,27 @@ class ShardedCompressionReport(CompressionReport):
 
     compressed_model: nn.Module | None = field(default=None, repr=False, compare=False)
     state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    config: CompressionConfig | None = field(default=None, repr=False, compare=False)
+
+    def layout(self) -> CompressionLayout:
+        """The :class:`~torchrec_compress.layout.CompressionLayout` of the compressed model
+        (naming :attr:`config`; the configs of earlier compressions of the same model are not
+        known here)."""
+        if self.compressed_model is None:
+            raise ValueError("this report has no compressed model")
+        return compression_layout(self.compressed_model, [self.config] if self.config else [])
 
     def save(self, checkpoint_dir: str) -> None:
-        """Writes the compressed state as a DCP checkpoint ``{"model": state}`` (collective).
+        """Writes the compressed state as a DCP checkpoint ``{"model": state}`` (collective),
+        with its :meth:`layout` (JSON, key ``"compression_layout"``).
 
-        Any later plan and world size can load it into ``compressed_model`` sharded.
+        Any later plan and world size can load it into ``compressed_model`` sharded, or into the
+        uncompressed model with :func:`load_compressed`.
 
         Args:
             checkpoint_dir (str): a directory every process can read and write.
         """
-        save_compressed_state(self.state, checkpoint_dir)
+        save_compressed_state(self.state, checkpoint_dir, self.layout().to_dict())
 
     def reshard(
         self,
@@ -282,7 +316,8 @@ def compress_sharded_model(
 
     Args:
         model (DistributedModelParallel): the trained, sharded model (left unchanged).
-        config (CompressionConfig): ``AFMConfig``, ``SVDConfig``, ``MECConfig`` or ``PQConfig``.
+        config (CompressionConfig): ``AFMConfig``, ``SVDConfig``, ``MECConfig``, ``PQConfig`` or
+            ``RowWiseQuantConfig``.
         calibration (Optional[Iterable]): this process's batches (AFM; MEC/PQ with popularity
             weighting).
         filter_fn (Optional[Callable[[nn.Module, str], bool]]): applied to the unsharded
@@ -308,4 +343,120 @@ def compress_sharded_model(
     compressed, state, report = converter(
         model, skeleton, config, calibration, forward_fn, filter_fn
     )
-    return ShardedCompressionReport(report.rows, compressed, state)
+    return ShardedCompressionReport(report.rows, compressed, state, config)
+
+
+def save_compressed(
+    model: DistributedModelParallel,
+    checkpoint_dir: str,
+    configs: Iterable[CompressionConfig] = (),
+) -> CompressionLayout:
+    """DCP checkpoint of a (compressed) DMP model with its layout (collective).
+
+    Writes ``{"model": model.state_dict(), "compression_layout": layout JSON}``: what
+    :func:`load_compressed` reads to rebuild the compressed modules in an uncompressed model,
+    under any plan and world size.
+
+    Args:
+        model (DistributedModelParallel): the model to save.
+        checkpoint_dir (str): a directory every process can write.
+        configs (Iterable[CompressionConfig]): the configs applied to the model, in order
+            (recorded in the layout; optional).
+
+    Returns:
+        CompressionLayout: the layout written.
+
+    Example::
+
+        >>> # every process: save_compressed(dmp, "ckpt", [AFMConfig(rank=16)])
+        >>> # later, any world size: load_compressed(build_model(meta), "ckpt", device)
+    """
+    layout = compression_layout(model, configs)
+    save_compressed_state(model.state_dict(), checkpoint_dir, layout.to_dict())
+    return layout
+
+
+def read_compression_layout(checkpoint_dir: str) -> CompressionLayout | None:
+    """The layout stored in a DCP checkpoint by :func:`save_compressed` or
+    :meth:`ShardedCompressionReport.save`; ``None`` when it holds none (read locally, not a
+    collective call).
+
+    Args:
+        checkpoint_dir (str): the checkpoint directory.
+
+    Raises:
+        FileNotFoundError: naming ``checkpoint_dir`` when it does not exist.
+
+    Example::
+
+        >>> read_compression_layout("no/such/checkpoint")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: checkpoint directory 'no/such/checkpoint' does not exist
+    """
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist")
+    metadata = dcp.FileSystemReader(checkpoint_dir).read_metadata()
+    if COMPRESSION_LAYOUT_KEY not in metadata.state_dict_metadata:
+        return None
+    holder: dict[str, Any] = {COMPRESSION_LAYOUT_KEY: ""}
+    dcp.load(holder, checkpoint_id=checkpoint_dir, no_dist=True)
+    return CompressionLayout.from_dict(json.loads(holder[COMPRESSION_LAYOUT_KEY]))
+
+
+def load_compressed(
+    model: nn.Module,
+    checkpoint_dir: str,
+    device: torch.device,
+    layout: CompressionLayout | None = None,
+    sharding_type: str | None = None,
+    prepare: Callable[[nn.Module], None] | None = None,
+) -> DistributedModelParallel:
+    """A compressed checkpoint, loaded into the uncompressed ``model`` and sharded (collective).
+
+    ``model`` is built as before compression (on ``meta``: nothing is allocated).  The layout
+    (``layout``, or the one stored in the checkpoint) swaps in empty compressed modules
+    (:func:`~torchrec_compress.layout.restore_layout_`), ``prepare`` runs (e.g. to attach
+    in-backward optimizers, which the planner then counts), TorchRec's planner plans it on the
+    current process group with ``torchrec_compress.sharders(model)``, and DCP loads the
+    checkpoint into the shards, whatever plan and world size wrote it.  An empty layout loads
+    an uncompressed checkpoint.
+
+    Args:
+        model (nn.Module): the uncompressed model (swapped in place), e.g. on ``meta``.
+        checkpoint_dir (str): written by :func:`save_compressed`, ``report.save`` /
+            ``report.reshard(checkpoint_dir=...)``, or any DCP save of ``{"model": state}``
+            (then ``layout`` must be given).
+        device (torch.device): where the sharded model lives.
+        layout (Optional[CompressionLayout]): default: the checkpoint's.
+        sharding_type (Optional[str]): force one sharding type for every table.
+        prepare (Optional[Callable[[nn.Module], None]]): called on the compressed, unsharded
+            model before planning.
+
+    Returns:
+        DistributedModelParallel: the compressed model, ready to evaluate, fine-tune or
+        compress further.
+
+    Raises:
+        ValueError: the checkpoint holds no layout and none was given.
+
+    Example::
+
+        >>> # any number of processes, any plan (see tests/distributed/test_load_compressed.py):
+        >>> # dmp = load_compressed(build_model(torch.device("meta")), "ckpt", torch.device("cpu"))
+    """
+    if layout is None:
+        layout = read_compression_layout(checkpoint_dir)
+        if layout is None:
+            raise ValueError(
+                f"checkpoint {checkpoint_dir!r} holds no compression layout (it was not written "
+                "by save_compressed or ShardedCompressionReport.save); pass layout="
+            )
+    restore_layout_(model, layout, quantized_device=device)
+    if prepare is not None:
+        prepare(model)
+    sharded = shard_model(model, device, sharding_type=sharding_type)
+    state = {"model": sharded.state_dict()}
+    dcp.load(state, checkpoint_id=checkpoint_dir)
+    sharded.load_state_dict(state["model"])
+    return sharded

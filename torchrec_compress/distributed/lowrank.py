@@ -19,6 +19,7 @@ k-dim partial factors (``chunk_rows`` at a time) to the first column owner.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ from torchrec_compress.statistics import (
     moments_from_counts,
 )
 
+# the checkpoint entry (beside "model") that holds a compressed model's layout as JSON
+COMPRESSION_LAYOUT_KEY = "compression_layout"
+
 
 def lowrank_skeleton_(
     model: nn.Module,
@@ -76,7 +80,9 @@ def lowrank_skeleton_(
     :class:`LowRankEmbeddingBagCollection` (other tables of it stay full width inside
     ``factor_ebc``); every ``nn.Linear`` whose fully qualified name is in ``linear_ranks``
     becomes a :class:`LowRankLinear`.  Nothing is computed: the new modules are placeholders
-    whose weights come from a checkpoint, which is what planning and DCP loading need.
+    whose weights come from a checkpoint, which is what planning and DCP loading need.  For
+    every method and chain (PQ codes, int8 rows, AFM+MEC), by module path, see
+    :func:`torchrec_compress.layout.restore_layout_`.
 
     Args:
         model (nn.Module): the module tree (typically on ``meta``); not the swapped module itself.
@@ -642,10 +648,19 @@ def check_compressed_state(module: nn.Module, state: Mapping[str, Any]) -> None:
         )
 
 
-def save_compressed_state(state: Mapping[str, Any], checkpoint_dir: str) -> None:
+def save_compressed_state(
+    state: Mapping[str, Any], checkpoint_dir: str, layout: Mapping[str, Any] | None = None
+) -> None:
     """Collective DCP save of ``{"model": state}`` (the layout of ``examples/dlrm/train.py``'s
-    checkpoints) over the default group, then a barrier."""
-    dcp.save({"model": dict(state)}, checkpoint_id=checkpoint_dir, process_group=dist.group.WORLD)
+    checkpoints) over the default group, then a barrier.
+
+    ``layout`` (a ``CompressionLayout.to_dict()``) is stored beside it as JSON under the key
+    ``"compression_layout"``, so that ``load_compressed`` can rebuild the compressed modules.
+    """
+    checkpoint: dict[str, Any] = {"model": dict(state)}
+    if layout is not None:
+        checkpoint[COMPRESSION_LAYOUT_KEY] = json.dumps(layout)
+    dcp.save(checkpoint, checkpoint_id=checkpoint_dir, process_group=dist.group.WORLD)
     dist.barrier()
 
 
