@@ -15,7 +15,14 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 
 from torchrec_compress.api import compress_
-from torchrec_compress.config import AFMConfig, CompressionConfig, MECConfig, PQConfig, SVDConfig
+from torchrec_compress.config import (
+    AFMConfig,
+    CompressionConfig,
+    MECConfig,
+    MECTraining,
+    PQConfig,
+    SVDConfig,
+)
 from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
 from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
@@ -24,11 +31,14 @@ CPU = torch.device("cpu")
 EBC = "model.sparse_arch.embedding_bag_collection"
 AFM = AFMConfig(rank=8, linear=True, linear_rank=8, keep_mlp_ends=False)
 PQ = PQConfig(num_subspaces=4, num_centroids=16, popularity_weighting=False)
-MEC = MECConfig(num_subspaces=4, num_centroids=16, steps=2, popularity_weighting=False)
+MEC = MECConfig(
+    num_subspaces=4, num_centroids=16, popularity_weighting=False, training=MECTraining(steps=2)
+)
 
 CHAINS: dict[str, list[CompressionConfig]] = {
     "afm_linear": [AFM],
     "svd": [SVDConfig(rank=4)],
+    "afm_k2_packed": [AFMConfig(rank=2, rank_multiple=1)],
     "pq": [PQ],
     "mec": [MEC],
     "afm+pq": [AFMConfig(rank=8), PQConfig(num_subspaces=2, num_centroids=16)],
@@ -40,6 +50,7 @@ CHAINS: dict[str, list[CompressionConfig]] = {
 KINDS = {
     "afm_linear": "lowrank",
     "svd": "lowrank",
+    "afm_k2_packed": "lowrank",
     "pq": "pq",
     "mec": "pq",
     "afm+pq": "composite",
