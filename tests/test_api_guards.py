@@ -534,8 +534,16 @@ def test_every_method_has_one_handler_that_the_local_driver_calls(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("handler called")
 
-    for cls, config in ((LowRankHandler, SVDConfig(rank=4)), (PQHandler, pq)):
+    from torchrec_compress.rowwise_quant import RowWiseQuantConfig, RowWiseQuantHandler
+
+    int8 = RowWiseQuantConfig(bits=8)
+    assert handler_for(int8) == RowWiseQuantHandler(int8)
+    for cls, step, config in (
+        (LowRankHandler, "fit", SVDConfig(rank=4)),
+        (PQHandler, "fit", pq),
+        (RowWiseQuantHandler, "plan", int8),
+    ):
         with monkeypatch.context() as patch:
-            patch.setattr(cls, "fit", broken)
+            patch.setattr(cls, step, broken)
             with pytest.raises(RuntimeError, match="handler called"):
                 compress_(_dlrm(rows), config, calibration=_batches(rows))

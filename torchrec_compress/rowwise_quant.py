@@ -428,8 +428,9 @@ def _plan_rowwise(
     table_owners(ebcs, config.table_overrides)
     replacements: dict[str, nn.Module] = {}
     rows: list[ReportRow] = []
+    handler = RowWiseQuantHandler(config)
     for fqn, ebc in ebcs.items():
-        data_types, collection_rows = table_rows(ebc, config)
+        data_types, collection_rows = handler.plan(ebc)
         rows += collection_rows
         if all(r.method == "kept" for r in collection_rows):
             continue
@@ -445,4 +446,40 @@ def _plan_rowwise(
     return ConversionPlan(replacements, rows)
 
 
-register_method(RowWiseQuantConfig, local=_plan_rowwise)
+@dataclass(frozen=True)
+class RowWiseQuantHandler:
+    """Row-wise quantization of embedding tables: each table's stored type and report row, and
+    the stored entries of any block of its rows (rows are quantized independently).
+
+    Registered for :class:`RowWiseQuantConfig` (``registry.handler_for``); the local driver
+    quantizes whole collections with it, the sharded one each process's blocks of rows.
+
+    Args:
+        config (RowWiseQuantConfig): the method's config.
+
+    Example::
+
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
+        >>> handler = RowWiseQuantHandler(RowWiseQuantConfig(bits=8))
+        >>> data_types, rows = handler.plan(EmbeddingBagCollection([cfg]))
+        >>> data_types["t"], rows[0].bytes_after
+        (<DataType.INT8: 'INT8'>, 120)
+    """
+
+    config: RowWiseQuantConfig
+
+    def plan(
+        self, ebc: EmbeddingBagCollection, device: torch.device | None = None
+    ) -> tuple[dict[str, DataType], list[ReportRow]]:
+        """Stored type and report row of every table of ``ebc`` (see :func:`table_rows`)."""
+        return table_rows(ebc, self.config, device)
+
+    @staticmethod
+    def encode(
+        table: EmbeddingBagConfig, rows: torch.Tensor, data_type: DataType, quantized: bool
+    ) -> dict[str, torch.Tensor]:
+        """The stored entries of a block of ``table``'s rows (see :func:`stored_rows`)."""
+        return stored_rows(table, rows, data_type, quantized)
+
+
+register_method(RowWiseQuantConfig, local=_plan_rowwise, handler=RowWiseQuantHandler)

@@ -39,13 +39,13 @@ from torchrec_compress.distributed.lowrank import (
     _row_ranges,
     check_compressed_state,
 )
+from torchrec_compress.registry import handler_for
 from torchrec_compress.report import CompressionReport
 from torchrec_compress.rowwise_quant import (
     TRAINABLE_DATA_TYPES,
     RowWiseQuantConfig,
+    RowWiseQuantHandler,
     empty_rowwise_collection,
-    stored_rows,
-    table_rows,
 )
 
 META = torch.device("meta")
@@ -72,10 +72,14 @@ def _quantized_table_state(
         block = local.get((rows.row, 0))
         if block is None:
             continue
-        for suffix, value in stored_rows(table, block.detach(), data_type, quantized).items():
+        for suffix, value in RowWiseQuantHandler.encode(
+            table, block.detach(), data_type, quantized
+        ).items():
             parts.setdefault(suffix, {})[rows.row] = value
     # every process, with rows here or not, builds the same entries: shapes from one row
-    probe = stored_rows(table, torch.zeros(1, table.embedding_dim), data_type, quantized)
+    probe = RowWiseQuantHandler.encode(
+        table, torch.zeros(1, table.embedding_dim), data_type, quantized
+    )
     return {
         suffix: _factor_sharded_tensor(
             ranges, parts.get(suffix, {}), (table.num_embeddings, value.shape[1]), dist.group.WORLD
@@ -130,7 +134,9 @@ def sharded_rowwise_state(
         meta_model, filter_fn, lowrank_factors=config.factor_tables
     )
     table_owners(ebcs, config.table_overrides)
-    planned = {fqn: table_rows(ebc, config, model.device) for fqn, ebc in ebcs.items()}
+    handler = handler_for(config)
+    assert isinstance(handler, RowWiseQuantHandler)
+    planned = {fqn: handler.plan(ebc, model.device) for fqn, ebc in ebcs.items()}
     rows = [row for _, collection_rows in planned.values() for row in collection_rows]
     for data_types, _ in planned.values():
         _check_checkpointable(data_types)
