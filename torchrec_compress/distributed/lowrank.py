@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.tensor import DTensor
@@ -34,6 +33,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_compress import checkpoint
 from torchrec_compress.calibration import ForwardFn, calibration_pass, default_forward
 from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
 from torchrec_compress.discovery import (
@@ -647,10 +647,10 @@ def check_compressed_state(module: nn.Module, state: Mapping[str, Any]) -> None:
 
 
 def save_compressed_state(state: Mapping[str, Any], checkpoint_dir: str) -> None:
-    """Collective DCP save of ``{"model": state}`` (the layout of ``examples/dlrm/train.py``'s
-    checkpoints) over the default group, then a barrier."""
-    dcp.save({"model": dict(state)}, checkpoint_id=checkpoint_dir, process_group=dist.group.WORLD)
-    dist.barrier()
+    """Collective, atomic and verified DCP save of ``{"model": state}`` (the layout of
+    ``examples/dlrm/train.py``'s checkpoints, see :func:`torchrec_compress.checkpoint.save`),
+    replacing whatever was at ``checkpoint_dir``."""
+    checkpoint.save({"model": dict(state)}, checkpoint_dir, keep=0)
 
 
 def sharded_lowrank_state(
