@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -58,6 +59,14 @@ def _from_rank0(compute: Callable[[], T]) -> T:
     if _distributed():
         dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def _single_process_quietly(op: Callable[..., Any], state: dict[str, Any], path: str) -> None:
+    """``dcp.save`` / ``dcp.load``; in one process without a group DCP warns on every call that it
+    assumes one process, which is what this module documents."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        op(state, checkpoint_id=path, no_dist=not _distributed())
 
 
 def _raise_if(error: str | None) -> None:
@@ -207,7 +216,7 @@ def save(
     if keep < 0:
         raise ValueError(f"keep must be >= 0, got {keep}")
     tmp = _from_rank0(lambda: _new_tmp_dir(path))
-    dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
+    _single_process_quietly(dcp.save, state, tmp)
     if _distributed():
         dist.barrier()
     _raise_if(_from_rank0(lambda: _finish_on_rank0(tmp, path, metadata or {}, keep)))
@@ -405,7 +414,7 @@ def load(
         verify(path)
     elif not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
-    dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+    _single_process_quietly(dcp.load, state, path)
     if check_finite:
         bad = non_finite_keys(state)
         if _distributed():
