@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from examples.dlrm import main
@@ -188,17 +187,6 @@ def test_rerun_killed_while_saving_keeps_the_last_good_checkpoint(
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-def _dense_weight_span(path: Path) -> tuple[str, int, int]:
-    """(file, offset, length) of the largest dense weight in a DCP checkpoint."""
-    storage = FileSystemReader(str(path)).read_metadata().storage_data
-    spans = [
-        (info.relative_path, info.offset, info.length)
-        for index, info in storage.items()
-        if index.fqn.startswith("model.model.over_arch") and index.fqn.endswith("weight")
-    ]
-    return max(spans, key=lambda span: span[2])
-
-
 def _truncate(path: Path) -> str:
     file = path / "__0_0.distcp"
     file.write_bytes(file.read_bytes()[:-4096])
@@ -206,11 +194,16 @@ def _truncate(path: Path) -> str:
 
 
 def _ff_into_dense_weight(path: Path) -> str:
-    name, offset, length = _dense_weight_span(path)
-    with open(path / name, "r+b") as f:
-        f.seek(offset)
-        f.write(b"\xff" * min(length, 4096))
-    return name
+    """4 KiB of 0xFF (float NaN) over the raw values of the largest dense weight, size unchanged."""
+    weights = {k: v for k, v in _state(path).items() if ".over_arch." in k and k.endswith("weight")}
+    raw = max(weights.values(), key=torch.Tensor.numel).numpy().tobytes()[:4096]
+    for file in sorted(path.glob("*.distcp")):
+        data = bytearray(file.read_bytes())
+        if (at := data.find(raw)) >= 0:
+            data[at : at + len(raw)] = b"\xff" * len(raw)
+            file.write_bytes(bytes(data))
+            return file.name
+    raise AssertionError("dense weight values not found in the data files")
 
 
 def _remove_data_file(path: Path) -> str:
