@@ -3,6 +3,7 @@
 Every function here is collective: all processes of the group call it in the same order.
 """
 
+import json
 import logging
 import math
 import os
@@ -275,6 +276,7 @@ _SAME_RUN_KEYS = ("dataset", "world_size", "model", "compression")
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
+    current = json.loads(json.dumps(current, default=str))  # as stored: tuples become lists
     train_saved = {k: v for k, v in saved.get("train", {}).items() if k != "epochs"}
     train_now = {k: v for k, v in current.get("train", {}).items() if k != "epochs"}
     pairs = [(k, saved.get(k), current.get(k)) for k in _SAME_RUN_KEYS]
