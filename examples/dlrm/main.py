@@ -8,6 +8,8 @@ and finally one ``RESULT {json}`` line with validation and test AUC / logloss.
 Example::
 
     python -m examples.dlrm.main --dataset synthetic --epochs 2 --out runs/demo
+    # killed? the same command with --resume continues from runs/demo's last good checkpoint
+    python -m examples.dlrm.main --dataset synthetic --epochs 2 --out runs/demo --resume
     python -m examples.dlrm.main --dataset frappe --data-path ../shared/data/frappe \
         --embedding-dim 16 --out runs/frappe
 """
@@ -179,8 +181,9 @@ def checkpoint_policy(args: argparse.Namespace, name: str) -> CheckpointPolicy:
 
 
 def check_not_overwritten(args: argparse.Namespace) -> None:
-    """Refuse a run whose own checkpoints would replace the one it starts from."""
-    if not args.load_checkpoint:
+    """Refuse a run whose own checkpoints would replace the one it starts from (``--resume``
+    continues that checkpoint's run instead)."""
+    if not args.load_checkpoint or args.resume:
         return
     written = [] if args.eval_only else ["checkpoint"]
     if args.compress and args.finetune_epochs > 0:
