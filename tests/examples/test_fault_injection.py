@@ -233,3 +233,12 @@ def test_training_from_a_checkpoint_of_its_own_out_is_refused(
     with pytest.raises(SystemExit, match="--resume"):
         _in_process(*PIPELINE[:2], "--load-checkpoint", str(out / "checkpoint"), "--out", str(out))
     assert (out / "checkpoint" / "__0_0.distcp").read_bytes() == data
+
+
+def test_resume_with_a_different_model_is_refused_naming_the_setting(
+    tmp_path: Path, reference: dict[int, Path]
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference[1], out)
+    with pytest.raises(ValueError, match=r"cannot resume .* model=.*'embedding_dim': 8"):
+        _in_process(*PIPELINE[:2], "--embedding-dim", "4", "--resume", "--out", str(out))
