@@ -54,11 +54,26 @@ def _rank() -> int:
 
 
 def _from_rank0(compute: Callable[[], T]) -> T:
-    """``compute()`` on rank 0, its result broadcast to every process."""
-    holder: list[Any] = [compute() if _rank() == 0 else None]
+    """``compute()`` on rank 0, its result broadcast to every process; if it raises, every
+    process raises (rank 0 its own exception), rather than the others waiting forever."""
+    result: Any = None
+    failure: BaseException | None = None
+    if _rank() == 0:
+        try:
+            result = compute()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+            failure = e
+    holder: list[Any] = [
+        (result, None if failure is None else f"{type(failure).__name__}: {failure}")
+    ]
     if _distributed():
         dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    if failure is not None:
+        raise failure
+    result, error = holder[0]
+    if error is not None:
+        raise CheckpointError(f"rank 0 failed: {error}")
+    return result
 
 
 def _single_process_quietly(op: Callable[..., Any], state: dict[str, Any], path: str) -> None:

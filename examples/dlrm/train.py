@@ -311,7 +311,7 @@ def _resume(
         if not keyed.state:
             keyed.init_state()
     state = training_state(model, optimizer)
-    saved = checkpoint.load(state, path)
+    saved = checkpoint.load(state, path, verify_files=False)  # latest() has just verified it
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
