@@ -12,8 +12,6 @@ Example::
 """
 
 import argparse
-import json
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -25,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: examples/
 
 from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
+from torchrec_compress.checkpoint import read_metadata  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
 from torchrec_compress.lowrank import afm_basis, svd_basis, table_moments  # noqa: E402
 from torchrec_compress.statistics import count_lookups  # noqa: E402
@@ -54,8 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--eval-split", default="test")
     p.add_argument("--batch-size", type=int, default=8192)
     a = p.parse_args(argv)
-    with open(os.path.join(a.checkpoint, "run.json")) as f:
-        meta = json.load(f)
+    meta = read_metadata(a.checkpoint)
     data = get_dataset(a.dataset, path=a.data_path)
     model = build_model(data.schema, ModelConfig(**meta["model"]), torch.device("cpu"))
     state = {"model": model.state_dict()}

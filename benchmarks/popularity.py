@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 from collections.abc import Iterator
@@ -50,6 +49,7 @@ from examples.dlrm.compression import train_forward  # noqa: E402
 from examples.dlrm.metrics import auc  # noqa: E402
 from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
 from torchrec_compress import MECConfig, MECTraining, PQConfig, compress_  # noqa: E402
+from torchrec_compress.checkpoint import read_metadata  # noqa: E402
 from torchrec_compress.config import AFMConfig, CompressionConfig, SVDConfig  # noqa: E402
 from torchrec_compress.data import CTRDataset, get_dataset  # noqa: E402
 from torchrec_compress.modules import LowRankEmbeddingBagCollection  # noqa: E402
@@ -79,8 +79,11 @@ def method_config(spec: str) -> CompressionConfig:
 
 def load_model(data: CTRDataset, checkpoint: str) -> nn.Module:
     """The checkpoint's DLRM, unsharded on CPU (a DCP checkpoint loads without a process group)."""
-    with open(os.path.join(checkpoint, "run.json")) as f:
-        model_config = ModelConfig(**json.load(f)["model"])
+    metadata = read_metadata(checkpoint)
+    if not metadata and os.path.exists(os.path.join(checkpoint, "run.json")):
+        with open(os.path.join(checkpoint, "run.json")) as f:  # written before checkpoint.save
+            metadata = json.load(f)
+    model_config = ModelConfig(**metadata["model"])
     model = build_model(data.schema, model_config, torch.device("cpu"))
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=checkpoint)

@@ -2,7 +2,7 @@
 popularity weighting and the balance term.
 
 Loads the tables of a DLRM checkpoint written by ``examples.dlrm.main --out DIR`` (a DCP
-checkpoint ``DIR/checkpoint`` with its ``run.json``) into an unsharded model, counts the lookups
+checkpoint ``DIR/checkpoint`` with its metadata) into an unsharded model, counts the lookups
 of every row over the training split, and quantizes every table in three modes:
 
 * ``pq``: popularity-weighted k-means only (``MECConfig(mode="pq")``);
@@ -31,7 +31,6 @@ Example::
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
 from torchrec_compress.api import find_embedding_bag_collections  # noqa: E402
+from torchrec_compress.checkpoint import read_metadata  # noqa: E402
 from torchrec_compress.config import MECConfig, MECTraining  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
 from torchrec_compress.pq import (  # noqa: E402
@@ -89,8 +89,7 @@ def load_tables(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Table name -> (trained weight, lookup counts over the training split)."""
     data = get_dataset(dataset, path=data_path)
-    with open(os.path.join(checkpoint, "run.json")) as f:
-        model_config = ModelConfig(**json.load(f)["model"])
+    model_config = ModelConfig(**read_metadata(checkpoint)["model"])
     model = build_model(data.schema, model_config, torch.device("cpu"))
     # A DCP checkpoint loads into a plain (unsharded) state dict without a process group.
     state = {"model": model.state_dict()}
@@ -146,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--dataset", choices=["synthetic", "frappe", "criteo"], default="synthetic")
     p.add_argument("--data-path", default=None)
-    p.add_argument("--checkpoint", required=True, help="DCP checkpoint dir (with run.json)")
+    p.add_argument(
+        "--checkpoint", required=True, help="DCP checkpoint dir written by examples.dlrm"
+    )
     p.add_argument("--num-subspaces", type=int, default=8)
     p.add_argument("--num-centroids", type=int, default=256)
     p.add_argument("--steps", type=int, default=MECTraining.steps)

@@ -11,8 +11,6 @@ Example::
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import warnings
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from examples.dlrm.metrics import auc  # noqa: E402
 from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
+from torchrec_compress.checkpoint import read_metadata  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
 
 DTYPES = {"int8": torch.qint8, "int4": torch.quint4x2, "int2": torch.quint2x4}
@@ -70,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = get_dataset(a.dataset, path=a.data_path)
     results: dict[str, list[tuple[float, float, float]]] = {}
     for checkpoint in a.checkpoints.split(","):
-        with open(os.path.join(checkpoint, "run.json")) as f:
-            meta = json.load(f)
+        meta = read_metadata(checkpoint)
         for name in ["fp32", *a.dtypes.split(",")]:
             model = build_model(data.schema, ModelConfig(**meta["model"]), torch.device("cpu"))
             state = {"model": model.state_dict()}

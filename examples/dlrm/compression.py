@@ -33,6 +33,7 @@ from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset
 from torchrec_compress.distributed import read_compression_layout
 from torchrec_compress.layout import CompressionLayout
+from torchrec_compress.testing.faults import fault_point
 
 METHODS = ("afm", "svd", "mec", "pq", "afm+mec", "afm+pq")
 PQ_METHODS = ("mec", "pq")
@@ -185,6 +186,7 @@ def compress_model(
             forward_fn=train_forward,
         )
         report = stage_report if report is None else report.followed_by(stage_report)
+        fault_point("compress.stage")
         # the next stage compresses this one's re-sharded model further
         model = stage_report.reshard(
             device,

@@ -8,6 +8,8 @@ and finally one ``RESULT {json}`` line with validation and test AUC / logloss.
 Example::
 
     python -m examples.dlrm.main --dataset synthetic --epochs 2 --out runs/demo
+    # killed? the same command with --resume continues from runs/demo's last good checkpoint
+    python -m examples.dlrm.main --dataset synthetic --epochs 2 --out runs/demo --resume
     python -m examples.dlrm.main --dataset frappe --data-path ../shared/data/frappe \
         --embedding-dim 16 --out runs/frappe
 """
@@ -37,6 +39,7 @@ from examples.dlrm.compression import (
 from examples.dlrm.model import ARCHS, ModelConfig, build_model
 from examples.dlrm.train import (
     SPARSE_OPTIMIZERS,
+    CheckpointPolicy,
     TrainConfig,
     attach_sparse_optimizer,
     build_optimizer,
@@ -116,7 +119,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=0, help="torch threads per process (0: cores / processes)"
     )
     p.add_argument("--out", default="runs/dlrm", help="output dir: checkpoint/, result.json")
-    p.add_argument("--load-checkpoint", default=None, help="DCP checkpoint dir to start from")
+    p.add_argument(
+        "--load-checkpoint",
+        default=None,
+        help="DCP checkpoint dir whose weights the run starts from (fresh optimizers, epoch 0; "
+        "to continue a run use --resume). Loading runs the checkpoint's pickled metadata: "
+        "trusted checkpoints only",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT's newest complete checkpoints (re-run the same command with it)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also checkpoint every N training steps (0: at epoch ends only)",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=1,
+        help="earlier checkpoints kept beside OUT/checkpoint (checkpoint.prev-1, ...)",
+    )
     p.add_argument(
         "--eval-only",
         action="store_true",
@@ -176,6 +202,38 @@ def build_sharded_model(
     return sharded, list(layout.configs) if layout else []
 
 
+def checkpoint_policy(args: argparse.Namespace, name: str) -> CheckpointPolicy:
+    """Where the training stage ``name`` checkpoints under ``--out``."""
+    return CheckpointPolicy(
+        directory=os.path.join(args.out, name),
+        every_steps=args.checkpoint_every,
+        keep=args.keep_checkpoints,
+        resume=args.resume,
+    )
+
+
+def check_not_overwritten(args: argparse.Namespace) -> None:
+    """Refuse a run whose own checkpoints would replace the one it starts from (``--resume``
+    continues that checkpoint's run instead)."""
+    if not args.load_checkpoint or args.resume:
+        return
+    written = [] if args.eval_only else ["checkpoint"]
+    if args.compress and args.finetune_epochs > 0:
+        written.append("checkpoint_compressed")
+    source = os.path.realpath(args.load_checkpoint)
+    name = os.path.basename(source)
+    for stage in written:
+        # the stage's checkpoint, its _best weights and its .prev-N predecessors
+        if os.path.dirname(source) == os.path.realpath(args.out) and (
+            name in (stage, f"{stage}_best") or name.startswith(f"{stage}.prev-")
+        ):
+            raise SystemExit(
+                f"--load-checkpoint {args.load_checkpoint} is one of the checkpoints this run "
+                f"writes in --out {args.out}, so training would replace it: pass --resume to "
+                "continue that run, --eval-only to evaluate or compress it, or another --out"
+            )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = init_distributed()
     world = dist.get_world_size()
@@ -199,6 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.eval_only and not args.load_checkpoint:
         raise SystemExit("--eval-only needs --load-checkpoint")
+    check_not_overwritten(args)
     model, configs = build_sharded_model(data, model_config, train_config, args, device)
     if is_main():
         logger.info("dataset %s: %s", args.dataset, data.schema)
@@ -221,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.eval_only:
         optimizer = build_optimizer(model, train_config)
         fitted = fit(
-            model, optimizer, data, train_config, os.path.join(args.out, "checkpoint"), metadata
+            model, optimizer, data, train_config, checkpoint_policy(args, "checkpoint"), metadata
         )
         result.update(
             best_epoch=fitted.best_epoch, epochs_run=fitted.epochs_run, history=fitted.history
@@ -264,12 +323,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 build_optimizer(model, finetune_config),
                 data,
                 finetune_config,
-                os.path.join(args.out, "checkpoint_compressed"),
+                checkpoint_policy(args, "checkpoint_compressed"),
                 {**metadata, "compression": result["compression"]["config"]},
-                start=(
-                    result["compression"]["before_finetune"]["val"]["auc"],
-                    os.path.join(args.out, "compressed_init"),
-                ),
+                start_auc=result["compression"]["before_finetune"]["val"]["auc"],
             )
             result["compression"]["finetune_history"] = fitted.history
         # OUT/checkpoint holds the run's final model: the compressed (and fine-tuned) one
@@ -277,8 +333,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for split in ("val", "test"):
         result[split] = evaluate(model, data, split, train_config.eval_batch_size)
     if is_main():
-        with open(os.path.join(args.out, "result.json"), "w") as f:
+        # written whole or not at all: a kill leaves no half file
+        tmp = os.path.join(args.out, "result.json.tmp")
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=2)
+        os.replace(tmp, os.path.join(args.out, "result.json"))
         summary = {k: result[k] for k in ("dataset", "world_size", "val", "test")}
         if args.compress:
             summary["baseline_test_auc"] = result["baseline"]["test"]["auc"]

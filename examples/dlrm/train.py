@@ -8,13 +8,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torchrec.optim as trec_optim
 from torch import nn
 from torchrec.datasets.utils import Batch
@@ -25,7 +25,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from examples.dlrm.metrics import auc, logloss
+from torchrec_compress import checkpoint
 from torchrec_compress.data import CTRDataset, check_batch
+from torchrec_compress.testing.faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +92,60 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+@dataclass
+class Progress:
+    """Where training stands; stored (JSON) in every training-state checkpoint.
+
+    Args:
+        epoch: the epoch in progress (or next to start).
+        step: batches of ``epoch`` done; a resumed epoch skips them.
+        loss_sum: this process's sum of ``epoch``'s training losses so far.
+        best_auc / best_epoch: best validation AUC so far and its epoch (-1: the start weights).
+        stale: epochs since the best one; ``stopped`` once it reached the patience.
+        history: one dict per finished epoch.
+        finished: training is over and the final (best) weights are in the checkpoint.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    best_auc: float = -math.inf
+    best_epoch: int = -1
+    stale: int = 0
+    stopped: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+    finished: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, ``loss_sum`` gathered from all processes as ``loss_sums`` (collective)."""
+        sums: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(sums, self.loss_sum)
+        out = asdict(self)
+        del out["loss_sum"]
+        return {**out, "loss_sums": sums}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Progress":
+        fields = {k: v for k, v in data.items() if k != "loss_sums"}
+        return cls(**fields, loss_sum=data["loss_sums"][dist.get_rank()])
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     data: CTRDataset,
     config: TrainConfig,
     epoch: int,
+    progress: Progress | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> float:
-    """One pass over this process's part of the train split; returns the mean training loss."""
+    """One pass over this process's part of the train split; returns the mean training loss.
+
+    With ``progress`` (a resumed epoch) the first ``progress.step`` batches are skipped: the batch
+    order is a function of (seed, epoch) only.  ``after_step`` runs after every optimizer step.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
+    progress = progress if progress is not None else Progress(epoch=epoch)
     model.train()
     total_rows = data.num_rows("train")
     bar = tqdm(
@@ -110,26 +157,32 @@ def train_epoch(
         mininterval=2.0,
         dynamic_ncols=True,
     )
-    losses: list[torch.Tensor] = []
     start = time.perf_counter()
     seen = 0
-    for batch in data.batches("train", config.batch_size, rank, world, epoch=epoch):
+    batches = data.batches("train", config.batch_size, rank, world, epoch=epoch)
+    for batch in islice(batches, progress.step, None):
         check_batch(batch, data.schema)
         loss, _ = model(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.detach())
+        # a float64 running sum (not a list of tensors): a checkpoint stores it exactly
+        progress.step += 1
+        progress.loss_sum += loss.item()
         # Every rank's batches have nearly equal sizes: the global count is local × world.
         step_rows = batch.labels.numel() * world
         seen += step_rows
         bar.update(min(step_rows, total_rows - bar.n))
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        fault_point("train.step")
+        if after_step is not None:
+            after_step()
     bar.close()
     elapsed = time.perf_counter() - start
     if is_main():
         logger.info("epoch %d: %.0f examples/s", epoch, seen / max(elapsed, 1e-9))
-    mean_loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
+    local_mean = progress.loss_sum / progress.step if progress.step else float("nan")
+    mean_loss = torch.tensor(local_mean, dtype=torch.float64)
     dist.all_reduce(mean_loss)
     return float(mean_loss) / world
 
@@ -165,31 +218,107 @@ def evaluate(model: nn.Module, data: CTRDataset, split: str, batch_size: int) ->
     }
 
 
-def save_checkpoint(model: nn.Module, path: str, metadata: dict[str, Any]) -> None:
-    """``torch.distributed.checkpoint`` save of the model weights (each process writes its shards).
+def save_checkpoint(model: nn.Module, path: str, metadata: dict[str, Any], keep: int = 1) -> None:
+    """Atomic, verified DCP checkpoint of the model weights (see :mod:`torchrec_compress.checkpoint`).
 
     The checkpoint reshards on load: it loads into a run with any number of processes and any
-    sharding plan.  ``metadata`` (JSON) is written next to it by rank 0.
+    sharding plan.  ``metadata`` (JSON) is stored with it; the checkpoint it replaces is kept
+    as ``PATH.prev-1`` (``keep`` of them).
     """
-    dcp.save({"model": model.state_dict()}, checkpoint_id=path)
-    if is_main():
-        with open(os.path.join(path, "run.json"), "w") as f:
-            json.dump(metadata, f, indent=2, default=str)
-    dist.barrier()
+    checkpoint.save({"model": model.state_dict()}, path, metadata, keep=keep)
 
 
 def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
-    """Load weights saved by :func:`save_checkpoint` into ``model`` (resharding as needed)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    """Load the weights of a checkpoint into ``model`` (resharding as needed); returns its metadata.
+
+    The checkpoint is verified against its manifest and refused if a weight is not finite.
+    Loading unpickles DCP's ``.metadata``: load trusted checkpoints only.
+    """
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path)
+    metadata = checkpoint.load(state, path)
     model.load_state_dict(state["model"])
-    meta_path = os.path.join(path, "run.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            return json.load(f)
-    return {}
+    return metadata
+
+
+@dataclass
+class CheckpointPolicy:
+    """Where :func:`fit` keeps its checkpoints, how often, and whether it resumes.
+
+    Args:
+        directory: the training-state checkpoint (weights, optimizer state, RNG, progress),
+            written at every epoch end; the best epoch's weights go to ``DIRECTORY_best``.
+        every_steps: also write it every this many steps inside an epoch (0: epoch ends only).
+        keep: how many earlier training-state checkpoints survive (``DIRECTORY.prev-N``).
+        resume: continue from the newest complete checkpoint in ``directory`` if there is one.
+    """
+
+    directory: str
+    every_steps: int = 0
+    keep: int = 1
+    resume: bool = False
+
+    @property
+    def best(self) -> str:
+        return self.directory + "_best"
+
+
+def training_state(model: nn.Module, optimizer: CombinedOptimizer) -> dict[str, Any]:
+    """What a resumable checkpoint holds: weights, dense and fused optimizer state, torch RNG."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+
+
+# metadata that must agree between a checkpoint and the run resuming it
+_SAME_RUN_KEYS = ("dataset", "world_size", "model", "compression")
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
+    current = json.loads(json.dumps(current, default=str))  # as stored: tuples become lists
+    train_saved = {k: v for k, v in saved.get("train", {}).items() if k != "epochs"}
+    train_now = {k: v for k, v in current.get("train", {}).items() if k != "epochs"}
+    pairs = [(k, saved.get(k), current.get(k)) for k in _SAME_RUN_KEYS]
+    for key, was, now in [*pairs, ("train", train_saved, train_now)]:
+        if was != now:
+            raise ValueError(
+                f"cannot resume from {path!r}: it was written with {key}={was!r}, this run has "
+                f"{key}={now!r} (run the same command, or use a new --out)"
+            )
+
+
+def _resume(
+    model: nn.Module,
+    optimizer: CombinedOptimizer,
+    checkpoints: CheckpointPolicy,
+    metadata: dict[str, Any],
+) -> Progress | None:
+    """Load the newest complete training-state checkpoint; ``None`` when there is none."""
+    path = checkpoint.latest(checkpoints.directory)
+    if path is None:
+        if os.path.exists(checkpoints.directory) or checkpoint.previous(checkpoints.directory):
+            checkpoint.verify(checkpoints.directory)  # raises, naming what is wrong
+        return None
+    if path != checkpoints.directory and is_main():
+        logger.warning(
+            "%s is incomplete or corrupted: resuming from %s", checkpoints.directory, path
+        )
+    _check_same_run(checkpoint.read_metadata(path), metadata, path)
+    # Adam creates its state at the first step and DCP loads in place: create it (a zero-gradient
+    # step, which moves no weight), then overwrite it
+    for _, keyed in optimizer.optimizers:
+        if not keyed.state:
+            keyed.init_state()
+    state = training_state(model, optimizer)
+    saved = checkpoint.load(state, path, verify_files=False)  # latest() has just verified it
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    progress = Progress.from_json(saved["progress"])
+    if is_main():
+        logger.info("resumed from %s: epoch %d, step %d", path, progress.epoch, progress.step)
+    return progress
 
 
 def read_checkpoint_metadata(path: str) -> dict[str, Any]:
@@ -197,11 +326,7 @@ def read_checkpoint_metadata(path: str) -> dict[str, Any]:
     before any model exists (its compression layout says how to build the model)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    meta_path = os.path.join(path, "run.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            return json.load(f)
-    return {}
+    return checkpoint.read_metadata(path)
 
 
 @dataclass
@@ -212,60 +337,105 @@ class FitResult:
     history: list[dict[str, float]]
 
 
+@dataclass
+class _Run:
+    """One :func:`fit` call's fixed parts, so that its steps take one argument."""
+
+    model: nn.Module
+    optimizer: CombinedOptimizer
+    data: CTRDataset
+    config: TrainConfig
+    checkpoints: CheckpointPolicy
+    metadata: dict[str, Any]
+
+    def save(self, progress: Progress) -> None:
+        meta = {**self.metadata, "progress": progress.to_json()}
+        state = training_state(self.model, self.optimizer)
+        checkpoint.save(state, self.checkpoints.directory, meta, keep=self.checkpoints.keep)
+
+    def save_best(self, epoch: int, val_auc: float) -> None:
+        meta = {**self.metadata, "epoch": epoch, "val_auc": val_auc}
+        save_checkpoint(self.model, self.checkpoints.best, meta, keep=0)
+
+
+def _train_one_epoch(run: _Run, progress: Progress) -> None:
+    """Train and validate ``progress.epoch``; checkpoint the best weights and the progress."""
+    epoch, every = progress.epoch, run.checkpoints.every_steps
+
+    def after_step() -> None:
+        if every > 0 and progress.step % every == 0:
+            run.save(progress)
+
+    train_loss = train_epoch(
+        run.model, run.optimizer, run.data, run.config, epoch, progress, after_step
+    )
+    val = evaluate(run.model, run.data, "val", run.config.eval_batch_size)
+    progress.history.append(
+        {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}}
+    )
+    if is_main():
+        logger.info(
+            "epoch %d: train loss %.5f  val AUC %.5f  val logloss %.5f",
+            epoch,
+            train_loss,
+            val["auc"],
+            val["logloss"],
+        )
+    if val["auc"] > progress.best_auc:
+        progress.best_auc, progress.best_epoch, progress.stale = val["auc"], epoch, 0
+        run.save_best(epoch, val["auc"])
+    else:
+        progress.stale += 1
+        if progress.stale >= run.config.patience:
+            if is_main():
+                logger.info("early stop: no val AUC gain for %d epochs", progress.stale)
+            progress.stopped = True
+    progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
+    run.save(progress)
+
+
 def fit(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: CombinedOptimizer,
     data: CTRDataset,
     config: TrainConfig,
-    checkpoint_dir: str,
+    checkpoints: CheckpointPolicy,
     metadata: dict[str, Any],
-    start: tuple[float, str] | None = None,
+    start_auc: float | None = None,
 ) -> FitResult:
     """Train with early stopping on validation AUC; the best epoch's weights end up in ``model``.
 
-    The best weights are kept as a DCP checkpoint in ``checkpoint_dir`` and re-loaded at the end.
-    ``start = (val_auc, checkpoint)`` describes the weights training starts from (fine-tuning):
-    they compete as epoch -1, and are re-loaded from ``checkpoint`` if no epoch beats them.
+    Everything needed to continue (weights, optimizer state, RNG, epoch, step, best AUC) is
+    checkpointed in ``checkpoints.directory`` at every epoch end (and every
+    ``checkpoints.every_steps`` steps); with ``checkpoints.resume`` a killed run continues from
+    there and ends exactly as an uninterrupted one.  The best weights are kept in
+    ``checkpoints.best`` and re-loaded at the end; the final checkpoint holds them.
+    ``start_auc`` is the validation AUC of the weights training starts from (fine-tuning):
+    they compete as epoch -1.
     """
-    best_auc, best_epoch, stale = -math.inf, -1, 0
-    if start is not None:
-        best_auc = start[0]
-    history: list[dict[str, float]] = []
-    epoch = 0
-    for epoch in range(config.epochs):
-        train_loss = train_epoch(model, optimizer, data, config, epoch)
-        val = evaluate(model, data, "val", config.eval_batch_size)
-        history.append(
-            {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}}
-        )
-        if is_main():
-            logger.info(
-                "epoch %d: train loss %.5f  val AUC %.5f  val logloss %.5f",
-                epoch,
-                train_loss,
-                val["auc"],
-                val["logloss"],
-            )
-        if val["auc"] > best_auc:
-            best_auc, best_epoch, stale = val["auc"], epoch, 0
-            save_checkpoint(
-                model,
-                checkpoint_dir,
-                {**metadata, "epoch": epoch, "val_auc": val["auc"], "train": asdict(config)},
-            )
-        else:
-            stale += 1
-            if stale >= config.patience:
-                if is_main():
-                    logger.info("early stop: no val AUC gain for %d epochs", stale)
-                break
-    if best_epoch == -1 and start is not None:
-        if is_main():
-            logger.info("no epoch beat the starting weights (val AUC %.5f): keeping them", start[0])
-        load_checkpoint(model, start[1])
-    elif best_epoch != epoch:
-        load_checkpoint(model, checkpoint_dir)
-    return FitResult(best_epoch, best_auc, epoch + 1, history)
+    run = _Run(model, optimizer, data, config, checkpoints, {**metadata, "train": asdict(config)})
+    progress = _resume(model, optimizer, checkpoints, run.metadata) if checkpoints.resume else None
+    if progress is None:
+        progress = Progress()
+        if start_auc is not None:
+            progress.best_auc = start_auc
+            run.save_best(-1, start_auc)
+    while not progress.finished and not progress.stopped and progress.epoch < config.epochs:
+        _train_one_epoch(run, progress)
+    if not progress.finished:
+        last = len(progress.history) - 1
+        if progress.best_epoch != last and (progress.best_epoch >= 0 or start_auc is not None):
+            if is_main() and progress.best_epoch == -1:
+                logger.info(
+                    "no epoch beat the starting weights (val AUC %.5f): keeping them", start_auc
+                )
+            # a kill between the two renames of a save leaves the best weights in .prev-1
+            load_checkpoint(model, checkpoint.latest(checkpoints.best) or checkpoints.best)
+        progress.finished = True
+        run.save(progress)
+    return FitResult(
+        progress.best_epoch, progress.best_auc, len(progress.history), progress.history
+    )
 
 
 def batches_of(data: CTRDataset, split: str, batch_size: int) -> Iterator[Batch]:

@@ -1,7 +1,10 @@
-"""A DCP checkpoint written by 2 processes loads into 1 process with identical predictions."""
+"""A DCP checkpoint written by 2 processes loads into 1 process with identical predictions; a
+damaged one is refused by every process, naming the file."""
 
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from examples.dlrm.train import (
@@ -11,6 +14,7 @@ from examples.dlrm.train import (
     load_checkpoint,
     save_checkpoint,
 )
+from torchrec_compress.checkpoint import CheckpointError
 from torchrec_compress.distributed import shard_model
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
@@ -51,11 +55,42 @@ def _load_and_predict(rank: int, world_size: int, path: str) -> list[float]:
     return after.tolist()
 
 
-def test_checkpoint_from_two_processes_loads_into_one(tmp_path: Path) -> None:
-    path = str(tmp_path / "ckpt")
-    saved = run_multiprocess(_train_and_save, world_size=2, path=path)
+@pytest.fixture(scope="module")
+def two_process_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, list[list[float]]]:
+    """A checkpoint saved by 2 processes, and each rank's predictions when it was saved."""
+    path = tmp_path_factory.mktemp("two") / "ckpt"
+    return path, run_multiprocess(_train_and_save, world_size=2, path=str(path))
+
+
+def test_checkpoint_from_two_processes_loads_into_one(
+    two_process_checkpoint: tuple[Path, list[list[float]]],
+) -> None:
+    checkpoint, saved = two_process_checkpoint
+    path = str(checkpoint)
     # Predictions of the same eval batches agree on both ranks of the saving run.
     assert torch.allclose(torch.tensor(saved[0]), torch.tensor(saved[1]), atol=0, rtol=0)
     (loaded,) = run_multiprocess(_load_and_predict, world_size=1, path=path)
     diff = (torch.tensor(loaded) - torch.tensor(saved[0])).abs().max()
     assert diff <= 1e-6, f"max |diff| = {diff}"
+
+
+def _load_damaged(rank: int, world_size: int, path: str) -> str:
+    model = shard_model(
+        tiny_dlrm(torch.device("meta")), torch.device("cpu"), sharding_type="table_wise"
+    )
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(model, path)
+    return str(error.value)
+
+
+def test_damaged_shard_of_a_two_process_checkpoint_is_refused_by_every_process(
+    tmp_path: Path, two_process_checkpoint: tuple[Path, list[list[float]]]
+) -> None:
+    path = tmp_path / "ckpt"
+    shutil.copytree(two_process_checkpoint[0], path)
+    shard = path / "__1_0.distcp"  # written by rank 1
+    shard.write_bytes(shard.read_bytes()[:-100])
+    messages = run_multiprocess(_load_damaged, world_size=2, path=str(path))
+    assert all("'__1_0.distcp' has" in m and "truncated" in m for m in messages), messages

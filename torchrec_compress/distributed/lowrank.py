@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.tensor import DTensor
@@ -35,6 +34,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_compress import checkpoint
 from torchrec_compress.calibration import ForwardFn, calibration_pass, default_forward
 from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
 from torchrec_compress.discovery import (
@@ -651,17 +651,17 @@ def check_compressed_state(module: nn.Module, state: Mapping[str, Any]) -> None:
 def save_compressed_state(
     state: Mapping[str, Any], checkpoint_dir: str, layout: Mapping[str, Any] | None = None
 ) -> None:
-    """Collective DCP save of ``{"model": state}`` (the layout of ``examples/dlrm/train.py``'s
-    checkpoints) over the default group, then a barrier.
+    """Collective, atomic and verified DCP save of ``{"model": state}`` (the layout of
+    ``examples/dlrm/train.py``'s checkpoints, see :func:`torchrec_compress.checkpoint.save`),
+    replacing whatever was at ``checkpoint_dir``.
 
-    ``layout`` (a ``CompressionLayout.to_dict()``) is stored beside it as JSON under the key
+    ``layout`` (a ``CompressionLayout.to_dict()``) is stored in it as JSON under the key
     ``"compression_layout"``, so that ``load_compressed`` can rebuild the compressed modules.
     """
-    checkpoint: dict[str, Any] = {"model": dict(state)}
+    entries: dict[str, Any] = {"model": dict(state)}
     if layout is not None:
-        checkpoint[COMPRESSION_LAYOUT_KEY] = json.dumps(layout)
-    dcp.save(checkpoint, checkpoint_id=checkpoint_dir, process_group=dist.group.WORLD)
-    dist.barrier()
+        entries[COMPRESSION_LAYOUT_KEY] = json.dumps(layout)
+    checkpoint.save(entries, checkpoint_dir, keep=0)
 
 
 def sharded_lowrank_state(

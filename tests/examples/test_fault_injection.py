@@ -1,0 +1,244 @@
+"""examples/dlrm killed with SIGKILL at seeded points (training, saving, compressing), then resumed.
+
+A run of train -> compress (AFM) -> fine-tune is killed several times in a row, each time at a
+fault point (``torchrec_compress.testing.faults``) drawn by a seeded generator, and re-run with
+``--resume``; it must end with the same metrics and the same final checkpoint (weights and
+optimizer state) as an uninterrupted run, in 1 and 2 processes.  Damaged checkpoints must be
+refused with an error naming the file, a re-run killed while saving must leave the last good
+checkpoint, and a training run must refuse to overwrite the checkpoint it loads.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from examples.dlrm import main
+from torchrec_compress.testing.faults import FAULT_ENV
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "--dataset", "synthetic",
+    "--data-opt", "train_rows=2000", "val_rows=1000", "test_rows=1000",
+    "num_embeddings=100,200,300", "pooling=1,3,1", "block_rows=500",
+    "--embedding-dim", "8", "--dense-arch", "16", "--over-arch", "16",
+    "--eval-batch-size", "1024", "--threads", "1",
+]  # fmt: skip
+# 2 epochs, AFM rank 4, 2 fine-tuning epochs; 8 steps per epoch in 1 and in 2 processes
+PIPELINE = ["--epochs", "2", "--compress", "afm", "--rank", "4", "--finetune-epochs", "2"]
+# checkpoints inside epochs too: more places to be killed at (the results do not change)
+EVERY = ["--checkpoint-every", "3"]
+SAVE_POINTS = ("save.written", "save.manifest", "save.rotated")
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def _cli(world_size: int, out: Path, *args: str, fault: str | None = None) -> int:
+    """Run the CLI in ``world_size`` processes (torchrun for 2); returns its exit code."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and k != FAULT_ENV}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    if fault is not None:
+        env[FAULT_ENV] = fault
+    batch = ["--batch-size", str(256 // world_size)]
+    launch = [sys.executable]
+    if world_size > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
+    command = [*launch, "-m", "examples.dlrm.main", *TINY, *batch, "--out", str(out), *args]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    if fault is None:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.returncode
+
+
+def _killed(code: int, world_size: int) -> bool:
+    # one process: killed by the signal; torchrun: exits 1 after a worker died
+    return code == -signal.SIGKILL if world_size == 1 else code != 0
+
+
+def _in_process(*args: str) -> dict[str, Any]:
+    """``examples.dlrm.main`` in this process (1 process group of 1), for the cheap checks."""
+    saved = dict(os.environ)
+    try:
+        return main.run(main.parse_args([*TINY, "--batch-size", "256", *args]))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, flattened (weights, optimizer state, RNG)."""
+    file = path.parent / f"{path.name}.pt"
+    dcp_to_torch_save(str(path), str(file))
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value
+
+    walk("", torch.load(file, weights_only=False))
+    file.unlink()
+    return flat
+
+
+def _assert_close(a: Any, b: Any, where: str = "result") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=1e-6, nan_ok=True), where
+    else:
+        assert a == b, where
+
+
+def _assert_same_run(out: Path, reference: Path) -> None:
+    _assert_close(
+        json.loads((out / "result.json").read_text()),
+        json.loads((reference / "result.json").read_text()),
+    )
+    for name in ("checkpoint", "checkpoint_compressed"):
+        got, want = _state(out / name), _state(reference / name)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            diff = (got[key].double() - value.double()).abs().max().item() if value.numel() else 0
+            assert diff <= 1e-6, f"{name}{key}: max |diff| {diff}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, Path]]:
+    """Uninterrupted runs of the pipeline, in 1 and 2 processes (made when first asked for)."""
+    root = tmp_path_factory.mktemp("reference")
+
+    class Runs(dict[int, Path]):
+        def __missing__(self, world_size: int) -> Path:
+            out = root / f"world{world_size}"
+            if world_size == 1:  # in this process: no interpreter start-up to pay for
+                _in_process(*PIPELINE, "--out", str(out))
+            else:
+                _cli(world_size, out, *PIPELINE)
+            self[world_size] = out
+            return out
+
+    yield Runs()
+
+
+def _kill_chain(world_size: int, seed: int) -> list[str]:
+    """Seeded fault points for successive runs: anywhere, in a save, in compression, in fine-tuning."""
+    rng = random.Random(seed)
+    rank = rng.randrange(world_size)
+    chain = [
+        f"*:{rng.randint(1, 60)}:{rank}",
+        f"{rng.choice(SAVE_POINTS)}:{rng.randint(1, 3)}:0",  # rank 0 finishes every save
+        f"compress.stage:1:{rng.randrange(world_size)}",
+        f"train.step:{rng.randint(1, 16)}:{rng.randrange(world_size)}",
+    ]
+    return chain if world_size == 1 else chain[1:3]
+
+
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_runs_killed_anywhere_resume_to_the_uninterrupted_result(
+    tmp_path: Path, reference: dict[int, Path], world_size: int
+) -> None:
+    out = tmp_path / "run"
+    for i, fault in enumerate(_kill_chain(world_size, seed=20261130 + world_size)):
+        args = [*PIPELINE, *EVERY] if i == 0 else [*PIPELINE, *EVERY, "--resume"]
+        code = _cli(world_size, out, *args, fault=fault)
+        assert _killed(code, world_size), f"run {i} was not killed at {fault} (exit {code})"
+        assert not (out / "result.json").exists()
+    _cli(world_size, out, *PIPELINE, *EVERY, "--resume")
+    _assert_same_run(out, reference[world_size])
+
+
+def test_rerun_killed_while_saving_keeps_the_last_good_checkpoint(
+    tmp_path: Path, reference: dict[int, Path]
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference[1], out)
+    before = _state(out / "checkpoint")
+    # the same command again, without --resume, killed in its first save (after 3 steps)
+    code = _cli(1, out, *PIPELINE, *EVERY, fault=f"{random.Random(7).choice(SAVE_POINTS)}:1")
+    assert _killed(code, 1)
+    survivor = out / "checkpoint"
+    if not (survivor / "MANIFEST.json").exists():  # killed between the two renames
+        survivor = out / "checkpoint.prev-1"
+    after = _state(survivor)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _truncate(path: Path) -> str:
+    file = path / "__0_0.distcp"
+    file.write_bytes(file.read_bytes()[:-4096])
+    return "__0_0.distcp"
+
+
+def _ff_into_dense_weight(path: Path) -> str:
+    """4 KiB of 0xFF (float NaN) over the raw values of the largest dense weight, size unchanged."""
+    weights = {k: v for k, v in _state(path).items() if ".over_arch." in k and k.endswith("weight")}
+    raw = max(weights.values(), key=torch.Tensor.numel).numpy().tobytes()[:4096]
+    for file in sorted(path.glob("*.distcp")):
+        data = bytearray(file.read_bytes())
+        if (at := data.find(raw)) >= 0:
+            data[at : at + len(raw)] = b"\xff" * len(raw)
+            file.write_bytes(bytes(data))
+            return file.name
+    raise AssertionError("dense weight values not found in the data files")
+
+
+def _remove_data_file(path: Path) -> str:
+    (path / "__0_0.distcp").unlink()
+    return "__0_0.distcp"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _ff_into_dense_weight, _remove_data_file])
+def test_damaged_checkpoint_is_refused_naming_the_file(
+    tmp_path: Path, reference: dict[int, Path], damage: Any
+) -> None:
+    path = tmp_path / "checkpoint"
+    shutil.copytree(reference[1] / "checkpoint", path)
+    name = damage(path)
+    with pytest.raises(ValueError, match=f"{path}.*{name}"):
+        _in_process(
+            *PIPELINE[:2], "--load-checkpoint", str(path), "--eval-only", "--out", str(tmp_path)
+        )
+
+
+def test_training_from_a_checkpoint_of_its_own_out_is_refused(
+    tmp_path: Path, reference: dict[int, Path]
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference[1], out)
+    data = (out / "checkpoint" / "__0_0.distcp").read_bytes()
+    with pytest.raises(SystemExit, match="--resume"):
+        _in_process(*PIPELINE[:2], "--load-checkpoint", str(out / "checkpoint"), "--out", str(out))
+    assert (out / "checkpoint" / "__0_0.distcp").read_bytes() == data
+
+
+def test_resume_with_a_different_model_is_refused_naming_the_setting(
+    tmp_path: Path, reference: dict[int, Path]
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference[1], out)
+    with pytest.raises(ValueError, match=r"cannot resume .* model=.*'embedding_dim': 8"):
+        _in_process(*PIPELINE[:2], "--embedding-dim", "4", "--resume", "--out", str(out))
