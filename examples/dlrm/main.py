@@ -295,6 +295,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             epochs=args.finetune_epochs,
             lr=args.lr * args.finetune_lr_scale,
             sparse_lr=args.sparse_lr * args.finetune_lr_scale,
+            # after the baseline's (at most --epochs) epochs: fresh rows on streaming data
+            data_epoch_offset=train_config.epochs,
         )
         model, report, config = compress_model(
             model, data, model_config, finetune_config, args, device, args.out

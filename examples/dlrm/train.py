@@ -51,6 +51,9 @@ class TrainConfig:
         sparse_optimizer: one of ``SPARSE_OPTIMIZERS``.
         patience: stop after this many epochs without a better validation AUC.
         eval_batch_size: per-process batch size for evaluation.
+        data_epoch_offset: training epoch ``e`` reads the dataset's epoch ``e +
+            data_epoch_offset``: fine-tuning starts after the baseline's epochs, so a streaming
+            dataset (the synthetic default) gives it rows the baseline never saw.
     """
 
     epochs: int = 10
@@ -60,6 +63,7 @@ class TrainConfig:
     sparse_optimizer: str = "adagrad"
     patience: int = 2
     eval_batch_size: int = 8192
+    data_epoch_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
@@ -159,7 +163,9 @@ def train_epoch(
     )
     start = time.perf_counter()
     seen = 0
-    batches = data.batches("train", config.batch_size, rank, world, epoch=epoch)
+    batches = data.batches(
+        "train", config.batch_size, rank, world, epoch=epoch + config.data_epoch_offset
+    )
     for batch in islice(batches, progress.step, None):
         check_batch(batch, data.schema)
         loss, _ = model(batch)
