@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.examples.test_dlrm_main import TINY, _main, _run
+from torchrec_compress.checkpoint import read_metadata
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 EBC = "model.sparse_arch.embedding_bag_collection"
@@ -25,7 +26,7 @@ def _result(out: Path) -> dict:
 
 
 def _layout(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "run.json").read_text())["compression_layout"]
+    return read_metadata(str(checkpoint))["compression_layout"]
 
 
 @pytest.fixture(scope="module")
