@@ -13,6 +13,7 @@ Example::
 """
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -42,6 +43,11 @@ from torchrec_compress.data import get_dataset
 from torchrec_compress.distributed import shard_model
 
 logger = logging.getLogger("examples.dlrm")
+
+# How long a collective waits for a peer before it raises (torch's default is 30 minutes):
+# long enough for the slowest one-process phase (checkpoint writes, a table's MEC training on
+# its lead process), short enough that a frozen or lost peer ends the job.
+DEFAULT_PG_TIMEOUT_S = 600.0
 
 
 def _ints(text: str) -> list[int]:
@@ -111,12 +117,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --load-checkpoint: do not train the baseline (evaluate it, or compress it)",
     )
+    p.add_argument(
+        "--pg-timeout",
+        type=float,
+        default=DEFAULT_PG_TIMEOUT_S,
+        help="seconds a collective waits for a frozen or lost peer before the job fails",
+    )
     add_arguments(p)
     return p.parse_args(argv)
 
 
-def init_distributed() -> torch.device:
-    """Join the torchrun/torchx process group, or make a 1-process one."""
+def init_distributed(timeout_s: float = DEFAULT_PG_TIMEOUT_S) -> torch.device:
+    """Join the torchrun/torchx process group, or make a 1-process one.
+
+    Args:
+        timeout_s: the process group's timeout: a collective waiting longer for a peer raises.
+    """
     if "WORLD_SIZE" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -132,7 +148,7 @@ def init_distributed() -> torch.device:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return device
 
 
@@ -145,7 +161,7 @@ def quiet_torchrec() -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = init_distributed()
+    device = init_distributed(args.pg_timeout)
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(args.seed)
