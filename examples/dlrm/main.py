@@ -118,6 +118,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --load-checkpoint: do not train the baseline (evaluate it, or compress it)",
     )
     p.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip and count batches with a NaN/inf loss or gradient (default: stop with an error)",
+    )
+    p.add_argument(
         "--pg-timeout",
         type=float,
         default=DEFAULT_PG_TIMEOUT_S,
@@ -180,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sparse_optimizer=args.sparse_optimizer,
         patience=args.patience,
         eval_batch_size=args.eval_batch_size,
+        skip_nonfinite=args.skip_nonfinite,
     )
     if args.eval_only and not args.load_checkpoint:
         raise SystemExit("--eval-only needs --load-checkpoint")

@@ -49,6 +49,10 @@ class TrainConfig:
         sparse_optimizer: one of ``SPARSE_OPTIMIZERS``.
         patience: stop after this many epochs without a better validation AUC.
         eval_batch_size: per-process batch size for evaluation.
+        skip_nonfinite: skip (and count) a batch whose loss or dense gradient is NaN or
+            infinite instead of stopping with an error.  A non-finite loss is caught before the
+            backward pass, so nothing is updated; a non-finite gradient of a finite loss is
+            caught before the dense step, but the fused table optimizer has already applied it.
     """
 
     epochs: int = 10
@@ -58,6 +62,7 @@ class TrainConfig:
     sparse_optimizer: str = "adagrad"
     patience: int = 2
     eval_batch_size: int = 8192
+    skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
@@ -113,11 +118,27 @@ def train_epoch(
     losses: list[torch.Tensor] = []
     start = time.perf_counter()
     seen = 0
-    for batch in data.batches("train", config.batch_size, rank, world, epoch=epoch):
+    skipped = 0
+    for step, batch in enumerate(
+        data.batches("train", config.batch_size, rank, world, epoch=epoch)
+    ):
         check_batch(batch, data.schema)
         loss, _ = model(batch)
         optimizer.zero_grad()
-        loss.backward()
+        problem = _nonfinite_loss(loss, batch, step)
+        if problem is None:
+            loss.backward()
+            problem = _nonfinite_gradient(model, step)
+        if problem is not None:
+            where = f"epoch {epoch}, step {step}: {problem}"
+            if not config.skip_nonfinite:
+                raise FloatingPointError(
+                    f"{where}; stopping (TrainConfig.skip_nonfinite / --skip-nonfinite skips "
+                    "such batches instead)"
+                )
+            skipped += 1
+            logger.warning("skipping %s", where)
+            continue
         optimizer.step()
         losses.append(loss.detach())
         # Every rank's batches have nearly equal sizes: the global count is local × world.
@@ -129,9 +150,50 @@ def train_epoch(
     elapsed = time.perf_counter() - start
     if is_main():
         logger.info("epoch %d: %.0f examples/s", epoch, seen / max(elapsed, 1e-9))
+        if skipped:
+            logger.warning(
+                "epoch %d: skipped %d batches with a non-finite loss or gradient", epoch, skipped
+            )
     mean_loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
     dist.all_reduce(mean_loss)
     return float(mean_loss) / world
+
+
+def _nonfinite_loss(loss: torch.Tensor, batch: Batch, step: int) -> str | None:
+    """Describes a NaN or infinite loss on any process (``None`` when all are finite).
+
+    Collective (one scalar all-reduce per step): every process must skip or stop together, or
+    the others would wait in the backward pass's collectives for the one that left.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    flags = torch.zeros(world)
+    flags[rank] = 0.0 if bool(torch.isfinite(loss.detach())) else 1.0
+    if world > 1:
+        dist.all_reduce(flags)
+    if not bool(flags.any()):
+        return None
+    ranks = flags.nonzero().flatten().tolist()
+    value = f" ({float(loss):g} here)" if rank in ranks else ""
+    return (
+        f"non-finite loss{value} from batch {step} of process(es) {ranks} "
+        f"({batch.labels.numel()} rows on this process)"
+    )
+
+
+def _nonfinite_gradient(model: nn.Module, step: int) -> str | None:
+    """Names the first dense parameter with a NaN or infinite gradient (``None`` if none).
+
+    Dense gradients are all-reduced by DDP before this runs, so every process reaches the same
+    answer without communicating.
+    """
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(g).all() for _, g in named])
+    if bool(finite.all()):
+        return None
+    name = named[int((~finite).nonzero()[0, 0])][0]
+    return f"non-finite gradient of {name!r} (batch {step} on every process)"
 
 
 @torch.no_grad()
