@@ -48,6 +48,7 @@ from torchrec_compress.discovery import (
 )
 from torchrec_compress.distributed.compression import compress_sharded_model
 from torchrec_compress.factorization import linear_factors
+from torchrec_compress.guards import check_finite_tables, compresses_tables
 from torchrec_compress.lowrank import (
     PrincipalBasis,
     afm_basis,
@@ -508,6 +509,8 @@ def compress_(
         raise TypeError("compress_: meta_model= is for DistributedModelParallel models only")
     planner = method_for(config, sharded=False)
     _check_unsharded(model)
+    if compresses_tables(config):
+        check_finite_tables(model, filter_fn)
     if not isinstance(config, LowRankConfig) or config.embeddings:
         _warn_sequence_tables(model, filter_fn)
     plan = planner(model, config, calibration, filter_fn, forward_fn)

@@ -1,0 +1,97 @@
+"""Fail-loud checks on what enters compression and lookups: non-finite table rows, ids outside
+their tables.
+
+A NaN row that calibration never looks up would pass AFM's statistics untouched and land in the
+factor table; an id outside its table is zeroed by fbgemm's default bounds check (a warning in
+the log, and training goes on).  Both are refused here, naming the table (and feature) and the
+first offending row or id.  Every check is vectorised and chunked; nothing loops over rows or ids
+in Python.  The sharded counterparts (collective) live in :mod:`torchrec_compress.distributed`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_compress.config import CompressionConfig, LowRankConfig
+from torchrec_compress.discovery import FilterFn, find_embedding_bag_collections
+
+DEFAULT_CHUNK_ROWS = 65536
+
+
+def first_nonfinite_row(weight: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> int | None:
+    """Index of the first row of ``weight`` holding a NaN or an infinity, or ``None``.
+
+    Args:
+        weight (torch.Tensor): ``(rows, d)`` table rows (any float dtype).
+        chunk_rows (int): rows tested at a time (bounds the temporary boolean mask).
+
+    Returns:
+        Optional[int]: the first bad row, ``None`` when every value is finite.
+
+    Example::
+
+        >>> first_nonfinite_row(torch.tensor([[0.0, 1.0], [2.0, float("inf")], [float("nan"), 0.0]]))
+        1
+        >>> first_nonfinite_row(torch.zeros(3, 2)) is None
+        True
+    """
+    for start in range(0, weight.shape[0], chunk_rows):
+        finite = torch.isfinite(weight[start : start + chunk_rows].detach()).all(dim=1)
+        if not bool(finite.all()):
+            return start + int((~finite).nonzero()[0, 0])
+    return None
+
+
+def nonfinite_row_error(table_name: str, row: int) -> ValueError:
+    """The error every compression method raises for a table with a non-finite row."""
+    return ValueError(
+        f"table {table_name!r}: row {row} has NaN/inf values; compression refuses non-finite "
+        "rows whether or not calibration looks them up (clean or re-initialise the table first)"
+    )
+
+
+def compresses_tables(config: CompressionConfig) -> bool:
+    """Whether ``config`` compresses embedding tables (a low-rank config may do MLPs only).
+
+    Example::
+
+        >>> from torchrec_compress.config import AFMConfig
+        >>> mlps_only = AFMConfig(embeddings=False, linear=True, linear_rank=4)
+        >>> compresses_tables(AFMConfig(rank=4)), compresses_tables(mlps_only)
+        (True, False)
+    """
+    return not isinstance(config, LowRankConfig) or config.embeddings
+
+
+def check_finite_tables(model: nn.Module, filter_fn: FilterFn | None = None) -> None:
+    """Raises naming the table and its first non-finite row, for every table ``compress_`` may
+    compress in ``model`` (unsharded): the ``EmbeddingBagCollection`` s ``filter_fn`` accepts and
+    the factor tables of low-rank collections.
+
+    Args:
+        model (nn.Module): the unsharded model about to be compressed.
+        filter_fn (Optional[Callable[[nn.Module, str], bool]]): as for ``compress_``.
+
+    Raises:
+        ValueError: naming the table and the first row holding a NaN or an infinity.
+
+    Example::
+
+        >>> from torchrec import EmbeddingBagCollection
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=3, feature_names=["f"])
+        >>> ebc = EmbeddingBagCollection([cfg])
+        >>> with torch.no_grad():
+        ...     ebc.embedding_bags["t"].weight[2, 1] = float("nan")
+        >>> check_finite_tables(nn.Sequential(ebc))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: table 't': row 2 has NaN/inf values; compression refuses non-finite rows ...
+    """
+    collections = find_embedding_bag_collections(model, filter_fn, lowrank_factors=True)
+    for ebc in collections.values():
+        for table in ebc.embedding_bag_configs():
+            row = first_nonfinite_row(ebc.embedding_bags[table.name].weight)
+            if row is not None:
+                raise nonfinite_row_error(table.name, row)
