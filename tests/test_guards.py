@@ -96,3 +96,17 @@ def test_a_nonfinite_row_is_refused_by_every_sharded_method_on_every_process(
         for method in SHARDED:
             assert errors[method] is not None, (rank, method)
             assert re.search(EXPECTED, errors[method]), (rank, method, errors[method])
+
+
+def test_an_out_of_range_id_is_refused_by_a_row_wise_int8_table() -> None:
+    """fbgemm's int8 lookup replaced the id by 0 (``Setting idx to zero``) and went on."""
+    model = tiny_dlrm(torch.device("cpu"), seed=3).model
+    compress_(model, RowWiseQuantConfig(bits=8))
+    batch = _calibration(1)[0]
+    kjt = batch.sparse_features
+    values = kjt.values().clone()
+    values[-1] = 10_000
+    bad = KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=kjt.lengths())
+    model(batch.dense_features, kjt)  # in range: fine
+    with pytest.raises(RuntimeError, match="idx < num_rows"):
+        model(batch.dense_features, bad)

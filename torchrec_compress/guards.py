@@ -10,9 +10,12 @@ in Python.  The sharded counterparts (collective) live in :mod:`torchrec_compres
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.config import CompressionConfig, LowRankConfig
 from torchrec_compress.discovery import FilterFn, find_embedding_bag_collections
@@ -28,7 +31,8 @@ def first_nonfinite_row(weight: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_RO
         chunk_rows (int): rows tested at a time (bounds the temporary boolean mask).
 
     Returns:
-        Optional[int]: the first bad row, ``None`` when every value is finite.
+        Optional[int]: the first bad row, ``None`` when every value is finite (or ``weight``
+        is on ``meta``).
 
     Example::
 
@@ -37,6 +41,8 @@ def first_nonfinite_row(weight: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_RO
         >>> first_nonfinite_row(torch.zeros(3, 2)) is None
         True
     """
+    if weight.is_meta:  # a skeleton (planning): no values to test
+        return None
     for start in range(0, weight.shape[0], chunk_rows):
         finite = torch.isfinite(weight[start : start + chunk_rows].detach()).all(dim=1)
         if not bool(finite.all()):
@@ -95,3 +101,69 @@ def check_finite_tables(model: nn.Module, filter_fn: FilterFn | None = None) -> 
             row = first_nonfinite_row(ebc.embedding_bags[table.name].weight)
             if row is not None:
                 raise nonfinite_row_error(table.name, row)
+
+
+class FeatureIdRanges:
+    """The valid id range ``[0, num_embeddings)`` of every feature of a set of tables, and the
+    check that a ``KeyedJaggedTensor`` keeps to it (one vectorised pass over its ids).
+
+    fbgemm's default bounds check (``BoundsCheckMode.WARNING``) replaces an id outside its table
+    by 0, logs one line and goes on, so a sharded model trains on wrong rows; this check raises
+    instead, naming the table, the feature and the id.  Features no table reads are ignored.
+
+    Args:
+        tables (Sequence[EmbeddingBagConfig]): the tables whose features are checked.
+
+    Example::
+
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=3, feature_names=["f"])
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["f"], values=torch.tensor([0, 2, 3]), lengths=torch.tensor([2, 1]))
+        >>> FeatureIdRanges([cfg]).check(kjt)
+        Traceback (most recent call last):
+        ...
+        IndexError: table 't', feature 'f': id 3 is outside the table's rows [0, 3)
+    """
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig]) -> None:
+        self._owner = {f: t for t in tables for f in t.feature_names}
+        self._limits: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def _limits_of(self, keys: tuple[str, ...]) -> torch.Tensor:
+        limits = self._limits.get(keys)
+        if limits is None:
+            unbounded = torch.iinfo(torch.int64).max
+            limits = torch.tensor(
+                [self._owner[k].num_embeddings if k in self._owner else unbounded for k in keys]
+            )
+            self._limits[keys] = limits
+        return limits
+
+    def check(self, features: KeyedJaggedTensor) -> None:
+        """Raises ``IndexError`` naming the table, feature and id of the first id outside its
+        table's rows (negative ids included).
+
+        Args:
+            features (KeyedJaggedTensor): ids of any subset of the tables' features.
+        """
+        ids = features.values()
+        keys = tuple(features.keys())
+        if ids.numel() == 0 or not keys:
+            return
+        if features.variable_stride_per_key():
+            per_key = torch.tensor(features.length_per_key(), device=ids.device)
+        else:
+            per_key = features.lengths().view(len(keys), -1).sum(1)
+        limits = self._limits_of(keys).to(ids.device)
+        limit = torch.repeat_interleave(limits, per_key, output_size=ids.numel())
+        bad = (ids < 0) | (ids >= limit)
+        if not bool(bad.any()):
+            return
+        position = int(bad.nonzero()[0, 0])
+        key = int(torch.searchsorted(per_key.cumsum(0), position, right=True))
+        table = self._owner[keys[key]]
+        raise IndexError(
+            f"table {table.name!r}, feature {keys[key]!r}: id {int(ids[position])} is outside "
+            f"the table's rows [0, {table.num_embeddings})"
+        )
