@@ -110,3 +110,36 @@ def test_an_out_of_range_id_is_refused_by_a_row_wise_int8_table() -> None:
     model(batch.dense_features, kjt)  # in range: fine
     with pytest.raises(RuntimeError, match="idx < num_rows"):
         model(batch.dense_features, bad)
+
+
+@pytest.mark.parametrize("method", ["afm", "pq"])
+def test_an_out_of_range_id_is_named_by_the_unsharded_compressed_collections(method: str) -> None:
+    """Unsharded AFM raised torch's 'Index 7 of input takes value 10000 ...' and PQ its kernel's
+    'id 10000 at position 13 ...': neither named the table or the feature."""
+    model = tiny_dlrm(torch.device("cpu"), seed=3).model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress_(model, CONFIGS[method], calibration=_calibration())
+    batch = _calibration(1)[0]
+    kjt = batch.sparse_features
+    values = kjt.values().clone()
+    values[-1] = 10_000  # the last id belongs to feature f2 (table t_f2, 300 rows)
+    bad = KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=kjt.lengths())
+    with pytest.raises(IndexError, match=r"table 't_f2', feature 'f2': id 10000 is outside"):
+        model(batch.dense_features, bad)
+
+
+def test_a_feature_read_by_two_tables_must_fit_the_smaller() -> None:
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from torchrec_compress.guards import FeatureIdRanges
+
+    tables = [
+        EmbeddingBagConfig(name=n, embedding_dim=4, num_embeddings=r, feature_names=["f"])
+        for n, r in (("small", 10), ("big", 100))
+    ]
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f"], values=torch.tensor([3, 50]), lengths=torch.tensor([1, 1])
+    )
+    with pytest.raises(IndexError, match=r"table 'small', feature 'f': id 50 is outside"):
+        FeatureIdRanges(tables).check(kjt)

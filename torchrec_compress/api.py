@@ -510,7 +510,8 @@ def compress_(
     planner = method_for(config, sharded=False)
     _check_unsharded(model)
     if compresses_tables(config):
-        check_finite_tables(model, filter_fn)
+        collections = find_embedding_bag_collections(model, filter_fn, lowrank_factors=True)
+        check_finite_tables(collections.values())
     if not isinstance(config, LowRankConfig) or config.embeddings:
         _warn_sequence_tables(model, filter_fn)
     plan = planner(model, config, calibration, filter_fn, forward_fn)

@@ -10,15 +10,14 @@ in Python.  The sharded counterparts (collective) live in :mod:`torchrec_compres
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
-from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.config import CompressionConfig, LowRankConfig
-from torchrec_compress.discovery import FilterFn, find_embedding_bag_collections
 
 DEFAULT_CHUNK_ROWS = 65536
 
@@ -71,32 +70,29 @@ def compresses_tables(config: CompressionConfig) -> bool:
     return not isinstance(config, LowRankConfig) or config.embeddings
 
 
-def check_finite_tables(model: nn.Module, filter_fn: FilterFn | None = None) -> None:
-    """Raises naming the table and its first non-finite row, for every table ``compress_`` may
-    compress in ``model`` (unsharded): the ``EmbeddingBagCollection`` s ``filter_fn`` accepts and
-    the factor tables of low-rank collections.
+def check_finite_tables(collections: Iterable[EmbeddingBagCollection]) -> None:
+    """Raises naming the table and its first non-finite row, for every table of
+    ``collections`` (unsharded: ``compress_`` passes every collection it may compress, the
+    factor tables of low-rank collections included).
 
     Args:
-        model (nn.Module): the unsharded model about to be compressed.
-        filter_fn (Optional[Callable[[nn.Module, str], bool]]): as for ``compress_``.
+        collections (Iterable[EmbeddingBagCollection]): the collections to test.
 
     Raises:
         ValueError: naming the table and the first row holding a NaN or an infinity.
 
     Example::
 
-        >>> from torchrec import EmbeddingBagCollection
         >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=3, feature_names=["f"])
         >>> ebc = EmbeddingBagCollection([cfg])
         >>> with torch.no_grad():
         ...     ebc.embedding_bags["t"].weight[2, 1] = float("nan")
-        >>> check_finite_tables(nn.Sequential(ebc))  # doctest: +ELLIPSIS
+        >>> check_finite_tables([ebc])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         ValueError: table 't': row 2 has NaN/inf values; compression refuses non-finite rows ...
     """
-    collections = find_embedding_bag_collections(model, filter_fn, lowrank_factors=True)
-    for ebc in collections.values():
+    for ebc in collections:
         for table in ebc.embedding_bag_configs():
             row = first_nonfinite_row(ebc.embedding_bags[table.name].weight)
             if row is not None:
@@ -127,7 +123,10 @@ class FeatureIdRanges:
     """
 
     def __init__(self, tables: Sequence[EmbeddingBagConfig]) -> None:
-        self._owner = {f: t for t in tables for f in t.feature_names}
+        # a feature read by several tables must fit the smallest of them
+        self._owner: dict[str, EmbeddingBagConfig] = {}
+        for table in sorted(tables, key=lambda t: -t.num_embeddings):
+            self._owner.update(dict.fromkeys(table.feature_names, table))
         self._limits: dict[tuple[str, ...], torch.Tensor] = {}
 
     def _limits_of(self, keys: tuple[str, ...]) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_compress.guards import FeatureIdRanges
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import _ops
 
@@ -303,6 +304,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
                     f"valid ranks are 1..{table.embedding_dim}"
                 )
         self._tables = tables
+        self._id_ranges = FeatureIdRanges(tables)
         self._ranks = dict(ranks)
         factor_tables = []
         for table in tables:
@@ -420,7 +422,8 @@ class LowRankEmbeddingBagCollection(nn.Module):
 
         Traceable: under ``torch.fx``, TorchScript, ``torch.compile`` and ``torch.export`` it is
         the factor lookup and the projection only (no data-dependent branches); eagerly it also
-        refuses VBE inputs and, for inference on CPU, takes the fused kernel.
+        refuses VBE inputs and ids outside their tables (naming table, feature and id) and, for
+        inference on CPU, takes the fused kernel.
 
         Args:
             features (KeyedJaggedTensor): the input of the original collection.
@@ -430,6 +433,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
         """
         if not is_tracing():
             check_fixed_batch(features, type(self).__name__)
+            self._id_ranges.check(features)
             if self._fused_applies(features):
                 return self._fused_forward(features)
         return self._layout.project(
