@@ -50,7 +50,17 @@ def first_nonfinite_row(weight: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_RO
 
 
 def nonfinite_row_error(table_name: str, row: int) -> ValueError:
-    """The error every compression method raises for a table with a non-finite row."""
+    """The error every compression method raises for a table with a non-finite row.
+
+    Args:
+        table_name (str): the table.
+        row (int): its first row holding a NaN or an infinity (global index).
+
+    Example::
+
+        >>> str(nonfinite_row_error("t", 7)).split(";")[0]
+        "table 't': row 7 has NaN/inf values"
+    """
     return ValueError(
         f"table {table_name!r}: row {row} has NaN/inf values; compression refuses non-finite "
         "rows whether or not calibration looks them up (clean or re-initialise the table first)"
