@@ -48,6 +48,7 @@ from torchrec_compress.discovery import (
 )
 from torchrec_compress.distributed.compression import compress_sharded_model
 from torchrec_compress.factorization import LowRankHandler, linear_factors
+from torchrec_compress.guards import check_finite_tables, compresses_tables
 from torchrec_compress.lowrank import PrincipalBasis, factor_table, projection, table_moments
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
@@ -452,6 +453,9 @@ def compress_(
         raise TypeError("compress_: meta_model= is for DistributedModelParallel models only")
     planner = method_for(config, sharded=False)
     _check_unsharded(model)
+    if compresses_tables(config):
+        collections = find_embedding_bag_collections(model, filter_fn, lowrank_factors=True)
+        check_finite_tables(collections.values())
     if not isinstance(config, LowRankConfig) or config.embeddings:
         _warn_sequence_tables(model, filter_fn)
     plan = planner(model, config, calibration, filter_fn, forward_fn)

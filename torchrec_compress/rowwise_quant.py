@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
 from torch import nn
 from torchrec.modules.embedding_configs import (
@@ -254,7 +255,7 @@ def quantize_collection(
         config.data_type = data_types[config.name]
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     device = quantize_state_dict(ebc, weights, {c.name: c.data_type for c in configs})
-    return QuantEmbeddingBagCollection(
+    quantized = QuantEmbeddingBagCollection(
         configs,
         ebc.is_weighted(),
         device,
@@ -262,6 +263,11 @@ def quantize_collection(
         quant_state_dict_split_scale_bias=True,
         row_alignment=row_alignment(device),
     )
+    # fbgemm's default bounds check (WARNING) replaces an id outside its table by 0 and goes
+    # on; FATAL raises (naming fbgemm's table index, the bag and the id)
+    for tbe in quantized._emb_modules:
+        tbe.bounds_check_mode_int = BoundsCheckMode.FATAL.value
+    return quantized
 
 
 def table_rows(

@@ -15,6 +15,7 @@ Example::
 """
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -55,6 +56,11 @@ from torchrec_compress.distributed import shard_model
 from torchrec_compress.layout import compression_layout, restore_layout_
 
 logger = logging.getLogger("examples.dlrm")
+
+# How long a collective waits for a peer before it raises (torch's default is 30 minutes):
+# long enough for the slowest one-process phase (checkpoint writes, a table's MEC training on
+# its lead process), short enough that a frozen or lost peer ends the job.
+DEFAULT_PG_TIMEOUT_S = 600.0
 
 
 def _ints(text: str) -> list[int]:
@@ -148,12 +154,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --load-checkpoint: do not train the baseline (evaluate it, or compress it)",
     )
+    p.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip and count batches with a NaN/inf loss or gradient (default: stop with an error)",
+    )
+    p.add_argument(
+        "--pg-timeout",
+        type=float,
+        default=DEFAULT_PG_TIMEOUT_S,
+        help="seconds a collective waits for a frozen or lost peer before the job fails",
+    )
     add_arguments(p)
     return p.parse_args(argv)
 
 
-def init_distributed() -> torch.device:
-    """Join the torchrun/torchx process group, or make a 1-process one."""
+def init_distributed(timeout_s: float = DEFAULT_PG_TIMEOUT_S) -> torch.device:
+    """Join the torchrun/torchx process group, or make a 1-process one.
+
+    Args:
+        timeout_s: the process group's timeout: a collective waiting longer for a peer raises.
+    """
     if "WORLD_SIZE" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -169,7 +190,7 @@ def init_distributed() -> torch.device:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return device
 
 
@@ -235,7 +256,7 @@ def check_not_overwritten(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = init_distributed()
+    device = init_distributed(args.pg_timeout)
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(args.seed)
@@ -254,6 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sparse_optimizer=args.sparse_optimizer,
         patience=args.patience,
         eval_batch_size=args.eval_batch_size,
+        skip_nonfinite=args.skip_nonfinite,
     )
     if args.eval_only and not args.load_checkpoint:
         raise SystemExit("--eval-only needs --load-checkpoint")

@@ -54,6 +54,10 @@ class TrainConfig:
         data_epoch_offset: training epoch ``e`` reads the dataset's epoch ``e +
             data_epoch_offset``: fine-tuning starts after the baseline's epochs, so a streaming
             dataset (the synthetic default) gives it rows the baseline never saw.
+        skip_nonfinite: skip (and count) a batch whose loss or dense gradient is NaN or
+            infinite instead of stopping with an error.  A non-finite loss is caught before the
+            backward pass, so nothing is updated; a non-finite gradient of a finite loss is
+            caught before the dense step, but the fused table optimizer has already applied it.
     """
 
     epochs: int = 10
@@ -64,6 +68,7 @@ class TrainConfig:
     patience: int = 2
     eval_batch_size: int = 8192
     data_epoch_offset: int = 0
+    skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
@@ -163,14 +168,29 @@ def train_epoch(
     )
     start = time.perf_counter()
     seen = 0
+    skipped = 0
     batches = data.batches(
         "train", config.batch_size, rank, world, epoch=epoch + config.data_epoch_offset
     )
-    for batch in islice(batches, progress.step, None):
+    for step, batch in enumerate(islice(batches, progress.step, None), start=progress.step):
         check_batch(batch, data.schema)
         loss, _ = model(batch)
         optimizer.zero_grad()
-        loss.backward()
+        problem = _nonfinite_loss(loss, batch, step)
+        if problem is None:
+            loss.backward()
+            problem = _nonfinite_gradient(model, step)
+        if problem is not None:
+            where = f"epoch {epoch}, step {step}: {problem}"
+            if not config.skip_nonfinite:
+                raise FloatingPointError(
+                    f"{where}; stopping (TrainConfig.skip_nonfinite / --skip-nonfinite skips "
+                    "such batches instead)"
+                )
+            skipped += 1
+            progress.step += 1  # done (skipped): a resumed epoch does not redo it
+            logger.warning("skipping %s", where)
+            continue
         optimizer.step()
         # a float64 running sum (not a list of tensors): a checkpoint stores it exactly
         progress.step += 1
@@ -187,10 +207,52 @@ def train_epoch(
     elapsed = time.perf_counter() - start
     if is_main():
         logger.info("epoch %d: %.0f examples/s", epoch, seen / max(elapsed, 1e-9))
-    local_mean = progress.loss_sum / progress.step if progress.step else float("nan")
+        if skipped:
+            logger.warning(
+                "epoch %d: skipped %d batches with a non-finite loss or gradient", epoch, skipped
+            )
+    counted = progress.step - skipped
+    local_mean = progress.loss_sum / counted if counted else float("nan")
     mean_loss = torch.tensor(local_mean, dtype=torch.float64)
     dist.all_reduce(mean_loss)
     return float(mean_loss) / world
+
+
+def _nonfinite_loss(loss: torch.Tensor, batch: Batch, step: int) -> str | None:
+    """Describes a NaN or infinite loss on any process (``None`` when all are finite).
+
+    Collective (one scalar all-reduce per step): every process must skip or stop together, or
+    the others would wait in the backward pass's collectives for the one that left.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    flags = torch.zeros(world)
+    flags[rank] = 0.0 if bool(torch.isfinite(loss.detach())) else 1.0
+    if world > 1:
+        dist.all_reduce(flags)
+    if not bool(flags.any()):
+        return None
+    ranks = flags.nonzero().flatten().tolist()
+    value = f" ({float(loss):g} here)" if rank in ranks else ""
+    return (
+        f"non-finite loss{value} from batch {step} of process(es) {ranks} "
+        f"({batch.labels.numel()} rows on this process)"
+    )
+
+
+def _nonfinite_gradient(model: nn.Module, step: int) -> str | None:
+    """Names the first dense parameter with a NaN or infinite gradient (``None`` if none).
+
+    Dense gradients are all-reduced by DDP before this runs, so every process reaches the same
+    answer without communicating.
+    """
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(g).all() for _, g in named])
+    if bool(finite.all()):
+        return None
+    name = named[int((~finite).nonzero()[0, 0])][0]
+    return f"non-finite gradient of {name!r} (batch {step} on every process)"
 
 
 @torch.no_grad()

@@ -45,6 +45,10 @@ def test_valid_batch_passes() -> None:
             _batch(dense=torch.tensor([[0.0, 0.0], [0.0, float("nan")], [0.0, 0.0]])),
             "NaN at row 1, column 1",
         ),
+        (  # an inf passed: the loss became NaN and a run finished with val logloss nan
+            _batch(dense=torch.tensor([[0.0, 0.0], [0.0, 0.0], [float("-inf"), 0.0]])),
+            "dense_features has -inf at row 2, column 0",
+        ),
         (_batch(labels=torch.tensor([0.0, 0.5, 1.0])), "label 0.5 at row 1 is not 0 or 1"),
         (_batch(labels=torch.zeros(2)), r"labels has shape \(2,\); expected \[3\]"),
         (_batch(keys=("item", "user")), r"keys \('item', 'user'\); expected \('user', 'item'\)"),

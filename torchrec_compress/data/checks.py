@@ -95,7 +95,7 @@ def require_directory(path: str | Path, what: str) -> Path:
 def check_batch(batch: Batch, schema: CTRSchema) -> None:
     """Raise a ``ValueError`` describing the first way ``batch`` does not fit ``schema``.
 
-    Checks the dense width and dtype, NaN dense values, labels in {0, 1}, the KJT keys and
+    Checks the dense width and dtype, NaN or infinite dense values, labels in {0, 1}, the KJT keys and
     stride, and that every id of feature ``f`` lies in ``[0, num_embeddings_f)`` of table
     ``t_<f>``.
 
@@ -121,10 +121,12 @@ def check_batch(batch: Batch, schema: CTRSchema) -> None:
         )
     if not dense.is_floating_point():
         raise ValueError(f"dense_features has dtype {dense.dtype}; expected a floating point dtype")
-    nan = torch.isnan(dense)
-    if bool(nan.any()):
-        row, column = (int(i) for i in nan.nonzero()[0])
-        raise ValueError(f"dense_features has NaN at row {row}, column {column}")
+    nonfinite = ~torch.isfinite(dense)
+    if bool(nonfinite.any()):
+        row, column = (int(i) for i in nonfinite.nonzero()[0])
+        value = float(dense[row, column])
+        text = "NaN" if value != value else str(value)
+        raise ValueError(f"dense_features has {text} at row {row}, column {column}")
     if labels.shape != (dense.shape[0],):
         raise ValueError(f"labels has shape {tuple(labels.shape)}; expected [{dense.shape[0]}]")
     bad_labels = (labels != 0) & (labels != 1)

@@ -12,7 +12,10 @@ from torchrec_compress.distributed.compression import (
     save_compressed,
     unsharded_skeleton,
 )
-from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
+from torchrec_compress.distributed.embeddingbag import (
+    BoundsCheckedShardedEmbeddingBagCollection,
+    CPURowWiseEmbeddingBagCollectionSharder,
+)
 from torchrec_compress.distributed.lowrank import (
     ShardedStatistics,
     SparseLookupCounter,
@@ -44,6 +47,7 @@ from torchrec_compress.distributed.pq_embeddingbag import (
 from torchrec_compress.distributed.state import load_full_state_dict_
 
 __all__ = [
+    "BoundsCheckedShardedEmbeddingBagCollection",
     "CPURowWiseEmbeddingBagCollectionSharder",
     "FeatureProcessedLowRankSharder",
     "LowRankEmbeddingBagCollectionSharder",

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -41,7 +42,7 @@ from torchrec_compress.config import (
     PQConfig,
     SVDConfig,
 )
-from torchrec_compress.discovery import FilterFn
+from torchrec_compress.discovery import FilterFn, find_embedding_bag_collections
 from torchrec_compress.distributed.lowrank import (
     COMPRESSION_LAYOUT_KEY,
     save_compressed_state,
@@ -52,6 +53,7 @@ from torchrec_compress.distributed.mec import sharded_pq_state
 from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.distributed.pq_embeddingbag import ShardedPQEmbeddingBagCollection
 from torchrec_compress.distributed.rowwise_quant import sharded_rowwise_state
+from torchrec_compress.guards import compresses_tables, first_nonfinite_row, nonfinite_row_error
 from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
@@ -291,6 +293,65 @@ class ShardedCompressionReport(CompressionReport):
         return sharded
 
 
+_NO_BAD_ROW = 2**62
+
+
+def _first_nonfinite_global_row(value: Any) -> int:
+    """First non-finite row of this process's part of one table (global index), or
+    ``_NO_BAD_ROW``: every local shard of a ``ShardedTensor``, or a whole replicated tensor."""
+    if isinstance(value, ShardedTensor):
+        rows = [
+            shard.metadata.shard_offsets[0] + row
+            for shard in value.local_shards()
+            for row in [first_nonfinite_row(shard.tensor)]
+            if row is not None
+        ]
+        return min(rows, default=_NO_BAD_ROW)
+    row = first_nonfinite_row(value) if isinstance(value, torch.Tensor) else None
+    return _NO_BAD_ROW if row is None else row
+
+
+def check_finite_shards(
+    model: DistributedModelParallel, skeleton: nn.Module, filter_fn: FilterFn | None = None
+) -> None:
+    """Collective: raises on every process, naming the table and its first non-finite row, when
+    any row of a table that compression may read holds a NaN or an infinity.
+
+    Each process tests the rows it holds (all of them, whether or not calibration looks them
+    up); one all-reduce (min) of each table's first bad row makes every process raise the same
+    error, so none is left waiting in a collective of the compression that follows.
+
+    Args:
+        model (DistributedModelParallel): the sharded model about to be compressed.
+        skeleton (nn.Module): its unsharded architecture (:func:`unsharded_skeleton`).
+        filter_fn (Optional[Callable[[nn.Module, str], bool]]): as for ``compress_``.
+
+    Raises:
+        ValueError: naming the table and the first row holding a NaN or an infinity.
+
+    Example::
+
+        >>> # 2 processes: see tests/test_guards.py
+        >>> # check_finite_shards(dmp, unsharded_skeleton(dmp))
+    """
+    state = model.state_dict()
+    names: list[str] = []
+    first_bad: list[int] = []
+    collections = find_embedding_bag_collections(skeleton, filter_fn, lowrank_factors=True)
+    for fqn, ebc in collections.items():
+        for table in ebc.embedding_bag_configs():
+            key = f"{fqn}.embedding_bags.{table.name}.weight".lstrip(".")
+            names.append(table.name)
+            first_bad.append(_first_nonfinite_global_row(state.get(key)))
+    if not names:
+        return
+    rows = torch.tensor(first_bad, dtype=torch.int64)
+    dist.all_reduce(rows, op=dist.ReduceOp.MIN)
+    for name, row in zip(names, rows.tolist(), strict=True):
+        if row < _NO_BAD_ROW:
+            raise nonfinite_row_error(name, row)
+
+
 def _shared_tempdir() -> str:
     """A temporary directory made by rank 0, its path broadcast to the group (one host)."""
     holder: list[Any] = [
@@ -340,6 +401,8 @@ def compress_sharded_model(
     """
     converter = method_for(config, sharded=True)
     skeleton = meta_model if meta_model is not None else unsharded_skeleton(model)
+    if compresses_tables(config):
+        check_finite_shards(model, skeleton, filter_fn)
     compressed, state, report = converter(
         model, skeleton, config, calibration, forward_fn, filter_fn
     )

@@ -57,6 +57,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
+from torchrec_compress.guards import FeatureIdRanges
 from torchrec_compress.modules.lowrank_embedding_bag import (
     LowRankEmbeddingBagCollection,
     check_fixed_batch,
@@ -163,6 +164,14 @@ class ShardedLowRankEmbeddingBagCollection(
     ) -> None:
         super().__init__()
         self._layout = module.layout()
+        # packed tables: ids are checked against the original rows before they become slots
+        self._packed_id_ranges = (
+            FeatureIdRanges(
+                [t for t in module.embedding_bag_configs() if t.name in self._layout.packing]
+            )
+            if self._layout.packing
+            else None
+        )
         self._is_weighted: bool = module.is_weighted()
         self._embedding_bag_configs = module.embedding_bag_configs()
         self.factor_ebc = ebc_sharder.shard(
@@ -201,6 +210,8 @@ class ShardedLowRankEmbeddingBagCollection(
         self, ctx: LowRankEmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
         check_fixed_batch(features, type(self).__name__)
+        if self._packed_id_ranges is not None:  # the factor EBC sees ids // p: check them here
+            self._packed_id_ranges.check(features)
         local = features
         if self.process_features is not None:
             local = self.process_features(KJTList([features]))[0]

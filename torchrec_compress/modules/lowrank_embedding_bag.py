@@ -25,6 +25,7 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from torchrec_compress.guards import FeatureIdRanges
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import _ops
 from torchrec_compress.rank import rows_per_packed_row
@@ -430,6 +431,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
                     f"valid ranks are 1..{table.embedding_dim}"
                 )
         self._tables = tables
+        self._id_ranges = FeatureIdRanges(tables)
         self._ranks = dict(ranks)
         self._layout = LowRankLayout(tables, self._ranks, is_weighted)
         # packed tables read weighted slot features (see LowRankLayout.factor_features)
@@ -546,7 +548,8 @@ class LowRankEmbeddingBagCollection(nn.Module):
 
         Traceable: under ``torch.fx``, TorchScript, ``torch.compile`` and ``torch.export`` it is
         the factor lookup and the projection only (no data-dependent branches); eagerly it also
-        refuses VBE inputs and, for inference on CPU, takes the fused kernel.
+        refuses VBE inputs and ids outside their tables (naming table, feature and id) and, for
+        inference on CPU, takes the fused kernel.
 
         Args:
             features (KeyedJaggedTensor): the input of the original collection.
@@ -556,6 +559,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
         """
         if not is_tracing():
             check_fixed_batch(features, type(self).__name__)
+            self._id_ranges.check(features)
             if self._fused_applies(features):
                 return self._fused_forward(features)
         return self._layout.project(

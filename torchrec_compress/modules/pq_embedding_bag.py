@@ -27,6 +27,7 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_compress.guards import FeatureIdRanges
 from torchrec_compress.pq import _ops
 from torchrec_compress.pq.quantizer import code_dtype, decode
 
@@ -228,6 +229,7 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         ]
         self.register_load_state_dict_pre_hook(self._check_loaded_codes)
         self._replication_checked = False
+        self._id_ranges = FeatureIdRanges(tables)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled lookups of every feature: a ``KeyedTensor`` ``[B, sum of dims]``.
@@ -235,8 +237,10 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         Args:
             features (KeyedJaggedTensor): ids (and weights when ``is_weighted``) per feature.
         """
-        if not (self._replication_checked or is_fx_symbolic_tracing() or is_compiling()):
-            self._warn_if_replicated()
+        if not (is_fx_symbolic_tracing() or is_compiling()):
+            self._id_ranges.check(features)  # naming table, feature and id
+            if not self._replication_checked:
+                self._warn_if_replicated()
         flat_feature_names = [name for names in self._feature_names for name in names]
         inverse_indices = reorder_inverse_indices(
             inverse_indices=features.inverse_indices_or_none(),

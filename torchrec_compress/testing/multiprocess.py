@@ -5,6 +5,7 @@ Every multi-process test in this project goes through :func:`run_multiprocess`: 
 returns each rank's result, re-raising the first failure with the rank's traceback.
 """
 
+import datetime
 import os
 import pickle
 import queue
@@ -32,6 +33,7 @@ def _worker(
     fn: Callable[..., Any],
     kwargs: dict[str, Any],
     results: "mp.Queue[Any]",
+    pg_timeout_s: float,
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -43,7 +45,12 @@ def _worker(
     )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(
+            "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=pg_timeout_s),
+        )
         out = fn(rank=rank, world_size=world_size, **kwargs)
         # Plain pickle bytes: torch's queue would hand tensors over as shared memory that
         # disappears when this process exits.
@@ -59,6 +66,7 @@ def run_multiprocess(
     fn: Callable[..., Any],
     world_size: int = 2,
     timeout_s: float = 300.0,
+    pg_timeout_s: float | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank=..., world_size=..., **kwargs)`` in ``world_size`` gloo processes.
@@ -69,6 +77,10 @@ def run_multiprocess(
         fn: the per-rank body; the process group is initialised before it is called.
         world_size: number of processes.
         timeout_s: fail if the processes do not all finish within this time.
+        pg_timeout_s: the process group's timeout: a collective that waits longer for a peer
+            (frozen, stopped, deadlocked) raises on the ranks still running instead of blocking
+            for torch's 30-minute default.  ``None``: ``timeout_s`` (no collective may outlast
+            the run).
         **kwargs: passed to ``fn`` (picklable).
 
     Returns:
@@ -84,8 +96,9 @@ def run_multiprocess(
     ctx = mp.get_context("spawn")
     results: mp.Queue[Any] = ctx.Queue()
     port = _free_port()
+    pg_timeout = timeout_s if pg_timeout_s is None else pg_timeout_s
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, kwargs, results))
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, kwargs, results, pg_timeout))
         for r in range(world_size)
     ]
     for p in procs:
