@@ -1,20 +1,37 @@
-"""Quality of a product-quantized table: codebook usage, code distinctness, reconstruction error."""
+"""Quality of a product-quantized table: codebook usage, code distinctness, reconstruction error.
+
+Every metric reads the ``[N, M]`` codes in blocks of ``chunk_size`` rows, so its temporaries
+(int64 code offsets, float64 weights, decoded rows) stay a few MB whatever ``N`` is; only
+:func:`distinct_code_tuples` holds one ``N``-row buffer, the size of the codes themselves.
+"""
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from torchrec_compress.pq.quantizer import decode
 
+# Rows per block when a metric reads the codes (64k x M=8 int64 offsets: 4 MiB).
+DEFAULT_CHUNK_ROWS = 65536
 
-def codebook_perplexity(codes: Tensor, ksub: int, weights: Tensor | None = None) -> Tensor:
+
+def codebook_perplexity(
+    codes: Tensor,
+    ksub: int,
+    weights: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+) -> Tensor:
     """Per-subspace usage perplexity ``exp(H)`` of the codes (``ksub`` when usage is uniform).
+
+    Usage is accumulated block by block in row order (the same float64 sums as one pass).
 
     Args:
         codes (Tensor): ``[n, M]`` codes.
         ksub (int): centroids per subspace.
         weights (Optional[Tensor]): ``[n]`` row weights, e.g. lookup counts (default: 1 each).
+        chunk_size (int): rows read at once.
 
     Returns:
         Tensor: ``[M]`` float64 perplexities in ``[1, ksub]``.
@@ -24,27 +41,56 @@ def codebook_perplexity(codes: Tensor, ksub: int, weights: Tensor | None = None)
         >>> codebook_perplexity(torch.tensor([[0, 1], [1, 1]]), ksub=2)
         tensor([2., 1.], dtype=torch.float64)
     """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     n, num_subspaces = codes.shape
-    flat = (codes.long() + torch.arange(num_subspaces) * ksub).reshape(-1)
-    row_weights = torch.ones(n, dtype=torch.float64) if weights is None else weights.double()
-    usage = torch.zeros(num_subspaces * ksub, dtype=torch.float64).index_add_(
-        0, flat, row_weights.repeat_interleave(num_subspaces)
-    )
+    offsets = torch.arange(num_subspaces) * ksub
+    usage = torch.zeros(num_subspaces * ksub, dtype=torch.float64)
+    for start in range(0, n, chunk_size):
+        flat = (codes[start : start + chunk_size].long() + offsets).reshape(-1)
+        if weights is None:  # integer counts: exact in float64
+            usage += torch.bincount(flat, minlength=usage.numel())
+        else:
+            block = weights[start : start + chunk_size].double()
+            usage.index_add_(0, flat, block.repeat_interleave(num_subspaces))
     probs = usage.view(num_subspaces, ksub)
     probs = probs / probs.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
     entropy = -(probs * probs.clamp(min=torch.finfo(torch.float64).tiny).log()).sum(1)
     return entropy.exp()
 
 
-def distinct_code_tuples(codes: Tensor) -> int:
+def distinct_code_tuples(codes: Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS) -> int:
     """Number of distinct rows of ``codes`` (rows sharing all ``M`` codes decode identically).
+
+    Each row's bytes become one sort key (an int64 when a row fits in 8 bytes, e.g. ``M = 8``
+    ``uint8`` codes; raw bytes otherwise), sorted in place; distinct rows are the positions
+    where the sorted keys change.  Extra memory: one key per row, about the size of the codes.
+
+    Args:
+        codes (Tensor): ``[n, M]`` integer codes.
+        chunk_size (int): rows copied into the key buffer at once.
 
     Example::
 
         >>> distinct_code_tuples(torch.tensor([[0, 1], [0, 1], [1, 1]], dtype=torch.uint8))
         2
     """
-    return int(torch.unique(codes, dim=0).shape[0])
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be [n, M], got shape {list(codes.shape)}")
+    n = codes.shape[0]
+    if n == 0:
+        return 0
+    row_bytes = codes.shape[1] * codes.element_size()
+    width = max(row_bytes, 8)
+    # zero padding up to one int64 (when needed) is the same for every row: keys stay injective
+    keys = (torch.zeros if width > row_bytes else torch.empty)(n, width, dtype=torch.uint8)
+    for start in range(0, n, chunk_size):
+        block = codes[start : start + chunk_size].contiguous()
+        keys[start : start + block.shape[0], :row_bytes] = block.view(torch.uint8)
+    key_type = np.dtype(np.int64) if width == 8 else np.dtype((np.void, width))
+    sorted_keys = keys.numpy().view(key_type).reshape(-1)
+    sorted_keys.sort()  # in place, no index array
+    return 1 + int(np.count_nonzero(sorted_keys[1:] != sorted_keys[:-1]))
 
 
 def reconstruction_mse(
@@ -52,7 +98,7 @@ def reconstruction_mse(
     codes: Tensor,
     codebooks: Tensor,
     row_weights: Tensor | None = None,
-    chunk_size: int = 65536,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
 ) -> float:
     """Mean squared error per element between rows and their decoded codes, chunk by chunk.
 
@@ -109,9 +155,21 @@ class QuantizationMetrics:
 
     @classmethod
     def compute(
-        cls, weight: Tensor, codes: Tensor, codebooks: Tensor, counts: Tensor | None = None
+        cls,
+        weight: Tensor,
+        codes: Tensor,
+        codebooks: Tensor,
+        counts: Tensor | None = None,
+        chunk_size: int = DEFAULT_CHUNK_ROWS,
     ) -> "QuantizationMetrics":
         """Measures ``codes``/``codebooks`` against the original ``weight`` rows.
+
+        Args:
+            weight (Tensor): ``[n, d]`` original rows.
+            codes (Tensor): ``[n, M]`` codes.
+            codebooks (Tensor): ``[M, ksub, d / M]``.
+            counts (Optional[Tensor]): ``[n]`` lookup counts for the ``weighted_*`` fields.
+            chunk_size (int): rows read at once by every metric (bounds their memory).
 
         Example::
 
@@ -121,13 +179,19 @@ class QuantizationMetrics:
             ([2.0], 2, 0.0)
         """
         ksub = codebooks.shape[1]
+        perplexity = codebook_perplexity(codes, ksub, chunk_size=chunk_size).tolist()
+        mse = reconstruction_mse(weight, codes, codebooks, chunk_size=chunk_size)
         return cls(
             ksub=ksub,
-            perplexity=codebook_perplexity(codes, ksub).tolist(),
-            weighted_perplexity=codebook_perplexity(codes, ksub, counts).tolist(),
-            distinct_codes=distinct_code_tuples(codes),
-            mse=reconstruction_mse(weight, codes, codebooks),
-            weighted_mse=reconstruction_mse(weight, codes, codebooks, counts),
+            perplexity=perplexity,
+            weighted_perplexity=list(perplexity)
+            if counts is None
+            else codebook_perplexity(codes, ksub, counts, chunk_size).tolist(),
+            distinct_codes=distinct_code_tuples(codes, chunk_size),
+            mse=mse,
+            weighted_mse=mse
+            if counts is None
+            else reconstruction_mse(weight, codes, codebooks, counts, chunk_size),
         )
 
     def to_dict(self) -> dict[str, object]:
