@@ -196,12 +196,12 @@ def _lowrank_collection(
             module.load_table_(t.name, weight)
         else:
             basis = bases[t.name]
-            module.load_table_(
-                t.name,
-                factor_table(weight, basis, k),
-                projection(basis, k),
-                basis.mean.to(torch.float32),
+            # written straight into the new module (one N x k factor table, not two); load_table_
+            # then copies it onto itself, which torch skips
+            factors = factor_table(
+                weight, basis, k, out=module.factor_ebc.embedding_bags[t.name].weight
             )
+            module.load_table_(t.name, factors, projection(basis, k), basis.mean.to(torch.float32))
     return module, rows
 
 
