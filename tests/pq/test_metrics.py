@@ -56,6 +56,9 @@ def test_chunked_metrics_equal_unchunked(chunk_size: int) -> None:
     # Float sums of per-block partial sums: equal up to rounding.
     assert chunked.mse == pytest.approx(whole.mse, rel=1e-12)
     assert chunked.weighted_mse == pytest.approx(whole.weighted_mse, rel=1e-12)
+    # one decoding pass for both weightings: the figures of two separate passes
+    assert chunked.mse == reconstruction_mse(rows, codes, books, chunk_size=chunk_size)
+    assert chunked.weighted_mse == reconstruction_mse(rows, codes, books, counts, chunk_size)
     error = (decode(codes, books) - rows).pow(2).mean(1).double()
     assert whole.weighted_mse == pytest.approx(float((error * counts).sum() / counts.sum()))
 

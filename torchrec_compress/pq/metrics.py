@@ -115,21 +115,34 @@ def reconstruction_mse(
         >>> reconstruction_mse(torch.ones(3, 2), torch.zeros(3, 1, dtype=torch.uint8), books)
         1.0
     """
-    total = torch.zeros((), dtype=torch.float64)
-    mass = torch.zeros((), dtype=torch.float64)
+    return _mean_errors(weight, codes, codebooks, [row_weights], chunk_size)[0]
+
+
+def _mean_errors(
+    weight: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    weightings: list[Tensor | None],
+    chunk_size: int,
+) -> list[float]:
+    """:func:`reconstruction_mse` under several row weightings, decoding every block once."""
+    totals = [torch.zeros((), dtype=torch.float64) for _ in weightings]
+    masses = [torch.zeros((), dtype=torch.float64) for _ in weightings]
     with torch.no_grad():
         for start in range(0, weight.shape[0], chunk_size):
             rows = weight[start : start + chunk_size].float()
             error = (decode(codes[start : start + rows.shape[0]], codebooks) - rows).pow(2)
             per_row = error.mean(1).double()
-            if row_weights is None:
-                total += per_row.sum()
-                mass += per_row.numel()
-            else:
-                w = row_weights[start : start + rows.shape[0]].double()
-                total += (per_row * w).sum()
-                mass += w.sum()
-    return float(total / mass.clamp(min=torch.finfo(torch.float64).tiny))
+            for total, mass, row_weights in zip(totals, masses, weightings, strict=True):
+                if row_weights is None:
+                    total += per_row.sum()
+                    mass += per_row.numel()
+                else:
+                    w = row_weights[start : start + rows.shape[0]].double()
+                    total += (per_row * w).sum()
+                    mass += w.sum()
+    tiny = torch.finfo(torch.float64).tiny
+    return [float(t / m.clamp(min=tiny)) for t, m in zip(totals, masses, strict=True)]
 
 
 @dataclass
@@ -180,7 +193,9 @@ class QuantizationMetrics:
         """
         ksub = codebooks.shape[1]
         perplexity = codebook_perplexity(codes, ksub, chunk_size=chunk_size).tolist()
-        mse = reconstruction_mse(weight, codes, codebooks, chunk_size=chunk_size)
+        # one decoding pass for both weightings (no second pass without counts)
+        weightings: list[Tensor | None] = [None] if counts is None else [None, counts]
+        errors = _mean_errors(weight, codes, codebooks, weightings, chunk_size)
         return cls(
             ksub=ksub,
             perplexity=perplexity,
@@ -188,10 +203,8 @@ class QuantizationMetrics:
             if counts is None
             else codebook_perplexity(codes, ksub, counts, chunk_size).tolist(),
             distinct_codes=distinct_code_tuples(codes, chunk_size),
-            mse=mse,
-            weighted_mse=mse
-            if counts is None
-            else reconstruction_mse(weight, codes, codebooks, counts, chunk_size),
+            mse=errors[0],
+            weighted_mse=errors[-1],
         )
 
     def to_dict(self) -> dict[str, object]:

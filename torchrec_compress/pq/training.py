@@ -281,7 +281,8 @@ class MECQuantizer(nn.Module):
 
         Args:
             x (Tensor): ``[n, d]`` rows in the original space.
-            chunk_size (int): rows encoded at once (bounds the scratch memory).
+            chunk_size (int): rows encoded at once by the torch path (its ``[M, b, K]``
+                distances bound the scratch memory); the kernel takes blocks of the same bytes.
 
         Returns:
             Tensor: ``[n, M]`` codes of dtype ``code_dtype(K)``.
@@ -289,10 +290,15 @@ class MECQuantizer(nn.Module):
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         num_rows = x.shape[0]
-        codes = torch.empty(num_rows, self.codebooks.shape[0], dtype=code_dtype(self.ksub))
+        num_subspaces, ksub, dsub = self.codebooks.shape
+        codes = torch.empty(num_rows, num_subspaces, dtype=code_dtype(ksub))
         with torch.no_grad():
             books = self.codebooks.detach()
             use_kernel = _ops.encode_kernel_applies(x, books, codes.dtype)
+            if use_kernel:
+                # the kernel's only scratch is the block of encodings ([b, d], not [M, b, K]
+                # distances): blocks of the same bytes hold K / dsub times more rows
+                chunk_size *= max(1, ksub // dsub)
             for start in range(0, num_rows, chunk_size):
                 encoded = self.encode(x[start : start + chunk_size])  # [M, b, dsub]
                 end = start + encoded.shape[1]
