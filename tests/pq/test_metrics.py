@@ -88,7 +88,8 @@ def test_distinct_code_tuples_matches_unique_rows(num_subspaces: int, dtype: tor
     codes = torch.randint(high, (400, num_subspaces), generator=gen).to(dtype)
     codes = torch.cat([codes, codes[::3]])  # repeats, spread over the blocks
     want = torch.unique(codes, dim=0).shape[0]
-    assert distinct_code_tuples(codes, chunk_size=33) == want
+    assert distinct_code_tuples(codes, num_parts=3) == want
+    assert distinct_code_tuples(codes, num_parts=1) == want
     assert distinct_code_tuples(codes.t().contiguous().t()) == want  # column-major codes
     assert distinct_code_tuples(codes[:0]) == 0
 

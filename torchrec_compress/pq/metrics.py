@@ -1,8 +1,8 @@
 """Quality of a product-quantized table: codebook usage, code distinctness, reconstruction error.
 
 Every metric reads the ``[N, M]`` codes in blocks of ``chunk_size`` rows, so its temporaries
-(int64 code offsets, float64 weights, decoded rows) stay a few MB whatever ``N`` is; only
-:func:`distinct_code_tuples` holds one ``N``-row buffer, the size of the codes themselves.
+(int64 code offsets, float64 weights, decoded rows) stay a few MB whatever ``N`` is;
+:func:`distinct_code_tuples` sorts the rows part by part (about an eighth of the codes at once).
 """
 
 from dataclasses import asdict, dataclass
@@ -59,16 +59,18 @@ def codebook_perplexity(
     return entropy.exp()
 
 
-def distinct_code_tuples(codes: Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS) -> int:
+def distinct_code_tuples(codes: Tensor, num_parts: int = 8) -> int:
     """Number of distinct rows of ``codes`` (rows sharing all ``M`` codes decode identically).
 
-    Each row's bytes become one sort key (an int64 when a row fits in 8 bytes, e.g. ``M = 8``
-    ``uint8`` codes; raw bytes otherwise), sorted in place; distinct rows are the positions
-    where the sorted keys change.  Extra memory: one key per row, about the size of the codes.
+    Rows are split into ``num_parts`` parts by their first code (equal rows share a part);
+    each part's rows, copied out, are sorted in place as one key per row (an int64 when a row
+    fits in 8 bytes, e.g. ``M = 8`` ``uint8`` codes; raw bytes otherwise) and its distinct rows
+    are where the sorted keys change.  Extra memory: one part's copy, about ``1 / num_parts``
+    of the codes when the first code is spread out, plus one byte per row.
 
     Args:
         codes (Tensor): ``[n, M]`` integer codes.
-        chunk_size (int): rows copied into the key buffer at once.
+        num_parts (int): parts sorted one after the other.
 
     Example::
 
@@ -77,20 +79,25 @@ def distinct_code_tuples(codes: Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS) ->
     """
     if codes.dim() != 2:
         raise ValueError(f"codes must be [n, M], got shape {list(codes.shape)}")
-    n = codes.shape[0]
-    if n == 0:
-        return 0
+    if num_parts <= 0:
+        raise ValueError(f"num_parts must be positive, got {num_parts}")
+    if codes.shape[1] == 0:
+        return min(codes.shape[0], 1)
     row_bytes = codes.shape[1] * codes.element_size()
     width = max(row_bytes, 8)
-    # zero padding up to one int64 (when needed) is the same for every row: keys stay injective
-    keys = (torch.zeros if width > row_bytes else torch.empty)(n, width, dtype=torch.uint8)
-    for start in range(0, n, chunk_size):
-        block = codes[start : start + chunk_size].contiguous()
-        keys[start : start + block.shape[0], :row_bytes] = block.view(torch.uint8)
     key_type = np.dtype(np.int64) if width == 8 else np.dtype((np.void, width))
-    sorted_keys = keys.numpy().view(key_type).reshape(-1)
-    sorted_keys.sort()  # in place, no index array
-    return 1 + int(np.count_nonzero(sorted_keys[1:] != sorted_keys[:-1]))
+    part_of_row = torch.remainder(codes[:, 0], num_parts)
+    distinct = 0
+    for part in range(num_parts):
+        rows = codes[part_of_row == part].contiguous().view(torch.uint8)  # [m, row_bytes]
+        if rows.shape[0] == 0:
+            continue
+        if width > row_bytes:  # zero padding, the same for every row: keys stay injective
+            rows = torch.nn.functional.pad(rows, (0, width - row_bytes))
+        keys = rows.numpy().view(key_type).reshape(-1)
+        keys.sort()  # in place, no index array
+        distinct += 1 + int(np.count_nonzero(keys[1:] != keys[:-1]))
+    return distinct
 
 
 def reconstruction_mse(
@@ -202,7 +209,7 @@ class QuantizationMetrics:
             weighted_perplexity=list(perplexity)
             if counts is None
             else codebook_perplexity(codes, ksub, counts, chunk_size).tolist(),
-            distinct_codes=distinct_code_tuples(codes, chunk_size),
+            distinct_codes=distinct_code_tuples(codes),
             mse=errors[0],
             weighted_mse=errors[-1],
         )

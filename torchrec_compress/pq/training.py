@@ -181,7 +181,8 @@ class RowSampler:
     """
 
     def __init__(self, weights: Tensor, generator: torch.Generator | None = None) -> None:
-        self._cumulative = weights.double().cumsum(0)
+        # one N-row float64 tensor (a copy even of float64 weights), summed in place
+        self._cumulative = weights.to(torch.float64, copy=True).cumsum_(0)
         self._generator = generator
 
     def sample(self, num_samples: int) -> Tensor:
