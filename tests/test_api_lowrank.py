@@ -12,6 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_compress.api import compress_, find_mlp_hidden_linears
 from torchrec_compress.config import AFMConfig, LowRankOverride, SVDConfig
 from torchrec_compress.modules import LowRankEmbeddingBagCollection, LowRankLinear
+from torchrec_compress.testing import peak_cpu_allocation
 
 ROWS = {"t0": 100, "t1": 60, "t2": 30}
 DIM = 8
@@ -227,3 +228,39 @@ def test_filter_fn_selects_modules() -> None:
     )
     assert type(model.sparse_arch.embedding_bag_collection) is EmbeddingBagCollection
     assert [r.name for r in report.rows] == ["over_arch.model.0._mlp.1._linear"]
+
+
+def test_afm_holds_one_factor_table() -> None:
+    """The factor table was built, then copied into the new module: two N x k tables at once
+    (a 20M x 32 table at k = 8: 640 MB more than needed).  Now it is written in place."""
+    torch.manual_seed(0)
+    rows, dim, rank = 1_000_000, 32, 16
+    tables = [
+        EmbeddingBagConfig(
+            name="big", embedding_dim=dim, num_embeddings=rows, feature_names=["f0"]
+        ),
+        EmbeddingBagConfig(
+            name="small", embedding_dim=dim, num_embeddings=50, feature_names=["f1"]
+        ),
+    ]
+    model = DLRM(
+        embedding_bag_collection=EmbeddingBagCollection(tables),
+        dense_in_features=4,
+        dense_arch_layer_sizes=[dim],
+        over_arch_layer_sizes=[8, 1],
+    )
+    ids = torch.randint(rows, (4096,), generator=torch.Generator().manual_seed(1))
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f0", "f1"],
+        values=torch.cat([ids, ids[:2048] % 50]),
+        lengths=torch.cat([torch.full((2048,), 2), torch.ones(2048, dtype=torch.long)]),
+    )
+    batch = Batch(torch.randn(2048, 4), sparse, torch.zeros(2048))
+    config = AFMConfig(rank=rank, table_overrides={"small": LowRankOverride(skip=True)})
+    peak, report = peak_cpu_allocation(lambda: compress_(model, config, calibration=[batch]))
+    assert report.rows[0].rank == rank
+    factor_bytes = rows * rank * 4
+    # the rest of the peak: lookup counts and float64 blocks of 64k rows (about 50 MB)
+    assert peak < 2 * factor_bytes, (
+        f"{peak / 2**20:.0f} MiB for a {factor_bytes / 2**20:.0f} MiB factor table"
+    )

@@ -14,6 +14,7 @@ from torchrec_compress.statistics import (
     moments_from_counts,
     sync_,
 )
+from torchrec_compress.testing import peak_cpu_allocation
 from torchrec_compress.testing.multiprocess import run_multiprocess
 
 TABLES = [
@@ -143,3 +144,24 @@ def _sync_body(rank: int, world_size: int) -> list[float]:
 
 def test_sync_sums_over_workers() -> None:
     assert run_multiprocess(_sync_body, world_size=2, timeout_s=120) == [[3.0, 3.0], [3.0, 3.0]]
+
+
+def test_counting_a_batch_costs_batch_memory_not_table_memory() -> None:
+    """Each batch made two N-row temporaries (an int64 bincount and its float64 copy): 320 MB
+    per batch for a 20M-row table.  Weighted sums stay those of one bincount per batch."""
+    num_rows = 2_000_000
+    tables = [
+        EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=num_rows, feature_names=["f"])
+    ]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(num_rows, (5000,), generator=gen)
+    weights = torch.rand(5000, generator=gen)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f"], values=ids, lengths=torch.full((1000,), 5), weights=weights
+    )
+    counter = LookupCounter(tables, is_weighted=True)
+    counter.update(kjt)
+    peak, _ = peak_cpu_allocation(lambda: counter.update(kjt))
+    assert peak < num_rows * 8 / 8, f"{peak} bytes to count 5000 ids"
+    once = torch.bincount(ids, weights.double(), minlength=num_rows)
+    assert torch.equal(counter.counts()["t"], once + once)

@@ -108,17 +108,41 @@ def factor_table(
     basis: PrincipalBasis,
     rank: int,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``A = (E - mu) U_k`` in row chunks, in ``weight``'s dtype.
+    """``A = (E - mu) U_k`` in row chunks, in ``weight``'s dtype (or ``out``'s).
 
     Also valid per row shard (rows are independent); for column blocks of E, the full A is
     the sum over blocks of ``(E_block - mu_block) U_k[block]``.
+
+    Args:
+        weight (torch.Tensor): ``(N, d)`` rows.
+        basis (PrincipalBasis): the table's basis.
+        rank (int): ``k``.
+        chunk_rows (int): rows converted to float64 at a time.
+        out (Optional[torch.Tensor]): ``(N, k)`` tensor to write into (e.g. the factor table
+            of the new module, so that no second ``N x k`` copy is ever held).
+
+    Returns:
+        torch.Tensor: ``(N, k)`` factors (``out`` when given).
+
+    Example::
+
+        >>> basis = principal_basis(torch.diag(torch.tensor([2.0, 1.0])), torch.zeros(2), "t")
+        >>> factor_table(torch.tensor([[3.0, 4.0]]), basis, rank=1).tolist()
+        [[3.0]]
     """
     directions = basis.eigenvectors[:, :rank]
-    out = torch.empty(weight.shape[0], rank, dtype=weight.dtype, device=weight.device)
-    for start in range(0, weight.shape[0], chunk_rows):
-        rows = weight[start : start + chunk_rows].detach().to(torch.float64)
-        out[start : start + chunk_rows] = ((rows - basis.mean) @ directions).to(weight.dtype)
+    if out is None:
+        out = torch.empty(weight.shape[0], rank, dtype=weight.dtype, device=weight.device)
+    elif out.shape != (weight.shape[0], rank):
+        raise ValueError(
+            f"out has shape {tuple(out.shape)}, expected {(weight.shape[0], rank)} (rows, rank)"
+        )
+    with torch.no_grad():  # ``out`` may be a parameter
+        for start in range(0, weight.shape[0], chunk_rows):
+            rows = weight[start : start + chunk_rows].detach().to(torch.float64)
+            out[start : start + chunk_rows] = (rows - basis.mean) @ directions
     return out
 
 

@@ -248,11 +248,16 @@ class LookupCounter:
                     f"feature {key!r} has id {int(ids[first])} outside table {table!r} "
                     f"(valid ids: 0..{int(limit[first]) - 1})"
                 )
-            self._total += torch.bincount(
-                ids + value_start[used],
+            # Counted over the batch's distinct rows, then added to theirs: the same sums as
+            # a bincount over all rows, without two N-row temporaries per batch (20M rows:
+            # 320 MB).
+            rows_hit, slot = torch.unique(ids + value_start[used], return_inverse=True)
+            batch_counts = torch.bincount(
+                slot,
                 weights=None if weights is None else weights[used],
-                minlength=self._total.numel(),
-            ).to(torch.float64)
+                minlength=rows_hit.numel(),
+            )
+            self._total.index_add_(0, rows_hit, batch_counts.to(torch.float64))
 
     def counts(self) -> dict[str, torch.Tensor]:
         """Per table, the ``(num_embeddings,)`` float64 counts so far (views, no copy)."""

@@ -511,6 +511,26 @@ class LowRankEmbeddingBagCollection(nn.Module):
         return new
 
     @torch.no_grad()
+    def factor_rows(self, name: str) -> torch.Tensor:
+        """Table ``name``'s ``(N, k)`` factor rows: a view of ``factor_ebc``'s weight (of its
+        first ``N`` rows when packed; the padding of its last stored row is zeroed).
+
+        Example::
+
+            >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=5, feature_names=["f"])
+            >>> ebc = LowRankEmbeddingBagCollection([cfg], ranks={"t": 2})
+            >>> ebc.factor_rows("t").shape, ebc.factor_ebc.embedding_bags["t"].weight.shape
+            (torch.Size([5, 2]), torch.Size([3, 4]))
+        """
+        weight = self.factor_ebc.embedding_bags[name].weight
+        if name not in self._layout.packing:
+            return weight
+        table = next(t for t in self._tables if t.name == name)
+        rows = weight.view(-1, self._ranks[name])
+        rows[table.num_embeddings :] = 0.0
+        return rows[: table.num_embeddings]
+
+    @torch.no_grad()
     def load_table_(
         self,
         name: str,

@@ -146,7 +146,14 @@ class ProductQuantizer:
         self.codebooks = books.contiguous()
 
     def _assign_chunked(self, sub: Tensor, books: Tensor, chunk_size: int) -> Tensor:
-        return torch.cat([assign(part, books)[0] for part in sub.split(chunk_size, dim=1)], dim=1)
+        # Written into one preallocated tensor: small per-chunk results kept alive between the
+        # chunks' large distance buffers would fragment the heap (glibc then holds on to
+        # hundreds of MB of freed distances).
+        codes = torch.empty(sub.shape[:2], dtype=torch.long)
+        for start in range(0, sub.shape[1], chunk_size):
+            part = sub[:, start : start + chunk_size]
+            codes[:, start : start + part.shape[1]] = assign(part, books)[0]
+        return codes
 
     def compute_codes(self, x: Tensor, chunk_size: int = 1024) -> Tensor:
         """Encodes rows: the nearest centroid per subspace, ``chunk_size`` rows at a time.
