@@ -44,6 +44,14 @@ CASES: dict[str, tuple[CompressionConfig, str, str, type[nn.Module]]] = {
         "table_wise",
         PQEmbeddingBagCollection,
     ),
+    # K=64 quantizes the 97- and 300-row tables and keeps the 64-row one: stored exactly
+    # (identity codes) inside the quantized collection, as the local driver does (refused before)
+    "pq_keeps_small": (
+        PQConfig(num_subspaces=4, num_centroids=64),
+        "row_wise",
+        "table_wise",
+        PQEmbeddingBagCollection,
+    ),
     "pq": (
         PQConfig(num_subspaces=4, num_centroids=16),
         "table_wise",
@@ -99,12 +107,17 @@ def _run(rank: int, world_size: int) -> dict[str, Any]:
             "unchanged": float((_logits(dmp) - before).abs().max()),
             "ratio": report.compression_ratio,
         }
-    # MEC's defaults (K=256) would not make these small tables smaller: never bigger, and
-    # since this route cannot keep single tables, it says so before any work
+    # MEC's defaults (K=256) would not make the 97- and 64-row tables smaller: never bigger,
+    # never silent: they are kept (stored exactly), with their reason in the report, and the
+    # 300-row table is quantized (this raised "cannot keep single tables" before)
     dmp = shard_model(_dlrm(META), CPU, sharding_type="table_wise")
-    with pytest.raises(ValueError, match="cannot keep single tables") as error:
-        compress_(dmp, MECConfig(), calibration=copy.copy(mine))
-    out["kept_message"] = str(error.value)
+    report = compress_(dmp, MECConfig(), calibration=copy.copy(mine))
+    out["kept_message"] = " ".join(str(r.note) for r in report.rows)
+    out["kept_methods"] = [r.method for r in report.rows]
+    # M=16 of 16 dims shrinks no table: the collection stays as it is, with a warning
+    with pytest.warns(UserWarning, match="keeps collection"):
+        nothing = compress_(dmp, MECConfig(num_subspaces=16), calibration=copy.copy(mine))
+    out["all_kept"] = [r.method for r in nothing.rows]
     return out
 
 
@@ -119,6 +132,9 @@ def test_compress_dmp_refuses_to_grow_tables(
 ) -> None:
     for rank_result in results[world_size]:
         assert "would not be smaller" in rank_result["kept_message"], rank_result["kept_message"]
+        assert "stored exactly as identity codes" in rank_result["kept_message"], rank_result
+        assert rank_result["kept_methods"] == ["kept", "kept", "MEC"], rank_result
+        assert rank_result["all_kept"] == ["kept"] * 3, rank_result
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -54,6 +54,7 @@ from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import stratified_rows
 from torchrec_compress.pq.method import PQHandler, code_usage
 from torchrec_compress.pq.quantizer import code_dtype
+from torchrec_compress.pq.sizing import code_bytes
 from torchrec_compress.registry import handler_for
 from torchrec_compress.report import CompressionReport, ReportRow
 
@@ -212,27 +213,28 @@ def sharded_pq_state(
         (fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()
     ]
     table_owners(ebcs, config.table_overrides)
-    # never bigger, never silent: the tables the unsharded driver would keep (this route cannot
-    # keep single tables of a collection) stop it before any work, each with its reason
     handler = handler_for(config)
     assert isinstance(handler, PQHandler)
-    kept = {t.name: handler.keep_reason(t) for _, t in tables}
-    kept = {name: reason for name, reason in kept.items() if reason is not None}
-    if kept:
-        raise ValueError(
-            f"product quantization of a sharded model cannot keep single tables, and would keep "
-            f"{kept}; leave their collections out with filter_fn, or choose num_subspaces / "
-            "num_centroids that make them smaller"
-        )
+    kept = {t.name: reason for _, t in tables if (reason := handler.keep_reason(t)) is not None}
+    every_table = [t for _, t in tables]  # the report's order, as the local driver's
+    ebcs, tables = _drop_kept_collections(ebcs, kept)
     pairs = _global_counts(model, ebcs, tables, config, calibration, forward_fn)
 
-    # 2-3. per table: sample -> quantizer (rank 0, broadcast) -> local codes
+    # 2-3. per table: sample -> quantizer (rank 0, broadcast) -> local codes; a kept table
+    # inside a quantized collection is stored exactly (identity codes), as the local driver does
     state = model.state_dict()
     new_state: dict[str, Any] = {
         key: value for key, value in state.items() if not any(key.startswith(f"{f}.") for f in ebcs)
     }
     rows_report = [
-        _quantize_table(
+        _identity_table(
+            state[f"{fqn}.embedding_bags.{table.name}.weight"],
+            table,
+            kept[table.name],
+            _TableKeys(fqn, new_state),
+        )
+        if table.name in kept
+        else _quantize_table(
             state[f"{fqn}.embedding_bags.{table.name}.weight"],
             table,
             handler,
@@ -249,7 +251,85 @@ def sharded_pq_state(
     assert all(isinstance(v, ShardedTensor) for k, v in new_state.items() if ".codes." in k), (
         "codes must be row-sharded"
     )
-    return meta_model, new_state, CompressionReport(rows_report)
+    by_name = {row.name: row for row in rows_report}
+    report = [by_name.get(t.name) or _kept_row(t, kept[t.name]) for t in every_table]
+    return meta_model, new_state, CompressionReport(report)
+
+
+def _kept_row(table: EmbeddingBagConfig, reason: str) -> ReportRow:
+    n, d = table.num_embeddings, table.embedding_dim
+    before = n * d * BYTES_PER_FLOAT
+    return ReportRow(table.name, "table", (n, d), "kept", None, before, before, None, note=reason)
+
+
+def _drop_kept_collections(
+    ebcs: Mapping[str, EmbeddingBagCollection], kept: Mapping[str, str]
+) -> tuple[dict[str, EmbeddingBagCollection], list[tuple[str, EmbeddingBagConfig]]]:
+    """The collections to quantize and their tables: a collection whose every table is kept stays
+    as it is (with a warning).  A kept table of a quantized collection is stored exactly, which
+    gathers its rows: allowed only for tables kept because quantizing would not shrink them (at
+    most about ``K`` rows); one kept for another reason (``M`` not dividing its dimension, an
+    override's skip) may be large, so it is refused, naming it."""
+    left = {
+        fqn: ebc
+        for fqn, ebc in ebcs.items()
+        if any(t.name not in kept for t in ebc.embedding_bag_configs())
+    }
+    untouched = {
+        fqn: [t.name for t in ebc.embedding_bag_configs()]
+        for fqn, ebc in ebcs.items()
+        if fqn not in left
+    }
+    if untouched:
+        warnings.warn(
+            f"product quantization keeps collection(s) {untouched} as they are: no table of "
+            f"theirs would be smaller quantized ({ {n: kept[n] for t in untouched.values() for n in t} })",
+            stacklevel=4,
+        )
+    tables = [(fqn, t) for fqn, ebc in left.items() for t in ebc.embedding_bag_configs()]
+    large = {
+        t.name: kept[t.name]
+        for _, t in tables
+        if t.name in kept and "would not be smaller" not in kept[t.name]
+    }
+    if large:
+        raise ValueError(
+            f"product quantization of a sharded model keeps single tables of a quantized "
+            f"collection only when they are small (kept because quantizing would not shrink them); "
+            f"it would keep {large}: leave their collections out with filter_fn, or choose a "
+            "num_subspaces that divides their dimension"
+        )
+    return left, tables
+
+
+def _identity_table(
+    value: torch.Tensor, table: EmbeddingBagConfig, reason: str, out: "_TableKeys"
+) -> ReportRow:
+    """A small kept table stored exactly in the quantized collection (collective): one subspace
+    whose ``N`` codewords are its rows (gathered: ``N`` is at most about ``K``) and identity
+    codes, row-sharded like its rows."""
+    group = dist.group.WORLD
+    me = dist.get_rank(group)
+    n, d = table.num_embeddings, table.embedding_dim
+    layout = _row_ranges(value, table.name, d)
+    _check_whole_rows(layout, table.name)
+    rows = _gather_sample(torch.arange(n), layout, _local_blocks(value, me), group)
+    dtype = code_dtype(n)
+    codes = {
+        r.row: torch.arange(r.row, r.row + r.rows, dtype=torch.long).unsqueeze(1).to(dtype)
+        for r in layout
+        if r.lead == me
+    }
+    out.state[f"{out.fqn}.codes.{table.name}"] = _factor_sharded_tensor(
+        layout, codes, (n, 1), group
+    )
+    out.state[f"{out.fqn}.codebooks.{table.name}"] = rows.unsqueeze(0)
+    before = n * d * BYTES_PER_FLOAT
+    extra = n * code_bytes(n, table.name)
+    note = f"{reason}; stored exactly as identity codes (+{extra} bytes)"
+    return ReportRow(
+        table.name, "table", (n, d), "kept", None, before, before + extra, None, note=note
+    )
 
 
 def _global_counts(
