@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
 from examples.dlrm.compression import (
@@ -62,10 +63,13 @@ from examples.dlrm.train import (
     is_main,
     load_checkpoint,
 )
-from torchrec_compress import CompressionReport, compress_
+from torchrec_compress import CompressionReport, MECConfig, MECOverride, compress_
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset, get_dataset
-from torchrec_compress.distributed import shard_model
+from torchrec_compress.discovery import find_embedding_bag_collections
+from torchrec_compress.distributed import ShardedCompressionReport, shard_model
+from torchrec_compress.distributed.compression import unsharded_skeleton
+from torchrec_compress.pq.sizing import pq_keep_reason
 from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 
 logger = logging.getLogger("examples.dlrm.sweep")
@@ -239,6 +243,32 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool =
     return front
 
 
+def fit_centroids(model: DistributedModelParallel, config: MECConfig) -> MECConfig:
+    """``config`` with fewer centroids for the tables whose codes and codebooks would not be
+    smaller than their rows (tiny tables: with ``K`` = rows the codebooks alone are the table).
+
+    Product quantization of a sharded model cannot keep single tables of a collection (it
+    raises), so each such table gets, as a per-table override, the most centroids that make it
+    smaller.  Tables kept for another reason (``M`` not dividing the dimension) are left as
+    they are, and the error names them.
+    """
+    overrides = dict(config.table_overrides)
+    skeleton = unsharded_skeleton(model)
+    for ebc in find_embedding_bag_collections(skeleton, lowrank_factors=True).values():
+        for table in ebc.embedding_bag_configs():
+            reason = pq_keep_reason(table, config)
+            if reason is None or "would not be smaller" not in reason:
+                continue
+            for ksub in range(min(config.num_centroids, table.num_embeddings) - 1, 0, -1):
+                trial = replace(
+                    config, table_overrides={table.name: MECOverride(num_centroids=ksub)}
+                )
+                if pq_keep_reason(table, trial) is None:
+                    overrides[table.name] = MECOverride(num_centroids=ksub)
+                    break
+    return replace(config, table_overrides=overrides)
+
+
 @dataclass
 class SweepContext:
     """What every grid point shares: data, configs, the parsed flags, the device."""
@@ -251,7 +281,7 @@ class SweepContext:
     device: torch.device
 
 
-def load_baseline(ctx: SweepContext) -> torch.nn.Module:
+def load_baseline(ctx: SweepContext) -> DistributedModelParallel:
     """A fresh sharded DLRM holding the checkpoint's weights."""
     model = build_model(ctx.data.schema, ctx.model_config, torch.device("meta"))
     attach_sparse_optimizer(model, ctx.train_config)
@@ -272,6 +302,8 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
     model = load_baseline(ctx)
     report: CompressionReport | None = None
     for stage, config in enumerate(configs):
+        if isinstance(config, MECConfig):
+            config = configs[stage] = fit_centroids(model, config)
         stage_report = compress_(
             model,
             config,
@@ -280,6 +312,7 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
             ),
             forward_fn=train_forward,
         )
+        assert isinstance(stage_report, ShardedCompressionReport)  # a DMP model's report
         report = stage_report if report is None else report.followed_by(stage_report)
         init_dir = os.path.join(work_dir, f"stage{stage}")
         model = stage_report.reshard(
@@ -338,6 +371,16 @@ def mark_pareto(points: list[dict[str, Any]]) -> None:
             p.setdefault(f"pareto_{key}", False)
 
 
+def _status(point: dict[str, Any]) -> str:
+    lowered = {
+        name
+        for config in point["configs"]
+        for name, override in config.get("table_overrides", {}).items()
+        if override.get("num_centroids") is not None
+    }
+    return f"ok (K lowered on {len(lowered)} tiny tables)" if lowered else "ok"
+
+
 def markdown_table(sweep: dict[str, Any]) -> str:
     """The sweep as a markdown table: one row per point, the baseline first."""
     base = sweep["baseline"]
@@ -359,7 +402,7 @@ def markdown_table(sweep: dict[str, Any]) -> str:
             f"| {p['label']} | {_bytes(p['bytes'])} | {base['bytes'] / max(p['bytes'], 1):.1f} "
             f"| {before['test']['auc']:.4f} | {after['test']['auc']:.4f} "
             f"| {after['test']['logloss']:.4f} | {after['val']['auc']:.4f} "
-            f"| {'★' if p['pareto_auc'] else ''} | ok |"
+            f"| {'★' if p['pareto_auc'] else ''} | {_status(p)} |"
         )
     return "\n".join(lines) + "\n"
 
