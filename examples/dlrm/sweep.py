@@ -433,6 +433,8 @@ def plot(sweep: dict[str, Any], path: str) -> None:
                 ax.annotate(short, (p["bytes"], after), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")  # fmt: skip
         front = sorted((p for p in ok if p[f"pareto_{key}"]), key=lambda p: p["bytes"])
+        ax.scatter([p["bytes"] for p in front], [p["after_finetune"]["test"][key] for p in front],
+                   s=110, facecolors="none", edgecolors="k", lw=0.8, label="on the Pareto front")  # fmt: skip
         if front:
             ax.step([p["bytes"] for p in front], [p["after_finetune"]["test"][key] for p in front],
                     where="post", color="0.3", lw=1.2, ls=":", label="Pareto front (after FT)")  # fmt: skip
@@ -485,7 +487,15 @@ def parse_sweep_args(
     p.add_argument(
         "--keep-work", action="store_true", help="keep each point's checkpoints in OUT/points"
     )
+    p.add_argument(
+        "--replot",
+        metavar="OUT",
+        default=None,
+        help="only redraw OUT/sweep.md and OUT/sweep.png from OUT/sweep.json (no other flag needed)",
+    )
     own, rest = p.parse_known_args(argv)
+    if own.replot:
+        return own, []
     defaults = ["--finetune-epochs", "1", "--rank-multiple", "1", "--out", "runs/sweep"]
     args = parse_args([*defaults, *rest])
     if not args.load_checkpoint:
@@ -593,6 +603,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     quiet_torchrec()
     args, grid = parse_sweep_args(argv)
+    if args.replot:
+        with open(os.path.join(args.replot, "sweep.json")) as f:
+            write_outputs(json.load(f), args.replot)
+        return
     try:
         run(args, grid)
     finally:

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from examples.dlrm.sweep import GridPoint, load_grid, mark_pareto, pareto_front, parse_grid
+from examples.dlrm.sweep import (
+    GridPoint,
+    load_grid,
+    main,
+    mark_pareto,
+    pareto_front,
+    parse_grid,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -113,6 +120,12 @@ def test_sweep_writes_table_json_plot_and_records_a_failed_point(
     assert table[4].startswith("| afm rank=0 |") and "**failed**: ValueError" in table[4]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "points").exists()  # per-point checkpoints are removed
+    # --replot redraws the table and the plot from sweep.json alone
+    (out / "sweep.png").unlink()
+    (out / "sweep.md").unlink()
+    main(["--replot", str(out)])
+    assert (out / "sweep.md").read_text().splitlines() == table
+    assert (out / "sweep.png").stat().st_size > 10_000
 
 
 def test_sweep_two_processes_goes_on_after_a_failed_point(checkpoint: Path, tmp_path: Path) -> None:
