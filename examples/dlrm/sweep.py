@@ -596,17 +596,17 @@ def _summary(entry: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    args, grid = parse_sweep_args(argv)
+    if args.replot:  # no process group, no logging set-up: a pure file operation
+        with open(os.path.join(args.replot, "sweep.json")) as f:
+            write_outputs(json.load(f), args.replot)
+        return
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr, force=True
     )
     for name in ("examples", "torchrec_compress"):
         logging.getLogger(name).setLevel(logging.INFO)
     quiet_torchrec()
-    args, grid = parse_sweep_args(argv)
-    if args.replot:
-        with open(os.path.join(args.replot, "sweep.json")) as f:
-            write_outputs(json.load(f), args.replot)
-        return
     try:
         run(args, grid)
     finally:
