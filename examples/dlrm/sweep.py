@@ -1,4 +1,4 @@
-"""Compression sweep: one trained checkpoint, a grid of methods x sizes, a table, a JSON and a plot.
+r"""Compression sweep: one trained checkpoint, a grid of methods x sizes, a table, a JSON and a plot.
 
 Every grid point starts from the same baseline: the checkpoint is loaded into a fresh sharded
 DLRM (``DistributedModelParallel``), compressed with ``torchrec_compress.compress_`` (one call per
