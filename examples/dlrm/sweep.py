@@ -1,0 +1,583 @@
+r"""Compression sweep: one trained checkpoint, a grid of methods x sizes, a table, a JSON and a plot.
+
+Every grid point starts from the same baseline: the checkpoint is loaded into a fresh sharded
+DLRM (``DistributedModelParallel``), compressed with ``torchrec_compress.compress_`` (one call per
+stage; ``report.reshard`` re-plans and re-shards after each), evaluated on val/test, fine-tuned
+(``--finetune-epochs``, default 1; the compressed weights compete as "epoch -1", as in
+``examples.dlrm.main``) and evaluated again.  A point that raises is recorded as failed, with its
+error, and the sweep goes on.  Takes the data and model flags of ``examples.dlrm.main`` (and its
+compression flags as defaults: ``--mec-steps``, ``--calibration-batches``, ...); runs on one
+process or many (``torchrun``).
+
+Writes to ``--out``: ``sweep.json`` (every point, baseline, command), ``sweep.md`` (the table) and
+``sweep.png`` (test AUC and test logloss after fine-tuning against embedding bytes, log scale,
+Pareto front marked, baseline as a line).  Embedding bytes are the compression report's bytes
+after compression, tables only (codes, codebooks, factor tables, projections and means of the
+compressed tables; MLPs are not counted).
+
+The grid (``--grid``): points separated by ``;``; a point is a method, then ``:name=v1,v2,...``
+parameters whose value lists are crossed.  Methods: ``afm``, ``svd`` (``rank``), ``mec``, ``pq``
+(``M`` subspaces, ``K`` centroids), ``int8``, ``int4``, ``int2`` (row-wise quantization), and
+stages joined by ``+`` (``afm+mec``: AFM, then MEC of the factor tables).  Or a JSON file: a list
+of objects such as ``{"method": "afm+mec", "rank": 8, "M": 4}``.
+
+Example::
+
+    python -m examples.dlrm.main --dataset synthetic --epochs 2 --out runs/syn
+    python -m examples.dlrm.sweep --dataset synthetic --load-checkpoint runs/syn/checkpoint \
+        --grid "afm:rank=4,8;mec:M=4,8:K=256;afm+mec:rank=8:M=4;int8" --out runs/syn_sweep
+"""
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from tqdm import tqdm
+
+from examples.dlrm.compression import (
+    calibration_batches,
+    embedding_bytes,
+    make_config,
+    report_dict,
+    train_forward,
+)
+from examples.dlrm.main import init_distributed, parse_args, quiet_torchrec
+from examples.dlrm.model import ModelConfig, build_model
+from examples.dlrm.train import (
+    TrainConfig,
+    attach_sparse_optimizer,
+    build_optimizer,
+    evaluate,
+    fit,
+    is_main,
+    load_checkpoint,
+)
+from torchrec_compress import CompressionReport, compress_
+from torchrec_compress.config import CompressionConfig
+from torchrec_compress.data import CTRDataset, get_dataset
+from torchrec_compress.distributed import ShardedCompressionReport, shard_model
+from torchrec_compress.rowwise_quant import RowWiseQuantConfig
+
+logger = logging.getLogger("examples.dlrm.sweep")
+
+DEFAULT_GRID = (
+    "afm:rank=2,4,8;svd:rank=2,4,8;mec:M=4,8;pq:M=4,8;afm+mec:rank=8:M=2,4;int8;int4;int2"
+)
+# stage -> the grid parameters it reads
+STAGE_PARAMS = {
+    "afm": ("rank",),
+    "svd": ("rank",),
+    "mec": ("M", "K"),
+    "pq": ("M", "K"),
+    "int8": (),
+    "int4": (),
+    "int2": (),
+}
+SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One compression of the sweep: stages joined by ``+`` and their integer parameters.
+
+    Args:
+        method (str): e.g. ``"afm"``, ``"afm+mec"``, ``"int8"``.
+        params (Dict[str, int]): ``rank`` (afm/svd), ``M`` and ``K`` (mec/pq).
+
+    Example::
+
+        >>> GridPoint("afm+mec", {"rank": 8, "M": 4}).label
+        'afm+mec rank=8 M=4'
+    """
+
+    method: str
+    params: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.method, *(f"{k}={v}" for k, v in self.params.items())])
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe label."""
+        return self.label.replace("+", "_").replace(" ", "_").replace("=", "")
+
+
+def _check_point(point: GridPoint) -> GridPoint:
+    stages = point.method.split("+")
+    unknown = [s for s in stages if s not in STAGE_PARAMS]
+    if unknown:
+        raise ValueError(
+            f"grid point {point.label!r}: unknown method {unknown[0]!r}; "
+            f"choose stages from {sorted(STAGE_PARAMS)} joined by '+'"
+        )
+    read = {p for s in stages for p in STAGE_PARAMS[s]}
+    for name, value in point.params.items():
+        if name not in read:
+            raise ValueError(
+                f"grid point {point.label!r}: parameter {name!r} is not read by "
+                f"{point.method!r} (it reads {sorted(read) or 'nothing'})"
+            )
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"grid point {point.label!r}: {name} must be an int, got {value!r}")
+    return point
+
+
+def parse_grid(text: str) -> list[GridPoint]:
+    """The points of a grid string; ``name=v1,v2`` lists of one point are crossed.
+
+    Args:
+        text (str): e.g. ``"afm:rank=2,4;mec:M=4,8:K=256;afm+mec:rank=8:M=4;int8"``.
+
+    Example::
+
+        >>> [p.label for p in parse_grid("afm:rank=2,4;mec:M=4:K=16,256;int8")]
+        ['afm rank=2', 'afm rank=4', 'mec M=4 K=16', 'mec M=4 K=256', 'int8']
+    """
+    points: list[GridPoint] = []
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        method, *assignments = entry.split(":")
+        names, values = [], []
+        for assignment in assignments:
+            name, sep, value = assignment.partition("=")
+            try:
+                values.append([int(v) for v in value.split(",")])
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise ValueError(
+                    f"grid entry {entry!r}: expected name=INT[,INT...], got {assignment!r}"
+                )
+            names.append(name.strip())
+        for combo in itertools.product(*values):
+            points.append(
+                _check_point(GridPoint(method.strip(), dict(zip(names, combo, strict=True))))
+            )
+    if not points:
+        raise ValueError(f"grid {text!r} has no points")
+    return points
+
+
+def load_grid(spec: str) -> list[GridPoint]:
+    """A grid string, or the path of a JSON file holding a list of ``{"method": ..., params}``."""
+    if spec.endswith(".json"):
+        with open(spec) as f:
+            entries = json.load(f)
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"grid file {spec}: expected a non-empty JSON list of points")
+        return [
+            _check_point(GridPoint(e["method"], {k: v for k, v in e.items() if k != "method"}))
+            for e in entries
+        ]
+    return parse_grid(spec)
+
+
+def stage_configs(
+    point: GridPoint, args: argparse.Namespace, total_bytes: int
+) -> list[CompressionConfig]:
+    """The config of each stage of ``point``; flags of ``examples.dlrm.main`` fill the rest."""
+    configs: list[CompressionConfig] = []
+    for stage in point.method.split("+"):
+        if stage.startswith("int"):
+            configs.append(RowWiseQuantConfig(bits=int(stage[3:])))
+            continue
+        rank = point.params.get("rank", args.rank)
+        if stage in ("afm", "svd") and rank is None:
+            raise ValueError(f"grid point {point.label!r}: {stage} needs rank= (or --rank)")
+        flags = argparse.Namespace(
+            **{
+                **vars(args),
+                "rank": rank,
+                "explained_variance": None,
+                "budget_ratio": None,
+                "keep_embeddings": False,
+                "compress_linear": False,
+                "subspaces": point.params.get("M", args.subspaces),
+                "centroids": point.params.get("K", args.centroids),
+            }
+        )
+        configs.append(make_config(flags, total_bytes, stage))
+    return configs
+
+
+def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points ``(bytes, score)`` no other point beats, by increasing bytes.
+
+    A point is beaten when another has no more bytes and a score at least as good, one of the
+    two strictly.  Equal points are both kept.
+
+    Args:
+        points (Sequence[Tuple[float, float]]): ``(bytes, score)`` pairs.
+        higher_is_better (bool): AUC: True; logloss: False.
+
+    Example::
+
+        >>> pareto_front([(100, 0.90), (10, 0.80), (50, 0.85), (60, 0.84), (10, 0.79)])
+        [1, 2, 0]
+        >>> pareto_front([(100, 0.3), (10, 0.5), (50, 0.6)], higher_is_better=False)
+        [1, 0]
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -sign * points[i][1]))
+    front: list[int] = []
+    best, best_bytes = -float("inf"), None
+    for i in order:
+        size, score = points[i][0], sign * points[i][1]
+        if score > best or (score == best and size == best_bytes):
+            front.append(i)
+            best, best_bytes = score, size
+    return front
+
+
+@dataclass
+class SweepContext:
+    """What every grid point shares: data, configs, the parsed flags, the device."""
+
+    args: argparse.Namespace
+    data: CTRDataset
+    model_config: ModelConfig
+    train_config: TrainConfig
+    finetune_config: TrainConfig
+    device: torch.device
+
+
+def load_baseline(ctx: SweepContext) -> DistributedModelParallel:
+    """A fresh sharded DLRM holding the checkpoint's weights."""
+    model = build_model(ctx.data.schema, ctx.model_config, torch.device("meta"))
+    attach_sparse_optimizer(model, ctx.train_config)
+    model = shard_model(model, ctx.device, sharding_type=ctx.args.sharding_type)
+    load_checkpoint(model, ctx.args.load_checkpoint)
+    return model
+
+
+def evaluate_splits(model: torch.nn.Module, ctx: SweepContext) -> dict[str, dict[str, float]]:
+    return {s: evaluate(model, ctx.data, s, ctx.train_config.eval_batch_size) for s in SPLITS}
+
+
+def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, Any]:
+    """Compress a fresh baseline as ``point`` says, evaluate, fine-tune, evaluate again."""
+    start = time.perf_counter()
+    total = embedding_bytes(ctx.data.schema.num_embeddings, ctx.model_config.embedding_dim)
+    configs = stage_configs(point, ctx.args, total)
+    model = load_baseline(ctx)
+    report: CompressionReport | None = None
+    for stage, config in enumerate(configs):
+        stage_report = compress_(
+            model,
+            config,
+            calibration_batches(
+                ctx.data, ctx.finetune_config.batch_size, ctx.args.calibration_batches
+            ),
+            forward_fn=train_forward,
+        )
+        assert isinstance(stage_report, ShardedCompressionReport)  # a DMP model's report
+        report = stage_report if report is None else report.followed_by(stage_report)
+        init_dir = os.path.join(work_dir, f"stage{stage}")
+        model = stage_report.reshard(
+            ctx.device,
+            sharding_type=ctx.args.sharding_type,
+            prepare=lambda m: attach_sparse_optimizer(m, ctx.finetune_config),
+            checkpoint_dir=init_dir,
+        )
+    assert report is not None
+    tables = [r for r in report.rows if r.kind == "table"]
+    result: dict[str, Any] = {
+        "configs": [c.to_dict() for c in configs],
+        "bytes": sum(r.bytes_after for r in tables),
+        "bytes_before": sum(r.bytes_before for r in tables),
+        "report": report_dict(report),
+        "kept_tables": sum(r.method == "kept" for r in tables),
+        "before_finetune": evaluate_splits(model, ctx),
+    }
+    if ctx.finetune_config.epochs > 0:
+        fitted = fit(
+            model,
+            build_optimizer(model, ctx.finetune_config),
+            ctx.data,
+            ctx.finetune_config,
+            os.path.join(work_dir, "finetune"),
+            {"sweep_point": point.label},
+            start=(result["before_finetune"]["val"]["auc"], init_dir),
+        )
+        result["finetune_history"] = fitted.history
+        result["after_finetune"] = evaluate_splits(model, ctx)
+    else:
+        result["after_finetune"] = result["before_finetune"]
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def mark_pareto(points: list[dict[str, Any]]) -> None:
+    """Set ``pareto_auc`` / ``pareto_logloss`` of every point (test split, after fine-tuning)."""
+    ok = [p for p in points if p["status"] == "ok"]
+    for key, higher in (("auc", True), ("logloss", False)):
+        pairs = [(p["bytes"], p["after_finetune"]["test"][key]) for p in ok]
+        front = set(pareto_front(pairs, higher_is_better=higher))
+        for i, p in enumerate(ok):
+            p[f"pareto_{key}"] = i in front
+        for p in points:
+            p.setdefault(f"pareto_{key}", False)
+
+
+def _status(point: dict[str, Any]) -> str:
+    kept = point.get("kept_tables", 0)
+    return f"ok ({kept} tables kept)" if kept else "ok"
+
+
+def markdown_table(sweep: dict[str, Any]) -> str:
+    """The sweep as a markdown table: one row per point, the baseline first."""
+    base = sweep["baseline"]
+    lines = [
+        "| point | embedding bytes | × smaller | test AUC before FT | test AUC after FT "
+        "| test logloss after FT | val AUC after FT | Pareto (AUC) | status |",
+        "|---|---:|---:|---:|---:|---:|---:|:-:|---|",
+        f"| baseline (fp32) | {_bytes(base['bytes'])} | 1 | {base['test']['auc']:.4f} "
+        f"| {base['test']['auc']:.4f} | {base['test']['logloss']:.4f} | {base['val']['auc']:.4f} "
+        "| | ok |",
+    ]
+    for p in sweep["points"]:
+        if p["status"] != "ok":
+            error = p["error"].replace("|", "\\|").replace("\n", " ")[:200]
+            lines.append(f"| {p['label']} | — | — | — | — | — | — | | **failed**: {error} |")
+            continue
+        before, after = p["before_finetune"], p["after_finetune"]
+        lines.append(
+            f"| {p['label']} | {_bytes(p['bytes'])} | {base['bytes'] / max(p['bytes'], 1):.1f} "
+            f"| {before['test']['auc']:.4f} | {after['test']['auc']:.4f} "
+            f"| {after['test']['logloss']:.4f} | {after['val']['auc']:.4f} "
+            f"| {'★' if p['pareto_auc'] else ''} | {_status(p)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(sweep: dict[str, Any], path: str) -> None:
+    """Test AUC and logloss against embedding bytes (log scale): hollow markers before
+    fine-tuning, filled after, the Pareto front of the points after fine-tuning as a step line,
+    the fp32 baseline as a dashed line and a black star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = sweep["baseline"]
+    ok = [p for p in sweep["points"] if p["status"] == "ok"]
+    methods = list(dict.fromkeys(p["method"] for p in ok))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, key, name in zip(axes, ("auc", "logloss"), ("test AUC", "test logloss"), strict=True):
+        for p in ok:
+            color = colors[p["method"]]
+            before, after = p["before_finetune"]["test"][key], p["after_finetune"]["test"][key]
+            ax.plot([p["bytes"]] * 2, [before, after], color=color, lw=0.8, alpha=0.5)
+            ax.scatter(p["bytes"], before, facecolors="none", edgecolors=[color], s=28)
+            ax.scatter(p["bytes"], after, color=color, s=28)
+            short = " ".join(f"{k}={v}" for k, v in p["params"].items())
+            if short:
+                ax.annotate(short, (p["bytes"], after), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+        front = sorted((p for p in ok if p[f"pareto_{key}"]), key=lambda p: p["bytes"])
+        ax.scatter([p["bytes"] for p in front], [p["after_finetune"]["test"][key] for p in front],
+                   s=110, facecolors="none", edgecolors="k", lw=0.8, label="on the Pareto front")  # fmt: skip
+        if front:
+            ax.step([p["bytes"] for p in front], [p["after_finetune"]["test"][key] for p in front],
+                    where="post", color="0.3", lw=1.2, ls=":", label="Pareto front (after FT)")  # fmt: skip
+        ax.axhline(base["test"][key], color="k", ls="--", lw=1, label="baseline (fp32)")
+        ax.scatter(base["bytes"], base["test"][key], marker="*", color="k", s=90, zorder=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("embedding bytes (tables only, log scale)")
+        ax.set_ylabel(name)
+        ax.grid(True, which="both", alpha=0.25)
+    for m in methods:
+        axes[0].scatter([], [], color=colors[m], s=28, label=m)
+    axes[0].scatter([], [], facecolors="none", edgecolors="0.4", s=28, label="before fine-tuning")
+    axes[0].scatter([], [], color="0.4", s=28, label="after fine-tuning")
+    axes[0].legend(fontsize=7, loc="lower right")
+    failed = len(sweep["points"]) - len(ok)
+    fig.suptitle(
+        f"{sweep['title']}: {len(ok)} points"
+        + (f", {failed} failed (see table)" if failed else ""),
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_outputs(sweep: dict[str, Any], out: str) -> None:
+    """``sweep.json``, ``sweep.md`` and ``sweep.png`` in ``out`` (rank 0)."""
+    mark_pareto(sweep["points"])
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump(sweep, f, indent=2, default=str)
+    with open(os.path.join(out, "sweep.md"), "w") as f:
+        f.write(markdown_table(sweep))
+    plot(sweep, os.path.join(out, "sweep.png"))
+
+
+def parse_sweep_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[argparse.Namespace, list[GridPoint]]:
+    """The sweep's own flags, then every flag of ``examples.dlrm.main`` (with sweep defaults:
+    ``--finetune-epochs 1``, ``--rank-multiple 1``, ``--out runs/sweep``)."""
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every other flag goes to examples.dlrm.main (python -m examples.dlrm.main --help).",
+    )
+    p.add_argument(
+        "--grid", default=DEFAULT_GRID, help=f"grid string or JSON file ({DEFAULT_GRID})"
+    )
+    p.add_argument("--title", default=None, help="plot title (default: dataset and d)")
+    p.add_argument(
+        "--keep-work", action="store_true", help="keep each point's checkpoints in OUT/points"
+    )
+    p.add_argument(
+        "--replot",
+        metavar="OUT",
+        default=None,
+        help="only redraw OUT/sweep.md and OUT/sweep.png from OUT/sweep.json (no other flag needed)",
+    )
+    own, rest = p.parse_known_args(argv)
+    if own.replot:
+        return own, []
+    defaults = ["--finetune-epochs", "1", "--rank-multiple", "1", "--out", "runs/sweep"]
+    args = parse_args([*defaults, *rest])
+    if not args.load_checkpoint:
+        p.error("--load-checkpoint is required (train one with python -m examples.dlrm.main)")
+    if args.compress:
+        p.error("--compress: the sweep takes its methods from --grid")
+    for name, value in vars(own).items():
+        setattr(args, name, value)
+    return args, load_grid(args.grid)
+
+
+def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, TrainConfig]:
+    """Model, training and fine-tuning settings from the flags, as ``examples.dlrm.main``."""
+    model_config = ModelConfig(
+        arch=args.arch,
+        embedding_dim=args.embedding_dim,
+        dense_arch=args.dense_arch,
+        over_arch=args.over_arch,
+    )
+    train_config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        sparse_lr=args.sparse_lr,
+        sparse_optimizer=args.sparse_optimizer,
+        patience=args.patience,
+        eval_batch_size=args.eval_batch_size,
+    )
+    finetune_config = replace(
+        train_config,
+        epochs=args.finetune_epochs,
+        lr=args.lr * args.finetune_lr_scale,
+        sparse_lr=args.sparse_lr * args.finetune_lr_scale,
+    )
+    return model_config, train_config, finetune_config
+
+
+def run(args: argparse.Namespace, grid: list[GridPoint]) -> dict[str, Any]:
+    """Evaluate the baseline, then every grid point; rank 0 rewrites the outputs after each."""
+    device = init_distributed()
+    world = dist.get_world_size()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    data = get_dataset(args.dataset, path=args.data_path, seed=args.seed, **dict(args.data_opt))
+    model_config, train_config, finetune_config = train_configs(args)
+    ctx = SweepContext(args, data, model_config, train_config, finetune_config, device)
+    os.makedirs(args.out, exist_ok=True)
+    sweep: dict[str, Any] = {
+        "title": args.title or f"{args.dataset}, {args.arch} d={args.embedding_dim}",
+        "command": " ".join(sys.argv),
+        "dataset": args.dataset,
+        "world_size": world,
+        "model": asdict(model_config),
+        "finetune": asdict(finetune_config),
+        "checkpoint": args.load_checkpoint,
+        "bytes_note": "compression report bytes after compression, embedding tables only",
+        "grid": [p.label for p in grid],
+        "baseline": {
+            "bytes": embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim),
+            **evaluate_splits(load_baseline(ctx), ctx),
+        },
+        "points": [],
+    }
+    bar = tqdm(grid, desc="sweep", unit="point", disable=not is_main(), dynamic_ncols=True)
+    for point in bar:
+        bar.set_postfix_str(point.label)
+        torch.manual_seed(args.seed)
+        work_dir = os.path.join(args.out, "points", point.slug)
+        entry: dict[str, Any] = {
+            "label": point.label,
+            "method": point.method,
+            "params": point.params,
+        }
+        try:
+            entry.update(status="ok", **run_point(point, ctx, work_dir))
+        except Exception as e:  # a failed point is recorded, the sweep goes on
+            logger.warning("grid point %s failed", point.label, exc_info=True)
+            entry.update(status="failed", error=f"{type(e).__name__}: {e}")
+        sweep["points"].append(entry)
+        dist.barrier()
+        if is_main():
+            if not args.keep_work:
+                shutil.rmtree(work_dir, ignore_errors=True)
+            write_outputs(sweep, args.out)
+            logger.info("%s: %s", point.label, _summary(entry))
+    if is_main() and not args.keep_work:
+        shutil.rmtree(os.path.join(args.out, "points"), ignore_errors=True)
+    return sweep
+
+
+def _summary(entry: dict[str, Any]) -> str:
+    if entry["status"] != "ok":
+        return "failed: " + entry["error"]
+    after = entry["after_finetune"]["test"]
+    return (
+        f"{_bytes(entry['bytes'])}, test AUC {entry['before_finetune']['test']['auc']:.4f} -> "
+        f"{after['auc']:.4f}, logloss {after['logloss']:.4f}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args, grid = parse_sweep_args(argv)
+    if args.replot:  # no process group, no logging set-up: a pure file operation
+        with open(os.path.join(args.replot, "sweep.json")) as f:
+            write_outputs(json.load(f), args.replot)
+        return
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr, force=True
+    )
+    for name in ("examples", "torchrec_compress"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    quiet_torchrec()
+    try:
+        run(args, grid)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

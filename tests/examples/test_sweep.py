@@ -1,0 +1,148 @@
+"""examples.dlrm.sweep: grid parsing, the Pareto front, and end-to-end sweeps of a tiny checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from examples.dlrm.sweep import (
+    GridPoint,
+    load_grid,
+    main,
+    mark_pareto,
+    pareto_front,
+    parse_grid,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "--dataset", "synthetic",
+    "--data-opt", "train_rows=3000", "val_rows=1000", "test_rows=1000",
+    "num_embeddings=300,200,100", "pooling=1,2,1",
+    "--embedding-dim", "8", "--dense-arch", "16", "--over-arch", "16",
+    "--batch-size", "256", "--eval-batch-size", "1024", "--threads", "1",
+]  # fmt: skip
+
+
+def test_pareto_front_keeps_the_points_nothing_beats() -> None:
+    points = [(100, 0.90), (10, 0.80), (50, 0.85), (60, 0.84), (10, 0.79), (50, 0.85), (200, 0.9)]
+    # (60, .84) is beaten by (50, .85); (10, .79) by (10, .80); (200, .9) by (100, .9);
+    # the two equal points (50, .85) are both kept.
+    assert pareto_front(points) == [1, 2, 5, 0]
+    losses = [(100, 0.30), (10, 0.50), (50, 0.60), (20, 0.45)]
+    assert pareto_front(losses, higher_is_better=False) == [1, 3, 0]
+    assert pareto_front([]) == []
+
+
+def test_mark_pareto_ignores_failed_points() -> None:
+    def ok(size: int, auc: float, loss: float) -> dict:
+        return {
+            "status": "ok",
+            "bytes": size,
+            "after_finetune": {"test": {"auc": auc, "logloss": loss}},
+        }
+
+    points = [ok(10, 0.8, 0.5), {"status": "failed", "error": "x"}, ok(20, 0.7, 0.4)]
+    mark_pareto(points)
+    assert [p["pareto_auc"] for p in points] == [True, False, False]
+    assert [p["pareto_logloss"] for p in points] == [True, False, True]
+
+
+def test_grid_string_crosses_lists_and_names_bad_entries(tmp_path: Path) -> None:
+    grid = parse_grid("afm:rank=2,4; mec:M=4,8:K=16 ;afm+mec:rank=8:M=2;int8;;")
+    assert [p.label for p in grid] == [
+        "afm rank=2", "afm rank=4", "mec M=4 K=16", "mec M=8 K=16", "afm+mec rank=8 M=2", "int8",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown method 'lora'"):
+        parse_grid("afm:rank=2;lora:rank=4")
+    with pytest.raises(ValueError, match="parameter 'M' is not read by 'afm'"):
+        parse_grid("afm:M=4")
+    with pytest.raises(ValueError, match="expected name=INT"):
+        parse_grid("mec:M=four")
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps([{"method": "afm+pq", "rank": 8, "M": 4}, {"method": "int4"}]))
+    assert load_grid(str(path)) == [GridPoint("afm+pq", {"rank": 8, "M": 4}), GridPoint("int4")]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("baseline")
+    proc = _run(
+        [sys.executable, "-m", "examples.dlrm.main", *TINY, "--epochs", "1", "--out", str(out)]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "checkpoint"
+
+
+def test_sweep_writes_table_json_plot_and_records_a_failed_point(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sweep"
+    proc = _run([
+        sys.executable, "-m", "examples.dlrm.sweep", *TINY, "--load-checkpoint", str(checkpoint),
+        "--grid", "afm:rank=2;afm:rank=0;mec:M=2:K=16", "--mec-steps", "10", "--out", str(out),
+    ])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sweep: 100%" in proc.stderr  # the progress bar
+    sweep = json.loads((out / "sweep.json").read_text())
+    base = sweep["baseline"]
+    assert base["bytes"] == (300 + 200 + 100) * 8 * 4
+    assert [p["label"] for p in sweep["points"]] == ["afm rank=2", "afm rank=0", "mec M=2 K=16"]
+    afm, failed, mec = sweep["points"]
+    assert failed["status"] == "failed"
+    assert failed["error"] == "ValueError: AFMConfig.rank must be a positive int, got 0"
+    for p in (afm, mec):
+        assert p["status"] == "ok"
+        assert p["bytes"] < base["bytes"]
+        assert p["finetune_history"] and p["after_finetune"]["test"]["rows"] == 1000
+    # rank 2 of 8 (exact rank: --rank-multiple 1 by default), float32 factors + B + mu per table
+    assert afm["bytes"] == sum(r * 2 * 4 + (2 * 8 + 8) * 4 for r in (300, 200, 100))
+    assert (
+        len(afm["configs"]) == 1
+        and afm["configs"][0]["rank"] == 2
+        and afm["configs"][0]["rank_multiple"] == 1
+    )
+    pairs = [(p["bytes"], p["after_finetune"]["test"]["auc"]) for p in (afm, mec)]
+    front = set(pareto_front(pairs))
+    assert [afm["pareto_auc"], mec["pareto_auc"]] == [0 in front, 1 in front]
+    assert failed["pareto_auc"] is False
+    table = (out / "sweep.md").read_text().splitlines()
+    assert len(table) == 2 + 1 + 3
+    assert table[2].startswith("| baseline (fp32) |")
+    assert table[4].startswith("| afm rank=0 |") and "**failed**: ValueError" in table[4]
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "points").exists()  # per-point checkpoints are removed
+    # --replot redraws the table and the plot from sweep.json alone
+    (out / "sweep.png").unlink()
+    (out / "sweep.md").unlink()
+    main(["--replot", str(out)])
+    assert (out / "sweep.md").read_text().splitlines() == table
+    assert (out / "sweep.png").stat().st_size > 10_000
+
+
+def test_sweep_two_processes_goes_on_after_a_failed_point(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep2"
+    proc = _run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "-m", "examples.dlrm.sweep", *TINY, "--load-checkpoint", str(checkpoint),
+        "--sharding-type", "row_wise", "--grid", "afm:rank=0;svd:rank=4",
+        "--finetune-epochs", "0", "--out", str(out),
+    ])  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["world_size"] == 2
+    failed, svd = sweep["points"]
+    assert failed["status"] == "failed" and svd["status"] == "ok"
+    # rank 4 factors, B (4 x 8) and a (zero) mean of 8 per table
+    assert svd["bytes"] == sum(r * 4 * 4 + (4 * 8 + 8) * 4 for r in (300, 200, 100))
+    # no fine-tuning: the points after are the points before
+    assert svd["after_finetune"] == svd["before_finetune"]
+    assert svd["before_finetune"]["test"]["rows"] == 1000
