@@ -55,6 +55,7 @@ from examples.dlrm.compression import (
 from examples.dlrm.main import init_distributed, parse_args, quiet_torchrec
 from examples.dlrm.model import ModelConfig, build_model
 from examples.dlrm.train import (
+    CheckpointPolicy,
     TrainConfig,
     attach_sparse_optimizer,
     build_optimizer,
@@ -306,9 +307,9 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
             build_optimizer(model, ctx.finetune_config),
             ctx.data,
             ctx.finetune_config,
-            os.path.join(work_dir, "finetune"),
+            CheckpointPolicy(os.path.join(work_dir, "finetune"), keep=0),
             {"sweep_point": point.label},
-            start=(result["before_finetune"]["val"]["auc"], init_dir),
+            start_auc=result["before_finetune"]["val"]["auc"],
         )
         result["finetune_history"] = fitted.history
         result["after_finetune"] = evaluate_splits(model, ctx)
