@@ -255,12 +255,8 @@ def check_not_overwritten(args: argparse.Namespace) -> None:
             )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = init_distributed(args.pg_timeout)
-    world = dist.get_world_size()
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    torch.manual_seed(args.seed)
-    data = get_dataset(args.dataset, path=args.data_path, seed=args.seed, **dict(args.data_opt))
+def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, TrainConfig]:
+    """Model, training and fine-tuning settings from the flags (``run`` and the sweep)."""
     model_config = ModelConfig(
         arch=args.arch,
         embedding_dim=args.embedding_dim,
@@ -277,6 +273,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         eval_batch_size=args.eval_batch_size,
         skip_nonfinite=args.skip_nonfinite,
     )
+    finetune_config = replace(
+        train_config,
+        epochs=args.finetune_epochs,
+        lr=args.lr * args.finetune_lr_scale,
+        sparse_lr=args.sparse_lr * args.finetune_lr_scale,
+        # after the baseline's (at most --epochs) epochs: fresh rows on streaming data
+        data_epoch_offset=train_config.epochs,
+    )
+    return model_config, train_config, finetune_config
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = init_distributed(args.pg_timeout)
+    world = dist.get_world_size()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    torch.manual_seed(args.seed)
+    data = get_dataset(args.dataset, path=args.data_path, seed=args.seed, **dict(args.data_opt))
+    model_config, train_config, finetune_config = train_configs(args)
     if args.eval_only and not args.load_checkpoint:
         raise SystemExit("--eval-only needs --load-checkpoint")
     check_not_overwritten(args)
@@ -312,14 +326,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             split: evaluate(model, data, split, train_config.eval_batch_size)
             for split in ("val", "test")
         }
-        finetune_config = replace(
-            train_config,
-            epochs=args.finetune_epochs,
-            lr=args.lr * args.finetune_lr_scale,
-            sparse_lr=args.sparse_lr * args.finetune_lr_scale,
-            # after the baseline's (at most --epochs) epochs: fresh rows on streaming data
-            data_epoch_offset=train_config.epochs,
-        )
         model, report, config = compress_model(
             model, data, model_config, finetune_config, args, device, args.out
         )

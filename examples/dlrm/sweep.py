@@ -37,7 +37,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ from examples.dlrm.compression import (
     report_dict,
     train_forward,
 )
-from examples.dlrm.main import init_distributed, parse_args, quiet_torchrec
+from examples.dlrm.main import init_distributed, parse_args, quiet_torchrec, train_configs
 from examples.dlrm.model import ModelConfig, build_model
 from examples.dlrm.train import (
     CheckpointPolicy,
@@ -473,35 +473,9 @@ def parse_sweep_args(
     return args, load_grid(args.grid)
 
 
-def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, TrainConfig]:
-    """Model, training and fine-tuning settings from the flags, as ``examples.dlrm.main``."""
-    model_config = ModelConfig(
-        arch=args.arch,
-        embedding_dim=args.embedding_dim,
-        dense_arch=args.dense_arch,
-        over_arch=args.over_arch,
-    )
-    train_config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        sparse_lr=args.sparse_lr,
-        sparse_optimizer=args.sparse_optimizer,
-        patience=args.patience,
-        eval_batch_size=args.eval_batch_size,
-    )
-    finetune_config = replace(
-        train_config,
-        epochs=args.finetune_epochs,
-        lr=args.lr * args.finetune_lr_scale,
-        sparse_lr=args.sparse_lr * args.finetune_lr_scale,
-    )
-    return model_config, train_config, finetune_config
-
-
 def run(args: argparse.Namespace, grid: list[GridPoint]) -> dict[str, Any]:
     """Evaluate the baseline, then every grid point; rank 0 rewrites the outputs after each."""
-    device = init_distributed()
+    device = init_distributed(args.pg_timeout)
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     data = get_dataset(args.dataset, path=args.data_path, seed=args.seed, **dict(args.data_opt))
