@@ -133,6 +133,15 @@ def run_header(title: str) -> str:
     )
 
 
+def mean_std(values: Sequence[float], digits: int = 4) -> str:
+    """``"mean ± std"`` over seeds (one value: the value; none: ``"-"``)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub markdown table; floats are printed with two decimals."""
 

@@ -15,12 +15,13 @@ Example::
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from common import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,14 +37,6 @@ def _run(args: list[str], out: Path) -> dict[str, Any]:
         if proc.returncode != 0:
             raise RuntimeError(f"run failed ({proc.returncode}); see {out / 'log.txt'}")
     return json.loads(result.read_text())
-
-
-def _fmt(values: list[float], digits: int = 4) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|")
     for name, row in rows.items():
         print(
-            f"| {name} | {_fmt(row.get('ratio', []), 2)} | {_fmt(row.get('before_ft', []))} | "
-            f"{_fmt(row['test_auc'])} | {_fmt(row.get('delta', []))} |"
+            f"| {name} | {mean_std(row.get('ratio', []), 2)} | {mean_std(row.get('before_ft', []))} | "
+            f"{mean_std(row['test_auc'])} | {mean_std(row.get('delta', []))} |"
         )
 
 

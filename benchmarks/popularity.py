@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from common import markdown_table, run_header
+from common import markdown_table, mean_std, run_header
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: examples/
@@ -222,12 +222,6 @@ def codes_changed(models: dict[str, nn.Module], mec: str, pq: str) -> float:
     return changed / max(total, 1)
 
 
-def fmt(values: list[float], digits: int = 4) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -273,19 +267,23 @@ def main(argv: list[str] | None = None) -> None:
             (
                 name,
                 f"{statistics.mean(x.ratio for x in per):.2f}",
-                *(fmt([x.error[b] for x in per]) for b in BUCKETS),
-                fmt([x.weighted_error for x in per]),
+                *(mean_std([x.error[b] for x in per]) for b in BUCKETS),
+                mean_std([x.weighted_error for x in per]),
                 *(
-                    fmt([x.auc[b] - y.auc[b] for x, y in zip(per, base, strict=True)])
+                    mean_std([x.auc[b] - y.auc[b] for x, y in zip(per, base, strict=True)])
                     for b in (*BUCKETS, "all")
                 ),
-                "-" if per[0].codes_changed is None else fmt([x.codes_changed for x in per], 3),
+                "-"
+                if per[0].codes_changed is None
+                else mean_std([x.codes_changed for x in per], 3),
             )
         )
     print(markdown_table(header, rows))
     print(
         "\nbaseline test AUC by bucket: "
-        + ", ".join(f"{b} {fmt([r['baseline'].auc[b] for r in runs])}" for b in (*BUCKETS, "all"))
+        + ", ".join(
+            f"{b} {mean_std([r['baseline'].auc[b] for r in runs])}" for b in (*BUCKETS, "all")
+        )
     )
     if args.json:
         with open(args.json, "w") as f:
