@@ -104,12 +104,9 @@ def reconstructed_rows(model: nn.Module, name: str) -> torch.Tensor:
     """The rows a compressed collection serves for table ``name`` (``N x d``)."""
     ebc = model.get_submodule(EBC)
     if isinstance(ebc, LowRankEmbeddingBagCollection):
-        factors = ebc.factor_ebc.embedding_bags[name].weight.detach()
+        factors = ebc.factor_rows(name).detach()  # (N, k), packed tables too
         if name not in ebc.ranks():
             return factors
-        k = ebc.ranks()[name]
-        n = next(t.num_embeddings for t in ebc.embedding_bag_configs() if t.name == name)
-        factors = factors.reshape(-1, k)[:n]  # a packed table: row-major, p rows to a row
         return factors @ ebc.projection[name].detach() + ebc.mean[name].detach()
     if isinstance(ebc, PQEmbeddingBagCollection):
         return decode(getattr(ebc.codes, name), getattr(ebc.codebooks, name).detach())

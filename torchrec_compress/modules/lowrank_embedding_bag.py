@@ -103,7 +103,7 @@ class LowRankLayout:
     length_per_key: list[int] = field(init=False)
     runs: list[_Run] = field(init=False)
     packing: dict[str, int] = field(init=False)
-    factor_sources: list[list[tuple[str, int]]] = field(init=False)
+    factor_sources: list[list[tuple[str, int, int]]] = field(init=False)
     _plain_features: list[tuple[str, bool]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -165,15 +165,15 @@ class LowRankLayout:
             factors.append(factor)
         return factors
 
-    def _factor_sources(self) -> list[list[tuple[str, int]]]:
-        """Per output embedding (in order), the factor outputs ``(name, first column)`` whose
-        ``k`` columns sum to its pooled factors: one for a plain table, one per slot when packed."""
+    def _factor_sources(self) -> list[list[tuple[str, int, int]]]:
+        """Per output embedding (in order), the factor outputs ``(name, start, stop)`` whose
+        columns sum to its pooled factors: one for a plain table, one per slot when packed."""
         sources = []
         factor_names = get_embedding_names_by_table(self.factor_configs())
         for table, names, k in zip(self.tables, factor_names, self.factor_dims, strict=True):
             p = self.packing.get(table.name, 1)
             for first in range(0, len(names), p):
-                sources.append([(names[first + s], s * k) for s in range(p)])
+                sources.append([(names[first + s], s * k, (s + 1) * k) for s in range(p)])
         return sources
 
     def factor_features(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
@@ -283,7 +283,7 @@ class LowRankLayout:
         else:
             by_name = factors.to_dict()
             values = torch.cat(
-                [self._pooled_factors(by_name, sources, k) for sources, k in self._source_dims()],
+                [self._pooled_factors(by_name, sources) for sources in self.factor_sources],
                 dim=1,
             )
         pooled: list[torch.Tensor] = []
@@ -315,19 +315,11 @@ class LowRankLayout:
             values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
         )
 
-    def _source_dims(self) -> list[tuple[list[tuple[str, int]], int]]:
-        dims = [
-            k
-            for k, names in zip(self.factor_dims, self.feature_names_by_table, strict=True)
-            for _ in names
-        ]
-        return list(zip(self.factor_sources, dims, strict=True))
-
     @staticmethod
     def _pooled_factors(
-        by_name: dict[str, torch.Tensor], sources: list[tuple[str, int]], k: int
+        by_name: dict[str, torch.Tensor], sources: list[tuple[str, int, int]]
     ) -> torch.Tensor:
-        parts = [by_name[name][:, start : start + k] for name, start in sources]
+        parts = [by_name[name][:, start:stop] for name, start, stop in sources]
         return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
 
