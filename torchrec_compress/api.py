@@ -25,7 +25,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardedModule
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from torchrec_compress.calibration import ForwardFn, calibrate, calibration_pass, default_forward
@@ -54,7 +53,6 @@ from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagC
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq.method import PQHandler, code_usage
-from torchrec_compress.pq.sizing import code_bytes
 from torchrec_compress.rank import RankChoice
 from torchrec_compress.registry import (
     ConversionPlan,
@@ -247,12 +245,6 @@ def _warn_kept_tables(reasons: Mapping[str, str | None], config_name: str) -> No
         )
 
 
-def _kept_row(table: EmbeddingBagConfig, weight: torch.Tensor, note: str | None) -> ReportRow:
-    before = table.num_embeddings * table.embedding_dim * weight.element_size()
-    shape = (table.num_embeddings, table.embedding_dim)
-    return ReportRow(table.name, "table", shape, "kept", None, before, before, None, note=note)
-
-
 def _quantize_collection(
     model: nn.Module,
     fqn: str,
@@ -266,7 +258,10 @@ def _quantize_collection(
     tables = ebc.embedding_bag_configs()
     weights = {t.name: ebc.embedding_bags[t.name].weight.detach() for t in tables}
     if all(reasons[t.name] is not None for t in tables):
-        return None, [_kept_row(t, weights[t.name], reasons[t.name]) for t in tables]
+        return None, [
+            handler.kept_row(t, reasons[t.name], bytes_per_element=weights[t.name].element_size())
+            for t in tables
+        ]
     lowrank = lowrank_parent(model, fqn)
     factor_ranks = lowrank.ranks() if lowrank is not None else {}
     codes: dict[str, torch.Tensor] = {}
@@ -281,11 +276,8 @@ def _quantize_collection(
         if reason is not None:
             codes[t.name] = torch.arange(t.num_embeddings).unsqueeze(1)
             codebooks[t.name] = weight.float().cpu().unsqueeze(0)
-            row = _kept_row(t, weight, None)
-            extra = t.num_embeddings * code_bytes(t.num_embeddings, t.name)
-            row.bytes_after += extra
-            row.note = f"{reason}; stored exactly as identity codes (+{extra} bytes)"
-            rows.append(row)
+            size = weight.element_size()
+            rows.append(handler.kept_row(t, reason, stored_exactly=True, bytes_per_element=size))
             continue
         table_counts = counts[fqn][t.name].cpu() if counts else None
         weight = weight.cpu()
@@ -301,7 +293,10 @@ def _quantize_collection(
     before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
     if after >= before:
         note = f"collection {fqn!r} would not be smaller quantized ({after} >= {before} bytes)"
-        return None, [_kept_row(t, weights[t.name], note) for t in tables]
+        return None, [
+            handler.kept_row(t, note, bytes_per_element=weights[t.name].element_size())
+            for t in tables
+        ]
     module = PQEmbeddingBagCollection(tables, codes, codebooks, ebc.is_weighted()).to(ebc.device)
     if lowrank is None:
         return (fqn, module), rows

@@ -54,11 +54,8 @@ from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import stratified_rows
 from torchrec_compress.pq.method import PQHandler, code_usage
 from torchrec_compress.pq.quantizer import code_dtype
-from torchrec_compress.pq.sizing import code_bytes
 from torchrec_compress.registry import handler_for
 from torchrec_compress.report import CompressionReport, ReportRow
-
-BYTES_PER_FLOAT = 4
 
 
 def _sample_ids(
@@ -252,14 +249,8 @@ def sharded_pq_state(
         "codes must be row-sharded"
     )
     by_name = {row.name: row for row in rows_report}
-    report = [by_name.get(t.name) or _kept_row(t, kept[t.name]) for t in every_table]
+    report = [by_name.get(t.name) or handler.kept_row(t, kept[t.name]) for t in every_table]
     return meta_model, new_state, CompressionReport(report)
-
-
-def _kept_row(table: EmbeddingBagConfig, reason: str) -> ReportRow:
-    n, d = table.num_embeddings, table.embedding_dim
-    before = n * d * BYTES_PER_FLOAT
-    return ReportRow(table.name, "table", (n, d), "kept", None, before, before, None, note=reason)
 
 
 def _drop_kept_collections(
@@ -324,12 +315,7 @@ def _identity_table(
         layout, codes, (n, 1), group
     )
     out.state[f"{out.fqn}.codebooks.{table.name}"] = rows.unsqueeze(0)
-    before = n * d * BYTES_PER_FLOAT
-    extra = n * code_bytes(n, table.name)
-    note = f"{reason}; stored exactly as identity codes (+{extra} bytes)"
-    return ReportRow(
-        table.name, "table", (n, d), "kept", None, before, before + extra, None, note=note
-    )
+    return PQHandler.kept_row(table, reason, stored_exactly=True)
 
 
 def _global_counts(

@@ -16,7 +16,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_compress.config import MECConfig, PQConfig
 from torchrec_compress.pq.quantizer import ProductQuantizer, code_dtype
-from torchrec_compress.pq.sizing import pq_keep_reason, pq_table_bytes
+from torchrec_compress.pq.sizing import code_bytes, pq_keep_reason, pq_table_bytes
 from torchrec_compress.pq.training import MECQuantizer, fit_quantizer, subspace_order
 from torchrec_compress.rank import BYTES_PER_ELEMENT
 from torchrec_compress.registry import register_method
@@ -115,6 +115,31 @@ class PQHandler:
             bytes_after=pq_table_bytes(n, num_subspaces, ksub, dsub, code_size),
             explained_variance=None,
             perplexity=usage_perplexity(usage),
+        )
+
+    @staticmethod
+    def kept_row(
+        table: EmbeddingBagConfig,
+        reason: str | None,
+        stored_exactly: bool = False,
+        bytes_per_element: int = BYTES_PER_ELEMENT,
+    ) -> ReportRow:
+        """The report row of a table left unquantized for ``reason``; ``stored_exactly``: kept
+        inside a quantized collection as identity codes over its own rows, which costs one code
+        per row more than the rows.
+
+        Example::
+
+            >>> t = EmbeddingBagConfig(num_embeddings=5, embedding_dim=4, name="t", feature_names=["f"])
+            >>> PQHandler.kept_row(t, "too small", stored_exactly=True).note
+            'too small; stored exactly as identity codes (+5 bytes)'
+        """
+        n, d = table.num_embeddings, table.embedding_dim
+        before = n * d * bytes_per_element
+        extra = n * code_bytes(n, table.name) if stored_exactly else 0
+        note = f"{reason}; stored exactly as identity codes (+{extra} bytes)" if extra else reason
+        return ReportRow(
+            table.name, "table", (n, d), "kept", None, before, before + extra, None, note=note
         )
 
 
