@@ -67,6 +67,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mlp-rank", type=int, default=None, help="... or at this rank")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument(
+        "--protocols",
+        default="continue",
+        help="fine-tuning protocols to run side by side: continue (fine-tune the compressed "
+        "model), retrain (the MEC paper's: re-initialised MLPs trained again on the codes)",
+    )
+    p.add_argument(
+        "--retrain-epochs",
+        type=int,
+        default=None,
+        help="epochs of the retrain protocol (default: --epochs, as many as the baseline)",
+    )
     p.add_argument("--out", default="runs/quality")
     p.add_argument(
         "main_args",
@@ -108,13 +120,30 @@ def main(argv: list[str] | None = None) -> None:
                 "--compress-linear",
                 *knob,
             ]
+    protocols = [x for x in a.protocols.split(",") if x]
+    if unknown := set(protocols) - {"continue", "retrain"}:
+        p.error(f"--protocols: unknown {sorted(unknown)}; choose from continue, retrain")
+    retrain_epochs = a.epochs if a.retrain_epochs is None else a.retrain_epochs
+    by_protocol: dict[str, list[str]] = {}
+    for name, flags in variants.items():
+        for protocol in protocols:
+            if protocol == "continue":
+                by_protocol[name] = [*flags, "--finetune-epochs", str(a.finetune_epochs)]
+            else:
+                by_protocol[f"{name} retrain"] = [
+                    *flags,
+                    "--finetune-protocol",
+                    "retrain",
+                    "--finetune-epochs",
+                    str(retrain_epochs),
+                ]
     rows: dict[str, dict[str, list[float]]] = {}
     start = time.time()
     for seed in a.seeds.split(","):
         base_dir = Path(a.out) / f"seed{seed}" / "baseline"
         base = _run([*common, "--seed", seed, "--epochs", str(a.epochs)], base_dir)
         rows.setdefault("uncompressed", {}).setdefault("test_auc", []).append(base["test"]["auc"])
-        for name, flags in variants.items():
+        for name, flags in by_protocol.items():
             out = Path(a.out) / f"seed{seed}" / name.replace(" ", "_")
             r = _run(
                 [
@@ -125,8 +154,6 @@ def main(argv: list[str] | None = None) -> None:
                     str(base_dir / "checkpoint"),
                     "--eval-only",
                     *flags,
-                    "--finetune-epochs",
-                    str(a.finetune_epochs),
                 ],
                 out,
             )
@@ -144,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
             row.setdefault("test_auc", []).append(r["test"]["auc"])
             row.setdefault("delta", []).append(r["test"]["auc"] - base["test"]["auc"])
     print(
-        f"\n{a.dataset}, d={a.embedding_dim}, seeds {a.seeds}, fine-tune ≤ {a.finetune_epochs} epochs "
+        f"\n{a.dataset}, d={a.embedding_dim}, seeds {a.seeds}, fine-tune ≤ {a.finetune_epochs} epochs, "
+        f"retrain {retrain_epochs} epochs "
         f"({time.time() - start:.0f} s)\n"
     )
     print(

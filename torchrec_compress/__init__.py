@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from torchrec_compress.modules.lowrank_linear import LowRankLinear
     from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
     from torchrec_compress.report import CompressionReport
+    from torchrec_compress.retrain import reinitialize_dense_
     from torchrec_compress.rowwise_quant import RowWiseQuantConfig, RowWiseQuantOverride
 
 __version__ = "0.1.0"
@@ -84,6 +85,7 @@ _EXPORTS = {
     "CompressionLayout": "torchrec_compress.layout",
     "compression_layout": "torchrec_compress.layout",
     "restore_layout_": "torchrec_compress.layout",
+    "reinitialize_dense_": "torchrec_compress.retrain",
 }
 
 __all__ = [
@@ -111,6 +113,7 @@ __all__ = [
     "compress_",
     "compression_layout",
     "load_compressed",
+    "reinitialize_dense_",
     "restore_layout_",
     "save_compressed",
     "sharders",

@@ -7,6 +7,7 @@ compressed state through a DCP checkpoint (kept in the run directory: fine-tunin
 """
 
 import argparse
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,16 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from examples.dlrm.model import ModelConfig
-from examples.dlrm.train import TrainConfig, attach_sparse_optimizer, read_checkpoint_metadata
+from examples.dlrm.train import (
+    CheckpointPolicy,
+    FitResult,
+    TrainConfig,
+    attach_sparse_optimizer,
+    build_optimizer,
+    fit,
+    is_main,
+    read_checkpoint_metadata,
+)
 from torchrec_compress import (
     AFMConfig,
     CompressionReport,
@@ -28,6 +38,7 @@ from torchrec_compress import (
     MECTraining,
     SVDConfig,
     compress_,
+    reinitialize_dense_,
 )
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset
@@ -35,6 +46,9 @@ from torchrec_compress.distributed import read_compression_layout
 from torchrec_compress.layout import CompressionLayout
 from torchrec_compress.testing.faults import fault_point
 
+logger = logging.getLogger("examples.dlrm")
+
+FINETUNE_PROTOCOLS = ("continue", "retrain")
 METHODS = ("afm", "svd", "mec", "pq", "afm+mec", "afm+pq")
 PQ_METHODS = ("mec", "pq")
 # AFM first (rank / variance / budget flags), then MEC or PQ of the k-dim factor tables
@@ -102,7 +116,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.1,
         help="fine-tuning learning rates = training ones (--lr, --sparse-lr) times this; the "
-        "compressed model starts close to a trained optimum and the fresh Adam state overshoots",
+        "compressed model starts close to a trained optimum and the fresh Adam state overshoots "
+        "(continue protocol only)",
+    )
+    g.add_argument(
+        "--finetune-protocol",
+        choices=FINETUNE_PROTOCOLS,
+        default="continue",
+        help="continue: fine-tune the compressed model (the compressed weights compete as epoch "
+        "-1); retrain: the MEC paper's protocol, re-initialise the MLPs and train "
+        "--finetune-epochs epochs at the full learning rates on the frozen codes / factors, "
+        "codebooks and projections trainable",
     )
 
 
@@ -198,6 +222,39 @@ def compress_model(
         )
     assert report is not None
     return model, report, configs[-1] if len(configs) == 1 else TwoStageConfig(*configs)
+
+
+def finetune(
+    model: DistributedModelParallel,
+    data: CTRDataset,
+    config: TrainConfig,
+    checkpoints: CheckpointPolicy,
+    metadata: dict[str, Any],
+    args: argparse.Namespace,
+    start_auc: float,
+) -> FitResult:
+    """Train the compressed model as ``--finetune-protocol`` says.
+
+    ``continue``: from the compressed weights, which compete as epoch -1 (validation AUC
+    ``start_auc``).  ``retrain`` (the MEC paper's protocol): the dense layers are re-initialised
+    (seed ``--seed``, equal on every process) and trained again; codes and factor tables stay
+    frozen, codebooks, projections and kept tables train; no epoch -1.
+    """
+    if args.finetune_protocol == "retrain":
+        reset = reinitialize_dense_(model, seed=args.seed)
+        if is_main():
+            logger.info("retrain protocol: re-initialised %d dense layers", len(reset))
+    optimizer = build_optimizer(model, config)
+    keep_start = args.finetune_protocol == "continue"
+    return fit(
+        model,
+        optimizer,
+        data,
+        config,
+        checkpoints,
+        metadata,
+        start_auc=start_auc if keep_start else None,
+    )
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from examples.dlrm.compression import (
     add_arguments,
     checkpoint_layout,
     compress_model,
+    finetune,
     report_dict,
     stage_configs,
 )
@@ -273,11 +274,13 @@ def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, T
         eval_batch_size=args.eval_batch_size,
         skip_nonfinite=args.skip_nonfinite,
     )
+    # the retrain protocol trains re-initialised MLPs: the baseline's learning rates
+    lr_scale = args.finetune_lr_scale if args.finetune_protocol == "continue" else 1.0
     finetune_config = replace(
         train_config,
         epochs=args.finetune_epochs,
-        lr=args.lr * args.finetune_lr_scale,
-        sparse_lr=args.sparse_lr * args.finetune_lr_scale,
+        lr=args.lr * lr_scale,
+        sparse_lr=args.sparse_lr * lr_scale,
         # after the baseline's (at most --epochs) epochs: fresh rows on streaming data
         data_epoch_offset=train_config.epochs,
     )
@@ -340,6 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             logger.info("compressed plan:\n%s", model.plan)
         result["compression"] = {
             "method": args.compress,
+            "finetune_protocol": args.finetune_protocol,
             "config": config.to_dict(),
             "report": report_dict(report),
             "before_finetune": {
@@ -348,13 +352,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
         }
         if finetune_config.epochs > 0:
-            fitted = fit(
+            fitted = finetune(
                 model,
-                build_optimizer(model, finetune_config),
                 data,
                 finetune_config,
                 checkpoint_policy(args, "checkpoint_compressed"),
                 {**metadata, "compression": result["compression"]["config"]},
+                args,
                 start_auc=result["compression"]["before_finetune"]["val"]["auc"],
             )
             result["compression"]["finetune_history"] = fitted.history

@@ -4,7 +4,8 @@ Every grid point starts from the same baseline: the checkpoint is loaded into a 
 DLRM (``DistributedModelParallel``), compressed with ``torchrec_compress.compress_`` (one call per
 stage; ``report.reshard`` re-plans and re-shards after each), evaluated on val/test, fine-tuned
 (``--finetune-epochs``, default 1; the compressed weights compete as "epoch -1", as in
-``examples.dlrm.main``) and evaluated again.  A point that raises is recorded as failed, with its
+``examples.dlrm.main``; ``--finetune-protocol retrain``: the MEC paper's protocol, MLPs
+re-initialised and trained again on the frozen codes) and evaluated again.  A point that raises is recorded as failed, with its
 error, and the sweep goes on.  Takes the data and model flags of ``examples.dlrm.main`` (and its
 compression flags as defaults: ``--mec-steps``, ``--calibration-batches``, ...); runs on one
 process or many (``torchrun``).
@@ -48,6 +49,7 @@ from tqdm import tqdm
 from examples.dlrm.compression import (
     calibration_batches,
     embedding_bytes,
+    finetune,
     make_config,
     report_dict,
     train_forward,
@@ -58,9 +60,7 @@ from examples.dlrm.train import (
     CheckpointPolicy,
     TrainConfig,
     attach_sparse_optimizer,
-    build_optimizer,
     evaluate,
-    fit,
     is_main,
     load_checkpoint,
 )
@@ -302,13 +302,13 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
         "before_finetune": evaluate_splits(model, ctx),
     }
     if ctx.finetune_config.epochs > 0:
-        fitted = fit(
+        fitted = finetune(
             model,
-            build_optimizer(model, ctx.finetune_config),
             ctx.data,
             ctx.finetune_config,
             CheckpointPolicy(os.path.join(work_dir, "finetune"), keep=0),
             {"sweep_point": point.label},
+            ctx.args,
             start_auc=result["before_finetune"]["val"]["auc"],
         )
         result["finetune_history"] = fitted.history
@@ -489,6 +489,7 @@ def run(args: argparse.Namespace, grid: list[GridPoint]) -> dict[str, Any]:
         "world_size": world,
         "model": asdict(model_config),
         "finetune": asdict(finetune_config),
+        "finetune_protocol": args.finetune_protocol,
         "checkpoint": args.load_checkpoint,
         "bytes_note": "compression report bytes after compression, embedding tables only",
         "grid": [p.label for p in grid],

@@ -74,6 +74,20 @@ def test_dcn_train_then_reload_and_compress_at_full_rank(tmp_path: Path) -> None
     assert report["ratio"] > 8
     assert two["compression"]["config"]["quantizer"]["num_subspaces"] == 2
     assert two["test"]["auc"] > 0.5
+    # The MEC paper's protocol: codes frozen, MLPs re-initialised and trained again; the
+    # compressed weights do not compete as epoch -1 (they hold the old MLPs).
+    proc = _main(
+        "--arch", "dcn", "--load-checkpoint", str(out / "checkpoint"), "--eval-only",
+        "--compress", "pq", "--subspaces", "2", "--centroids", "16",
+        "--finetune-protocol", "retrain", "--finetune-epochs", "1", "--out", str(tmp_path / "re"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "retrain protocol: re-initialised" in proc.stderr
+    retrained = json.loads((tmp_path / "re" / "result.json").read_text())
+    assert retrained["compression"]["finetune_protocol"] == "retrain"
+    assert len(retrained["compression"]["finetune_history"]) == 1
+    before = retrained["compression"]["before_finetune"]["test"]["auc"]
+    assert retrained["test"]["auc"] != pytest.approx(before, abs=1e-6)
 
 
 def test_torchx_local_cwd_two_processes_train_compress_finetune(tmp_path: Path) -> None:
