@@ -228,6 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--checkpoint", action="append", required=True, help="DCP checkpoint dir (repeat: seeds)"
     )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="data seed of each checkpoint, in order (the --seed it was trained with; the "
+        "synthetic data depends on it), e.g. 0,1,2; default 0 for all",
+    )
     p.add_argument("--methods", default="afm:4,svd:4,mec:4,pq:4")
     p.add_argument("--batch-size", type=int, default=8192)
     p.add_argument("--calibration-batches", type=int, default=0, help="0: the whole train split")
@@ -236,9 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     specs = args.methods.split(",")
-    data = get_dataset(args.dataset, path=args.data_path)
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [0] * len(args.checkpoint)
+    if len(seeds) != len(args.checkpoint):
+        p.error(f"--seeds has {len(seeds)} seeds for {len(args.checkpoint)} --checkpoint")
     runs: list[dict[str, Result]] = []
-    for checkpoint in args.checkpoint:
+    for checkpoint, seed in zip(args.checkpoint, seeds, strict=True):
+        data = get_dataset(args.dataset, path=args.data_path, seed=seed)
         baseline = load_model(data, checkpoint)
         ebc = baseline.get_submodule(EBC)
         counts = count_lookups(ebc.embedding_bag_configs(), data.batches("train", args.batch_size))
