@@ -5,7 +5,9 @@ DLRM (``DistributedModelParallel``), compressed with ``torchrec_compress.compres
 stage; ``report.reshard`` re-plans and re-shards after each), evaluated on val/test, fine-tuned
 (``--finetune-epochs``, default 1; the compressed weights compete as "epoch -1", as in
 ``examples.dlrm.main``; ``--finetune-protocol retrain``: the MEC paper's protocol, MLPs
-re-initialised and trained again on the frozen codes) and evaluated again.  A point that raises is recorded as failed, with its
+re-initialised and trained again on the frozen codes) and evaluated again.  Row-wise int4 / int2
+points are compressed unsharded and not fine-tuned (torchrec 1.8 cannot checkpoint their rows,
+which the DMP route and fine-tuning need); their status says so.  A point that raises is recorded as failed, with its
 error, and the sweep goes on.  Takes the data and model flags of ``examples.dlrm.main`` (and its
 compression flags as defaults: ``--mec-steps``, ``--calibration-batches``, ...); runs on one
 process or many (``torchrun``).
@@ -262,6 +264,28 @@ def load_baseline(ctx: SweepContext) -> DistributedModelParallel:
     return model
 
 
+def load_baseline_unsharded(ctx: SweepContext) -> torch.nn.Module:
+    """The checkpoint's DLRM as a plain module on this process (the whole model on each)."""
+    model = build_model(ctx.data.schema, ctx.model_config, torch.device("cpu"))
+    load_checkpoint(model, ctx.args.load_checkpoint)
+    return model
+
+
+# torchrec 1.8 cannot DCP-checkpoint int4 / int2 rows (UInt4Tensor.is_pinned), and both the DMP
+# route (it re-shards through a checkpoint) and fine-tuning (it checkpoints every epoch) need to.
+UNCHECKPOINTABLE_BITS = (4, 2)
+NOT_FINETUNED = (
+    "compressed unsharded, not fine-tuned: torchrec 1.8 cannot checkpoint int4/int2 rows, "
+    "which the DMP route and fine-tuning need"
+)
+
+
+def _unshardable(configs: Sequence[CompressionConfig]) -> bool:
+    return any(
+        isinstance(c, RowWiseQuantConfig) and c.bits in UNCHECKPOINTABLE_BITS for c in configs
+    )
+
+
 def evaluate_splits(model: torch.nn.Module, ctx: SweepContext) -> dict[str, dict[str, float]]:
     return {s: evaluate(model, ctx.data, s, ctx.train_config.eval_batch_size) for s in SPLITS}
 
@@ -271,7 +295,17 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
     start = time.perf_counter()
     total = embedding_bytes(ctx.data.schema.num_embeddings, ctx.model_config.embedding_dim)
     configs = stage_configs(point, ctx.args, total)
-    model = load_baseline(ctx)
+    local = _unshardable(configs)
+    if (
+        local
+        and dist.get_world_size() > 1
+        and not all(isinstance(c, RowWiseQuantConfig) for c in configs)
+    ):
+        raise ValueError(
+            f"{point.label}: int4/int2 run unsharded, and on {dist.get_world_size()} processes "
+            "each would calibrate its earlier stages on its own data; run this point on 1 process"
+        )
+    model: torch.nn.Module = load_baseline_unsharded(ctx) if local else load_baseline(ctx)
     report: CompressionReport | None = None
     for stage, config in enumerate(configs):
         stage_report = compress_(
@@ -282,8 +316,10 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
             ),
             forward_fn=train_forward,
         )
-        assert isinstance(stage_report, ShardedCompressionReport)  # a DMP model's report
         report = stage_report if report is None else report.followed_by(stage_report)
+        if local:
+            continue
+        assert isinstance(stage_report, ShardedCompressionReport)  # a DMP model's report
         init_dir = os.path.join(work_dir, f"stage{stage}")
         model = stage_report.reshard(
             ctx.device,
@@ -301,7 +337,9 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
         "kept_tables": sum(r.method == "kept" for r in tables),
         "before_finetune": evaluate_splits(model, ctx),
     }
-    if ctx.finetune_config.epochs > 0:
+    if local:
+        result["note"] = NOT_FINETUNED
+    if ctx.finetune_config.epochs > 0 and not local:
         fitted = finetune(
             model,
             ctx.data,
@@ -344,7 +382,10 @@ def mark_pareto(points: list[dict[str, Any]]) -> None:
 
 def _status(point: dict[str, Any]) -> str:
     kept = point.get("kept_tables", 0)
-    return f"ok ({kept} tables kept)" if kept else "ok"
+    notes = [f"{kept} tables kept"] if kept else []
+    if "note" in point:
+        notes.append(point["note"])
+    return f"ok ({'; '.join(notes)})" if notes else "ok"
 
 
 def markdown_table(sweep: dict[str, Any]) -> str:

@@ -88,15 +88,16 @@ def test_sweep_writes_table_json_plot_and_records_a_failed_point(
     out = tmp_path / "sweep"
     proc = _run([
         sys.executable, "-m", "examples.dlrm.sweep", *TINY, "--load-checkpoint", str(checkpoint),
-        "--grid", "afm:rank=2;afm:rank=0;mec:M=2:K=16", "--mec-steps", "10", "--out", str(out),
+        "--grid", "afm:rank=2;afm:rank=0;mec:M=2:K=16;int4", "--mec-steps", "10", "--out", str(out),
     ])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sweep: 100%" in proc.stderr  # the progress bar
     sweep = json.loads((out / "sweep.json").read_text())
     base = sweep["baseline"]
     assert base["bytes"] == (300 + 200 + 100) * 8 * 4
-    assert [p["label"] for p in sweep["points"]] == ["afm rank=2", "afm rank=0", "mec M=2 K=16"]
-    afm, failed, mec = sweep["points"]
+    labels = [p["label"] for p in sweep["points"]]
+    assert labels == ["afm rank=2", "afm rank=0", "mec M=2 K=16", "int4"]
+    afm, failed, mec, int4 = sweep["points"]
     assert failed["status"] == "failed"
     assert failed["error"] == "ValueError: AFMConfig.rank must be a positive int, got 0"
     for p in (afm, mec):
@@ -110,12 +111,19 @@ def test_sweep_writes_table_json_plot_and_records_a_failed_point(
         and afm["configs"][0]["rank"] == 2
         and afm["configs"][0]["rank_multiple"] == 1
     )
-    pairs = [(p["bytes"], p["after_finetune"]["test"]["auc"]) for p in (afm, mec)]
+    pairs = [(p["bytes"], p["after_finetune"]["test"]["auc"]) for p in (afm, mec, int4)]
     front = set(pareto_front(pairs))
-    assert [afm["pareto_auc"], mec["pareto_auc"]] == [0 in front, 1 in front]
+    assert [p["pareto_auc"] for p in (afm, mec, int4)] == [i in front for i in range(3)]
     assert failed["pareto_auc"] is False
+    # int4 cannot go through a DCP checkpoint in torchrec 1.8 (the DMP route and fine-tuning
+    # need one): it is compressed unsharded and evaluated, not fine-tuned, and says so
+    assert int4["status"] == "ok" and "not fine-tuned" in int4["note"]
+    assert int4["after_finetune"] == int4["before_finetune"] and "finetune_history" not in int4
+    # 8 dims of 4 bits + a 2-byte scale and bias per row: 8 of 32 bytes
+    assert int4["bytes"] == base["bytes"] / 4 and int4["before_finetune"]["test"]["auc"] > 0.5
     table = (out / "sweep.md").read_text().splitlines()
-    assert len(table) == 2 + 1 + 3
+    assert len(table) == 2 + 1 + 4
+    assert "not fine-tuned" in table[-1]
     assert table[2].startswith("| baseline (fp32) |")
     assert table[4].startswith("| afm rank=0 |") and "**failed**: ValueError" in table[4]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
