@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         "--pq",
         default="",
         help="product-quantization variants MODE:M[:K[:RANK]], e.g. mec:16,pq:8:256,afm+mec:8:256:16 "
-        "(afm+mec / afm+pq: MEC / PQ of the rank-RANK AFM factor tables)",
+        "(afm+mec / afm+pq: MEC / PQ of the rank-RANK AFM factor tables; meclast: MEC ending "
+        "with its last training state)",
     )
     p.add_argument(
         "--mlp-variance",
@@ -98,7 +99,11 @@ def main(argv: list[str] | None = None) -> None:
             variants[f"{method} rank {rank} tables"] = ["--compress", method, "--rank", rank]
     for spec in filter(None, a.pq.split(",")):
         mode, subspaces, centroids, rank = (spec.split(":") + ["256", ""])[:4]
-        flags = ["--compress", mode, "--subspaces", subspaces, "--centroids", centroids]
+        # meclast: MEC ending with its last training state (--mec-keep-last)
+        compress = "mec" if mode == "meclast" else mode
+        flags = ["--compress", compress, "--subspaces", subspaces, "--centroids", centroids]
+        if mode == "meclast":
+            flags.append("--mec-keep-last")
         name = f"{mode} M={subspaces} K={centroids}"
         if mode.startswith("afm+"):
             if not rank:

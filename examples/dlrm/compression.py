@@ -99,6 +99,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--centroids", type=int, default=256, help="mec/pq: K codewords per subspace")
     g.add_argument("--mec-steps", type=int, default=300, help="mec: training steps per table")
     g.add_argument(
+        "--mec-keep-last",
+        action="store_true",
+        help="mec: end with the last training state (MECTraining(keep_best=False)); by default "
+        "the state with the best validation MSE is kept, which is often k-means' start",
+    )
+    g.add_argument(
         "--mec-weighting",
         choices=("log2", "lookups"),
         default="log2",
@@ -146,7 +152,7 @@ def make_config(
             num_centroids=args.centroids,
             mode=method,
             weighting=args.mec_weighting,
-            training=MECTraining(steps=args.mec_steps),
+            training=MECTraining(steps=args.mec_steps, keep_best=not args.mec_keep_last),
         )
     chosen = [x is not None for x in (args.rank, args.explained_variance, args.budget_ratio)]
     if args.keep_embeddings:
