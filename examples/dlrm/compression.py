@@ -131,8 +131,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="continue",
         help="continue: fine-tune the compressed model (the compressed weights compete as epoch "
         "-1); retrain: the MEC paper's protocol, re-initialise the MLPs and train "
-        "--finetune-epochs epochs at the full learning rates on the frozen codes / factors, "
-        "codebooks and projections trainable",
+        "--finetune-epochs epochs at the full learning rates; the embedding collections keep "
+        "their compressed state (PQ codes frozen; codebooks, AFM factor tables and projections "
+        "train as in fine-tuning)",
     )
 
 
@@ -243,8 +244,9 @@ def finetune(
 
     ``continue``: from the compressed weights, which compete as epoch -1 (validation AUC
     ``start_auc``).  ``retrain`` (the MEC paper's protocol): the dense layers are re-initialised
-    (seed ``--seed``, equal on every process) and trained again; codes and factor tables stay
-    frozen, codebooks, projections and kept tables train; no epoch -1.
+    (seed ``--seed``, equal on every process) and trained again; the embedding collections
+    start from their compressed state (PQ codes frozen; codebooks, AFM factor tables,
+    projections and kept tables train, as in fine-tuning); no epoch -1.
     """
     if args.finetune_protocol == "retrain":
         reset = reinitialize_dense_(model, seed=args.seed)
