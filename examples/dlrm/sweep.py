@@ -7,8 +7,8 @@ stage; ``report.reshard`` re-plans and re-shards after each), evaluated on val/t
 ``examples.dlrm.main``; ``--finetune-protocol retrain``: the MEC paper's protocol, MLPs
 re-initialised and trained again on the frozen codes) and evaluated again.  Row-wise int4 / int2
 points are compressed unsharded and not fine-tuned (torchrec 1.8 cannot checkpoint their rows,
-which the DMP route and fine-tuning need); their status says so.  A point that raises is recorded as failed, with its
-error, and the sweep goes on.  Takes the data and model flags of ``examples.dlrm.main`` (and its
+which the DMP route and fine-tuning need); their status says so.  A point that raises is
+recorded as failed, with its error, and the sweep goes on.  Takes the data and model flags of ``examples.dlrm.main`` (and its
 compression flags as defaults: ``--mec-steps``, ``--calibration-batches``, ...); runs on one
 process or many (``torchrun``).
 
