@@ -141,14 +141,18 @@ def test_sweep_two_processes_goes_on_after_a_failed_point(checkpoint: Path, tmp_
     proc = _run([
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "-m", "examples.dlrm.sweep", *TINY, "--load-checkpoint", str(checkpoint),
-        "--sharding-type", "row_wise", "--grid", "afm:rank=0;svd:rank=4",
+        "--sharding-type", "row_wise", "--grid", "afm:rank=0;svd:rank=4;int4;afm+int4:rank=4",
         "--finetune-epochs", "0", "--out", str(out),
     ])  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["world_size"] == 2
-    failed, svd = sweep["points"]
+    failed, svd, int4, afm_int4 = sweep["points"]
     assert failed["status"] == "failed" and svd["status"] == "ok"
+    # int4 runs unsharded on every process (the same model), evaluated on all test rows
+    assert int4["status"] == "ok" and int4["before_finetune"]["test"]["rows"] == 1000
+    # ... but not after a stage that each process would calibrate on its own data
+    assert afm_int4["status"] == "failed" and "run this point on 1 process" in afm_int4["error"]
     # rank 4 factors, B (4 x 8) and a (zero) mean of 8 per table
     assert svd["bytes"] == sum(r * 4 * 4 + (4 * 8 + 8) * 4 for r in (300, 200, 100))
     # no fine-tuning: the points after are the points before
