@@ -52,7 +52,8 @@ from torchrec_compress.lowrank import PrincipalBasis, factor_table, projection, 
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.lowrank_linear import LowRankLinear
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq.method import PQHandler, code_usage
+from torchrec_compress.pq.method import PQHandler
+from torchrec_compress.pq.metrics import code_usage
 from torchrec_compress.rank import RankChoice
 from torchrec_compress.registry import (
     ConversionPlan,

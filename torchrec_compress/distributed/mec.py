@@ -52,7 +52,8 @@ from torchrec_compress.distributed.lowrank import (
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 from torchrec_compress.pq import stratified_rows
-from torchrec_compress.pq.method import PQHandler, code_usage
+from torchrec_compress.pq.method import PQHandler
+from torchrec_compress.pq.metrics import code_usage
 from torchrec_compress.pq.quantizer import code_dtype
 from torchrec_compress.registry import handler_for
 from torchrec_compress.report import CompressionReport, ReportRow

@@ -37,6 +37,7 @@ class PQHandler:
 
     Example::
 
+        >>> from torchrec_compress.pq.metrics import code_usage
         >>> t = EmbeddingBagConfig(num_embeddings=64, embedding_dim=8, name="t", feature_names=["f"])
         >>> handler = PQHandler.of(PQConfig(num_subspaces=2, num_centroids=4))
         >>> rows = torch.randn(64, 8)
@@ -100,8 +101,9 @@ class PQHandler:
         usage: Tensor,
         bytes_per_element: int = BYTES_PER_ELEMENT,
     ) -> ReportRow:
-        """The report row of a quantized table; ``usage`` (:func:`code_usage`, summed over the
-        processes) gives its codebook perplexity, ``bytes_per_element`` its rows' size."""
+        """The report row of a quantized table; ``usage``
+        (:func:`~torchrec_compress.pq.metrics.code_usage`, summed over the processes) gives its
+        codebook perplexity, ``bytes_per_element`` its rows' size."""
         num_subspaces, ksub, dsub = codebooks.shape
         n, d = table.num_embeddings, table.embedding_dim
         code_size = torch.empty((), dtype=code_dtype(ksub)).element_size()
@@ -141,17 +143,6 @@ class PQHandler:
         return ReportRow(
             table.name, "table", (n, d), "kept", None, before, before + extra, None, note=note
         )
-
-
-def code_usage(codes: Tensor, ksub: int) -> Tensor:
-    """``[M, K]`` float64 count of the rows using each codeword (sums across processes).
-
-    Example::
-
-        >>> code_usage(torch.tensor([[0, 1], [1, 1]], dtype=torch.uint8), 2).tolist()
-        [[1.0, 1.0], [0.0, 2.0]]
-    """
-    return torch.stack([torch.bincount(col.long(), minlength=ksub) for col in codes.T]).double()
 
 
 def usage_perplexity(usage: Tensor) -> float:

@@ -59,6 +59,17 @@ def codebook_perplexity(
     return entropy.exp()
 
 
+def code_usage(codes: Tensor, ksub: int) -> Tensor:
+    """``[M, K]`` float64 count of the rows using each codeword (add the counts of several processes or blocks).
+
+    Example::
+
+        >>> code_usage(torch.tensor([[0, 1], [1, 1]], dtype=torch.uint8), 2).tolist()
+        [[1.0, 1.0], [0.0, 2.0]]
+    """
+    return torch.stack([torch.bincount(col.long(), minlength=ksub) for col in codes.T]).double()
+
+
 def distinct_code_tuples(codes: Tensor, num_parts: int = 8) -> int:
     """Number of distinct rows of ``codes`` (rows sharing all ``M`` codes decode identically).
 

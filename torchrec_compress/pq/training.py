@@ -35,6 +35,7 @@ from torchrec_compress.config import MECConfig, MECTraining
 from torchrec_compress.pq import _ops
 from torchrec_compress.pq.metrics import (
     QuantizationMetrics,
+    code_usage,
     codebook_perplexity,
     reconstruction_mse,
 )
@@ -586,7 +587,6 @@ def train_mec(
     best_record = record
     usage = torch.zeros(mec.codebooks.shape[:2], dtype=torch.long)
     interval = config.training.reseed_interval or config.training.steps
-    flat_offsets = torch.arange(usage.shape[0]).unsqueeze(1) * usage.shape[1]
     for step in range(config.training.steps):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config.training, step)
@@ -603,9 +603,7 @@ def train_mec(
         )
         out.losses["total"].backward()
         optimizer.step()
-        usage.view(-1).index_add_(
-            0, (out.codes + flat_offsets).view(-1), torch.ones(out.codes.numel(), dtype=torch.long)
-        )
+        usage += code_usage(out.codes.t(), mec.ksub).long()
         if (step + 1) % interval == 0 or step + 1 == config.training.steps:
             rank, record, validation_codes = evaluate(step + 1, 0)
             if rank > best_rank:
@@ -617,11 +615,7 @@ def train_mec(
                 # validation rows are drawn like lookups (n_i): what they use is alive too.
                 # (Counting only the batches re-seeded such codewords and raised the
                 # lookup-weighted error by half on the synthetic default's 120k-row table.)
-                usage.view(-1).index_add_(
-                    0,
-                    (validation_codes.t().long() + flat_offsets).reshape(-1),
-                    torch.ones(validation_codes.numel(), dtype=torch.long),
-                )
+                usage += code_usage(validation_codes, mec.ksub).long()
                 record["reseeded"] = float(_reseed_dead_codewords_(mec, optimizer, usage, out))
             usage.zero_()
             history.append(record)
