@@ -194,12 +194,13 @@ def train_epoch(
         optimizer.step()
         # a float64 running sum (not a list of tensors): a checkpoint stores it exactly
         progress.step += 1
-        progress.loss_sum += loss.item()
+        value = loss.item()
+        progress.loss_sum += value
         # Every rank's batches have nearly equal sizes: the global count is local × world.
         step_rows = batch.labels.numel() * world
         seen += step_rows
         bar.update(min(step_rows, total_rows - bar.n))
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         fault_point("train.step")
         if after_step is not None:
             after_step()
