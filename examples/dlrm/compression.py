@@ -9,7 +9,7 @@ compressed state through a DCP checkpoint (kept in the run directory: fine-tunin
 import argparse
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -42,7 +42,7 @@ from torchrec_compress import (
 )
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset
-from torchrec_compress.distributed import read_compression_layout
+from torchrec_compress.distributed import ShardedCompressionReport, read_compression_layout
 from torchrec_compress.layout import CompressionLayout
 from torchrec_compress.testing.faults import fault_point
 
@@ -204,31 +204,15 @@ def compress_model(
     """
     total_bytes = embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
     methods = args.compress.split("+")
-    report: CompressionReport | None = None
-    configs = []
-    for stage, method in enumerate(methods):
-        config = make_config(args, total_bytes, method)
-        configs.append(config)
-        last = stage == len(methods) - 1
-        stage_report = compress_(
-            model,
-            config,
-            calibration_batches(data, finetune_config.batch_size, args.calibration_batches),
-            forward_fn=train_forward,
-        )
-        report = stage_report if report is None else report.followed_by(stage_report)
-        fault_point("compress.stage")
-        # the next stage compresses this one's re-sharded model further
-        model = stage_report.reshard(
-            device,
-            sharding_type=args.sharding_type,
-            prepare=lambda m: attach_sparse_optimizer(m, finetune_config),
-            checkpoint_dir=os.path.join(
-                work_dir, "compressed_init" if last else f"compressed_{method}"
-            ),
-        )
-    assert report is not None
-    return model, report, configs[-1] if len(configs) == 1 else TwoStageConfig(*configs)
+    configs = [make_config(args, total_bytes, method) for method in methods]
+    # the next stage compresses this one's re-sharded model further
+    checkpoint_dirs = [os.path.join(work_dir, f"compressed_{m}") for m in methods[:-1]]
+    checkpoint_dirs.append(os.path.join(work_dir, "compressed_init"))
+    compressed, report = compress_stages(
+        model, configs, data, finetune_config, args, device, checkpoint_dirs
+    )
+    assert isinstance(compressed, DistributedModelParallel)  # resharded after every stage
+    return compressed, report, configs[-1] if len(configs) == 1 else TwoStageConfig(*configs)
 
 
 def finetune(
@@ -263,6 +247,45 @@ def finetune(
         metadata,
         start_auc=start_auc if keep_start else None,
     )
+
+
+def compress_stages(
+    model: nn.Module,
+    configs: Sequence[CompressionConfig],
+    data: CTRDataset,
+    finetune_config: TrainConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    checkpoint_dirs: Sequence[str],
+    reshard: bool = True,
+) -> tuple[nn.Module, CompressionReport]:
+    """``compress_`` with each config in turn, calibrated on the train split; the report follows
+    each table through every stage.
+
+    With ``reshard`` (a DMP model) each stage's model is re-planned, re-sharded and loaded
+    through its checkpoint in ``checkpoint_dirs`` (one per stage) before the next stage; without
+    it a plain model is compressed in place.
+    """
+    report: CompressionReport | None = None
+    for config, checkpoint_dir in zip(configs, checkpoint_dirs, strict=True):
+        stage_report = compress_(
+            model,
+            config,
+            calibration_batches(data, finetune_config.batch_size, args.calibration_batches),
+            forward_fn=train_forward,
+        )
+        report = stage_report if report is None else report.followed_by(stage_report)
+        fault_point("compress.stage")
+        if reshard:
+            assert isinstance(stage_report, ShardedCompressionReport)  # a DMP model's report
+            model = stage_report.reshard(
+                device,
+                sharding_type=args.sharding_type,
+                prepare=lambda m: attach_sparse_optimizer(m, finetune_config),
+                checkpoint_dir=checkpoint_dir,
+            )
+    assert report is not None
+    return model, report
 
 
 @dataclass(frozen=True)

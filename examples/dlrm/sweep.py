@@ -49,12 +49,11 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
 from examples.dlrm.compression import (
-    calibration_batches,
+    compress_stages,
     embedding_bytes,
     finetune,
     make_config,
     report_dict,
-    train_forward,
 )
 from examples.dlrm.main import init_distributed, parse_args, quiet_torchrec, train_configs
 from examples.dlrm.model import ModelConfig, build_model
@@ -66,10 +65,9 @@ from examples.dlrm.train import (
     is_main,
     load_checkpoint,
 )
-from torchrec_compress import CompressionReport, compress_
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset, get_dataset
-from torchrec_compress.distributed import ShardedCompressionReport, shard_model
+from torchrec_compress.distributed import shard_model
 from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 
 logger = logging.getLogger("examples.dlrm.sweep")
@@ -306,28 +304,17 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
             "each would calibrate its earlier stages on its own data; run this point on 1 process"
         )
     model: torch.nn.Module = load_baseline_unsharded(ctx) if local else load_baseline(ctx)
-    report: CompressionReport | None = None
-    for stage, config in enumerate(configs):
-        stage_report = compress_(
-            model,
-            config,
-            calibration_batches(
-                ctx.data, ctx.finetune_config.batch_size, ctx.args.calibration_batches
-            ),
-            forward_fn=train_forward,
-        )
-        report = stage_report if report is None else report.followed_by(stage_report)
-        if local:
-            continue
-        assert isinstance(stage_report, ShardedCompressionReport)  # a DMP model's report
-        init_dir = os.path.join(work_dir, f"stage{stage}")
-        model = stage_report.reshard(
-            ctx.device,
-            sharding_type=ctx.args.sharding_type,
-            prepare=lambda m: attach_sparse_optimizer(m, ctx.finetune_config),
-            checkpoint_dir=init_dir,
-        )
-    assert report is not None
+    stage_dirs = [os.path.join(work_dir, f"stage{i}") for i in range(len(configs))]
+    model, report = compress_stages(
+        model,
+        configs,
+        ctx.data,
+        ctx.finetune_config,
+        ctx.args,
+        ctx.device,
+        stage_dirs,
+        reshard=not local,
+    )
     tables = [r for r in report.rows if r.kind == "table"]
     result: dict[str, Any] = {
         "configs": [c.to_dict() for c in configs],
