@@ -175,6 +175,14 @@ def _nan_in_t1(model: DLRM) -> None:
         model.sparse_arch.embedding_bag_collection.embedding_bags["t1"].weight.fill_(float("nan"))
 
 
+HIDDEN = "over_arch.model.0._mlp.1._linear"  # a hidden layer linear=True compresses
+
+
+def _nan_in_hidden_layer(model: DLRM) -> None:
+    with torch.no_grad():
+        model.get_submodule(HIDDEN).weight[0, 0] = float("nan")
+
+
 @pytest.mark.parametrize(
     "config,prepare,match",
     [
@@ -190,6 +198,16 @@ def _nan_in_t1(model: DLRM) -> None:
         ),
         (AFMConfig(rank=4), _nan_in_t1, "table 't1'.*NaN"),
         (SVDConfig(rank=4), _nan_in_t1, "table 't1'.*NaN"),
+        (
+            AFMConfig(rank=4, linear=True, linear_rank=4),
+            _nan_in_hidden_layer,
+            f"layer '{HIDDEN}'.*NaN",
+        ),
+        (
+            SVDConfig(rank=4, linear=True, linear_rank=4),
+            _nan_in_hidden_layer,
+            f"layer '{HIDDEN}'.*NaN",
+        ),
     ],
 )
 def test_bad_inputs_raise_and_leave_model_unchanged(config, prepare, match: str) -> None:

@@ -148,6 +148,10 @@ def linear_factors(
         basis = afm_basis(moments, name)
         spectrum = basis.eigenvalues
     else:
+        for what, value in (("weight", layer.weight), ("bias", layer.bias)):
+            # AFM's output moments catch a NaN in the layer; SVD reads the parameters alone
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name}: {what} contains NaN or Inf")
         spectrum = torch.linalg.svdvals(layer.weight.detach().to(torch.float64)) ** 2
     if config.linear_rank is not None:
         k = config.linear_rank
