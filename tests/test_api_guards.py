@@ -336,6 +336,37 @@ def test_exhausted_calibration_iterator_raises() -> None:
         compress_(model, MECConfig(), calibration=[])
 
 
+def test_default_forward_takes_torchrec_models_as_they_take_a_batch() -> None:
+    """``DLRMTrain`` takes the ``Batch`` whole, ``DLRM`` its dense and sparse parts: the default
+    calibration forward runs both (and gives the same statistics); a model it cannot run gets
+    an error that points at ``forward_fn``."""
+    from torchrec.models.dlrm import DLRMTrain
+
+    rows = {"a": 300, "b": 200}
+    batches = _batches(rows)
+    train = DLRMTrain(_dlrm(rows))
+    plain = _dlrm(rows)
+    by_batch = compress_(train, AFMConfig(rank=4), calibration=batches)
+    by_parts = compress_(plain, AFMConfig(rank=4), calibration=batches)
+    assert isinstance(
+        train.model.sparse_arch.embedding_bag_collection, LowRankEmbeddingBagCollection
+    )
+    assert [r.explained_variance for r in by_batch.rows] == [
+        r.explained_variance for r in by_parts.rows
+    ]
+
+    class ThreeInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ebc = _ebc(_dlrm(rows))
+
+        def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor, extra: int) -> None:
+            self.ebc(sparse)
+
+    with pytest.raises(TypeError, match="forward_fn=lambda model, batch"):
+        compress_(ThreeInputs(), AFMConfig(rank=4), calibration=batches)
+
+
 def _compress_sharded_model(rank: int, world_size: int) -> list[str]:
     """compress_ on the module tree inside DMP (sharded modules outside DMP) and on a DDP-wrapped
     model raises and swaps nothing (DMP models themselves: tests/distributed/test_compress_dmp.py)."""

@@ -3,6 +3,7 @@ Linear layers, for plain and sharded models alike (hooks see each module's local
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -18,10 +19,48 @@ ForwardFn = Callable[[nn.Module, Any], Any]
 
 
 def default_forward(model: nn.Module, batch: Batch | KeyedJaggedTensor) -> Any:
-    """``model(dense, sparse)`` for a ``Batch`` (torchrec DLRM's signature), else ``model(kjt)``."""
+    """Runs ``model`` on one calibration batch the way torchrec's models take it.
+
+    A ``Batch`` goes whole to a model whose ``forward`` takes one argument (torchrec's
+    ``DLRMTrain``), else as ``model(dense, sparse)`` (torchrec's ``DLRM``); anything else (a
+    ``KeyedJaggedTensor``) as ``model(batch)``.  A wrapper whose ``forward`` takes ``*args``
+    (``DistributedModelParallel``, DDP) is judged by the module it wraps.  Models that take
+    their input otherwise need ``compress_(..., forward_fn=...)``.
+
+    Example::
+
+        >>> class TakesBatch(nn.Module):
+        ...     def forward(self, batch: Batch) -> str:
+        ...         return "whole batch"
+        >>> batch = Batch(torch.zeros(1, 1), KeyedJaggedTensor.empty(), torch.zeros(1))
+        >>> default_forward(TakesBatch(), batch)
+        'whole batch'
+    """
     if isinstance(batch, Batch):
+        if _required_positional_args(model) == 1:
+            return model(batch)
         return model(batch.dense_features, batch.sparse_features)
     return model(batch)
+
+
+def _required_positional_args(model: nn.Module) -> int | None:
+    """How many positional arguments ``model.forward`` requires; ``None`` when it takes
+    ``*args`` and wraps no module that says."""
+    while True:
+        try:
+            parameters = inspect.signature(model.forward).parameters.values()
+        except (TypeError, ValueError):  # a builtin or scripted forward: no signature
+            return None
+        if all(p.kind is not inspect.Parameter.VAR_POSITIONAL for p in parameters):
+            positional = (
+                inspect.Parameter.POSITIONAL_ONLY,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            )
+            return sum(p.kind in positional and p.default is p.empty for p in parameters)
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return None
+        model = inner
 
 
 def calibration_pass(
@@ -58,7 +97,7 @@ def calibration_pass(
         model.eval()
         with collector, torch.no_grad():
             for batch in calibration:
-                forward_fn(model, batch)
+                _run(forward_fn, model, batch)
                 num_batches += 1
     finally:
         for handle in handles:
@@ -72,6 +111,20 @@ def calibration_pass(
             "pass a list or a fresh iterator"
         )
     return collector.moments
+
+
+def _run(forward_fn: ForwardFn, model: nn.Module, batch: Any) -> None:
+    if forward_fn is not default_forward:
+        forward_fn(model, batch)
+        return
+    try:
+        forward_fn(model, batch)
+    except TypeError as e:
+        raise TypeError(
+            f"calibration ran {type(model).__name__} on a {type(batch).__name__} as "
+            f"default_forward does and it failed ({e}); if the model takes its input "
+            "otherwise, say how: compress_(..., forward_fn=lambda model, batch: model(...))"
+        ) from e
 
 
 def calibrate(
