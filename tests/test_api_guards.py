@@ -452,8 +452,9 @@ def test_examples_dlrm_budget_ratio_4_with_two_row_tables(tmp_path: Path) -> Non
     assert [methods[f"t_f{i}"] for i in range(20)] == ["kept"] * 20
     notes = {r["name"]: r["note"] for r in report["rows"]}
     assert notes["t_f0"] == "smallest allowed rank 4 would not be smaller (352 >= 128 bytes)"
-    assert {methods[f"t_f{i}"] for i in range(20, 26)} == {"AFM"}
-    assert report["ratio"] > 3.5
+    for i in range(20, 26):  # compressed, or affordable whole (the budget's best use of its bytes)
+        assert methods[f"t_f{i}"] == "AFM" or notes[f"t_f{i}"] == "budget keeps the whole table"
+    assert report["ratio"] >= 4  # the budget is met (rank 4 everywhere needed 282,080 bytes)
 
 
 # --- one import line, PQConfig ---------------------------------------------------------------

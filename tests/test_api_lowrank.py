@@ -155,6 +155,34 @@ def test_budget_mode_stays_within_budget() -> None:
     assert all(r.rank in (4, None) for r in report.rows)  # rank 8 = dim: kept whole
 
 
+@pytest.mark.parametrize("fraction", [0.4, 0.1])
+def test_budget_below_rank_four_is_met_or_refused(fraction: float) -> None:
+    """Rank 4 of these 8-dim tables takes 58 % of their bytes: a 40 % budget is met with packed
+    ranks below 4 (the model runs), a 10 % one is below rank 1 everywhere and raises before
+    anything is swapped (both used to end at rank 4, over the budget, with a warning)."""
+    model, batches = _dlrm(), _batches()
+    budget = int(fraction * 4 * DIM * sum(ROWS.values()))
+    config = AFMConfig(memory_budget_bytes=budget)
+    if fraction < 0.15:
+        with pytest.raises(ValueError, match=f"memory_budget_bytes={budget} cannot be met"):
+            compress_(model, config, calibration=batches)
+        assert isinstance(model.sparse_arch.embedding_bag_collection, EmbeddingBagCollection)
+        return
+    with pytest.warns(UserWarning, match="to meet the budget"):
+        report = compress_(model, config, calibration=batches)
+    assert sum(r.bytes_after for r in report.rows) <= budget
+    assert min(r.rank for r in report.rows if r.rank is not None) < 4
+    assert torch.isfinite(_outputs(model, batches)).all()
+
+
+def test_explicit_rank_is_stored_exactly() -> None:
+    """``AFMConfig(rank=2)`` stored rank 4 (the default rank_multiple), silently."""
+    model, batches = _dlrm(), _batches()
+    report = compress_(model, AFMConfig(rank=2), calibration=batches)
+    assert [r.rank for r in report.rows] == [2, 2, 2]
+    assert model.sparse_arch.embedding_bag_collection.ranks() == {"t0": 2, "t1": 2, "t2": 2}
+
+
 def test_unlooked_table_falls_back_with_warning() -> None:
     model, batches = _dlrm(), _batches()
     for b in batches:  # drop every id of f2

@@ -40,12 +40,20 @@ def test_rank_for_variance_smallest_reaching_target() -> None:
     assert rank_for_variance(torch.zeros(4), 0.9) == 1  # nothing to explain
 
 
-def test_fixed_rank_and_overrides() -> None:
+def test_explicit_ranks_are_used_exactly() -> None:
+    """A rank the user gives is not rounded to rank_multiple (it was: rank 2 of a 16-dim table
+    stored rank 4, 4x instead of the ~8x asked, silently); packed factor rows store it."""
     config = SVDConfig(
         rank=5,
         table_overrides={"flat": LowRankOverride(skip=True), "small": LowRankOverride(rank=2)},
     )
-    assert select_ranks(_spectra(), config) == {"steep": 8, "flat": None, "small": 4}
+    assert config.rank_multiple == 4
+    assert select_ranks(_spectra(), config) == {"steep": 5, "flat": None, "small": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the rank asked is the rank stored
+        choice = choose_ranks({"t": TableSpectrum(1000, 16, torch.ones(16))}, AFMConfig(rank=2))
+    assert choice["t"] == RankChoice(2)
+    assert table_bytes(1000, 16) / compressed_table_bytes(1000, 16, 2) > 7.5
 
 
 def _used(spectra: dict[str, TableSpectrum], ranks: dict[str, int | None]) -> int:
@@ -91,7 +99,7 @@ def test_high_variance_target_keeps_every_table() -> None:
             "rank 56 would not be smaller (25792 >= 12800 bytes)",
         ),
         (TableSpectrum(100, 8, torch.ones(8)), 12, "rank 12 exceeds embedding_dim 8"),
-        (TableSpectrum(2, 16, torch.ones(16)), 1, "rank 4 would not be smaller (352 >= 128 bytes)"),
+        (TableSpectrum(2, 16, torch.ones(16)), 1, "rank 1 would not be smaller (144 >= 128 bytes)"),
     ],
 )
 def test_a_rank_that_would_not_shrink_the_table_keeps_it(
@@ -101,7 +109,7 @@ def test_a_rank_that_would_not_shrink_the_table_keeps_it(
     with pytest.warns(UserWarning, match=r"AFMConfig keeps 1 table\(s\) uncompressed: table 't'"):
         choices = choose_ranks(spectra, AFMConfig(rank=rank))
     assert choices["t"] == RankChoice(None, note)
-    assert choices["big"].rank == round_rank(rank, 4, 64)
+    assert choices["big"].rank == rank
 
 
 def test_every_chosen_rank_is_smaller_than_its_table() -> None:
@@ -174,10 +182,57 @@ def test_budget_charges_overridden_tables_first() -> None:
     assert _used(spectra, pinned) <= budget
 
 
-def test_budget_below_the_smallest_ranks_warns_and_uses_them() -> None:
-    with pytest.warns(UserWarning, match="smallest allowed ranks .* need 33600 bytes"):
-        ranks = select_ranks(_spectra(), AFMConfig(memory_budget_bytes=1000))
-    assert ranks == {"steep": 4, "flat": 4, "small": 4}
+def _fields(num: int = 26, dim: int = 16) -> dict[str, TableSpectrum]:
+    """A CTR model's fields: ``num`` tables of ``dim`` dims, 40 to ~40,000 rows."""
+    eig = torch.tensor([1.0 / (j + 1) for j in range(dim)])
+    return {
+        f"t{i}": TableSpectrum(int(40 * 1.3**i), dim, eig, total_weight=1000.0) for i in range(num)
+    }
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.15, 0.3])
+def test_budget_below_the_rounded_ranks_is_met_with_smaller_ranks(fraction: float) -> None:
+    """A budget is a contract: 26 fields x d=16 at rank_multiple=4 ended at rank 4 everywhere
+    whatever the budget (2.5x over a 10 % budget), with a warning.  Ranks below 4 (packed) fit."""
+    spectra = _fields()
+    whole = sum(table_bytes(s.num_embeddings, s.embedding_dim) for s in spectra.values())
+    at_four = _used(spectra, {n: 4 for n in spectra})
+    budget = int(fraction * whole)
+    if budget < at_four:
+        with pytest.warns(UserWarning, match="to meet the budget, tables .*'t25'"):
+            ranks = select_ranks(spectra, AFMConfig(memory_budget_bytes=budget))
+        assert min(r for r in ranks.values() if r is not None) < 4
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ranks = select_ranks(spectra, AFMConfig(memory_budget_bytes=budget))
+        assert all(r is None or r % 4 == 0 for r in ranks.values())
+    assert _used(spectra, ranks) <= budget
+
+
+def test_budget_that_no_rank_meets_raises_naming_the_shortfall() -> None:
+    spectra = _fields()
+    whole = sum(table_bytes(s.num_embeddings, s.embedding_dim) for s in spectra.values())
+    smallest = _used(spectra, {n: 1 for n in spectra})
+    budget = int(0.02 * whole)
+    assert budget < smallest
+    with pytest.raises(
+        ValueError,
+        match=rf"memory_budget_bytes={budget} cannot be met: .* is {smallest} bytes .*'t25'",
+    ):
+        select_ranks(spectra, AFMConfig(memory_budget_bytes=budget))
+    ranks = select_ranks(spectra, AFMConfig(memory_budget_bytes=smallest))  # exactly enough
+    assert ranks == {n: 1 for n in spectra}
+
+
+def test_budget_counts_overridden_tables_in_the_shortfall() -> None:
+    spectra = _spectra()
+    pinned = compressed_table_bytes(1000, 16, 12)
+    config = AFMConfig(
+        memory_budget_bytes=pinned, table_overrides={"flat": LowRankOverride(rank=12)}
+    )
+    with pytest.raises(ValueError, match=f"{pinned} of them fixed by table_overrides"):
+        select_ranks(spectra, config)
 
 
 def test_config_validation() -> None:

@@ -81,7 +81,7 @@ class LowRankOverride:
     what is left.
 
     Args:
-        rank (Optional[int]): fixed rank for this table (rounded up to ``rank_multiple``).
+        rank (Optional[int]): fixed rank for this table, used exactly (not rounded).
         explained_variance (Optional[float]): smallest rank reaching this fraction in (0, 1].
         skip (bool): leave this table uncompressed (it stays a full-dimension table).
     """
@@ -106,12 +106,15 @@ class LowRankConfig(CompressionConfig):
     """Fields shared by AFM and SVD; use :class:`AFMConfig` or :class:`SVDConfig`.
 
     Args:
-        rank (Optional[int]): one rank for every compressed table.
+        rank (Optional[int]): one rank for every compressed table, used exactly (a rank that
+            is not a multiple of 4 is stored packed).
         explained_variance (Optional[float]): per table, the smallest rank whose explained
             variance reaches this fraction in (0, 1].
         memory_budget_bytes (Optional[int]): one byte budget for all compressed tables together
             (factor tables + projections + means, float32); ranks are chosen greedily where they
-            buy the most explained variance (see ``torchrec_compress.rank``).
+            buy the most explained variance (see ``torchrec_compress.rank``).  It is met, with
+            ranks below ``rank_multiple`` where needed, or ``compress_`` raises naming the
+            smallest size the tables can take.
             Exactly one of ``rank``, ``explained_variance``, ``memory_budget_bytes`` must be set.
         table_overrides (Dict[str, LowRankOverride]): per table name; names must exist.
         embeddings (bool): compress ``EmbeddingBagCollection`` tables.
@@ -122,11 +125,13 @@ class LowRankConfig(CompressionConfig):
         keep_mlp_ends (bool): leave the first and the last Linear of every MLP uncompressed.  An
             MLP is an ``nn.Sequential`` (at any depth, e.g. inside ``torchrec.modules.mlp.MLP``)
             that holds two or more ``nn.Linear`` layers, counted in module order.
-        rank_multiple (int): ranks are rounded up to a multiple of this (capped at the table's
-            dimension).  fbgemm's training kernels need widths that are multiples of 4, so a
-            factor table of another rank is stored packed, ``4 / gcd(k, 4)`` factor rows to a
-            row, at the cost of that many lookups per id (``torchrec_compress.rank``); the
-            default 4 never packs, 1 keeps every rank exact (e.g. d=16 -> k=2).
+        rank_multiple (int): ranks the library chooses (from ``explained_variance`` or
+            ``memory_budget_bytes``) are rounded up to a multiple of this (capped at the table's
+            dimension); an explicit ``rank`` is not.  fbgemm's training kernels need widths that
+            are multiples of 4, so a factor table of another rank is stored packed,
+            ``4 / gcd(k, 4)`` factor rows to a row, at the cost of that many lookups per id
+            (``torchrec_compress.rank``); with the default 4 chosen ranks are packed only when a
+            budget cannot be met otherwise, 1 keeps every chosen rank exact.
     """
 
     rank: int | None = None

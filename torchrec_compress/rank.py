@@ -1,7 +1,9 @@
 """Rank selection for low-rank tables: fixed rank, explained-variance target or a byte budget.
 
-Rank rounding.  ``round_rank`` rounds every table rank up to a multiple of ``rank_multiple``
-(default 4), capped at the table's dimension.  Measured with fbgemm-gpu-cpu 1.8.0:
+Rank rounding.  ``round_rank`` rounds the ranks the library chooses itself (from an
+explained-variance target or a byte budget) up to a multiple of ``rank_multiple`` (default 4),
+capped at the table's dimension; a rank the user gives (``rank``, an override's ``rank``) is
+used exactly.  Measured with fbgemm-gpu-cpu 1.8.0:
 
 * ``SplitTableBatchedEmbeddingBagsCodegen`` (the training TBE behind a sharded EBC with a fused
   optimizer, on CPU too) rejects dims 1, 2, 3, 5, 6, 10: "embedding_dim must be a multiple of 4";
@@ -14,9 +16,10 @@ Rank rounding.  ``round_rank`` rounds every table rank up to a multiple of ``ran
 So a factor table whose rank is not a multiple of 4 is stored packed: ``p = 4 / gcd(k, 4)`` factor
 rows to a stored row of width ``p k`` (:func:`rows_per_packed_row`; the collection splits each
 feature into ``p`` weighted slot features, see ``LowRankEmbeddingBagCollection``).  That costs
-``p`` lookups per id, so ranks are still rounded up to ``rank_multiple`` (default 4: no packing);
-``rank_multiple=1`` keeps every rank exact (e.g. the AFM paper's d=16 -> k=2).
-Linear layers are plain ``nn.Linear`` and need no rounding.
+``p`` lookups per id, so chosen ranks are rounded up to ``rank_multiple`` (default 4: no packing)
+unless a byte budget cannot be met otherwise; ``rank_multiple=1`` keeps every chosen rank exact
+too.  An explicit rank is the user's choice (e.g. the AFM paper's d=16 -> k=2) and is stored
+packed when it must be.  Linear layers are plain ``nn.Linear`` and need no rounding.
 
 Never bigger.  A table is compressed only when its low-rank form (factor table, projection and
 mean) takes fewer bytes than the table itself: ``4 (N k + k d + d) < 4 N d``, so ``k < d`` and
@@ -30,7 +33,7 @@ from __future__ import annotations
 import heapq
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -170,7 +173,8 @@ class RankChoice:
 
 
 def _fixed(rank: int, spec: TableSpectrum, multiple: int, why: str = "") -> RankChoice:
-    """``rank`` rounded, or the table kept (with a note) when that would not make it smaller."""
+    """``rank`` rounded up to ``multiple`` (1: exactly), or the table kept (with a note) when
+    that would not make it smaller."""
     n, d = spec.num_embeddings, spec.embedding_dim
     if rank > d:
         return RankChoice(None, f"{why}rank {rank} exceeds embedding_dim {d}")
@@ -187,13 +191,14 @@ def _rule_choice(name: str, spec: TableSpectrum, config: LowRankConfig) -> RankC
     multiple = config.rank_multiple
     if override is not None and override.skip:
         return RankChoice(None, SKIPPED)
+    # an explicit rank is used as given: packed factor rows serve ranks that are not multiples of 4
     if override is not None and override.rank is not None:
         check_rank(override.rank, spec.embedding_dim, f"table {name!r}")
-        return _fixed(override.rank, spec, multiple, "override: ")
+        return _fixed(override.rank, spec, 1, "override: ")
     target = override.explained_variance if override is not None else None
     target = target if target is not None else config.explained_variance
     if override is None and config.rank is not None:
-        return _fixed(config.rank, spec, multiple)
+        return _fixed(config.rank, spec, 1)
     if target is not None:
         k = rank_for_variance(spec.eigenvalues, target)
         return _fixed(k, spec, multiple, f"explained_variance {target}: ")
@@ -207,11 +212,12 @@ def choose_ranks(
 
     Modes (exactly one is set in the config), after per-table overrides:
 
-    * ``rank``: that rank for every table;
-    * ``explained_variance``: per table the smallest rank reaching the target;
-    * ``memory_budget_bytes``: every table starts at the smallest allowed rank, then ranks are
-      raised one rounding step at a time, always where the next step buys the most explained
-      variance per byte.  The objective is AFM's own: the squared output error removed, summed
+    * ``rank``: that rank for every table, exactly (not rounded);
+    * ``explained_variance``: per table the smallest rank reaching the target, rounded up to
+      ``rank_multiple``;
+    * ``memory_budget_bytes``: every table starts at the smallest rank ``rank_multiple`` allows,
+      then ranks are raised one rounding step at a time, always where the next step buys the most
+      explained variance per byte.  The objective is AFM's own: the squared output error removed, summed
       over every lookup of every table (gain of a step = its eigenvalues x the table's
       ``total_weight``).  A table that is looked up often, or whose outputs vary widely, earns
       rank; a small table with little traffic does not, however large the *fraction* of its
@@ -222,12 +228,15 @@ def choose_ranks(
       optimal up to the last, partly affordable step.  The last step of a table is keeping it
       whole (its largest rank that is still smaller -> the original table).  The budget covers
       every table not skipped by an override: overridden tables are charged first at their own
-      size, then tables that no rank shrinks (charged whole, kept).  A budget smaller than the
-      smallest allowed ranks need is exceeded with a warning: every table takes its smallest
-      allowed rank (or is kept), the closest the rounding rule allows.
+      size, then tables that no rank shrinks (charged whole, kept).  The budget is a contract:
+      when the smallest rounded ranks do not fit, ranks go below ``rank_multiple`` (stored
+      packed; down to 1, a table kept whole included when a rank that small shrinks it), one
+      rank at a time where that loses the least explained variance per byte saved, until they
+      fit (a warning names those tables); a budget that even rank 1 everywhere cannot meet
+      raises.
 
-    All ranks are rounded with :func:`round_rank`.  A rank that would not make its table smaller
-    (see the module notes) keeps the table; one warning lists every such table and why.
+    A rank that would not make its table smaller (see the module notes) keeps the table; one
+    warning lists every such table and why.
 
     Args:
         spectra (Mapping[str, TableSpectrum]): table name -> its rows, dimension and spectrum.
@@ -238,7 +247,8 @@ def choose_ranks(
 
     Raises:
         ValueError: naming the table for an override of an unknown table or an override rank
-            outside 1..d.
+            outside 1..d; for a ``memory_budget_bytes`` below the smallest size the tables can
+            take, naming that size, the budget and the largest tables.
 
     Example::
 
@@ -273,7 +283,8 @@ def choose_ranks(
         choices.update(
             _spend_budget(
                 {n: spectra[n] for n in free},
-                config.memory_budget_bytes - fixed_bytes,
+                config.memory_budget_bytes,
+                fixed_bytes,
                 config.rank_multiple,
             )
         )
@@ -314,13 +325,19 @@ def _warn_kept(choices: Mapping[str, RankChoice], config_name: str) -> None:
 
 
 def _spend_budget(
-    spectra: Mapping[str, TableSpectrum], budget: int, multiple: int
+    spectra: Mapping[str, TableSpectrum], budget: int, fixed_bytes: int, multiple: int
 ) -> dict[str, RankChoice]:
-    """Greedy budget spending (see :func:`choose_ranks`); rank ``d`` stands for the whole table."""
+    """Greedy budget spending (see :func:`choose_ranks`); rank ``d`` stands for the whole table.
+
+    ``budget`` is the whole budget, of which ``fixed_bytes`` (overridden tables) are spent."""
 
     def cost(spec: TableSpectrum, k: int) -> int:
         n, d = spec.num_embeddings, spec.embedding_dim
         return table_bytes(n, d) if k >= d else compressed_table_bytes(n, d, k)
+
+    def gain(spec: TableSpectrum, low: int, high: int) -> float:
+        """Squared output error that ranks ``low + 1 .. high`` remove (rank ``d``: whole)."""
+        return float(spec.eigenvalues[low:high].sum()) * spec.total_weight
 
     def step(name: str) -> tuple[float, int, int] | None:
         spec, k = spectra[name], ranks[name]
@@ -330,9 +347,17 @@ def _spend_budget(
         nxt = round_rank(k + 1, multiple, d)
         if cost(spec, nxt) >= table_bytes(spec.num_embeddings, d):
             nxt = d  # no larger rank is smaller than the table: the next step keeps it whole
-        gain = float(spec.eigenvalues[k:nxt].sum()) * spec.total_weight
         extra = cost(spec, nxt) - cost(spec, k)
-        return (gain / extra, nxt, extra) if gain > 0 else None
+        return (gain(spec, k, nxt) / extra, nxt, extra) if gain(spec, k, nxt) > 0 else None
+
+    def step_down(name: str) -> tuple[float, int, int] | None:
+        """The next rank below the current one that is cheaper (loss per byte saved)."""
+        spec, k = spectra[name], ranks[name]
+        lower = next((j for j in range(k - 1, 0, -1) if cost(spec, j) < cost(spec, k)), None)
+        if lower is None:
+            return None
+        saved = cost(spec, k) - cost(spec, lower)
+        return gain(spec, lower, k) / saved, lower, saved
 
     ranks = {n: round_rank(1, multiple, s.embedding_dim) for n, s in spectra.items()}
     notes: dict[str, str] = {}
@@ -346,16 +371,22 @@ def _spend_budget(
                 f"smallest allowed rank {ranks[name]} would not be smaller ({after} >= {before} bytes)"
             )
             ranks[name] = spec.embedding_dim
-    spent = sum(cost(s, ranks[n]) for n, s in spectra.items())
-    if spent > budget:
-        warnings.warn(
-            f"memory_budget_bytes leaves {budget} bytes for tables {sorted(spectra)}, but their "
-            f"smallest allowed ranks {ranks} (rank = dim: kept whole) need {spent} bytes; "
-            "using those ranks (lower rank_multiple or raise the budget to meet it)",
-            stacklevel=4,
-        )
-    # max-heap on gain per byte; the name breaks ties deterministically
+    spent = fixed_bytes + sum(cost(s, ranks[n]) for n, s in spectra.items())
     heap: list[tuple[float, str, int, int]] = []
+    rounded, rounded_bytes = dict(ranks), spent
+    if spent > budget:
+        _check_reachable(spectra, budget, fixed_bytes, cost)
+        for name in sorted(spectra):
+            if (down := step_down(name)) is not None:
+                heapq.heappush(heap, (down[0], name, down[1], down[2]))
+        while spent > budget:
+            _, name, lower, saved = heapq.heappop(heap)
+            ranks[name] = lower
+            spent -= saved
+            if (down := step_down(name)) is not None:
+                heapq.heappush(heap, (down[0], name, down[1], down[2]))
+    # max-heap on gain per byte; the name breaks ties deterministically
+    heap.clear()
     for name in sorted(spectra):
         candidate = step(name)
         if candidate is not None:
@@ -369,9 +400,39 @@ def _spend_budget(
         candidate = step(name)
         if candidate is not None:
             heapq.heappush(heap, (-candidate[0], name, candidate[1], candidate[2]))
+    lowered = {n: k for n, k in ranks.items() if k < rounded[n]}
+    if lowered:
+        warnings.warn(
+            f"memory_budget_bytes={budget}: ranks rounded to rank_multiple={multiple} need "
+            f"{rounded_bytes} bytes; to meet the budget, tables {lowered} take those ranks "
+            "(ranks that are not multiples of 4 are stored packed: more lookups per id)",
+            stacklevel=4,
+        )
     return {
         n: RankChoice(k)
         if k < spectra[n].embedding_dim
         else RankChoice(None, notes.get(n, AFFORDED_WHOLE))
         for n, k in ranks.items()
     }
+
+
+def _check_reachable(
+    spectra: Mapping[str, TableSpectrum],
+    budget: int,
+    fixed_bytes: int,
+    cost: Callable[[TableSpectrum, int], int],
+) -> None:
+    """Raises ``ValueError`` when even rank 1 everywhere (tables it does not shrink kept whole)
+    does not fit ``budget``, naming the smallest reachable size and the largest tables."""
+    smallest = {n: min(cost(s, 1), cost(s, s.embedding_dim)) for n, s in spectra.items()}
+    floor = fixed_bytes + sum(smallest.values())
+    if floor <= budget:
+        return
+    largest = sorted(smallest.items(), key=lambda item: (-item[1], item[0]))[:5]
+    overrides = f", {fixed_bytes} of them fixed by table_overrides" if fixed_bytes else ""
+    raise ValueError(
+        f"memory_budget_bytes={budget} cannot be met: the smallest the tables can be stored in "
+        f"is {floor} bytes (every table at rank 1 or kept whole{overrides}; largest: "
+        f"{', '.join(f'{n!r} {b} bytes' for n, b in largest)}), {floor - budget} bytes over; "
+        f"give a budget of at least {floor}"
+    )
