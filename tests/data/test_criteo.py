@@ -296,3 +296,52 @@ def test_bad_values_in_foreign_parquet_name_file_row_column(
     )
     with pytest.raises(ValueError, match="x.parquet: " + message):
         list(dataset.batches("test", 64))
+
+
+def _gzipped(path: Path) -> bytes:
+    import gzip
+
+    _write_tsv(path.with_suffix(".plain"), 20, seed=7)
+    return gzip.compress(path.with_suffix(".plain").read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "empty_label.tsv",
+            lambda p: ("\t" + "\t".join(["5"] * 13 + ["abc"] * 26) + "\n").encode(),
+            r"empty_label.tsv:21: column 1 \(label\) holds an empty field; expected a 0/1 label",
+        ),
+        (
+            "blank_line.tsv",
+            lambda p: b"\n",
+            r"blank_line.tsv:21: the line is empty; expected 40 tab-separated columns",
+        ),
+        ("day_0.gz", _gzipped, r"day_0.gz is gzip-compressed; expected a plain Criteo TSV"),
+        (
+            "frappe.libsvm",
+            lambda p: b"1 266:1 1244:1 5042:1 5049:1 5054:1 5055:1 5058:1 5062:1 5074:1\n",
+            r"frappe.libsvm:21: 1 tab-separated columns; expected 40",
+        ),
+        (
+            "latin1.tsv",
+            lambda p: "caf\xe9\t1\n".encode("latin-1"),
+            r"latin1.tsv:21: not a Criteo TSV file .*expected 40 tab-separated columns",
+        ),
+    ],
+    ids=["empty-label", "blank-line", "gzip", "frappe", "latin-1"],
+)
+def test_a_file_that_is_not_a_criteo_tsv_is_named_with_its_line(
+    tmp_path: Path, name: str, content: Callable[[Path], bytes], message: str
+) -> None:
+    """An empty label or a blank line raised ``AttributeError: 'NoneType' object has no
+    attribute 'decode'``; a gzipped TSV raised pyarrow's ``ArrowInvalid`` without the file."""
+    path = tmp_path / name
+    data = content(path)
+    if not data.startswith(b"\x1f\x8b"):  # 20 good lines first: the bad one is line 21
+        _write_tsv(path, 20, seed=8)
+        data = path.read_bytes() + data
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=message):
+        convert_criteo_tsv([path], tmp_path / "pq", progress=False)

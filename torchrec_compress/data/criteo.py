@@ -27,6 +27,7 @@ Split layouts (chosen by what the directory holds):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +54,10 @@ PARQUET_SCHEMA = pa.schema(
 )
 
 _MAX_HEX_DIGITS = 15  # keeps every parsed value a non-negative int64
+_EXPECTED_LINE = (
+    f"{len(DEFAULT_COLUMN_NAMES)} tab-separated columns (label, 13 integer, 26 categorical)"
+)
+_GZIP_MAGIC = b"\x1f\x8b"
 _HEX_DIGIT = np.full(256, -1, dtype=np.int64)
 for _digit, _char in enumerate("0123456789abcdef"):
     _HEX_DIGIT[ord(_char)] = _HEX_DIGIT[ord(_char.upper())] = _digit
@@ -100,10 +105,16 @@ def _convert_block(batch: pa.RecordBatch, path: Path, first_line: int) -> pa.Tab
             valid &= column.is_valid().to_numpy(zero_copy_only=False)
         if not valid.all():
             row = int(np.argmin(valid))
+            if all(not batch.column(c)[row].is_valid for c in DEFAULT_COLUMN_NAMES):
+                raise ValueError(
+                    f"{path}:{first_line + row}: the line is empty; expected {_EXPECTED_LINE}"
+                )
             column_number = DEFAULT_COLUMN_NAMES.index(name) + 1
+            value = column[row].as_py()
+            held = "an empty field" if value is None else describe_field(value)
             raise ValueError(
-                f"{path}:{first_line + row}: column {column_number} ({name}) holds "
-                f"{describe_field(column[row].as_py())}; expected {what}"
+                f"{path}:{first_line + row}: column {column_number} ({name}) holds {held}; "
+                f"expected {what}"
             )
         if name in DEFAULT_CAT_NAMES:
             arrays.append(_hex_to_int64(column))
@@ -173,6 +184,26 @@ def convert_criteo_tsv(
 def _convert_file(
     source: Path, target: Path, rows_per_row_group: int, block_size: int, progress: bool
 ) -> None:
+    with open(source, "rb") as raw:
+        if raw.read(2) == _GZIP_MAGIC:
+            raise ValueError(
+                f"{source} is gzip-compressed; expected a plain Criteo TSV file "
+                f"({_EXPECTED_LINE}): decompress it first (gunzip, or zcat FILE > DAY)"
+            )
+    try:
+        _convert_tsv(source, target, rows_per_row_group, block_size, progress)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        # pyarrow's own parse errors name neither the file nor (always) the line
+        row = re.search(r"Row #(\d+)", str(e))
+        where = f"{source}:{row.group(1)}" if row else str(source)
+        raise ValueError(
+            f"{where}: not a Criteo TSV file ({type(e).__name__}: {e}); expected {_EXPECTED_LINE}"
+        ) from e
+
+
+def _convert_tsv(
+    source: Path, target: Path, rows_per_row_group: int, block_size: int, progress: bool
+) -> None:
     bad_rows: list[pacsv.InvalidRow] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
@@ -231,7 +262,7 @@ def _raise_on_invalid_row(source: Path, bad_rows: list[pacsv.InvalidRow]) -> Non
         row = bad_rows[0]
         raise ValueError(
             f"{source}:{row.number}: {row.actual_columns} tab-separated columns; expected "
-            f"{row.expected_columns} (label, 13 integer, 26 categorical)"
+            f"{_EXPECTED_LINE}"
         )
 
 
