@@ -1,10 +1,13 @@
 """torchrec_compress.checkpoint in one process: atomic rotation, manifest checks, non-finite refusal."""
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import filesystem as fs
 
 from torchrec_compress import checkpoint
 from torchrec_compress.checkpoint import CheckpointError
@@ -107,3 +110,91 @@ def test_a_save_killed_anywhere_leaves_the_last_good_checkpoint(
     checkpoint.save(_state(3.0), path, {"epoch": 3}, keep=0)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
     assert _saved_value(path) == 3.0
+
+
+def _manifest_listing_nothing(path: Path) -> str:
+    (path / "MANIFEST.json").write_text('{"format": 1, "files": {}}')
+    return "MANIFEST.json does not list '.metadata'"
+
+
+def _truncated_metadata_json(path: Path) -> str:
+    text = (path / "metadata.json").read_text()
+    (path / "metadata.json").write_text(text[: len(text) // 2])
+    return "file 'metadata.json' has .* bytes, the manifest says"
+
+
+def _file_added(path: Path) -> str:
+    (path / "__9_0.distcp").write_bytes(b"not from the save")
+    return r"file '__9_0.distcp' is not in MANIFEST.json"
+
+
+def _emptied(path: Path) -> str:
+    for file in path.iterdir():
+        file.unlink()
+    return "has no MANIFEST.json"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_manifest_listing_nothing, _truncated_metadata_json, _file_added, _emptied],
+    ids=["manifest-lists-nothing", "truncated-metadata-json", "unlisted-file", "empty-dir"],
+)
+def test_a_checkpoint_is_verified_whole_before_it_loads(tmp_path: Path, damage) -> None:
+    """A manifest listing no files verified and the checkpoint loaded."""
+    path = tmp_path / "checkpoint"
+    checkpoint.save(_state(1.0), str(path), {"epoch": 1})
+    message = damage(path)
+    with pytest.raises(CheckpointError, match=f"{path}.*{message}"):
+        checkpoint.load(_state(0.0), str(path))
+    assert checkpoint.latest(str(path)) is None
+
+
+def test_unreadable_metadata_json_is_a_checkpoint_error_naming_it(tmp_path: Path) -> None:
+    """It was a raw ``JSONDecodeError``."""
+    path = tmp_path / "checkpoint"
+    checkpoint.save(_state(1.0), str(path), {"epoch": 1})
+    (path / "metadata.json").write_text('{"epoch": ')
+    with pytest.raises(CheckpointError, match=f"{path}.*metadata.json is not valid JSON"):
+        checkpoint.read_metadata(str(path))
+
+
+def _dev_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DCP's data files written to /dev/full: every write fails with the kernel's ENOSPC."""
+    original = fs.FileSystem.create_stream
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):  # type: ignore[no-untyped-def]
+        if "w" in mode and str(path).endswith(".distcp"):
+            with open("/dev/full", mode) as stream:
+                yield stream
+        else:
+            with original(self, path, mode) as stream:
+                yield stream
+
+    monkeypatch.setattr(fs.FileSystem, "create_stream", create_stream)
+
+
+def _short_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What torch's zip writer reported on a full disk (its short write loses the OSError), on
+    a file system with no room left."""
+
+    def write_item(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(fs, "_write_item", write_item)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("fill", [_dev_full, _short_write], ids=["enospc", "unexpected-pos"])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fill
+) -> None:
+    """The save failed with ``unexpected pos 704 vs 598``."""
+    path = tmp_path / "checkpoint"
+    checkpoint.save(_state(1.0), str(path), {"epoch": 1}, keep=0)
+    fill(monkeypatch)
+    with pytest.raises(CheckpointError, match=f"{path}.*no space left on device .*{tmp_path}"):
+        checkpoint.save(_state(2.0), str(path), {"epoch": 2}, keep=0)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]  # its temporary directory is gone
+    assert _saved_value(str(path)) == 1.0 and checkpoint.read_metadata(str(path)) == {"epoch": 1}

@@ -16,10 +16,16 @@ Every function is collective when ``torch.distributed`` is initialised (all proc
 they must share the file system); without a process group they run in one process.
 """
 
+import contextlib
+import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -29,20 +35,28 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 from torch.distributed.tensor import DTensor
 
 from torchrec_compress.testing.faults import fault_point
 
 MANIFEST = "MANIFEST.json"
 METADATA = "metadata.json"
+# DCP's index of the data files (a pickle): a checkpoint always has it and our metadata
+DCP_METADATA = ".metadata"
 MANIFEST_FORMAT = 1
+LOCK = "LOCK"
 _CHUNK = 1 << 20
 
 T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is incomplete, corrupted, or holds non-finite values."""
+    """A checkpoint that is incomplete, corrupted, or holds non-finite values, or a save that failed."""
+
+
+class DirectoryInUseError(RuntimeError):
+    """Another live process holds the lock of a directory (see :func:`lock_directory`)."""
 
 
 def _distributed() -> bool:
@@ -184,8 +198,56 @@ def _finish_on_rank0(tmp: str, path: str, metadata: Mapping[str, Any], keep: int
         fault_point("save.manifest")
         _rotate_into_place(tmp, path, keep)
     except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _NO_SPACE:
+            return _no_space_message(path)
         return f"checkpoint {path!r}: saving failed: {e}"
     return None
+
+
+# a full disk, or the user's quota used up
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space_message(path: str, needed: int | None = None) -> str:
+    parent = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(parent).free
+    need = f"; this checkpoint needs about {needed} bytes" if needed is not None else ""
+    return (
+        f"checkpoint {path!r}: saving failed: no space left on device ({free} bytes free on the "
+        f"file system of {parent!r}{need}); the previous checkpoint is kept: free some space "
+        "there (or write somewhere else) and save again"
+    )
+
+
+def _errors(error: BaseException) -> Iterator[BaseException]:
+    """``error``, its causes and contexts, and the failures of every process that DCP's
+    ``CheckpointException`` carries (as ``.failures``: rank -> (exception, traceback))."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [x for x in (e.__cause__, e.__context__) if x is not None]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, Mapping):
+            stack += [f[0] for f in failures.values() if isinstance(f, tuple) and f]
+
+
+def _ran_out_of_space(error: BaseException, directory: str, needed: int) -> bool:
+    """Whether a failed DCP write ran out of disk space.  An ``OSError`` ENOSPC says so; torch's
+    zip writer loses that error on a short write (``unexpected pos 704 vs 598``), so the file
+    system is asked too: less room left than this process's part of the checkpoint."""
+    if any(isinstance(e, OSError) and e.errno in _NO_SPACE for e in _errors(error)):
+        return True
+    return shutil.disk_usage(directory).free < needed
+
+
+def _state_bytes(state: Mapping[str, Any]) -> int:
+    """Bytes of the tensors this process holds in ``state``."""
+    return sum(t.numel() * t.element_size() for _, t in _local_tensors("", state))
 
 
 def _new_tmp_dir(path: str) -> str:
@@ -217,7 +279,8 @@ def save(
         keep: how many earlier checkpoints survive beside it (``PATH.prev-1`` ...).
 
     Raises:
-        CheckpointError: when rank 0 could not finish the save (on every process).
+        CheckpointError: when the disk is full (naming the path and the free space), or rank 0
+            could not finish the save (on every process).  The previous checkpoint is kept.
 
     Example::
 
@@ -231,28 +294,42 @@ def save(
     if keep < 0:
         raise ValueError(f"keep must be >= 0, got {keep}")
     tmp = _from_rank0(lambda: _new_tmp_dir(path))
-    _single_process_quietly(dcp.save, state, tmp)
+    fault_point("save.begin")
+    try:
+        _single_process_quietly(dcp.save, state, tmp)
+    except (Exception, DCPCheckpointException) as e:  # DCP's is a BaseException
+        # DCP raises on every process when any of them failed
+        needed = _state_bytes(state)
+        no_space = _ran_out_of_space(e, os.path.dirname(tmp), needed)
+        message = _no_space_message(path, needed) if no_space else None
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # the space it took, and no half checkpoint
+        if message is not None:
+            raise CheckpointError(message) from e
+        raise
     if _distributed():
         dist.barrier()
     _raise_if(_from_rank0(lambda: _finish_on_rank0(tmp, path, metadata or {}, keep)))
 
 
-def _check_file(path: str, rel: str, expected: Mapping[str, Any]) -> str | None:
+def _check_file(path: str, rel: str, size: int, sha256: str) -> str | None:
     full = os.path.join(path, rel)
     if not os.path.isfile(full):
         return f"checkpoint {path!r}: file {rel!r} is missing"
-    size = os.path.getsize(full)
-    if size != expected["bytes"]:
+    actual = os.path.getsize(full)
+    if actual != size:
         return (
-            f"checkpoint {path!r}: file {rel!r} has {size} bytes, the manifest says "
-            f"{expected['bytes']} (truncated or overwritten)"
+            f"checkpoint {path!r}: file {rel!r} has {actual} bytes, the manifest says "
+            f"{size} (truncated or overwritten)"
         )
-    if _sha256(full) != expected["sha256"]:
+    if _sha256(full) != sha256:
         return f"checkpoint {path!r}: file {rel!r} is corrupted (SHA-256 differs from the manifest)"
     return None
 
 
 def _verify_error(path: str) -> str | None:
+    """What is wrong with the checkpoint at ``path`` (``None``: nothing), reading only the
+    manifest and the files' bytes: nothing of the checkpoint is parsed before it verifies."""
     if not os.path.isdir(path):
         return f"checkpoint {path!r} does not exist"
     manifest_path = os.path.join(path, MANIFEST)
@@ -264,11 +341,24 @@ def _verify_error(path: str) -> str | None:
     try:
         with open(manifest_path) as f:
             files = json.load(f)["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        return f"checkpoint {path!r}: {MANIFEST} is unreadable ({e})"
-    for rel, expected in sorted(files.items()):
-        if (error := _check_file(path, rel, expected)) is not None:
+        entries = [(rel, int(e["bytes"]), str(e["sha256"])) for rel, e in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"checkpoint {path!r}: {MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    for required in (DCP_METADATA, METADATA):  # every save writes both
+        if required not in files:
+            return (
+                f"checkpoint {path!r}: {MANIFEST} does not list {required!r}, which every "
+                "checkpoint has (the manifest is damaged or was not written by this module)"
+            )
+    for rel, size, sha256 in sorted(entries):
+        if (error := _check_file(path, rel, size, sha256)) is not None:
             return error
+    unlisted = sorted(set(_files(path)) - set(files))
+    if unlisted:
+        return (
+            f"checkpoint {path!r}: file {unlisted[0]!r} is not in {MANIFEST} (added after the "
+            "save, or the manifest is damaged)"
+        )
     return None
 
 
@@ -279,8 +369,8 @@ def verify(path: str) -> None:
         path: a checkpoint directory written by :func:`save`.
 
     Raises:
-        CheckpointError: naming the checkpoint and the missing, truncated or corrupted file
-            (or the missing manifest), on every process.
+        CheckpointError: naming the checkpoint and the missing, truncated, corrupted or
+            unlisted file (or the missing or damaged manifest), on every process.
 
     Example::
 
@@ -338,6 +428,9 @@ def read_metadata(path: str) -> dict[str, Any]:
     Returns:
         The metadata, ``{}`` if the checkpoint has none.
 
+    Raises:
+        CheckpointError: ``metadata.json`` is not a JSON object (truncated, overwritten).
+
     Example::
 
         >>> import os, tempfile
@@ -349,8 +442,19 @@ def read_metadata(path: str) -> dict[str, Any]:
     meta_path = os.path.join(path, METADATA)
     if not os.path.exists(meta_path):
         return {}
-    with open(meta_path) as f:
-        return dict(json.load(f))
+    try:
+        with open(meta_path, "rb") as f:
+            data = json.loads(f.read())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(
+            f"checkpoint {path!r}: {METADATA} is not valid JSON ({e}); verify() names the "
+            "damaged file of a checkpoint with a manifest"
+        ) from e
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"checkpoint {path!r}: {METADATA} holds a {type(data).__name__}, not a JSON object"
+        )
+    return data
 
 
 def _local_tensors(key: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -442,3 +546,93 @@ def load(
                 f"{' ...' if len(bad) > 10 else ''}; refusing to load it"
             )
     return read_metadata(path)
+
+
+def _lock_holder(lock_path: str) -> str:
+    """Who holds a lock, as its file says (written right after the lock is taken)."""
+    try:
+        with open(lock_path) as f:
+            holder = json.load(f)
+        return (
+            f"pid {holder['pid']} on host {holder['host']} (started {holder['started']}: "
+            f"{holder['command']})"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
+
+
+def _take_lock(directory: str) -> tuple[int | None, str | None]:
+    """Lock ``DIRECTORY/LOCK`` without waiting: its open descriptor, or why not."""
+    os.makedirs(directory, exist_ok=True)
+    lock_path = os.path.join(directory, LOCK)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None, (
+            f"{directory!r} is in use by another run: {lock_path!r} is held by "
+            f"{_lock_holder(lock_path)}. Wait for that run to end, end it (kill that pid on "
+            "that host), or write somewhere else. The kernel releases the lock when its "
+            "process exits, so a crashed or killed run never holds it."
+        )
+    except OSError as e:  # a file system without locks: warn, and go on unprotected
+        os.close(fd)
+        warnings.warn(
+            f"cannot lock {lock_path!r} ({e}): a second run could write there too", stacklevel=3
+        )
+        return None, None
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    return fd, None
+
+
+@contextlib.contextmanager
+def lock_directory(directory: str) -> Iterator[None]:
+    """Hold ``DIRECTORY/LOCK`` for the block, so that one run at a time writes there (collective).
+
+    Rank 0 takes an exclusive ``flock`` on the file and writes who holds it (host, pid, start
+    time, command).  A second run that enters the block while it is held is refused, naming the
+    holder.  The kernel releases the lock when the holding process exits, however it exits, so
+    a killed run never leaves a stale lock; the file itself stays.
+
+    Args:
+        directory: the directory to hold (created if missing).
+
+    Raises:
+        DirectoryInUseError: another live process holds it (on every process).
+
+    Example::
+
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> with lock_directory(out):
+        ...     with lock_directory(out):  # doctest: +ELLIPSIS
+        ...         pass
+        Traceback (most recent call last):
+        ...
+        torchrec_compress.checkpoint.DirectoryInUseError: '...' is in use by another run: ...
+        >>> with lock_directory(out):  # released when the block ends
+        ...     pass
+    """
+    held: list[int] = []
+
+    def take() -> str | None:
+        fd, error = _take_lock(directory)
+        held.extend([] if fd is None else [fd])
+        return error
+
+    try:
+        error = _from_rank0(take)
+        if error is not None:
+            raise DirectoryInUseError(error)
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)  # releases the lock
