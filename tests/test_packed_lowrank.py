@@ -8,6 +8,8 @@ counterparts are in ``tests/distributed/test_lowrank_embeddingbag.py`` and
 ``tests/distributed/test_compress_dmp.py``.
 """
 
+import copy
+
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -78,6 +80,29 @@ def test_packed_tables_pool_exactly_like_their_rows(weighted: bool) -> None:
                 torch.testing.assert_close(out[name][b], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_packed_tables_in_half_precision_pool_like_float32(
+    dtype: torch.dtype, weighted: bool
+) -> None:
+    """A bf16 / fp16 packed collection raised "Expected tensor for argument #1 'weight' to have
+    the same type as ... 'per_sample_weights'" (its slot weights were float32)."""
+    torch.manual_seed(0)
+    module = LowRankEmbeddingBagCollection(TABLES, RANKS, is_weighted=weighted)
+    for t in TABLES:
+        k, d = RANKS[t.name], t.embedding_dim
+        module.load_table_(
+            t.name, torch.randn(t.num_embeddings, k), torch.randn(k, d), torch.randn(d)
+        )
+    half = copy.deepcopy(module).to(dtype)
+    assert half.factor_ebc.embedding_bags["a"].weight.dtype == dtype
+    batch = _batch(weighted)
+    with torch.no_grad():
+        expected, got = module(batch).values(), half(batch).values()
+    assert got.dtype == torch.float32  # like TorchRec's EmbeddingBagCollection
+    torch.testing.assert_close(got, expected, atol=0.05 * float(expected.abs().max()), rtol=0)
+
+
 def test_pack_and_unpack_are_inverse() -> None:
     factors = torch.randn(13, 3)
     packed = pack_factor_rows(factors, 4)
@@ -93,8 +118,8 @@ def _dlrm_k2(rank_multiple: int) -> tuple[torch.nn.Module, object]:
 
 
 def test_exact_rank_two_of_sixteen_is_packed_and_counted_at_its_true_size() -> None:
-    _, rounded = _dlrm_k2(rank_multiple=4)
-    assert {r.rank for r in rounded.rows} == {4}  # the default still rounds to fbgemm's width
+    _, default = _dlrm_k2(rank_multiple=4)
+    assert {r.rank for r in default.rows} == {2}  # an explicit rank is never rounded
     model, report = _dlrm_k2(rank_multiple=1)
     assert {r.rank for r in report.rows} == {2}
     ebc = model.sparse_arch.embedding_bag_collection

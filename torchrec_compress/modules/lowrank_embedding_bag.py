@@ -176,11 +176,15 @@ class LowRankLayout:
                 sources.append([(names[first + s], s * k, (s + 1) * k) for s in range(p)])
         return sources
 
-    def factor_features(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    def factor_features(
+        self, features: KeyedJaggedTensor, weights_dtype: torch.dtype = torch.float32
+    ) -> KeyedJaggedTensor:
         """The factor collection's input: ``features`` itself, or with packed tables, per packed
         table and feature ``p`` slot features: every id ``i`` becomes stored row ``i // p`` with
         weight ``w_i [i % p == s]`` in slot ``s``.  The factor tables of a packed collection all
-        pool by SUM; a MEAN table's ids weigh ``w_i / L`` instead (static shapes: traceable)."""
+        pool by SUM; a MEAN table's ids weigh ``w_i / L`` instead (static shapes: traceable).
+        The weights are computed in float32 and given as ``weights_dtype`` (an unsharded
+        ``nn.EmbeddingBag`` takes them in its rows' type; fbgemm's kernels take float32)."""
         if not self.packing:
             return features
         by_feature = features.to_dict()
@@ -209,7 +213,7 @@ class LowRankLayout:
             keys=keys,
             values=torch.cat(values),
             lengths=torch.cat(lengths),
-            weights=torch.cat(weights),
+            weights=torch.cat(weights).to(weights_dtype),
         )
 
     def _weights(self, bags: JaggedTensor, mean: bool) -> torch.Tensor:
@@ -575,13 +579,30 @@ class LowRankEmbeddingBagCollection(nn.Module):
             if self._fused_applies(features):
                 return self._fused_forward(features)
         return self._layout.project(
-            self.factor_ebc(self._layout.factor_features(features)),
+            self.factor_ebc(self._layout.factor_features(features, self._slot_weights_dtype())),
             self._layout.bag_coefficients(features),
             self.projection,
             self.mean,
             # unsharded collections return keys in table order; DMP-sharded ones need not
             keys_in_order=self._factor_keys_in_order,
         )
+
+    def _slot_weights_dtype(self) -> torch.dtype:
+        """The type of the packed slot features' weights: that of the factor tables when they
+        are ``nn.EmbeddingBag`` s (which take weights of their rows' type: a bf16 / fp16
+        collection), else float32 (fbgemm's quantized kernels, the PQ collection)."""
+        if not self._layout.packing or type(self.factor_ebc) is not EmbeddingBagCollection:
+            return torch.float32
+        bags = self.factor_ebc.embedding_bags
+        if not is_tracing():
+            dtypes = {name: str(bag.weight.dtype) for name, bag in bags.items()}
+            if len(set(dtypes.values())) > 1:
+                raise ValueError(
+                    f"factor tables stored in different types {dtypes} with packed tables "
+                    f"{sorted(self._layout.packing)}: their slot features carry one weight "
+                    "type; store every factor table in one type"
+                )
+        return bags[next(iter(self._layout.packing))].weight.dtype
 
     def _fused_applies(self, features: KeyedJaggedTensor) -> bool:
         """Inference on CPU with an unsharded factor collection: one C++ pass per feature."""

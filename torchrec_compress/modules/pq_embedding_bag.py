@@ -103,9 +103,10 @@ def pq_pooled_lookup(
         bag_offsets,
         mode="sum",
         include_last_offset=True,
+        # embedding_bag takes weights of the codebooks' type (a bf16 / fp16 collection)
         per_sample_weights=None
         if per_sample_weights is None
-        else per_sample_weights.repeat(num_subspaces),
+        else per_sample_weights.to(codebooks.dtype).repeat(num_subspaces),
     )
     return pooled.view(num_subspaces, num_bags, dsub).transpose(0, 1).reshape(num_bags, -1)
 
@@ -119,7 +120,8 @@ def pq_feature_lookup(
     per_sample_weights: Tensor | None,
     mean: bool,
 ) -> Tensor:
-    """Pooled PQ lookup of one feature, SUM or MEAN (empty bags give zeros either way).
+    """Pooled PQ lookup of one feature, SUM or MEAN (empty bags give zeros either way), float32
+    whatever the codebooks' type, like TorchRec's ``EmbeddingBagCollection``.
 
     A leaf of ``torch.fx`` traces (``torchrec.fx.symbolic_trace``) and TorchScript-compatible,
     so a traced model keeps the C++ kernel and can be scripted.
@@ -142,7 +144,7 @@ def pq_feature_lookup(
                 [0., 0., 0., 0.],
                 [2., 3., 4., 5.]])
     """
-    pooled = pq_pooled_lookup(codes, codebooks, ids, offsets, per_sample_weights)
+    pooled = pq_pooled_lookup(codes, codebooks, ids, offsets, per_sample_weights).float()
     if mean:
         lengths = (offsets[1:] - offsets[:-1]).clamp(min=1)
         pooled = pooled / lengths.unsqueeze(1).to(pooled.dtype)
