@@ -125,12 +125,16 @@ def test_symbolic_trace_then_script_matches_eager(
 def test_scripted_bfloat16_model_takes_the_torch_path_and_matches_eager(
     dlrm_and_batch: tuple[nn.Module, tuple[torch.Tensor, KeyedJaggedTensor]],
 ) -> None:
-    """bf16 codebooks have no kernel: the scripted pure-torch lookup runs instead."""
-    model, (dense, sparse) = dlrm_and_batch
-    low = copy.deepcopy(model).to(torch.bfloat16)
+    """bf16 codebooks have no kernel: the scripted pure-torch lookup runs instead.  The
+    collection pools to float32 like TorchRec's EBC, so (as with a plain EBC) a whole bf16
+    DLRM would feed float32 into bf16 layers: its sparse arch is what runs in bf16."""
+    model, (_, sparse) = dlrm_and_batch
+    low = copy.deepcopy(model.sparse_arch).to(torch.bfloat16)
     scripted = torch.jit.script(torchrec.fx.symbolic_trace(low))
     assert "embedding_bag" in str(scripted.inlined_graph)
-    _check_matches_eager(low, scripted, (dense.bfloat16(), sparse))
+    with torch.no_grad():
+        assert scripted(sparse).dtype == torch.float32
+    _check_matches_eager(low, scripted, (sparse,))
 
 
 def test_export_matches_eager_and_keeps_the_kernel(
@@ -155,18 +159,19 @@ def test_compile_fullgraph_matches_eager(
     _check_matches_eager(model, compiled, args)
 
 
-def test_bfloat16_model_runs_and_trains() -> None:
-    model = _pq_dlrm().model
-    batch = tiny_batch(8, seed=5)
-    expected = model(batch.dense_features, batch.sparse_features)
-    low = copy.deepcopy(model).to(torch.bfloat16)
-    pq = low.sparse_arch.embedding_bag_collection
-    assert pq.codebooks["t_f0"].dtype == torch.bfloat16 and pq.codes.t_f0.dtype == torch.uint8
-    got = low(batch.dense_features.bfloat16(), batch.sparse_features)
-    assert got.dtype == torch.bfloat16
-    assert (got.float() - expected).abs().max() <= 0.05 * expected.abs().max()
+def test_bfloat16_collection_pools_to_float32_and_trains() -> None:
+    """Like TorchRec's EmbeddingBagCollection (float32 pooled outputs whatever its rows' type),
+    a bf16 PQ collection returns float32 (it returned bf16), and its bf16 codebooks train."""
+    pq = _pq_dlrm().model.sparse_arch.embedding_bag_collection
+    features = tiny_batch(8, seed=5).sparse_features
+    expected = pq(features).values()
+    low = copy.deepcopy(pq).to(torch.bfloat16)
+    assert low.codebooks["t_f0"].dtype == torch.bfloat16 and low.codes.t_f0.dtype == torch.uint8
+    got = low(features).values()
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
     got.sum().backward()
-    assert pq.codebooks["t_f0"].grad is not None and pq.codebooks["t_f0"].grad.abs().max() > 0
+    assert low.codebooks["t_f0"].grad is not None and low.codebooks["t_f0"].grad.abs().max() > 0
 
 
 # ---------------------------------------------------------------- 1 and 2 processes

@@ -253,8 +253,17 @@ def quantize_collection(
         raise ValueError(f"data_types lacks table(s) {missing}")
     for config in configs:
         config.data_type = data_types[config.name]
+    source = ebc
+    rows = {c.name: ebc.embedding_bags[c.name].weight for c in configs}
+    if any(w.dtype not in (torch.float32, torch.float16) for w in rows.values()):
+        # fbgemm's row quantizer reads float32 / fp16 rows: a bf16 collection's go as float32
+        source = EmbeddingBagCollection(
+            ebc.embedding_bag_configs(), ebc.is_weighted(), torch.device("meta")
+        )
+        for name, weight in rows.items():
+            source.embedding_bags[name].weight = nn.Parameter(weight.float(), requires_grad=False)
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    device = quantize_state_dict(ebc, weights, {c.name: c.data_type for c in configs})
+    device = quantize_state_dict(source, weights, {c.name: c.data_type for c in configs})
     quantized = QuantEmbeddingBagCollection(
         configs,
         ebc.is_weighted(),
