@@ -8,6 +8,7 @@ int8 factor table of k = 16 (from a 128-dim table) at 20 bytes per row on a meta
 
 import copy
 import doctest
+import io
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +27,7 @@ from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 
 from torchrec_compress import rowwise_quant
 from torchrec_compress.api import compress_
@@ -200,6 +202,45 @@ def test_state_dict_round_trip() -> None:
     other = _perturbed_quantized(bits=4)
     other.load_state_dict(state)
     torch.testing.assert_close(_logits(other, batches), _logits(model, batches), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_torch_save_of_the_state_dict_round_trips(bits: int) -> None:
+    """``torch.save(model.state_dict())`` raised "Cannot save multiple tensors or storages that
+    view the same data as different types" (the fp16 scales viewed fbgemm's uint8 rows)."""
+    model, batches = _dlrm(), _batches()
+    compress_(model, RowWiseQuantConfig(bits=bits))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    other = _perturbed_quantized(bits=bits)
+    # torchrec wraps int4 / int2 rows in its own tensor types, which weights_only must allow
+    with torch.serialization.safe_globals([UInt2Tensor, UInt4Tensor]):
+        other.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(_logits(other, batches), _logits(model, batches), rtol=0, atol=0)
+    # the copies are the module's scales, and writing the state dict leaves the module alone
+    state = model.state_dict()
+    scale = state["sparse_arch.embedding_bag_collection.embedding_bags.t0.weight_qscale"]
+    scale.fill_(0.0)
+    torch.testing.assert_close(_logits(other, batches), _logits(model, batches), rtol=0, atol=0)
+
+
+def test_variable_batch_input_is_refused() -> None:
+    """TorchRec's quantized collection pooled a VBE batch of 4 into 3 rows, silently."""
+    model = _dlrm()
+    float_ebc = model.sparse_arch.embedding_bag_collection
+    features = KeyedJaggedTensor(
+        keys=["f0", "f1", "f2"],
+        values=torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        lengths=torch.ones(9, dtype=torch.int32),
+        stride_per_key_per_rank=[[3], [3], [3]],
+        inverse_indices=(["f0", "f1", "f2"], torch.tensor([[0, 1, 2, 0]] * 3)),
+    )
+    assert float_ebc(features).values().shape[0] == 4  # a valid batch of 4
+    compress_(model, RowWiseQuantConfig(bits=8))
+    quantized = model.sparse_arch.embedding_bag_collection
+    with pytest.raises(ValueError, match=r"\['t0', 't1', 't2'\] does not support variable batch"):
+        quantized(features)
 
 
 def test_int8_dcp_round_trip(tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ from torchrec_compress.discovery import (
     lowrank_parent,
     table_owners,
 )
+from torchrec_compress.modules.lowrank_embedding_bag import check_fixed_batch, is_tracing
 from torchrec_compress.registry import ConversionPlan, register_method
 from torchrec_compress.report import ReportRow
 
@@ -227,7 +228,10 @@ def quantize_collection(
     ``FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf``), exactly as
     ``torchrec.inference.modules.quantize_embeddings`` does; scale and bias are exposed as
     separate state-dict entries (``weight_qscale``, ``weight_qbias``) so that the planner sees
-    the rows' true size.  On ``meta`` the result is an empty skeleton, e.g. for planning.
+    the rows' true size; they are copies, so ``torch.save(model.state_dict())`` works and
+    ``load_state_dict`` restores them.  Unlike TorchRec's, it refuses variable-batch (VBE) inputs,
+    which fbgemm's n-bit kernel pools to the wrong number of rows.  On ``meta`` the result is an
+    empty skeleton, e.g. for planning.
 
     Args:
         ebc (EmbeddingBagCollection): the float collection (left unchanged).
@@ -276,7 +280,35 @@ def quantize_collection(
     # on; FATAL raises (naming fbgemm's table index, the bag and the id)
     for tbe in quantized._emb_modules:
         tbe.bounds_check_mode_int = BoundsCheckMode.FATAL.value
+    quantized.register_forward_pre_hook(_refuse_variable_batch, with_kwargs=True)
+    quantized.register_state_dict_post_hook(_scale_and_bias_apart)
     return quantized
+
+
+def _refuse_variable_batch(
+    module: QuantEmbeddingBagCollection, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """TorchRec's quantized collection pools a variable-batch (VBE) input to the wrong number of
+    rows, silently (3 for a batch of 4): refuse it, as the low-rank and PQ collections do."""
+    if not is_tracing():
+        features = args[0] if args else kwargs["features"]
+        tables = [t.name for t in module.embedding_bag_configs()]
+        check_fixed_batch(features, f"row-wise quantized EmbeddingBagCollection {tables}")
+
+
+def _scale_and_bias_apart(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: object
+) -> None:
+    """Each table's ``weight_qscale`` / ``weight_qbias`` entries become copies.
+
+    In the module they are fp16 views of fbgemm's fused uint8 rows, and ``torch.save`` refuses
+    one storage viewed as two types ("Cannot save multiple tensors ... as different types").
+    The ``weight`` entries stay views; ``load_state_dict`` copies all three back in (after a
+    ``torch.distributed.checkpoint`` load into a state dict, call it, as DCP's docs say).
+    """
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and key.endswith(("weight_qscale", "weight_qbias")):
+            state_dict[key] = value.clone()
 
 
 def table_rows(
