@@ -127,7 +127,10 @@ def sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Module]]:
     that offers row-wise sharding on CPU, plus the sharders of ``LowRankEmbeddingBagCollection``,
     ``PQEmbeddingBagCollection`` and of a ``FeatureProcessedEmbeddingBagCollection`` holding
     either (see :func:`torchrec_compress.distributed.planning.default_sharders`; pass ``model``
-    so that the FPEBC sharder matches its FPEBCs).
+    so that the FPEBC sharder matches its FPEBCs), less TorchRec's inference-only sharder of
+    quantized collections (:func:`~torchrec_compress.distributed.planning.training_sharders`):
+    it asserts CUDA and does not exchange ids between training processes, so a row-wise int8
+    collection stays whole on every process (frozen rows) while the rest trains.
 
     Returns:
         list[ModuleSharder[nn.Module]]: a fresh list, safe to extend.
@@ -140,9 +143,9 @@ def sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Module]]:
         ['CPURowWiseEmbeddingBagCollectionSharder', 'PQEmbeddingBagCollectionSharder']
         >>> # DistributedModelParallel(model, plan=plan, sharders=sharders(), ...)
     """
-    from torchrec_compress.distributed.planning import default_sharders
+    from torchrec_compress.distributed.planning import default_sharders, training_sharders
 
-    return default_sharders(model)
+    return training_sharders(default_sharders(model))
 
 
 def __getattr__(name: str) -> Any:

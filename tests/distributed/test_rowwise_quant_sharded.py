@@ -1,8 +1,9 @@
 """Fine-tuning AFM x int8 and AFM x fp16 DLRMs under DMP, in 1 and 2 gloo processes.
 
 The int8 factor rows are frozen (fbgemm has no CPU backward for uint8 rows, see
-``torchrec_compress.rowwise_quant``); with :func:`training_sharders` DMP keeps the quantized
-collection whole on every rank while the projections, means and MLPs train data-parallel.
+``torchrec_compress.rowwise_quant``); with ``torchrec_compress.sharders(model)`` DMP keeps the
+quantized collection whole on every rank while the projections, means and MLPs train
+data-parallel.
 One SGD step must equal the unsharded step on the same (global) data, and leave the int8 rows
 as they were.  TorchRec's default sharders, which include its inference-only quantized sharder,
 cannot shard the quantized collection on CPU at all.
@@ -33,7 +34,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
 )
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+import torchrec_compress
 from torchrec_compress.api import compress_
 from torchrec_compress.config import AFMConfig
 from torchrec_compress.distributed import (
@@ -43,11 +46,10 @@ from torchrec_compress.distributed import (
     read_compression_layout,
     shard_model,
 )
-from torchrec_compress.distributed.planning import training_sharders
 from torchrec_compress.layout import restore_layout_
 from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 from torchrec_compress.testing import run_multiprocess
-from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
+from torchrec_compress.testing.models import DENSE_IN, tiny_batch, tiny_dlrm
 
 CPU = torch.device("cpu")
 META = torch.device("meta")
@@ -149,7 +151,7 @@ def _finetune(rank: int, world_size: int) -> dict[str, Any]:
     factor_rows = {
         k: v.clone() for k, v in model.get_submodule(f"{EBC}.factor_ebc").state_dict().items()
     }
-    sharders = training_sharders()
+    sharders = torchrec_compress.sharders(model)  # the one list the README promises
     topology = Topology(world_size=world_size, local_world_size=world_size, compute_device="cpu")
     plan = plan_model(model, topology, sharders=sharders, pg=dist.group.WORLD)
     dmp = DistributedModelParallel(model, device=CPU, plan=plan, sharders=sharders)
@@ -179,7 +181,8 @@ def _finetune(rank: int, world_size: int) -> dict[str, Any]:
 
 def _default_shard() -> str:
     """TorchRec's default sharders include its inference-only quantized sharder: DMP given
-    them fails on CPU; ``shard_model`` leaves it out (``training_sharders``)."""
+    them fails on CPU; ``shard_model`` and ``torchrec_compress.sharders`` leave it out
+    (``training_sharders``; ``sharders(model)`` included it and failed the same way)."""
     shard_model(_quantized_model(), CPU)
     try:
         DistributedModelParallel(_quantized_model(), device=CPU, sharders=default_sharders())
@@ -224,6 +227,27 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch)[1][1]
 
 
+def _variable_batch(batch_size: int = 4) -> Batch:
+    """A valid VBE batch of ``batch_size``: 3 distinct bags per feature, deduplicated."""
+    features = KeyedJaggedTensor(
+        keys=["f0", "f1", "f2"],
+        values=torch.arange(9),
+        lengths=torch.ones(9, dtype=torch.int32),
+        stride_per_key_per_rank=[[3], [3], [3]],
+        inverse_indices=(["f0", "f1", "f2"], torch.tensor([[0, 1, 2, 0]] * 3)),
+    )
+    return Batch(torch.randn(batch_size, DENSE_IN), features, torch.zeros(batch_size))
+
+
+def _variable_batch_error(model: nn.Module) -> str:
+    """The error a VBE batch raises (TorchRec's quantized collection pooled it to 3 rows)."""
+    try:
+        rows = model(_variable_batch())[1][1].shape[0]
+    except ValueError as e:
+        return str(e)
+    return f"no error: {rows} rows"
+
+
 def _whole_tables(reference: nn.Module, probe: Batch, bits: int, sharding_type: str) -> dict:
     """int8 / fp16 of the float tables under DMP == the same config applied unsharded."""
     expected = copy.deepcopy(reference)
@@ -231,6 +255,7 @@ def _whole_tables(reference: nn.Module, probe: Batch, bits: int, sharding_type: 
     report = compress_(_sharded(reference, sharding_type), RowWiseQuantConfig(bits=bits))
     quantized = report.reshard(CPU)
     return {
+        "variable_batch": _variable_batch_error(quantized) if bits == 8 else None,
         "rows_equal": report.rows == expected_rows,
         "diff": float((_logits(quantized, probe) - _logits(expected, probe)).abs().max()),
         "quantized": isinstance(quantized.module.get_submodule(EBC), QuantEmbeddingBagCollection),
@@ -294,6 +319,7 @@ def test_rowwise_quant_of_a_dmp_model_where_rows_live(world_size: int, tmp_path:
     results = run_multiprocess(_quantize_sharded, world_size=world_size, out=str(tmp_path))
     for result in results:
         for case in ("int8_row_wise", "int8_table_wise"):
+            assert "does not support variable batch" in result[case]["variable_batch"], case
             assert result[case]["rows_equal"], case
             assert result[case]["quantized"], case
             assert result[case]["diff"] < 1e-6, (case, result[case]["diff"])
