@@ -14,6 +14,12 @@ Example::
         --embedding-dim 16 --out runs/frappe
 """
 
+# ruff: noqa: E402 - the launcher watch below comes before the other imports
+from examples.dlrm.lifetime import end_with_launcher
+
+# first, before the seconds torch takes to import: a torchrun killed meanwhile ends this worker too
+end_with_launcher()
+
 import argparse
 import datetime
 import json
@@ -51,10 +57,13 @@ from examples.dlrm.train import (
     load_checkpoint,
     save_checkpoint,
 )
+from torchrec_compress import checkpoint
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import DATASETS, CTRDataset, get_dataset
+from torchrec_compress.data.schema import rank_batch_bounds
 from torchrec_compress.distributed import shard_model
 from torchrec_compress.layout import compression_layout, restore_layout_
+from torchrec_compress.testing.faults import fault_point
 
 logger = logging.getLogger("examples.dlrm")
 
@@ -234,26 +243,89 @@ def checkpoint_policy(args: argparse.Namespace, name: str) -> CheckpointPolicy:
     )
 
 
+def baseline_checkpoint(args: argparse.Namespace) -> str:
+    """The baseline's training-state checkpoint under ``--out``: ``checkpoint``, or, when the
+    run compresses, ``checkpoint_baseline`` (``checkpoint`` then receives the final compressed
+    model, and ``--resume`` must still find the baseline's state)."""
+    return "checkpoint_baseline" if args.compress else "checkpoint"
+
+
+def written_checkpoints(args: argparse.Namespace) -> list[str]:
+    """The checkpoints this run writes under ``--out``."""
+    written = [] if args.eval_only else [baseline_checkpoint(args)]
+    if args.compress:
+        methods = args.compress.split("+")
+        written += ["checkpoint", "compressed_init", *(f"compressed_{m}" for m in methods[:-1])]
+        if args.finetune_epochs > 0:
+            written.append("checkpoint_compressed")
+    return written
+
+
 def check_not_overwritten(args: argparse.Namespace) -> None:
     """Refuse a run whose own checkpoints would replace the one it starts from (``--resume``
     continues that checkpoint's run instead)."""
     if not args.load_checkpoint or args.resume:
         return
-    written = [] if args.eval_only else ["checkpoint"]
-    if args.compress and args.finetune_epochs > 0:
-        written.append("checkpoint_compressed")
     source = os.path.realpath(args.load_checkpoint)
     name = os.path.basename(source)
-    for stage in written:
+    for stage in written_checkpoints(args):
         # the stage's checkpoint, its _best weights and its .prev-N predecessors
         if os.path.dirname(source) == os.path.realpath(args.out) and (
             name in (stage, f"{stage}_best") or name.startswith(f"{stage}.prev-")
         ):
             raise SystemExit(
                 f"--load-checkpoint {args.load_checkpoint} is one of the checkpoints this run "
-                f"writes in --out {args.out}, so training would replace it: pass --resume to "
-                "continue that run, --eval-only to evaluate or compress it, or another --out"
+                f"writes in --out {args.out}, so the run would replace it: pass --resume to "
+                "continue that run, or another --out"
             )
+
+
+def check_same_flags(args: argparse.Namespace) -> None:
+    """Refuse processes started with different flags (collective): e.g. another ``--seed`` on
+    one process trains on other rows there and ends in a result nobody asked for."""
+    world = dist.get_world_size()
+    mine = json.loads(json.dumps(vars(args), default=str))
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, mine)
+    differing = sorted(k for k in mine if any(flags.get(k) != every[0].get(k) for flags in every))
+    if differing:
+        details = "; ".join(
+            f"--{key.replace('_', '-')}: "
+            + ", ".join(f"{flags.get(key)!r} on process {r}" for r, flags in enumerate(every))
+            for key in differing
+        )
+        raise SystemExit(
+            f"the {world} processes were started with different flags ({details}): start "
+            "every process with the same command"
+        )
+
+
+def check_splits(data: CTRDataset, args: argparse.Namespace, world: int) -> None:
+    """Refuse, before anything runs, a split the run needs that cannot give a result: an empty
+    train split, a val or test split of fewer than 2 rows (AUC needs a positive and a negative
+    label), or one too small for every process to get its batches."""
+    needed = {"val": args.eval_batch_size, "test": args.eval_batch_size}
+    if not args.eval_only or args.compress:  # training, calibration and fine-tuning read train
+        needed = {"train": args.batch_size, **needed}
+    where = f"--dataset {args.dataset}" + (
+        f" --data-path {args.data_path}" if args.data_path else ""
+    )
+    for split, batch_size in needed.items():
+        rows = data.num_rows(split)
+        least = 1 if split == "train" else 2
+        if rows < least:
+            why = "nothing to train on" if split == "train" else "AUC needs both labels"
+            fix = (
+                f"--data-opt {split}_rows=N"
+                if args.dataset == "synthetic"
+                else "the files under --data-path and --data-opt split_fractions"
+            )
+            raise SystemExit(
+                f"the {split} split of {where} has {rows} rows, it needs at least {least} "
+                f"({why}): check {fix}"
+            )
+        for rank in range(world):
+            rank_batch_bounds(rows, batch_size, rank, world, split)  # raises, naming the split
 
 
 def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, TrainConfig]:
@@ -288,7 +360,14 @@ def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, T
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole pipeline (train, compress, fine-tune, evaluate), holding ``--out``'s lock."""
     device = init_distributed(args.pg_timeout)
+    check_same_flags(args)
+    with checkpoint.lock_directory(args.out):
+        return _pipeline(args, device)
+
+
+def _pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(args.seed)
@@ -297,14 +376,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.eval_only and not args.load_checkpoint:
         raise SystemExit("--eval-only needs --load-checkpoint")
     check_not_overwritten(args)
+    check_splits(data, args, world)
     model, configs = build_sharded_model(data, model_config, train_config, args, device)
     if is_main():
         logger.info("dataset %s: %s", args.dataset, data.schema)
         logger.info("plan:\n%s", model.plan)
-    os.makedirs(args.out, exist_ok=True)
     metadata = {
         "model": asdict(model_config),
         "dataset": args.dataset,
+        "data_options": dict(args.data_opt),
+        "seed": args.seed,
         "world_size": world,
         "compression_layout": compression_layout(model, configs).to_dict(),
     }
@@ -314,13 +395,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "model": asdict(model_config),
     }
-    if args.load_checkpoint:
-        load_checkpoint(model, args.load_checkpoint)
+    if args.load_checkpoint:  # build_sharded_model verified it, reading its layout
+        load_checkpoint(model, args.load_checkpoint, verify=False)
     if not args.eval_only:
         optimizer = build_optimizer(model, train_config)
-        fitted = fit(
-            model, optimizer, data, train_config, checkpoint_policy(args, "checkpoint"), metadata
-        )
+        policy = checkpoint_policy(args, baseline_checkpoint(args))
+        fitted = fit(model, optimizer, data, train_config, policy, metadata)
         result.update(
             best_epoch=fitted.best_epoch, epochs_run=fitted.epochs_run, history=fitted.history
         )
@@ -329,6 +409,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             split: evaluate(model, data, split, train_config.eval_batch_size)
             for split in ("val", "test")
         }
+        fault_point("compress.begin")
         model, report, config = compress_model(
             model, data, model_config, finetune_config, args, device, args.out
         )
@@ -362,8 +443,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 start_auc=result["compression"]["before_finetune"]["val"]["auc"],
             )
             result["compression"]["finetune_history"] = fitted.history
-        # OUT/checkpoint holds the run's final model: the compressed (and fine-tuned) one
+        # OUT/checkpoint holds the run's final model: the compressed (and fine-tuned) one; the
+        # baseline's training state stays in OUT/checkpoint_baseline for --resume
         save_checkpoint(model, os.path.join(args.out, "checkpoint"), metadata)
+    fault_point("final.evaluate")
     for split in ("val", "test"):
         result[split] = evaluate(model, data, split, train_config.eval_batch_size)
     if is_main():

@@ -58,6 +58,9 @@ class TrainConfig:
             infinite instead of stopping with an error.  A non-finite loss is caught before the
             backward pass, so nothing is updated; a non-finite gradient of a finite loss is
             caught before the dense step, but the fused table optimizer has already applied it.
+        max_skipped_fraction: with ``skip_nonfinite``, an epoch that skips more than this
+            fraction of its batches stops training with an error: what is left is not a model
+            of the data (a non-finite value in a table makes every later batch non-finite).
     """
 
     epochs: int = 10
@@ -69,6 +72,7 @@ class TrainConfig:
     eval_batch_size: int = 8192
     data_epoch_offset: int = 0
     skip_nonfinite: bool = False
+    max_skipped_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
@@ -110,6 +114,7 @@ class Progress:
         step: batches of ``epoch`` done; a resumed epoch skips them.
         loss_sum: this process's sum of ``epoch``'s training losses so far.
         best_auc / best_epoch: best validation AUC so far and its epoch (-1: the start weights).
+        skipped: batches of ``epoch`` skipped for a non-finite loss or gradient.
         stale: epochs since the best one; ``stopped`` once it reached the patience.
         history: one dict per finished epoch.
         finished: training is over and the final (best) weights are in the checkpoint.
@@ -118,6 +123,7 @@ class Progress:
     epoch: int = 0
     step: int = 0
     loss_sum: float = 0.0
+    skipped: int = 0
     best_auc: float = -math.inf
     best_epoch: int = -1
     stale: int = 0
@@ -168,7 +174,6 @@ def train_epoch(
     )
     start = time.perf_counter()
     seen = 0
-    skipped = 0
     batches = data.batches(
         "train", config.batch_size, rank, world, epoch=epoch + config.data_epoch_offset
     )
@@ -187,7 +192,7 @@ def train_epoch(
                     f"{where}; stopping (TrainConfig.skip_nonfinite / --skip-nonfinite skips "
                     "such batches instead)"
                 )
-            skipped += 1
+            progress.skipped += 1
             progress.step += 1  # done (skipped): a resumed epoch does not redo it
             logger.warning("skipping %s", where)
             continue
@@ -208,11 +213,21 @@ def train_epoch(
     elapsed = time.perf_counter() - start
     if is_main():
         logger.info("epoch %d: %.0f examples/s", epoch, seen / max(elapsed, 1e-9))
-        if skipped:
+        if progress.skipped:
             logger.warning(
-                "epoch %d: skipped %d batches with a non-finite loss or gradient", epoch, skipped
+                "epoch %d: skipped %d batches with a non-finite loss or gradient",
+                epoch,
+                progress.skipped,
             )
-    counted = progress.step - skipped
+    if progress.skipped > config.max_skipped_fraction * progress.step:
+        raise FloatingPointError(
+            f"epoch {epoch}: skipped {progress.skipped} of {progress.step} batches for a "
+            f"non-finite loss or gradient, more than {config.max_skipped_fraction:.0%} "
+            "(TrainConfig.max_skipped_fraction): the data or the model is broken (a NaN or inf "
+            "that reached a table makes every later batch non-finite); fix the data, or lower "
+            "--lr / --sparse-lr, and train again"
+        )
+    counted = progress.step - progress.skipped
     local_mean = progress.loss_sum / counted if counted else float("nan")
     mean_loss = torch.tensor(local_mean, dtype=torch.float64)
     dist.all_reduce(mean_loss)
@@ -278,8 +293,26 @@ def predict(
 
 
 def evaluate(model: nn.Module, data: CTRDataset, split: str, batch_size: int) -> dict[str, float]:
-    """AUC, logloss and row count of ``split``."""
+    """AUC, logloss and row count of ``split``.
+
+    Raises:
+        ValueError: every row of ``split`` has the same label (AUC is undefined).
+        FloatingPointError: a prediction is NaN or infinite (the model's weights are not).
+    """
     out = predict(model, data, split, batch_size)
+    rows, positives = out["labels"].numel(), int(out["labels"].sum())
+    if positives in (0, rows):
+        raise ValueError(
+            f"the {split} split's {rows} rows all have label {int(positives > 0)}: AUC needs "
+            f"positive and negative labels; give the {split} split rows of both"
+        )
+    bad = int((~torch.isfinite(out["logits"])).sum())
+    if bad:
+        raise FloatingPointError(
+            f"{bad} of the {rows} {split} predictions are NaN or infinite: the model's weights "
+            "are not finite (a non-finite gradient reached a table?); no metrics are reported "
+            "for it"
+        )
     return {
         "auc": auc(out["logits"], out["labels"]),
         "logloss": logloss(out["logits"], out["labels"]),
@@ -297,14 +330,15 @@ def save_checkpoint(model: nn.Module, path: str, metadata: dict[str, Any], keep:
     checkpoint.save({"model": model.state_dict()}, path, metadata, keep=keep)
 
 
-def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
+def load_checkpoint(model: nn.Module, path: str, verify: bool = True) -> dict[str, Any]:
     """Load the weights of a checkpoint into ``model`` (resharding as needed); returns its metadata.
 
-    The checkpoint is verified against its manifest and refused if a weight is not finite.
-    Loading unpickles DCP's ``.metadata``: load trusted checkpoints only.
+    The checkpoint is verified against its manifest (``verify=False``: the caller just did)
+    and refused if a weight is not finite.  Loading unpickles DCP's ``.metadata``: load
+    trusted checkpoints only.
     """
     state = {"model": model.state_dict()}
-    metadata = checkpoint.load(state, path)
+    metadata = checkpoint.load(state, path, verify_files=verify)
     model.load_state_dict(state["model"])
     return metadata
 
@@ -341,7 +375,7 @@ def training_state(model: nn.Module, optimizer: CombinedOptimizer) -> dict[str, 
 
 
 # metadata that must agree between a checkpoint and the run resuming it
-_SAME_RUN_KEYS = ("dataset", "world_size", "model", "compression")
+_SAME_RUN_KEYS = ("dataset", "data_options", "seed", "world_size", "model", "compression")
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
@@ -392,9 +426,14 @@ def _resume(
 
 def read_checkpoint_metadata(path: str) -> dict[str, Any]:
     """The ``metadata`` :func:`save_checkpoint` stored with a checkpoint (``{}`` if none), read
-    before any model exists (its compression layout says how to build the model)."""
+    before any model exists (its compression layout says how to build the model).
+
+    The checkpoint is verified against its manifest first (collective), so nothing of a
+    damaged checkpoint, DCP's pickled ``.metadata`` included, is read.
+    """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    checkpoint.verify(path)
     return checkpoint.read_metadata(path)
 
 
@@ -459,7 +498,7 @@ def _train_one_epoch(run: _Run, progress: Progress) -> None:
             if is_main():
                 logger.info("early stop: no val AUC gain for %d epochs", progress.stale)
             progress.stopped = True
-    progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
+    progress.epoch, progress.step, progress.loss_sum, progress.skipped = epoch + 1, 0, 0.0, 0
     run.save(progress)
 
 

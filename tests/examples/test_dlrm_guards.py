@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,8 +68,9 @@ def test_a_frozen_peer_ends_the_job_after_pg_timeout(tmp_path: Path) -> None:
     assert elapsed < 120
 
 
-def _train(rank: int, world_size: int, poison: str, skip: bool) -> dict:
-    """One epoch of the example's DLRM (sharded by DMP) with a poisoned loss or gradient."""
+def _train(rank: int, world_size: int, poison: str, skip: bool, every: bool = False) -> dict:
+    """One epoch of the example's DLRM (sharded by DMP) with a poisoned loss or gradient (at
+    step 2, or from step 2 on with ``every``)."""
     import logging
 
     import torch
@@ -95,7 +97,8 @@ def _train(rank: int, world_size: int, poison: str, skip: bool) -> dict:
     def poisoned(value: torch.Tensor) -> torch.Tensor:
         """NaN at the third call (step 2): an overflow that ``check_batch`` cannot see."""
         calls.append(1)
-        return value * float("nan") if len(calls) == 3 else value
+        hit = len(calls) >= 3 if every else len(calls) == 3
+        return value * float("nan") if hit else value
 
     if poison == "gradient":
         (bias,) = [p for n, p in model.named_parameters() if n.endswith("over_arch.model.1.bias")]
@@ -143,6 +146,106 @@ def test_skip_nonfinite_skips_and_counts_the_batch() -> None:
         assert "error" not in r, r
         assert r["finite"] and r["loss"] == r["loss"]  # weights and mean loss untouched by it
     assert "epoch 0: skipped 1 batches with a non-finite loss or gradient" in results[0]["log"]
+
+
+def _evaluate_broken(rank: int, world_size: int) -> dict[str, str]:
+    """``evaluate`` of a split with one label only, and of a model with a NaN weight."""
+    import torch
+
+    from examples.dlrm.model import ModelConfig, build_model
+    from examples.dlrm.train import evaluate
+    from torchrec_compress.data import get_dataset
+    from torchrec_compress.distributed import shard_model
+
+    torch.manual_seed(0)
+    data = get_dataset("synthetic", seed=0, train_rows=64, val_rows=64, test_rows=64)
+    model = build_model(
+        data.schema,
+        ModelConfig(embedding_dim=8, dense_arch=[16], over_arch=[16]),
+        torch.device("meta"),
+    )
+    model = shard_model(model, torch.device("cpu"))
+
+    class OneLabel:
+        schema = data.schema
+
+        def batches(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            for batch in data.batches(*args, **kwargs):
+                batch.labels.zero_()
+                yield batch
+
+    def error(dataset: Any) -> str:
+        try:
+            evaluate(model, dataset, "val", 32)
+        except (ValueError, FloatingPointError) as e:
+            return f"{type(e).__name__}: {e}"
+        return "no error"
+
+    one_label = error(OneLabel())
+    (weight,) = [p for n, p in model.named_parameters() if n.endswith("over_arch.model.1.weight")]
+    with torch.no_grad():
+        weight.fill_(float("nan"))
+    return {"one-label": one_label, "nan-weight": error(data)}
+
+
+def _skip_most_then_evaluate_broken(rank: int, world_size: int) -> dict[str, Any]:
+    """The two checks below in one spawned process: an epoch that skips most batches, and
+    ``evaluate`` of a split with one label and of a model with a NaN weight."""
+    skipping = _train(rank, world_size, poison="loss", skip=True, every=True)
+    return {"skipping": skipping, **_evaluate_broken(rank, world_size)}
+
+
+def test_a_run_that_skips_most_batches_or_predicts_nan_gives_no_result() -> None:
+    """Skipping 78 of 79 batches under ``--skip-nonfinite`` ended in a ``RESULT`` with NaN
+    logloss and exit code 0: an epoch that skips more than half stops, and a NaN prediction is
+    an error naming the split.  A split with one label failed with 'AUC needs both positive and
+    negative labels', not saying which split."""
+    (r,) = run_multiprocess(_skip_most_then_evaluate_broken, world_size=1)
+    error = r["skipping"].get("error", r["skipping"])
+    assert re.search(r"epoch 0: skipped 6 of 8 batches .*more than 50%", str(error)), error
+    assert re.search(r"ValueError: the val split's 64 rows all have label 0", r["one-label"]), r
+    assert re.search(
+        r"FloatingPointError: 64 of the 64 val predictions are NaN or infinite", r["nan-weight"]
+    ), r
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["train_rows=0"], r"the train split of --dataset synthetic has 0 rows"),
+        (["val_rows=1"], r"the val split of --dataset synthetic has 1 rows, it needs at least 2"),
+        (["test_rows=0"], r"the test split of --dataset synthetic has 0 rows"),
+    ],
+)
+def test_a_split_that_cannot_give_a_result_is_refused_up_front(
+    tmp_path: Path, options: list[str], message: str
+) -> None:
+    """``train_rows=0`` exited 0 with a ``RESULT``; a 1-row split failed late, after training,
+    with 'AUC needs both positive and negative labels'."""
+    from tests.examples.test_fault_injection import _in_process
+
+    with pytest.raises(SystemExit, match=message):
+        _in_process("--data-opt", *options, "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def _run_with_seed_of_rank(rank: int, world_size: int, out: str) -> str:
+    from examples.dlrm import main
+
+    args = main.parse_args([*TINY, "--epochs", "1", "--seed", str(rank), "--out", out])
+    try:
+        main.run(args)
+    except SystemExit as e:
+        return str(e)
+    return "ran"
+
+
+def test_processes_started_with_different_flags_are_refused(tmp_path: Path) -> None:
+    """Processes started with different ``--seed`` ran to a ``RESULT`` silently."""
+    messages = run_multiprocess(_run_with_seed_of_rank, world_size=2, out=str(tmp_path / "run"))
+    for message in messages:
+        assert re.search(r"--seed: 0 on process 0, 1 on process 1.*same command", message), message
+    assert not (tmp_path / "run" / "result.json").exists()
 
 
 def test_an_inf_in_a_parquet_int_column_fails_the_run(tmp_path: Path) -> None:

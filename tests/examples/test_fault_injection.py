@@ -3,18 +3,23 @@
 A run of train -> compress (AFM) -> fine-tune is killed several times in a row, each time at a
 fault point (``torchrec_compress.testing.faults``) drawn by a seeded generator, and re-run with
 ``--resume``; it must end with the same metrics and the same final checkpoint (weights and
-optimizer state) as an uninterrupted run, in 1 and 2 processes.  Damaged checkpoints must be
-refused with an error naming the file, a re-run killed while saving must leave the last good
-checkpoint, and a training run must refuse to overwrite the checkpoint it loads.
+optimizer state) as an uninterrupted run, in 1 and 2 processes; so must a finished run given
+``--resume``.  Damaged checkpoints must be refused with an error naming the file before anything
+of them is read, a re-run killed while saving must leave the last good checkpoint, a training
+run must refuse to overwrite the checkpoint it loads, a second run on the same ``--out`` is
+refused naming the first, and workers end when torchrun alone is killed.
 """
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from examples.dlrm import main
+from torchrec_compress import checkpoint
+from torchrec_compress.checkpoint import CheckpointError, DirectoryInUseError
 from torchrec_compress.testing.faults import FAULT_ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,17 +52,26 @@ SAVE_POINTS = ("save.written", "save.manifest", "save.rotated")
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
-def _cli(world_size: int, out: Path, *args: str, fault: str | None = None) -> int:
-    """Run the CLI in ``world_size`` processes (torchrun for 2); returns its exit code."""
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and k != FAULT_ENV}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    if fault is not None:
-        env[FAULT_ENV] = fault
+    return env
+
+
+def _command(world_size: int, out: Path, *args: str) -> list[str]:
     batch = ["--batch-size", str(256 // world_size)]
     launch = [sys.executable]
     if world_size > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
-    command = [*launch, "-m", "examples.dlrm.main", *TINY, *batch, "--out", str(out), *args]
+    return [*launch, "-m", "examples.dlrm.main", *TINY, *batch, "--out", str(out), *args]
+
+
+def _cli(world_size: int, out: Path, *args: str, fault: str | None = None) -> int:
+    """Run the CLI in ``world_size`` processes (torchrun for 2); returns its exit code."""
+    env = _env()
+    if fault is not None:
+        env[FAULT_ENV] = fault
+    command = _command(world_size, out, *args)
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     if fault is None:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -117,7 +133,7 @@ def _assert_same_run(out: Path, reference: Path) -> None:
         json.loads((out / "result.json").read_text()),
         json.loads((reference / "result.json").read_text()),
     )
-    for name in ("checkpoint", "checkpoint_compressed"):
+    for name in ("checkpoint", "checkpoint_baseline", "checkpoint_compressed"):
         got, want = _state(out / name), _state(reference / name)
         assert got.keys() == want.keys()
         for key, value in want.items():
@@ -242,3 +258,174 @@ def test_resume_with_a_different_model_is_refused_naming_the_setting(
     shutil.copytree(reference[1], out)
     with pytest.raises(ValueError, match=r"cannot resume .* model=.*'embedding_dim': 8"):
         _in_process(*PIPELINE[:2], "--embedding-dim", "4", "--resume", "--out", str(out))
+
+
+def test_a_finished_compressing_run_given_resume_ends_with_its_result(
+    tmp_path: Path, reference: dict[int, Path]
+) -> None:
+    """It was refused: ``cannot resume from '.../checkpoint': it was written with
+    compression={...}, this run has compression=None`` (the final compressed model had replaced
+    the training state that --resume reads)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference[1], out)
+    # what a kill after the final save, during the final evaluation, leaves
+    (out / "result.json").unlink()
+    _in_process(*PIPELINE, "--resume", "--out", str(out))
+    _assert_same_run(out, reference[1])
+    _in_process(*PIPELINE, "--resume", "--out", str(out))  # finished: resumed again
+    _assert_same_run(out, reference[1])
+
+
+def test_resume_with_another_seed_or_data_option_is_refused(tmp_path: Path) -> None:
+    """Both were accepted silently, continuing the run's state on other data."""
+    out = tmp_path / "run"
+    _in_process(*PIPELINE[:2], "--out", str(out))
+    for flags, setting in [
+        (["--seed", "1"], "seed"),
+        (["--data-opt", "fresh_train_rows=0"], "data_options"),
+    ]:
+        with pytest.raises(ValueError, match=rf"cannot resume .* written with {setting}="):
+            _in_process(*PIPELINE[:2], *flags, "--resume", "--out", str(out))
+
+
+class _CreatesFile:
+    """A pickle that creates a file when it is loaded: evidence that it was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return open, (str(self.path), "w")
+
+
+def _metadata_json_removed_and_pickle_replaced(path: Path) -> str:
+    (path / "metadata.json").unlink()
+    (path / ".metadata").write_bytes(pickle.dumps(_CreatesFile(path.parent / "unpickled")))
+    return "file '.metadata' (has .* bytes|is corrupted)"
+
+
+def _metadata_json_truncated(path: Path) -> str:
+    text = (path / "metadata.json").read_text()
+    (path / "metadata.json").write_text(text[: len(text) // 2])
+    return "file 'metadata.json' has .* bytes"
+
+
+def _emptied(path: Path) -> str:
+    shutil.rmtree(path)
+    path.mkdir()
+    return "has no MANIFEST.json"
+
+
+def _manifest_lists_nothing(path: Path) -> str:
+    (path / "MANIFEST.json").write_text('{"format": 1, "files": {}}')
+    return "MANIFEST.json does not list"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _metadata_json_removed_and_pickle_replaced,
+        _metadata_json_truncated,
+        _emptied,
+        _manifest_lists_nothing,
+    ],
+    ids=["pickle-replaced", "metadata-json-truncated", "empty-dir", "manifest-lists-nothing"],
+)
+def test_load_checkpoint_verifies_the_manifest_before_reading_anything(
+    tmp_path: Path, reference: dict[int, Path], damage: Any
+) -> None:
+    """With metadata.json removed, DCP's ``.metadata`` pickle was unpickled (to read the
+    layout) before the manifest check; a truncated metadata.json raised a raw
+    ``JSONDecodeError``, an empty directory a bare ``FileNotFoundError``, and a manifest
+    listing no files loaded."""
+    path = tmp_path / "checkpoint"
+    shutil.copytree(reference[1] / "checkpoint", path)
+    message = damage(path)
+    with pytest.raises(CheckpointError, match=f"{path}.*{message}"):
+        _in_process(
+            *PIPELINE[:2], "--load-checkpoint", str(path), "--eval-only", "--out", str(tmp_path)
+        )
+    assert not (tmp_path / "unpickled").exists()
+
+
+def _wait_for(condition: Any, what: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
+        time.sleep(0.05)
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path: Path) -> None:
+    """Both ran, deleting each other's temporary checkpoint: one crashed with
+    ``FileNotFoundError: .../checkpoint.tmp-.../.metadata.tmp``."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        _command(1, out, "--epochs", "100"),
+        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (out / "checkpoint").exists(), "checkpoint", first)
+        holder = rf"held by pid {first.pid} on host {socket.gethostname()} \(started 20\d\d-"
+        with pytest.raises(
+            DirectoryInUseError, match=f"{out}' is in use by another run: .*{holder}"
+        ):
+            _in_process(*PIPELINE[:2], "--out", str(out))
+    finally:
+        first.kill()
+        first.wait()
+    with checkpoint.lock_directory(str(out)):  # its holder died: the lock went with it
+        assert checkpoint.latest(str(out / "checkpoint")) is not None
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (zombies excluded)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(int(entry))) and stat[1] == pid and stat[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """``(state, parent pid)`` of a process, ``None`` once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["start-up", "training"])
+def test_workers_end_when_torchrun_alone_is_killed(tmp_path: Path, when: str) -> None:
+    """torchrun starts each worker in its own session: killed alone, it left them running to
+    the end (writing result.json beside a --resume), or, during start-up, waiting for their
+    peers until the 600 s process-group timeout."""
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(
+        _command(2, out, "--epochs", "100"),
+        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    workers: list[int] = []
+    alive: list[int] = []
+    try:
+        _wait_for(lambda: len(_children(launcher.pid)) == 2, "2 workers", launcher)
+        workers = _children(launcher.pid)
+        if when == "start-up":
+            time.sleep(0.5)  # past the interpreter's start: importing torch
+        else:
+            _wait_for(lambda: (out / "checkpoint").exists(), "checkpoint", launcher)
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while (alive := [w for w in workers if (s := _stat(w)) and s[0] != "Z"]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+    finally:
+        launcher.kill()
+        for pid in [w for w in workers if _stat(w)]:
+            os.kill(pid, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived torchrun ({when})"
+    assert not (out / "result.json").exists()
