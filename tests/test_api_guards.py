@@ -182,7 +182,9 @@ def test_mec_keeps_tables_m_does_not_divide_and_quantizes_the_others() -> None:
     assert isinstance(model[0], PQEmbeddingBagCollection)
     torch.testing.assert_close(model[0].decoded_weight("d12"), d12)  # kept exactly
     kept, quantized = _rows(report)["d12"], _rows(report)["d16"]
-    assert kept.method == "kept" and "identity codes (+800 bytes)" in kept.note  # int16
+    # its int16 identity codes are its row ids: not held (they added 800 bytes)
+    assert kept.method == "kept" and kept.bytes_after == kept.bytes_before
+    assert "no bytes added" in kept.note and not model[0].codes._buffers.get("d12")
     assert quantized.method == "MEC" and quantized.bytes_after < quantized.bytes_before
     assert report.bytes_after < report.bytes_before
 
@@ -533,8 +535,8 @@ def test_two_stage_report_keeps_the_later_note_and_bytes() -> None:
     both = _rows(first.followed_by(second))
     assert both["a"].method == "AFM+MEC"
     assert both["b"].method == "AFM"
-    assert both["b"].bytes_after == _rows(first)["b"].bytes_after + 200  # uint8 identity codes
-    assert "identity codes (+200 bytes)" in both["b"].note
+    assert both["b"].bytes_after == _rows(first)["b"].bytes_after  # identity codes not held
+    assert "stored exactly as identity codes (no bytes added" in both["b"].note
     assert (
         both["b"].bytes_after
         == _rows(second)["b"].bytes_after - 200 * 4 * 4 + _rows(first)["b"].bytes_after

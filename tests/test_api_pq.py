@@ -81,7 +81,7 @@ def test_mec_dlrm_tables_are_quantized_and_reported() -> None:
         if name == "t2":  # skipped: stored exactly
             assert row.method == "kept" and row.rank is None and row.perplexity is None
             torch.testing.assert_close(decoded, weight)
-            assert row.bytes_after == rows * DIM * 4 + rows  # + uint8 identity codes
+            assert row.bytes_after == row.bytes_before == rows * DIM * 4  # no codes held
         else:
             assert row.method == "MEC" and row.rank == 4 and row.explained_variance is None
             assert error < 0.5  # 16 codewords of 2 dims fit random 8-dim rows coarsely
@@ -241,3 +241,59 @@ def test_reports_follow_a_table_through_both_stages() -> None:
     assert both.bytes_before == first.bytes_before == sum(ROWS.values()) * DIM * 4
     projection_and_mean = 3 * (4 * DIM + DIM) * 4
     assert both.bytes_after == second.bytes_after + projection_and_mean
+
+
+def _tiny_and_large() -> nn.Sequential:
+    torch.manual_seed(0)
+    tables = [
+        EmbeddingBagConfig(name="tiny", embedding_dim=16, num_embeddings=6, feature_names=["a"]),
+        EmbeddingBagConfig(name="large", embedding_dim=16, num_embeddings=400, feature_names=["b"]),
+    ]
+    return nn.Sequential(EmbeddingBagCollection(tables))
+
+
+def _lookups() -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(0, 4, (2 * 16,), generator=g)
+    limits = torch.tensor([6, 400]).repeat_interleave(16).repeat_interleave(lengths)
+    ids = (torch.rand(int(lengths.sum()), generator=g) * limits).long()
+    return KeyedJaggedTensor.from_lengths_sync(keys=["a", "b"], values=ids, lengths=lengths)
+
+
+def _table_bytes(module: nn.Module, table: str) -> int:
+    """What the module holds for ``table``: every parameter and buffer named after it."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return sum(t.numel() * t.element_size() for n, t in tensors if n.endswith(f".{table}"))
+
+
+def test_a_tiny_table_kept_in_a_quantized_collection_is_not_stored_larger() -> None:
+    """A 6 x 16 table that PQ keeps was stored as 384 bytes of rows plus 6 of identity codes
+    (390 > 384; a 400-row table kept by an override: +800 bytes of int16 codes)."""
+    model = _tiny_and_large()
+    expected = model[0](_lookups()).to_dict()["a"]
+    with pytest.warns(UserWarning, match="table 'tiny'"):
+        report = compress_(model, MECConfig(**_FAST, popularity_weighting=False))
+    pq = model[0]
+    assert isinstance(pq, PQEmbeddingBagCollection) and pq.stored_exactly() == ["tiny"]
+    tiny = {r.name: r for r in report.rows}["tiny"]
+    assert tiny.method == "kept" and tiny.bytes_after == tiny.bytes_before == 6 * 16 * 4
+    assert _table_bytes(pq, "tiny") == 6 * 16 * 4
+    torch.testing.assert_close(pq(_lookups()).to_dict()["a"], expected)  # exactly its rows
+
+    # state dicts still carry its identity codes (sharded collections load them) and round-trip,
+    # into a collection built like restore_layout_ builds one (zero codes) too
+    state = pq.state_dict()
+    assert list(state) == ["codes.tiny", "codes.large", "codebooks.tiny", "codebooks.large"]
+    assert torch.equal(state["codes.tiny"][:, 0].long(), torch.arange(6))
+    codes = {n: torch.zeros_like(state[f"codes.{n}"]) for n in ("tiny", "large")}
+    books = {n: torch.zeros_like(state[f"codebooks.{n}"]) for n in ("tiny", "large")}
+    restored = PQEmbeddingBagCollection(pq.embedding_bag_configs(), codes, books)
+    assert restored.stored_exactly() == []
+    restored.load_state_dict(state)
+    assert restored.stored_exactly() == ["tiny"] and _table_bytes(restored, "tiny") == 384
+    torch.testing.assert_close(restored(_lookups()).values(), pq(_lookups()).values())
+    # codes that are not the row ids make it an ordinary quantized table again
+    state["codes.tiny"] = state["codes.tiny"].flip(0)
+    restored.load_state_dict(state)
+    assert restored.stored_exactly() == []
+    torch.testing.assert_close(restored.decoded_weight("tiny"), pq.decoded_weight("tiny").flip(0))

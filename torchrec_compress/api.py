@@ -278,7 +278,9 @@ def _quantize_collection(
             codes[t.name] = torch.arange(t.num_embeddings).unsqueeze(1)
             codebooks[t.name] = weight.float().cpu().unsqueeze(0)
             size = weight.element_size()
-            rows.append(handler.kept_row(t, reason, stored_exactly=True, bytes_per_element=size))
+            # the collection derives identity codes: the table takes its rows' bytes alone
+            row = handler.kept_row(t, reason, True, bytes_per_element=size, holds_codes=False)
+            rows.append(row)
             continue
         table_counts = counts[fqn][t.name].cpu() if counts else None
         weight = weight.cpu()

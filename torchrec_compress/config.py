@@ -219,8 +219,9 @@ class MECOverride:
         num_subspaces (Optional[int]): ``M`` for this table (must divide its dimension).
         num_centroids (Optional[int]): ``K`` for this table.
         steps (Optional[int]): MEC training steps for this table.
-        skip (bool): leave this table uncompressed: its rows are kept exactly (inside a
-            ``PQEmbeddingBagCollection`` as one subspace of ``N`` codewords, identity codes).
+        skip (bool): leave this table uncompressed: its rows are kept exactly, at their own
+            size (inside a ``PQEmbeddingBagCollection`` as one subspace of ``N`` codewords whose
+            codes, its row ids, are not held).
     """
 
     num_subspaces: int | None = None

@@ -151,6 +151,74 @@ def pq_feature_lookup(
     return pooled
 
 
+@torch.fx.wrap
+def rows_feature_lookup(
+    rows: Tensor, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, mean: bool
+) -> Tensor:
+    """Pooled lookup of one feature of a table stored exactly (its codes are its row ids), SUM
+    or MEAN, float32: :func:`pq_feature_lookup` without the codes.
+
+    Args:
+        rows (Tensor): ``[N, d]`` the table's rows (its one subspace's codewords).
+        ids (Tensor): ``[n]`` row ids of all bags, concatenated.
+        offsets (Tensor): ``[B + 1]`` bag boundaries in ``ids``.
+        per_sample_weights (Optional[Tensor]): ``[n]`` weight of each id.
+        mean (bool): divide each bag by its length (``PoolingType.MEAN``).
+
+    Example::
+
+        >>> rows_feature_lookup(torch.arange(6.0).view(3, 2), torch.tensor([0, 2, 1]),
+        ...                     torch.tensor([0, 2, 3]), None, mean=False)
+        tensor([[4., 6.],
+                [2., 3.]])
+    """
+    pooled = F.embedding_bag(
+        ids,
+        rows,
+        offsets,
+        mode="sum",
+        include_last_offset=True,
+        per_sample_weights=None
+        if per_sample_weights is None
+        else per_sample_weights.to(rows.dtype),
+    ).float()
+    if mean:
+        lengths = (offsets[1:] - offsets[:-1]).clamp(min=1)
+        pooled = pooled / lengths.unsqueeze(1).to(pooled.dtype)
+    return pooled
+
+
+def _is_identity(codes: Tensor, ksub: int) -> bool:
+    """Whether ``[N, 1]`` codes over ``ksub == N`` codewords are the row ids (a table stored
+    exactly); ``False`` on ``meta`` (nothing to compare)."""
+    n = codes.shape[0]
+    if codes.dim() != 2 or codes.shape[1] != 1 or ksub != n or codes.device.type == "meta":
+        return False
+    return bool(torch.equal(codes[:, 0].long(), torch.arange(n, device=codes.device)))
+
+
+class _Codes(nn.Module):
+    """The ``codes.<table>`` buffers of a :class:`PQEmbeddingBagCollection`.
+
+    A table stored exactly (one subspace whose ``N`` codewords are its rows) holds no codes:
+    its codes are its row ids, made when read (``getattr(collection.codes, name)``, e.g. by the
+    sharder), so it takes no more bytes than its rows.
+    """
+
+    def __init__(self, codebooks: nn.ParameterDict) -> None:
+        super().__init__()
+        # plain attributes (not a submodule: the codebooks are the collection's)
+        self.__dict__["_codebooks"] = codebooks
+        self.__dict__["exact"] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.__dict__.get("exact", ()):
+            books = self.__dict__["_codebooks"][name]
+            ids = torch.arange(books.shape[1], device=books.device)
+            return ids.to(code_dtype(books.shape[1])).unsqueeze(1)
+        return super().__getattr__(name)
+
+
 class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """Drop-in for TorchRec's ``EmbeddingBagCollection`` whose tables are product-quantized.
 
@@ -166,6 +234,12 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``torch.compile(fullgraph=True)``), each feature's lookup one :func:`pq_feature_lookup` call.
     Run unsharded in a job of several processes (``DistributedModelParallel`` without
     ``PQEmbeddingBagCollectionSharder``), it warns once: every process would hold all the codes.
+    Pooled outputs are float32 whatever the codebooks' type, like TorchRec's collection.
+
+    A table stored exactly (its rows as the ``N`` codewords of one subspace, codes ``0..N-1``,
+    how ``compress_`` keeps a table that quantization would not shrink) holds no codes: it
+    takes the bytes of its rows alone and is pooled straight from them.  State dicts still
+    carry its identity codes (``codes.<table>``), so they load into a sharded collection.
 
     Args:
         tables (List[EmbeddingBagConfig]): the original table configs.
@@ -196,8 +270,9 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         super().__init__()
         self._is_weighted = is_weighted
         self._embedding_bag_configs = tables
-        self.codes = nn.Module()
-        self.codebooks = nn.ParameterDict()
+        codebooks_dict = nn.ParameterDict()
+        self.codes = _Codes(codebooks_dict)  # registered first: codes.* before codebooks.*
+        self.codebooks = codebooks_dict
         seen: set[str] = set()
         for table in tables:
             if table.name in seen:
@@ -215,10 +290,13 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             _check_codes(
                 table.name, table_codes, table.num_embeddings, books.shape[0], books.shape[1]
             )
-            self.codes.register_buffer(
-                table.name, table_codes.to(code_dtype(books.shape[1])).contiguous()
-            )
             self.codebooks[table.name] = nn.Parameter(books.detach().float().clone())
+            if _is_identity(table_codes, books.shape[1]):
+                self.codes.exact.add(table.name)
+            else:
+                self.codes.register_buffer(
+                    table.name, table_codes.to(code_dtype(books.shape[1])).contiguous()
+                )
             if not table.feature_names:
                 table.feature_names = [table.name]
         self._pooling_is_mean = [t.pooling == PoolingType.MEAN for t in tables]
@@ -230,6 +308,7 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             t.embedding_dim for t in tables for _ in t.feature_names
         ]
         self.register_load_state_dict_pre_hook(self._check_loaded_codes)
+        self.register_state_dict_post_hook(_identity_codes_of_exact_tables)
         self._replication_checked = False
         self._id_ranges = FeatureIdRanges(tables)
 
@@ -253,17 +332,22 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         for table, names, mean in zip(
             self._embedding_bag_configs, self._feature_names, self._pooling_is_mean, strict=True
         ):
-            table_codes = getattr(self.codes, table.name)
+            books = self.codebooks[table.name]
+            exact = table.name in self.codes.exact
+            table_codes = None if exact else getattr(self.codes, table.name)
             for name in names:
                 feature = feature_dict[name]
+                weights = feature.weights() if self._is_weighted else None
+                if table_codes is None:
+                    pooled.append(
+                        rows_feature_lookup(
+                            books[0], feature.values(), feature.offsets(), weights, mean
+                        )
+                    )
+                    continue
                 pooled.append(
                     pq_feature_lookup(
-                        table_codes,
-                        self.codebooks[table.name],
-                        feature.values(),
-                        feature.offsets(),
-                        feature.weights() if self._is_weighted else None,
-                        mean,
+                        table_codes, books, feature.values(), feature.offsets(), weights, mean
                     )
                 )
         return KeyedTensor(
@@ -307,7 +391,13 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def decoded_weight(self, table_name: str) -> Tensor:
         """The ``[num_embeddings, embedding_dim]`` float table the codes stand for."""
+        if table_name in self.codes.exact:
+            return self.codebooks[table_name][0]
         return decode(getattr(self.codes, table_name), self.codebooks[table_name])
+
+    def stored_exactly(self) -> list[str]:
+        """The tables stored exactly: their rows alone, no codes (see the class notes)."""
+        return [t.name for t in self._embedding_bag_configs if t.name in self.codes.exact]
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The original table configs."""
@@ -330,15 +420,44 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ) -> None:
         for table in self._embedding_bag_configs:
             key = f"{prefix}codes.{table.name}"
-            if key in state_dict:
-                books = self.codebooks[table.name]
-                _check_codes(
-                    table.name,
-                    state_dict[key],
-                    table.num_embeddings,
-                    books.shape[0],
-                    books.shape[1],
+            if key not in state_dict:
+                continue
+            books = self.codebooks[table.name]
+            value = state_dict[key]
+            _check_codes(table.name, value, table.num_embeddings, books.shape[0], books.shape[1])
+            # codes decide whether a table is stored exactly; identity codes are not kept
+            if _is_identity(value, books.shape[1]):
+                del state_dict[key]
+                if table.name not in self.codes.exact:
+                    delattr(self.codes, table.name)
+                    self.codes.exact.add(table.name)
+            elif table.name in self.codes.exact:
+                self.codes.exact.discard(table.name)
+                dtype = code_dtype(books.shape[1])
+                self.codes.register_buffer(
+                    table.name, torch.empty(value.shape, dtype=dtype, device=books.device)
                 )
+
+
+def _identity_codes_of_exact_tables(
+    module: PQEmbeddingBagCollection, state_dict: dict[str, Any], prefix: str, _: object
+) -> None:
+    """State dicts carry ``codes.<table>`` for every table, in table order, those stored exactly
+    included (their row ids), so that they load into a sharded collection as before."""
+    if not module.codes.exact:
+        return
+    codes = {
+        f"{prefix}codes.{t.name}": state_dict.get(f"{prefix}codes.{t.name}")
+        for t in module.embedding_bag_configs()
+    }
+    for name in module.codes.exact:
+        codes[f"{prefix}codes.{name}"] = getattr(module.codes, name)
+    rest = [(k, v) for k, v in state_dict.items() if k not in codes]
+    first = next((i for i, (k, _) in enumerate(rest) if k.startswith(prefix)), len(rest))
+    state_dict.clear()
+    state_dict.update(rest[:first])
+    state_dict.update(codes)
+    state_dict.update(rest[first:])
 
 
 def _check_codes(

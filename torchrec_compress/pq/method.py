@@ -125,21 +125,29 @@ class PQHandler:
         reason: str | None,
         stored_exactly: bool = False,
         bytes_per_element: int = BYTES_PER_ELEMENT,
+        holds_codes: bool = True,
     ) -> ReportRow:
         """The report row of a table left unquantized for ``reason``; ``stored_exactly``: kept
-        inside a quantized collection as identity codes over its own rows, which costs one code
-        per row more than the rows.
+        inside a quantized collection as identity codes over its own rows.  An unsharded
+        ``PQEmbeddingBagCollection`` derives those codes (``holds_codes=False``: the rows' bytes
+        alone); a collection that holds them (the sharded one) costs one code per row more.
 
         Example::
 
             >>> t = EmbeddingBagConfig(num_embeddings=5, embedding_dim=4, name="t", feature_names=["f"])
             >>> PQHandler.kept_row(t, "too small", stored_exactly=True).note
             'too small; stored exactly as identity codes (+5 bytes)'
+            >>> row = PQHandler.kept_row(t, "too small", stored_exactly=True, holds_codes=False)
+            >>> row.note, row.bytes_after == row.bytes_before
+            ('too small; stored exactly as identity codes (no bytes added: they are its row ids)', True)
         """
         n, d = table.num_embeddings, table.embedding_dim
         before = n * d * bytes_per_element
-        extra = n * code_bytes(n, table.name) if stored_exactly else 0
-        note = f"{reason}; stored exactly as identity codes (+{extra} bytes)" if extra else reason
+        extra = n * code_bytes(n, table.name) if stored_exactly and holds_codes else 0
+        note = reason
+        if stored_exactly:
+            added = f"+{extra} bytes" if holds_codes else "no bytes added: they are its row ids"
+            note = f"{reason}; stored exactly as identity codes ({added})"
         return ReportRow(
             table.name, "table", (n, d), "kept", None, before, before + extra, None, note=note
         )
