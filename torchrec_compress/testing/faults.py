@@ -8,12 +8,14 @@ lookup.
 
 ``TORCHREC_COMPRESS_FAULT=NAME:N[:RANK]`` kills the process the ``N``-th time (1-based) it reaches
 point ``NAME`` (``*``: any point), only on rank ``RANK`` (the ``RANK`` environment variable) when
-given.  ``TORCHREC_COMPRESS_FAULT_LOG=FILE`` appends ``NAME`` of every point reached to ``FILE``
-(rank 0 only), to learn which points a run passes through.
+given.  ``TORCHREC_COMPRESS_FAULT_LOG=FILE`` appends ``NAME TIME`` (``time.time()``) of every
+point reached to ``FILE`` (rank 0 only), to learn which points a run passes through and when
+(``benchmarks/kill_loop.py`` names the phase a kill landed in from it).
 """
 
 import os
 import signal
+import time
 from collections import Counter
 
 FAULT_ENV = "TORCHREC_COMPRESS_FAULT"
@@ -62,7 +64,7 @@ def fault_point(name: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if log is not None and rank == 0:
         with open(log, "a") as f:
-            f.write(name + "\n")
+            f.write(f"{name} {time.time():.3f}\n")
     if spec is None:
         return
     target, count, target_rank = parse_fault(spec)
