@@ -396,6 +396,13 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
+def _loads_torch(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["start-up", "training"])
 def test_workers_end_when_torchrun_alone_is_killed(tmp_path: Path, when: str) -> None:
@@ -412,8 +419,8 @@ def test_workers_end_when_torchrun_alone_is_killed(tmp_path: Path, when: str) ->
     try:
         _wait_for(lambda: len(_children(launcher.pid)) == 2, "2 workers", launcher)
         workers = _children(launcher.pid)
-        if when == "start-up":
-            time.sleep(0.5)  # past the interpreter's start: importing torch
+        if when == "start-up":  # importing torch: past end_with_launcher, before any collective
+            _wait_for(lambda: all(map(_loads_torch, workers)), "torch loading", launcher)
         else:
             _wait_for(lambda: (out / "checkpoint").exists(), "checkpoint", launcher)
         os.kill(launcher.pid, signal.SIGKILL)
