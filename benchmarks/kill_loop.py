@@ -70,7 +70,9 @@ OUTCOMES = ("resumed", "refused", "different", "hung", "failed")
 # inside a save (save.rotated ends it: the new checkpoint is in place)
 SAVE_POINTS = {"save.begin", "save.written", "save.manifest"}
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-LINGER_S = 10.0
+# a killed run's processes must be gone by then (the kernel ends a dead torchrun's workers
+# in milliseconds; orphaned, they would run on for seconds and write result.json)
+LINGER_S = 2.0
 TOLERANCE = 1e-6
 
 
@@ -234,9 +236,11 @@ class Run:
         return cls(proc, started, log, output)
 
     def last_line(self) -> str:
+        """The error a failed run ended with (a worker's own, not torchrun's summary)."""
         lines = [ln for ln in self.output.read_text(errors="replace").splitlines() if ln.strip()]
         errors = [ln for ln in lines if re.search(r"(Error|Exit|error:)", ln)]
-        return (errors or lines or [""])[-1].strip()
+        workers = [ln for ln in errors if re.match(r"\[rank\d+\]: \w+(Error|Exit)", ln)]
+        return (workers or errors or lines or [""])[-1].strip()
 
 
 @dataclass
