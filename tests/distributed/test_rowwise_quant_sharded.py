@@ -46,6 +46,7 @@ from torchrec_compress.distributed import (
     read_compression_layout,
     shard_model,
 )
+from torchrec_compress.distributed.replicated import ShardedReplicatedCollection
 from torchrec_compress.layout import restore_layout_
 from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 from torchrec_compress.testing import run_multiprocess
@@ -173,19 +174,30 @@ def _finetune(rank: int, world_size: int) -> dict[str, Any]:
         "rows_unchanged": all(
             torch.equal(v, factor_rows[k]) for k, v in factor_ebc.state_dict().items()
         ),
-        "factor_quantized": isinstance(factor_ebc, QuantEmbeddingBagCollection),
+        # the int8 factor collection runs whole on every process, inside the sharded low-rank
+        # collection (whose projections are replicas of its own)
+        "factor_quantized": isinstance(factor_ebc, ShardedReplicatedCollection)
+        and isinstance(factor_ebc.collection, QuantEmbeddingBagCollection),
         "default_sharders": _default_shard() if world_size == 1 else None,
         **_finetune_fp16(rank, world_size),
     }
 
 
+def _int8_model() -> nn.Module:
+    """A DLRM whose tables are row-wise int8 (TorchRec's quantized collection, no AFM)."""
+    model = tiny_dlrm(CPU, dim=16, seed=3)
+    compress_(model, RowWiseQuantConfig(bits=8))
+    return model
+
+
 def _default_shard() -> str:
     """TorchRec's default sharders include its inference-only quantized sharder: DMP given
-    them fails on CPU; ``shard_model`` and ``torchrec_compress.sharders`` leave it out
-    (``training_sharders``; ``sharders(model)`` included it and failed the same way)."""
-    shard_model(_quantized_model(), CPU)
+    them fails on CPU for an int8 collection; ``shard_model`` and ``torchrec_compress.sharders``
+    leave it out (``training_sharders``; ``sharders(model)`` included it and failed the same
+    way).  (An AFM x int8 collection is sharded as one unit by this package's sharder.)"""
+    shard_model(_int8_model(), CPU)
     try:
-        DistributedModelParallel(_quantized_model(), device=CPU, sharders=default_sharders())
+        DistributedModelParallel(_int8_model(), device=CPU, sharders=default_sharders())
     except AssertionError as e:
         return str(e)
     return "sharded"

@@ -31,8 +31,11 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.feature_processor_ import FeatureProcessorsCollection
+from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 
 from torchrec_compress.calibration import ForwardFn, default_forward
 from torchrec_compress.config import (
@@ -52,6 +55,7 @@ from torchrec_compress.distributed.lowrank_embeddingbag import ShardedLowRankEmb
 from torchrec_compress.distributed.mec import sharded_pq_state
 from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.distributed.pq_embeddingbag import ShardedPQEmbeddingBagCollection
+from torchrec_compress.distributed.replicated import ShardedReplicatedCollection
 from torchrec_compress.distributed.rowwise_quant import sharded_rowwise_state
 from torchrec_compress.guards import compresses_tables, first_nonfinite_row, nonfinite_row_error
 from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
@@ -115,9 +119,15 @@ def _skeleton_of(module: ShardedModule[Any, Any, Any, Any], fqn: str) -> nn.Modu
     """The empty unsharded (``meta``) module of one sharded collection."""
     if isinstance(module, ShardedLowRankEmbeddingBagCollection):
         ranks = {name: int(p.shape[0]) for name, p in module.projection.items()}
-        return LowRankEmbeddingBagCollection(
+        lowrank = LowRankEmbeddingBagCollection(
             module.embedding_bag_configs(), ranks, module.is_weighted(), META
         )
+        if isinstance(module.factor_ebc, ShardedEmbeddingBagCollection):
+            return lowrank
+        # factor tables compressed again (AFM, then MEC/PQ or int8): a composite collection
+        return lowrank.with_factor_collection(_skeleton_of(module.factor_ebc, f"{fqn}.factor_ebc"))
+    if isinstance(module, ShardedReplicatedCollection):
+        return copy.deepcopy(module.collection)
     if isinstance(module, ShardedPQEmbeddingBagCollection):
         configs = module.embedding_bag_configs()
         codes = {
@@ -131,6 +141,19 @@ def _skeleton_of(module: ShardedModule[Any, Any, Any, Any], fqn: str) -> nn.Modu
         # TorchRec's sharded EBC keeps its configs and weighting, without a public getter
         return EmbeddingBagCollection(
             module._embedding_bag_configs, module._is_weighted, device=META
+        )
+    processors = getattr(module, "_feature_processors", None)
+    collection = getattr(module, "_embedding_bag_collection", None)
+    if isinstance(processors, nn.Module) and isinstance(collection, ShardedModule):
+        # a sharded FeatureProcessedEmbeddingBagCollection (TorchRec's or this package's):
+        # its (dense, replicated) feature processors and the skeleton of its collection
+        processors = copy.deepcopy(processors)
+        processors.apply(_weights_to_meta_)
+        return FeatureProcessedEmbeddingBagCollection(
+            _skeleton_of(collection, f"{fqn}._embedding_bag_collection"),
+            processors
+            if isinstance(processors, FeatureProcessorsCollection)
+            else dict(processors.named_children()),
         )
     raise TypeError(
         f"cannot derive the unsharded module of {type(module).__name__} at {fqn!r}; pass "
@@ -153,8 +176,8 @@ def unsharded_skeleton(model: DistributedModelParallel) -> nn.Module:
         nn.Module: the unwrapped module tree (``model.module``'s structure) on ``meta``.
 
     Raises:
-        TypeError: naming a sharded module whose unsharded form is unknown (e.g. a
-            feature-processed collection): pass ``meta_model=`` to ``compress_`` instead.
+        TypeError: naming a sharded module whose unsharded form is unknown: pass
+            ``meta_model=`` to ``compress_`` instead.
 
     Example::
 
@@ -242,6 +265,7 @@ class ShardedCompressionReport(CompressionReport):
         sharding_type: str | None = None,
         prepare: Callable[[nn.Module], None] | None = None,
         checkpoint_dir: str | None = None,
+        constraints: dict[str, ParameterConstraints] | None = None,
     ) -> DistributedModelParallel:
         """The compressed model, re-planned at its true sizes, sharded and loaded (collective).
 
@@ -261,6 +285,8 @@ class ShardedCompressionReport(CompressionReport):
             checkpoint_dir (Optional[str]): where the checkpoint is written and kept; default a
                 temporary directory made by rank 0 and removed afterwards, which needs every
                 process on one host (pass a shared directory otherwise).
+            constraints (Optional[dict[str, ParameterConstraints]]): TorchRec's planner
+                constraints per table name (instead of ``sharding_type``).
 
         Returns:
             DistributedModelParallel: the compressed model, ready to fine-tune or evaluate.
@@ -278,7 +304,7 @@ class ShardedCompressionReport(CompressionReport):
         module = copy.deepcopy(self.compressed_model)
         if prepare is not None:
             prepare(module)
-        sharded = shard_model(module, device, sharding_type=sharding_type)
+        sharded = shard_model(module, device, sharding_type=sharding_type, constraints=constraints)
         path = checkpoint_dir if checkpoint_dir is not None else _shared_tempdir()
         try:
             self.save(path)
@@ -474,6 +500,7 @@ def load_compressed(
     layout: CompressionLayout | None = None,
     sharding_type: str | None = None,
     prepare: Callable[[nn.Module], None] | None = None,
+    constraints: dict[str, ParameterConstraints] | None = None,
 ) -> DistributedModelParallel:
     """A compressed checkpoint, loaded into the uncompressed ``model`` and sharded (collective).
 
@@ -495,6 +522,8 @@ def load_compressed(
         sharding_type (Optional[str]): force one sharding type for every table.
         prepare (Optional[Callable[[nn.Module], None]]): called on the compressed, unsharded
             model before planning.
+        constraints (Optional[dict[str, ParameterConstraints]]): TorchRec's planner
+            constraints per table name (instead of ``sharding_type``).
 
     Returns:
         DistributedModelParallel: the compressed model, ready to evaluate, fine-tune or
@@ -518,7 +547,7 @@ def load_compressed(
     restore_layout_(model, layout, quantized_device=device)
     if prepare is not None:
         prepare(model)
-    sharded = shard_model(model, device, sharding_type=sharding_type)
+    sharded = shard_model(model, device, sharding_type=sharding_type, constraints=constraints)
     state = {"model": sharded.state_dict()}
     dcp.load(state, checkpoint_id=checkpoint_dir)
     sharded.load_state_dict(state["model"])

@@ -31,7 +31,10 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.feature_processor_ import FeatureProcessorsCollection
+from torchrec.modules.fp_embedding_modules import apply_feature_processors_to_kjt
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress import checkpoint
@@ -488,6 +491,54 @@ class ShardedStatistics:
     linear_moments: dict[str, Moments]
 
 
+class _ProcessedLookupCounter:
+    """Counts the lookups of a collection inside a sharded feature-processed collection.
+
+    The sharded FPEBC drives its collection's input dist itself (the collection's forward never
+    runs), and its processors run after the ids are distributed; the unsharded collection is
+    called with the processed batch (e.g. position weights), which is what AFM's statistics
+    weigh.  So the FPEBC's forward is hooked and the processors are applied to its local batch
+    here, from the bags' own positions (TorchRec's position-weighted processors remember
+    whether an input was pre-processed for row-wise sharding: that state is set aside).
+    """
+
+    def __init__(self, fp_module: nn.Module, counter: SparseLookupCounter) -> None:
+        self._processors: nn.Module = fp_module._feature_processors  # type: ignore[assignment]
+        self._counter = counter
+
+    def update(self, features: KeyedJaggedTensor) -> None:
+        stateful = [m for m in self._processors.modules() if hasattr(m, "_pre_processed")]
+        flags = [m._pre_processed for m in stateful]
+        try:
+            for m in stateful:
+                setattr(m, "_pre_processed", False)  # noqa: B010 - a plain attribute of theirs
+            if isinstance(self._processors, FeatureProcessorsCollection):
+                processed = self._processors(features)
+            else:
+                processed = apply_feature_processors_to_kjt(features, self._processors)
+        finally:
+            for m, flag in zip(stateful, flags, strict=True):
+                setattr(m, "_pre_processed", flag)  # noqa: B010
+        self._counter.update(processed)
+
+
+def lookup_counting_modules(
+    model: nn.Module, counters: Mapping[str, SparseLookupCounter]
+) -> dict[nn.Module, Any]:
+    """The module of ``model`` whose forward sees the local batch of each collection in
+    ``counters`` (by fqn), and what counts it: the collection itself, or the sharded
+    feature-processed collection around it (see :class:`_ProcessedLookupCounter`)."""
+    out: dict[nn.Module, Any] = {}
+    for fqn, counter in counters.items():
+        parent_fqn, _, name = fqn.rpartition(".")
+        parent = model.get_submodule(parent_fqn)
+        if name == "_embedding_bag_collection" and isinstance(parent, ShardedModule):
+            out[parent] = _ProcessedLookupCounter(parent, counter)
+        else:
+            out[model.get_submodule(fqn)] = counter
+    return out
+
+
 def sharded_statistics(
     model: DistributedModelParallel,
     meta_model: nn.Module,
@@ -533,7 +584,7 @@ def sharded_statistics(
             model,
             calibration,
             forward_fn,
-            {inner.get_submodule(fqn): counter for fqn, counter in counters.items()},
+            lookup_counting_modules(inner, counters),
             {fqn: inner.get_submodule(fqn) for fqn in linears},
         )
     global_counts = dict(
@@ -764,19 +815,61 @@ def _packed(
     table: EmbeddingBagConfig,
     rank: int,
 ) -> tuple[list[_RowRange], dict[int, torch.Tensor], tuple[int, int]]:
-    """The row ranges, local factor rows and shape of a factor table as stored: unchanged for a
-    rank that is a multiple of 4, else ``p`` rows to a stored row (``pack_factor_rows``), each
-    range packed where it lives; ranges must then start at multiples of ``p``."""
+    """The row ranges, local factor rows and shape of a factor table as stored (collective):
+    unchanged for a rank that is a multiple of 4, else ``p`` rows to a stored row
+    (``pack_factor_rows``).  A row range that starts inside a stored row (the original table's
+    row shards need not start at multiples of ``p``, e.g. 50 rows on 2 processes) hands its
+    first rows to the range before it (:func:`_realigned`), so that each range packs whole
+    stored rows where it lives."""
     p = rows_per_packed_row(rank)
     if p == 1:
         return layout, factors, (table.num_embeddings, rank)
-    misaligned = [r.row for r in layout if r.row % p]
-    if misaligned:
-        raise ValueError(
-            f"table {table.name!r}: rank {rank} is stored {p} rows to a row, but its row shards "
-            f"start at rows {misaligned}, not multiples of {p}; shard it table-wise, or choose a "
-            "rank that is a multiple of 4"
-        )
+    layout, factors = _realigned(layout, factors, p, table.num_embeddings, rank)
     packed_layout = [_RowRange(r.row // p, -(-r.rows // p), r.blocks) for r in layout]
     packed = {row // p: pack_factor_rows(part, p) for row, part in factors.items()}
     return packed_layout, packed, (-(-table.num_embeddings // p), p * rank)
+
+
+def _realigned(
+    layout: list[_RowRange],
+    factors: dict[int, torch.Tensor],
+    p: int,
+    num_rows: int,
+    rank: int,
+) -> tuple[list[_RowRange], dict[int, torch.Tensor]]:
+    """Row ranges moved to start at multiples of ``p`` (collective; point to point).
+
+    Range ``i`` keeps its lead and now covers ``[ceil(start_i / p) p, ceil(start_{i+1} / p) p)``:
+    the rows in between move from their old lead to their new one, in the same order on every
+    process.  Only the few rows at each boundary travel; a range left empty holds no rows.
+    """
+    if all(r.row % p == 0 for r in layout):
+        return layout, factors
+    me = dist.get_rank()
+    starts = [0] + [min(-(-r.row // p) * p, num_rows) for r in layout[1:]]
+    ends = [*starts[1:], num_rows]
+    moved: dict[int, torch.Tensor] = {}
+    dtype = next(iter(factors.values())).dtype if factors else torch.float32
+    for new, start, end in zip(layout, starts, ends, strict=True):
+        pieces = []
+        for old in layout:
+            lo, hi = max(start, old.row), min(end, old.row + old.rows)
+            if lo >= hi:
+                continue
+            if old.lead == new.lead:
+                if me == new.lead:
+                    pieces.append(factors[old.row][lo - old.row : hi - old.row])
+            elif me == old.lead:
+                dist.send(factors[old.row][lo - old.row : hi - old.row].contiguous(), new.lead)
+            elif me == new.lead:
+                received = torch.empty(hi - lo, rank, dtype=dtype)
+                dist.recv(received, old.lead)
+                pieces.append(received)
+        if me == new.lead and pieces:
+            moved[start] = torch.cat(pieces)
+    realigned = [
+        _RowRange(start, end - start, r.blocks)
+        for r, start, end in zip(layout, starts, ends, strict=True)
+        if end > start
+    ]
+    return realigned, moved

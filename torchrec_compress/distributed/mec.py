@@ -47,6 +47,7 @@ from torchrec_compress.distributed.lowrank import (
     _row_ranges,
     _RowRange,
     check_compressed_state,
+    lookup_counting_modules,
     save_compressed_state,
 )
 from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
@@ -345,7 +346,7 @@ def _global_counts(
         model,
         calibration,
         forward_fn,
-        {inner.get_submodule(fqn): c for fqn, c in counters.items()},
+        lookup_counting_modules(inner, counters),
         {},
     )
     local = [counters[fqn].counts()[t.name] for fqn, t in tables]

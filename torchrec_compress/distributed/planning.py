@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,8 +19,12 @@ from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
 )
 
-from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
+from torchrec_compress.distributed.embeddingbag import (
+    CPURowWiseEmbeddingBagCollectionSharder,
+    has_in_backward_optimizers,
+)
 from torchrec_compress.distributed.lowrank_embeddingbag import (
+    CompositeLowRankSharder,
     FeatureProcessedLowRankSharder,
     LowRankEmbeddingBagCollectionSharder,
 )
@@ -27,6 +32,8 @@ from torchrec_compress.distributed.pq_embeddingbag import (
     PQEmbeddingBagCollectionSharder,
     PQFeatureProcessedEmbeddingBagCollectionSharder,
 )
+from torchrec_compress.distributed.replicated import ReplicatedCollectionSharder
+from torchrec_compress.modules.lowrank_embedding_bag import CompositeLowRankEmbeddingBagCollection
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
 
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
@@ -44,9 +51,13 @@ def default_sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Mo
     (plain or low-rank: :class:`FeatureProcessedLowRankSharder`, which extends TorchRec's;
     product-quantized: :class:`PQFeatureProcessedEmbeddingBagCollectionSharder`).
 
+    Given ``model``, the EBC sharder does not offer ``data_parallel`` when a table carries
+    in-backward optimizers (TorchRec's data-parallel kernel would drop them), and composite
+    low-rank collections are offered the sharding types of their factor collections.
+
     Args:
         model (Optional[nn.Module]): the model to shard; ``None`` assumes no product-quantized
-            FPEBC.
+            FPEBC, no in-backward optimizer and product-quantized composite factors.
 
     Raises:
         ValueError: ``model`` holds FPEBCs of both kinds (no single sharder can plan them).
@@ -57,19 +68,73 @@ def default_sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Mo
         >>> LowRankEmbeddingBagCollection in {s.module_type for s in default_sharders()}
         True
     """
-    ebc_sharder = CPURowWiseEmbeddingBagCollectionSharder()
-    fp_sharder: ModuleSharder[nn.Module] = FeatureProcessedLowRankSharder(ebc_sharder)
+    in_backward = model is not None and any(
+        has_in_backward_optimizers(m)
+        for m in model.modules()
+        if isinstance(m, EmbeddingBagCollection)
+    )
+    ebc_sharder = CPURowWiseEmbeddingBagCollectionSharder(data_parallel=not in_backward)
+    pq_sharder = PQEmbeddingBagCollectionSharder()
+    replicated = ReplicatedCollectionSharder()
+    factors = _composite_factor_kind(model) if model is not None else None
+    composite_sharder = CompositeLowRankSharder(
+        replicated if factors is QuantEmbeddingBagCollection else pq_sharder,
+        [pq_sharder, replicated],
+    )
+    fp_sharder: ModuleSharder[nn.Module] = FeatureProcessedLowRankSharder(
+        ebc_sharder,
+        composite_sharder=composite_sharder
+        if model is not None and _fpebc_composites(model)
+        else None,
+    )
     if model is not None and _product_quantized_fpebcs(model):
         fp_sharder = PQFeatureProcessedEmbeddingBagCollectionSharder()
     sharders: list[ModuleSharder[nn.Module]] = [
         ebc_sharder,
-        PQEmbeddingBagCollectionSharder(),
+        pq_sharder,
         LowRankEmbeddingBagCollectionSharder(ebc_sharder),
+        composite_sharder,
         fp_sharder,
     ]
     replaced = (EmbeddingBagCollection, FeatureProcessedEmbeddingBagCollection)
     sharders += [s for s in get_default_sharders() if s.module_type not in replaced]
     return sharders
+
+
+def _composite_factor_kind(model: nn.Module) -> type[nn.Module] | None:
+    """The type of the factor collections of the model's composite low-rank collections (one
+    kind per model: DMP takes one sharder per module type)."""
+    kinds = {
+        fqn or "<model>": type(m.factor_ebc)
+        for fqn, m in model.named_modules()
+        if isinstance(m, CompositeLowRankEmbeddingBagCollection)
+    }
+    if len(set(kinds.values())) > 1:
+        raise ValueError(
+            "one sharder per module type: the low-rank collections "
+            + ", ".join(f"{k} (factors: {v.__name__})" for k, v in sorted(kinds.items()))
+            + " compress their factor tables differently and cannot be sharded in one model; "
+            "compress all of them alike"
+        )
+    return next(iter(kinds.values()), None)
+
+
+def _fpebc_composites(model: nn.Module) -> bool:
+    """Whether the FPEBCs of ``model`` wrap composite low-rank collections (all or none)."""
+    kinds = {
+        fqn or "<model>": type(m._embedding_bag_collection)
+        is CompositeLowRankEmbeddingBagCollection
+        for fqn, m in model.named_modules()
+        if isinstance(m, FeatureProcessedEmbeddingBagCollection)
+    }
+    if len(set(kinds.values())) > 1:
+        raise ValueError(
+            "one sharder per module type: FeatureProcessedEmbeddingBagCollections over "
+            f"composite low-rank collections {sorted(k for k, c in kinds.items() if c)} and over "
+            f"other collections {sorted(k for k, c in kinds.items() if not c)} cannot be sharded "
+            "in one model; compress all of them alike"
+        )
+    return any(kinds.values())
 
 
 def _product_quantized_fpebcs(model: nn.Module) -> bool:
@@ -128,20 +193,28 @@ def training_sharders(
 
 
 def table_constraints(
-    model: nn.Module, sharding_type: str | None, world_size: int
+    model: nn.Module,
+    sharding_type: str | None,
+    world_size: int,
+    constraints: dict[str, ParameterConstraints] | None = None,
 ) -> dict[str, ParameterConstraints]:
-    """Constraints forcing every table of every EBC in ``model`` to ``sharding_type``.
+    """Constraints forcing every table of every EBC in ``model`` to ``sharding_type``, or the
+    caller's ``constraints`` (per table name, as TorchRec's planner takes them).
 
     Column-wise splitting needs ``min_partition`` no larger than ``dim / world_size`` (TorchRec's
     default keeps small tables whole); it is set so that each column shard is at least 4 wide.
     """
+    if constraints is not None:
+        if sharding_type is not None:
+            raise ValueError("pass either sharding_type or constraints, not both")
+        return dict(constraints)
     if sharding_type is None:
         return {}
     if sharding_type not in SHARDING_TYPES:
         raise ValueError(
             f"unknown sharding type {sharding_type!r}; valid: {', '.join(SHARDING_TYPES)}"
         )
-    constraints: dict[str, ParameterConstraints] = {}
+    forced: dict[str, ParameterConstraints] = {}
     for module in model.modules():
         if not isinstance(module, (EmbeddingBagCollection, PQEmbeddingBagCollection)):
             continue
@@ -152,10 +225,10 @@ def table_constraints(
                 ShardingType.TABLE_COLUMN_WISE.value,
             ):
                 min_partition = max(4, config.embedding_dim // world_size)
-            constraints[config.name] = ParameterConstraints(
+            forced[config.name] = ParameterConstraints(
                 sharding_types=[sharding_type], min_partition=min_partition
             )
-    return constraints
+    return forced
 
 
 def plan_model(
@@ -164,6 +237,7 @@ def plan_model(
     sharding_type: str | None = None,
     sharders: list[ModuleSharder[nn.Module]] | None = None,
     pg: dist.ProcessGroup | None = None,
+    constraints: dict[str, ParameterConstraints] | None = None,
 ) -> ShardingPlan:
     """Plan ``model`` (any device, ``meta`` included) on ``topology`` with TorchRec's planner.
 
@@ -173,6 +247,8 @@ def plan_model(
         sharding_type: force one sharding type for every table (``None``: planner's choice).
         sharders: defaults to :func:`default_sharders`.
         pg: when given, rank 0 plans and the plan is broadcast (``collective_plan``).
+        constraints: TorchRec ``ParameterConstraints`` per table name (instead of
+            ``sharding_type``).
 
     Example::
 
@@ -190,11 +266,43 @@ def plan_model(
     sharders = sharders if sharders is not None else default_sharders(model)
     planner = EmbeddingShardingPlanner(
         topology=topology,
-        constraints=table_constraints(model, sharding_type, topology.world_size),
+        constraints=table_constraints(model, sharding_type, topology.world_size, constraints),
     )
     if pg is not None:
-        return planner.collective_plan(model, sharders, pg)
+        return collective_plan(planner, model, sharders, pg)
     return planner.plan(model, sharders)
+
+
+def collective_plan(
+    planner: EmbeddingShardingPlanner,
+    model: nn.Module,
+    sharders: list[ModuleSharder[nn.Module]],
+    pg: dist.ProcessGroup,
+) -> ShardingPlan:
+    """``planner.collective_plan``, but a plan rank 0 cannot make fails on every rank.
+
+    TorchRec's ``collective_plan`` plans on rank 0 and broadcasts the plan: when rank 0 raises
+    (no sharding option left under the constraints, not enough memory), the other ranks wait
+    for the broadcast until the process group's timeout.  Here rank 0 broadcasts its error
+    instead, and every rank raises it (same type when it can be rebuilt from its message).
+    """
+    result: list[Any] = [None]
+    if dist.get_rank(pg) == 0:
+        try:
+            result[0] = planner.plan(model, sharders)
+        except Exception as error:  # noqa: BLE001 - re-raised on every rank below
+            result[0] = (type(error), str(error))
+    dist.broadcast_object_list(result, src=dist.get_global_rank(pg, 0), group=pg)
+    if isinstance(result[0], tuple):
+        error_type, message = result[0]
+        try:
+            refusal = error_type(message)
+        except Exception:  # noqa: BLE001 - an error type that takes other arguments
+            refusal = RuntimeError(f"{error_type.__name__}: {message}")
+        raise refusal
+    plan = result[0]
+    assert isinstance(plan, ShardingPlan)
+    return plan
 
 
 def shard_model(
@@ -202,8 +310,10 @@ def shard_model(
     device: torch.device,
     sharding_type: str | None = None,
     pg: dist.ProcessGroup | None = None,
+    constraints: dict[str, ParameterConstraints] | None = None,
 ) -> DistributedModelParallel:
-    """Wrap ``model`` in ``DistributedModelParallel`` with a plan from TorchRec's planner.
+    """Wrap ``model`` in ``DistributedModelParallel`` with a plan from TorchRec's planner
+    (every table forced to ``sharding_type``, or planned under ``constraints`` per table name).
 
     Attach fused (in-backward) optimizers before calling this, so that the planner counts their
     state.  On CPU, DMP does not copy the source weights into the shards: use
@@ -217,7 +327,7 @@ def shard_model(
         local_world_size=dist.get_world_size(pg) if device.type == "cpu" else None,
     )
     sharders = training_sharders(default_sharders(model))
-    plan = plan_model(model, topology, sharding_type, sharders, pg)
+    plan = plan_model(model, topology, sharding_type, sharders, pg, constraints)
     return DistributedModelParallel(
         module=model, device=device, plan=plan, sharders=sharders, init_data_parallel=True
     )

@@ -49,8 +49,6 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
-from torch.distributed.optim import _apply_optimizer_in_backward
-from torch.distributed.optim.apply_optimizer_in_backward import param_to_optim_hook_handle_map
 from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel, KJTList
 from torchrec.distributed.types import (
@@ -66,13 +64,20 @@ from torchrec.distributed.types import (
 )
 from torchrec.distributed.utils import append_prefix, init_parameters
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.modules.feature_processor_ import FeatureProcessorsCollection
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
-from torchrec.optim.fused import FusedOptimizer, FusedOptimizerModule
+from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
+from torchrec_compress.distributed.in_backward import (
+    InBackwardFusedOptimizer,
+    copy_in_backward_optimizers,
+    in_backward_group,
+    step_in_backward,
+)
 from torchrec_compress.distributed.state import shard_rank
 from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection, pq_feature_lookup
 
@@ -190,104 +195,6 @@ def _all_to_all(
     return out
 
 
-def _copy_in_backward_optimizers(source: Tensor, target: nn.Parameter) -> None:
-    """Attaches to ``target`` the in-backward optimizers attached to ``source`` (new instances).
-
-    ``apply_optimizer_in_backward`` records the optimizer classes and settings on the parameter;
-    a sharded module that builds new parameters must attach them again, or they are dropped.
-    The step itself is hooked by :func:`_step_in_backward`.
-    """
-    classes = getattr(source, "_optimizer_classes", [])
-    settings = getattr(source, "_optimizer_kwargs", [{}] * len(classes))
-    for optimizer_class, kwargs in zip(classes, settings, strict=True):
-        _apply_optimizer_in_backward(optimizer_class, [target], kwargs, register_hook=False)
-
-
-def _step_in_backward(param: nn.Parameter, pg: dist.ProcessGroup | None) -> None:
-    """Steps ``param``'s in-backward optimizers once its gradient is averaged over ``pg``.
-
-    DDP's semantics for a replicated parameter, without DDP: its own in-backward path needs an
-    accelerator (it waits on ``torch.accelerator.current_stream()``), so such parameters are
-    left out of DDP (``sharded_parameter_names``).  The per-parameter hook PyTorch's
-    ``_apply_optimizer_in_backward`` registered (a step on the local gradient) is removed.
-    """
-    for handle in param_to_optim_hook_handle_map.pop(param, []):
-        handle.remove()
-
-    def step(param: Tensor) -> None:
-        assert param.grad is not None
-        if pg is not None:
-            dist.all_reduce(param.grad, group=pg)
-            param.grad /= dist.get_world_size(pg)
-        for optimizer in param._in_backward_optimizers:  # type: ignore[attr-defined]
-            optimizer.step()
-        param.grad = None
-
-    param.register_post_accumulate_grad_hook(step)
-
-
-def _in_backward_group(pg: dist.ProcessGroup, needed: bool) -> dist.ProcessGroup | None:
-    """A group of their own for in-backward all-reduces (they interleave with DDP's); collective."""
-    if not needed or dist.get_world_size(pg) < 2:
-        return None
-    return dist.new_group(ranks=dist.get_process_group_ranks(pg))
-
-
-class InBackwardFusedOptimizer(FusedOptimizer):
-    """The in-backward optimizers of some parameters, seen as one TorchRec ``KeyedOptimizer``.
-
-    The updates happen in backward (once the gradient is all-reduced), so ``step`` and
-    ``zero_grad`` do nothing; ``state_dict`` / ``load_state_dict`` reach the live state of the
-    underlying optimizers under the parameters' keys, as for TorchRec's fused optimizers.
-
-    Args:
-        params (Dict[str, nn.Parameter]): key -> parameter (e.g. ``codebooks.<table>``); those
-            without an in-backward optimizer are left out.
-
-    Example::
-
-        >>> from torch.distributed.optim import _apply_optimizer_in_backward
-        >>> books = nn.Parameter(torch.zeros(2, 4, 3))
-        >>> _apply_optimizer_in_backward(torch.optim.SGD, [books], {"lr": 0.1})
-        >>> list(InBackwardFusedOptimizer({"codebooks.t": books}).params)
-        ['codebooks.t']
-    """
-
-    def __init__(self, params: Mapping[str, nn.Parameter]) -> None:
-        fused = {k: p for k, p in params.items() if hasattr(p, "_in_backward_optimizers")}
-        optimizers = [o for p in fused.values() for o in p._in_backward_optimizers]
-        super().__init__(
-            fused,
-            _OptimizerStates(optimizers),
-            [group for o in optimizers for group in o.param_groups],
-        )
-
-    def step(self, closure: Any = None) -> None:
-        """Nothing: the parameters were updated in backward."""
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """Nothing: the in-backward step already cleared the gradients."""
-
-
-class _OptimizerStates(Mapping[Tensor, Any]):
-    """Live union of several optimizers' ``state`` (filled lazily at their first step)."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        self._optimizers = optimizers
-
-    def __getitem__(self, param: Tensor) -> Any:
-        for optimizer in self._optimizers:
-            if param in optimizer.state:
-                return optimizer.state[param]
-        raise KeyError(param)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        return (p for o in self._optimizers for p in o.state)
-
-    def __len__(self) -> int:
-        return sum(len(o.state) for o in self._optimizers)
-
-
 class ShardedPQEmbeddingBagCollection(
     ShardedModule[KJTList, Tensor, KeyedTensor, PQShardingContext], FusedOptimizerModule
 ):
@@ -337,7 +244,11 @@ class ShardedPQEmbeddingBagCollection(
         self._table_names: list[str] = [t.name for t in tables]
         self._feature_names: list[list[str]] = [list(t.feature_names) for t in tables]
         self._pooling_is_mean: list[bool] = [t.pooling == PoolingType.MEAN for t in tables]
-        self._embedding_names: list[str] = [n for names in self._feature_names for n in names]
+        # output keys as TorchRec names them: "feature@table" for a feature read by several tables
+        self._embedding_names_by_table: list[list[str]] = get_embedding_names_by_table(tables)
+        self._embedding_names: list[str] = [
+            n for names in self._embedding_names_by_table for n in names
+        ]
         self._lengths_per_embedding: list[int] = [
             t.embedding_dim for t in tables for _ in t.feature_names
         ]
@@ -381,10 +292,10 @@ class ShardedPQEmbeddingBagCollection(
         tables = [
             t for t in self._table_names if hasattr(module.codebooks[t], "_optimizer_classes")
         ]
-        pg = _in_backward_group(self._pg, bool(tables))
+        pg = in_backward_group(self._pg, bool(tables))
         for name in tables:
-            _copy_in_backward_optimizers(module.codebooks[name], self.codebooks[name])
-            _step_in_backward(self.codebooks[name], pg)
+            copy_in_backward_optimizers(module.codebooks[name], self.codebooks[name])
+            step_in_backward(self.codebooks[name], pg)
         return tables
 
     def _build_routing(self, device: torch.device) -> None:
@@ -468,15 +379,19 @@ class ShardedPQEmbeddingBagCollection(
             )
             grouped += features
             self._flatten(groups[-1])
+        # input features (a shared one repeated) and output keys, in the grouped order
         self._grouped_names: list[str] = [
             n for g in groups for i in g.tables for n in self._feature_names[i]
         ]
-        position = {name: i for i, name in enumerate(self._grouped_names)}
+        grouped_outputs = [
+            n for g in groups for i in g.tables for n in self._embedding_names_by_table[i]
+        ]
+        position = {name: i for i, name in enumerate(grouped_outputs)}
         self._regroup: list[int] | None = [position[n] for n in self._embedding_names]
         if self._regroup == list(range(len(self._regroup))):
             self._regroup = None
         dim_of = dict(zip(self._embedding_names, self._lengths_per_embedding, strict=True))
-        self._grouped_dims: list[int] = [dim_of[n] for n in self._grouped_names]
+        self._grouped_dims: list[int] = [dim_of[n] for n in grouped_outputs]
         self._feature_tables = torch.tensor(grouped, dtype=torch.long, device=device)
         self._feature_is_mean = torch.tensor(
             [self._pooling_is_mean[i] for i in grouped], dtype=torch.bool, device=device
@@ -726,6 +641,28 @@ class ShardedPQEmbeddingBagCollection(
         codes[ctx.order] = returned
         return LazyNoWait(self._pool(ctx, codes))
 
+    def process_local_features(
+        self, ctx: PQShardingContext, processors: nn.Module, is_collection: bool
+    ) -> None:
+        """Applies an enclosing FPEBC's feature processors to the local batch before pooling.
+
+        Args:
+            ctx (PQShardingContext): this forward's context (``input_dist`` recorded the batch).
+            processors (nn.Module): a ``FeatureProcessorsCollection``, or a ``ModuleDict`` of
+                per-feature processors.
+            is_collection (bool): which of the two ``processors`` is.
+        """
+        assert ctx.input is not None, "input_dist records the local batch"
+        if is_collection:
+            ctx.ordered = self._in_grouped_order(processors(ctx.input))
+            return
+        assert isinstance(processors, nn.ModuleDict)
+        assert ctx.ordered is not None
+        ctx.features = {
+            name: processors[name](feature) if name in processors else feature
+            for name, feature in ctx.ordered.to_dict().items()
+        }
+
     def _pool(self, ctx: PQShardingContext, code_rows: Tensor) -> KeyedTensor:
         """Pools the local bags: one kernel call per group of tables, all its features at once.
 
@@ -956,11 +893,11 @@ class ShardedPQFeatureProcessedEmbeddingBagCollection(
             for name, p in self._feature_processors.named_parameters()
             if hasattr(p, "_in_backward_optimizers")
         ]
-        pg = _in_backward_group(
+        pg = in_backward_group(
             self._embedding_bag_collection._pg, bool(self._fused_processor_params)
         )
         for name in self._fused_processor_params:
-            _step_in_backward(self._feature_processors.get_parameter(name), pg)
+            step_in_backward(self._feature_processors.get_parameter(name), pg)
         self._fused_optimizer = InBackwardFusedOptimizer(
             {
                 **{
@@ -989,18 +926,9 @@ class ShardedPQFeatureProcessedEmbeddingBagCollection(
 
     def output_dist(self, ctx: PQShardingContext, output: Tensor) -> LazyAwaitable[KeyedTensor]:
         """Processes the local features (per-id weights), then the inner collection pools them."""
-        assert ctx.input is not None, "input_dist records the local batch"
-        if self._is_collection:
-            processed = self._feature_processors(ctx.input)
-            ctx.ordered = self._embedding_bag_collection._in_grouped_order(processed)
-        else:
-            processors = self._feature_processors
-            assert isinstance(processors, nn.ModuleDict)
-            assert ctx.ordered is not None
-            ctx.features = {
-                name: processors[name](feature) if name in processors else feature
-                for name, feature in ctx.ordered.to_dict().items()
-            }
+        self._embedding_bag_collection.process_local_features(
+            ctx, self._feature_processors, self._is_collection
+        )
         return self._embedding_bag_collection.output_dist(ctx, output)
 
     @property
