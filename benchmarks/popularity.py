@@ -109,7 +109,7 @@ def reconstructed_rows(model: nn.Module, name: str) -> torch.Tensor:
             return factors
         return factors @ ebc.projection[name].detach() + ebc.mean[name].detach()
     if isinstance(ebc, PQEmbeddingBagCollection):
-        return decode(getattr(ebc.codes, name), getattr(ebc.codebooks, name).detach())
+        return decode(getattr(ebc.codes, name), ebc.codebook(name).detach())
     return ebc.embedding_bags[name].weight.detach()
 
 

@@ -209,9 +209,11 @@ def _pipeline_checks(rank: int, world_size: int) -> dict[str, float]:
             float((plain[k] - piped[k]).abs().max()) for k in plain
         )
         out[f"pipeline/{sharding_type}/moved"] = max(
-            float((plain[k] - state[k.removeprefix("module.")]).abs().max())
+            # parameters are [M * K, dsub] (a row per codeword), state dicts [M, K, dsub]
+            float((plain[k].view_as(state[key]) - state[key]).abs().max())
             for k in plain
             if "codebooks." in k
+            for key in [k.removeprefix("module.")]
         )
     return out
 
@@ -400,8 +402,10 @@ def _fp_model(per_feature: bool = False) -> _FPModel:
 
 
 def _adagrad_step(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``param`` after one Adagrad step on ``grad`` (what an in-backward Adagrad must give)."""
-    updated = nn.Parameter(param.detach().clone())
+    """``param`` after one Adagrad step on ``grad`` (what an in-backward Adagrad must give;
+    ``param`` as the parameter is shaped: codebooks are ``[M * K, dsub]``, ``[M, K, dsub]`` in
+    state dicts)."""
+    updated = nn.Parameter(param.detach().clone().view_as(grad))
     updated.grad = grad
     torch.optim.Adagrad([updated], lr=LR).step()
     return updated.detach()

@@ -198,7 +198,8 @@ def _describe(module: nn.Module, configs: Sequence[CompressionConfig]) -> dict[s
             "kind": "pq",
             "tables": {
                 name: {"num_subspaces": int(b.shape[0]), "num_centroids": int(b.shape[1])}
-                for name, b in module.codebooks.items()
+                for name in module.codebooks
+                for b in [module.codebook(name)]
             },
         }
     elif isinstance(module, (QuantEmbeddingBagCollection, EmbeddingBagCollection)):

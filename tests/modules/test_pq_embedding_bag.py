@@ -95,8 +95,8 @@ def test_gradient_reaches_codebooks() -> None:
     upstream = torch.randn(4, 22, generator=torch.Generator().manual_seed(2))
     (pq(features).values() * upstream).sum().backward()
     # Reference: the same loss through the decoded table (decode is differentiable in codebooks).
-    for name, books in pq.codebooks.items():
-        ref_books = books.detach().clone().requires_grad_()
+    for name, books in pq.codebooks.items():  # [M * K, dsub]: a row per codeword
+        ref_books = pq.codebook(name).detach().clone().requires_grad_()
         ebc = _float_ebc(pq, PoolingType.SUM, True)
         ref_pooled = {}
         weight = decode(getattr(pq.codes, name), ref_books)
@@ -117,7 +117,9 @@ def test_gradient_reaches_codebooks() -> None:
         )
         loss.backward()
         assert books.grad is not None and books.grad.abs().sum() > 0
-        torch.testing.assert_close(books.grad, ref_books.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            books.grad.view_as(ref_books), ref_books.grad, atol=1e-5, rtol=1e-5
+        )
     assert not pq.codes.t_user.requires_grad
 
 

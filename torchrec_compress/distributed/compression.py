@@ -135,7 +135,7 @@ def _skeleton_of(module: ShardedModule[Any, Any, Any, Any], fqn: str) -> nn.Modu
             for t in configs
             for local in [getattr(module.codes, t.name)]
         }
-        books = {n: torch.empty_like(b, device=META) for n, b in module.codebooks.items()}
+        books = {n: torch.empty_like(module._codebook(n), device=META) for n in module.codebooks}
         return PQEmbeddingBagCollection(configs, codes, books, module.is_weighted())
     if isinstance(module, ShardedEmbeddingBagCollection):
         # TorchRec's sharded EBC keeps its configs and weighting, without a public getter

@@ -40,6 +40,7 @@ processes that own them.  The float table is never gathered.
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -79,7 +80,13 @@ from torchrec_compress.distributed.in_backward import (
     step_in_backward,
 )
 from torchrec_compress.distributed.state import shard_rank
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection, pq_feature_lookup
+from torchrec_compress.modules.pq_embedding_bag import (
+    PQEmbeddingBagCollection,
+    codebook_rows_in_state,
+    codebook_view,
+    codebooks_in_state,
+    pq_feature_lookup,
+)
 
 SHARDING_TYPES: tuple[str, ...] = (
     ShardingType.TABLE_WISE.value,
@@ -255,7 +262,8 @@ class ShardedPQEmbeddingBagCollection(
         self._table_shardings: dict[str, ParameterSharding] = dict(table_shardings)
 
         self.codes = nn.Module()
-        self.codebooks = nn.ParameterDict()
+        self.codebooks = nn.ParameterDict()  # [M * K, dsub] per table, as in the module
+        self._subspaces: dict[str, int] = dict(module._subspaces)
         self._shards: dict[str, _TableShards] = {}
         for table in tables:
             source_codes: Tensor = getattr(module.codes, table.name)
@@ -286,6 +294,9 @@ class ShardedPQEmbeddingBagCollection(
         self._groups: list[_CodeGroup] = self._build_groups(device)
         self._register_state_dict_hook(self._codes_as_sharded_tensors)
         self._register_load_state_dict_pre_hook(self._codes_from_state_dict, with_module=False)
+        self._register_load_state_dict_pre_hook(
+            partial(codebook_rows_in_state, self._subspaces), with_module=False
+        )
 
     def _attach_in_backward_optimizers(self, module: PQEmbeddingBagCollection) -> list[str]:
         """Re-attaches the source codebooks' in-backward optimizers; returns those tables."""
@@ -348,8 +359,8 @@ class ShardedPQEmbeddingBagCollection(
         keys: dict[tuple[torch.dtype, int, int], list[int]] = {}
         for index, name in enumerate(self._table_names):
             codes: Tensor = getattr(self.codes, name)
-            keys.setdefault((codes.dtype, codes.shape[1], self.codebooks[name].shape[2]), [])
-            keys[(codes.dtype, codes.shape[1], self.codebooks[name].shape[2])].append(index)
+            keys.setdefault((codes.dtype, codes.shape[1], self.codebooks[name].shape[1]), [])
+            keys[(codes.dtype, codes.shape[1], self.codebooks[name].shape[1])].append(index)
         groups: list[_CodeGroup] = []
         grouped: list[int] = []  # table index of each feature, in the grouped order
         table_group, code_shift, flat_base = (
@@ -362,7 +373,7 @@ class ShardedPQEmbeddingBagCollection(
             for index in tables:
                 name = self._table_names[index]
                 table_group[index], code_shift[index], flat_base[index] = len(groups), shift, base
-                shift += self.codebooks[name].shape[1]
+                shift += self._codebook(name).shape[1]
                 base += getattr(self.codes, name).shape[0]
             features = [index for index in tables for _ in self._feature_names[index]]
             groups.append(
@@ -511,6 +522,7 @@ class ShardedPQEmbeddingBagCollection(
     ) -> None:
         for name in self._table_names:
             state_dict[f"{prefix}codes.{name}"] = self.sharded_codes(name)
+        codebooks_in_state(self._subspaces, state_dict, prefix)
 
     def _codes_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: object
@@ -544,7 +556,7 @@ class ShardedPQEmbeddingBagCollection(
                     f"{key}: expected the full codes [{table.num_embeddings}, {local.shape[1]}] "
                     f"or a ShardedTensor, got shape {list(value.shape)}"
                 )
-            ksub = self.codebooks[table.name].shape[1]
+            ksub = self._codebook(table.name).shape[1]
             if value.numel() > 0 and (int(value.min()) < 0 or int(value.max()) >= ksub):
                 raise ValueError(
                     f"table {table.name!r}: codes must lie in [0, {ksub}) (K={ksub} codewords), "
@@ -681,7 +693,7 @@ class ShardedPQEmbeddingBagCollection(
             last = ctx.group_ends[index] if len(self._groups) > 1 else code_rows.shape[0]
             codes = code_rows[first:last, : group.width].view(group.dtype).to(torch.int32)
             codes += self._code_shift[ctx.table_of_id[first:last]].unsqueeze(1)
-            books = [self.codebooks[self._table_names[t]] for t in group.tables]
+            books = [self._codebook(self._table_names[t]) for t in group.tables]
             bags = slice(
                 group.first_feature * batch, (group.first_feature + group.num_features) * batch
             )
@@ -719,6 +731,10 @@ class ShardedPQEmbeddingBagCollection(
             return values
         chunks = values.split(self._grouped_dims, dim=1)
         return torch.cat([chunks[i] for i in self._regroup], dim=1)
+
+    def _codebook(self, name: str) -> Tensor:
+        """Table ``name``'s codebooks as ``[M, K, dsub]`` (a view of its parameter)."""
+        return codebook_view(self.codebooks[name], self._subspaces[name])
 
     @property
     def fused_optimizer(self) -> KeyedOptimizer:

@@ -10,6 +10,7 @@ memory traffic is ``M`` bytes of codes per id instead of ``d`` floats.
 """
 
 import warnings
+from functools import partial
 from typing import Any
 
 import torch
@@ -213,9 +214,9 @@ class _Codes(nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         if name in self.__dict__.get("exact", ()):
-            books = self.__dict__["_codebooks"][name]
-            ids = torch.arange(books.shape[1], device=books.device)
-            return ids.to(code_dtype(books.shape[1])).unsqueeze(1)
+            books = self.__dict__["_codebooks"][name]  # one subspace: [N, d], its rows
+            ids = torch.arange(books.shape[0], device=books.device)
+            return ids.to(code_dtype(books.shape[0])).unsqueeze(1)
         return super().__getattr__(name)
 
 
@@ -225,7 +226,10 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     Every table keeps its ``EmbeddingBagConfig`` (original ``num_embeddings`` and
     ``embedding_dim``); its rows are ``codes`` (a persistent buffer ``codes.<table>`` of shape
     ``[num_embeddings, M]``, ``uint8`` for ``K <= 256``, frozen) and ``codebooks`` (a trainable
-    parameter ``codebooks.<table>`` of shape ``[M, K, embedding_dim / M]``).  The output
+    parameter ``codebooks.<table>``, ``[M * K, embedding_dim / M]``: a row per codeword, so
+    that row-wise optimizers such as TorchRec's ``RowWiseAdagrad`` apply, as to any table;
+    :meth:`codebook` is its ``[M, K, embedding_dim / M]`` view, and state dicts hold that
+    view, as they did when the parameter was 3-D).  The output
     ``KeyedTensor`` has the keys, dims and order of the ``EmbeddingBagCollection`` built from the
     same configs, and equals its output when that EBC's weights are the decoded tables (SUM and
     MEAN pooling, weighted features, empty bags).  Loading a state dict whose codes are out of
@@ -273,6 +277,7 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         codebooks_dict = nn.ParameterDict()
         self.codes = _Codes(codebooks_dict)  # registered first: codes.* before codebooks.*
         self.codebooks = codebooks_dict
+        self._subspaces: dict[str, int] = {}  # M of each table
         seen: set[str] = set()
         for table in tables:
             if table.name in seen:
@@ -290,7 +295,9 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             _check_codes(
                 table.name, table_codes, table.num_embeddings, books.shape[0], books.shape[1]
             )
-            self.codebooks[table.name] = nn.Parameter(books.detach().float().clone())
+            self._subspaces[table.name] = books.shape[0]
+            rows = books.detach().float().reshape(-1, books.shape[2])
+            self.codebooks[table.name] = nn.Parameter(rows.clone())
             if _is_identity(table_codes, books.shape[1]):
                 self.codes.exact.add(table.name)
             else:
@@ -308,7 +315,11 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             t.embedding_dim for t in tables for _ in t.feature_names
         ]
         self.register_load_state_dict_pre_hook(self._check_loaded_codes)
+        self._register_load_state_dict_pre_hook(
+            partial(codebook_rows_in_state, self._subspaces), with_module=False
+        )
         self.register_state_dict_post_hook(_identity_codes_of_exact_tables)
+        self.register_state_dict_post_hook(partial(_codebooks_in_state_hook, self._subspaces))
         self._replication_checked = False
         self._id_ranges = FeatureIdRanges(tables)
 
@@ -332,7 +343,7 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         for table, names, mean in zip(
             self._embedding_bag_configs, self._feature_names, self._pooling_is_mean, strict=True
         ):
-            books = self.codebooks[table.name]
+            books = self.codebook(table.name)
             exact = table.name in self.codes.exact
             table_codes = None if exact else getattr(self.codes, table.name)
             for name in names:
@@ -389,11 +400,15 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             )
         return super().__getattr__(name)
 
+    def codebook(self, table_name: str) -> Tensor:
+        """Table ``table_name``'s codebooks as ``[M, K, dsub]`` (a view of its parameter)."""
+        return codebook_view(self.codebooks[table_name], self._subspaces[table_name])
+
     def decoded_weight(self, table_name: str) -> Tensor:
         """The ``[num_embeddings, embedding_dim]`` float table the codes stand for."""
         if table_name in self.codes.exact:
-            return self.codebooks[table_name][0]
-        return decode(getattr(self.codes, table_name), self.codebooks[table_name])
+            return self.codebooks[table_name]
+        return decode(getattr(self.codes, table_name), self.codebook(table_name))
 
     def stored_exactly(self) -> list[str]:
         """The tables stored exactly: their rows alone, no codes (see the class notes)."""
@@ -422,7 +437,7 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             key = f"{prefix}codes.{table.name}"
             if key not in state_dict:
                 continue
-            books = self.codebooks[table.name]
+            books = self.codebook(table.name)
             value = state_dict[key]
             _check_codes(table.name, value, table.num_embeddings, books.shape[0], books.shape[1])
             # codes decide whether a table is stored exactly; identity codes are not kept
@@ -437,6 +452,36 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 self.codes.register_buffer(
                     table.name, torch.empty(value.shape, dtype=dtype, device=books.device)
                 )
+
+
+def codebook_view(rows: Tensor, num_subspaces: int) -> Tensor:
+    """``[M * K, dsub]`` codebook rows as ``[M, K, dsub]`` (a view)."""
+    return rows.view(num_subspaces, -1, rows.shape[-1])
+
+
+def codebooks_in_state(subspaces: dict[str, int], state_dict: dict[str, Any], prefix: str) -> None:
+    """State dicts hold every table's codebooks as ``[M, K, dsub]`` (views of the parameters)."""
+    for name, num_subspaces in subspaces.items():
+        key = f"{prefix}codebooks.{name}"
+        if key in state_dict and state_dict[key].dim() == 2:
+            state_dict[key] = codebook_view(state_dict[key], num_subspaces)
+
+
+def _codebooks_in_state_hook(
+    subspaces: dict[str, int], module: nn.Module, state_dict: dict[str, Any], prefix: str, _: object
+) -> None:
+    codebooks_in_state(subspaces, state_dict, prefix)
+
+
+def codebook_rows_in_state(
+    subspaces: dict[str, int], state_dict: dict[str, Any], prefix: str, *args: object
+) -> None:
+    """Loads ``[M, K, dsub]`` codebooks into the ``[M * K, dsub]`` parameters."""
+    for name in subspaces:
+        key = f"{prefix}codebooks.{name}"
+        value = state_dict.get(key)
+        if isinstance(value, Tensor) and value.dim() == 3:
+            state_dict[key] = value.reshape(-1, value.shape[2])
 
 
 def _identity_codes_of_exact_tables(
