@@ -22,6 +22,7 @@ from torchrec.distributed.embedding_types import (
     EmbeddingComputeKernel,
     KJTList,
 )
+from torchrec.distributed.quant_embeddingbag import QuantEmbeddingBagCollectionSharder
 from torchrec.distributed.types import (
     Awaitable,
     LazyAwaitable,
@@ -106,14 +107,25 @@ class ShardedReplicatedCollection(
 
 
 class ReplicatedCollectionSharder(BaseEmbeddingSharder[QuantEmbeddingBagCollection]):
-    """Plans TorchRec's quantized ``EmbeddingBagCollection`` as ``data_parallel`` (one whole
-    copy per process, sized by its ``uint8`` rows) and runs it locally.
+    """Plans TorchRec's quantized ``EmbeddingBagCollection`` at its true size and, on CPU, runs
+    it whole on every process.
+
+    On CPU it offers ``data_parallel`` only (one whole copy per process, sized by its ``uint8``
+    rows with their fp16 scale and bias) and shards into :class:`ShardedReplicatedCollection`.
+    On an accelerator (e.g. planning the serving footprint of a GPU cluster) it offers what
+    TorchRec's inference sharder of quantized collections offers, and shards with it.
 
     Example::
 
         >>> ReplicatedCollectionSharder().sharding_types("cpu")
         ['data_parallel']
+        >>> "row_wise" in ReplicatedCollectionSharder().sharding_types("cuda")
+        True
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._inference = QuantEmbeddingBagCollectionSharder()
 
     def shard(
         self,
@@ -122,14 +134,16 @@ class ReplicatedCollectionSharder(BaseEmbeddingSharder[QuantEmbeddingBagCollecti
         env: ShardingEnv,
         device: torch.device | None = None,
         module_fqn: str | None = None,
-    ) -> ShardedReplicatedCollection:
+    ) -> ShardedModule[Any, Any, Any, Any]:
+        if device is not None and device.type != "cpu":
+            return self._inference.shard(module, params, env, device)
         wrong = sorted(n for n, p in params.items() if p.sharding_type != _DATA_PARALLEL)
         if wrong:
             raise ValueError(
                 f"tables {wrong} of a row-wise quantized collection are planned "
-                f"{sorted({params[n].sharding_type for n in wrong})}: its frozen rows are kept whole "
-                "on every process (data_parallel); plan with torchrec_compress.sharders(model), "
-                "which offers the planner only that for such a model"
+                f"{sorted({params[n].sharding_type for n in wrong})}: on CPU its frozen rows are "
+                "kept whole on every process (data_parallel); plan with "
+                "torchrec_compress.sharders(model), which offers the planner only that"
             )
         return ShardedReplicatedCollection(module)
 
@@ -151,10 +165,14 @@ class ReplicatedCollectionSharder(BaseEmbeddingSharder[QuantEmbeddingBagCollecti
         return QuantEmbeddingBagCollection
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        return [_DATA_PARALLEL]
+        if compute_device_type == "cpu":
+            return [_DATA_PARALLEL]
+        return self._inference.sharding_types(compute_device_type)
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
-        return [EmbeddingComputeKernel.DENSE.value]
+        if compute_device_type == "cpu":
+            return [EmbeddingComputeKernel.DENSE.value]
+        return self._inference.compute_kernels(sharding_type, compute_device_type)
 
 
 _DATA_PARALLEL = ShardingType.DATA_PARALLEL.value
