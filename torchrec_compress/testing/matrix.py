@@ -1,0 +1,787 @@
+"""The differential test matrix: random small configurations, sharded vs unsharded.
+
+A :class:`Case` is one seeded configuration: a TorchRec model (``TestSparseNN`` with weighted,
+position-weighted (``FeatureProcessedEmbeddingBagCollection``) and shared-feature tables,
+``DLRM``, ``DLRM_DCN``, ``DLRM_Projection``, ``SimpleDeepFMNN``), its tables (SUM / MEAN pooling
+per table, mixed dims, tiny and large tables, empty bags), a compression stack (AFM incl. packed
+ranks, SVD, MEC, PQ, row-wise int8, AFM→int8, AFM→MEC, or none), how the sharded model is made
+(compressed unsharded then sharded, or sharded then compressed with ``compress_`` on the DMP
+model and ``reshard``), a plan (TorchRec's planner on its own, or table-, row-, column-,
+table-row-wise, data-parallel or a random mix forced through ``ParameterConstraints``), a
+training recipe (Adagrad, RowWiseAdagrad or SGD applied in backward to the sparse arch, the
+standard TorchRec recipe) and a world size.
+
+:func:`run_case` (inside a process group, e.g. through
+:func:`~torchrec_compress.testing.multiprocess.run_multiprocess` via :func:`run_cases`) builds
+the unsharded compressed model and the sharded one from the same weights and compares
+
+* the forward on each process's own batch (``<= FORWARD_TOL``),
+* 3 training steps, through a plain loop and through ``TrainPipelineSparseDist``, against the
+  unsharded model trained on the union of all processes' batches (``<= TRAIN_TOL``).
+
+Its outcome is ``pass``, ``refuse`` (the library raised a ``ValueError`` /
+``NotImplementedError`` of its own: a clear refusal of an unsupported combination) or ``fail``
+(a difference above tolerance, or any other exception: a crash).  ``benchmarks/matrix.py`` runs
+hundreds of cases and prints the table; ``tests/distributed/test_matrix.py`` runs a slice.
+
+Example::
+
+    >>> from torchrec_compress.testing.matrix import generate_cases
+    >>> cases = generate_cases(seed=0, count=3)
+    >>> len(cases), cases[0] == generate_cases(seed=0, count=3)[0]
+    (3, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import random
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.test_utils.test_model import ModelInput, TestSparseNN
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ShardingType
+from torchrec.models.deepfm import SimpleDeepFMNN
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection, DLRMTrain
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+import torchrec_compress
+from torchrec_compress.distributed.compression import ShardedCompressionReport
+from torchrec_compress.distributed.planning import plan_model
+
+FORWARD_TOL = 1e-5
+TRAIN_TOL = 1e-4
+STEPS = 3
+NUM_DENSE = 6
+MODELS = ("sparsenn", "dlrm", "dcn", "projection", "deepfm")
+METHODS = ("none", "afm", "afm_k2", "svd", "mec", "pq", "int8", "afm+int8", "afm+mec")
+PLANS = (
+    "planner",
+    "table_wise",
+    "row_wise",
+    "column_wise",
+    "table_row_wise",
+    "data_parallel",
+    "mixed",
+)
+ROUTES = ("compress_then_shard", "shard_then_compress")
+RECIPES = ("adagrad", "rowwise_adagrad", "sgd")
+CPU, META = torch.device("cpu"), torch.device("meta")
+PACKAGE_DIR = str(Path(torchrec_compress.__file__).resolve().parent)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One table of a case.
+
+    Args:
+        name (str): table name.
+        rows (int): number of rows.
+        dim (int): embedding dimension.
+        pooling (str): ``"SUM"`` or ``"MEAN"``.
+        features (tuple[str, ...]): the features it reads (a feature may feed several tables).
+        kind (str): ``"plain"``, ``"weighted"`` (``idscore`` features) or ``"position"``
+            (position-weighted, in a ``FeatureProcessedEmbeddingBagCollection``).
+    """
+
+    name: str
+    rows: int
+    dim: int
+    pooling: str
+    features: tuple[str, ...]
+    kind: str = "plain"
+
+    def config(self) -> EmbeddingBagConfig:
+        return EmbeddingBagConfig(
+            name=self.name,
+            embedding_dim=self.dim,
+            num_embeddings=self.rows,
+            feature_names=list(self.features),
+            pooling=PoolingType[self.pooling],
+        )
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration of the matrix (see the module docstring).
+
+    Args:
+        seed (int): seeds weights, batches and compression.
+        model (str): one of :data:`MODELS`.
+        tables (tuple[TableSpec, ...]): the tables.
+        method (str): one of :data:`METHODS`.
+        plan (str): one of :data:`PLANS`.
+        world_size (int): number of processes.
+        route (str): one of :data:`ROUTES`.
+        recipe (str): one of :data:`RECIPES`.
+        mixed (tuple[str, ...]): for ``plan="mixed"``, the sharding type of each table.
+        batch_size (int): rows per process and step.
+    """
+
+    seed: int
+    model: str
+    tables: tuple[TableSpec, ...]
+    method: str
+    plan: str
+    world_size: int
+    route: str = "compress_then_shard"
+    recipe: str = "sgd"
+    mixed: tuple[str, ...] = ()
+    batch_size: int = 6
+
+    @property
+    def name(self) -> str:
+        tables = ",".join(
+            f"{t.rows}x{t.dim}{t.pooling[0]}{'' if t.kind == 'plain' else t.kind[0]}"
+            f"{'s' if self.shared(t) else ''}"
+            for t in self.tables
+        )
+        plan = self.plan if self.plan != "mixed" else "mixed(" + ",".join(self.mixed) + ")"
+        return (
+            f"s{self.seed}-{self.model}[{tables}]-{self.method}-{plan}-w{self.world_size}-"
+            f"{self.route}-{self.recipe}"
+        )
+
+    def shared(self, table: TableSpec) -> bool:
+        return any(
+            other is not table and set(other.features) & set(table.features)
+            for other in self.tables
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Case:
+        tables = tuple(TableSpec(**{**t, "features": tuple(t["features"])}) for t in data["tables"])
+        return cls(**{**data, "tables": tables, "mixed": tuple(data.get("mixed", ()))})
+
+
+@dataclass
+class Outcome:
+    """What :func:`run_case` found for one case on one process.
+
+    Args:
+        case (str): the case's name.
+        status (str): ``"pass"``, ``"refuse"`` or ``"fail"``.
+        detail (str): the error message, or which comparison failed.
+        errors (dict[str, float]): the largest difference of each comparison.
+        sharding (list[str]): the sharding types of the plan(s) the sharded model ran on.
+    """
+
+    case: str
+    status: str
+    detail: str = ""
+    errors: dict[str, float] = field(default_factory=dict)
+    sharding: list[str] = field(default_factory=list)
+
+
+# --- generating cases -------------------------------------------------------------------
+
+
+def _tables(rng: random.Random, model: str) -> tuple[TableSpec, ...]:
+    count = rng.randint(2, 4)
+    same_dim = rng.choice((8, 16))
+    specs: list[TableSpec] = []
+    for i in range(count):
+        rows = rng.choice((rng.randint(5, 40), rng.randint(100, 400), rng.randint(2000, 5000)))
+        dim = same_dim if model != "sparsenn" else rng.choice((8, 16))
+        pooling = rng.choice(("SUM", "MEAN"))
+        kind = "plain"
+        if model == "sparsenn" and i > 0:
+            kind = rng.choice(("plain", "plain", "weighted", "position"))
+        if kind != "plain":
+            pooling = "SUM"  # unsharded TorchRec pools weighted bags by SUM only
+        specs.append(TableSpec(f"t{i}", rows, dim, pooling, (f"f{i}",), kind))
+    plain = [i for i, t in enumerate(specs) if t.kind == "plain"]
+    if model == "sparsenn" and len(plain) >= 2 and rng.random() < 0.4:
+        # one feature feeds two tables (TorchRec's TestSparseNN layout); ids fit both
+        a, b = plain[:2]
+        rows = min(specs[a].rows, specs[b].rows)
+        specs[a] = replace(specs[a], rows=rows)
+        specs[b] = replace(specs[b], rows=rows, features=specs[a].features)
+    return tuple(specs)
+
+
+def generate_cases(
+    seed: int,
+    count: int,
+    models: Sequence[str] = MODELS,
+    methods: Sequence[str] = METHODS,
+    plans: Sequence[str] = PLANS,
+    world_sizes: Sequence[int] = (1, 2),
+) -> list[Case]:
+    """``count`` seeded random cases drawn over the given axes (same seed, same cases).
+
+    Example::
+
+        >>> [c.world_size in (1, 2) for c in generate_cases(seed=1, count=2)]
+        [True, True]
+    """
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        model = rng.choice(list(models))
+        tables = _tables(rng, model)
+        plan = rng.choice(list(plans))
+        mixed: tuple[str, ...] = ()
+        if plan == "mixed":
+            mixed = tuple(
+                rng.choice(("table_wise", "row_wise", "column_wise", "data_parallel"))
+                for _ in tables
+            )
+        cases.append(
+            Case(
+                seed=seed * 100_000 + i,
+                model=model,
+                tables=tables,
+                method=rng.choice(list(methods)),
+                plan=plan,
+                world_size=rng.choice(list(world_sizes)),
+                route=rng.choice(ROUTES),
+                recipe=rng.choice(RECIPES),
+                mixed=mixed,
+                batch_size=rng.choice((4, 6, 8)),
+            )
+        )
+    return cases
+
+
+# --- models and batches -----------------------------------------------------------------
+
+
+class DeepFMTrain(nn.Module):
+    """TorchRec's ``SimpleDeepFMNN`` with a loss, taking a ``Batch`` like ``DLRMTrain``."""
+
+    def __init__(self, model: SimpleDeepFMNN) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        logits = self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        loss = self.loss_fn(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels.detach())
+
+
+def build_model(case: Case, device: torch.device) -> nn.Module:
+    """The case's uncompressed model; weights depend only on ``case.seed`` (when on CPU)."""
+    torch.manual_seed(case.seed)
+    plain = [t.config() for t in case.tables if t.kind in ("plain", "position")]
+    if case.model == "sparsenn":
+        weighted = [t.config() for t in case.tables if t.kind == "weighted"]
+        position = {t.name: 4 for t in case.tables if t.kind == "position"}
+        names = [
+            f"{f}@{t.name}" if case.shared(t) else f
+            for t in case.tables
+            if t.kind != "weighted"
+            for f in t.features
+        ]
+        model = TestSparseNN(
+            tables=plain,
+            weighted_tables=weighted,
+            num_float_features=NUM_DENSE,
+            embedding_groups={"group_0": names},
+            dense_device=device,
+            sparse_device=device,
+            max_feature_lengths=position or None,
+        )
+        if position and device != META:
+            with torch.no_grad():  # position weights start at 1: make them matter
+                for name, p in model.named_parameters():
+                    if "position_weight" in name:
+                        p.uniform_(0.5, 1.5)
+        return model
+    dim = case.tables[0].dim
+    ebc = EmbeddingBagCollection(tables=plain, device=device)
+    if case.model == "deepfm":
+        return DeepFMTrain(
+            SimpleDeepFMNN(
+                num_dense_features=NUM_DENSE,
+                embedding_bag_collection=ebc,
+                hidden_layer_size=8,
+                deep_fm_dimension=4,
+            ).to(device)
+        )
+    arch: dict[str, Any] = dict(
+        embedding_bag_collection=ebc,
+        dense_in_features=NUM_DENSE,
+        dense_arch_layer_sizes=[16, dim],
+        over_arch_layer_sizes=[8, 1],
+        dense_device=device,
+    )
+    if case.model == "dlrm":
+        return DLRMTrain(DLRM(**arch))
+    if case.model == "dcn":
+        return DLRMTrain(DLRM_DCN(**arch, dcn_num_layers=2, dcn_low_rank_dim=4))
+    if case.model == "projection":
+        return DLRMTrain(
+            DLRM_Projection(
+                **arch,
+                interaction_branch1_layer_sizes=[16, 2 * dim],
+                interaction_branch2_layer_sizes=[16, 2 * dim],
+            )
+        )
+    raise ValueError(f"unknown model {case.model!r}; valid: {', '.join(MODELS)}")
+
+
+def sparse_arch(model: nn.Module) -> nn.Module:
+    """The module holding the case model's embedding collections (DMP-wrapped or not)."""
+    module = model.module if isinstance(model, DistributedModelParallel) else model
+    if isinstance(module, TestSparseNN):
+        return module.sparse
+    inner = module.model
+    arch = getattr(inner, "sparse_arch", None) or getattr(inner, "sparse_arch_module", None)
+    assert isinstance(arch, nn.Module)
+    return arch
+
+
+def _kjt(
+    features: list[tuple[str, int, int]], batch: int, g: torch.Generator, weighted: bool
+) -> KeyedJaggedTensor:
+    """Bags of 0..max ids (empty bags included) for ``(feature, rows, max length)``."""
+    lengths = [torch.randint(0, m + 1, (batch,), generator=g) for _, _, m in features]
+    values = [
+        torch.randint(0, rows, (int(n.sum()),), generator=g)
+        for (_, rows, _), n in zip(features, lengths, strict=True)
+    ]
+    total = int(sum(int(n.sum()) for n in lengths))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[f for f, _, _ in features],
+        values=torch.cat(values) if values else torch.empty(0, dtype=torch.long),
+        lengths=torch.cat(lengths).int(),
+        weights=torch.rand(total, generator=g) + 0.5 if weighted else None,
+    )
+
+
+def _features(case: Case, kinds: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """``(feature, rows every table reading it has, max bag length)`` of the given kinds."""
+    rows: dict[str, int] = {}
+    longest: dict[str, int] = {}
+    for t in case.tables:
+        if t.kind in kinds:
+            for f in t.features:
+                rows[f] = min(rows.get(f, t.rows), t.rows)
+                longest[f] = 4 if t.kind == "position" else 5
+    return [(f, rows[f], longest[f]) for f in rows]
+
+
+def make_batch(case: Case, rank: int, step: int) -> Any:
+    """Process ``rank``'s batch number ``step`` (a ``ModelInput`` or a ``Batch``)."""
+    g = torch.Generator().manual_seed(case.seed * 1000 + 100 * step + rank)
+    size = case.batch_size
+    dense = torch.randn(size, NUM_DENSE, generator=g)
+    labels = torch.randint(0, 2, (size,), generator=g).float()
+    idlist = _kjt(_features(case, ("plain", "position")), size, g, weighted=False)
+    if case.model == "sparsenn":
+        weighted = _features(case, ("weighted",))
+        return ModelInput(
+            float_features=dense,
+            idlist_features=idlist,
+            idscore_features=_kjt(weighted, size, g, weighted=True) if weighted else None,
+            label=labels,
+        )
+    return Batch(dense_features=dense, sparse_features=idlist, labels=labels)
+
+
+def _concat_kjt(kjts: list[KeyedJaggedTensor]) -> KeyedJaggedTensor:
+    keys = kjts[0].keys()
+    per_key = [k.to_dict() for k in kjts]
+    lengths, values, weights = [], [], []
+    for key in keys:
+        for d in per_key:
+            jt = d[key]
+            lengths.append(jt.lengths())
+            values.append(jt.values())
+            if jt.weights_or_none() is not None:
+                weights.append(jt.weights())
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.cat(values),
+        lengths=torch.cat(lengths).int(),
+        weights=torch.cat(weights) if weights else None,
+    )
+
+
+def union_batch(case: Case, step: int) -> Any:
+    """All processes' batches of ``step`` as one (what the unsharded model trains on)."""
+    batches = [make_batch(case, r, step) for r in range(case.world_size)]
+    if isinstance(batches[0], ModelInput):
+        return ModelInput(
+            float_features=torch.cat([b.float_features for b in batches]),
+            idlist_features=_concat_kjt([b.idlist_features for b in batches]),
+            idscore_features=(
+                _concat_kjt([b.idscore_features for b in batches])
+                if batches[0].idscore_features is not None
+                else None
+            ),
+            label=torch.cat([b.label for b in batches]),
+        )
+    return Batch(
+        dense_features=torch.cat([b.dense_features for b in batches]),
+        sparse_features=_concat_kjt([b.sparse_features for b in batches]),
+        labels=torch.cat([b.labels for b in batches]),
+    )
+
+
+def forward_fn(model: nn.Module, batch: Any) -> Any:
+    """How calibration runs a case model on one batch."""
+    return model(batch)
+
+
+def predictions(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The model's outputs on ``batch`` in eval mode (logits, or TestSparseNN's predictions)."""
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+    model.train()
+    if isinstance(out, tuple):
+        out = out[1][1] if isinstance(out[1], tuple) else out[1]
+    return out.detach().float().flatten()
+
+
+# --- compression ------------------------------------------------------------------------
+
+
+def stack(case: Case) -> list[Any]:
+    """The compression configs of the case's method, applied in order."""
+    from torchrec_compress import (  # the public names, as a user imports them
+        AFMConfig,
+        MECConfig,
+        MECTraining,
+        PQConfig,
+        RowWiseQuantConfig,
+        SVDConfig,
+    )
+
+    pq_m = 2
+    configs: dict[str, list[Any]] = {
+        "none": [],
+        "afm": [AFMConfig(rank=4)],
+        "afm_k2": [AFMConfig(rank=2, rank_multiple=1)],
+        "svd": [SVDConfig(rank=4)],
+        "mec": [
+            MECConfig(
+                num_subspaces=pq_m,
+                num_centroids=8,
+                training=MECTraining(steps=5, seed=case.seed),
+            )
+        ],
+        "pq": [PQConfig(num_subspaces=pq_m, num_centroids=8)],
+        "int8": [RowWiseQuantConfig(bits=8)],
+        "afm+int8": [AFMConfig(rank=4), RowWiseQuantConfig(bits=8)],
+        "afm+mec": [
+            AFMConfig(rank=4),
+            MECConfig(
+                num_subspaces=pq_m, num_centroids=8, training=MECTraining(steps=5, seed=case.seed)
+            ),
+        ],
+    }
+    return configs[case.method]
+
+
+def calibration(case: Case, rank: int | None = None) -> list[Any]:
+    """Calibration batches: process ``rank``'s own, or (``None``) every process's."""
+    ranks = range(case.world_size) if rank is None else [rank]
+    return [make_batch(case, r, 50 + i) for i in range(3) for r in ranks]
+
+
+def compress_unsharded(case: Case, model: nn.Module) -> None:
+    for config in stack(case):
+        torchrec_compress.compress_(
+            model, config, calibration=calibration(case), forward_fn=forward_fn
+        )
+
+
+# --- sharding ---------------------------------------------------------------------------
+
+
+def constraints(case: Case) -> dict[str, ParameterConstraints]:
+    """``ParameterConstraints`` forcing the case's plan on every table (none for ``planner``)."""
+    if case.plan == "planner":
+        return {}
+    forced = {
+        t.name: (case.mixed[i] if case.plan == "mixed" else case.plan)
+        for i, t in enumerate(case.tables)
+    }
+    out = {}
+    for name, sharding_type in forced.items():
+        dim = next(t.dim for t in case.tables if t.name == name)
+        min_partition = None
+        if sharding_type in (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value):
+            min_partition = max(4, dim // 2)
+        out[name] = ParameterConstraints(
+            sharding_types=[sharding_type], min_partition=min_partition
+        )
+    return out
+
+
+def shard(case: Case, model: nn.Module) -> DistributedModelParallel:
+    """``model`` under DMP as a TorchRec user shards it: TorchRec's planner on the process
+    group with the case's constraints and ``torchrec_compress.sharders(model)``."""
+    sharders = torchrec_compress.sharders(model)
+    world = dist.get_world_size()
+    plan = plan_model(
+        model,
+        Topology(world_size=world, compute_device="cpu", local_world_size=world),
+        sharders=sharders,
+        pg=dist.group.WORLD,
+        constraints=constraints(case),
+    )
+    return DistributedModelParallel(model, device=CPU, plan=plan, sharders=sharders)
+
+
+def attach_recipe(case: Case, model: nn.Module) -> None:
+    """TorchRec's recipe: the case's optimizer in backward on every sparse-arch parameter.
+
+    ``RowWiseAdagrad`` takes 2-D parameters only: 1-D ones (TorchRec's position weights) get
+    ``Adagrad``, as a TorchRec user must do.
+    """
+    params = [p for p in sparse_arch(model).parameters() if p.requires_grad]
+    if case.recipe == "sgd":
+        apply_optimizer_in_backward(torch.optim.SGD, params, {"lr": 0.05})
+        return
+    rowwise = case.recipe == "rowwise_adagrad"
+    matrices = [p for p in params if p.dim() >= 2 and rowwise]
+    others = [p for p in params if not (p.dim() >= 2 and rowwise)]
+    if matrices:
+        apply_optimizer_in_backward(RowWiseAdagrad, matrices, {"lr": 0.05, "eps": 1e-8})
+    if others:
+        apply_optimizer_in_backward(torch.optim.Adagrad, others, {"lr": 0.05, "eps": 1e-8})
+
+
+def dense_optimizer(model: nn.Module) -> KeyedOptimizerWrapper:
+    dense = dict(in_backward_optimizer_filter(model.named_parameters()))
+    return KeyedOptimizerWrapper(dense, lambda params: torch.optim.SGD(params, lr=0.05))
+
+
+def sharded_model(case: Case, state: dict[str, torch.Tensor]) -> DistributedModelParallel:
+    """The case's compressed model under DMP, its recipe attached, weights from ``state``."""
+    configs = stack(case)
+    if case.route == "compress_then_shard" or not configs:
+        model = build_model(case, CPU)
+        compress_unsharded(case, model)
+        attach_recipe(case, model)
+        dmp = shard(case, model)
+        torchrec_compress.distributed.load_full_state_dict_(dmp, state)
+        return dmp
+    model = build_model(case, CPU)
+    model.load_state_dict(_uncompressed_state(case))
+    dmp = shard(case, model)
+    torchrec_compress.distributed.load_full_state_dict_(dmp, _uncompressed_state(case))
+    rank = dist.get_rank()
+    for i, config in enumerate(configs):
+        report = torchrec_compress.compress_(
+            dmp, config, calibration=calibration(case, rank), forward_fn=forward_fn
+        )
+        assert isinstance(report, ShardedCompressionReport)
+        last = i == len(configs) - 1
+        dmp = report.reshard(
+            CPU,
+            constraints=constraints(case),
+            prepare=(lambda m: attach_recipe(case, m)) if last else None,
+        )
+    return dmp
+
+
+def _uncompressed_state(case: Case) -> dict[str, torch.Tensor]:
+    return build_model(case, CPU).state_dict()
+
+
+def _plan_types(dmp: DistributedModelParallel) -> list[str]:
+    return sorted({p.sharding_type for module in dmp.plan.plan.values() for p in module.values()})
+
+
+# --- running a case ---------------------------------------------------------------------
+
+
+def _train_reference(case: Case, model: nn.Module) -> nn.Module:
+    attach_recipe(case, model)
+    optimizer = dense_optimizer(model)
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        loss = model(union_batch(case, step))[0]
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def _train_plain(case: Case, dmp: DistributedModelParallel, rank: int) -> None:
+    optimizer = dense_optimizer(dmp)
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        loss = dmp(make_batch(case, rank, step))[0]
+        loss.backward()
+        optimizer.step()
+
+
+def _train_pipeline(case: Case, dmp: DistributedModelParallel, rank: int) -> None:
+    pipeline = TrainPipelineSparseDist(dmp, dense_optimizer(dmp), CPU)
+    batches: Iterator[Any] = iter([make_batch(case, rank, step) for step in range(STEPS)])
+    for _ in range(STEPS):
+        pipeline.progress(batches)
+    pipeline.detach()  # the model's own forward again, for evaluation
+
+
+def _max_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    if got.shape != expected.shape:
+        return float("inf")
+    if got.numel() == 0:
+        return 0.0
+    return float((got - expected).abs().max())
+
+
+def _compare(case: Case, rank: int, outcome: Outcome) -> None:
+    reference = build_model(case, CPU)
+    compress_unsharded(case, reference)
+    state = copy.deepcopy(reference.state_dict())
+    eval_batch = make_batch(case, rank, 99)
+
+    dmp = sharded_model(case, state)
+    outcome.sharding = _plan_types(dmp)
+    outcome.errors["forward"] = _max_error(
+        predictions(dmp, eval_batch), predictions(reference, eval_batch)
+    )
+    trained = _train_reference(case, reference)
+    expected = predictions(trained, eval_batch)
+    _train_plain(case, dmp, rank)
+    outcome.errors["train"] = _max_error(predictions(dmp, eval_batch), expected)
+    pipelined = sharded_model(case, state)
+    _train_pipeline(case, pipelined, rank)
+    outcome.errors["pipeline"] = _max_error(predictions(pipelined, eval_batch), expected)
+
+
+# TorchRec's planner refusing a forced plan that no sharder offers, naming the table
+PLANNER_REFUSAL = "No available sharding type and compute kernel combination after applying user"
+
+
+def _is_refusal(error: BaseException) -> bool:
+    """A ``ValueError`` / ``NotImplementedError`` raised by this package's own code, or
+    TorchRec's planner refusing a forced plan (:data:`PLANNER_REFUSAL`)."""
+    if PLANNER_REFUSAL in str(error):
+        return True
+    if not isinstance(error, (ValueError, NotImplementedError)):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(PACKAGE_DIR)
+
+
+def run_case(case: Case, rank: int) -> Outcome:
+    """Runs ``case`` on this process (every process of the group must run it too)."""
+    outcome = Outcome(case.name, "pass")
+    try:
+        _compare(case, rank, outcome)
+    except Exception as error:  # noqa: BLE001 - every failure becomes an outcome
+        outcome.status = "refuse" if _is_refusal(error) else "fail"
+        outcome.detail = f"{type(error).__name__}: {error}".strip()[:600]
+        if outcome.status == "fail":
+            outcome.detail += "\n" + "".join(
+                traceback.format_tb(error.__traceback__)[-int(os.environ.get("MATRIX_TB", 4)) :]
+            )
+        return outcome
+    return judge(outcome)
+
+
+def judge(outcome: Outcome) -> Outcome:
+    """Fails ``outcome`` if a comparison is above its tolerance (or not a number)."""
+    limits = {"forward": FORWARD_TOL, "train": TRAIN_TOL, "pipeline": TRAIN_TOL}
+    wrong = {k: v for k, v in outcome.errors.items() if not v <= limits[k]}
+    if wrong:
+        outcome.status = "fail"
+        outcome.detail = "wrong result: " + ", ".join(f"{k} {v:.3g}" for k, v in wrong.items())
+    return outcome
+
+
+def run_cases(
+    rank: int, world_size: int, cases: list[dict[str, Any]], threads: int = 1
+) -> list[dict[str, Any]]:
+    """Runs each case (as a dict) in this process group; returns the outcomes as dicts.
+
+    The processes exchange each case's outcome; a case that left them out of step (one
+    raised while another waits in a collective) ends the run early, and the caller runs the
+    rest in a new process group.
+    """
+    torch.set_num_threads(threads)
+    out = []
+    for data in cases:
+        case = Case.from_dict(data)
+        assert case.world_size == world_size, (case.name, world_size)
+        outcome = run_case(case, rank)
+        try:
+            everyone: list[Any] = [None] * world_size
+            dist.all_gather_object(everyone, (outcome.status, outcome.case))
+        except Exception as error:  # noqa: BLE001 - the group is out of step
+            outcome.status = "fail"
+            outcome.detail += f" (processes out of step: {error})"
+            out.append(asdict(outcome))
+            break
+        out.append(asdict(outcome))
+        if any(name != case.name for _, name in everyone):
+            break
+    return out
+
+
+def combine(per_rank: list[list[dict[str, Any]]]) -> list[Outcome]:
+    """One outcome per case from every process's: the worst status, the largest errors."""
+    order = {"pass": 0, "refuse": 1, "fail": 2}
+    merged = []
+    for outcomes in itertools.zip_longest(*per_rank):
+        present = [Outcome(**o) for o in outcomes if o is not None]
+        worst = max(present, key=lambda o: order[o.status])
+        if len(present) < len(outcomes):
+            worst = replace(worst, status="fail", detail=worst.detail + " (a process stopped)")
+        errors: dict[str, float] = {}
+        for o in present:
+            for k, v in o.errors.items():
+                errors[k] = max(errors.get(k, 0.0), v)
+        merged.append(replace(worst, errors=errors))
+    return merged
+
+
+def run_matrix(
+    cases: Sequence[Case],
+    runner: Callable[..., list[Any]],
+    chunk: int = 20,
+    timeout_s: float = 1800.0,
+) -> list[Outcome]:
+    """Runs ``cases`` grouped by world size in spawned process groups (``runner`` is
+    :func:`~torchrec_compress.testing.multiprocess.run_multiprocess`); a group that stops
+    early is restarted after the case that stopped it."""
+    results: dict[str, Outcome] = {}
+    for world_size in sorted({c.world_size for c in cases}):
+        todo = [c for c in cases if c.world_size == world_size]
+        while todo:
+            batch = todo[:chunk]
+            try:
+                per_rank = runner(
+                    run_cases,
+                    world_size=world_size,
+                    timeout_s=timeout_s,
+                    pg_timeout_s=120.0,
+                    cases=[c.to_dict() for c in batch],
+                )
+                done = combine(per_rank)
+            except RuntimeError as error:  # a process died: blame the first case
+                done = [Outcome(batch[0].name, "fail", f"process group failed: {error}"[:600])]
+            for outcome in done:
+                results[outcome.case] = outcome
+            todo = todo[max(1, len(done)) :]
+    return [results[c.name] for c in cases if c.name in results]
