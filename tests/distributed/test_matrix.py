@@ -2,8 +2,9 @@
 
 Every defect issue 15 lists for sharded models is a named case here (each failed before its fix:
 a wrong result, a crash, or a hang), next to a seeded random slice of the matrix.  Each case
-compares the sharded compressed model with the unsharded one: forward, and 3 training steps
-through a plain loop and ``TrainPipelineSparseDist`` with TorchRec's in-backward recipe.  One
+compares the sharded compressed model with the unsharded one: forward, 3 training steps through
+a plain loop and ``TrainPipelineSparseDist`` with TorchRec's in-backward recipe, and a
+``save_compressed`` / ``load_compressed`` round trip.  One
 spawn per world size runs them all; ``benchmarks/matrix.py`` runs the large slice.
 """
 
@@ -116,7 +117,10 @@ REGRESSIONS: dict[str, Case] = {
         20, "dlrm", TWO, "afm+int8", "planner", 2, recipe="rowwise_adagrad"
     ),
     # TrainPipelineSparseDist on a feature-processed collection compressed with AFM / SVD
-    "pipeline_position_weighted_afm": Case(21, "sparsenn", POSITION, "afm", "table_wise", 1),
+    # (the position weights trained by the dense optimizer, and in backward)
+    "pipeline_position_weighted_afm": Case(
+        21, "sparsenn", POSITION, "afm", "table_wise", 1, recipe="tables_sgd"
+    ),
     "pipeline_position_weighted_svd_row_wise": Case(22, "sparsenn", POSITION, "svd", "row_wise", 2),
     # 'CompositeLowRankEmbeddingBagCollection' object has no attribute 'embedding_bags';
     # compress_ of a DMP model holding an FPEBC: "cannot derive the unsharded module"
@@ -133,6 +137,11 @@ REGRESSIONS: dict[str, Case] = {
         "row_wise",
         2,
         route="shard_then_compress",
+    ),
+    # save_compressed / compression_layout of a DMP model holding an FPEBC, uncompressed
+    # included: "cannot derive the unsharded module of ShardedFeatureProcessedEmbeddingBag..."
+    "save_compressed_position_weighted_uncompressed": Case(
+        26, "sparsenn", POSITION, "none", "row_wise", 2, recipe="tables_sgd"
     ),
     # sharders(model) held TorchRec's inference sharder, which asserts CUDA
     "int8_planner_two_processes": Case(25, "dlrm", TWO, "int8", "planner", 2),

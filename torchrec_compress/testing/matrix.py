@@ -17,7 +17,9 @@ the unsharded compressed model and the sharded one from the same weights and com
 
 * the forward on each process's own batch (``<= FORWARD_TOL``),
 * 3 training steps, through a plain loop and through ``TrainPipelineSparseDist``, against the
-  unsharded model trained on the union of all processes' batches (``<= TRAIN_TOL``).
+  unsharded model trained on the union of all processes' batches (``<= TRAIN_TOL``),
+* the trained model saved with ``save_compressed`` and loaded with ``load_compressed`` into the
+  uncompressed model on ``meta``: the same outputs, exactly.
 
 Its outcome is ``pass``, ``refuse`` (the library raised a ``ValueError`` /
 ``NotImplementedError`` of its own: a clear refusal of an unsupported combination) or ``fail``
@@ -38,6 +40,8 @@ import copy
 import itertools
 import os
 import random
+import shutil
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -83,7 +87,7 @@ PLANS = (
     "mixed",
 )
 ROUTES = ("compress_then_shard", "shard_then_compress")
-RECIPES = ("adagrad", "rowwise_adagrad", "sgd")
+RECIPES = ("adagrad", "rowwise_adagrad", "sgd", "tables_sgd")
 CPU, META = torch.device("cpu"), torch.device("meta")
 PACKAGE_DIR = str(Path(torchrec_compress.__file__).resolve().parent)
 
@@ -553,9 +557,21 @@ def attach_recipe(case: Case, model: nn.Module) -> None:
     """TorchRec's recipe: the case's optimizer in backward on every sparse-arch parameter.
 
     ``RowWiseAdagrad`` takes 2-D parameters only: 1-D ones (TorchRec's position weights) get
-    ``Adagrad``, as a TorchRec user must do.
+    ``Adagrad``, as a TorchRec user must do.  ``tables_sgd``: SGD in backward on the embedding
+    tables' weights only; everything else (projections, means, codebooks, feature processors)
+    trains with the dense optimizer.
     """
     params = [p for p in sparse_arch(model).parameters() if p.requires_grad]
+    if case.recipe == "tables_sgd":
+        tables = [
+            bag.weight
+            for m in sparse_arch(model).modules()
+            if isinstance(m, EmbeddingBagCollection)
+            for bag in m.embedding_bags.values()
+            if bag.weight.requires_grad
+        ]
+        apply_optimizer_in_backward(torch.optim.SGD, tables, {"lr": 0.05})
+        return
     if case.recipe == "sgd":
         apply_optimizer_in_backward(torch.optim.SGD, params, {"lr": 0.05})
         return
@@ -667,6 +683,25 @@ def _compare(case: Case, rank: int, outcome: Outcome) -> None:
     pipelined = sharded_model(case, state)
     _train_pipeline(case, pipelined, rank)
     outcome.errors["pipeline"] = _max_error(predictions(pipelined, eval_batch), expected)
+    outcome.errors["reload"] = _max_error(
+        predictions(_reloaded(case, pipelined), eval_batch), predictions(pipelined, eval_batch)
+    )
+
+
+def _reloaded(case: Case, dmp: DistributedModelParallel) -> DistributedModelParallel:
+    """``dmp`` saved with ``save_compressed`` and loaded into the uncompressed model on ``meta``
+    with ``load_compressed`` (the checkpoint route of a user), under the case's plan."""
+    path: list[Any] = [tempfile.mkdtemp(prefix="matrix-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path)
+    try:
+        torchrec_compress.save_compressed(dmp, path[0], stack(case))
+        return torchrec_compress.load_compressed(
+            build_model(case, META), path[0], CPU, constraints=constraints(case)
+        )
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(path[0], ignore_errors=True)
 
 
 # TorchRec's planner refusing a forced plan that no sharder offers, naming the table
@@ -702,7 +737,7 @@ def run_case(case: Case, rank: int) -> Outcome:
 
 def judge(outcome: Outcome) -> Outcome:
     """Fails ``outcome`` if a comparison is above its tolerance (or not a number)."""
-    limits = {"forward": FORWARD_TOL, "train": TRAIN_TOL, "pipeline": TRAIN_TOL}
+    limits = {"forward": FORWARD_TOL, "train": TRAIN_TOL, "pipeline": TRAIN_TOL, "reload": 0.0}
     wrong = {k: v for k, v in outcome.errors.items() if not v <= limits[k]}
     if wrong:
         outcome.status = "fail"
