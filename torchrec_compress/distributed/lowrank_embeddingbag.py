@@ -23,7 +23,7 @@ replicas) are applied to it locally as well as, by TorchRec, to the distributed 
 """
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,7 @@ from torchrec.distributed.types import (
 )
 from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
@@ -506,14 +507,23 @@ class ShardedFeatureProcessedLowRankEmbeddingBagCollection(
         self.is_pipelined = not inspect.ismethod(self.forward)
         if not self.is_pipelined and self._row_wise_sharded:
             # TorchRec writes the positions into the input's weights: give it a copy
-            features = KeyedJaggedTensor(
-                keys=features.keys(),
-                values=features.values(),
-                lengths=features.lengths(),
-                offsets=features.offsets(),
-                stride=features.stride(),
-            )
+            features = _unweighted_copy(features)
         return super().input_dist(ctx, features)
+
+    def preprocess_input(
+        self, args: list[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[list[Any], Mapping[str, Any]]:
+        """What ``TrainPipelineSparseDist`` calls before the input dist: TorchRec's writes the
+        bags' positions into the batch's own KJT (row-wise); this one into a copy, and not at
+        all when the bags are processed where they are pooled."""
+        if self._pools_locally or not self._row_wise_sharded:
+            return args, kwargs
+        copies = [_unweighted_copy(a) if isinstance(a, KeyedJaggedTensor) else a for a in args]
+        named = {
+            k: _unweighted_copy(v) if isinstance(v, KeyedJaggedTensor) else v
+            for k, v in kwargs.items()
+        }
+        return super().preprocess_input(copies, named)
 
     def compute(self, ctx: Any, dist_input: KJTList) -> Any:
         if self._pools_locally:
@@ -545,22 +555,36 @@ class ShardedFeatureProcessedLowRankEmbeddingBagCollection(
             yield append_prefix(prefix, f"_feature_processors.{name}")
 
 
+def _unweighted_copy(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """A KJT over the same ids and lengths, without weights (TorchRec's row-wise feature
+    processing writes the bags' positions into an input's weights)."""
+    return KeyedJaggedTensor(
+        keys=features.keys(),
+        values=features.values(),
+        lengths=features.lengths(),
+        offsets=features.offsets(),
+        stride=features.stride(),
+    )
+
+
 class FeatureProcessedLowRankSharder(FeatureProcessedEmbeddingBagCollectionSharder):
     """TorchRec's FPEBC sharder that also shards an FPEBC whose collection is low-rank.
 
     ``compress_`` swaps an FPEBC's inner EBC for a ``LowRankEmbeddingBagCollection`` (or, after
-    a second method, a ``CompositeLowRankEmbeddingBagCollection``); TorchRec's sharder would
-    then ask it for ``embedding_bags``.  This one sizes and shards it with
-    :class:`LowRankEmbeddingBagCollectionSharder` (or ``composite_sharder``) and leaves plain
-    FPEBCs to TorchRec's code.
+    a second method, a ``CompositeLowRankEmbeddingBagCollection``; or, row-wise quantized,
+    TorchRec's quantized collection); TorchRec's sharder would then ask it for
+    ``embedding_bags``.  This one sizes and shards it with
+    :class:`LowRankEmbeddingBagCollectionSharder` (or ``collection_sharder``), and plain EBCs
+    with the EBC sharder, into :class:`ShardedFeatureProcessedLowRankEmbeddingBagCollection`.
 
     Args:
         ebc_sharder (Optional[EmbeddingBagCollectionSharder]): shards plain EBCs and the factor
             EBCs; defaults to the project's row-wise-on-CPU EBC sharder.
         qcomm_codecs_registry (Optional[dict[str, QuantizedCommCodecs]]): as for TorchRec's.
-        composite_sharder (Optional[CompositeLowRankSharder]): shards composite collections;
-            given, the planner is offered its sharding types and kernels (the model's FPEBCs
-            hold composite collections).
+        collection_sharder (Optional[ModuleSharder[nn.Module]]): shards the model's FPEBC
+            collections when they are composite low-rank (:class:`CompositeLowRankSharder`) or
+            row-wise quantized (``ReplicatedCollectionSharder``); given, the planner is offered
+            its sharding types and kernels.
 
     Example::
 
@@ -573,7 +597,7 @@ class FeatureProcessedLowRankSharder(FeatureProcessedEmbeddingBagCollectionShard
         self,
         ebc_sharder: EmbeddingBagCollectionSharder | None = None,
         qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None,
-        composite_sharder: CompositeLowRankSharder | None = None,
+        collection_sharder: ModuleSharder[Any] | None = None,
     ) -> None:
         ebc_sharder = ebc_sharder or CPURowWiseEmbeddingBagCollectionSharder(
             qcomm_codecs_registry=qcomm_codecs_registry
@@ -582,23 +606,23 @@ class FeatureProcessedLowRankSharder(FeatureProcessedEmbeddingBagCollectionShard
         self._lowrank_sharder = LowRankEmbeddingBagCollectionSharder(
             ebc_sharder, qcomm_codecs_registry
         )
-        self._composite_sharder = composite_sharder
+        self._other_sharder = collection_sharder
 
     def _collection_sharder(
         self, module: FeatureProcessedEmbeddingBagCollection
-    ) -> LowRankEmbeddingBagCollectionSharder | None:
-        """The sharder of the FPEBC's low-rank collection; ``None`` for a plain EBC."""
+    ) -> ModuleSharder[Any] | None:
+        """The sharder of the FPEBC's compressed collection; ``None`` for a plain EBC."""
         collection = module._embedding_bag_collection
         if type(collection) is LowRankEmbeddingBagCollection:
             return self._lowrank_sharder
-        if type(collection) is CompositeLowRankEmbeddingBagCollection:
-            if self._composite_sharder is None:
-                raise ValueError(
-                    "a FeatureProcessedEmbeddingBagCollection holds a composite low-rank "
-                    "collection: build the sharders with torchrec_compress.sharders(model)"
-                )
-            return self._composite_sharder
-        return None
+        if isinstance(collection, EmbeddingBagCollection):
+            return None
+        if self._other_sharder is None or type(collection) is not self._other_sharder.module_type:
+            raise ValueError(
+                f"a FeatureProcessedEmbeddingBagCollection holds a {type(collection).__name__}: "
+                "build the sharders with torchrec_compress.sharders(model)"
+            )
+        return self._other_sharder
 
     def shard(
         self,
@@ -637,14 +661,14 @@ class FeatureProcessedLowRankSharder(FeatureProcessedEmbeddingBagCollectionShard
         return super().shardable_parameters(module)
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        if self._composite_sharder is not None:
-            return self._composite_sharder.sharding_types(compute_device_type)
+        if self._other_sharder is not None:
+            return self._other_sharder.sharding_types(compute_device_type)
         # TorchRec's, less what the EBC sharder does not offer (data_parallel, for tables with
         # in-backward optimizers)
         offered = set(self._ebc_sharder.sharding_types(compute_device_type))
         return [t for t in super().sharding_types(compute_device_type) if t in offered]
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
-        if self._composite_sharder is not None:
-            return self._composite_sharder.compute_kernels(sharding_type, compute_device_type)
+        if self._other_sharder is not None:
+            return self._other_sharder.compute_kernels(sharding_type, compute_device_type)
         return super().compute_kernels(sharding_type, compute_device_type)

@@ -81,11 +81,13 @@ def default_sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Mo
         replicated if factors is QuantEmbeddingBagCollection else pq_sharder,
         [pq_sharder, replicated],
     )
+    inside_fpebcs = _fpebc_collection_kind(model) if model is not None else None
     fp_sharder: ModuleSharder[nn.Module] = FeatureProcessedLowRankSharder(
         ebc_sharder,
-        composite_sharder=composite_sharder
-        if model is not None and _fpebc_composites(model)
-        else None,
+        collection_sharder={
+            CompositeLowRankEmbeddingBagCollection: composite_sharder,
+            QuantEmbeddingBagCollection: replicated,
+        }.get(inside_fpebcs),
     )
     if model is not None and _product_quantized_fpebcs(model):
         fp_sharder = PQFeatureProcessedEmbeddingBagCollectionSharder()
@@ -119,22 +121,23 @@ def _composite_factor_kind(model: nn.Module) -> type[nn.Module] | None:
     return next(iter(kinds.values()), None)
 
 
-def _fpebc_composites(model: nn.Module) -> bool:
-    """Whether the FPEBCs of ``model`` wrap composite low-rank collections (all or none)."""
+def _fpebc_collection_kind(model: nn.Module) -> type[nn.Module] | None:
+    """The type of the collections the FPEBCs of ``model`` hold, when they are compressed and
+    not product-quantized (one kind per model: one sharder per module type)."""
     kinds = {
         fqn or "<model>": type(m._embedding_bag_collection)
-        is CompositeLowRankEmbeddingBagCollection
         for fqn, m in model.named_modules()
         if isinstance(m, FeatureProcessedEmbeddingBagCollection)
+        and type(m._embedding_bag_collection)
+        in (CompositeLowRankEmbeddingBagCollection, QuantEmbeddingBagCollection)
     }
     if len(set(kinds.values())) > 1:
         raise ValueError(
             "one sharder per module type: FeatureProcessedEmbeddingBagCollections over "
-            f"composite low-rank collections {sorted(k for k, c in kinds.items() if c)} and over "
-            f"other collections {sorted(k for k, c in kinds.items() if not c)} cannot be sharded "
-            "in one model; compress all of them alike"
+            + ", ".join(f"{v.__name__} ({k})" for k, v in sorted(kinds.items()))
+            + " cannot be sharded in one model; compress all of them alike"
         )
-    return any(kinds.values())
+    return next(iter(kinds.values()), None)
 
 
 def _product_quantized_fpebcs(model: nn.Module) -> bool:

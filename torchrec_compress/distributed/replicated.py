@@ -63,6 +63,7 @@ class ShardedReplicatedCollection(
         for name, child in module.named_children():
             self.add_module(name, child)
         self._collection = [module]  # not a submodule: its children are registered above
+        self._lookups: list[nn.Module] = []  # nothing for TorchRec's pipelines to prefetch
 
     @property
     def collection(self) -> nn.Module:
