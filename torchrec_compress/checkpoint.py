@@ -387,6 +387,15 @@ def verify(path: str) -> None:
     _raise_if(_from_rank0(lambda: _verify_error(path)))
 
 
+def verify_local(path: str) -> None:
+    """:func:`verify` on this process alone (not collective): for reads that are local.
+
+    Raises:
+        CheckpointError: as :func:`verify`.
+    """
+    _raise_if(_verify_error(path))
+
+
 def latest(path: str) -> str | None:
     """The newest complete checkpoint among ``path`` and its kept predecessors (collective).
 

@@ -6,6 +6,7 @@ checkpoint (``report.reshard(checkpoint_dir=...)``, ``save_compressed``) carries
 the compressed model's, in 1 and 2 processes, and a checkpoint written by 2 processes loads in 1.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.datasets.utils import Batch
 
+from torchrec_compress import checkpoint
 from torchrec_compress.api import compress_
 from torchrec_compress.config import AFMConfig, PQConfig
 from torchrec_compress.distributed import (
@@ -96,7 +98,25 @@ def test_load_compressed_afm_and_afm_pq(world_size: int, tmp_path: Path) -> None
 
 
 def test_checkpoint_without_layout_is_refused_by_name(tmp_path: Path) -> None:
-    dcp.save({"model": {"w": torch.ones(2)}}, checkpoint_id=str(tmp_path), no_dist=True)
-    assert read_compression_layout(str(tmp_path)) is None
+    path = str(tmp_path / "checkpoint")
+    checkpoint.save({"model": {"w": torch.ones(2)}}, path)
+    assert read_compression_layout(path) is None
     with pytest.raises(ValueError, match="holds no compression layout .* pass layout="):
-        load_compressed(tiny_dlrm(META), str(tmp_path), CPU)
+        load_compressed(tiny_dlrm(META), path, CPU)
+
+
+def test_layout_is_read_only_after_the_manifest_verifies(tmp_path: Path) -> None:
+    """DCP's ``.metadata`` is a pickle: it was unpickled before any check (issue 15)."""
+    path = str(tmp_path / "checkpoint")
+    checkpoint.save({"model": {"w": torch.ones(2)}}, path)
+    Path(path, ".metadata").write_bytes(b"not a pickle")  # unpickling this would raise
+    with pytest.raises(checkpoint.CheckpointError, match="'.metadata' has .* bytes"):
+        read_compression_layout(path)
+    os.remove(Path(path, checkpoint.MANIFEST))
+    with pytest.raises(checkpoint.CheckpointError, match="has no MANIFEST.json"):
+        read_compression_layout(path)
+    # a plain DCP checkpoint (no manifest) names what is missing, before anything is read
+    plain = str(tmp_path / "plain")
+    dcp.save({"model": {"w": torch.ones(2)}}, checkpoint_id=plain, no_dist=True)
+    with pytest.raises(checkpoint.CheckpointError, match="has no MANIFEST.json"):
+        read_compression_layout(plain)

@@ -37,6 +37,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.feature_processor_ import FeatureProcessorsCollection
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 
+from torchrec_compress import checkpoint
 from torchrec_compress.calibration import ForwardFn, default_forward
 from torchrec_compress.config import (
     AFMConfig,
@@ -475,6 +476,8 @@ def read_compression_layout(checkpoint_dir: str) -> CompressionLayout | None:
 
     Raises:
         FileNotFoundError: naming ``checkpoint_dir`` when it does not exist.
+        CheckpointError: a file of the checkpoint does not match its manifest, or it has
+            none (checked before anything of it is read).
 
     Example::
 
@@ -485,6 +488,12 @@ def read_compression_layout(checkpoint_dir: str) -> CompressionLayout | None:
     """
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist")
+    # nothing of the checkpoint (DCP's .metadata is a pickle) is read before its manifest verifies
+    checkpoint.verify_local(checkpoint_dir)
+    return _stored_layout(checkpoint_dir)
+
+
+def _stored_layout(checkpoint_dir: str) -> CompressionLayout | None:
     metadata = dcp.FileSystemReader(checkpoint_dir).read_metadata()
     if COMPRESSION_LAYOUT_KEY not in metadata.state_dict_metadata:
         return None
@@ -537,8 +546,11 @@ def load_compressed(
         >>> # any number of processes, any plan (see tests/distributed/test_load_compressed.py):
         >>> # dmp = load_compressed(build_model(torch.device("meta")), "ckpt", torch.device("cpu"))
     """
+    if layout is None or os.path.isfile(os.path.join(checkpoint_dir, checkpoint.MANIFEST)):
+        # collective: rank 0 checks every file against the manifest before anything is read
+        checkpoint.verify(checkpoint_dir)
     if layout is None:
-        layout = read_compression_layout(checkpoint_dir)
+        layout = _stored_layout(checkpoint_dir)
         if layout is None:
             raise ValueError(
                 f"checkpoint {checkpoint_dir!r} holds no compression layout (it was not written "
