@@ -570,7 +570,7 @@ def test_dmp_without_pq_sharder_warns(results: list[dict[str, Any]]) -> None:
 
 def test_torchrec_fpebc_sharder_on_pq_says_which_sharder_to_use() -> None:
     topology = Topology(world_size=2, compute_device="cpu")
-    with pytest.raises(AttributeError, match=r"\['t0', 't1'\].*PQFeatureProcessedEmbeddingBag"):
+    with pytest.raises(ValueError, match=r"\['t0', 't1'\].*PQFeatureProcessedEmbeddingBag"):
         EmbeddingShardingPlanner(topology).plan(_fp_model(), default_sharders())
     plan = EmbeddingShardingPlanner(topology).plan(_fp_model(), _fp_sharders())
     assert {p.compute_kernel for p in plan.plan["fpebc"].values()} == {"quant"}

@@ -37,7 +37,7 @@ def find_embedding_bag_collections(
                     raise ValueError(
                         f"the factor tables {packed} of {fqn or '<model>'!r} are stored packed "
                         "(ranks not a multiple of 4) and cannot be compressed further; compress "
-                        "with ranks that are multiples of 4 (rank_multiple=4) first"
+                        "with ranks that are multiples of 4 first (e.g. rank=4)"
                     )
                 visit(module.factor_ebc, f"{fqn}.factor_ebc" if fqn else "factor_ebc")
             return

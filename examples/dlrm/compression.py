@@ -70,8 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--rank-multiple",
         type=int,
         default=4,
-        help="round ranks up to a multiple of this (1: exact ranks, e.g. --rank 2 of d=16; "
-        "ranks that are not multiples of 4 are stored packed)",
+        help="round the ranks the library chooses (--explained-variance, --budget-ratio) up to "
+        "a multiple of this; an explicit --rank is stored exactly (ranks that are not multiples "
+        "of 4 are stored packed)",
     )
     g.add_argument(
         "--explained-variance",

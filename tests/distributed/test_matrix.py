@@ -20,6 +20,7 @@ from torchrec_compress.testing.matrix import (
     run_matrix,
 )
 from torchrec_compress.testing.multiprocess import run_multiprocess
+from torchrec_compress.testing.torchrec_harness import HarnessCase, run_harness_cases
 
 
 def _table(
@@ -166,6 +167,26 @@ def test_listed_defect_is_fixed(outcomes: dict[str, Outcome], name: str) -> None
 def test_random_case_is_right_or_refused(outcomes: dict[str, Outcome], case: Case) -> None:
     outcome = outcomes[case.name]
     assert outcome.status in ("pass", "refuse"), (outcome.status, outcome.errors, outcome.detail)
+
+
+# TorchRec's own harness (sharding_single_rank_test): a feature read by a MEAN and a SUM table,
+# row-wise (wrong predictions before), and PQ with such a feature ("KeyError: 'feature_0@table_0'")
+HARNESS = [
+    HarnessCase("none", "row_wise", "MIXED", True),
+    HarnessCase("afm", "row_wise", "MIXED", True),
+    HarnessCase("pq", "table_wise", "SUM", True),
+    HarnessCase("mec", "row_wise", "MIXED", True),
+]
+
+
+def test_torchrec_harness_on_compressed_models() -> None:
+    per_rank = run_multiprocess(
+        run_harness_cases, world_size=2, cases=[tuple(vars(c).values()) for c in HARNESS]
+    )
+    for outcomes in per_rank:
+        assert [(name, status) for name, status, _ in outcomes] == [
+            (c.name, "pass") for c in HARNESS
+        ], outcomes
 
 
 def test_a_difference_above_tolerance_fails_the_case() -> None:

@@ -618,9 +618,12 @@ class FeatureProcessedLowRankSharder(FeatureProcessedEmbeddingBagCollectionShard
         if isinstance(collection, EmbeddingBagCollection):
             return None
         if self._other_sharder is None or type(collection) is not self._other_sharder.module_type:
+            tables = [t.name for t in collection.embedding_bag_configs()]
             raise ValueError(
-                f"a FeatureProcessedEmbeddingBagCollection holds a {type(collection).__name__}: "
-                "build the sharders with torchrec_compress.sharders(model)"
+                f"a FeatureProcessedEmbeddingBagCollection holds a {type(collection).__name__} "
+                f"(tables {tables}): build the sharders with torchrec_compress.sharders(model), "
+                "which picks the sharder for the model's FPEBCs (for product-quantized ones "
+                "PQFeatureProcessedEmbeddingBagCollectionSharder)"
             )
         return self._other_sharder
 
