@@ -24,7 +24,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from examples.dlrm.metrics import auc, logloss
+from examples.dlrm.metrics import ctr_metrics
 from torchrec_compress import checkpoint
 from torchrec_compress.data import CTRDataset, check_batch
 from torchrec_compress.testing.faults import fault_point
@@ -293,7 +293,10 @@ def predict(
 
 
 def evaluate(model: nn.Module, data: CTRDataset, split: str, batch_size: int) -> dict[str, float]:
-    """AUC, logloss and row count of ``split``.
+    """AUC, logloss, normalized entropy (``ne``) and row count of ``split``.
+
+    Every process predicts its rows; the metrics are computed from all of them, gathered (the
+    same on every process, and the same for any number of processes).
 
     Raises:
         ValueError: every row of ``split`` has the same label (AUC is undefined).
@@ -313,11 +316,7 @@ def evaluate(model: nn.Module, data: CTRDataset, split: str, batch_size: int) ->
             "are not finite (a non-finite gradient reached a table?); no metrics are reported "
             "for it"
         )
-    return {
-        "auc": auc(out["logits"], out["labels"]),
-        "logloss": logloss(out["logits"], out["labels"]),
-        "rows": float(out["labels"].numel()),
-    }
+    return {**ctr_metrics(out["logits"], out["labels"]), "rows": float(rows)}
 
 
 def save_checkpoint(model: nn.Module, path: str, metadata: dict[str, Any], keep: int = 1) -> None:
@@ -483,11 +482,12 @@ def _train_one_epoch(run: _Run, progress: Progress) -> None:
     )
     if is_main():
         logger.info(
-            "epoch %d: train loss %.5f  val AUC %.5f  val logloss %.5f",
+            "epoch %d: train loss %.5f  val AUC %.5f  val logloss %.5f  val NE %.5f",
             epoch,
             train_loss,
             val["auc"],
             val["logloss"],
+            val["ne"],
         )
     if val["auc"] > progress.best_auc:
         progress.best_auc, progress.best_epoch, progress.stale = val["auc"], epoch, 0
