@@ -2,8 +2,9 @@
 
 Runs as one process (``python -m examples.dlrm.main ...``) or many (``torchrun --nproc_per_node 2
 -m examples.dlrm.main ...`` or the torchx component in ``launchers/components.py``): gloo on CPU,
-nccl on GPU.  Prints a progress bar with examples/s, validation AUC per epoch (early stopping),
-and finally one ``RESULT {json}`` line with validation and test AUC / logloss.
+nccl on GPU.  Prints a progress bar with examples/s, validation AUC, logloss and normalized
+entropy (NE) per epoch (early stopping on the AUC), and finally one ``RESULT {json}`` line with
+validation and test AUC / logloss / NE (``examples.dlrm.metrics``).
 
 Example::
 
@@ -457,10 +458,11 @@ def _pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         os.replace(tmp, os.path.join(args.out, "result.json"))
         summary = {k: result[k] for k in ("dataset", "world_size", "val", "test")}
         if args.compress:
+            before = result["compression"]["before_finetune"]["test"]
             summary["baseline_test_auc"] = result["baseline"]["test"]["auc"]
-            summary["before_finetune_test_auc"] = result["compression"]["before_finetune"]["test"][
-                "auc"
-            ]
+            summary["before_finetune_test_auc"] = before["auc"]
+            summary["baseline_test_ne"] = result["baseline"]["test"]["ne"]
+            summary["before_finetune_test_ne"] = before["ne"]
             summary["compression_ratio"] = result["compression"]["report"]["ratio"]
         print("RESULT " + json.dumps(summary), flush=True)
     return result

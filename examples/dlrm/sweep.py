@@ -65,10 +65,10 @@ from examples.dlrm.train import (
     is_main,
     load_checkpoint,
 )
+from torchrec_compress import RowWiseQuantConfig
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset, get_dataset
 from torchrec_compress.distributed import shard_model
-from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 
 logger = logging.getLogger("examples.dlrm.sweep")
 
@@ -376,27 +376,31 @@ def _status(point: dict[str, Any]) -> str:
 
 
 def markdown_table(sweep: dict[str, Any]) -> str:
-    """The sweep as a markdown table: one row per point, the baseline first."""
+    """The sweep as a markdown table: one row per point, the baseline first.
+
+    NE is TorchRec's normalized entropy (``examples.dlrm.metrics``); a ``sweep.json`` written
+    before it was reported shows ``—`` there.
+    """
     base = sweep["baseline"]
     lines = [
         "| point | embedding bytes | × smaller | test AUC before FT | test AUC after FT "
-        "| test logloss after FT | val AUC after FT | Pareto (AUC) | status |",
-        "|---|---:|---:|---:|---:|---:|---:|:-:|---|",
+        "| test logloss after FT | test NE after FT | val AUC after FT | Pareto (AUC) | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---|",
         f"| baseline (fp32) | {_bytes(base['bytes'])} | 1 | {base['test']['auc']:.4f} "
-        f"| {base['test']['auc']:.4f} | {base['test']['logloss']:.4f} | {base['val']['auc']:.4f} "
-        "| | ok |",
+        f"| {base['test']['auc']:.4f} | {base['test']['logloss']:.4f} "
+        f"| {_fmt(base['test'].get('ne'), '.4f')} | {base['val']['auc']:.4f} | | ok |",
     ]
     for p in sweep["points"]:
         if p["status"] != "ok":
             error = p["error"].replace("|", "\\|").replace("\n", " ")[:200]
-            lines.append(f"| {p['label']} | — | — | — | — | — | — | | **failed**: {error} |")
+            lines.append(f"| {p['label']} | — | — | — | — | — | — | — | | **failed**: {error} |")
             continue
         before, after = p["before_finetune"], p["after_finetune"]
         lines.append(
             f"| {p['label']} | {_bytes(p['bytes'])} | {base['bytes'] / max(p['bytes'], 1):.1f} "
             f"| {before['test']['auc']:.4f} | {after['test']['auc']:.4f} "
-            f"| {after['test']['logloss']:.4f} | {after['val']['auc']:.4f} "
-            f"| {'★' if p['pareto_auc'] else ''} | {_status(p)} |"
+            f"| {after['test']['logloss']:.4f} | {_fmt(after['test'].get('ne'), '.4f')} "
+            f"| {after['val']['auc']:.4f} | {'★' if p['pareto_auc'] else ''} | {_status(p)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -560,7 +564,7 @@ def _summary(entry: dict[str, Any]) -> str:
     after = entry["after_finetune"]["test"]
     return (
         f"{_bytes(entry['bytes'])}, test AUC {entry['before_finetune']['test']['auc']:.4f} -> "
-        f"{after['auc']:.4f}, logloss {after['logloss']:.4f}"
+        f"{after['auc']:.4f}, logloss {after['logloss']:.4f}, NE {after['ne']:.4f}"
     )
 
 

@@ -99,3 +99,4 @@ def test_compress_further_then_reshard_on_two_processes(afm_run: Path, tmp_path:
     assert _result(two)["world_size"] == 2
     assert _result(two)["val"]["auc"] == pytest.approx(result["val"]["auc"], abs=1e-6)
     assert _result(two)["test"]["auc"] == pytest.approx(result["test"]["auc"], abs=1e-6)
+    assert _result(two)["test"]["ne"] == pytest.approx(result["test"]["ne"], abs=1e-6)

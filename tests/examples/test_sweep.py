@@ -13,6 +13,7 @@ from examples.dlrm.sweep import (
     load_grid,
     main,
     mark_pareto,
+    markdown_table,
     pareto_front,
     parse_grid,
 )
@@ -49,6 +50,24 @@ def test_mark_pareto_ignores_failed_points() -> None:
     mark_pareto(points)
     assert [p["pareto_auc"] for p in points] == [True, False, False]
     assert [p["pareto_logloss"] for p in points] == [True, False, True]
+
+
+def test_markdown_table_has_an_ne_column_and_reads_sweeps_written_before_it() -> None:
+    split = {"auc": 0.8, "logloss": 0.45, "ne": 0.9123, "rows": 10.0}
+    point = {
+        "label": "afm rank=2", "status": "ok", "bytes": 10, "pareto_auc": True,
+        "before_finetune": {"test": split}, "after_finetune": {"test": split, "val": split},
+    }  # fmt: skip
+    sweep = {"baseline": {"bytes": 40, "test": split, "val": split}, "points": [point]}
+    header, _, base, row = markdown_table(sweep).splitlines()
+    assert "| test logloss after FT | test NE after FT | val AUC after FT |" in header
+    assert "| 0.4500 | 0.9123 | 0.8000 |" in base and "| 0.4500 | 0.9123 | 0.8000 | ★ |" in row
+    old = {k: v for k, v in split.items() if k != "ne"}
+    sweep = {
+        "baseline": {"bytes": 40, "test": old, "val": old},
+        "points": [{**point, "after_finetune": {"test": old, "val": old}}],
+    }
+    assert "| 0.4500 | — | 0.8000 | ★ |" in markdown_table(sweep).splitlines()[-1]
 
 
 def test_grid_string_crosses_lists_and_names_bad_entries(tmp_path: Path) -> None:
@@ -121,8 +140,10 @@ def test_sweep_writes_table_json_plot_and_records_a_failed_point(
     assert int4["after_finetune"] == int4["before_finetune"] and "finetune_history" not in int4
     # 8 dims of 4 bits + a 2-byte scale and bias per row: 8 of 32 bytes
     assert int4["bytes"] == base["bytes"] / 4 and int4["before_finetune"]["test"]["auc"] > 0.5
+    assert 0.0 < afm["after_finetune"]["test"]["ne"] < 1.5 and "ne" in base["test"]
     table = (out / "sweep.md").read_text().splitlines()
     assert len(table) == 2 + 1 + 4
+    assert f"| {afm['after_finetune']['test']['ne']:.4f} |" in table[3]
     assert "not fine-tuned" in table[-1]
     assert table[2].startswith("| baseline (fp32) |")
     assert table[4].startswith("| afm rank=0 |") and "**failed**: ValueError" in table[4]
