@@ -67,7 +67,9 @@ def test_ne_is_logloss_over_the_base_rate_entropy_as_torchrec_computes_it() -> N
     result = ctr_metrics(logits, labels)
     base_rate = float(labels.double().mean())
     entropy = -(base_rate * math.log(base_rate) + (1 - base_rate) * math.log(1 - base_rate))
-    assert result["ne"] == pytest.approx(result["logloss"] / entropy, rel=1e-12)
+    # 1e-10: the float64 sums' order depends on the intra-op thread count (1.2e-11 seen when
+    # an earlier test left another thread count)
+    assert result["ne"] == pytest.approx(result["logloss"] / entropy, rel=1e-10)
     # TorchRec's own pipeline (NEMetric's states from clamped probabilities, in bits): the same
     # for logits well inside the clamp (|logit| < 27)
     assert logits.abs().max() < 20
