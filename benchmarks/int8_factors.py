@@ -33,7 +33,7 @@ from examples.dlrm.train import evaluate, load_checkpoint  # noqa: E402
 from torchrec_compress.api import compress_  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
 from torchrec_compress.distributed import lowrank_skeleton_  # noqa: E402
-from torchrec_compress.rowwise_quant import RowWiseQuantConfig  # noqa: E402
+from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig  # noqa: E402
 from torchrec_compress.testing import run_multiprocess  # noqa: E402
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
 from torchrec_compress.checkpoint import read_metadata  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
-from torchrec_compress.lowrank import afm_basis, svd_basis, table_moments  # noqa: E402
+from torchrec_compress.methods.lowrank.factors import afm_basis, svd_basis, table_moments  # noqa: E402
 from torchrec_compress.statistics import count_lookups  # noqa: E402
 
 

@@ -32,7 +32,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.modules import LowRankEmbeddingBagCollection
+from torchrec_compress import LowRankEmbeddingBagCollection
 
 
 @torch.no_grad()

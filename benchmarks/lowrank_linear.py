@@ -18,7 +18,7 @@ import torch
 from common import markdown_table, parse_threads, run_header, time_interleaved
 from torch import nn
 
-from torchrec_compress.modules import LowRankLinear
+from torchrec_compress import LowRankLinear
 
 
 @torch.no_grad()

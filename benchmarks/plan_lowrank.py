@@ -22,8 +22,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.planner import Topology
 from torchrec.models.dlrm import DLRM
 
-from torchrec_compress.distributed.lowrank import lowrank_skeleton_
 from torchrec_compress.distributed.planning import PlanStorage, plan_storage
+from torchrec_compress.methods.lowrank.sharded_driver import lowrank_skeleton_
 
 SMALL_TABLE_ROWS = (1_000, 50_000, 2_000_000)
 

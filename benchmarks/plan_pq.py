@@ -25,9 +25,9 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.planner import Topology
 
 from torchrec_compress.distributed.planning import PlanStorage, default_sharders, plan_storage
-from torchrec_compress.distributed.pq_embeddingbag import PQEmbeddingBagCollectionSharder
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import code_dtype
+from torchrec_compress.methods.pq import code_dtype
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
+from torchrec_compress.methods.pq.sharded import PQEmbeddingBagCollectionSharder
 
 
 def meta_pq(table: EmbeddingBagConfig, num_subspaces: int, ksub: int) -> PQEmbeddingBagCollection:

@@ -49,13 +49,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from examples.dlrm.compression import train_forward  # noqa: E402
 from examples.dlrm.metrics import auc  # noqa: E402
 from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
-from torchrec_compress import MECConfig, MECTraining, PQConfig, compress_  # noqa: E402
+from torchrec_compress import (  # noqa: E402
+    LowRankEmbeddingBagCollection,  # noqa: E402
+    MECConfig,
+    MECTraining,
+    PQConfig,
+    compress_,
+)
 from torchrec_compress.checkpoint import read_metadata  # noqa: E402
-from torchrec_compress.config import AFMConfig, CompressionConfig, SVDConfig  # noqa: E402
+from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset, get_dataset  # noqa: E402
-from torchrec_compress.modules import LowRankEmbeddingBagCollection  # noqa: E402
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection  # noqa: E402
-from torchrec_compress.pq import decode  # noqa: E402
+from torchrec_compress.methods.lowrank.config import AFMConfig, SVDConfig
+from torchrec_compress.methods.pq import decode  # noqa: E402
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection  # noqa: E402
 from torchrec_compress.statistics import count_lookups  # noqa: E402
 
 BUCKETS = ("head", "torso", "tail")

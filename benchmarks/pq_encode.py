@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from torchrec_compress.pq import ProductQuantizer, _ops, reconstruction_mse
+from torchrec_compress.methods.pq import ProductQuantizer, reconstruction_mse
+from torchrec_compress.methods.pq import kernels as _ops
 
 
 def peak_rss_bytes() -> int:

@@ -23,8 +23,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import _ops
+from torchrec_compress.methods.pq import kernels as _ops
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 
 
 def on_torch_path(fn: Callable[[], torch.Tensor]) -> torch.Tensor:

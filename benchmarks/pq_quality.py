@@ -44,15 +44,15 @@ from common import markdown_table, run_header
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
-from torchrec_compress.api import find_embedding_bag_collections  # noqa: E402
 from torchrec_compress.checkpoint import read_metadata  # noqa: E402
-from torchrec_compress.config import MECConfig, MECTraining  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
-from torchrec_compress.pq import (  # noqa: E402
+from torchrec_compress.discovery import find_embedding_bag_collections  # noqa: E402
+from torchrec_compress.methods.pq import (  # noqa: E402
     reconstruction_mse,
     row_weights,
     train_pq_table,
 )
+from torchrec_compress.methods.pq.config import MECConfig, MECTraining
 from torchrec_compress.statistics import count_lookups  # noqa: E402
 
 # mode -> (MECConfig fields, MECTraining fields)

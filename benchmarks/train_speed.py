@@ -39,15 +39,12 @@ from examples.dlrm.main import quiet_torchrec  # noqa: E402
 from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
 from examples.dlrm.train import TrainConfig, attach_sparse_optimizer, build_optimizer  # noqa: E402
 from torchrec_compress.api import compress_  # noqa: E402
-from torchrec_compress.config import (  # noqa: E402
-    AFMConfig,
-    CompressionConfig,
-    MECConfig,
-    MECTraining,
-)
+from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import get_dataset  # noqa: E402
 from torchrec_compress.distributed import shard_model  # noqa: E402
-from torchrec_compress.rowwise_quant import RowWiseQuantConfig  # noqa: E402
+from torchrec_compress.methods.lowrank.config import AFMConfig
+from torchrec_compress.methods.pq.config import MECConfig, MECTraining
+from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig  # noqa: E402
 from torchrec_compress.testing import run_multiprocess  # noqa: E402
 
 

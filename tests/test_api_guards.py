@@ -25,19 +25,18 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_compress import LowRankEmbeddingBagCollection, LowRankLinear
 from torchrec_compress.api import compress_
-from torchrec_compress.config import (
-    AFMConfig,
-    CompressionConfig,
+from torchrec_compress.config import CompressionConfig
+from torchrec_compress.methods.lowrank.config import AFMConfig, SVDConfig
+from torchrec_compress.methods.pq.config import (
     KMeansTraining,
     MECConfig,
     MECOverride,
     MECTraining,
     PQConfig,
-    SVDConfig,
 )
-from torchrec_compress.modules import LowRankEmbeddingBagCollection, LowRankLinear
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 from torchrec_compress.testing import run_multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -477,14 +476,14 @@ from torchrec_compress import (
 )
 import torchrec_compress
 from torchrec_compress.distributed import compress_sharded_pq
-from torchrec_compress.distributed.mec import compress_sharded_pq as direct
+from torchrec_compress.methods.pq.sharded_driver import compress_sharded_pq as direct
 assert compress_sharded_pq is direct
 kinds = [type(s) for s in sharders()]
 assert kinds[:2] == [CPURowWiseEmbeddingBagCollectionSharder, PQEmbeddingBagCollectionSharder], kinds
 assert set(torchrec_compress.__all__) <= set(dir(torchrec_compress))
 print("ok")
 """
-    for first in (light, "import torchrec_compress.distributed.lowrank\n"):
+    for first in (light, "import torchrec_compress.methods.lowrank.sharded_driver\n"):
         proc = subprocess.run(
             [sys.executable, "-c", first + code],
             cwd=ROOT,
@@ -497,7 +496,7 @@ print("ok")
 
 
 def test_pq_config_is_plain_pq() -> None:
-    from torchrec_compress.config import PQConfig  # new: imported here so the file collects
+    from torchrec_compress.methods.pq.config import PQConfig
     from torchrec_compress.registry import METHODS
 
     assert METHODS[PQConfig].local is not None and METHODS[PQConfig].sharded is not None
@@ -551,8 +550,8 @@ def test_every_method_has_one_handler_that_the_local_driver_calls(
 ) -> None:
     """The method's steps live in its registered handler (both drivers call it), not in the
     drivers: breaking the handler breaks ``compress_``."""
-    from torchrec_compress.factorization import LowRankHandler
-    from torchrec_compress.pq.method import PQHandler
+    from torchrec_compress.methods.lowrank.handler import LowRankHandler
+    from torchrec_compress.methods.pq.handler import PQHandler
     from torchrec_compress.registry import handler_for
 
     pq = PQConfig(num_subspaces=4, num_centroids=16)
@@ -568,7 +567,10 @@ def test_every_method_has_one_handler_that_the_local_driver_calls(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("handler called")
 
-    from torchrec_compress.rowwise_quant import RowWiseQuantConfig, RowWiseQuantHandler
+    from torchrec_compress.methods.rowwise_quant.method import (
+        RowWiseQuantConfig,
+        RowWiseQuantHandler,
+    )
 
     int8 = RowWiseQuantConfig(bits=8)
     assert handler_for(int8) == RowWiseQuantHandler(int8)

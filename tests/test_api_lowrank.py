@@ -9,9 +9,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.api import compress_, find_mlp_hidden_linears
-from torchrec_compress.config import AFMConfig, LowRankOverride, SVDConfig
-from torchrec_compress.modules import LowRankEmbeddingBagCollection, LowRankLinear
+from torchrec_compress import LowRankEmbeddingBagCollection, LowRankLinear
+from torchrec_compress.api import compress_
+from torchrec_compress.discovery import find_mlp_hidden_linears
+from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankOverride, SVDConfig
 from torchrec_compress.testing import peak_cpu_allocation
 
 ROWS = {"t0": 100, "t1": 60, "t2": 30}

@@ -13,9 +13,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.api import compress_
-from torchrec_compress.config import AFMConfig, MECConfig, MECOverride, MECTraining
-from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.methods.lowrank.config import AFMConfig
+from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
+from torchrec_compress.methods.pq.config import MECConfig, MECOverride, MECTraining
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 
 ROWS = {"t0": 300, "t1": 120, "t2": 40}
 DIM = 8

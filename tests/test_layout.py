@@ -15,16 +15,11 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 
 from torchrec_compress.api import compress_
-from torchrec_compress.config import (
-    AFMConfig,
-    CompressionConfig,
-    MECConfig,
-    MECTraining,
-    PQConfig,
-    SVDConfig,
-)
+from torchrec_compress.config import CompressionConfig
 from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
-from torchrec_compress.rowwise_quant import RowWiseQuantConfig
+from torchrec_compress.methods.lowrank.config import AFMConfig, SVDConfig
+from torchrec_compress.methods.pq.config import MECConfig, MECTraining, PQConfig
+from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 
 CPU = torch.device("cpu")

@@ -2,7 +2,7 @@
 
 import torch
 
-from torchrec_compress.lowrank import (
+from torchrec_compress.methods.lowrank.factors import (
     afm_basis,
     factor_table,
     projection,

@@ -16,12 +16,12 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress import AFMConfig, MECConfig, RowWiseQuantConfig, compress_
-from torchrec_compress.modules.lowrank_embedding_bag import (
+from torchrec_compress.methods.lowrank.module import (
     LowRankEmbeddingBagCollection,
     pack_factor_rows,
     unpack_factor_rows,
 )
-from torchrec_compress.rank import compressed_table_bytes
+from torchrec_compress.methods.lowrank.rank import compressed_table_bytes
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 
 TABLES = [

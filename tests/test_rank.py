@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from torchrec_compress.config import AFMConfig, LowRankOverride, SVDConfig
-from torchrec_compress.rank import (
+from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankOverride, SVDConfig
+from torchrec_compress.methods.lowrank.rank import (
     RankChoice,
     TableSpectrum,
     choose_ranks,

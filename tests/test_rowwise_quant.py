@@ -29,17 +29,17 @@ from torchrec.quant.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 
-from torchrec_compress import rowwise_quant
 from torchrec_compress.api import compress_
-from torchrec_compress.config import AFMConfig
 from torchrec_compress.distributed import plan_storage, planning
-from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
-from torchrec_compress.registry import METHODS, method_for
-from torchrec_compress.rowwise_quant import (
+from torchrec_compress.methods.lowrank.config import AFMConfig
+from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
+from torchrec_compress.methods.rowwise_quant import method as rowwise_quant
+from torchrec_compress.methods.rowwise_quant.method import (
     RowWiseQuantConfig,
     RowWiseQuantOverride,
     _plan_rowwise,
 )
+from torchrec_compress.registry import METHODS, method_for
 
 ROWS = {"t0": 300, "t1": 120, "t2": 40}
 DIM = 16

@@ -14,9 +14,9 @@ from torchrec.models.dlrm import DLRM
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from torchrec_compress import LowRankEmbeddingBagCollection
 from torchrec_compress.api import compress_
-from torchrec_compress.config import AFMConfig, LowRankOverride, SVDConfig
-from torchrec_compress.modules import LowRankEmbeddingBagCollection
+from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankOverride, SVDConfig
 from torchrec_compress.testing.models import DENSE_IN, tiny_batch, tiny_tables
 
 DIM = 16

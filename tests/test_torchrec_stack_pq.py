@@ -40,15 +40,15 @@ from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCo
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_compress.api import compress_
-from torchrec_compress.config import MECConfig, MECTraining
 from torchrec_compress.distributed import default_sharders, load_full_state_dict_, shard_model
-from torchrec_compress.distributed.pq_embeddingbag import (
+from torchrec_compress.methods.pq import kernels as _ops
+from torchrec_compress.methods.pq.config import MECConfig, MECTraining
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
+from torchrec_compress.methods.pq.sharded import (
     PQEmbeddingBagCollectionSharder,
     PQFeatureProcessedEmbeddingBagCollectionSharder,
     ShardedPQFeatureProcessedEmbeddingBagCollection,
 )
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import _ops
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 

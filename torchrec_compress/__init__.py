@@ -27,16 +27,6 @@ if TYPE_CHECKING:
     from torchrec.distributed.types import ModuleSharder
 
     from torchrec_compress.api import compress_
-    from torchrec_compress.config import (
-        AFMConfig,
-        KMeansTraining,
-        LowRankOverride,
-        MECConfig,
-        MECOverride,
-        MECTraining,
-        PQConfig,
-        SVDConfig,
-    )
     from torchrec_compress.distributed import (
         CPURowWiseEmbeddingBagCollectionSharder,
         FeatureProcessedLowRankSharder,
@@ -48,12 +38,23 @@ if TYPE_CHECKING:
         save_compressed,
     )
     from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
-    from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
-    from torchrec_compress.modules.lowrank_linear import LowRankLinear
-    from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+    from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankOverride, SVDConfig
+    from torchrec_compress.methods.lowrank.linear import LowRankLinear
+    from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
+    from torchrec_compress.methods.pq.config import (
+        KMeansTraining,
+        MECConfig,
+        MECOverride,
+        MECTraining,
+        PQConfig,
+    )
+    from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
+    from torchrec_compress.methods.rowwise_quant.method import (
+        RowWiseQuantConfig,
+        RowWiseQuantOverride,
+    )
     from torchrec_compress.report import CompressionReport
     from torchrec_compress.retrain import reinitialize_dense_
-    from torchrec_compress.rowwise_quant import RowWiseQuantConfig, RowWiseQuantOverride
 
 __version__ = "0.1.0"
 
@@ -61,24 +62,24 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "compress_": "torchrec_compress.api",
     "CompressionReport": "torchrec_compress.report",
-    "AFMConfig": "torchrec_compress.config",
-    "SVDConfig": "torchrec_compress.config",
-    "MECConfig": "torchrec_compress.config",
-    "PQConfig": "torchrec_compress.config",
-    "LowRankOverride": "torchrec_compress.config",
-    "MECOverride": "torchrec_compress.config",
-    "MECTraining": "torchrec_compress.config",
-    "KMeansTraining": "torchrec_compress.config",
-    "LowRankEmbeddingBagCollection": "torchrec_compress.modules.lowrank_embedding_bag",
-    "LowRankLinear": "torchrec_compress.modules.lowrank_linear",
-    "PQEmbeddingBagCollection": "torchrec_compress.modules.pq_embedding_bag",
+    "AFMConfig": "torchrec_compress.methods.lowrank.config",
+    "SVDConfig": "torchrec_compress.methods.lowrank.config",
+    "MECConfig": "torchrec_compress.methods.pq.config",
+    "PQConfig": "torchrec_compress.methods.pq.config",
+    "LowRankOverride": "torchrec_compress.methods.lowrank.config",
+    "MECOverride": "torchrec_compress.methods.pq.config",
+    "MECTraining": "torchrec_compress.methods.pq.config",
+    "KMeansTraining": "torchrec_compress.methods.pq.config",
+    "LowRankEmbeddingBagCollection": "torchrec_compress.methods.lowrank.module",
+    "LowRankLinear": "torchrec_compress.methods.lowrank.linear",
+    "PQEmbeddingBagCollection": "torchrec_compress.methods.pq.module",
     "PQEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
     "CPURowWiseEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
     "LowRankEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
     "PQFeatureProcessedEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
     "FeatureProcessedLowRankSharder": "torchrec_compress.distributed",
-    "RowWiseQuantConfig": "torchrec_compress.rowwise_quant",
-    "RowWiseQuantOverride": "torchrec_compress.rowwise_quant",
+    "RowWiseQuantConfig": "torchrec_compress.methods.rowwise_quant.method",
+    "RowWiseQuantOverride": "torchrec_compress.methods.rowwise_quant.method",
     "ShardedCompressionReport": "torchrec_compress.distributed",
     "load_compressed": "torchrec_compress.distributed",
     "save_compressed": "torchrec_compress.distributed",

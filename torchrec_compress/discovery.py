@@ -10,8 +10,8 @@ from typing import cast
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
-from torchrec_compress.modules.lowrank_linear import LowRankLinear
+from torchrec_compress.methods.lowrank.linear import LowRankLinear
+from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
 
 FilterFn = Callable[[nn.Module, str], bool]
 

@@ -17,7 +17,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.config import CompressionConfig, LowRankConfig
+from torchrec_compress.config import CompressionConfig
+from torchrec_compress.methods.lowrank.config import LowRankConfig
 
 DEFAULT_CHUNK_ROWS = 65536
 

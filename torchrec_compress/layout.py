@@ -55,23 +55,21 @@ from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
 )
 
-from torchrec_compress.config import (
-    AFMConfig,
-    CompressionConfig,
-    LowRankConfig,
-    MECConfig,
-    PQConfig,
-    SVDConfig,
-)
-from torchrec_compress.modules.lowrank_embedding_bag import (
+from torchrec_compress.config import CompressionConfig
+from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.methods.lowrank.linear import LowRankLinear
+from torchrec_compress.methods.lowrank.module import (
     CompositeLowRankEmbeddingBagCollection,
     LowRankEmbeddingBagCollection,
 )
-from torchrec_compress.modules.lowrank_linear import LowRankLinear
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq.quantizer import code_dtype
+from torchrec_compress.methods.pq.config import MECConfig, PQConfig
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
+from torchrec_compress.methods.pq.quantizer import code_dtype
+from torchrec_compress.methods.rowwise_quant.method import (
+    RowWiseQuantConfig,
+    empty_rowwise_collection,
+)
 from torchrec_compress.registry import METHODS
-from torchrec_compress.rowwise_quant import RowWiseQuantConfig, empty_rowwise_collection
 
 LAYOUT_VERSION = 1
 KINDS = ("lowrank", "composite", "pq", "rowwise_quant", "lowrank_linear")
@@ -237,7 +235,7 @@ def compression_layout(
 
     Example::
 
-        >>> from torchrec_compress.modules.lowrank_linear import LowRankLinear
+        >>> from torchrec_compress.methods.lowrank.linear import LowRankLinear
         >>> layout = compression_layout(nn.Sequential(nn.ReLU(), LowRankLinear(8, 2, 4)))
         >>> layout.modules["1"]["kind"], layout.modules["1"]["rank"]
         ('lowrank_linear', 2)

@@ -102,7 +102,7 @@ def handler_for(config: CompressionConfig) -> Any:
     Example::
 
         >>> from torchrec_compress.config import SVDConfig
-        >>> import torchrec_compress.factorization  # registers the AFM / SVD handler
+        >>> import torchrec_compress.methods.lowrank.handler  # registers the AFM / SVD handler
         >>> handler_for(SVDConfig(rank=4)).method
         'SVD'
 

@@ -26,8 +26,8 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 
-from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 
 _EMBEDDING_MODULES = (
     ShardedModule,

@@ -18,7 +18,6 @@ from torchrec.datasets.utils import Batch
 
 from torchrec_compress import checkpoint
 from torchrec_compress.api import compress_
-from torchrec_compress.config import AFMConfig, PQConfig
 from torchrec_compress.distributed import (
     load_compressed,
     load_full_state_dict_,
@@ -26,7 +25,9 @@ from torchrec_compress.distributed import (
     save_compressed,
     shard_model,
 )
-from torchrec_compress.rowwise_quant import RowWiseQuantConfig
+from torchrec_compress.methods.lowrank.config import AFMConfig
+from torchrec_compress.methods.pq.config import PQConfig
+from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 

@@ -23,17 +23,18 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.models.dlrm import DLRM, DLRMTrain
 
-from torchrec_compress.api import calibrate, compress_
-from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.api import compress_
+from torchrec_compress.calibration import calibrate
 from torchrec_compress.distributed import load_full_state_dict_, shard_model
-from torchrec_compress.distributed.lowrank import (
+from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.methods.lowrank.factors import table_moments
+from torchrec_compress.methods.lowrank.sharded_driver import (
     SparseLookupCounter,
     lowrank_skeleton_,
     save_compressed_state,
     sharded_lowrank_state,
     sharded_statistics,
 )
-from torchrec_compress.lowrank import table_moments
 from torchrec_compress.report import CompressionReport
 from torchrec_compress.statistics import count_lookups
 from torchrec_compress.testing import run_multiprocess

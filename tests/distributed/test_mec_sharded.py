@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from torchrec_compress import compress_
-from torchrec_compress.config import AFMConfig, MECConfig, MECTraining
 from torchrec_compress.distributed import load_full_state_dict_, shard_model
-from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.methods.lowrank.config import AFMConfig
+from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
+from torchrec_compress.methods.pq.config import MECConfig, MECTraining
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 

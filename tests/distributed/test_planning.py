@@ -6,9 +6,9 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.planner import Topology
 from torchrec.models.dlrm import DLRM
 
-from torchrec_compress.distributed.lowrank import lowrank_skeleton_
+from torchrec_compress import LowRankEmbeddingBagCollection, LowRankLinear
 from torchrec_compress.distributed.planning import plan_storage
-from torchrec_compress.modules import LowRankEmbeddingBagCollection, LowRankLinear
+from torchrec_compress.methods.lowrank.sharded_driver import lowrank_skeleton_
 
 META = torch.device("meta")
 DIM, RANK = 64, 8

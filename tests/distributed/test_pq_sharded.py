@@ -29,13 +29,13 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_compress.distributed import default_sharders, load_full_state_dict_, plan_storage
-from torchrec_compress.distributed.pq_embeddingbag import (
+from torchrec_compress.methods.pq import ProductQuantizer
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
+from torchrec_compress.methods.pq.sharded import (
     PQEmbeddingBagCollectionSharder,
     ShardedPQEmbeddingBagCollection,
     encode_sharded_codes_,
 )
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import ProductQuantizer
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import DENSE_IN, tiny_batch, tiny_tables
 
@@ -339,7 +339,7 @@ def _mixed_tables() -> tuple[list[EmbeddingBagConfig], dict[str, torch.Tensor], 
 def _mixed_checks(rank: int, world_size: int) -> dict[str, Any]:
     """Sharded == unsharded (forward and codebook gradients) with an input in another key order
     holding a foreign feature, and one pooled kernel call per code shape (not per feature)."""
-    import torchrec_compress.distributed.pq_embeddingbag as pq_sharded
+    import torchrec_compress.methods.pq.sharded as pq_sharded
 
     tables, codes, books = _mixed_tables()
     keys, rows = ["c1", "z", "b1", "a2", "a1"], [20, 5, 30, 40, 40]

@@ -1,7 +1,7 @@
 """Fine-tuning AFM x int8 and AFM x fp16 DLRMs under DMP, in 1 and 2 gloo processes.
 
 The int8 factor rows are frozen (fbgemm has no CPU backward for uint8 rows, see
-``torchrec_compress.rowwise_quant``); with ``torchrec_compress.sharders(model)`` DMP keeps the
+``torchrec_compress.methods.rowwise_quant.method``); with ``torchrec_compress.sharders(model)`` DMP keeps the
 quantized collection whole on every rank while the projections, means and MLPs train
 data-parallel.
 One SGD step must equal the unsharded step on the same (global) data, and leave the int8 rows
@@ -38,7 +38,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import torchrec_compress
 from torchrec_compress.api import compress_
-from torchrec_compress.config import AFMConfig
 from torchrec_compress.distributed import (
     default_sharders,
     load_full_state_dict_,
@@ -46,9 +45,10 @@ from torchrec_compress.distributed import (
     read_compression_layout,
     shard_model,
 )
-from torchrec_compress.distributed.replicated import ShardedReplicatedCollection
 from torchrec_compress.layout import restore_layout_
-from torchrec_compress.rowwise_quant import RowWiseQuantConfig
+from torchrec_compress.methods.lowrank.config import AFMConfig
+from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig
+from torchrec_compress.methods.rowwise_quant.sharded import ShardedReplicatedCollection
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import DENSE_IN, tiny_batch, tiny_dlrm
 

@@ -9,9 +9,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.modules import LowRankEmbeddingBagCollection
-from torchrec_compress.modules.lowrank_embedding_bag import CompositeLowRankEmbeddingBagCollection
-from torchrec_compress.pq import _ops
+from torchrec_compress import LowRankEmbeddingBagCollection
+from torchrec_compress.methods.lowrank.module import CompositeLowRankEmbeddingBagCollection
+from torchrec_compress.methods.pq import kernels as _ops
 
 
 def _tables(pooling: PoolingType) -> list[EmbeddingBagConfig]:

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from torchrec_compress.lowrank import afm_basis, afm_linear, svd_linear
-from torchrec_compress.modules import LowRankLinear
+from torchrec_compress import LowRankLinear
+from torchrec_compress.methods.lowrank.factors import afm_basis, afm_linear, svd_linear
 from torchrec_compress.statistics import LinearOutputCollector
 
 

@@ -7,8 +7,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection, pq_pooled_lookup
-from torchrec_compress.pq import decode
+from torchrec_compress.methods.pq import decode
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection, pq_pooled_lookup
 
 
 def _tables(pooling: PoolingType) -> list[EmbeddingBagConfig]:

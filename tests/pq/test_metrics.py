@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from torchrec_compress.pq import (
+from torchrec_compress.methods.pq import (
     QuantizationMetrics,
     codebook_perplexity,
     decode,

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection, pq_pooled_lookup
-from torchrec_compress.pq import ProductQuantizer, _ops, assign, decode
+from torchrec_compress.methods.pq import ProductQuantizer, assign, decode
+from torchrec_compress.methods.pq import kernels as _ops
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection, pq_pooled_lookup
 
 needs_kernels = pytest.mark.skipif(not _ops.HAS_KERNELS, reason="C++ kernels not built")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from torchrec_compress.pq import (
+from torchrec_compress.methods.pq import (
     ProductQuantizer,
     assign,
     balanced_subspaces,

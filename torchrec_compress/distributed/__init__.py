@@ -1,6 +1,6 @@
 """Everything that knows about process groups: sharders, sharded modules, planning helpers.
 
-The unsharded modules in :mod:`torchrec_compress.modules` know nothing of distribution; as in
+The unsharded modules in :mod:`torchrec_compress.methods` know nothing of distribution; as in
 TorchRec, each sharded module lives next to its sharder in one file of this package.
 """
 
@@ -16,19 +16,6 @@ from torchrec_compress.distributed.embeddingbag import (
     BoundsCheckedShardedEmbeddingBagCollection,
     CPURowWiseEmbeddingBagCollectionSharder,
 )
-from torchrec_compress.distributed.lowrank import (
-    ShardedStatistics,
-    SparseLookupCounter,
-    compress_sharded,
-    lowrank_skeleton_,
-    sharded_statistics,
-)
-from torchrec_compress.distributed.lowrank_embeddingbag import (
-    FeatureProcessedLowRankSharder,
-    LowRankEmbeddingBagCollectionSharder,
-    ShardedLowRankEmbeddingBagCollection,
-)
-from torchrec_compress.distributed.mec import compress_sharded_pq
 from torchrec_compress.distributed.planning import (
     PlanStorage,
     TableStorage,
@@ -38,13 +25,26 @@ from torchrec_compress.distributed.planning import (
     shard_model,
     training_sharders,
 )
-from torchrec_compress.distributed.pq_embeddingbag import (
+from torchrec_compress.distributed.state import load_full_state_dict_
+from torchrec_compress.methods.lowrank.sharded import (
+    FeatureProcessedLowRankSharder,
+    LowRankEmbeddingBagCollectionSharder,
+    ShardedLowRankEmbeddingBagCollection,
+)
+from torchrec_compress.methods.lowrank.sharded_driver import (
+    ShardedStatistics,
+    SparseLookupCounter,
+    compress_sharded,
+    lowrank_skeleton_,
+    sharded_statistics,
+)
+from torchrec_compress.methods.pq.sharded import (
     PQEmbeddingBagCollectionSharder,
     PQFeatureProcessedEmbeddingBagCollectionSharder,
     ShardedPQEmbeddingBagCollection,
     encode_sharded_codes_,
 )
-from torchrec_compress.distributed.state import load_full_state_dict_
+from torchrec_compress.methods.pq.sharded_driver import compress_sharded_pq
 
 __all__ = [
     "BoundsCheckedShardedEmbeddingBagCollection",

@@ -39,32 +39,28 @@ from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCo
 
 from torchrec_compress import checkpoint
 from torchrec_compress.calibration import ForwardFn, default_forward
-from torchrec_compress.config import (
-    AFMConfig,
-    CompressionConfig,
-    MECConfig,
-    PQConfig,
-    SVDConfig,
-)
+from torchrec_compress.config import CompressionConfig
 from torchrec_compress.discovery import FilterFn, find_embedding_bag_collections
-from torchrec_compress.distributed.lowrank import (
+from torchrec_compress.distributed.planning import shard_model
+from torchrec_compress.guards import compresses_tables, first_nonfinite_row, nonfinite_row_error
+from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
+from torchrec_compress.methods.lowrank.config import AFMConfig, SVDConfig
+from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
+from torchrec_compress.methods.lowrank.sharded import ShardedLowRankEmbeddingBagCollection
+from torchrec_compress.methods.lowrank.sharded_driver import (
     COMPRESSION_LAYOUT_KEY,
     save_compressed_state,
     sharded_lowrank_state,
 )
-from torchrec_compress.distributed.lowrank_embeddingbag import ShardedLowRankEmbeddingBagCollection
-from torchrec_compress.distributed.mec import sharded_pq_state
-from torchrec_compress.distributed.planning import shard_model
-from torchrec_compress.distributed.pq_embeddingbag import ShardedPQEmbeddingBagCollection
-from torchrec_compress.distributed.replicated import ShardedReplicatedCollection
-from torchrec_compress.distributed.rowwise_quant import sharded_rowwise_state
-from torchrec_compress.guards import compresses_tables, first_nonfinite_row, nonfinite_row_error
-from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
-from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.methods.pq.config import MECConfig, PQConfig
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
+from torchrec_compress.methods.pq.sharded import ShardedPQEmbeddingBagCollection
+from torchrec_compress.methods.pq.sharded_driver import sharded_pq_state
+from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig
+from torchrec_compress.methods.rowwise_quant.sharded import ShardedReplicatedCollection
+from torchrec_compress.methods.rowwise_quant.sharded_driver import sharded_rowwise_state
 from torchrec_compress.registry import method_for, register_method
 from torchrec_compress.report import CompressionReport
-from torchrec_compress.rowwise_quant import RowWiseQuantConfig
 
 META = torch.device("meta")
 

@@ -23,18 +23,18 @@ from torchrec_compress.distributed.embeddingbag import (
     CPURowWiseEmbeddingBagCollectionSharder,
     has_in_backward_optimizers,
 )
-from torchrec_compress.distributed.lowrank_embeddingbag import (
+from torchrec_compress.methods.lowrank.module import CompositeLowRankEmbeddingBagCollection
+from torchrec_compress.methods.lowrank.sharded import (
     CompositeLowRankSharder,
     FeatureProcessedLowRankSharder,
     LowRankEmbeddingBagCollectionSharder,
 )
-from torchrec_compress.distributed.pq_embeddingbag import (
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
+from torchrec_compress.methods.pq.sharded import (
     PQEmbeddingBagCollectionSharder,
     PQFeatureProcessedEmbeddingBagCollectionSharder,
 )
-from torchrec_compress.distributed.replicated import ReplicatedCollectionSharder
-from torchrec_compress.modules.lowrank_embedding_bag import CompositeLowRankEmbeddingBagCollection
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
+from torchrec_compress.methods.rowwise_quant.sharded import ReplicatedCollectionSharder
 
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
 
@@ -43,8 +43,8 @@ def default_sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Mo
     """TorchRec's default sharders, with the EBC sharder replaced by one that offers row-wise on
     CPU, plus the sharders of the compressed collections.
 
-    The sharders of :class:`~torchrec_compress.modules.pq_embedding_bag.PQEmbeddingBagCollection`
-    and :class:`~torchrec_compress.modules.lowrank_embedding_bag.LowRankEmbeddingBagCollection`
+    The sharders of :class:`~torchrec_compress.methods.pq.module.PQEmbeddingBagCollection`
+    and :class:`~torchrec_compress.methods.lowrank.module.LowRankEmbeddingBagCollection`
     shard each collection as one module.  DMP and the planner take one sharder per module type,
     and a ``FeatureProcessedEmbeddingBagCollection`` needs a different one when its collection
     was product-quantized: given ``model``, the FPEBC sharder is chosen for the FPEBCs it holds
@@ -64,7 +64,7 @@ def default_sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Mo
 
     Example::
 
-        >>> from torchrec_compress.modules import LowRankEmbeddingBagCollection
+        >>> from torchrec_compress import LowRankEmbeddingBagCollection
         >>> LowRankEmbeddingBagCollection in {s.module_type for s in default_sharders()}
         True
     """
@@ -163,7 +163,7 @@ def training_sharders(
     """``sharders`` (default :func:`default_sharders`) without the sharders of TorchRec's
     quantized (inference) embedding bag collections; :func:`shard_model` uses them.
 
-    A row-wise quantized table (:mod:`torchrec_compress.rowwise_quant`) is TorchRec's quantized
+    A row-wise quantized table (:mod:`torchrec_compress.methods.rowwise_quant.method`) is TorchRec's quantized
     ``EmbeddingBagCollection``.  TorchRec's ``QuantEmbeddingBagCollectionSharder`` plans it at its
     true size (``rows x (d * bits / 8 + 4)`` bytes), but shards it into TorchRec's inference
     module (one process driving several GPUs, CUDA kernels): on CPU that fails ("Torch not

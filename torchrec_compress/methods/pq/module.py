@@ -29,8 +29,8 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_compress.guards import FeatureIdRanges
-from torchrec_compress.pq import _ops
-from torchrec_compress.pq.quantizer import code_dtype, decode
+from torchrec_compress.methods.pq import kernels as _ops
+from torchrec_compress.methods.pq.quantizer import code_dtype, decode
 
 # TorchRec's own helpers are fx leaves only where TorchRec calls them: make them leaves here too
 # (their bodies iterate over names and test sizes, which a symbolic trace cannot do).
@@ -394,7 +394,7 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 f"PQEmbeddingBagCollection (tables "
                 f"{[t.name for t in self._embedding_bag_configs]}) has no embedding_bags: its "
                 "tables are codes and codebooks. To shard a FeatureProcessedEmbeddingBagCollection "
-                "over it, pass torchrec_compress.distributed.pq_embeddingbag."
+                "over it, pass torchrec_compress.methods.pq.sharded."
                 "PQFeatureProcessedEmbeddingBagCollectionSharder in place of TorchRec's "
                 "FeatureProcessedEmbeddingBagCollectionSharder"
             )

@@ -4,7 +4,7 @@ Each compressed table E (N x d) is replaced by a factor table A (N x k), a proje
 and a mean mu (d, stored ``(1, d)``): ``e_i ~ A_i B + mu``.  Pooling happens on the k-dim factor
 rows, in an ordinary TorchRec ``EmbeddingBagCollection`` (``factor_ebc``), so fbgemm pools them;
 one matmul per table then projects back to d.  Under DMP the collection is sharded as one module
-(``torchrec_compress.distributed.lowrank_embeddingbag``: factor tables by TorchRec's EBC sharder,
+(``torchrec_compress.methods.lowrank.sharded``: factor tables by TorchRec's EBC sharder,
 projection and mean dense), and its forward traces (``torch.fx``, TorchScript, ``torch.export``,
 ``torch.compile``).
 """
@@ -26,9 +26,9 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_compress.guards import FeatureIdRanges
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import _ops
-from torchrec_compress.rank import rows_per_packed_row
+from torchrec_compress.methods.lowrank.rank import rows_per_packed_row
+from torchrec_compress.methods.pq import kernels as _ops
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 
 
 def is_tracing() -> bool:

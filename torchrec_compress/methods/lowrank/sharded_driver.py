@@ -1,6 +1,6 @@
 """Low-rank (AFM/SVD) models under ``DistributedModelParallel``, and distributed compression.
 
-A :class:`~torchrec_compress.modules.LowRankEmbeddingBagCollection` needs no sharder of its own:
+A :class:`~torchrec_compress.LowRankEmbeddingBagCollection` needs no sharder of its own:
 DMP walks into it and shards its ``factor_ebc`` (an ordinary EBC of rows x k tables) with
 TorchRec's EBC sharder, so the planner sizes the factor tables at their true rows x k.
 
@@ -39,7 +39,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress import checkpoint
 from torchrec_compress.calibration import ForwardFn, calibration_pass, default_forward
-from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
 from torchrec_compress.discovery import (
     FilterFn,
     find_embedding_bag_collections,
@@ -47,18 +46,19 @@ from torchrec_compress.discovery import (
     table_owners,
 )
 from torchrec_compress.distributed.state import shard_rank
-from torchrec_compress.factorization import LowRankHandler, linear_factors
-from torchrec_compress.lowrank import (
+from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.methods.lowrank.factors import (
     PrincipalBasis,
     factor_table,
     projection,
 )
-from torchrec_compress.modules.lowrank_embedding_bag import (
+from torchrec_compress.methods.lowrank.handler import LowRankHandler, linear_factors
+from torchrec_compress.methods.lowrank.linear import LowRankLinear
+from torchrec_compress.methods.lowrank.module import (
     LowRankEmbeddingBagCollection,
     pack_factor_rows,
 )
-from torchrec_compress.modules.lowrank_linear import LowRankLinear
-from torchrec_compress.rank import rows_per_packed_row
+from torchrec_compress.methods.lowrank.rank import rows_per_packed_row
 from torchrec_compress.registry import handler_for
 from torchrec_compress.report import CompressionReport
 from torchrec_compress.statistics import (

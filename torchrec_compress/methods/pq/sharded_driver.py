@@ -2,7 +2,7 @@
 
 The MEC/PQ route of ``torchrec_compress.compress_`` on a ``DistributedModelParallel`` model
 (:func:`sharded_pq_state`); it mirrors the low-rank one
-(:func:`~torchrec_compress.distributed.lowrank.sharded_lowrank_state`):
+(:func:`~torchrec_compress.methods.lowrank.sharded_driver.sharded_lowrank_state`):
 
 1. one calibration pass counts lookups (sparse ``(id, count)`` pairs, summed over the group);
 2. per table, a bounded training sample of rows (at most ``train_rows``: the most looked-up rows
@@ -32,14 +32,14 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_compress.calibration import ForwardFn, calibration_pass, default_forward
-from torchrec_compress.config import MECConfig
 from torchrec_compress.discovery import (
     FilterFn,
     find_embedding_bag_collections,
     lowrank_parent,
     table_owners,
 )
-from torchrec_compress.distributed.lowrank import (
+from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
+from torchrec_compress.methods.lowrank.sharded_driver import (
     SparseLookupCounter,
     _all_gather_counts,
     _factor_sharded_tensor,
@@ -50,12 +50,12 @@ from torchrec_compress.distributed.lowrank import (
     lookup_counting_modules,
     save_compressed_state,
 )
-from torchrec_compress.modules.lowrank_embedding_bag import LowRankEmbeddingBagCollection
-from torchrec_compress.modules.pq_embedding_bag import PQEmbeddingBagCollection
-from torchrec_compress.pq import stratified_rows
-from torchrec_compress.pq.method import PQHandler
-from torchrec_compress.pq.metrics import code_usage
-from torchrec_compress.pq.quantizer import code_dtype
+from torchrec_compress.methods.pq import stratified_rows
+from torchrec_compress.methods.pq.config import MECConfig
+from torchrec_compress.methods.pq.handler import PQHandler
+from torchrec_compress.methods.pq.metrics import code_usage
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
+from torchrec_compress.methods.pq.quantizer import code_dtype
 from torchrec_compress.registry import handler_for
 from torchrec_compress.report import CompressionReport, ReportRow
 
@@ -153,7 +153,7 @@ def compress_sharded_pq(
             ``EmbeddingBagCollection`` s are replaced in place by ``PQEmbeddingBagCollection`` s.
             In a low-rank model (``LowRankEmbeddingBagCollection``, e.g. from
             :func:`~torchrec_compress.distributed.compress_sharded`) the factor tables are
-            quantized, their columns reordered by :func:`~torchrec_compress.pq.subspace_order`
+            quantized, their columns reordered by :func:`~torchrec_compress.methods.pq.subspace_order`
             and the projections with them.
         config (MECConfig): ``mode="mec"`` (contrastive, balanced codes) or ``"pq"`` (weighted
             k-means); per-table overrides; ``skip`` is not supported here.

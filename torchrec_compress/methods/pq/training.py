@@ -31,15 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchrec_compress.config import MECConfig, MECTraining
-from torchrec_compress.pq import _ops
-from torchrec_compress.pq.metrics import (
+from torchrec_compress.methods.pq import kernels as _ops
+from torchrec_compress.methods.pq.config import MECConfig, MECTraining
+from torchrec_compress.methods.pq.metrics import (
     QuantizationMetrics,
     code_usage,
     codebook_perplexity,
     reconstruction_mse,
 )
-from torchrec_compress.pq.quantizer import ProductQuantizer, assign, balanced_subspaces, code_dtype
+from torchrec_compress.methods.pq.quantizer import (
+    ProductQuantizer,
+    assign,
+    balanced_subspaces,
+    code_dtype,
+)
 from torchrec_compress.statistics import Moments
 
 logger = logging.getLogger(__name__)
@@ -140,7 +145,7 @@ def subspace_order(
     row_scale: Tensor | None = None,
 ) -> Tensor:
     """Column order balancing variance over the ``M`` subspaces of ``weight`` (see
-    :func:`~torchrec_compress.pq.quantizer.balanced_subspaces`).
+    :func:`~torchrec_compress.methods.pq.quantizer.balanced_subspaces`).
 
     Variances are weighted like the quantizer's objective (``row_weights`` of ``counts``), so
     popular rows decide.  Meant for principal-component factor tables, whose leading columns
@@ -282,7 +287,7 @@ class MECQuantizer(nn.Module):
         """Codes ``[n, M]`` of the encodings, ``chunk_size`` rows at a time.
 
         The nearest codeword of each encoding is found by the fused C++ encoder when it was
-        built (:func:`~torchrec_compress.pq._ops.encode_kernel_applies`; several times faster
+        built (:func:`~torchrec_compress.methods.pq.kernels.encode_kernel_applies`; several times faster
         than the batched matmul of :func:`assign`, the same distances up to float rounding),
         else by :func:`assign`.
 

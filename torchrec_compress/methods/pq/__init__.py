@@ -1,19 +1,19 @@
 """Product quantization (MEC): quantizer, training and quality metrics, free of distribution code."""
 
-from torchrec_compress.pq.metrics import (
+from torchrec_compress.methods.pq.metrics import (
     QuantizationMetrics,
     codebook_perplexity,
     distinct_code_tuples,
     reconstruction_mse,
 )
-from torchrec_compress.pq.quantizer import (
+from torchrec_compress.methods.pq.quantizer import (
     ProductQuantizer,
     assign,
     balanced_subspaces,
     code_dtype,
     decode,
 )
-from torchrec_compress.pq.training import (
+from torchrec_compress.methods.pq.training import (
     MECQuantizer,
     MECStep,
     RowSampler,

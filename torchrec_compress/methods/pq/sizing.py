@@ -1,16 +1,16 @@
 """How many bytes product-quantized tables take, and which tables product quantization keeps.
 
 Shared by the local (:func:`torchrec_compress.compress_`) and the sharded
-(:mod:`torchrec_compress.distributed.mec`) drivers, so both keep the same tables for the same
+(:mod:`torchrec_compress.methods.pq.sharded_driver`) drivers, so both keep the same tables for the same
 reasons: never bigger, never silent.
 """
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_compress.config import MECConfig
-from torchrec_compress.pq.quantizer import code_dtype
-from torchrec_compress.rank import BYTES_PER_ELEMENT
+from torchrec_compress.methods.lowrank.rank import BYTES_PER_ELEMENT
+from torchrec_compress.methods.pq.config import MECConfig
+from torchrec_compress.methods.pq.quantizer import code_dtype
 
 
 def code_bytes(ksub: int, table_name: str) -> int:

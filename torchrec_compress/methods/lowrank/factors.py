@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from torchrec_compress.modules.lowrank_linear import LowRankLinear
-from torchrec_compress.rank import explained_variance_ratio
+from torchrec_compress.methods.lowrank.linear import LowRankLinear
+from torchrec_compress.methods.lowrank.rank import explained_variance_ratio
 from torchrec_compress.statistics import DEFAULT_CHUNK_ROWS, Moments, moments_from_counts
 
 

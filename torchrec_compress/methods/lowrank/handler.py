@@ -16,10 +16,16 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_compress.config import AFMConfig, LowRankConfig, SVDConfig
-from torchrec_compress.lowrank import PrincipalBasis, afm_basis, afm_linear, svd_basis, svd_linear
-from torchrec_compress.modules.lowrank_linear import LowRankLinear
-from torchrec_compress.rank import (
+from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.methods.lowrank.factors import (
+    PrincipalBasis,
+    afm_basis,
+    afm_linear,
+    svd_basis,
+    svd_linear,
+)
+from torchrec_compress.methods.lowrank.linear import LowRankLinear
+from torchrec_compress.methods.lowrank.rank import (
     BYTES_PER_ELEMENT,
     RankChoice,
     TableSpectrum,
@@ -47,7 +53,7 @@ class LowRankHandler:
     Example::
 
         >>> from torchrec_compress.config import SVDConfig
-        >>> from torchrec_compress.lowrank import table_moments
+        >>> from torchrec_compress.methods.lowrank.factors import table_moments
         >>> t = EmbeddingBagConfig(num_embeddings=32, embedding_dim=8, name="t", feature_names=["f"])
         >>> handler = LowRankHandler(SVDConfig(rank=4))
         >>> bases, choices = handler.fit([t], {"t": table_moments(torch.randn(32, 8), None, "t")})

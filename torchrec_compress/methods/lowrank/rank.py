@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchrec_compress.config import LowRankConfig
+from torchrec_compress.methods.lowrank.config import LowRankConfig
 
 # float32 factors, projections and means
 BYTES_PER_ELEMENT = 4

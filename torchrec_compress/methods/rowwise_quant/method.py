@@ -67,7 +67,7 @@ from torchrec_compress.discovery import (
     lowrank_parent,
     table_owners,
 )
-from torchrec_compress.modules.lowrank_embedding_bag import check_fixed_batch, is_tracing
+from torchrec_compress.methods.lowrank.module import check_fixed_batch, is_tracing
 from torchrec_compress.registry import ConversionPlan, register_method
 from torchrec_compress.report import ReportRow
 

@@ -1,6 +1,6 @@
 """Sharded low-rank EmbeddingBagCollection: factor tables sharded by TorchRec, projection dense.
 
-A :class:`~torchrec_compress.modules.lowrank_embedding_bag.LowRankEmbeddingBagCollection` is
+A :class:`~torchrec_compress.methods.lowrank.module.LowRankEmbeddingBagCollection` is
 sharded as one module, in the pattern of TorchRec's ``fp_embeddingbag.py`` and
 ``mc_embeddingbag.py``: :class:`ShardedLowRankEmbeddingBagCollection` builds the sharded EBC of
 its k-dim factor tables with an EBC sharder (any sharding type and kernel the EBC sharder offers;
@@ -65,7 +65,7 @@ from torchrec_compress.distributed.in_backward import (
     step_in_backward,
 )
 from torchrec_compress.guards import FeatureIdRanges
-from torchrec_compress.modules.lowrank_embedding_bag import (
+from torchrec_compress.methods.lowrank.module import (
     CompositeLowRankEmbeddingBagCollection,
     LowRankEmbeddingBagCollection,
     check_fixed_batch,
@@ -374,7 +374,7 @@ class CompositeLowRankSharder(LowRankEmbeddingBagCollectionSharder):
 
     Example::
 
-        >>> from torchrec_compress.distributed.replicated import ReplicatedCollectionSharder
+        >>> from torchrec_compress.methods.rowwise_quant.sharded import ReplicatedCollectionSharder
         >>> CompositeLowRankSharder(ReplicatedCollectionSharder()).sharding_types("cpu")
         ['data_parallel']
     """

@@ -2,7 +2,7 @@
 
 The sharded route of ``torchrec_compress.compress_(dmp, RowWiseQuantConfig(...))``: every row is
 quantized independently (its own fp16 scale and bias), so each process quantizes the rows it
-holds, block by block, exactly as the unsharded :func:`~torchrec_compress.rowwise_quant.quantize_collection`
+holds, block by block, exactly as the unsharded :func:`~torchrec_compress.methods.rowwise_quant.method.quantize_collection`
 would; no rows move.  Table-wise and row-wise shards are quantized where they live; a
 data-parallel (replicated) table by process 0 alone; a column-wise split table is refused (a row's
 scale needs the whole row).  The result is the compressed state, its quantized rows as row-sharded
@@ -33,20 +33,20 @@ from torchrec_compress.discovery import (
     lowrank_parent,
     table_owners,
 )
-from torchrec_compress.distributed.lowrank import (
+from torchrec_compress.methods.lowrank.sharded_driver import (
     _factor_sharded_tensor,
     _local_blocks,
     _row_ranges,
     check_compressed_state,
 )
-from torchrec_compress.registry import handler_for
-from torchrec_compress.report import CompressionReport
-from torchrec_compress.rowwise_quant import (
+from torchrec_compress.methods.rowwise_quant.method import (
     TRAINABLE_DATA_TYPES,
     RowWiseQuantConfig,
     RowWiseQuantHandler,
     empty_rowwise_collection,
 )
+from torchrec_compress.registry import handler_for
+from torchrec_compress.report import CompressionReport
 
 META = torch.device("meta")
 # fbgemm n-bit types torchrec 1.8 wraps in UInt4Tensor / UInt2Tensor, which DCP cannot save

@@ -9,7 +9,7 @@ handled at once with batched matmuls on ``[M, ., dsub]`` tensors; encoding strea
 import torch
 from torch import Tensor
 
-from torchrec_compress.pq import _ops
+from torchrec_compress.methods.pq import kernels as _ops
 
 
 def code_dtype(ksub: int) -> torch.dtype:
@@ -222,7 +222,7 @@ def balanced_subspaces(variances: Tensor, num_subspaces: int) -> Tensor:
 
     Product quantization cuts a row into ``M`` contiguous blocks and gives each block the same
     ``K`` codewords.  When column variances are very unequal (principal components, e.g. the
-    factor tables of a :class:`~torchrec_compress.modules.LowRankEmbeddingBagCollection`), the
+    factor tables of a :class:`~torchrec_compress.LowRankEmbeddingBagCollection`), the
     block holding the leading components would carry most of the error.  Greedy eigenvalue
     allocation (Ge et al., "Optimized Product Quantization", 2013): columns in decreasing
     variance, each one to the block with room whose product of variances is smallest, so the

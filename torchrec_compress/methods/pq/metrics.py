@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torchrec_compress.pq.quantizer import decode
+from torchrec_compress.methods.pq.quantizer import decode
 
 # Rows per block when a metric reads the codes (64k x M=8 int64 offsets: 4 MiB).
 DEFAULT_CHUNK_ROWS = 65536

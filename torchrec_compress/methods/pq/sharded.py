@@ -1,6 +1,6 @@
 """Sharded product-quantized EmbeddingBagCollection: codes sharded by rows, codebooks replicated.
 
-A :class:`~torchrec_compress.modules.pq_embedding_bag.PQEmbeddingBagCollection` has two kinds of
+A :class:`~torchrec_compress.methods.pq.module.PQEmbeddingBagCollection` has two kinds of
 state with opposite needs.  The ``[rows, M]`` codes are as large as the table is long (a billion
 rows x 16 subspaces is 15 GiB) and frozen: they are sharded table-wise, row-wise or
 table-row-wise like any TorchRec table, and :class:`PQEmbeddingBagCollectionSharder` shows them
@@ -80,7 +80,7 @@ from torchrec_compress.distributed.in_backward import (
     step_in_backward,
 )
 from torchrec_compress.distributed.state import shard_rank
-from torchrec_compress.modules.pq_embedding_bag import (
+from torchrec_compress.methods.pq.module import (
     PQEmbeddingBagCollection,
     codebook_rows_in_state,
     codebook_view,

@@ -14,11 +14,11 @@ import torch
 from torch import Tensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_compress.config import MECConfig, PQConfig
-from torchrec_compress.pq.quantizer import ProductQuantizer, code_dtype
-from torchrec_compress.pq.sizing import code_bytes, pq_keep_reason, pq_table_bytes
-from torchrec_compress.pq.training import MECQuantizer, fit_quantizer, subspace_order
-from torchrec_compress.rank import BYTES_PER_ELEMENT
+from torchrec_compress.methods.lowrank.rank import BYTES_PER_ELEMENT
+from torchrec_compress.methods.pq.config import MECConfig, PQConfig
+from torchrec_compress.methods.pq.quantizer import ProductQuantizer, code_dtype
+from torchrec_compress.methods.pq.sizing import code_bytes, pq_keep_reason, pq_table_bytes
+from torchrec_compress.methods.pq.training import MECQuantizer, fit_quantizer, subspace_order
 from torchrec_compress.registry import register_method
 from torchrec_compress.report import ReportRow
 
@@ -37,7 +37,7 @@ class PQHandler:
 
     Example::
 
-        >>> from torchrec_compress.pq.metrics import code_usage
+        >>> from torchrec_compress.methods.pq.metrics import code_usage
         >>> t = EmbeddingBagConfig(num_embeddings=64, embedding_dim=8, name="t", feature_names=["f"])
         >>> handler = PQHandler.of(PQConfig(num_subspaces=2, num_centroids=4))
         >>> rows = torch.randn(64, 8)
@@ -102,7 +102,7 @@ class PQHandler:
         bytes_per_element: int = BYTES_PER_ELEMENT,
     ) -> ReportRow:
         """The report row of a quantized table; ``usage``
-        (:func:`~torchrec_compress.pq.metrics.code_usage`, summed over the processes) gives its
+        (:func:`~torchrec_compress.methods.pq.metrics.code_usage`, summed over the processes) gives its
         codebook perplexity, ``bytes_per_element`` its rows' size."""
         num_subspaces, ksub, dsub = codebooks.shape
         n, d = table.num_embeddings, table.embedding_dim
