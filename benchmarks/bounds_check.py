@@ -30,10 +30,8 @@ from examples.dlrm.main import quiet_torchrec  # noqa: E402
 from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
 from examples.dlrm.train import TrainConfig, attach_sparse_optimizer, build_optimizer  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
-from torchrec_compress.distributed import (  # noqa: E402
-    BoundsCheckedShardedEmbeddingBagCollection,
-    shard_model,
-)
+from torchrec_compress.distributed.embeddingbag import BoundsCheckedShardedEmbeddingBagCollection
+from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.testing import run_multiprocess  # noqa: E402
 
 

@@ -32,8 +32,8 @@ from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
 from examples.dlrm.train import evaluate, load_checkpoint  # noqa: E402
 from torchrec_compress.api import compress_  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
-from torchrec_compress.distributed import lowrank_skeleton_  # noqa: E402
-from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig  # noqa: E402
+from torchrec_compress.methods.lowrank.sharded_driver import lowrank_skeleton_  # noqa: E402
+from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig  # noqa: E402
 from torchrec_compress.testing import run_multiprocess  # noqa: E402
 
 

@@ -34,8 +34,8 @@ from common import add_topology_arguments, planning_topology  # noqa: E402
 from benchmarks.plan_lowrank import meta_dlrm  # noqa: E402
 from torchrec_compress.api import compress_  # noqa: E402
 from torchrec_compress.distributed.planning import plan_storage  # noqa: E402
-from torchrec_compress.methods.lowrank.sharded_driver import lowrank_skeleton_  # noqa: E402
-from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig  # noqa: E402
+from torchrec_compress.methods.lowrank.sharded_driver import lowrank_skeleton_
+from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig
 
 BIG_TABLE = "t0"
 

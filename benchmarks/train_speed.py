@@ -41,10 +41,10 @@ from examples.dlrm.train import TrainConfig, attach_sparse_optimizer, build_opti
 from torchrec_compress.api import compress_  # noqa: E402
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import get_dataset  # noqa: E402
-from torchrec_compress.distributed import shard_model  # noqa: E402
+from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.methods.lowrank.config import AFMConfig
 from torchrec_compress.methods.pq.config import MECConfig, MECTraining
-from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig  # noqa: E402
+from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig
 from torchrec_compress.testing import run_multiprocess  # noqa: E402
 
 

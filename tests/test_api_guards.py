@@ -373,7 +373,7 @@ def _compress_sharded_model(rank: int, world_size: int) -> list[str]:
     model raises and swaps nothing (DMP models themselves: tests/distributed/test_compress_dmp.py)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from torchrec_compress.distributed import shard_model
+    from torchrec_compress.distributed.planning import shard_model
     from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 
     messages = []
@@ -475,7 +475,7 @@ from torchrec_compress import (
     PQEmbeddingBagCollectionSharder, SVDConfig, compress_, sharders,
 )
 import torchrec_compress
-from torchrec_compress.distributed import compress_sharded_pq
+from torchrec_compress.methods.pq.sharded_driver import compress_sharded_pq
 from torchrec_compress.methods.pq.sharded_driver import compress_sharded_pq as direct
 assert compress_sharded_pq is direct
 kinds = [type(s) for s in sharders()]
@@ -497,9 +497,9 @@ print("ok")
 
 def test_pq_config_is_plain_pq() -> None:
     from torchrec_compress.methods.pq.config import PQConfig
-    from torchrec_compress.registry import METHODS
+    from torchrec_compress.registry import method_of
 
-    assert METHODS[PQConfig].local is not None and METHODS[PQConfig].sharded is not None
+    assert method_of(PQConfig()) is method_of(MECConfig())  # one method, two configs
     rows = {"a": 300, "b": 200}
     fields = dict(num_subspaces=4, num_centroids=16)
     pq = PQConfig(**fields, training=KMeansTraining(kmeans_iterations=5))
@@ -559,7 +559,7 @@ def test_every_method_has_one_handler_that_the_local_driver_calls(
     assert handler_for(SVDConfig(rank=4)).method == "SVD"
     assert handler_for(pq) == PQHandler(pq.to_mec_config())
     assert handler_for(MECConfig()).method == "MEC"
-    with pytest.raises(TypeError, match="no handler for CompressionConfig"):
+    with pytest.raises(TypeError, match="no compression method for CompressionConfig"):
         handler_for(CompressionConfig())
 
     rows = {"a": 300, "b": 200}
@@ -567,10 +567,8 @@ def test_every_method_has_one_handler_that_the_local_driver_calls(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("handler called")
 
-    from torchrec_compress.methods.rowwise_quant.method import (
-        RowWiseQuantConfig,
-        RowWiseQuantHandler,
-    )
+    from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig
+    from torchrec_compress.methods.rowwise_quant.quantize import RowWiseQuantHandler
 
     int8 = RowWiseQuantConfig(bits=8)
     assert handler_for(int8) == RowWiseQuantHandler(int8)

@@ -12,8 +12,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress import AFMConfig, MECConfig, MECTraining, PQConfig, SVDConfig, compress_
 from torchrec_compress.config import CompressionConfig
-from torchrec_compress.distributed import load_full_state_dict_, shard_model
-from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig
+from torchrec_compress.distributed.planning import shard_model
+from torchrec_compress.distributed.state import load_full_state_dict_
+from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_dlrm
 

@@ -19,7 +19,7 @@ from torchrec_compress.config import CompressionConfig
 from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
 from torchrec_compress.methods.lowrank.config import AFMConfig, SVDConfig
 from torchrec_compress.methods.pq.config import MECConfig, MECTraining, PQConfig
-from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig
+from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 
 CPU = torch.device("cpu")

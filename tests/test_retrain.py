@@ -10,7 +10,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM_DCN, DLRMTrain
 
 from torchrec_compress import PQConfig, compress_, reinitialize_dense_
-from torchrec_compress.distributed import shard_model
+from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.methods.lowrank.config import AFMConfig
 from torchrec_compress.methods.pq.config import KMeansTraining
 from torchrec_compress.testing import run_multiprocess

@@ -30,16 +30,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 
 from torchrec_compress.api import compress_
-from torchrec_compress.distributed import plan_storage, planning
+from torchrec_compress.distributed import planning
+from torchrec_compress.distributed.planning import plan_storage
 from torchrec_compress.methods.lowrank.config import AFMConfig
 from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
-from torchrec_compress.methods.rowwise_quant import method as rowwise_quant
-from torchrec_compress.methods.rowwise_quant.method import (
-    RowWiseQuantConfig,
-    RowWiseQuantOverride,
-    _plan_rowwise,
-)
-from torchrec_compress.registry import METHODS, method_for
+from torchrec_compress.methods.rowwise_quant import quantize as rowwise_quant
+from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig, RowWiseQuantOverride
+from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantMethod
+from torchrec_compress.registry import method_of
 
 ROWS = {"t0": 300, "t1": 120, "t2": 40}
 DIM = 16
@@ -105,13 +103,9 @@ def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_registered_through_the_registry_alone() -> None:
-    assert METHODS[RowWiseQuantConfig].local is _plan_rowwise
-
-
-def test_sharded_route_is_registered() -> None:
-    # compress_(dmp, RowWiseQuantConfig(...)) quantizes where the rows live (it raised TypeError
-    # before): tests/distributed/test_rowwise_quant_sharded.py
-    assert callable(method_for(RowWiseQuantConfig(bits=8), sharded=True))
+    # both drivers reach it through its registered method (the sharded one:
+    # tests/distributed/test_rowwise_quant_sharded.py)
+    assert isinstance(method_of(RowWiseQuantConfig(bits=8)), RowWiseQuantMethod)
 
 
 @pytest.mark.parametrize("module", [rowwise_quant, planning])

@@ -40,7 +40,8 @@ from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCo
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_compress.api import compress_
-from torchrec_compress.distributed import default_sharders, load_full_state_dict_, shard_model
+from torchrec_compress.distributed.planning import default_sharders, shard_model
+from torchrec_compress.distributed.state import load_full_state_dict_
 from torchrec_compress.methods.pq import kernels as _ops
 from torchrec_compress.methods.pq.config import MECConfig, MECTraining
 from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection

@@ -4,9 +4,11 @@ Low-rank (AFM, SVD) and product-quantized (MEC, PQ) compression of embedding tab
 layers, as drop-in TorchRec modules that shard through ``DistributedModelParallel``.
 
 The public names below are importable from the package itself; each is loaded on first use
-(PEP 562), so ``import torchrec_compress.config`` stays light.  Layering: :mod:`torchrec_compress.api`
-(the entry point, ``compress_``) sits above :mod:`torchrec_compress.distributed`, which imports only
-the lower modules (``report``, ``calibration``, ``discovery``, ``factorization``, ...).
+(PEP 562), so ``import torchrec_compress.config`` stays light and this module imports nothing of
+the library at run time.  Layering (checked by ``tests/test_layering.py``): the public names on
+top; the drivers (``api.compress_``, ``distributed.compression``); the methods, one folder each
+under ``methods/``; the shared layer (registry, calibration, statistics, report, layout,
+checkpoint, guards, ``distributed/`` helpers), which names no method; data and process helpers.
 
 Example::
 
@@ -23,24 +25,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from torch import nn
-    from torchrec.distributed.types import ModuleSharder
-
     from torchrec_compress.api import compress_
-    from torchrec_compress.distributed import (
-        CPURowWiseEmbeddingBagCollectionSharder,
-        FeatureProcessedLowRankSharder,
-        LowRankEmbeddingBagCollectionSharder,
-        PQEmbeddingBagCollectionSharder,
-        PQFeatureProcessedEmbeddingBagCollectionSharder,
+    from torchrec_compress.distributed.compression import (
         ShardedCompressionReport,
         load_compressed,
         save_compressed,
     )
+    from torchrec_compress.distributed.embeddingbag import CPURowWiseEmbeddingBagCollectionSharder
+    from torchrec_compress.distributed.fp_embeddingbag import FeatureProcessedCollectionSharder
+    from torchrec_compress.distributed.planning import sharders
     from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
     from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankOverride, SVDConfig
     from torchrec_compress.methods.lowrank.linear import LowRankLinear
     from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
+    from torchrec_compress.methods.lowrank.sharded import LowRankEmbeddingBagCollectionSharder
     from torchrec_compress.methods.pq.config import (
         KMeansTraining,
         MECConfig,
@@ -49,7 +47,11 @@ if TYPE_CHECKING:
         PQConfig,
     )
     from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
-    from torchrec_compress.methods.rowwise_quant.method import (
+    from torchrec_compress.methods.pq.sharded import (
+        PQEmbeddingBagCollectionSharder,
+        PQFeatureProcessedEmbeddingBagCollectionSharder,
+    )
+    from torchrec_compress.methods.rowwise_quant.config import (
         RowWiseQuantConfig,
         RowWiseQuantOverride,
     )
@@ -73,20 +75,21 @@ _EXPORTS = {
     "LowRankEmbeddingBagCollection": "torchrec_compress.methods.lowrank.module",
     "LowRankLinear": "torchrec_compress.methods.lowrank.linear",
     "PQEmbeddingBagCollection": "torchrec_compress.methods.pq.module",
-    "PQEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
-    "CPURowWiseEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
-    "LowRankEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
-    "PQFeatureProcessedEmbeddingBagCollectionSharder": "torchrec_compress.distributed",
-    "FeatureProcessedLowRankSharder": "torchrec_compress.distributed",
-    "RowWiseQuantConfig": "torchrec_compress.methods.rowwise_quant.method",
-    "RowWiseQuantOverride": "torchrec_compress.methods.rowwise_quant.method",
-    "ShardedCompressionReport": "torchrec_compress.distributed",
-    "load_compressed": "torchrec_compress.distributed",
-    "save_compressed": "torchrec_compress.distributed",
+    "PQEmbeddingBagCollectionSharder": "torchrec_compress.methods.pq.sharded",
+    "CPURowWiseEmbeddingBagCollectionSharder": "torchrec_compress.distributed.embeddingbag",
+    "LowRankEmbeddingBagCollectionSharder": "torchrec_compress.methods.lowrank.sharded",
+    "PQFeatureProcessedEmbeddingBagCollectionSharder": "torchrec_compress.methods.pq.sharded",
+    "FeatureProcessedCollectionSharder": "torchrec_compress.distributed.fp_embeddingbag",
+    "RowWiseQuantConfig": "torchrec_compress.methods.rowwise_quant.config",
+    "RowWiseQuantOverride": "torchrec_compress.methods.rowwise_quant.config",
+    "ShardedCompressionReport": "torchrec_compress.distributed.compression",
+    "load_compressed": "torchrec_compress.distributed.compression",
+    "save_compressed": "torchrec_compress.distributed.compression",
     "CompressionLayout": "torchrec_compress.layout",
     "compression_layout": "torchrec_compress.layout",
     "restore_layout_": "torchrec_compress.layout",
     "reinitialize_dense_": "torchrec_compress.retrain",
+    "sharders": "torchrec_compress.distributed.planning",
 }
 
 __all__ = [
@@ -94,7 +97,7 @@ __all__ = [
     "CPURowWiseEmbeddingBagCollectionSharder",
     "CompressionLayout",
     "CompressionReport",
-    "FeatureProcessedLowRankSharder",
+    "FeatureProcessedCollectionSharder",
     "KMeansTraining",
     "LowRankEmbeddingBagCollection",
     "LowRankEmbeddingBagCollectionSharder",
@@ -119,34 +122,6 @@ __all__ = [
     "save_compressed",
     "sharders",
 ]
-
-
-def sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Module]]:
-    """Every sharder a ``DistributedModelParallel`` user must pass for compressed models.
-
-    TorchRec's default sharders, with the ``EmbeddingBagCollection`` sharder replaced by one
-    that offers row-wise sharding on CPU, plus the sharders of ``LowRankEmbeddingBagCollection``,
-    ``PQEmbeddingBagCollection`` and of a ``FeatureProcessedEmbeddingBagCollection`` holding
-    either (see :func:`torchrec_compress.distributed.planning.default_sharders`; pass ``model``
-    so that the FPEBC sharder matches its FPEBCs), less TorchRec's inference-only sharder of
-    quantized collections (:func:`~torchrec_compress.distributed.planning.training_sharders`):
-    it asserts CUDA and does not exchange ids between training processes, so a row-wise int8
-    collection stays whole on every process (frozen rows) while the rest trains.
-
-    Returns:
-        list[ModuleSharder[nn.Module]]: a fresh list, safe to extend.
-
-    Example::
-
-        >>> from torchrec_compress import sharders
-        >>> names = [type(s).__name__ for s in sharders()]
-        >>> names[:2]
-        ['CPURowWiseEmbeddingBagCollectionSharder', 'PQEmbeddingBagCollectionSharder']
-        >>> # DistributedModelParallel(model, plan=plan, sharders=sharders(), ...)
-    """
-    from torchrec_compress.distributed.planning import default_sharders, training_sharders
-
-    return training_sharders(default_sharders(model))
 
 
 def __getattr__(name: str) -> Any:

@@ -5,13 +5,12 @@
 statistics in one pass over the calibration data, factorises, and only then swaps the modules:
 if anything fails (bad rank, unknown table, NaN) the model is left unchanged.
 
-Each config class is a method in :mod:`torchrec_compress.registry`: its *local planner*
-inspects the model (never mutating it) and returns a :class:`ConversionPlan` (fully qualified
-name -> new module, plus report rows), which ``compress_`` applies atomically; its *sharded*
-route compresses a ``DistributedModelParallel`` model where the rows live.  This module
-registers the local planners of AFM, SVD, MEC and PQ; planners share
-:func:`find_embedding_bag_collections` and :func:`calibrate` (lookup counts and Linear output
-moments in one pass).
+Each config class belongs to one method of :mod:`torchrec_compress.registry` (its folder under
+``torchrec_compress/methods/``), and this module knows none by name: the method's *local
+driver* (``CompressionMethod.plan``) inspects the model (never mutating it) and returns a
+``ConversionPlan`` (fully qualified name -> new module, plus report rows), which ``compress_``
+applies atomically; its *sharded driver* compresses a ``DistributedModelParallel`` model where
+the rows live (:func:`~torchrec_compress.distributed.compression.compress_sharded_model`).
 """
 
 from __future__ import annotations
@@ -28,38 +27,13 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from torchrec_compress.calibration import ForwardFn, default_forward
 from torchrec_compress.config import CompressionConfig
-from torchrec_compress.discovery import (
-    FilterFn,
-    find_embedding_bag_collections,
-)
+from torchrec_compress.discovery import FilterFn, find_embedding_bag_collections
 from torchrec_compress.distributed.compression import compress_sharded_model
-from torchrec_compress.guards import check_finite_tables, compresses_tables
-from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankConfig, SVDConfig
-from torchrec_compress.methods.lowrank.linear import LowRankLinear
-from torchrec_compress.methods.lowrank.local import plan_lowrank
-from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
-from torchrec_compress.methods.pq.config import MECConfig, PQConfig
-from torchrec_compress.methods.pq.local import plan_mec, plan_pq
-from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
-from torchrec_compress.registry import (
-    method_for,
-    register_method,
-)
+from torchrec_compress.guards import check_finite_tables
+from torchrec_compress.registry import compressed_module_types, method_of
 from torchrec_compress.report import CompressionReport
 
 __all__ = ["compress_"]
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _check_unsharded(model: nn.Module) -> None:
@@ -100,15 +74,11 @@ def _nothing_to_compress(model: nn.Module, config: CompressionConfig) -> ValueEr
     compressed = {
         fqn: type(m).__name__
         for fqn, m in model.named_modules()
-        if isinstance(m, (LowRankEmbeddingBagCollection, PQEmbeddingBagCollection, LowRankLinear))
+        if isinstance(m, compressed_module_types())
     }
-    wanted = "EmbeddingBagCollection tables"
-    if isinstance(config, LowRankConfig):
-        wanted = " or ".join(
-            w for w, on in ((wanted, config.embeddings), ("MLP Linear layers", config.linear)) if on
-        )
     text = (
-        f"{type(config).__name__} found nothing to compress in {type(model).__name__}: no {wanted}"
+        f"{type(config).__name__} found nothing to compress in {type(model).__name__}: "
+        f"no {config.targets()}"
     )
     if compressed:
         text += (
@@ -116,12 +86,6 @@ def _nothing_to_compress(model: nn.Module, config: CompressionConfig) -> ValueEr
             "method is not supported (MEC/PQ after AFM/SVD quantizes the factor tables)"
         )
     return ValueError(text + " (after filter_fn, if given)")
-
-
-register_method(AFMConfig, local=plan_lowrank)
-register_method(SVDConfig, local=plan_lowrank)
-register_method(MECConfig, local=plan_mec)
-register_method(PQConfig, local=plan_pq)
 
 
 def compress_(
@@ -184,7 +148,9 @@ def compress_(
 
     Example::
 
+        >>> import torch
         >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+        >>> from torchrec_compress import AFMConfig
         >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50, feature_names=["f"])
         >>> model = nn.Sequential(EmbeddingBagCollection([cfg]))
         >>> kjt = KeyedJaggedTensor.from_lengths_sync(
@@ -204,14 +170,13 @@ def compress_(
         return sharded
     if meta_model is not None:
         raise TypeError("compress_: meta_model= is for DistributedModelParallel models only")
-    planner = method_for(config, sharded=False)
+    method = method_of(config)
     _check_unsharded(model)
-    if compresses_tables(config):
+    if config.compresses_tables:
         collections = find_embedding_bag_collections(model, filter_fn, lowrank_factors=True)
         check_finite_tables(collections.values())
-    if not isinstance(config, LowRankConfig) or config.embeddings:
         _warn_sequence_tables(model, filter_fn)
-    plan = planner(model, config, calibration, filter_fn, forward_fn)
+    plan = method.plan(model, config, calibration, filter_fn, forward_fn)
     if not plan.rows:
         raise _nothing_to_compress(model, config)
     if "" in plan.replacements:

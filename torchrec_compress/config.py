@@ -30,6 +30,15 @@ class CompressionConfig:
     ``_sub_configs`` (field name -> dataclass type of the field).
     """
 
+    @property
+    def compresses_tables(self) -> bool:
+        """Whether this config compresses embedding tables (a low-rank one may do MLPs only)."""
+        return True
+
+    def targets(self) -> str:
+        """What this config compresses, in words (for messages)."""
+        return "EmbeddingBagCollection tables"
+
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as plain (JSON-serialisable) Python data."""
         return dataclasses.asdict(self)

@@ -1,19 +1,59 @@
 """Finding what a model has to compress: its ``EmbeddingBagCollection`` s, the tables they hold
 and the ``nn.Linear`` layers of its MLPs (plain modules only; a sharded model is searched through
-its unsharded skeleton)."""
+its unsharded skeleton).
+
+The modules a method made are left alone (``registry.compressed_module_types()``), except the
+factor collection of a :class:`FactorCollectionHolder` (AFM's factor tables), which another
+method may compress further."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import cast
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, cast, runtime_checkable
 
+import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_compress.methods.lowrank.linear import LowRankLinear
-from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
+from torchrec_compress.registry import FilterFn, compressed_module_types
 
-FilterFn = Callable[[nn.Module, str], bool]
+__all__ = [
+    "FactorCollectionHolder",
+    "FilterFn",
+    "factor_parent",
+    "find_embedding_bag_collections",
+    "find_mlp_hidden_linears",
+    "find_mlps",
+    "no_linear_reason",
+    "table_owners",
+]
+
+
+@runtime_checkable
+class FactorCollectionHolder(Protocol):
+    """A compressed collection whose stored tables are a collection of their own (AFM's factor
+    tables, ``factor_ebc``), which another method may compress further (product quantization,
+    int8 rows): it then takes the compressed factor collection in place of its own.
+    """
+
+    factor_ebc: nn.Module
+
+    def ranks(self) -> dict[str, int]:
+        """Table name -> width of its factor rows, for the tables it compresses."""
+
+    def with_factor_collection(
+        self, factor_collection: nn.Module, column_orders: Mapping[str, torch.Tensor] | None = None
+    ) -> Any:
+        """A copy holding ``factor_collection`` (its columns of table ``t`` in the order
+        ``column_orders[t]``) in place of ``factor_ebc``."""
+
+    def check_factors_compressible(self, fqn: str) -> None:
+        """Raises naming ``fqn`` when its factor tables cannot be compressed further."""
+
+    def column_order_keys(self, table: str) -> list[str]:
+        """Its state-dict keys (relative to it) whose first dimension runs over the factor
+        columns of ``table``: reordered with the columns when these are (product
+        quantization's subspace order)."""
 
 
 def find_embedding_bag_collections(
@@ -21,25 +61,22 @@ def find_embedding_bag_collections(
 ) -> dict[str, EmbeddingBagCollection]:
     """Every ``EmbeddingBagCollection`` in ``model`` by fully qualified name, excluding those
     ``filter_fn(module, fqn)`` rejects and those already inside a compressed module, except,
-    with ``lowrank_factors``, the factor tables of a ``LowRankEmbeddingBagCollection``
-    (``<fqn>.factor_ebc``, which product quantization can compress further)."""
+    with ``lowrank_factors``, the factor tables of a :class:`FactorCollectionHolder`
+    (``<fqn>.factor_ebc``, which product quantization or int8 rows can compress further)."""
     found: dict[str, EmbeddingBagCollection] = {}
+    compressed = compressed_module_types()
 
     def visit(module: nn.Module, fqn: str) -> None:
         if isinstance(module, EmbeddingBagCollection):
             if filter_fn is None or filter_fn(module, fqn):
                 found[fqn] = module
             return
-        if isinstance(module, LowRankEmbeddingBagCollection):
+        if isinstance(module, FactorCollectionHolder):
             if lowrank_factors and isinstance(module.factor_ebc, EmbeddingBagCollection):
-                packed = sorted(module.layout().packing)
-                if packed:
-                    raise ValueError(
-                        f"the factor tables {packed} of {fqn or '<model>'!r} are stored packed "
-                        "(ranks not a multiple of 4) and cannot be compressed further; compress "
-                        "with ranks that are multiples of 4 first (e.g. rank=4)"
-                    )
+                module.check_factors_compressible(fqn or "<model>")
                 visit(module.factor_ebc, f"{fqn}.factor_ebc" if fqn else "factor_ebc")
+            return
+        if isinstance(module, compressed):
             return
         for name, child in module.named_children():
             visit(child, f"{fqn}.{name}" if fqn else name)
@@ -58,7 +95,7 @@ def find_mlps(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, 
     of all their layers), or a module with two or more Linear layers among its children and
     its ``nn.ModuleList`` children's children (TorchRec's ``TestDHNArch``: ``linear0``,
     ``linear1``; ``TestDenseArch``: ``hidden_layers`` then ``linear``).  Layers
-    inside an existing ``LowRankLinear`` are never listed; ``filter_fn(layer, fqn)`` drops layers
+    inside a module a method made (e.g. a ``LowRankLinear``) are never listed; ``filter_fn(layer, fqn)`` drops layers
     (the ends of an MLP stay its ends).
 
     Args:
@@ -76,8 +113,10 @@ def find_mlps(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, 
     def join(fqn: str, name: str) -> str:
         return f"{fqn}.{name}" if fqn else name
 
+    compressed = compressed_module_types()
+
     def linears(module: nn.Module, fqn: str) -> list[str]:
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, compressed):
             return []
         if type(module) is nn.Linear:
             return [fqn] if filter_fn is None or filter_fn(module, fqn) else []
@@ -91,7 +130,7 @@ def find_mlps(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, 
         return sum(type(c) is nn.Linear for c in children)
 
     def visit(module: nn.Module, fqn: str) -> None:
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, compressed):
             return
         sequential = isinstance(module, nn.Sequential) and len(linears(module, fqn)) >= 2
         if type(module) is nn.Linear or sequential or direct_linears(module) >= 2:
@@ -112,7 +151,7 @@ def find_mlp_hidden_linears(
 
     MLPs are found by :func:`find_mlps`.  With ``keep_mlp_ends`` the first and last layer of
     every MLP are left out (so MLPs of one or two layers give none); without it every
-    ``nn.Linear`` of the model (outside ``LowRankLinear``) is taken.
+    ``nn.Linear`` of the model (outside the modules a method made) is taken.
 
     Args:
         model (nn.Module): the model to search.
@@ -137,7 +176,7 @@ def find_mlp_hidden_linears(
 def no_linear_reason(model: nn.Module, keep_mlp_ends: bool) -> str:
     mlps = find_mlps(model)
     if not mlps:
-        return "the model has no nn.Linear layer outside LowRankLinear"
+        return "the model has no nn.Linear layer outside the modules compress_ made"
     if keep_mlp_ends and all(len(layers) <= 2 for layers in mlps.values()):
         sizes = {fqn: len(layers) for fqn, layers in mlps.items()}
         return (
@@ -173,10 +212,10 @@ def table_owners(
     return owners
 
 
-def lowrank_parent(model: nn.Module, fqn: str) -> LowRankEmbeddingBagCollection | None:
-    """The ``LowRankEmbeddingBagCollection`` whose ``factor_ebc`` is at ``fqn``, if any."""
+def factor_parent(model: nn.Module, fqn: str) -> FactorCollectionHolder | None:
+    """The :class:`FactorCollectionHolder` whose ``factor_ebc`` is at ``fqn``, if any."""
     parent, _, child = fqn.rpartition(".")
     if child != "factor_ebc":
         return None
     module = model.get_submodule(parent)
-    return module if isinstance(module, LowRankEmbeddingBagCollection) else None
+    return module if isinstance(module, FactorCollectionHolder) else None

@@ -13,12 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from torchrec_compress.config import CompressionConfig
-from torchrec_compress.methods.lowrank.config import LowRankConfig
 
 DEFAULT_CHUNK_ROWS = 65536
 
@@ -66,19 +64,6 @@ def nonfinite_row_error(table_name: str, row: int) -> ValueError:
         f"table {table_name!r}: row {row} has NaN/inf values; compression refuses non-finite "
         "rows whether or not calibration looks them up (clean or re-initialise the table first)"
     )
-
-
-def compresses_tables(config: CompressionConfig) -> bool:
-    """Whether ``config`` compresses embedding tables (a low-rank config may do MLPs only).
-
-    Example::
-
-        >>> from torchrec_compress.config import AFMConfig
-        >>> mlps_only = AFMConfig(embeddings=False, linear=True, linear_rank=4)
-        >>> compresses_tables(AFMConfig(rank=4)), compresses_tables(mlps_only)
-        (True, False)
-    """
-    return not isinstance(config, LowRankConfig) or config.embeddings
 
 
 def check_finite_tables(collections: Iterable[EmbeddingBagCollection]) -> None:
@@ -176,4 +161,44 @@ class FeatureIdRanges:
         raise IndexError(
             f"table {table.name!r}, feature {keys[key]!r}: id {int(ids[position])} is outside "
             f"the table's rows [0, {table.num_embeddings})"
+        )
+
+
+def is_tracing() -> bool:
+    """Whether the caller runs under ``torch.fx``, TorchScript, ``torch.compile`` or ``torch.export``.
+
+    Traced code must not branch on tensor data nor read ``data_ptr()``/``_version``; eager-only
+    checks and caches are skipped there.
+
+    Example::
+
+        >>> is_tracing()
+        False
+    """
+    return (
+        torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or is_fx_symbolic_tracing()
+    )
+
+
+def check_fixed_batch(features: KeyedJaggedTensor, module: str) -> None:
+    """Raises ``ValueError`` for a variable-batch-per-feature (VBE) input, which low-rank pooling
+    does not support.  Eager only: a traced graph has no data-dependent branches.
+
+    Args:
+        features (KeyedJaggedTensor): the input of the collection.
+        module (str): the module's name for the message.
+
+    Example::
+
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["f"], values=torch.tensor([1]), lengths=torch.tensor([1]))
+        >>> check_fixed_batch(kjt, "LowRankEmbeddingBagCollection")
+    """
+    if features.variable_stride_per_key() or features.inverse_indices_or_none() is not None:
+        raise ValueError(
+            f"{module} does not support variable batch size per feature (VBE): features "
+            f"{features.keys()} have strides {features.stride_per_key()}"
         )

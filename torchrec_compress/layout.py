@@ -6,30 +6,23 @@ which an uncompressed model cannot load.  :func:`compression_layout` describes a
 config of the method that made it); :func:`restore_layout_` applies such a description to a
 freshly built, *uncompressed* model (typically on ``meta``), swapping in empty compressed modules
 of the right shapes, so that the checkpoint loads into it, sharded or not, at any world size
-(``torchrec_compress.distributed.load_compressed`` does all of it in one call).
+(``torchrec_compress.load_compressed`` does all of it in one call).
 
-Kinds (``entry["kind"]``):
-
-* ``"lowrank"`` / ``"composite"``: a :class:`LowRankEmbeddingBagCollection` (``ranks``: table ->
-  k; ``kept``: tables left at full width) whose factor tables are a plain collection
-  (``factors`` ``None``), fp16 rows or, for ``"composite"``, product-quantized or int8 rows
-  (``factors``: the nested entry of the factor collection, e.g. AFM then MEC);
-* ``"pq"``: a :class:`PQEmbeddingBagCollection` (``tables``: name -> ``num_subspaces`` M and
-  ``num_centroids`` K; a table kept by MEC is stored exactly as ``M = 1``, ``K = rows``);
-* ``"rowwise_quant"``: rows stored as ``data_types`` (``"INT8"``, ``"INT4"``, ``"FP16"``, ...;
-  ``kept``: tables left in float32), TorchRec's quantized collection or an fp16 one;
-* ``"lowrank_linear"``: a :class:`LowRankLinear` of ``rank``.
+Each entry has a ``kind`` that names the method that made the module (its
+``CompressionMethod.layout_kinds``) and the shapes that method needs to rebuild it
+(:meth:`~torchrec_compress.registry.CompressionMethod.describe` and ``restore``; the kinds of the
+built-in methods are listed in their ``method.py``), plus ``config``: the config of the method
+that made it, ``{"class": ..., "options": config.to_dict()}``, or ``None`` when unknown.
 
 Example::
 
     >>> import torch
     >>> from torch import nn
     >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-    >>> from torchrec_compress.config import SVDConfig
+    >>> from torchrec_compress import SVDConfig, compress_
     >>> def model(device):
     ...     cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50, feature_names=["f"])
     ...     return nn.Sequential(EmbeddingBagCollection([cfg], device=device))
-    >>> from torchrec_compress.api import compress_
     >>> compressed = model(torch.device("cpu"))
     >>> _ = compress_(compressed, SVDConfig(rank=4))
     >>> layout = compression_layout(compressed, [SVDConfig(rank=4)])
@@ -49,34 +42,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.quant.embedding_modules import (
-    EmbeddingBagCollection as QuantEmbeddingBagCollection,
-)
 
 from torchrec_compress.config import CompressionConfig
-from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankConfig, SVDConfig
-from torchrec_compress.methods.lowrank.linear import LowRankLinear
-from torchrec_compress.methods.lowrank.module import (
-    CompositeLowRankEmbeddingBagCollection,
-    LowRankEmbeddingBagCollection,
+from torchrec_compress.distributed.skeleton import unsharded_skeleton
+from torchrec_compress.registry import (
+    LayoutBuilder,
+    config_classes,
+    method_of_kind,
+    registered_methods,
 )
-from torchrec_compress.methods.pq.config import MECConfig, PQConfig
-from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
-from torchrec_compress.methods.pq.quantizer import code_dtype
-from torchrec_compress.methods.rowwise_quant.method import (
-    RowWiseQuantConfig,
-    empty_rowwise_collection,
-)
-from torchrec_compress.registry import METHODS
 
 LAYOUT_VERSION = 1
-KINDS = ("lowrank", "composite", "pq", "rowwise_quant", "lowrank_linear")
-# config classes a layout can name, by class name (and any registered later: _config_classes)
-CONFIG_CLASSES: dict[str, type[CompressionConfig]] = {
-    c.__name__: c for c in (AFMConfig, SVDConfig, MECConfig, PQConfig, RowWiseQuantConfig)
-}
 META = torch.device("meta")
 
 
@@ -85,7 +64,7 @@ def _config_dict(config: CompressionConfig) -> dict[str, Any]:
 
 
 def _config_from_dict(data: Mapping[str, Any]) -> CompressionConfig:
-    known = {**CONFIG_CLASSES, **{c.__name__: c for c in METHODS}}
+    known = config_classes()
     name = data.get("class")
     if name not in known:
         raise ValueError(
@@ -148,9 +127,10 @@ class CompressionLayout:
 
 
 def _check_kind(entry: Mapping[str, Any], path: str) -> None:
-    if entry.get("kind") not in KINDS:
+    kinds = sorted(k for m in registered_methods() for k in m.layout_kinds)
+    if entry.get("kind") not in kinds:
         raise ValueError(
-            f"compression layout: module {path!r} has kind {entry.get('kind')!r}; valid: {KINDS}"
+            f"compression layout: module {path!r} has kind {entry.get('kind')!r}; valid: {kinds}"
         )
     factors = entry.get("factors")
     if factors is not None:
@@ -162,59 +142,21 @@ def _check_kind(entry: Mapping[str, Any], path: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _family(kind: str) -> tuple[type[CompressionConfig], ...]:
-    """Config classes whose method makes modules of ``kind``."""
-    if kind in ("lowrank", "composite", "lowrank_linear"):
-        return (LowRankConfig,)
-    if kind == "pq":
-        return (MECConfig, PQConfig)
-    return (RowWiseQuantConfig,)
-
-
 def _maker(kind: str, configs: Sequence[CompressionConfig]) -> dict[str, Any] | None:
     """The config of the last method in ``configs`` that makes modules of ``kind``."""
-    made = [c for c in configs if isinstance(c, _family(kind))]
+    made = [c for c in configs if isinstance(c, method_of_kind(kind).config_types)]
     return _config_dict(made[-1]) if made else None
 
 
 def _describe(module: nn.Module, configs: Sequence[CompressionConfig]) -> dict[str, Any] | None:
-    """The layout entry of one module, or ``None`` when it is not compressed."""
-    entry: dict[str, Any]
-    if isinstance(module, LowRankEmbeddingBagCollection):
-        kind = (
-            "composite" if isinstance(module, CompositeLowRankEmbeddingBagCollection) else "lowrank"
-        )
-        ranks = module.ranks()
-        entry = {
-            "kind": kind,
-            "ranks": ranks,
-            "kept": [t.name for t in module.embedding_bag_configs() if t.name not in ranks],
-            "factors": _describe(module.factor_ebc, configs),
-        }
-    elif isinstance(module, PQEmbeddingBagCollection):
-        entry = {
-            "kind": "pq",
-            "tables": {
-                name: {"num_subspaces": int(b.shape[0]), "num_centroids": int(b.shape[1])}
-                for name in module.codebooks
-                for b in [module.codebook(name)]
-            },
-        }
-    elif isinstance(module, (QuantEmbeddingBagCollection, EmbeddingBagCollection)):
-        types = {t.name: t.data_type.value for t in module.embedding_bag_configs()}
-        if isinstance(module, EmbeddingBagCollection) and set(types.values()) <= {"FP32"}:
-            return None
-        entry = {
-            "kind": "rowwise_quant",
-            "data_types": types,
-            "kept": [name for name, value in types.items() if value == "FP32"],
-        }
-    elif isinstance(module, LowRankLinear):
-        entry = {"kind": "lowrank_linear", "rank": module.rank}
-    else:
-        return None
-    entry["config"] = _maker(entry["kind"], configs)
-    return entry
+    """The layout entry of one module (its method's description and config), or ``None`` when
+    no method made it."""
+    for method in registered_methods():
+        entry = method.describe(module, lambda nested: _describe(nested, configs))
+        if entry is not None:
+            entry["config"] = _maker(entry["kind"], configs)
+            return entry
+    return None
 
 
 def compression_layout(
@@ -240,13 +182,8 @@ def compression_layout(
         >>> layout.modules["1"]["kind"], layout.modules["1"]["rank"]
         ('lowrank_linear', 2)
     """
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-
     configs = list(configs)
     if isinstance(model, DistributedModelParallel):
-        # the distributed package sits above this module (it saves layouts); import on use
-        from torchrec_compress.distributed.compression import unsharded_skeleton
-
         model = unsharded_skeleton(model)
     modules: dict[str, dict[str, Any]] = {}
 
@@ -267,102 +204,38 @@ def compression_layout(
 # --------------------------------------------------------------------------------------------
 
 
-def _table_names(tables: Sequence[EmbeddingBagConfig], names: Iterable[str], what: str) -> None:
+def check_table_names(
+    tables: Sequence[EmbeddingBagConfig], names: Iterable[str], what: str
+) -> None:
+    """Raises naming ``what`` when ``names`` holds a table name ``tables`` lacks."""
     known = [t.name for t in tables]
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise ValueError(f"{what} names table(s) {unknown} that it does not hold; tables: {known}")
 
 
-def _build_collection(
-    ebc: EmbeddingBagCollection,
-    entry: Mapping[str, Any],
-    path: str,
-    device: torch.device,
-    quantized_device: torch.device,
-) -> nn.Module:
-    """The empty compressed collection that ``entry`` describes, in place of ``ebc``."""
-    tables = ebc.embedding_bag_configs()
-    kind = entry["kind"]
-    if kind in ("lowrank", "composite"):
-        ranks = {str(n): int(k) for n, k in entry["ranks"].items()}
-        _table_names(tables, ranks, f"layout of {path!r} (ranks)")
-        module = LowRankEmbeddingBagCollection(tables, ranks, ebc.is_weighted(), device)
-        factors = entry.get("factors")
-        if factors is None:
-            return module
-        inner = _build_collection(
-            module.factor_ebc, factors, f"{path}.factor_ebc", device, quantized_device
-        )
-        return module.with_factor_collection(inner)
-    if kind == "pq":
-        specs = entry["tables"]
-        _table_names(tables, specs, f"layout of {path!r} (pq tables)")
-        missing = sorted({t.name for t in tables} - set(specs))
-        if missing:
-            raise ValueError(f"layout of {path!r} (pq tables) lacks table(s) {missing}")
-        codes, books = {}, {}
-        for t in tables:
-            m, k = int(specs[t.name]["num_subspaces"]), int(specs[t.name]["num_centroids"])
-            if t.embedding_dim % m != 0:
-                raise ValueError(
-                    f"layout of {path!r}: table {t.name!r} of dim {t.embedding_dim} cannot have "
-                    f"num_subspaces={m}"
-                )
-            codes[t.name] = torch.zeros(t.num_embeddings, m, dtype=code_dtype(k), device=device)
-            books[t.name] = torch.empty(m, k, t.embedding_dim // m, device=device)
-        return PQEmbeddingBagCollection(tables, codes, books, ebc.is_weighted())
-    if kind == "rowwise_quant":
-        return _rowwise_collection(ebc, entry, path, device, quantized_device)
-    raise ValueError(f"layout of {path!r}: kind {kind!r} is not a collection")
+def check_collection(
+    current: nn.Module, entry: Mapping[str, Any], path: str
+) -> EmbeddingBagCollection:
+    """``current``, which a compressed collection of ``entry`` replaces: a plain EBC.
 
-
-def _rowwise_collection(
-    ebc: EmbeddingBagCollection,
-    entry: Mapping[str, Any],
-    path: str,
-    device: torch.device,
-    quantized_device: torch.device,
-) -> nn.Module:
-    """fp16 rows (trainable, on ``device``) or TorchRec's quantized collection, built on
-    ``quantized_device`` (see :func:`empty_rowwise_collection`)."""
-    tables = ebc.embedding_bag_configs()
-    names = entry["data_types"]
-    _table_names(tables, names, f"layout of {path!r} (data_types)")
-    try:
-        types = {t.name: DataType(names.get(t.name, t.data_type.value)) for t in tables}
-    except ValueError as e:
-        raise ValueError(f"layout of {path!r}: {e}") from e
-    return empty_rowwise_collection(tables, ebc.is_weighted(), types, device, quantized_device)
-
-
-def _replacement(
-    current: nn.Module,
-    entry: Mapping[str, Any],
-    path: str,
-    device: torch.device,
-    quantized_device: torch.device,
-) -> nn.Module:
-    if entry["kind"] == "lowrank_linear":
-        if type(current) is not nn.Linear:
-            raise ValueError(
-                f"layout of {path!r}: a lowrank_linear replaces an nn.Linear, found "
-                f"{type(current).__name__}"
-            )
-        return LowRankLinear(
-            current.in_features,
-            int(entry["rank"]),
-            current.out_features,
-            current.bias is not None,
-            device,
-        )
+    Raises:
+        ValueError: naming the path and the module found (e.g. an already compressed model).
+    """
     if type(current) is not EmbeddingBagCollection:
         raise ValueError(
             f"layout of {path!r}: a {entry['kind']} collection replaces an "
             f"EmbeddingBagCollection, found {type(current).__name__} (restore layouts on an "
             "uncompressed model)"
         )
-    return _build_collection(current, entry, path, device, quantized_device)
+    return current
+
+
+def _build(
+    current: nn.Module, entry: Mapping[str, Any], path: str, builder: LayoutBuilder
+) -> nn.Module:
+    """The empty module ``entry`` describes in place of ``current``: its method builds it."""
+    return method_of_kind(str(entry["kind"])).restore(current, entry, path, builder)
 
 
 def restore_layout_(
@@ -406,7 +279,11 @@ def restore_layout_(
         (torch.Size([1000000000, 4]), torch.uint8)
     """
     device = device if device is not None else META
-    quantized_device = quantized_device if quantized_device is not None else device
+    builder = LayoutBuilder(
+        device=device,
+        quantized_device=quantized_device if quantized_device is not None else device,
+        collection=lambda current, entry, path: _build(current, entry, path, builder),
+    )
     replacements: dict[str, nn.Module] = {}
     for path, entry in layout.modules.items():
         if path == "":
@@ -418,7 +295,7 @@ def restore_layout_(
                 f"compression layout names module {path!r}, which the model "
                 f"({type(model).__name__}) does not have"
             ) from e
-        replacements[path] = _replacement(current, entry, path, device, quantized_device)
+        replacements[path] = _build(current, entry, path, builder)
     for path, module in replacements.items():
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent), child, module)

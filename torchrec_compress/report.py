@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# bytes of a float32 element (rows, factors, projections, codebooks)
+BYTES_PER_ELEMENT = 4
+
 
 @dataclass
 class ReportRow:

@@ -26,23 +26,20 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 
-from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
-from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
+from torchrec_compress.registry import compressed_collection_types
 
 _EMBEDDING_MODULES = (
     ShardedModule,
     EmbeddingBagCollectionInterface,
     EmbeddingCollectionInterface,
     FeatureProcessedEmbeddingBagCollection,
-    LowRankEmbeddingBagCollection,
-    PQEmbeddingBagCollection,
     nn.Embedding,
     nn.EmbeddingBag,
 )
 
 
 def _is_embedding(module: nn.Module) -> bool:
-    return isinstance(module, _EMBEDDING_MODULES)
+    return isinstance(module, (*_EMBEDDING_MODULES, *compressed_collection_types()))
 
 
 def reinitialize_dense_(model: nn.Module, seed: int = 0) -> list[str]:

@@ -42,7 +42,10 @@ from torchrec_compress import (
 )
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset
-from torchrec_compress.distributed import ShardedCompressionReport, read_compression_layout
+from torchrec_compress.distributed.compression import (
+    ShardedCompressionReport,
+    read_compression_layout,
+)
 from torchrec_compress.layout import CompressionLayout
 from torchrec_compress.testing.faults import fault_point
 

@@ -68,7 +68,7 @@ from examples.dlrm.train import (
 from torchrec_compress import RowWiseQuantConfig
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset, get_dataset
-from torchrec_compress.distributed import shard_model
+from torchrec_compress.distributed.planning import shard_model
 
 logger = logging.getLogger("examples.dlrm.sweep")
 

@@ -19,7 +19,7 @@ from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCo
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress import AFMConfig, compress_
-from torchrec_compress.distributed import shard_model
+from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm, tiny_tables
 

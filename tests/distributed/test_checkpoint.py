@@ -15,7 +15,7 @@ from examples.dlrm.train import (
     save_checkpoint,
 )
 from torchrec_compress.checkpoint import CheckpointError
-from torchrec_compress.distributed import shard_model
+from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 

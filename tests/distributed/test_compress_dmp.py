@@ -17,8 +17,9 @@ from torchrec.models.dlrm import DLRM
 
 from torchrec_compress import AFMConfig, MECConfig, MECTraining, PQConfig, SVDConfig, compress_
 from torchrec_compress.config import CompressionConfig
-from torchrec_compress.distributed import load_full_state_dict_, shard_model
 from torchrec_compress.distributed.compression import ShardedCompressionReport
+from torchrec_compress.distributed.planning import shard_model
+from torchrec_compress.distributed.state import load_full_state_dict_
 from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
 from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 from torchrec_compress.testing import run_multiprocess

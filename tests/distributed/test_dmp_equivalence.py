@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from torchrec_compress.distributed import load_full_state_dict_, shard_model
+from torchrec_compress.distributed.planning import shard_model
+from torchrec_compress.distributed.state import load_full_state_dict_
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 

@@ -18,16 +18,16 @@ from torchrec.datasets.utils import Batch
 
 from torchrec_compress import checkpoint
 from torchrec_compress.api import compress_
-from torchrec_compress.distributed import (
+from torchrec_compress.distributed.compression import (
     load_compressed,
-    load_full_state_dict_,
     read_compression_layout,
     save_compressed,
-    shard_model,
 )
+from torchrec_compress.distributed.planning import shard_model
+from torchrec_compress.distributed.state import load_full_state_dict_
 from torchrec_compress.methods.lowrank.config import AFMConfig
 from torchrec_compress.methods.pq.config import PQConfig
-from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig
+from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 

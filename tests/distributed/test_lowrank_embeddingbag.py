@@ -29,12 +29,10 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from torchrec_compress.api import compress_
-from torchrec_compress.distributed import (
-    ShardedLowRankEmbeddingBagCollection,
-    load_full_state_dict_,
-    shard_model,
-)
+from torchrec_compress.distributed.planning import shard_model
+from torchrec_compress.distributed.state import load_full_state_dict_
 from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankOverride
+from torchrec_compress.methods.lowrank.sharded import ShardedLowRankEmbeddingBagCollection
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import DENSE_IN, tiny_batch, tiny_tables
 

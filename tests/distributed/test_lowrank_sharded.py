@@ -25,13 +25,13 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 
 from torchrec_compress.api import compress_
 from torchrec_compress.calibration import calibrate
-from torchrec_compress.distributed import load_full_state_dict_, shard_model
+from torchrec_compress.distributed.planning import shard_model
+from torchrec_compress.distributed.state import load_full_state_dict_
+from torchrec_compress.distributed.tables import SparseLookupCounter, save_compressed_state
 from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankConfig, SVDConfig
 from torchrec_compress.methods.lowrank.factors import table_moments
 from torchrec_compress.methods.lowrank.sharded_driver import (
-    SparseLookupCounter,
     lowrank_skeleton_,
-    save_compressed_state,
     sharded_lowrank_state,
     sharded_statistics,
 )

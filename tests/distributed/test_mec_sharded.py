@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from torchrec_compress import compress_
-from torchrec_compress.distributed import load_full_state_dict_, shard_model
+from torchrec_compress.distributed.planning import shard_model
+from torchrec_compress.distributed.state import load_full_state_dict_
 from torchrec_compress.methods.lowrank.config import AFMConfig
 from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
 from torchrec_compress.methods.pq.config import MECConfig, MECTraining

@@ -28,7 +28,8 @@ from torchrec.distributed.types import ModuleSharder, ShardingType
 from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.modules.embedding_configs import PoolingType
 
-from torchrec_compress.distributed import default_sharders, load_full_state_dict_, plan_storage
+from torchrec_compress.distributed.planning import default_sharders, plan_storage
+from torchrec_compress.distributed.state import load_full_state_dict_
 from torchrec_compress.methods.pq import ProductQuantizer
 from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 from torchrec_compress.methods.pq.sharded import (

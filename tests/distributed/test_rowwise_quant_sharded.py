@@ -38,16 +38,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import torchrec_compress
 from torchrec_compress.api import compress_
-from torchrec_compress.distributed import (
-    default_sharders,
-    load_full_state_dict_,
-    plan_model,
-    read_compression_layout,
-    shard_model,
-)
+from torchrec_compress.distributed.compression import read_compression_layout
+from torchrec_compress.distributed.planning import default_sharders, plan_model, shard_model
+from torchrec_compress.distributed.state import load_full_state_dict_
 from torchrec_compress.layout import restore_layout_
 from torchrec_compress.methods.lowrank.config import AFMConfig
-from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig
+from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig
 from torchrec_compress.methods.rowwise_quant.sharded import ShardedReplicatedCollection
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import DENSE_IN, tiny_batch, tiny_dlrm

@@ -83,7 +83,7 @@ def _train(rank: int, world_size: int, poison: str, skip: bool, every: bool = Fa
         train_epoch,
     )
     from torchrec_compress.data import get_dataset
-    from torchrec_compress.distributed import shard_model
+    from torchrec_compress.distributed.planning import shard_model
 
     torch.manual_seed(0)
     data = get_dataset("synthetic", seed=0, train_rows=256, val_rows=64, test_rows=64)
@@ -155,7 +155,7 @@ def _evaluate_broken(rank: int, world_size: int) -> dict[str, str]:
     from examples.dlrm.model import ModelConfig, build_model
     from examples.dlrm.train import evaluate
     from torchrec_compress.data import get_dataset
-    from torchrec_compress.distributed import shard_model
+    from torchrec_compress.distributed.planning import shard_model
 
     torch.manual_seed(0)
     data = get_dataset("synthetic", seed=0, train_rows=64, val_rows=64, test_rows=64)

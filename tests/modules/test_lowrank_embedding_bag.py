@@ -10,8 +10,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress import LowRankEmbeddingBagCollection
+from torchrec_compress.methods.lowrank import kernels as _ops
 from torchrec_compress.methods.lowrank.module import CompositeLowRankEmbeddingBagCollection
-from torchrec_compress.methods.pq import kernels as _ops
 
 
 def _tables(pooling: PoolingType) -> list[EmbeddingBagConfig]:

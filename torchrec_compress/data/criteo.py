@@ -27,6 +27,7 @@ Split layouts (chosen by what the directory holds):
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -350,8 +351,6 @@ class CriteoParquetDataset(ParquetDataset):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m torchrec_compress.data.criteo convert OUT_DIR FILE...``: TSV → parquet."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m torchrec_compress.data.criteo")
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser(

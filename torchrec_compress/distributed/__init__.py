@@ -1,79 +1,12 @@
-"""Everything that knows about process groups: sharders, sharded modules, planning helpers.
+"""What every method shares once process groups are involved: the EBC and FPEBC sharders
+(``embeddingbag``, ``fp_embeddingbag``), planning (``planning``), row layouts and shard I/O
+(``tables``, ``state``), unsharded skeletons (``skeleton``), in-backward optimizers
+(``in_backward``), and, above the methods, the sharded driver and its checkpoints
+(``compression``).
 
-The unsharded modules in :mod:`torchrec_compress.methods` know nothing of distribution; as in
-TorchRec, each sharded module lives next to its sharder in one file of this package.
+Each method's own sharded modules and sharders live in its folder
+(``torchrec_compress/methods/<name>/sharded.py``), next to its unsharded modules, as in TorchRec
+each sharded module lives next to its sharder.  This package imports nothing itself, so that
+importing one of its modules never imports a driver; the public names are importable from
+``torchrec_compress``.
 """
-
-from torchrec_compress.distributed.compression import (
-    ShardedCompressionReport,
-    compress_sharded_model,
-    load_compressed,
-    read_compression_layout,
-    save_compressed,
-    unsharded_skeleton,
-)
-from torchrec_compress.distributed.embeddingbag import (
-    BoundsCheckedShardedEmbeddingBagCollection,
-    CPURowWiseEmbeddingBagCollectionSharder,
-)
-from torchrec_compress.distributed.planning import (
-    PlanStorage,
-    TableStorage,
-    default_sharders,
-    plan_model,
-    plan_storage,
-    shard_model,
-    training_sharders,
-)
-from torchrec_compress.distributed.state import load_full_state_dict_
-from torchrec_compress.methods.lowrank.sharded import (
-    FeatureProcessedLowRankSharder,
-    LowRankEmbeddingBagCollectionSharder,
-    ShardedLowRankEmbeddingBagCollection,
-)
-from torchrec_compress.methods.lowrank.sharded_driver import (
-    ShardedStatistics,
-    SparseLookupCounter,
-    compress_sharded,
-    lowrank_skeleton_,
-    sharded_statistics,
-)
-from torchrec_compress.methods.pq.sharded import (
-    PQEmbeddingBagCollectionSharder,
-    PQFeatureProcessedEmbeddingBagCollectionSharder,
-    ShardedPQEmbeddingBagCollection,
-    encode_sharded_codes_,
-)
-from torchrec_compress.methods.pq.sharded_driver import compress_sharded_pq
-
-__all__ = [
-    "BoundsCheckedShardedEmbeddingBagCollection",
-    "CPURowWiseEmbeddingBagCollectionSharder",
-    "FeatureProcessedLowRankSharder",
-    "LowRankEmbeddingBagCollectionSharder",
-    "PQEmbeddingBagCollectionSharder",
-    "PQFeatureProcessedEmbeddingBagCollectionSharder",
-    "PlanStorage",
-    "ShardedLowRankEmbeddingBagCollection",
-    "ShardedCompressionReport",
-    "ShardedPQEmbeddingBagCollection",
-    "ShardedStatistics",
-    "SparseLookupCounter",
-    "TableStorage",
-    "compress_sharded",
-    "compress_sharded_model",
-    "compress_sharded_pq",
-    "default_sharders",
-    "encode_sharded_codes_",
-    "load_compressed",
-    "load_full_state_dict_",
-    "lowrank_skeleton_",
-    "plan_model",
-    "plan_storage",
-    "read_compression_layout",
-    "save_compressed",
-    "shard_model",
-    "sharded_statistics",
-    "training_sharders",
-    "unsharded_skeleton",
-]

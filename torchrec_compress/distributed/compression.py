@@ -29,185 +29,20 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.comm import get_local_size
-from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ShardedModule
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.modules.feature_processor_ import FeatureProcessorsCollection
-from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 
 from torchrec_compress import checkpoint
 from torchrec_compress.calibration import ForwardFn, default_forward
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.discovery import FilterFn, find_embedding_bag_collections
 from torchrec_compress.distributed.planning import shard_model
-from torchrec_compress.guards import compresses_tables, first_nonfinite_row, nonfinite_row_error
+from torchrec_compress.distributed.skeleton import unsharded_skeleton
+from torchrec_compress.distributed.tables import COMPRESSION_LAYOUT_KEY, save_compressed_state
+from torchrec_compress.guards import first_nonfinite_row, nonfinite_row_error
 from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
-from torchrec_compress.methods.lowrank.config import AFMConfig, SVDConfig
-from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
-from torchrec_compress.methods.lowrank.sharded import ShardedLowRankEmbeddingBagCollection
-from torchrec_compress.methods.lowrank.sharded_driver import (
-    COMPRESSION_LAYOUT_KEY,
-    save_compressed_state,
-    sharded_lowrank_state,
-)
-from torchrec_compress.methods.pq.config import MECConfig, PQConfig
-from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
-from torchrec_compress.methods.pq.sharded import ShardedPQEmbeddingBagCollection
-from torchrec_compress.methods.pq.sharded_driver import sharded_pq_state
-from torchrec_compress.methods.rowwise_quant.method import RowWiseQuantConfig
-from torchrec_compress.methods.rowwise_quant.sharded import ShardedReplicatedCollection
-from torchrec_compress.methods.rowwise_quant.sharded_driver import sharded_rowwise_state
-from torchrec_compress.registry import method_for, register_method
+from torchrec_compress.registry import method_of
 from torchrec_compress.report import CompressionReport
-
-META = torch.device("meta")
-
-
-def _lowrank(
-    model: DistributedModelParallel,
-    meta_model: nn.Module,
-    config: CompressionConfig,
-    calibration: Iterable[Any] | None,
-    forward_fn: ForwardFn,
-    filter_fn: FilterFn | None,
-) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
-    assert isinstance(config, (AFMConfig, SVDConfig))
-    return sharded_lowrank_state(model, meta_model, config, calibration, forward_fn, filter_fn)
-
-
-def _pq(
-    model: DistributedModelParallel,
-    meta_model: nn.Module,
-    config: CompressionConfig,
-    calibration: Iterable[Any] | None,
-    forward_fn: ForwardFn,
-    filter_fn: FilterFn | None,
-) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
-    if isinstance(config, PQConfig):
-        config = config.to_mec_config()
-    assert isinstance(config, MECConfig)
-    return sharded_pq_state(model, meta_model, config, calibration, forward_fn, filter_fn)
-
-
-def _rowwise(
-    model: DistributedModelParallel,
-    meta_model: nn.Module,
-    config: CompressionConfig,
-    calibration: Iterable[Any] | None,
-    forward_fn: ForwardFn,
-    filter_fn: FilterFn | None,
-) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
-    assert isinstance(config, RowWiseQuantConfig)
-    return sharded_rowwise_state(model, meta_model, config, calibration, forward_fn, filter_fn)
-
-
-# the sharded routes of the built-in methods (their local planners register in api.py and
-# rowwise_quant.py)
-register_method(RowWiseQuantConfig, sharded=_rowwise)
-register_method(AFMConfig, sharded=_lowrank)
-register_method(SVDConfig, sharded=_lowrank)
-register_method(MECConfig, sharded=_pq)
-register_method(PQConfig, sharded=_pq)
-
-
-def _skeleton_of(module: ShardedModule[Any, Any, Any, Any], fqn: str) -> nn.Module:
-    """The empty unsharded (``meta``) module of one sharded collection."""
-    if isinstance(module, ShardedLowRankEmbeddingBagCollection):
-        ranks = {name: int(p.shape[0]) for name, p in module.projection.items()}
-        lowrank = LowRankEmbeddingBagCollection(
-            module.embedding_bag_configs(), ranks, module.is_weighted(), META
-        )
-        if isinstance(module.factor_ebc, ShardedEmbeddingBagCollection):
-            return lowrank
-        # factor tables compressed again (AFM, then MEC/PQ or int8): a composite collection
-        return lowrank.with_factor_collection(_skeleton_of(module.factor_ebc, f"{fqn}.factor_ebc"))
-    if isinstance(module, ShardedReplicatedCollection):
-        return copy.deepcopy(module.collection)
-    if isinstance(module, ShardedPQEmbeddingBagCollection):
-        configs = module.embedding_bag_configs()
-        codes = {
-            t.name: torch.empty(t.num_embeddings, local.shape[1], dtype=local.dtype, device=META)
-            for t in configs
-            for local in [getattr(module.codes, t.name)]
-        }
-        books = {n: torch.empty_like(module._codebook(n), device=META) for n in module.codebooks}
-        return PQEmbeddingBagCollection(configs, codes, books, module.is_weighted())
-    if isinstance(module, ShardedEmbeddingBagCollection):
-        # TorchRec's sharded EBC keeps its configs and weighting, without a public getter
-        return EmbeddingBagCollection(
-            module._embedding_bag_configs, module._is_weighted, device=META
-        )
-    processors = getattr(module, "_feature_processors", None)
-    collection = getattr(module, "_embedding_bag_collection", None)
-    if isinstance(processors, nn.Module) and isinstance(collection, ShardedModule):
-        # a sharded FeatureProcessedEmbeddingBagCollection (TorchRec's or this package's):
-        # its (dense, replicated) feature processors and the skeleton of its collection
-        processors = copy.deepcopy(processors)
-        processors.apply(_weights_to_meta_)
-        return FeatureProcessedEmbeddingBagCollection(
-            _skeleton_of(collection, f"{fqn}._embedding_bag_collection"),
-            processors
-            if isinstance(processors, FeatureProcessorsCollection)
-            else dict(processors.named_children()),
-        )
-    raise TypeError(
-        f"cannot derive the unsharded module of {type(module).__name__} at {fqn!r}; pass "
-        "meta_model= (the same architecture, unsharded, on the meta device) to compress_"
-    )
-
-
-def unsharded_skeleton(model: DistributedModelParallel) -> nn.Module:
-    """The architecture of a DMP model, unsharded and on ``meta`` (no weights).
-
-    Sharded ``EmbeddingBagCollection`` s and this package's sharded low-rank and PQ collections
-    become empty unsharded ones of the same tables; every other module is deep-copied (the
-    dense part of a recommendation model is small) with its parameters and persistent buffers
-    on ``meta`` (non-persistent buffers, which no checkpoint restores, keep their values).
-
-    Args:
-        model (DistributedModelParallel): the sharded model (left unchanged).
-
-    Returns:
-        nn.Module: the unwrapped module tree (``model.module``'s structure) on ``meta``.
-
-    Raises:
-        TypeError: naming a sharded module whose unsharded form is unknown: pass
-            ``meta_model=`` to ``compress_`` instead.
-
-    Example::
-
-        >>> # 2 processes: see tests/distributed/test_compress_dmp.py
-        >>> # skeleton = unsharded_skeleton(dmp)  # EBCs instead of ShardedEBCs, all on meta
-    """
-    inner = model.module
-    memo: dict[int, Any] = {
-        id(m): _skeleton_of(m, fqn)
-        for fqn, m in inner.named_modules()
-        if isinstance(m, ShardedModule)
-    }
-    if id(inner) in memo:
-        return memo[id(inner)]
-    skeleton = copy.deepcopy(inner, memo)
-    skeleton.apply(_weights_to_meta_)
-    return skeleton
-
-
-def _weights_to_meta_(module: nn.Module) -> None:
-    """Parameters and persistent buffers to ``meta``; non-persistent buffers stay as they are.
-
-    A non-persistent buffer is not in any checkpoint, so it must keep its value: DMP would
-    zero-fill it on ``meta`` (e.g. the ``triu_indices`` of DLRM's ``InteractionArch``).
-    """
-    for name, param in module._parameters.items():
-        if param is not None and param.device != META:
-            module._parameters[name] = nn.Parameter(
-                torch.empty_like(param, device=META), requires_grad=param.requires_grad
-            )
-    for name, buffer in module._buffers.items():
-        if buffer is not None and name not in module._non_persistent_buffers_set:
-            module._buffers[name] = torch.empty_like(buffer, device=META)
 
 
 @dataclass
@@ -422,14 +257,12 @@ def compress_sharded_model(
         >>> # 2 processes: see tests/distributed/test_compress_dmp.py
         >>> # report = compress_sharded_model(dmp, MECConfig(num_subspaces=4), batches)
     """
-    converter = method_for(config, sharded=True)
+    method = method_of(config)
     skeleton = meta_model if meta_model is not None else unsharded_skeleton(model)
-    if compresses_tables(config):
+    if config.compresses_tables:
         check_finite_shards(model, skeleton, filter_fn)
-    compressed, state, report = converter(
-        model, skeleton, config, calibration, forward_fn, filter_fn
-    )
-    return ShardedCompressionReport(report.rows, compressed, state, config)
+    result = method.compress_sharded(model, skeleton, config, calibration, forward_fn, filter_fn)
+    return ShardedCompressionReport(result.report.rows, result.module, result.state, config)
 
 
 def save_compressed(

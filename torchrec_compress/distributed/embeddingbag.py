@@ -55,7 +55,7 @@ class BoundsCheckedShardedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     Example::
 
-        >>> # under DMP with torchrec_compress.distributed.default_sharders():
+        >>> # under DMP with torchrec_compress.distributed.planning.default_sharders():
         >>> # dmp(batch) raises IndexError("table 't_f0', feature 'f0': id 10000 is outside ...")
     """
 

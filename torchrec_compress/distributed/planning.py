@@ -13,6 +13,7 @@ from torchrec.distributed.planner.types import ParameterConstraints, ShardingOpt
 from torchrec.distributed.quant_embeddingbag import QuantEmbeddingBagCollectionSharder
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 from torchrec.quant.embedding_modules import (
@@ -23,44 +24,34 @@ from torchrec_compress.distributed.embeddingbag import (
     CPURowWiseEmbeddingBagCollectionSharder,
     has_in_backward_optimizers,
 )
-from torchrec_compress.methods.lowrank.module import CompositeLowRankEmbeddingBagCollection
-from torchrec_compress.methods.lowrank.sharded import (
-    CompositeLowRankSharder,
-    FeatureProcessedLowRankSharder,
-    LowRankEmbeddingBagCollectionSharder,
-)
-from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
-from torchrec_compress.methods.pq.sharded import (
-    PQEmbeddingBagCollectionSharder,
-    PQFeatureProcessedEmbeddingBagCollectionSharder,
-)
-from torchrec_compress.methods.rowwise_quant.sharded import ReplicatedCollectionSharder
+from torchrec_compress.distributed.fp_embeddingbag import FeatureProcessedCollectionSharder
+from torchrec_compress.registry import SharderContext, method_sharders, placed_collection_types
 
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
 
 
 def default_sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Module]]:
     """TorchRec's default sharders, with the EBC sharder replaced by one that offers row-wise on
-    CPU, plus the sharders of the compressed collections.
+    CPU, plus every registered method's sharders (in registration order).
 
-    The sharders of :class:`~torchrec_compress.methods.pq.module.PQEmbeddingBagCollection`
-    and :class:`~torchrec_compress.methods.lowrank.module.LowRankEmbeddingBagCollection`
-    shard each collection as one module.  DMP and the planner take one sharder per module type,
-    and a ``FeatureProcessedEmbeddingBagCollection`` needs a different one when its collection
-    was product-quantized: given ``model``, the FPEBC sharder is chosen for the FPEBCs it holds
-    (plain or low-rank: :class:`FeatureProcessedLowRankSharder`, which extends TorchRec's;
-    product-quantized: :class:`PQFeatureProcessedEmbeddingBagCollectionSharder`).
+    Each method shards its compressed collections as one module each
+    (:meth:`~torchrec_compress.registry.CompressionMethod.sharders`).  DMP and the planner take
+    one sharder per module type, and a ``FeatureProcessedEmbeddingBagCollection`` needs a
+    different one depending on the collection it holds: given ``model``, the FPEBC sharder is
+    chosen for the FPEBCs it holds (a method's own, from ``SharderContext.feature_processed``,
+    e.g. product quantization's; otherwise
+    :class:`~torchrec_compress.distributed.fp_embeddingbag.FeatureProcessedCollectionSharder`,
+    which extends TorchRec's).
 
     Given ``model``, the EBC sharder does not offer ``data_parallel`` when a table carries
-    in-backward optimizers (TorchRec's data-parallel kernel would drop them), and composite
-    low-rank collections are offered the sharding types of their factor collections.
+    in-backward optimizers (TorchRec's data-parallel kernel would drop them).
 
     Args:
-        model (Optional[nn.Module]): the model to shard; ``None`` assumes no product-quantized
-            FPEBC, no in-backward optimizer and product-quantized composite factors.
+        model (Optional[nn.Module]): the model to shard; ``None`` assumes FPEBCs over plain or
+            low-rank collections and no in-backward optimizer.
 
     Raises:
-        ValueError: ``model`` holds FPEBCs of both kinds (no single sharder can plan them).
+        ValueError: ``model`` holds FPEBCs over collections no single sharder can plan.
 
     Example::
 
@@ -74,87 +65,68 @@ def default_sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Mo
         if isinstance(m, EmbeddingBagCollection)
     )
     ebc_sharder = CPURowWiseEmbeddingBagCollectionSharder(data_parallel=not in_backward)
-    pq_sharder = PQEmbeddingBagCollectionSharder()
-    replicated = ReplicatedCollectionSharder()
-    factors = _composite_factor_kind(model) if model is not None else None
-    composite_sharder = CompositeLowRankSharder(
-        replicated if factors is QuantEmbeddingBagCollection else pq_sharder,
-        [pq_sharder, replicated],
-    )
-    inside_fpebcs = _fpebc_collection_kind(model) if model is not None else None
-    fp_sharder: ModuleSharder[nn.Module] = FeatureProcessedLowRankSharder(
-        ebc_sharder,
-        collection_sharder={
-            CompositeLowRankEmbeddingBagCollection: composite_sharder,
-            QuantEmbeddingBagCollection: replicated,
-        }.get(inside_fpebcs),
-    )
-    if model is not None and _product_quantized_fpebcs(model):
-        fp_sharder = PQFeatureProcessedEmbeddingBagCollectionSharder()
-    sharders: list[ModuleSharder[nn.Module]] = [
-        ebc_sharder,
-        pq_sharder,
-        LowRankEmbeddingBagCollectionSharder(ebc_sharder),
-        composite_sharder,
-        fp_sharder,
-    ]
+    context = SharderContext(model=model, ebc_sharder=ebc_sharder)
+    sharders: list[ModuleSharder[nn.Module]] = [ebc_sharder, *method_sharders(context)]
+    sharders.append(_feature_processed_sharder(model, context))
     replaced = (EmbeddingBagCollection, FeatureProcessedEmbeddingBagCollection)
     sharders += [s for s in get_default_sharders() if s.module_type not in replaced]
     return sharders
 
 
-def _composite_factor_kind(model: nn.Module) -> type[nn.Module] | None:
-    """The type of the factor collections of the model's composite low-rank collections (one
-    kind per model: DMP takes one sharder per module type)."""
-    kinds = {
-        fqn or "<model>": type(m.factor_ebc)
-        for fqn, m in model.named_modules()
-        if isinstance(m, CompositeLowRankEmbeddingBagCollection)
-    }
-    if len(set(kinds.values())) > 1:
-        raise ValueError(
-            "one sharder per module type: the low-rank collections "
-            + ", ".join(f"{k} (factors: {v.__name__})" for k, v in sorted(kinds.items()))
-            + " compress their factor tables differently and cannot be sharded in one model; "
-            "compress all of them alike"
-        )
-    return next(iter(kinds.values()), None)
+def sharders(model: nn.Module | None = None) -> list[ModuleSharder[nn.Module]]:
+    """Every sharder a ``DistributedModelParallel`` user must pass for compressed models.
+
+    :func:`default_sharders` (pass ``model`` so that the FPEBC sharder matches its FPEBCs)
+    less TorchRec's inference-only sharder of quantized collections (:func:`training_sharders`):
+    it asserts CUDA and does not exchange ids between training processes, so a row-wise int8
+    collection stays whole on every process (frozen rows) while the rest trains.
+
+    Returns:
+        list[ModuleSharder[nn.Module]]: a fresh list, safe to extend.
+
+    Example::
+
+        >>> from torchrec_compress import sharders
+        >>> names = [type(s).__name__ for s in sharders()]
+        >>> names[:2]
+        ['CPURowWiseEmbeddingBagCollectionSharder', 'PQEmbeddingBagCollectionSharder']
+        >>> # DistributedModelParallel(model, plan=plan, sharders=sharders(), ...)
+    """
+    return training_sharders(default_sharders(model))
 
 
-def _fpebc_collection_kind(model: nn.Module) -> type[nn.Module] | None:
-    """The type of the collections the FPEBCs of ``model`` hold, when they are compressed and
-    not product-quantized (one kind per model: one sharder per module type)."""
-    kinds = {
+def _feature_processed_sharder(
+    model: nn.Module | None, context: SharderContext
+) -> ModuleSharder[nn.Module]:
+    """The sharder of the model's FPEBCs: the one of the collection type they hold where a
+    method has its own (one kind per model: one sharder per module type), else the shared one."""
+    generic = FeatureProcessedCollectionSharder(context=context)
+    if model is None:
+        return generic
+    inner = {
         fqn or "<model>": type(m._embedding_bag_collection)
         for fqn, m in model.named_modules()
         if isinstance(m, FeatureProcessedEmbeddingBagCollection)
-        and type(m._embedding_bag_collection)
-        in (CompositeLowRankEmbeddingBagCollection, QuantEmbeddingBagCollection)
     }
-    if len(set(kinds.values())) > 1:
+    special = {fqn: kind for fqn, kind in inner.items() if kind in context.feature_processed}
+    if len(set(special.values())) > 1:
         raise ValueError(
             "one sharder per module type: FeatureProcessedEmbeddingBagCollections over "
-            + ", ".join(f"{v.__name__} ({k})" for k, v in sorted(kinds.items()))
+            + ", ".join(f"{v.__name__} ({k})" for k, v in sorted(special.items()))
             + " cannot be sharded in one model; compress all of them alike"
         )
-    return next(iter(kinds.values()), None)
-
-
-def _product_quantized_fpebcs(model: nn.Module) -> bool:
-    """Whether the FPEBCs of ``model`` wrap ``PQEmbeddingBagCollection``\\ s (all or none)."""
-    kinds = {
-        fqn or "<model>": isinstance(m._embedding_bag_collection, PQEmbeddingBagCollection)
-        for fqn, m in model.named_modules()
-        if isinstance(m, FeatureProcessedEmbeddingBagCollection)
-    }
-    if len(set(kinds.values())) > 1:
+    if not special:
+        return generic
+    kind = next(iter(special.values()))
+    sharder = context.feature_processed[kind]
+    others = sorted(fqn for fqn, k in inner.items() if k is not kind)
+    if others and not isinstance(sharder, FeatureProcessedCollectionSharder):
         raise ValueError(
             "one sharder per module type: FeatureProcessedEmbeddingBagCollections over "
-            f"product-quantized collections {sorted(k for k, pq in kinds.items() if pq)} and over "
-            f"other collections {sorted(k for k, pq in kinds.items() if not pq)} cannot be sharded "
-            "in one model; compress all of them alike"
+            f"{kind.__name__} {sorted(special)} and over other collections {others} cannot be "
+            "sharded in one model; compress all of them alike"
         )
-    return any(kinds.values())
+    return sharder
 
 
 def training_sharders(
@@ -163,7 +135,7 @@ def training_sharders(
     """``sharders`` (default :func:`default_sharders`) without the sharders of TorchRec's
     quantized (inference) embedding bag collections; :func:`shard_model` uses them.
 
-    A row-wise quantized table (:mod:`torchrec_compress.methods.rowwise_quant.method`) is TorchRec's quantized
+    A row-wise quantized table (:mod:`torchrec_compress.methods.rowwise_quant.quantize`) is TorchRec's quantized
     ``EmbeddingBagCollection``.  TorchRec's ``QuantEmbeddingBagCollectionSharder`` plans it at its
     true size (``rows x (d * bits / 8 + 4)`` bytes), but shards it into TorchRec's inference
     module (one process driving several GPUs, CUDA kernels): on CPU that fails ("Torch not
@@ -219,9 +191,10 @@ def table_constraints(
         )
     forced: dict[str, ParameterConstraints] = {}
     for module in model.modules():
-        if not isinstance(module, (EmbeddingBagCollection, PQEmbeddingBagCollection)):
+        if not isinstance(module, (EmbeddingBagCollection, *placed_collection_types())):
             continue
-        for config in module.embedding_bag_configs():
+        configs: list[EmbeddingBagConfig] = module.embedding_bag_configs()  # type: ignore[operator]
+        for config in configs:
             min_partition = None
             if sharding_type in (
                 ShardingType.COLUMN_WISE.value,
@@ -320,7 +293,7 @@ def shard_model(
 
     Attach fused (in-backward) optimizers before calling this, so that the planner counts their
     state.  On CPU, DMP does not copy the source weights into the shards: use
-    :func:`torchrec_compress.distributed.load_full_state_dict_` or a DCP checkpoint afterwards.
+    :func:`torchrec_compress.distributed.state.load_full_state_dict_` or a DCP checkpoint afterwards.
     """
     pg = pg if pg is not None else dist.group.WORLD
     assert pg is not None, "torch.distributed must be initialised before sharding"

@@ -68,8 +68,17 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 import torchrec_compress
+from torchrec_compress import (  # the public names, as a user imports them
+    AFMConfig,
+    MECConfig,
+    MECTraining,
+    PQConfig,
+    RowWiseQuantConfig,
+    SVDConfig,
+)
 from torchrec_compress.distributed.compression import ShardedCompressionReport
 from torchrec_compress.distributed.planning import plan_model
+from torchrec_compress.distributed.state import load_full_state_dict_
 
 FORWARD_TOL = 1e-5
 TRAIN_TOL = 1e-4
@@ -472,14 +481,6 @@ def predictions(model: nn.Module, batch: Any) -> torch.Tensor:
 
 def stack(case: Case) -> list[Any]:
     """The compression configs of the case's method, applied in order."""
-    from torchrec_compress import (  # the public names, as a user imports them
-        AFMConfig,
-        MECConfig,
-        MECTraining,
-        PQConfig,
-        RowWiseQuantConfig,
-        SVDConfig,
-    )
 
     pq_m = 2
     configs: dict[str, list[Any]] = {
@@ -605,12 +606,12 @@ def sharded_model(case: Case, state: dict[str, torch.Tensor]) -> DistributedMode
         compress_unsharded(case, model)
         attach_recipe(case, model)
         dmp = shard(case, model)
-        torchrec_compress.distributed.load_full_state_dict_(dmp, state)
+        load_full_state_dict_(dmp, state)
         return dmp
     model = build_model(case, CPU)
     model.load_state_dict(_uncompressed_state(case))
     dmp = shard(case, model)
-    torchrec_compress.distributed.load_full_state_dict_(dmp, _uncompressed_state(case))
+    load_full_state_dict_(dmp, _uncompressed_state(case))
     rank = dist.get_rank()
     for i, config in enumerate(configs):
         report = torchrec_compress.compress_(

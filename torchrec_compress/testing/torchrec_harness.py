@@ -39,8 +39,10 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.types import DataType
 
 import torchrec_compress
+from torchrec_compress import AFMConfig, MECConfig, MECTraining, PQConfig, SVDConfig
 from torchrec_compress.distributed.planning import plan_model
 from torchrec_compress.layout import compression_layout, restore_layout_
+from torchrec_compress.testing.matrix import _is_refusal
 
 
 def _import_test_sharding() -> Any:
@@ -69,8 +71,6 @@ LEARNING_RATE = 0.1
 
 
 def _configs(method: str) -> list[Any]:
-    from torchrec_compress import AFMConfig, MECConfig, MECTraining, PQConfig, SVDConfig
-
     configs: dict[str, list[Any]] = {
         "none": [],
         "afm": [AFMConfig(rank=4)],
@@ -234,8 +234,6 @@ def run_harness_case(case: HarnessCase) -> tuple[str, str]:
             local_size=dist.get_world_size(),
         )
     except Exception as error:  # noqa: BLE001 - every failure becomes an outcome
-        from torchrec_compress.testing.matrix import _is_refusal
-
         status = "refuse" if _is_refusal(error) else "fail"
         tail = "" if status == "refuse" else "".join(traceback.format_tb(error.__traceback__)[-3:])
         return status, f"{type(error).__name__}: {error}"[:400] + tail

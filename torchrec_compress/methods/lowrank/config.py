@@ -121,6 +121,25 @@ class LowRankConfig(CompressionConfig):
         check_positive_int(self.linear_rank, f"{name}.linear_rank")
         check_fraction(self.linear_variance, f"{name}.linear_variance")
 
+    @property
+    def compresses_tables(self) -> bool:
+        """Whether the tables are compressed (``embeddings``); the MLPs may be the only target.
+
+        Example::
+
+            >>> mlps_only = AFMConfig(embeddings=False, linear=True, linear_rank=4)
+            >>> AFMConfig(rank=4).compresses_tables, mlps_only.compresses_tables
+            (True, False)
+        """
+        return self.embeddings
+
+    def targets(self) -> str:
+        on = (
+            ("EmbeddingBagCollection tables", self.embeddings),
+            ("MLP Linear layers", self.linear),
+        )
+        return " or ".join(what for what, wanted in on if wanted)
+
 
 @dataclass
 class AFMConfig(LowRankConfig):

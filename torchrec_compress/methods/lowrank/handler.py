@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankConfig, SVDConfig
+from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankConfig
 from torchrec_compress.methods.lowrank.factors import (
     PrincipalBasis,
     afm_basis,
@@ -34,7 +34,6 @@ from torchrec_compress.methods.lowrank.rank import (
     explained_variance_ratio,
     rank_for_variance,
 )
-from torchrec_compress.registry import register_method
 from torchrec_compress.report import ReportRow
 from torchrec_compress.statistics import Moments
 
@@ -52,7 +51,7 @@ class LowRankHandler:
 
     Example::
 
-        >>> from torchrec_compress.config import SVDConfig
+        >>> from torchrec_compress.methods.lowrank.config import SVDConfig
         >>> from torchrec_compress.methods.lowrank.factors import table_moments
         >>> t = EmbeddingBagConfig(num_embeddings=32, embedding_dim=8, name="t", feature_names=["f"])
         >>> handler = LowRankHandler(SVDConfig(rank=4))
@@ -114,10 +113,6 @@ class LowRankHandler:
         )
 
 
-register_method(AFMConfig, handler=LowRankHandler)
-register_method(SVDConfig, handler=LowRankHandler)
-
-
 def linear_factors(
     fqn: str,
     layer: nn.Linear,
@@ -140,7 +135,7 @@ def linear_factors(
     Example::
 
         >>> import warnings
-        >>> from torchrec_compress.config import SVDConfig
+        >>> from torchrec_compress.methods.lowrank.config import SVDConfig
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore")
         ...     config = SVDConfig(rank=4, linear=True, linear_rank=2)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
@@ -25,50 +24,9 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from torchrec_compress.guards import FeatureIdRanges
+from torchrec_compress.guards import FeatureIdRanges, check_fixed_batch, is_tracing
+from torchrec_compress.methods.lowrank import kernels as _ops
 from torchrec_compress.methods.lowrank.rank import rows_per_packed_row
-from torchrec_compress.methods.pq import kernels as _ops
-from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
-
-
-def is_tracing() -> bool:
-    """Whether the caller runs under ``torch.fx``, TorchScript, ``torch.compile`` or ``torch.export``.
-
-    Traced code must not branch on tensor data nor read ``data_ptr()``/``_version``; eager-only
-    checks and caches are skipped there.
-
-    Example::
-
-        >>> is_tracing()
-        False
-    """
-    return (
-        torch.jit.is_scripting()
-        or torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or is_fx_symbolic_tracing()
-    )
-
-
-def check_fixed_batch(features: KeyedJaggedTensor, module: str) -> None:
-    """Raises ``ValueError`` for a variable-batch-per-feature (VBE) input, which low-rank pooling
-    does not support.  Eager only: a traced graph has no data-dependent branches.
-
-    Args:
-        features (KeyedJaggedTensor): the input of the collection.
-        module (str): the module's name for the message.
-
-    Example::
-
-        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
-        ...     keys=["f"], values=torch.tensor([1]), lengths=torch.tensor([1]))
-        >>> check_fixed_batch(kjt, "LowRankEmbeddingBagCollection")
-    """
-    if features.variable_stride_per_key() or features.inverse_indices_or_none() is not None:
-        raise ValueError(
-            f"{module} does not support variable batch size per feature (VBE): features "
-            f"{features.keys()} have strides {features.stride_per_key()}"
-        )
 
 
 @dataclass(eq=False)
@@ -461,6 +419,30 @@ class LowRankEmbeddingBagCollection(nn.Module):
         """The constants of the forward (tables, ranks, feature and output names)."""
         return self._layout
 
+    def check_factors_compressible(self, fqn: str) -> None:
+        """Raises naming ``fqn`` when a factor table is stored packed (several factor rows to a
+        stored row): such tables cannot be compressed further.
+
+        Example::
+
+            >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
+            >>> LowRankEmbeddingBagCollection([cfg], ranks={"t": 2}).check_factors_compressible("ebc")
+            Traceback (most recent call last):
+            ...
+            ValueError: the factor tables ['t'] of 'ebc' are stored packed (ranks not a multiple of 4) and cannot be compressed further; compress with ranks that are multiples of 4 first (e.g. rank=4)
+        """
+        packed = sorted(self._layout.packing)
+        if packed:
+            raise ValueError(
+                f"the factor tables {packed} of {fqn!r} are stored packed (ranks not a multiple "
+                "of 4) and cannot be compressed further; compress with ranks that are multiples "
+                "of 4 first (e.g. rank=4)"
+            )
+
+    def column_order_keys(self, table: str) -> list[str]:
+        """The projection's rows run over the factor columns of ``table``."""
+        return [f"projection.{table}"]
+
     @torch.no_grad()
     def with_factor_collection(
         self, factor_collection: nn.Module, column_orders: Mapping[str, torch.Tensor] | None = None
@@ -554,10 +536,13 @@ class LowRankEmbeddingBagCollection(nn.Module):
 
     @property
     def _factor_keys_in_order(self) -> bool:
-        """Whether ``factor_ebc`` returns its keys in table order (TorchRec's and the PQ
-        collection do; TorchRec's quantized collection groups them by pooling type and a
-        DMP-sharded one by shard, so their outputs are regrouped by name)."""
-        return type(self.factor_ebc) in (EmbeddingBagCollection, PQEmbeddingBagCollection)
+        """Whether ``factor_ebc`` returns its keys in table order (TorchRec's collection does, and
+        any that says so with ``keys_in_table_order``, e.g. the PQ one; TorchRec's quantized
+        collection groups them by pooling type and a DMP-sharded one by shard, so their outputs
+        are regrouped by name)."""
+        if type(self.factor_ebc) is EmbeddingBagCollection:
+            return True
+        return bool(getattr(self.factor_ebc, "keys_in_table_order", False))
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings with the original keys, dims and order.

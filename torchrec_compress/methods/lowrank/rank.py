@@ -39,9 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from torchrec_compress.methods.lowrank.config import LowRankConfig
+from torchrec_compress.report import BYTES_PER_ELEMENT
 
-# float32 factors, projections and means
-BYTES_PER_ELEMENT = 4
 # the note of a table that a ``LowRankOverride(skip=True)`` leaves uncompressed (no warning)
 SKIPPED = "skipped by table_overrides"
 # the note of a table a memory budget affords whole (no warning: the budget's best use)
@@ -252,7 +251,7 @@ def choose_ranks(
 
     Example::
 
-        >>> from torchrec_compress.config import SVDConfig
+        >>> from torchrec_compress.methods.lowrank.config import SVDConfig
         >>> spec = TableSpectrum(100, 8, torch.tensor([8.0, 4, 2, 1, 0.5, 0.2, 0.1, 0.1]))
         >>> choose_ranks({"t": spec, "tiny": TableSpectrum(2, 8, spec.eigenvalues)},
         ...              SVDConfig(explained_variance=0.9))
@@ -303,7 +302,7 @@ def select_ranks(
 
     Example::
 
-        >>> from torchrec_compress.config import SVDConfig
+        >>> from torchrec_compress.methods.lowrank.config import SVDConfig
         >>> spec = TableSpectrum(100, 8, torch.tensor([8.0, 4, 2, 1, 0.5, 0.2, 0.1, 0.1]))
         >>> select_ranks({"t": spec}, SVDConfig(explained_variance=0.9))
         {'t': 4}

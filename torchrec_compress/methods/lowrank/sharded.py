@@ -17,13 +17,14 @@ the projection and mean stay dense (replicated; DMP's DDP wrapper all-reduces th
 (``ShardedTensor``), ``projection.<t>`` and ``mean.<t>``.
 
 A low-rank collection inside TorchRec's ``FeatureProcessedEmbeddingBagCollection`` (e.g.
-position-weighted features) is sharded by :class:`FeatureProcessedLowRankSharder`: the mean's
-coefficients need the processed weights of the local batch, so the feature processors (dense
-replicas) are applied to it locally as well as, by TorchRec, to the distributed ids.
+position-weighted features) is sharded by the shared
+:class:`~torchrec_compress.distributed.fp_embeddingbag.FeatureProcessedCollectionSharder`: the
+mean's coefficients need the processed weights of the local batch, so the sharded collection
+takes the feature processors (``process_features``) and applies them to it locally as well as,
+by TorchRec, to the distributed ids.
 """
 
-import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +39,6 @@ from torchrec.distributed.embedding_types import (
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionSharder,
 )
-from torchrec.distributed.fp_embeddingbag import (
-    FeatureProcessedEmbeddingBagCollectionSharder,
-    ShardedFeatureProcessedEmbeddingBagCollection,
-)
 from torchrec.distributed.types import (
     Awaitable,
     LazyAwaitable,
@@ -53,8 +50,6 @@ from torchrec.distributed.types import (
 )
 from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
@@ -64,11 +59,10 @@ from torchrec_compress.distributed.in_backward import (
     in_backward_group,
     step_in_backward,
 )
-from torchrec_compress.guards import FeatureIdRanges
+from torchrec_compress.guards import FeatureIdRanges, check_fixed_batch
 from torchrec_compress.methods.lowrank.module import (
     CompositeLowRankEmbeddingBagCollection,
     LowRankEmbeddingBagCollection,
-    check_fixed_batch,
 )
 
 
@@ -208,9 +202,21 @@ class ShardedLowRankEmbeddingBagCollection(
         self._self_synced: list[str] = [f"projection.{n}" for n in projections_in_backward] + [
             f"mean.{n}" for n in means_in_backward
         ]
-        # set by FeatureProcessedLowRankSharder: the feature processors of the enclosing FPEBC,
+        # set by the sharded FPEBC around it: the feature processors of the enclosing FPEBC,
         # whose weights the mean's coefficients need (a bound method, not a submodule)
         self.process_features: Callable[[KJTList], KJTList] | None = None
+
+    @property
+    def pools_locally(self) -> bool:
+        """Whether the factor collection pools every bag where it was asked for (product
+        quantized): an enclosing FPEBC then processes the local batch before pooling."""
+        return hasattr(self.factor_ebc, "process_local_features")
+
+    def process_local_features(
+        self, ctx: LowRankEmbeddingBagCollectionContext, processors: nn.Module, is_collection: bool
+    ) -> None:
+        """An enclosing FPEBC's feature processors, applied by the factor collection."""
+        self.factor_ebc.process_local_features(ctx.factor, processors, is_collection)
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The original (uncompressed) table configs."""
@@ -335,9 +341,13 @@ class LowRankEmbeddingBagCollectionSharder(BaseEmbeddingSharder[LowRankEmbedding
     ) -> dict[str, nn.Parameter]:
         return self._factor_sharder.shardable_parameters(module.factor_ebc)
 
+    def _offered(self) -> ModuleSharder[Any]:
+        """The sharder whose sharding types and kernels the planner is offered."""
+        return self._factor_sharder
+
     @property
     def fused_params(self) -> dict[str, Any] | None:
-        return getattr(self._factor_sharder, "fused_params", None)
+        return getattr(self._offered(), "fused_params", None)
 
     @property
     def module_type(self) -> type[LowRankEmbeddingBagCollection]:
@@ -348,47 +358,67 @@ class LowRankEmbeddingBagCollectionSharder(BaseEmbeddingSharder[LowRankEmbedding
         return ShardedLowRankEmbeddingBagCollection
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        return self._factor_sharder.sharding_types(compute_device_type)
+        return self._offered().sharding_types(compute_device_type)
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
-        return self._factor_sharder.compute_kernels(sharding_type, compute_device_type)
+        return self._offered().compute_kernels(sharding_type, compute_device_type)
+
+    def check_feature_processed(self, module: LowRankEmbeddingBagCollection) -> None:
+        """Refuses a collection inside an FPEBC whose tables are stored packed.
+
+        Raises:
+            ValueError: naming the tables whose ranks are not multiples of 4.
+        """
+        packed = sorted(module.layout().packing)
+        if packed:
+            raise ValueError(
+                f"tables {packed} of a FeatureProcessedEmbeddingBagCollection have ranks that "
+                "are not multiples of 4 (stored packed): the sharded feature processors cannot "
+                "read their slot features; choose ranks that are multiples of 4 for them "
+                "(e.g. rank=4)"
+            )
 
 
 class CompositeLowRankSharder(LowRankEmbeddingBagCollectionSharder):
     """Shards a ``CompositeLowRankEmbeddingBagCollection`` (AFM, then MEC/PQ or int8 of its
     factor tables) as one unit, like a plain low-rank collection: its factor collection by the
-    sharder of the factor collection's type (the PQ sharder; :class:`ReplicatedCollectionSharder`
-    for int8 rows, kept whole on every process), its projections and means as dense replicas
-    (in-backward optimizers included).
+    sharder of the factor collection's type (another method's, found in ``by_type`` when the
+    model is planned and sharded), its projections and means as dense replicas (in-backward
+    optimizers included).
 
     The planner asks a sharder for its sharding types once per module type, so every composite
-    collection of a model must have factor collections of one kind: the planner is offered the
-    sharding types of ``factor_sharder``, which ``torchrec_compress.sharders(model)`` picks
-    from the model.
+    collection of a model must have factor collections of one kind, ``factor_kind``: the planner
+    is offered the sharding types of its sharder (by default, of the first collection type in
+    ``by_type`` that is not low-rank: the product-quantized one).
 
     Args:
-        factor_sharder (ModuleSharder[nn.Module]): the sharder whose sharding types and kernels
-            the planner is offered.
-        factor_sharders (Sequence[ModuleSharder[nn.Module]]): every sharder of factor
-            collections, by module type (``factor_sharder`` is added).
+        by_type (Mapping[type[nn.Module], ModuleSharder[nn.Module]]): the sharder of each
+            compressed collection type (filled by every method before it is read).
+        factor_kind (Optional[type[nn.Module]]): the type of the model's factor collections.
 
     Example::
 
-        >>> from torchrec_compress.methods.rowwise_quant.sharded import ReplicatedCollectionSharder
-        >>> CompositeLowRankSharder(ReplicatedCollectionSharder()).sharding_types("cpu")
-        ['data_parallel']
+        >>> from torchrec_compress.registry import SharderContext, method_sharders
+        >>> context = SharderContext(model=None, ebc_sharder=CPURowWiseEmbeddingBagCollectionSharder())
+        >>> _ = method_sharders(context)
+        >>> context.by_type[CompositeLowRankEmbeddingBagCollection].sharding_types("cpu")[:2]
+        ['table_wise', 'row_wise']
     """
 
     def __init__(
         self,
-        factor_sharder: ModuleSharder[Any],
-        factor_sharders: Sequence[ModuleSharder[Any]] = (),
+        by_type: Mapping[type[nn.Module], ModuleSharder[Any]],
+        factor_kind: type[nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        self._factor_sharder = factor_sharder
-        self._by_type: dict[type[nn.Module], ModuleSharder[Any]] = {
-            s.module_type: s for s in [*factor_sharders, factor_sharder]
-        }
+        self._by_type = by_type
+        self._factor_kind = factor_kind
+
+    def _offered(self) -> ModuleSharder[Any]:
+        if self._factor_kind is not None:
+            return self._by_type[self._factor_kind]
+        own = (LowRankEmbeddingBagCollection, CompositeLowRankEmbeddingBagCollection)
+        return next(s for t, s in self._by_type.items() if t not in own)
 
     def _sharder_of(self, module: LowRankEmbeddingBagCollection) -> ModuleSharder[Any]:
         kind = type(module.factor_ebc)
@@ -424,254 +454,3 @@ class CompositeLowRankSharder(LowRankEmbeddingBagCollectionSharder):
     @property
     def module_type(self) -> type[LowRankEmbeddingBagCollection]:
         return CompositeLowRankEmbeddingBagCollection
-
-
-class ShardedFeatureProcessedLowRankEmbeddingBagCollection(
-    ShardedFeatureProcessedEmbeddingBagCollection
-):
-    """TorchRec's sharded FPEBC, around a plain, a low-rank or a composite low-rank collection.
-
-    The feature processors run on the distributed ids as in TorchRec, and for a low-rank
-    collection on the local batch too, for the mean's coefficients; the projection and mean are
-    dense replicas.  When the factor tables are product-quantized (AFM, then MEC/PQ), the factor
-    collection pools every bag on the process that asked for it, from code bytes sent back: the
-    processors then run on the local batch just before pooling, as for a product-quantized FPEBC.
-
-    Two things differ from TorchRec's own sharded FPEBC, whatever the collection:
-
-    * processor parameters trained in backward (TorchRec's recipe on
-      ``sparse_arch.parameters()``) step on gradients averaged over the processes, outside DDP,
-      whose in-backward path needs an accelerator ("Cannot access accelerator device");
-    * row-wise sharding pre-processes the bags' positions into a copy of the input: TorchRec's
-      writes them into the caller's ``KeyedJaggedTensor`` (its weights), so a batch used twice
-      (an evaluation set, a reference model) gave different results the second time;
-    * after ``TrainPipelineSparseDist.detach()`` the module pre-processes its input again
-      (TorchRec's stays marked as pipelined and fails: "doesn't have weights").
-
-    Args:
-        module (FeatureProcessedEmbeddingBagCollection): the unsharded module.
-        table_name_to_parameter_sharding (dict[str, ParameterSharding]): plan of its tables.
-        ebc_sharder (ModuleSharder[nn.Module]): shards its collection (an EBC sharder, or a
-            low-rank one).
-        env (ShardingEnv): process group, rank and world size.
-        device (torch.device): where the local shards and the dense replicas live.
-        module_fqn (Optional[str]): the module's path in the model.
-
-    Example::
-
-        >>> # 2 processes, see tests/distributed/test_matrix.py
-    """
-
-    def __init__(
-        self,
-        module: FeatureProcessedEmbeddingBagCollection,
-        table_name_to_parameter_sharding: dict[str, ParameterSharding],
-        ebc_sharder: ModuleSharder[Any],
-        env: ShardingEnv,
-        device: torch.device,
-        module_fqn: str | None = None,
-    ) -> None:
-        super().__init__(
-            module,
-            table_name_to_parameter_sharding,
-            ebc_sharder,  # any sharder of the collection
-            env,
-            device,
-            module_fqn,
-        )
-        collection = self._embedding_bag_collection
-        lowrank = (
-            collection if isinstance(collection, ShardedLowRankEmbeddingBagCollection) else None
-        )
-        if lowrank is not None:
-            lowrank.process_features = self.apply_feature_processors_to_kjt_list
-        # a PQ factor collection receives ids, not a KJT: its bags are processed where pooled
-        self._pools_locally: bool = lowrank is not None and hasattr(
-            lowrank.factor_ebc, "process_local_features"
-        )
-        self._in_backward: list[str] = [
-            name
-            for name, p in self._feature_processors.named_parameters()
-            if hasattr(p, "_in_backward_optimizers")
-        ]
-        pg = env.process_group
-        group = in_backward_group(pg, bool(self._in_backward)) if pg is not None else None
-        for name in self._in_backward:
-            step_in_backward(self._feature_processors.get_parameter(name), group)
-
-    def input_dist(self, ctx: Any, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
-        if self._pools_locally:
-            return self._embedding_bag_collection.input_dist(ctx, features)
-        # TorchRec's pipelines set is_pipelined and leave it set when they detach: whether
-        # this forward is a pipeline's is whether the module's forward is still its own method
-        self.is_pipelined = not inspect.ismethod(self.forward)
-        if not self.is_pipelined and self._row_wise_sharded:
-            # TorchRec writes the positions into the input's weights: give it a copy
-            features = _unweighted_copy(features)
-        return super().input_dist(ctx, features)
-
-    def preprocess_input(
-        self, args: list[Any], kwargs: Mapping[str, Any]
-    ) -> tuple[list[Any], Mapping[str, Any]]:
-        """What ``TrainPipelineSparseDist`` calls before the input dist: TorchRec's writes the
-        bags' positions into the batch's own KJT (row-wise); this one into a copy, and not at
-        all when the bags are processed where they are pooled."""
-        if self._pools_locally or not self._row_wise_sharded:
-            return args, kwargs
-        copies = [_unweighted_copy(a) if isinstance(a, KeyedJaggedTensor) else a for a in args]
-        named = {
-            k: _unweighted_copy(v) if isinstance(v, KeyedJaggedTensor) else v
-            for k, v in kwargs.items()
-        }
-        return super().preprocess_input(copies, named)
-
-    def compute(self, ctx: Any, dist_input: KJTList) -> Any:
-        if self._pools_locally:
-            return self._embedding_bag_collection.compute(ctx, dist_input)
-        return super().compute(ctx, dist_input)
-
-    def output_dist(self, ctx: Any, output: Any) -> LazyAwaitable[KeyedTensor]:
-        if self._pools_locally:
-            lowrank = self._embedding_bag_collection
-            assert isinstance(lowrank, ShardedLowRankEmbeddingBagCollection)
-            lowrank.factor_ebc.process_local_features(
-                ctx.factor, self._feature_processors, self._is_collection
-            )
-        return super().output_dist(ctx, output)
-
-    def compute_and_output_dist(self, ctx: Any, input: KJTList) -> LazyAwaitable[KeyedTensor]:
-        if not self._pools_locally:
-            return super().compute_and_output_dist(ctx, input)
-        return self.output_dist(ctx, self.compute(ctx, input))
-
-    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
-        if isinstance(self._embedding_bag_collection, ShardedLowRankEmbeddingBagCollection):
-            yield from self._embedding_bag_collection.sharded_parameter_names(
-                append_prefix(prefix, "_embedding_bag_collection")
-            )
-        else:
-            yield from super().sharded_parameter_names(prefix)
-        for name in self._in_backward:
-            yield append_prefix(prefix, f"_feature_processors.{name}")
-
-
-def _unweighted_copy(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-    """A KJT over the same ids and lengths, without weights (TorchRec's row-wise feature
-    processing writes the bags' positions into an input's weights)."""
-    return KeyedJaggedTensor(
-        keys=features.keys(),
-        values=features.values(),
-        lengths=features.lengths(),
-        offsets=features.offsets(),
-        stride=features.stride(),
-    )
-
-
-class FeatureProcessedLowRankSharder(FeatureProcessedEmbeddingBagCollectionSharder):
-    """TorchRec's FPEBC sharder that also shards an FPEBC whose collection is low-rank.
-
-    ``compress_`` swaps an FPEBC's inner EBC for a ``LowRankEmbeddingBagCollection`` (or, after
-    a second method, a ``CompositeLowRankEmbeddingBagCollection``; or, row-wise quantized,
-    TorchRec's quantized collection); TorchRec's sharder would then ask it for
-    ``embedding_bags``.  This one sizes and shards it with
-    :class:`LowRankEmbeddingBagCollectionSharder` (or ``collection_sharder``), and plain EBCs
-    with the EBC sharder, into :class:`ShardedFeatureProcessedLowRankEmbeddingBagCollection`.
-
-    Args:
-        ebc_sharder (Optional[EmbeddingBagCollectionSharder]): shards plain EBCs and the factor
-            EBCs; defaults to the project's row-wise-on-CPU EBC sharder.
-        qcomm_codecs_registry (Optional[dict[str, QuantizedCommCodecs]]): as for TorchRec's.
-        collection_sharder (Optional[ModuleSharder[nn.Module]]): shards the model's FPEBC
-            collections when they are composite low-rank (:class:`CompositeLowRankSharder`) or
-            row-wise quantized (``ReplicatedCollectionSharder``); given, the planner is offered
-            its sharding types and kernels.
-
-    Example::
-
-        >>> sharder = FeatureProcessedLowRankSharder()
-        >>> sharder.module_type.__name__
-        'FeatureProcessedEmbeddingBagCollection'
-    """
-
-    def __init__(
-        self,
-        ebc_sharder: EmbeddingBagCollectionSharder | None = None,
-        qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None,
-        collection_sharder: ModuleSharder[Any] | None = None,
-    ) -> None:
-        ebc_sharder = ebc_sharder or CPURowWiseEmbeddingBagCollectionSharder(
-            qcomm_codecs_registry=qcomm_codecs_registry
-        )
-        super().__init__(ebc_sharder, qcomm_codecs_registry)
-        self._lowrank_sharder = LowRankEmbeddingBagCollectionSharder(
-            ebc_sharder, qcomm_codecs_registry
-        )
-        self._other_sharder = collection_sharder
-
-    def _collection_sharder(
-        self, module: FeatureProcessedEmbeddingBagCollection
-    ) -> ModuleSharder[Any] | None:
-        """The sharder of the FPEBC's compressed collection; ``None`` for a plain EBC."""
-        collection = module._embedding_bag_collection
-        if type(collection) is LowRankEmbeddingBagCollection:
-            return self._lowrank_sharder
-        if isinstance(collection, EmbeddingBagCollection):
-            return None
-        if self._other_sharder is None or type(collection) is not self._other_sharder.module_type:
-            tables = [t.name for t in collection.embedding_bag_configs()]
-            raise ValueError(
-                f"a FeatureProcessedEmbeddingBagCollection holds a {type(collection).__name__} "
-                f"(tables {tables}): build the sharders with torchrec_compress.sharders(model), "
-                "which picks the sharder for the model's FPEBCs (for product-quantized ones "
-                "PQFeatureProcessedEmbeddingBagCollectionSharder)"
-            )
-        return self._other_sharder
-
-    def shard(
-        self,
-        module: FeatureProcessedEmbeddingBagCollection,
-        params: dict[str, ParameterSharding],
-        env: ShardingEnv,
-        device: torch.device | None = None,
-        module_fqn: str | None = None,
-    ) -> ShardedFeatureProcessedEmbeddingBagCollection:
-        sharder: ModuleSharder[Any] | None = self._collection_sharder(module)
-        collection = module._embedding_bag_collection
-        if sharder is None:
-            sharder = self._ebc_sharder
-        elif isinstance(collection, LowRankEmbeddingBagCollection) and collection.layout().packing:
-            packed = sorted(collection.layout().packing)
-            raise ValueError(
-                f"tables {packed} of a FeatureProcessedEmbeddingBagCollection have ranks that are "
-                "not multiples of 4 (stored packed): the sharded feature processors cannot read "
-                "their slot features; choose ranks that are multiples of 4 for them (e.g. rank=4)"
-            )
-        return ShardedFeatureProcessedLowRankEmbeddingBagCollection(
-            module,
-            params,
-            ebc_sharder=sharder,
-            env=env,
-            device=device if device is not None else torch.device("cuda"),
-            module_fqn=module_fqn,
-        )
-
-    def shardable_parameters(
-        self, module: FeatureProcessedEmbeddingBagCollection
-    ) -> dict[str, nn.Parameter]:
-        sharder = self._collection_sharder(module)
-        if sharder is not None:
-            return sharder.shardable_parameters(module._embedding_bag_collection)
-        return super().shardable_parameters(module)
-
-    def sharding_types(self, compute_device_type: str) -> list[str]:
-        if self._other_sharder is not None:
-            return self._other_sharder.sharding_types(compute_device_type)
-        # TorchRec's, less what the EBC sharder does not offer (data_parallel, for tables with
-        # in-backward optimizers)
-        offered = set(self._ebc_sharder.sharding_types(compute_device_type))
-        return [t for t in super().sharding_types(compute_device_type) if t in offered]
-
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
-        if self._other_sharder is not None:
-            return self._other_sharder.compute_kernels(sharding_type, compute_device_type)
-        return super().compute_kernels(sharding_type, compute_device_type)

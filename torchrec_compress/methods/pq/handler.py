@@ -14,13 +14,11 @@ import torch
 from torch import Tensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_compress.methods.lowrank.rank import BYTES_PER_ELEMENT
 from torchrec_compress.methods.pq.config import MECConfig, PQConfig
 from torchrec_compress.methods.pq.quantizer import ProductQuantizer, code_dtype
 from torchrec_compress.methods.pq.sizing import code_bytes, pq_keep_reason, pq_table_bytes
 from torchrec_compress.methods.pq.training import MECQuantizer, fit_quantizer, subspace_order
-from torchrec_compress.registry import register_method
-from torchrec_compress.report import ReportRow
+from torchrec_compress.report import BYTES_PER_ELEMENT, ReportRow
 
 Quantizer = ProductQuantizer | MECQuantizer
 
@@ -165,7 +163,3 @@ def usage_perplexity(usage: Tensor) -> float:
     p = usage / usage.sum(1, keepdim=True).clamp(min=1)
     entropy = -(p * torch.log(p.clamp(min=1e-300))).sum(1)
     return float(entropy.exp().mean())
-
-
-register_method(MECConfig, handler=PQHandler.of)
-register_method(PQConfig, handler=PQHandler.of)

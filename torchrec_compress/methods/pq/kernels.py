@@ -1,6 +1,6 @@
-"""Python side of the optional C++ product-quantization kernels (``torchrec_compress._C``).
+"""Python side of the C++ product-quantization kernels (``torchrec_compress._C``).
 
-Importing the extension registers, in the ``torchrec_compress`` operator namespace:
+Loading the extension (:mod:`torchrec_compress.extension`) registers, in the ``torchrec_compress`` operator namespace:
 
 - ``pq_pooled_lookup(codes, codebooks, ids, offsets, per_sample_weights=None) -> [B, M * dsub]``:
   fused gather-decode-sum of ``B`` bags (ids concatenated, ``offsets`` ``[B + 1]``), one pass over
@@ -8,10 +8,6 @@ Importing the extension registers, in the ``torchrec_compress`` operator namespa
 - ``pq_pooled_lookup_backward(grad, codes, ids, offsets, per_sample_weights, ksub)``: its
   codebook gradient, ``gC[m, codes[i, m]] += w * grad[b, m]``, threads owning disjoint subspaces.
 - ``pq_encode(x, codebooks, dtype) -> [n, M]``: fused distance + argmin per subspace.
-- ``lowrank_pooled_lookup(table, ids, offsets, per_sample_weights=None, mean=False) -> [B, k + 1]``:
-  inference pooling of float factor rows (``[N, k]``) plus, in the last column, each bag's
-  coefficient of the mean row (sum of weights, over the bag length for MEAN), so that one GEMM
-  with ``[projection; mean]`` finishes a low-rank lookup (no autograd: inference only).
 - ``pq_kernel_isa()`` / ``pq_set_kernel_isa(name)``: the instruction set in use (``"avx2"`` or
   ``"generic"``, picked at load time; ``"auto"`` restores that choice).
 
@@ -25,12 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:
-    from torchrec_compress import _C  # noqa: F401  (loading it registers the operators)
-
-    HAS_KERNELS = True
-except ImportError:
-    HAS_KERNELS = False
+from torchrec_compress.extension import HAS_KERNELS
 
 _CODE_DTYPES = (torch.uint8, torch.int16, torch.int32)
 
@@ -200,16 +191,6 @@ if HAS_KERNELS:
     @torch.library.register_fake("torchrec_compress::pq_encode")
     def _encode_fake(x: Tensor, codebooks: Tensor, dtype: torch.dtype) -> Tensor:
         return x.new_empty(x.shape[0], codebooks.shape[0], dtype=dtype)
-
-    @torch.library.register_fake("torchrec_compress::lowrank_pooled_lookup")
-    def _lowrank_pooled_lookup_fake(
-        table: Tensor,
-        ids: Tensor,
-        offsets: Tensor,
-        per_sample_weights: Tensor | None = None,
-        mean: bool = False,
-    ) -> Tensor:
-        return table.new_empty(offsets.shape[0] - 1, table.shape[1] + 1)
 
     torch.library.register_autograd(
         "torchrec_compress::pq_pooled_lookup",

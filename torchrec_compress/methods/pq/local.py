@@ -20,11 +20,11 @@ from torchrec_compress.calibration import ForwardFn, calibrate
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.discovery import (
     FilterFn,
+    factor_parent,
     find_embedding_bag_collections,
-    lowrank_parent,
     table_owners,
 )
-from torchrec_compress.methods.pq.config import MECConfig, PQConfig
+from torchrec_compress.methods.pq.config import MECConfig
 from torchrec_compress.methods.pq.handler import PQHandler
 from torchrec_compress.methods.pq.metrics import code_usage
 from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
@@ -83,18 +83,6 @@ def plan_mec(
     return ConversionPlan(replacements, rows)
 
 
-def plan_pq(
-    model: nn.Module,
-    config: CompressionConfig,
-    calibration: Iterable[Any] | None,
-    filter_fn: FilterFn | None,
-    forward_fn: ForwardFn,
-) -> ConversionPlan:
-    """:class:`PQConfig`: the PQ branch of :func:`_plan_mec` (weighted k-means only)."""
-    assert isinstance(config, PQConfig)
-    return plan_mec(model, config.to_mec_config(), calibration, filter_fn, forward_fn)
-
-
 def _warn_kept_tables(reasons: Mapping[str, str | None], config_name: str) -> None:
     kept = {n: r for n, r in reasons.items() if r is not None and not r.startswith("skipped")}
     if kept:
@@ -121,7 +109,7 @@ def _quantize_collection(
             handler.kept_row(t, reasons[t.name], bytes_per_element=weights[t.name].element_size())
             for t in tables
         ]
-    lowrank = lowrank_parent(model, fqn)
+    lowrank = factor_parent(model, fqn)
     factor_ranks = lowrank.ranks() if lowrank is not None else {}
     codes: dict[str, torch.Tensor] = {}
     codebooks: dict[str, torch.Tensor] = {}

@@ -264,6 +264,10 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 [1., 1., 1., 1.]], grad_fn=<SplitWithSizesBackward0>)
     """
 
+    # its output keys are in table order (what a low-rank collection holding it as its factor
+    # collection reads)
+    keys_in_table_order = True
+
     def __init__(
         self,
         tables: list[EmbeddingBagConfig],
@@ -383,7 +387,7 @@ class PQEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             f"runs unsharded in a job of {dist.get_world_size()} processes: every process holds "
             f"all {code_bytes} bytes of its codes. To shard them, pass "
             "PQEmbeddingBagCollectionSharder to DistributedModelParallel (sharders="
-            "torchrec_compress.distributed.default_sharders() includes it).",
+            "torchrec_compress.distributed.planning.default_sharders() includes it).",
             stacklevel=2,
         )
 

@@ -33,21 +33,21 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_compress.calibration import ForwardFn, calibration_pass, default_forward
 from torchrec_compress.discovery import (
+    FactorCollectionHolder,
     FilterFn,
+    factor_parent,
     find_embedding_bag_collections,
-    lowrank_parent,
     table_owners,
 )
-from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
-from torchrec_compress.methods.lowrank.sharded_driver import (
+from torchrec_compress.distributed.tables import (
+    RowRange,
     SparseLookupCounter,
-    _all_gather_counts,
-    _factor_sharded_tensor,
-    _local_blocks,
-    _row_ranges,
-    _RowRange,
+    all_gather_counts,
     check_compressed_state,
+    local_blocks,
     lookup_counting_modules,
+    row_ranges,
+    row_sharded_tensor,
     save_compressed_state,
 )
 from torchrec_compress.methods.pq import stratified_rows
@@ -75,7 +75,7 @@ def _sample_ids(
 
 def _gather_sample(
     ids: torch.Tensor,
-    layout: list[_RowRange],
+    layout: list[RowRange],
     blocks: Mapping[tuple[int, int], torch.Tensor],
     group: dist.ProcessGroup | None,
 ) -> torch.Tensor:
@@ -121,7 +121,7 @@ def _columns(rows: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     return rows if order is None else rows[:, order.to(rows.device)]
 
 
-def _check_whole_rows(layout: list[_RowRange], name: str) -> None:
+def _check_whole_rows(layout: list[RowRange], name: str) -> None:
     if any(len(r.blocks) != 1 for r in layout):
         raise ValueError(
             f"table {name!r} is sharded by columns; MEC encodes whole rows: shard the original "
@@ -151,8 +151,8 @@ def compress_sharded_pq(
             rows: table-, row-wise or data-parallel).
         meta_model (nn.Module): the same architecture, unsharded, on the meta device; its
             ``EmbeddingBagCollection`` s are replaced in place by ``PQEmbeddingBagCollection`` s.
-            In a low-rank model (``LowRankEmbeddingBagCollection``, e.g. from
-            :func:`~torchrec_compress.distributed.compress_sharded`) the factor tables are
+            In a low-rank model (a ``FactorCollectionHolder``, e.g. from
+            :func:`~torchrec_compress.methods.lowrank.sharded_driver.compress_sharded`) the factor tables are
             quantized, their columns reordered by :func:`~torchrec_compress.methods.pq.subspace_order`
             and the projections with them.
         config (MECConfig): ``mode="mec"`` (contrastive, balanced codes) or ``"pq"`` (weighted
@@ -238,7 +238,7 @@ def sharded_pq_state(
             table,
             handler,
             _SampleSpec(train_rows, index, pairs[table.name]),
-            lowrank_parent(meta_model, fqn),
+            factor_parent(meta_model, fqn),
             _TableKeys(fqn, new_state),
         )
         for index, (fqn, table) in enumerate(tables)
@@ -304,18 +304,16 @@ def _identity_table(
     group = dist.group.WORLD
     me = dist.get_rank(group)
     n, d = table.num_embeddings, table.embedding_dim
-    layout = _row_ranges(value, table.name, d)
+    layout = row_ranges(value, table.name, d)
     _check_whole_rows(layout, table.name)
-    rows = _gather_sample(torch.arange(n), layout, _local_blocks(value, me), group)
+    rows = _gather_sample(torch.arange(n), layout, local_blocks(value, me), group)
     dtype = code_dtype(n)
     codes = {
         r.row: torch.arange(r.row, r.row + r.rows, dtype=torch.long).unsqueeze(1).to(dtype)
         for r in layout
         if r.lead == me
     }
-    out.state[f"{out.fqn}.codes.{table.name}"] = _factor_sharded_tensor(
-        layout, codes, (n, 1), group
-    )
+    out.state[f"{out.fqn}.codes.{table.name}"] = row_sharded_tensor(layout, codes, (n, 1), group)
     out.state[f"{out.fqn}.codebooks.{table.name}"] = rows.unsqueeze(0)
     return PQHandler.kept_row(table, reason, stored_exactly=True)
 
@@ -350,7 +348,7 @@ def _global_counts(
         {},
     )
     local = [counters[fqn].counts()[t.name] for fqn, t in tables]
-    return dict(zip(names, _all_gather_counts(local, dist.group.WORLD), strict=True))
+    return dict(zip(names, all_gather_counts(local, dist.group.WORLD), strict=True))
 
 
 @dataclass(frozen=True)
@@ -376,7 +374,7 @@ def _quantize_table(
     table: EmbeddingBagConfig,
     handler: PQHandler,
     spec: _SampleSpec,
-    lowrank: LowRankEmbeddingBagCollection | None,
+    lowrank: FactorCollectionHolder | None,
     out: _TableKeys,
 ) -> ReportRow:
     """Steps 2-3 for one table (collective): sample, quantizer fitted on rank 0 and broadcast,
@@ -384,9 +382,9 @@ def _quantize_table(
     factor table) into ``out.state`` and returns the report row."""
     group = dist.group.WORLD
     me = dist.get_rank(group)
-    layout = _row_ranges(value, table.name, table.embedding_dim)
+    layout = row_ranges(value, table.name, table.embedding_dim)
     _check_whole_rows(layout, table.name)
-    blocks = _local_blocks(value, me)
+    blocks = local_blocks(value, me)
     seed = handler.config.for_table(table.name).training.seed + spec.index
     ids, row_scale = _sample_ids(table.num_embeddings, spec.train_rows, seed, spec.pairs)
     sample = _gather_sample(ids, layout, blocks, group)
@@ -397,8 +395,9 @@ def _quantize_table(
     if lowrank is not None and table.name in lowrank.ranks():
         order = handler.subspace_order(sample, sample_counts, table.name, row_scale)
         sample = sample[:, order]
-        key = f"{out.fqn.rpartition('.')[0]}.projection.{table.name}"
-        out.state[key] = out.state[key][order.to(out.state[key].device)]
+        parent = out.fqn.rpartition(".")[0]
+        for key in (f"{parent}.{k}" for k in lowrank.column_order_keys(table.name)):
+            out.state[key] = out.state[key][order.to(out.state[key].device)]
     holder: list[Any] = [None]
     if me == 0:
         holder[0] = handler.fit(sample, sample_counts, table.name, row_scale)
@@ -411,7 +410,7 @@ def _quantize_table(
         if rows.lead == me
     }
     num_subspaces, ksub, _ = codebooks.shape
-    out.state[f"{out.fqn}.codes.{table.name}"] = _factor_sharded_tensor(
+    out.state[f"{out.fqn}.codes.{table.name}"] = row_sharded_tensor(
         layout, codes, (table.num_embeddings, num_subspaces), group
     )
     out.state[f"{out.fqn}.codebooks.{table.name}"] = codebooks
@@ -441,7 +440,7 @@ def _pq_skeleton_(
         module: nn.Module = PQEmbeddingBagCollection(
             configs, codes_meta, books_meta, ebc.is_weighted()
         )
-        lowrank = lowrank_parent(meta_model, fqn)
+        lowrank = factor_parent(meta_model, fqn)
         if lowrank is not None:
             # a low-rank collection over PQ factors has its own type (DMP shards inside it)
             fqn, module = fqn.rpartition(".")[0], lowrank.with_factor_collection(module)

@@ -8,9 +8,9 @@ reasons: never bigger, never silent.
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_compress.methods.lowrank.rank import BYTES_PER_ELEMENT
 from torchrec_compress.methods.pq.config import MECConfig
 from torchrec_compress.methods.pq.quantizer import code_dtype
+from torchrec_compress.report import BYTES_PER_ELEMENT
 
 
 def code_bytes(ksub: int, table_name: str) -> int:

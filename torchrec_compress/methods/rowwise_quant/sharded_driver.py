@@ -29,19 +29,19 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec_compress.calibration import ForwardFn
 from torchrec_compress.discovery import (
     FilterFn,
+    factor_parent,
     find_embedding_bag_collections,
-    lowrank_parent,
     table_owners,
 )
-from torchrec_compress.methods.lowrank.sharded_driver import (
-    _factor_sharded_tensor,
-    _local_blocks,
-    _row_ranges,
+from torchrec_compress.distributed.tables import (
     check_compressed_state,
+    local_blocks,
+    row_ranges,
+    row_sharded_tensor,
 )
-from torchrec_compress.methods.rowwise_quant.method import (
+from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig
+from torchrec_compress.methods.rowwise_quant.quantize import (
     TRAINABLE_DATA_TYPES,
-    RowWiseQuantConfig,
     RowWiseQuantHandler,
     empty_rowwise_collection,
 )
@@ -58,7 +58,7 @@ def _quantized_table_state(
 ) -> dict[str, torch.Tensor]:
     """One table's stored entries (suffix -> row-sharded ``ShardedTensor``), each block of rows
     quantized by the process holding it (collective)."""
-    ranges = _row_ranges(weight, table.name, table.embedding_dim)
+    ranges = row_ranges(weight, table.name, table.embedding_dim)
     split = [r for r in ranges if len(r.blocks) > 1]
     if split:
         raise ValueError(
@@ -66,7 +66,7 @@ def _quantized_table_state(
             f"{split[0].row + split[0].rows} over ranks {sorted(split[0].ranks)}): row-wise "
             "quantization needs whole rows; shard it table-wise or row-wise first"
         )
-    local = _local_blocks(weight, dist.get_rank())
+    local = local_blocks(weight, dist.get_rank())
     parts: dict[str, dict[int, torch.Tensor]] = {}
     for rows in ranges:
         block = local.get((rows.row, 0))
@@ -81,7 +81,7 @@ def _quantized_table_state(
         table, torch.zeros(1, table.embedding_dim), data_type, quantized
     )
     return {
-        suffix: _factor_sharded_tensor(
+        suffix: row_sharded_tensor(
             ranges, parts.get(suffix, {}), (table.num_embeddings, value.shape[1]), dist.group.WORLD
         )
         for suffix, value in probe.items()
@@ -155,7 +155,7 @@ def sharded_rowwise_state(
         module = empty_rowwise_collection(
             ebc.embedding_bag_configs(), ebc.is_weighted(), data_types, META, model.device
         )
-        lowrank = lowrank_parent(meta_model, fqn)
+        lowrank = factor_parent(meta_model, fqn)
         if lowrank is not None:
             fqn, module = fqn.rpartition(".")[0], lowrank.with_factor_collection(module)
         parent, _, child = fqn.rpartition(".")
