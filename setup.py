@@ -10,7 +10,11 @@ import sys
 
 from setuptools import setup
 
-SOURCES = ["torchrec_compress/csrc/pq_ops.cpp", "torchrec_compress/csrc/pq_kernels.cpp"]
+SOURCES = [
+    "torchrec_compress/csrc/pq_ops.cpp",
+    "torchrec_compress/csrc/pq_kernels.cpp",
+    "torchrec_compress/csrc/huge_pages.cpp",
+]
 
 
 def _extension_setup() -> dict[str, object]:

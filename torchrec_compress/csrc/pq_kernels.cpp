@@ -14,7 +14,7 @@ namespace portable {
 }  // namespace portable
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 
 namespace avx2 {
 #define TORCHREC_COMPRESS_AVX2
@@ -113,7 +113,8 @@ void encode_rows(
 #pragma GCC pop_options
 
 Isa best_isa() {
-  static const Isa isa = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+  static const Isa isa = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c"))
       ? Isa::kAvx2
       : Isa::kGeneric;
   return isa;
@@ -204,6 +205,35 @@ int64_t factor_pooled_lookup(
   return portable::factor_pooled_lookup(
       table, num_rows, k, ids, offsets, weights, mean, bag_begin, bag_end, out);
 }
+
+template <typename index_t>
+int64_t int8_pooled_lookup(
+    Isa isa,
+    const uint8_t* rows,
+    int64_t num_rows,
+    int64_t row_bytes,
+    int64_t dim,
+    const index_t* ids,
+    const index_t* offsets,
+    const float* weights,
+    bool mean,
+    int64_t bag_begin,
+    int64_t bag_end,
+    float* out) {
+  if (isa == Isa::kAvx2) {
+    return avx2::int8_pooled_lookup(
+        rows, num_rows, row_bytes, dim, ids, offsets, weights, mean, bag_begin, bag_end, out);
+  }
+  return portable::int8_pooled_lookup(
+      rows, num_rows, row_bytes, dim, ids, offsets, weights, mean, bag_begin, bag_end, out);
+}
+
+template int64_t int8_pooled_lookup<int32_t>(
+    Isa, const uint8_t*, int64_t, int64_t, int64_t, const int32_t*, const int32_t*, const float*,
+    bool, int64_t, int64_t, float*);
+template int64_t int8_pooled_lookup<int64_t>(
+    Isa, const uint8_t*, int64_t, int64_t, int64_t, const int64_t*, const int64_t*, const float*,
+    bool, int64_t, int64_t, float*);
 
 template int64_t factor_pooled_lookup<int32_t>(
     Isa, const float*, int64_t, int64_t, const int32_t*, const int32_t*, const float*, bool,

@@ -2,7 +2,7 @@
 // seconds.  Each kernel handles one contiguous range of work (bags, subspaces or rows); the
 // callers in pq_ops.cpp split the ranges over threads with at::parallel_for.  Every kernel exists
 // for two instruction sets, chosen once at runtime: x86-64-v2 (the build's baseline) and
-// AVX2 + FMA (x86-64-v3), so one wheel is fast on new machines and still loads on old ones.
+// AVX2 + FMA + F16C (x86-64-v3), so one wheel is fast on new machines and still loads on old ones.
 #pragma once
 
 #include <cstdint>
@@ -11,7 +11,7 @@ namespace torchrec_compress {
 
 enum class Isa : int { kGeneric = 0, kAvx2 = 1 };
 
-// The best instruction set this CPU runs (kAvx2 needs AVX2 and FMA).
+// The best instruction set this CPU runs (kAvx2 needs AVX2, FMA and F16C).
 Isa best_isa();
 
 // Shapes shared by every kernel: a table of `num_rows` rows coded on `num_subspaces` subspaces of
@@ -87,6 +87,27 @@ int64_t factor_pooled_lookup(
     const float* table,
     int64_t num_rows,
     int64_t k,
+    const index_t* ids,
+    const index_t* offsets,
+    const float* weights,
+    bool mean,
+    int64_t bag_begin,
+    int64_t bag_end,
+    float* out);
+
+// Row-wise int8 pooling of bags [bag_begin, bag_end) over fbgemm's fused n-bit rows (what
+// TorchRec's quantized EmbeddingBagCollection stores): row i is `row_bytes` bytes, an fp16 scale
+// and an fp16 bias, then `dim` uint8 values q (then padding); value t is scale * q_t + bias.
+// out row b ([dim] floats) = s_b * sum_{j in bag b} w_j * value(ids[j]), s_b = 1 / length for
+// `mean` (1 for SUM and for empty bags).  Returns -1 on success, otherwise the position in `ids`
+// of the first id outside [0, num_rows) (nothing is read out of range).
+template <typename index_t>
+int64_t int8_pooled_lookup(
+    Isa isa,
+    const uint8_t* rows,
+    int64_t num_rows,
+    int64_t row_bytes,
+    int64_t dim,
     const index_t* ids,
     const index_t* offsets,
     const float* weights,

@@ -247,6 +247,49 @@ at::Tensor lowrank_pooled_lookup(
   return out;
 }
 
+at::Tensor int8_pooled_lookup_op(
+    const at::Tensor& rows_in,
+    int64_t dim,
+    const at::Tensor& ids_in,
+    const at::Tensor& offsets_in,
+    const std::optional<at::Tensor>& per_sample_weights,
+    bool mean) {
+  constexpr const char* op = "int8_pooled_lookup";
+  TORCH_CHECK(rows_in.device().is_cpu() && ids_in.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(
+      rows_in.dim() == 2 && rows_in.scalar_type() == at::kByte && dim >= 0 &&
+          rows_in.size(1) >= dim + 4,
+      op, ": rows must be uint8 [N, >= dim + 4] (fp16 scale, fp16 bias, dim values) with dim=",
+      dim, ", got ", rows_in.sizes(), " ", rows_in.scalar_type());
+  // Rows only need unit inner stride: fbgemm's per-table views of its buffer are read in place.
+  const at::Tensor rows = rows_in.stride(1) == 1 ? rows_in : rows_in.contiguous();
+  const at::Tensor ids = ids_in.contiguous();
+  const at::Tensor offsets = checked_offsets(ids, offsets_in, op);
+  at::Tensor weights_holder;
+  const float* weights = checked_weights(per_sample_weights, weights_holder, ids.numel(), op);
+  const int64_t num_rows = rows.size(0);
+  const int64_t num_bags = offsets.numel() - 1;
+  at::Tensor out = at::empty({num_bags, dim}, rows.options().dtype(at::kFloat));
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  const Isa isa = current_isa();
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), op, [&] {
+    // one row of dim bytes is worth dim / 32 code lookups of the PQ kernel's grain
+    const int64_t grain = grain_for(num_bags, ids.numel() * std::max<int64_t>(dim / 32, 1));
+    at::parallel_for(0, num_bags, grain, [&](int64_t begin, int64_t end) {
+      const int64_t bad = int8_pooled_lookup<index_t>(
+          isa, rows.const_data_ptr<uint8_t>(), num_rows, rows.stride(0), dim,
+          ids.const_data_ptr<index_t>(), offsets.const_data_ptr<index_t>(), weights, mean, begin,
+          end, out.mutable_data_ptr<float>());
+      keep_first_bad(first_bad, bad);
+    });
+  });
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK(
+      bad == std::numeric_limits<int64_t>::max(), op, ": id ", ids[bad].item<int64_t>(),
+      " at position ", bad, " is outside [0, ", num_rows, ")");
+  return out;
+}
+
 at::Tensor pq_encode(const at::Tensor& x, const at::Tensor& codebooks_in, at::ScalarType dtype) {
   constexpr const char* op = "pq_encode";
   TORCH_CHECK(x.device().is_cpu() && codebooks_in.device().is_cpu(), op, ": CPU tensors only");
@@ -300,6 +343,9 @@ TORCH_LIBRARY(torchrec_compress, m) {
   m.def(
       "lowrank_pooled_lookup(Tensor table, Tensor ids, Tensor offsets, "
       "Tensor? per_sample_weights=None, bool mean=False) -> Tensor");
+  m.def(
+      "int8_pooled_lookup(Tensor rows, int dim, Tensor ids, Tensor offsets, "
+      "Tensor? per_sample_weights=None, bool mean=False) -> Tensor");
   m.def("pq_kernel_isa() -> str", &pq_kernel_isa);
   m.def("pq_set_kernel_isa(str isa) -> str", &pq_set_kernel_isa);
 }
@@ -309,6 +355,7 @@ TORCH_LIBRARY_IMPL(torchrec_compress, CPU, m) {
   m.impl("pq_pooled_lookup_backward", &pq_pooled_lookup_backward);
   m.impl("pq_encode", &pq_encode);
   m.impl("lowrank_pooled_lookup", &lowrank_pooled_lookup);
+  m.impl("int8_pooled_lookup", &int8_pooled_lookup_op);
 }
 
 }  // namespace torchrec_compress
