@@ -32,14 +32,10 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
 )
 from torch import Tensor, nn
 
+from torchrec_compress.extension import HAS_KERNELS
+
 logger = logging.getLogger(__name__)
 
-try:
-    from torchrec_compress import _C  # noqa: F401  (loading it registers the operators)
-
-    HAS_KERNELS = True
-except ImportError:
-    HAS_KERNELS = False
 
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # Below this a tensor fits the reach of the TLB's 4 KiB entries (and may share its 2 MiB pages).
