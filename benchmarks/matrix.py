@@ -20,14 +20,14 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from torchrec_compress.testing.matrix import (
+from torchrec_compress.testing.matrix import run_matrix
+from torchrec_compress.testing.matrix_cases import (
     METHODS,
     MODELS,
     PLANS,
     Case,
     Outcome,
     generate_cases,
-    run_matrix,
 )
 from torchrec_compress.testing.multiprocess import run_multiprocess
 

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from torchrec_compress import MECConfig, MECTraining  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
+from torchrec_compress.methods.pq.fitting import fit_quantizer
 from torchrec_compress.methods.pq.quantizer import decode  # noqa: E402
-from torchrec_compress.methods.pq.training import MECQuantizer, fit_quantizer, row_weights  # noqa: E402
+from torchrec_compress.methods.pq.training import MECQuantizer, row_weights
 from torchrec_compress.statistics import count_lookups  # noqa: E402
 
 RECONSTRUCTION_ONLY = {"contrastive_weight": 0.0, "balance_weight": 0.0, "commitment_weight": 0.0}

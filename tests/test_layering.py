@@ -4,7 +4,7 @@ Parsed with ``ast`` (function-level imports included), so it needs nothing impor
 from the top (a module may import its own floor or any below it):
 
 4. the public names and the harnesses built on them: ``torchrec_compress/__init__.py`` (lazy:
-   PEP 562), ``testing/matrix.py``, ``testing/torchrec_harness.py``, ``testing/models.py``;
+   PEP 562), ``testing/matrix*.py``, ``testing/torchrec_harness.py``, ``testing/models.py``;
 3. the drivers: ``api.py`` (``compress_``), ``distributed/compression.py`` (DMP models);
 2. the methods, ``methods/<name>/``: each imports only itself and the floors below, never
    another method;
@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 TOP = {
     PACKAGE,
     f"{PACKAGE}.testing.matrix",
+    f"{PACKAGE}.testing.matrix_cases",
+    f"{PACKAGE}.testing.matrix_models",
     f"{PACKAGE}.testing.torchrec_harness",
     f"{PACKAGE}.testing.models",
 }

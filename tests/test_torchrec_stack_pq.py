@@ -45,8 +45,8 @@ from torchrec_compress.distributed.state import load_full_state_dict_
 from torchrec_compress.methods.pq import kernels as _ops
 from torchrec_compress.methods.pq.config import MECConfig, MECTraining
 from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
-from torchrec_compress.methods.pq.sharded import (
-    PQEmbeddingBagCollectionSharder,
+from torchrec_compress.methods.pq.sharded import PQEmbeddingBagCollectionSharder
+from torchrec_compress.methods.pq.sharded_fp import (
     PQFeatureProcessedEmbeddingBagCollectionSharder,
     ShardedPQFeatureProcessedEmbeddingBagCollection,
 )

@@ -47,8 +47,8 @@ if TYPE_CHECKING:
         PQConfig,
     )
     from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
-    from torchrec_compress.methods.pq.sharded import (
-        PQEmbeddingBagCollectionSharder,
+    from torchrec_compress.methods.pq.sharded import PQEmbeddingBagCollectionSharder
+    from torchrec_compress.methods.pq.sharded_fp import (
         PQFeatureProcessedEmbeddingBagCollectionSharder,
     )
     from torchrec_compress.methods.rowwise_quant.config import (
@@ -78,7 +78,7 @@ _EXPORTS = {
     "PQEmbeddingBagCollectionSharder": "torchrec_compress.methods.pq.sharded",
     "CPURowWiseEmbeddingBagCollectionSharder": "torchrec_compress.distributed.embeddingbag",
     "LowRankEmbeddingBagCollectionSharder": "torchrec_compress.methods.lowrank.sharded",
-    "PQFeatureProcessedEmbeddingBagCollectionSharder": "torchrec_compress.methods.pq.sharded",
+    "PQFeatureProcessedEmbeddingBagCollectionSharder": "torchrec_compress.methods.pq.sharded_fp",
     "FeatureProcessedCollectionSharder": "torchrec_compress.distributed.fp_embeddingbag",
     "RowWiseQuantConfig": "torchrec_compress.methods.rowwise_quant.config",
     "RowWiseQuantOverride": "torchrec_compress.methods.rowwise_quant.config",

@@ -16,16 +16,11 @@ Every function is collective when ``torch.distributed`` is initialised (all proc
 they must share the file system); without a process group they run in one process.
 """
 
-import contextlib
-import datetime
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import socket
-import sys
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -45,7 +40,6 @@ METADATA = "metadata.json"
 # DCP's index of the data files (a pickle): a checkpoint always has it and our metadata
 DCP_METADATA = ".metadata"
 MANIFEST_FORMAT = 1
-LOCK = "LOCK"
 _CHUNK = 1 << 20
 
 T = TypeVar("T")
@@ -53,10 +47,6 @@ T = TypeVar("T")
 
 class CheckpointError(ValueError):
     """A checkpoint that is incomplete, corrupted, or holds non-finite values, or a save that failed."""
-
-
-class DirectoryInUseError(RuntimeError):
-    """Another live process holds the lock of a directory (see :func:`lock_directory`)."""
 
 
 def _distributed() -> bool:
@@ -67,7 +57,7 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
-def _from_rank0(compute: Callable[[], T]) -> T:
+def from_rank0(compute: Callable[[], T]) -> T:
     """``compute()`` on rank 0, its result broadcast to every process; if it raises, every
     process raises (rank 0 its own exception), rather than the others waiting forever."""
     result: Any = None
@@ -293,7 +283,7 @@ def save(
     """
     if keep < 0:
         raise ValueError(f"keep must be >= 0, got {keep}")
-    tmp = _from_rank0(lambda: _new_tmp_dir(path))
+    tmp = from_rank0(lambda: _new_tmp_dir(path))
     fault_point("save.begin")
     try:
         _single_process_quietly(dcp.save, state, tmp)
@@ -309,7 +299,7 @@ def save(
         raise
     if _distributed():
         dist.barrier()
-    _raise_if(_from_rank0(lambda: _finish_on_rank0(tmp, path, metadata or {}, keep)))
+    _raise_if(from_rank0(lambda: _finish_on_rank0(tmp, path, metadata or {}, keep)))
 
 
 def _check_file(path: str, rel: str, size: int, sha256: str) -> str | None:
@@ -384,7 +374,7 @@ def verify(path: str) -> None:
         ...
         torchrec_compress.checkpoint.CheckpointError: checkpoint '...': file 'metadata.json' is missing
     """
-    _raise_if(_from_rank0(lambda: _verify_error(path)))
+    _raise_if(from_rank0(lambda: _verify_error(path)))
 
 
 def verify_local(path: str) -> None:
@@ -425,7 +415,7 @@ def latest(path: str) -> str | None:
                 return candidate
         return None
 
-    return _from_rank0(first_good)
+    return from_rank0(first_good)
 
 
 def read_metadata(path: str) -> dict[str, Any]:
@@ -555,93 +545,3 @@ def load(
                 f"{' ...' if len(bad) > 10 else ''}; refusing to load it"
             )
     return read_metadata(path)
-
-
-def _lock_holder(lock_path: str) -> str:
-    """Who holds a lock, as its file says (written right after the lock is taken)."""
-    try:
-        with open(lock_path) as f:
-            holder = json.load(f)
-        return (
-            f"pid {holder['pid']} on host {holder['host']} (started {holder['started']}: "
-            f"{holder['command']})"
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has not written its name yet"
-
-
-def _take_lock(directory: str) -> tuple[int | None, str | None]:
-    """Lock ``DIRECTORY/LOCK`` without waiting: its open descriptor, or why not."""
-    os.makedirs(directory, exist_ok=True)
-    lock_path = os.path.join(directory, LOCK)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None, (
-            f"{directory!r} is in use by another run: {lock_path!r} is held by "
-            f"{_lock_holder(lock_path)}. Wait for that run to end, end it (kill that pid on "
-            "that host), or write somewhere else. The kernel releases the lock when its "
-            "process exits, so a crashed or killed run never holds it."
-        )
-    except OSError as e:  # a file system without locks: warn, and go on unprotected
-        os.close(fd)
-        warnings.warn(
-            f"cannot lock {lock_path!r} ({e}): a second run could write there too", stacklevel=3
-        )
-        return None, None
-    holder = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-    }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(holder).encode(), 0)
-    return fd, None
-
-
-@contextlib.contextmanager
-def lock_directory(directory: str) -> Iterator[None]:
-    """Hold ``DIRECTORY/LOCK`` for the block, so that one run at a time writes there (collective).
-
-    Rank 0 takes an exclusive ``flock`` on the file and writes who holds it (host, pid, start
-    time, command).  A second run that enters the block while it is held is refused, naming the
-    holder.  The kernel releases the lock when the holding process exits, however it exits, so
-    a killed run never leaves a stale lock; the file itself stays.
-
-    Args:
-        directory: the directory to hold (created if missing).
-
-    Raises:
-        DirectoryInUseError: another live process holds it (on every process).
-
-    Example::
-
-        >>> import tempfile
-        >>> out = tempfile.mkdtemp()
-        >>> with lock_directory(out):
-        ...     with lock_directory(out):  # doctest: +ELLIPSIS
-        ...         pass
-        Traceback (most recent call last):
-        ...
-        torchrec_compress.checkpoint.DirectoryInUseError: '...' is in use by another run: ...
-        >>> with lock_directory(out):  # released when the block ends
-        ...     pass
-    """
-    held: list[int] = []
-
-    def take() -> str | None:
-        fd, error = _take_lock(directory)
-        held.extend([] if fd is None else [fd])
-        return error
-
-    try:
-        error = _from_rank0(take)
-        if error is not None:
-            raise DirectoryInUseError(error)
-        yield
-    finally:
-        for fd in held:
-            os.close(fd)  # releases the lock

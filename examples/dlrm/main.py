@@ -58,7 +58,7 @@ from examples.dlrm.train import (
     load_checkpoint,
     save_checkpoint,
 )
-from torchrec_compress import checkpoint
+from torchrec_compress import locking
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import DATASETS, CTRDataset, get_dataset
 from torchrec_compress.data.schema import rank_batch_bounds
@@ -364,7 +364,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole pipeline (train, compress, fine-tune, evaluate), holding ``--out``'s lock."""
     device = init_distributed(args.pg_timeout)
     check_same_flags(args)
-    with checkpoint.lock_directory(args.out):
+    with locking.lock_directory(args.out):
         return _pipeline(args, device)
 
 

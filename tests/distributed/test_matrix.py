@@ -10,14 +10,13 @@ spawn per world size runs them all; ``benchmarks/matrix.py`` runs the large slic
 
 import pytest
 
-from torchrec_compress.testing.matrix import (
+from torchrec_compress.testing.matrix import judge, run_matrix
+from torchrec_compress.testing.matrix_cases import (
     FORWARD_TOL,
     Case,
     Outcome,
     TableSpec,
     generate_cases,
-    judge,
-    run_matrix,
 )
 from torchrec_compress.testing.multiprocess import run_multiprocess
 from torchrec_compress.testing.torchrec_harness import HarnessCase, run_harness_cases

@@ -35,8 +35,8 @@ from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 from torchrec_compress.methods.pq.sharded import (
     PQEmbeddingBagCollectionSharder,
     ShardedPQEmbeddingBagCollection,
-    encode_sharded_codes_,
 )
+from torchrec_compress.methods.pq.sharded_encode import encode_sharded_codes_
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import DENSE_IN, tiny_batch, tiny_tables
 

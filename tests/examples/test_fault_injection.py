@@ -30,8 +30,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from examples.dlrm import main
-from torchrec_compress import checkpoint
-from torchrec_compress.checkpoint import CheckpointError, DirectoryInUseError
+from torchrec_compress import checkpoint, locking
+from torchrec_compress.checkpoint import CheckpointError
+from torchrec_compress.locking import DirectoryInUseError
 from torchrec_compress.testing.faults import FAULT_ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -374,7 +375,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path: Path
     finally:
         first.kill()
         first.wait()
-    with checkpoint.lock_directory(str(out)):  # its holder died: the lock went with it
+    with locking.lock_directory(str(out)):  # its holder died: the lock went with it
         assert checkpoint.latest(str(out / "checkpoint")) is not None
 
 

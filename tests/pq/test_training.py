@@ -160,7 +160,7 @@ def test_history_says_how_many_codes_training_moved_and_which_state_is_kept(
         assert 0.0 < max(h["codes_changed"] for h in history) <= 1.0
         assert sum(h["kept"] for h in history) == 1.0
         assert keep_best or history[-1]["kept"] == 1.0
-    with caplog.at_level("INFO", logger="torchrec_compress.methods.pq.training"):
+    with caplog.at_level("INFO", logger="torchrec_compress.methods.pq.fitting"):
         train_pq_table(rows, counts, MECConfig(**_FAST, training=MECTraining(steps=5)), "toy")
     assert "table 'toy': MEC kept the state of step" in caplog.text
     assert "differ from k-means' for" in caplog.text

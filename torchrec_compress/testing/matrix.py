@@ -28,7 +28,7 @@ hundreds of cases and prints the table; ``tests/distributed/test_matrix.py`` run
 
 Example::
 
-    >>> from torchrec_compress.testing.matrix import generate_cases
+    >>> from torchrec_compress.testing.matrix_cases import generate_cases
     >>> cases = generate_cases(seed=0, count=3)
     >>> len(cases), cases[0] == generate_cases(seed=0, count=3)[0]
     (3, True)
@@ -39,29 +39,23 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-import random
 import shutil
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
-from torchrec.datasets.utils import Batch
+from torchrec import EmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.test_utils.test_model import ModelInput, TestSparseNN
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingType
-from torchrec.models.deepfm import SimpleDeepFMNN
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection, DLRMTrain
-from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -79,402 +73,25 @@ from torchrec_compress import (  # the public names, as a user imports them
 from torchrec_compress.distributed.compression import ShardedCompressionReport
 from torchrec_compress.distributed.planning import plan_model
 from torchrec_compress.distributed.state import load_full_state_dict_
-
-FORWARD_TOL = 1e-5
-TRAIN_TOL = 1e-4
-STEPS = 3
-NUM_DENSE = 6
-MODELS = ("sparsenn", "dlrm", "dcn", "projection", "deepfm")
-METHODS = ("none", "afm", "afm_k2", "svd", "mec", "pq", "int8", "afm+int8", "afm+mec")
-PLANS = (
-    "planner",
-    "table_wise",
-    "row_wise",
-    "column_wise",
-    "table_row_wise",
-    "data_parallel",
-    "mixed",
+from torchrec_compress.testing.matrix_cases import (
+    CPU,
+    DENSE,
+    FORWARD_TOL,
+    META,
+    PACKAGE_DIR,
+    STEPS,
+    TRAIN_TOL,
+    Case,
+    Outcome,
 )
-ROUTES = ("compress_then_shard", "shard_then_compress")
-RECIPES = ("adagrad", "rowwise_adagrad", "sgd", "tables_sgd")
-# data-parallel tables train with the dense optimizer in TorchRec (in-backward optimizers on
-# them are refused): "dense" attaches none, for plans that make every table data-parallel
-DENSE = "dense"
-CPU, META = torch.device("cpu"), torch.device("meta")
-PACKAGE_DIR = str(Path(torchrec_compress.__file__).resolve().parent)
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """One table of a case.
-
-    Args:
-        name (str): table name.
-        rows (int): number of rows.
-        dim (int): embedding dimension.
-        pooling (str): ``"SUM"`` or ``"MEAN"``.
-        features (tuple[str, ...]): the features it reads (a feature may feed several tables).
-        kind (str): ``"plain"``, ``"weighted"`` (``idscore`` features) or ``"position"``
-            (position-weighted, in a ``FeatureProcessedEmbeddingBagCollection``).
-    """
-
-    name: str
-    rows: int
-    dim: int
-    pooling: str
-    features: tuple[str, ...]
-    kind: str = "plain"
-
-    def config(self) -> EmbeddingBagConfig:
-        return EmbeddingBagConfig(
-            name=self.name,
-            embedding_dim=self.dim,
-            num_embeddings=self.rows,
-            feature_names=list(self.features),
-            pooling=PoolingType[self.pooling],
-        )
-
-
-@dataclass(frozen=True)
-class Case:
-    """One configuration of the matrix (see the module docstring).
-
-    Args:
-        seed (int): seeds weights, batches and compression.
-        model (str): one of :data:`MODELS`.
-        tables (tuple[TableSpec, ...]): the tables.
-        method (str): one of :data:`METHODS`.
-        plan (str): one of :data:`PLANS`.
-        world_size (int): number of processes.
-        route (str): one of :data:`ROUTES`.
-        recipe (str): one of :data:`RECIPES`.
-        mixed (tuple[str, ...]): for ``plan="mixed"``, the sharding type of each table.
-        batch_size (int): rows per process and step.
-    """
-
-    seed: int
-    model: str
-    tables: tuple[TableSpec, ...]
-    method: str
-    plan: str
-    world_size: int
-    route: str = "compress_then_shard"
-    recipe: str = "sgd"
-    mixed: tuple[str, ...] = ()
-    batch_size: int = 6
-
-    @property
-    def name(self) -> str:
-        tables = ",".join(
-            f"{t.rows}x{t.dim}{t.pooling[0]}{'' if t.kind == 'plain' else t.kind[0]}"
-            f"{'s' if self.shared(t) else ''}"
-            for t in self.tables
-        )
-        plan = self.plan if self.plan != "mixed" else "mixed(" + ",".join(self.mixed) + ")"
-        return (
-            f"s{self.seed}-{self.model}[{tables}]-{self.method}-{plan}-w{self.world_size}-"
-            f"{self.route}-{self.recipe}"
-        )
-
-    def shared(self, table: TableSpec) -> bool:
-        return any(
-            other is not table and set(other.features) & set(table.features)
-            for other in self.tables
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Case:
-        tables = tuple(TableSpec(**{**t, "features": tuple(t["features"])}) for t in data["tables"])
-        return cls(**{**data, "tables": tables, "mixed": tuple(data.get("mixed", ()))})
-
-
-@dataclass
-class Outcome:
-    """What :func:`run_case` found for one case on one process.
-
-    Args:
-        case (str): the case's name.
-        status (str): ``"pass"``, ``"refuse"`` or ``"fail"``.
-        detail (str): the error message, or which comparison failed.
-        errors (dict[str, float]): the largest difference of each comparison.
-        sharding (list[str]): the sharding types of the plan(s) the sharded model ran on.
-    """
-
-    case: str
-    status: str
-    detail: str = ""
-    errors: dict[str, float] = field(default_factory=dict)
-    sharding: list[str] = field(default_factory=list)
-
-
-# --- generating cases -------------------------------------------------------------------
-
-
-def _tables(rng: random.Random, model: str) -> tuple[TableSpec, ...]:
-    count = rng.randint(2, 4)
-    same_dim = rng.choice((8, 16))
-    specs: list[TableSpec] = []
-    for i in range(count):
-        rows = rng.choice((rng.randint(5, 40), rng.randint(100, 400), rng.randint(2000, 5000)))
-        dim = same_dim if model != "sparsenn" else rng.choice((8, 16))
-        pooling = rng.choice(("SUM", "MEAN"))
-        kind = "plain"
-        if model == "sparsenn" and i > 0:
-            kind = rng.choice(("plain", "plain", "weighted", "position"))
-        if kind != "plain":
-            pooling = "SUM"  # unsharded TorchRec pools weighted bags by SUM only
-        specs.append(TableSpec(f"t{i}", rows, dim, pooling, (f"f{i}",), kind))
-    plain = [i for i, t in enumerate(specs) if t.kind == "plain"]
-    if model == "sparsenn" and len(plain) >= 2 and rng.random() < 0.4:
-        # one feature feeds two tables (TorchRec's TestSparseNN layout); ids fit both
-        a, b = plain[:2]
-        rows = min(specs[a].rows, specs[b].rows)
-        specs[a] = replace(specs[a], rows=rows)
-        specs[b] = replace(specs[b], rows=rows, features=specs[a].features)
-    return tuple(specs)
-
-
-def generate_cases(
-    seed: int,
-    count: int,
-    models: Sequence[str] = MODELS,
-    methods: Sequence[str] = METHODS,
-    plans: Sequence[str] = PLANS,
-    world_sizes: Sequence[int] = (1, 2),
-) -> list[Case]:
-    """``count`` seeded random cases drawn over the given axes (same seed, same cases).
-
-    Example::
-
-        >>> [c.world_size in (1, 2) for c in generate_cases(seed=1, count=2)]
-        [True, True]
-    """
-    rng = random.Random(seed)
-    cases = []
-    for i in range(count):
-        model = rng.choice(list(models))
-        tables = _tables(rng, model)
-        plan = rng.choice(list(plans))
-        mixed: tuple[str, ...] = ()
-        if plan == "mixed":
-            mixed = tuple(
-                rng.choice(("table_wise", "row_wise", "column_wise", "data_parallel"))
-                for _ in tables
-            )
-        cases.append(
-            Case(
-                seed=seed * 100_000 + i,
-                model=model,
-                tables=tables,
-                method=rng.choice(list(methods)),
-                plan=plan,
-                world_size=rng.choice(list(world_sizes)),
-                route=rng.choice(ROUTES),
-                recipe=rng.choice(
-                    [*RECIPES, DENSE, DENSE, DENSE] if plan == "data_parallel" else list(RECIPES)
-                ),
-                mixed=mixed,
-                batch_size=rng.choice((4, 6, 8)),
-            )
-        )
-    return cases
-
-
-# --- models and batches -----------------------------------------------------------------
-
-
-class DeepFMTrain(nn.Module):
-    """TorchRec's ``SimpleDeepFMNN`` with a loss, taking a ``Batch`` like ``DLRMTrain``."""
-
-    def __init__(self, model: SimpleDeepFMNN) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = nn.BCEWithLogitsLoss()
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        logits = self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
-        loss = self.loss_fn(logits, batch.labels)
-        return loss, (loss.detach(), logits.detach(), batch.labels.detach())
-
-
-def build_model(case: Case, device: torch.device) -> nn.Module:
-    """The case's uncompressed model; weights depend only on ``case.seed`` (when on CPU)."""
-    torch.manual_seed(case.seed)
-    plain = [t.config() for t in case.tables if t.kind in ("plain", "position")]
-    if case.model == "sparsenn":
-        weighted = [t.config() for t in case.tables if t.kind == "weighted"]
-        position = {t.name: 4 for t in case.tables if t.kind == "position"}
-        names = [
-            f"{f}@{t.name}" if case.shared(t) else f
-            for t in case.tables
-            if t.kind != "weighted"
-            for f in t.features
-        ]
-        model = TestSparseNN(
-            tables=plain,
-            weighted_tables=weighted,
-            num_float_features=NUM_DENSE,
-            embedding_groups={"group_0": names},
-            dense_device=device,
-            sparse_device=device,
-            max_feature_lengths=position or None,
-        )
-        if position and device != META:
-            with torch.no_grad():  # position weights start at 1: make them matter
-                for name, p in model.named_parameters():
-                    if "position_weight" in name:
-                        p.uniform_(0.5, 1.5)
-        return model
-    dim = case.tables[0].dim
-    ebc = EmbeddingBagCollection(tables=plain, device=device)
-    if case.model == "deepfm":
-        return DeepFMTrain(
-            SimpleDeepFMNN(
-                num_dense_features=NUM_DENSE,
-                embedding_bag_collection=ebc,
-                hidden_layer_size=8,
-                deep_fm_dimension=4,
-            ).to(device)
-        )
-    arch: dict[str, Any] = dict(
-        embedding_bag_collection=ebc,
-        dense_in_features=NUM_DENSE,
-        dense_arch_layer_sizes=[16, dim],
-        over_arch_layer_sizes=[8, 1],
-        dense_device=device,
-    )
-    if case.model == "dlrm":
-        return DLRMTrain(DLRM(**arch))
-    if case.model == "dcn":
-        return DLRMTrain(DLRM_DCN(**arch, dcn_num_layers=2, dcn_low_rank_dim=4))
-    if case.model == "projection":
-        return DLRMTrain(
-            DLRM_Projection(
-                **arch,
-                interaction_branch1_layer_sizes=[16, 2 * dim],
-                interaction_branch2_layer_sizes=[16, 2 * dim],
-            )
-        )
-    raise ValueError(f"unknown model {case.model!r}; valid: {', '.join(MODELS)}")
-
-
-def sparse_arch(model: nn.Module) -> nn.Module:
-    """The module holding the case model's embedding collections (DMP-wrapped or not)."""
-    module = model.module if isinstance(model, DistributedModelParallel) else model
-    if isinstance(module, TestSparseNN):
-        return module.sparse
-    inner = module.model
-    arch = getattr(inner, "sparse_arch", None) or getattr(inner, "sparse_arch_module", None)
-    assert isinstance(arch, nn.Module)
-    return arch
-
-
-def _kjt(
-    features: list[tuple[str, int, int]], batch: int, g: torch.Generator, weighted: bool
-) -> KeyedJaggedTensor:
-    """Bags of 0..max ids (empty bags included) for ``(feature, rows, max length)``."""
-    lengths = [torch.randint(0, m + 1, (batch,), generator=g) for _, _, m in features]
-    values = [
-        torch.randint(0, rows, (int(n.sum()),), generator=g)
-        for (_, rows, _), n in zip(features, lengths, strict=True)
-    ]
-    total = int(sum(int(n.sum()) for n in lengths))
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[f for f, _, _ in features],
-        values=torch.cat(values) if values else torch.empty(0, dtype=torch.long),
-        lengths=torch.cat(lengths).int(),
-        weights=torch.rand(total, generator=g) + 0.5 if weighted else None,
-    )
-
-
-def _features(case: Case, kinds: tuple[str, ...]) -> list[tuple[str, int, int]]:
-    """``(feature, rows every table reading it has, max bag length)`` of the given kinds."""
-    rows: dict[str, int] = {}
-    longest: dict[str, int] = {}
-    for t in case.tables:
-        if t.kind in kinds:
-            for f in t.features:
-                rows[f] = min(rows.get(f, t.rows), t.rows)
-                longest[f] = 4 if t.kind == "position" else 5
-    return [(f, rows[f], longest[f]) for f in rows]
-
-
-def make_batch(case: Case, rank: int, step: int) -> Any:
-    """Process ``rank``'s batch number ``step`` (a ``ModelInput`` or a ``Batch``)."""
-    g = torch.Generator().manual_seed(case.seed * 1000 + 100 * step + rank)
-    size = case.batch_size
-    dense = torch.randn(size, NUM_DENSE, generator=g)
-    labels = torch.randint(0, 2, (size,), generator=g).float()
-    idlist = _kjt(_features(case, ("plain", "position")), size, g, weighted=False)
-    if case.model == "sparsenn":
-        weighted = _features(case, ("weighted",))
-        return ModelInput(
-            float_features=dense,
-            idlist_features=idlist,
-            idscore_features=_kjt(weighted, size, g, weighted=True) if weighted else None,
-            label=labels,
-        )
-    return Batch(dense_features=dense, sparse_features=idlist, labels=labels)
-
-
-def _concat_kjt(kjts: list[KeyedJaggedTensor]) -> KeyedJaggedTensor:
-    keys = kjts[0].keys()
-    per_key = [k.to_dict() for k in kjts]
-    lengths, values, weights = [], [], []
-    for key in keys:
-        for d in per_key:
-            jt = d[key]
-            lengths.append(jt.lengths())
-            values.append(jt.values())
-            if jt.weights_or_none() is not None:
-                weights.append(jt.weights())
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=keys,
-        values=torch.cat(values),
-        lengths=torch.cat(lengths).int(),
-        weights=torch.cat(weights) if weights else None,
-    )
-
-
-def union_batch(case: Case, step: int) -> Any:
-    """All processes' batches of ``step`` as one (what the unsharded model trains on)."""
-    batches = [make_batch(case, r, step) for r in range(case.world_size)]
-    if isinstance(batches[0], ModelInput):
-        return ModelInput(
-            float_features=torch.cat([b.float_features for b in batches]),
-            idlist_features=_concat_kjt([b.idlist_features for b in batches]),
-            idscore_features=(
-                _concat_kjt([b.idscore_features for b in batches])
-                if batches[0].idscore_features is not None
-                else None
-            ),
-            label=torch.cat([b.label for b in batches]),
-        )
-    return Batch(
-        dense_features=torch.cat([b.dense_features for b in batches]),
-        sparse_features=_concat_kjt([b.sparse_features for b in batches]),
-        labels=torch.cat([b.labels for b in batches]),
-    )
-
-
-def forward_fn(model: nn.Module, batch: Any) -> Any:
-    """How calibration runs a case model on one batch."""
-    return model(batch)
-
-
-def predictions(model: nn.Module, batch: Any) -> torch.Tensor:
-    """The model's outputs on ``batch`` in eval mode (logits, or TestSparseNN's predictions)."""
-    model.eval()
-    with torch.no_grad():
-        out = model(batch)
-    model.train()
-    if isinstance(out, tuple):
-        out = out[1][1] if isinstance(out[1], tuple) else out[1]
-    return out.detach().float().flatten()
-
+from torchrec_compress.testing.matrix_models import (
+    build_model,
+    forward_fn,
+    make_batch,
+    predictions,
+    sparse_arch,
+    union_batch,
+)
 
 # --- compression ------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ import heapq
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -323,82 +323,109 @@ def _warn_kept(choices: Mapping[str, RankChoice], config_name: str) -> None:
         )
 
 
+@dataclass
+class _Spender:
+    """Greedy spending of a byte budget over the tables' ranks (see :func:`choose_ranks`);
+    rank ``d`` stands for the whole table."""
+
+    spectra: Mapping[str, TableSpectrum]
+    multiple: int
+    ranks: dict[str, int] = field(default_factory=dict)
+
+    def cost(self, spec: TableSpectrum, k: int) -> int:
+        n, d = spec.num_embeddings, spec.embedding_dim
+        return table_bytes(n, d) if k >= d else compressed_table_bytes(n, d, k)
+
+    def gain(self, spec: TableSpectrum, low: int, high: int) -> float:
+        """Squared output error that ranks ``low + 1 .. high`` remove (rank ``d``: whole)."""
+        return float(spec.eigenvalues[low:high].sum()) * spec.total_weight
+
+    def step_up(self, name: str) -> tuple[float, int, int] | None:
+        """The next larger rank (or the whole table): (gain per extra byte, rank, bytes)."""
+        spec, k = self.spectra[name], self.ranks[name]
+        d = spec.embedding_dim
+        if k >= d:
+            return None
+        nxt = round_rank(k + 1, self.multiple, d)
+        if self.cost(spec, nxt) >= table_bytes(spec.num_embeddings, d):
+            nxt = d  # no larger rank is smaller than the table: the next step keeps it whole
+        extra = self.cost(spec, nxt) - self.cost(spec, k)
+        gain = self.gain(spec, k, nxt)
+        return (gain / extra, nxt, extra) if gain > 0 else None
+
+    def step_down(self, name: str) -> tuple[float, int, int] | None:
+        """The next rank below the current one that is cheaper (loss per byte saved)."""
+        spec, k = self.spectra[name], self.ranks[name]
+        cost = self.cost
+        lower = next((j for j in range(k - 1, 0, -1) if cost(spec, j) < cost(spec, k)), None)
+        if lower is None:
+            return None
+        saved = cost(spec, k) - cost(spec, lower)
+        return self.gain(spec, lower, k) / saved, lower, saved
+
+    def smallest(self) -> dict[str, str]:
+        """Every table at its smallest allowed rank, or whole where that is not smaller; the
+        notes of the tables kept whole."""
+        notes: dict[str, str] = {}
+        for name, spec in self.spectra.items():
+            self.ranks[name] = round_rank(1, self.multiple, spec.embedding_dim)
+            after = self.cost(spec, self.ranks[name])
+            before = table_bytes(spec.num_embeddings, spec.embedding_dim)
+            if after >= before:
+                notes[name] = (
+                    f"smallest allowed rank {self.ranks[name]} would not be smaller "
+                    f"({after} >= {before} bytes)"
+                )
+                self.ranks[name] = spec.embedding_dim
+        return notes
+
+    def descend(self, spent: int, budget: int) -> int:
+        """Lowers ranks below the rounded ones, least loss per byte saved first, until the
+        budget is met; returns the bytes spent."""
+        heap: list[tuple[float, str, int, int]] = []
+        for name in sorted(self.spectra):
+            if (down := self.step_down(name)) is not None:
+                heapq.heappush(heap, (down[0], name, down[1], down[2]))
+        while spent > budget:
+            _, name, lower, saved = heapq.heappop(heap)
+            self.ranks[name] = lower
+            spent -= saved
+            if (down := self.step_down(name)) is not None:
+                heapq.heappush(heap, (down[0], name, down[1], down[2]))
+        return spent
+
+    def ascend(self, spent: int, budget: int) -> None:
+        """Raises ranks, most gain per byte first (a max-heap; the name breaks ties), while
+        they fit the budget."""
+        heap: list[tuple[float, str, int, int]] = []
+        for name in sorted(self.spectra):
+            if (up := self.step_up(name)) is not None:
+                heapq.heappush(heap, (-up[0], name, up[1], up[2]))
+        while heap:
+            _, name, nxt, extra = heapq.heappop(heap)
+            if spent + extra > budget:
+                continue  # this table's next step does not fit; cheaper steps elsewhere may
+            spent += extra
+            self.ranks[name] = nxt
+            if (up := self.step_up(name)) is not None:
+                heapq.heappush(heap, (-up[0], name, up[1], up[2]))
+
+
 def _spend_budget(
     spectra: Mapping[str, TableSpectrum], budget: int, fixed_bytes: int, multiple: int
 ) -> dict[str, RankChoice]:
     """Greedy budget spending (see :func:`choose_ranks`); rank ``d`` stands for the whole table.
 
     ``budget`` is the whole budget, of which ``fixed_bytes`` (overridden tables) are spent."""
-
-    def cost(spec: TableSpectrum, k: int) -> int:
-        n, d = spec.num_embeddings, spec.embedding_dim
-        return table_bytes(n, d) if k >= d else compressed_table_bytes(n, d, k)
-
-    def gain(spec: TableSpectrum, low: int, high: int) -> float:
-        """Squared output error that ranks ``low + 1 .. high`` remove (rank ``d``: whole)."""
-        return float(spec.eigenvalues[low:high].sum()) * spec.total_weight
-
-    def step(name: str) -> tuple[float, int, int] | None:
-        spec, k = spectra[name], ranks[name]
-        d = spec.embedding_dim
-        if k >= d:
-            return None
-        nxt = round_rank(k + 1, multiple, d)
-        if cost(spec, nxt) >= table_bytes(spec.num_embeddings, d):
-            nxt = d  # no larger rank is smaller than the table: the next step keeps it whole
-        extra = cost(spec, nxt) - cost(spec, k)
-        return (gain(spec, k, nxt) / extra, nxt, extra) if gain(spec, k, nxt) > 0 else None
-
-    def step_down(name: str) -> tuple[float, int, int] | None:
-        """The next rank below the current one that is cheaper (loss per byte saved)."""
-        spec, k = spectra[name], ranks[name]
-        lower = next((j for j in range(k - 1, 0, -1) if cost(spec, j) < cost(spec, k)), None)
-        if lower is None:
-            return None
-        saved = cost(spec, k) - cost(spec, lower)
-        return gain(spec, lower, k) / saved, lower, saved
-
-    ranks = {n: round_rank(1, multiple, s.embedding_dim) for n, s in spectra.items()}
-    notes: dict[str, str] = {}
-    for name, spec in spectra.items():
-        after, before = (
-            cost(spec, ranks[name]),
-            table_bytes(spec.num_embeddings, spec.embedding_dim),
-        )
-        if after >= before:
-            notes[name] = (
-                f"smallest allowed rank {ranks[name]} would not be smaller ({after} >= {before} bytes)"
-            )
-            ranks[name] = spec.embedding_dim
-    spent = fixed_bytes + sum(cost(s, ranks[n]) for n, s in spectra.items())
-    heap: list[tuple[float, str, int, int]] = []
+    spender = _Spender(spectra, multiple)
+    notes = spender.smallest()
+    ranks = spender.ranks
+    spent = fixed_bytes + sum(spender.cost(s, ranks[n]) for n, s in spectra.items())
     rounded, rounded_bytes = dict(ranks), spent
     if spent > budget:
-        _check_reachable(spectra, budget, fixed_bytes, cost)
-        for name in sorted(spectra):
-            if (down := step_down(name)) is not None:
-                heapq.heappush(heap, (down[0], name, down[1], down[2]))
-        while spent > budget:
-            _, name, lower, saved = heapq.heappop(heap)
-            ranks[name] = lower
-            spent -= saved
-            if (down := step_down(name)) is not None:
-                heapq.heappush(heap, (down[0], name, down[1], down[2]))
-    # max-heap on gain per byte; the name breaks ties deterministically
-    heap.clear()
-    for name in sorted(spectra):
-        candidate = step(name)
-        if candidate is not None:
-            heapq.heappush(heap, (-candidate[0], name, candidate[1], candidate[2]))
-    while heap:
-        _, name, nxt, extra = heapq.heappop(heap)
-        if spent + extra > budget:
-            continue  # this table's next step does not fit; cheaper steps elsewhere may
-        spent += extra
-        ranks[name] = nxt
-        candidate = step(name)
-        if candidate is not None:
-            heapq.heappush(heap, (-candidate[0], name, candidate[1], candidate[2]))
+        _check_reachable(spectra, budget, fixed_bytes, spender.cost)
+        spent = spender.descend(spent, budget)
+    spender.ascend(spent, budget)
     lowered = {n: k for n, k in ranks.items() if k < rounded[n]}
     if lowered:
         warnings.warn(

@@ -1,5 +1,6 @@
 """Product quantization (MEC): quantizer, training and quality metrics, free of distribution code."""
 
+from torchrec_compress.methods.pq.fitting import fit_quantizer, train_mec, train_pq_table
 from torchrec_compress.methods.pq.metrics import (
     QuantizationMetrics,
     codebook_perplexity,
@@ -17,12 +18,9 @@ from torchrec_compress.methods.pq.training import (
     MECQuantizer,
     MECStep,
     RowSampler,
-    fit_quantizer,
     row_weights,
     stratified_rows,
     subspace_order,
-    train_mec,
-    train_pq_table,
 )
 
 __all__ = [

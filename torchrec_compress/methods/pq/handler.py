@@ -15,9 +15,10 @@ from torch import Tensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_compress.methods.pq.config import MECConfig, PQConfig
+from torchrec_compress.methods.pq.fitting import fit_quantizer
 from torchrec_compress.methods.pq.quantizer import ProductQuantizer, code_dtype
 from torchrec_compress.methods.pq.sizing import code_bytes, pq_keep_reason, pq_table_bytes
-from torchrec_compress.methods.pq.training import MECQuantizer, fit_quantizer, subspace_order
+from torchrec_compress.methods.pq.training import MECQuantizer, subspace_order
 from torchrec_compress.report import BYTES_PER_ELEMENT, ReportRow
 
 Quantizer = ProductQuantizer | MECQuantizer

@@ -31,10 +31,10 @@ from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 from torchrec_compress.methods.pq.quantizer import code_dtype
 from torchrec_compress.methods.pq.sharded import (
     PQEmbeddingBagCollectionSharder,
-    PQFeatureProcessedEmbeddingBagCollectionSharder,
     ShardedPQEmbeddingBagCollection,
 )
 from torchrec_compress.methods.pq.sharded_driver import sharded_pq_state
+from torchrec_compress.methods.pq.sharded_fp import PQFeatureProcessedEmbeddingBagCollectionSharder
 from torchrec_compress.registry import (
     CompressionMethod,
     ConversionPlan,

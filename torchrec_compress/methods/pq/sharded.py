@@ -38,20 +38,18 @@ encodes only the rows it holds, chunk by chunk, and the codes (``M`` bytes per r
 processes that own them.  The float table is never gathered.
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed._shard.metadata import ShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
-from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
 from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel, KJTList
+from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.types import (
     EmbeddingModuleShardingPlan,
     LazyAwaitable,
@@ -61,13 +59,10 @@ from torchrec.distributed.types import (
     ParameterSharding,
     ShardedModule,
     ShardingEnv,
-    ShardingType,
 )
-from torchrec.distributed.utils import append_prefix, init_parameters
+from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
-from torchrec.modules.feature_processor_ import FeatureProcessorsCollection
-from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -79,24 +74,21 @@ from torchrec_compress.distributed.in_backward import (
     in_backward_group,
     step_in_backward,
 )
-from torchrec_compress.distributed.state import shard_rank
 from torchrec_compress.methods.pq.module import (
     PQEmbeddingBagCollection,
     codebook_rows_in_state,
     codebook_view,
-    codebooks_in_state,
     pq_feature_lookup,
 )
-
-SHARDING_TYPES: tuple[str, ...] = (
-    ShardingType.TABLE_WISE.value,
-    ShardingType.ROW_WISE.value,
-    ShardingType.TABLE_ROW_WISE.value,
+from torchrec_compress.methods.pq.sharded_codes import (
+    COMPUTE_KERNEL,
+    SHARDING_TYPES,
+    ShardedCodes,
+    _CodeGroup,
+    _table_shards,
+    _TableShards,
+    all_to_all,
 )
-# Codes are a quantized, frozen table (no gradient, no optimizer state): TorchRec's "quant" kernel
-# is exactly that for its estimators ("dense" is reserved to data-parallel by the planner's
-# validation, and "fused" would be charged a backward pass and optimizer updates).
-COMPUTE_KERNEL: str = EmbeddingComputeKernel.QUANT.value
 
 
 @dataclass
@@ -134,76 +126,10 @@ class PQShardingContext(Multistreamable):
             tensor.record_stream(stream)
 
 
-@dataclass
-class _CodeGroup:
-    """Tables whose codes share dtype, ``M`` and ``dsub``: one flat buffer, one kernel call.
-
-    Args:
-        tables (List[int]): table indices (module order).
-        first_feature (int): position of its first feature in the grouped feature order.
-        num_features (int): its features (those of its tables, in module order).
-        dtype (torch.dtype): codes dtype.
-        width (int): bytes per code row.
-        dim (int): ``M * dsub``.
-        has_mean (bool): whether a table of the group pools by MEAN.
-        flat (Tensor): ``[local rows of its tables, width]`` bytes; ``codes.<table>`` view it.
-    """
-
-    tables: list[int]
-    first_feature: int
-    num_features: int
-    dtype: torch.dtype
-    width: int
-    dim: int
-    has_mean: bool
-    flat: Tensor
-
-
-@dataclass(frozen=True)
-class _TableShards:
-    """Row shards of one table's codes: global offsets/sizes/ranks, and this process's share."""
-
-    metadata: list[ShardMetadata]
-    local: list[ShardMetadata]
-
-    @property
-    def local_rows(self) -> int:
-        return sum(m.shard_sizes[0] for m in self.local)
-
-
-def _table_shards(name: str, sharding: ParameterSharding, rank: int, width: int) -> _TableShards:
-    spec = sharding.sharding_spec
-    if sharding.sharding_type not in SHARDING_TYPES or not isinstance(spec, EnumerableShardingSpec):
-        raise ValueError(
-            f"table {name!r}: PQ codes support sharding types {', '.join(SHARDING_TYPES)} "
-            f"with an enumerable sharding spec, got {sharding.sharding_type!r}"
-        )
-    shards = sorted(spec.shards, key=lambda m: m.shard_offsets[0])
-    for m in shards:
-        if m.shard_offsets[1] != 0 or m.shard_sizes[1] != width:
-            raise ValueError(
-                f"table {name!r}: PQ code shards must hold whole rows ({width} codes), got a "
-                f"shard at {m.shard_offsets} of size {m.shard_sizes}"
-            )
-    local = [m for m in shards if m.placement is not None and m.placement.rank() == rank]
-    return _TableShards(metadata=shards, local=local)
-
-
-def _bytes_per_process(owner: Tensor, item_bytes: Tensor, world_size: int) -> list[int]:
-    totals = torch.zeros(world_size, dtype=torch.long, device=owner.device)
-    return totals.index_add_(0, owner, item_bytes).tolist()
-
-
-def _all_to_all(
-    values: Tensor, send_splits: list[int], recv_splits: list[int], pg: dist.ProcessGroup
-) -> Tensor:
-    out = values.new_empty((sum(recv_splits), *values.shape[1:]))
-    dist.all_to_all_single(out, values.contiguous(), recv_splits, send_splits, group=pg)
-    return out
-
-
 class ShardedPQEmbeddingBagCollection(
-    ShardedModule[KJTList, Tensor, KeyedTensor, PQShardingContext], FusedOptimizerModule
+    ShardedCodes,
+    ShardedModule[KJTList, Tensor, KeyedTensor, PQShardingContext],
+    FusedOptimizerModule,
 ):
     """``PQEmbeddingBagCollection`` with row-sharded codes and replicated codebooks.
 
@@ -309,146 +235,6 @@ class ShardedPQEmbeddingBagCollection(
             step_in_backward(self.codebooks[name], pg)
         return tables
 
-    def _build_routing(self, device: torch.device) -> None:
-        """Every non-empty shard of every table as an interval of one global row space."""
-        starts: list[int] = []
-        ranks: list[int] = []
-        table_index: list[int] = []
-        local_base: list[int] = []
-        table_offsets: list[int] = []
-        table_rows: list[int] = []
-        table_bytes: list[int] = []
-        offset = 0
-        for index, table in enumerate(self._embedding_bag_configs):
-            shards = self._shards[table.name]
-            local_codes = getattr(self.codes, table.name)
-            table_offsets.append(offset)
-            table_rows.append(table.num_embeddings)
-            table_bytes.append(local_codes.shape[1] * local_codes.element_size())
-            # a process may own several shards of a table: its local rows concatenate them
-            base_of_rank: dict[int, int] = {}
-            for m in shards.metadata:
-                if m.shard_sizes[0] == 0 or m.placement is None:
-                    continue
-                rank = shard_rank(m)
-                starts.append(offset + m.shard_offsets[0])
-                ranks.append(rank)
-                table_index.append(index)
-                local_base.append(base_of_rank.get(rank, 0))
-                base_of_rank[rank] = base_of_rank.get(rank, 0) + m.shard_sizes[0]
-            offset += table.num_embeddings
-
-        def as_tensor(values: list[int]) -> Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        self._shard_starts = as_tensor(starts)
-        self._shard_ranks = as_tensor(ranks)
-        self._shard_tables = as_tensor(table_index)
-        self._shard_local_base = as_tensor(local_base)
-        self._table_offsets = as_tensor(table_offsets)
-        self._table_rows = as_tensor(table_rows)
-        self._table_bytes = as_tensor(table_bytes)
-
-    def _build_groups(self, device: torch.device) -> list[_CodeGroup]:
-        """Groups the tables by code shape; lays out the features and code rows group by group.
-
-        Tables of one group are pooled by one kernel call over their codebooks concatenated
-        along ``K`` (each table's codes shifted by the ``K`` of the tables before it), and their
-        local code rows live in one flat buffer (one gather in ``compute``).
-        """
-        keys: dict[tuple[torch.dtype, int, int], list[int]] = {}
-        for index, name in enumerate(self._table_names):
-            codes: Tensor = getattr(self.codes, name)
-            keys.setdefault((codes.dtype, codes.shape[1], self.codebooks[name].shape[1]), [])
-            keys[(codes.dtype, codes.shape[1], self.codebooks[name].shape[1])].append(index)
-        groups: list[_CodeGroup] = []
-        grouped: list[int] = []  # table index of each feature, in the grouped order
-        table_group, code_shift, flat_base = (
-            [0] * len(self._table_names),
-            [0] * len(self._table_names),
-            [0] * len(self._table_names),
-        )
-        for (dtype, num_subspaces, dsub), tables in keys.items():
-            shift, base = 0, 0
-            for index in tables:
-                name = self._table_names[index]
-                table_group[index], code_shift[index], flat_base[index] = len(groups), shift, base
-                shift += self._codebook(name).shape[1]
-                base += getattr(self.codes, name).shape[0]
-            features = [index for index in tables for _ in self._feature_names[index]]
-            groups.append(
-                _CodeGroup(
-                    tables=tables,
-                    first_feature=len(grouped),
-                    num_features=len(features),
-                    dtype=dtype,
-                    width=num_subspaces * torch.empty(0, dtype=dtype).element_size(),
-                    dim=num_subspaces * dsub,
-                    has_mean=any(self._pooling_is_mean[i] for i in tables),
-                    flat=torch.empty(0, dtype=torch.uint8),
-                )
-            )
-            grouped += features
-            self._flatten(groups[-1])
-        # input features (a shared one repeated) and output keys, in the grouped order
-        self._grouped_names: list[str] = [
-            n for g in groups for i in g.tables for n in self._feature_names[i]
-        ]
-        grouped_outputs = [
-            n for g in groups for i in g.tables for n in self._embedding_names_by_table[i]
-        ]
-        position = {name: i for i, name in enumerate(grouped_outputs)}
-        self._regroup: list[int] | None = [position[n] for n in self._embedding_names]
-        if self._regroup == list(range(len(self._regroup))):
-            self._regroup = None
-        dim_of = dict(zip(self._embedding_names, self._lengths_per_embedding, strict=True))
-        self._grouped_dims: list[int] = [dim_of[n] for n in grouped_outputs]
-        self._feature_tables = torch.tensor(grouped, dtype=torch.long, device=device)
-        self._feature_is_mean = torch.tensor(
-            [self._pooling_is_mean[i] for i in grouped], dtype=torch.bool, device=device
-        )
-        self._group_last_feature = torch.tensor(
-            [g.first_feature + g.num_features - 1 for g in groups], dtype=torch.long, device=device
-        )
-        self._table_group = torch.tensor(table_group, dtype=torch.long, device=device)
-        self._code_shift = torch.tensor(code_shift, dtype=torch.int32, device=device)
-        self._shard_flat_base = (
-            self._shard_starts.new_tensor(flat_base)[self._shard_tables] + self._shard_local_base
-        )
-        self._wire_width: int = max((g.width for g in groups), default=1)
-        return groups
-
-    def _flatten(self, group: _CodeGroup) -> Tensor:
-        """Moves the local code rows of a group's tables into one ``[rows, width]`` buffer.
-
-        The ``codes.<table>`` buffers become views of it, so in-place writes (loading a state
-        dict, ``encode_sharded_codes_``) reach it; ``_flat_of`` rebuilds it if a buffer was
-        replaced instead.
-        """
-        parts = []
-        for index in group.tables:
-            codes: Tensor = getattr(self.codes, self._table_names[index])
-            parts.append(codes.contiguous().view(torch.uint8).view(codes.shape[0], group.width))
-        group.flat = flat = torch.cat(parts)
-        base = 0
-        for index, part in zip(group.tables, parts, strict=True):
-            rows = part.shape[0]
-            view = flat[base : base + rows].view(group.dtype)
-            self.codes.register_buffer(self._table_names[index], view)
-            base += rows
-        return flat
-
-    def _flat_of(self, group: _CodeGroup) -> Tensor:
-        """The group's flat code buffer, rebuilt when a ``codes.<table>`` no longer views it."""
-        flat = group.flat
-        base = flat.data_ptr()
-        for index in group.tables:
-            codes: Tensor = getattr(self.codes, self._table_names[index])
-            if codes.data_ptr() != base or codes.device != flat.device:
-                return self._flatten(group)
-            base += codes.shape[0] * group.width
-        return flat
-
     def _in_grouped_order(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """``features`` restricted to the module's features, in the grouped order."""
         keys = features.keys()
@@ -483,87 +269,6 @@ class ShardedPQEmbeddingBagCollection(
             lengths=torch.cat([jt.lengths() for jt in jts]),
         )
 
-    def _own_rows(self, table_name: str, full: Tensor) -> Tensor:
-        """This process's code rows of ``table_name`` out of the full ``[rows, M]`` codes."""
-        local = self._shards[table_name].local
-        if not local:
-            return full[:0].clone()
-        return torch.cat(
-            [full[m.shard_offsets[0] : m.shard_offsets[0] + m.shard_sizes[0]] for m in local]
-        )
-
-    def sharded_codes(self, table_name: str) -> ShardedTensor:
-        """The codes of ``table_name`` as a ``ShardedTensor`` viewing this process's rows.
-
-        Writing into its local shards writes the module's codes (no copy).
-        """
-        shards = self._shards[table_name]
-        local_codes: Tensor = getattr(self.codes, table_name)
-        local_shards = []
-        base = 0
-        for m in shards.local:
-            rows = m.shard_sizes[0]
-            local_shards.append(Shard(tensor=local_codes[base : base + rows], metadata=m))
-            base += rows
-        spec = EnumerableShardingSpec(shards.metadata)
-        metadata = spec.build_metadata(
-            torch.Size([self._table_rows_of(table_name), local_codes.shape[1]]),
-            TensorProperties(dtype=local_codes.dtype, requires_grad=False),
-        )
-        return ShardedTensor._init_from_local_shards_and_global_metadata(
-            local_shards, metadata, process_group=self._pg
-        )
-
-    def _table_rows_of(self, table_name: str) -> int:
-        return self._embedding_bag_configs[self._table_names.index(table_name)].num_embeddings
-
-    def _codes_as_sharded_tensors(
-        self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-    ) -> None:
-        for name in self._table_names:
-            state_dict[f"{prefix}codes.{name}"] = self.sharded_codes(name)
-        codebooks_in_state(self._subspaces, state_dict, prefix)
-
-    def _codes_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: object
-    ) -> None:
-        for table in self._embedding_bag_configs:
-            key = f"{prefix}codes.{table.name}"
-            if key not in state_dict:
-                continue
-            value = state_dict[key]
-            local: Tensor = getattr(self.codes, table.name)
-            if isinstance(value, ShardedTensor):
-                mine = [(m.shard_offsets, m.shard_sizes) for m in self._shards[table.name].local]
-                theirs = [
-                    (s.metadata.shard_offsets, s.metadata.shard_sizes)
-                    for s in sorted(value.local_shards(), key=lambda s: s.metadata.shard_offsets)
-                ]
-                if mine != theirs:
-                    raise ValueError(
-                        f"{key}: local shards {theirs} do not match this module's {mine}; load "
-                        "a full tensor or go through torch.distributed.checkpoint to reshard"
-                    )
-                rows = [
-                    s.tensor
-                    for s in sorted(value.local_shards(), key=lambda s: s.metadata.shard_offsets)
-                ]
-                value = torch.cat(rows) if rows else local[:0]
-            elif tuple(value.shape) == (table.num_embeddings, local.shape[1]):
-                value = self._own_rows(table.name, value)
-            else:
-                raise ValueError(
-                    f"{key}: expected the full codes [{table.num_embeddings}, {local.shape[1]}] "
-                    f"or a ShardedTensor, got shape {list(value.shape)}"
-                )
-            ksub = self._codebook(table.name).shape[1]
-            if value.numel() > 0 and (int(value.min()) < 0 or int(value.max()) >= ksub):
-                raise ValueError(
-                    f"table {table.name!r}: codes must lie in [0, {ksub}) (K={ksub} codewords), "
-                    f"found values in [{int(value.min())}, {int(value.max())}]"
-                )
-            state_dict[key] = value
-
     def create_context(self) -> PQShardingContext:
         return PQShardingContext()
 
@@ -596,12 +301,12 @@ class ShardedPQEmbeddingBagCollection(
         owner = self._shard_ranks[torch.searchsorted(self._shard_starts, keys, right=True) - 1]
         ctx.order = torch.argsort(owner, stable=True)
         send_counts = torch.bincount(owner, minlength=self._world_size)
-        recv_counts = _all_to_all(
+        recv_counts = all_to_all(
             send_counts, [1] * self._world_size, [1] * self._world_size, self._pg
         )
         ctx.send_splits = send_counts.tolist()
         ctx.recv_splits = recv_counts.tolist()
-        received = _all_to_all(keys[ctx.order], ctx.send_splits, ctx.recv_splits, self._pg)
+        received = all_to_all(keys[ctx.order], ctx.send_splits, ctx.recv_splits, self._pg)
         # TorchRec's shape of an input dist (what TrainPipelineSparseDist fuses and waits on):
         # one awaitable per sharding, each giving an awaitable of the redistributed input.
         return KJTListSplitsAwaitable([NoWait(NoWait(received))], ctx)
@@ -648,7 +353,7 @@ class ShardedPQEmbeddingBagCollection(
         """Returns the code bytes to the requesters, then pools every local bag."""
         if self._world_size == 1:
             return LazyNoWait(self._pool(ctx, output))
-        returned = _all_to_all(output, ctx.recv_splits, ctx.send_splits, self._pg)
+        returned = all_to_all(output, ctx.recv_splits, ctx.send_splits, self._pg)
         codes = torch.empty_like(returned)
         codes[ctx.order] = returned
         return LazyNoWait(self._pool(ctx, codes))
@@ -855,275 +560,3 @@ class PQEmbeddingBagCollectionSharder(ModuleSharder[PQEmbeddingBagCollection]):
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
         return [COMPUTE_KERNEL]
-
-
-class ShardedPQFeatureProcessedEmbeddingBagCollection(
-    ShardedModule[KJTList, Tensor, KeyedTensor, PQShardingContext], FusedOptimizerModule
-):
-    """A ``FeatureProcessedEmbeddingBagCollection`` over a PQ collection, sharded.
-
-    The inner ``PQEmbeddingBagCollection`` is sharded as :class:`ShardedPQEmbeddingBagCollection`
-    (ids out, code bytes back); the feature processors (e.g. TorchRec's position weights) stay
-    replicated dense modules and run where the bags are pooled, on the requesting process's own
-    batch, just before pooling: so every bag keeps its positions whatever the sharding type
-    (row-wise included), and the processors see the current parameters when
-    ``TrainPipelineSparseDist`` starts the input dist a batch ahead.  ``state_dict`` keys are
-    those of the unsharded module (``_embedding_bag_collection.codes.<table>``, ...).  In-backward
-    optimizers (TorchRec's recipe on ``sparse_arch.parameters()``) on the codebooks and on the
-    processors' parameters step on gradients averaged over the processes and are exposed as
-    ``fused_optimizer``.
-
-    Args:
-        module (FeatureProcessedEmbeddingBagCollection): whose ``_embedding_bag_collection`` is a
-            ``PQEmbeddingBagCollection`` (weighted).
-        table_shardings (Dict[str, ParameterSharding]): the plan of every table's codes.
-        env (ShardingEnv): process group, rank and world size.
-        device (torch.device): where the shards and replicas live.
-
-    Example::
-
-        >>> # 2 processes, see tests/test_torchrec_stack_pq.py
-        >>> # DistributedModelParallel(model, plan=plan, sharders=[
-        >>> #     PQFeatureProcessedEmbeddingBagCollectionSharder(), *default_sharders()])
-    """
-
-    def __init__(
-        self,
-        module: FeatureProcessedEmbeddingBagCollection,
-        table_shardings: Mapping[str, ParameterSharding],
-        env: ShardingEnv,
-        device: torch.device,
-    ) -> None:
-        super().__init__()
-        inner = _pq_collection_of(module)
-        self._embedding_bag_collection = ShardedPQEmbeddingBagCollection(
-            inner, table_shardings, env, device
-        )
-        self._feature_processors: nn.Module = module._feature_processors
-        self._is_collection: bool = isinstance(
-            module._feature_processors, FeatureProcessorsCollection
-        )
-        init_parameters(self._feature_processors, device)
-        self._fused_processor_params: list[str] = [
-            name
-            for name, p in self._feature_processors.named_parameters()
-            if hasattr(p, "_in_backward_optimizers")
-        ]
-        pg = in_backward_group(
-            self._embedding_bag_collection._pg, bool(self._fused_processor_params)
-        )
-        for name in self._fused_processor_params:
-            step_in_backward(self._feature_processors.get_parameter(name), pg)
-        self._fused_optimizer = InBackwardFusedOptimizer(
-            {
-                **{
-                    f"_embedding_bag_collection.{k}": p
-                    for k, p in self._embedding_bag_collection.named_parameters()
-                },
-                **{
-                    f"_feature_processors.{k}": p
-                    for k, p in self._feature_processors.named_parameters()
-                },
-            }
-        )
-
-    def create_context(self) -> PQShardingContext:
-        return PQShardingContext()
-
-    def input_dist(
-        self, ctx: PQShardingContext, features: KeyedJaggedTensor
-    ) -> KJTListSplitsAwaitable[PQShardingContext]:
-        """The inner collection's input dist: only the ids travel, the weights stay here."""
-        return self._embedding_bag_collection.input_dist(ctx, features)
-
-    def compute(self, ctx: PQShardingContext, dist_input: KJTList) -> Tensor:
-        """The inner collection's code gather."""
-        return self._embedding_bag_collection.compute(ctx, dist_input)
-
-    def output_dist(self, ctx: PQShardingContext, output: Tensor) -> LazyAwaitable[KeyedTensor]:
-        """Processes the local features (per-id weights), then the inner collection pools them."""
-        self._embedding_bag_collection.process_local_features(
-            ctx, self._feature_processors, self._is_collection
-        )
-        return self._embedding_bag_collection.output_dist(ctx, output)
-
-    @property
-    def fused_optimizer(self) -> KeyedOptimizer:
-        """The in-backward optimizers of the codebooks and of the processors' parameters."""
-        return self._fused_optimizer
-
-    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
-        """What DDP skips: the inner collection's, and processor parameters updated in backward."""
-        yield from self._embedding_bag_collection.sharded_parameter_names(
-            append_prefix(prefix, "_embedding_bag_collection")
-        )
-        for name in self._fused_processor_params:
-            yield append_prefix(prefix, f"_feature_processors.{name}")
-
-    @property
-    def unsharded_module_type(self) -> type[FeatureProcessedEmbeddingBagCollection]:
-        return FeatureProcessedEmbeddingBagCollection
-
-
-def _pq_collection_of(module: FeatureProcessedEmbeddingBagCollection) -> PQEmbeddingBagCollection:
-    inner = module._embedding_bag_collection
-    if not isinstance(inner, PQEmbeddingBagCollection):
-        tables = [t.name for t in inner.embedding_bag_configs()]
-        raise TypeError(
-            f"PQFeatureProcessedEmbeddingBagCollectionSharder shards a "
-            f"FeatureProcessedEmbeddingBagCollection whose collection is a "
-            f"PQEmbeddingBagCollection; this one holds a {type(inner).__name__} (tables {tables}): "
-            "shard it with TorchRec's FeatureProcessedEmbeddingBagCollectionSharder"
-        )
-    return inner
-
-
-class PQFeatureProcessedEmbeddingBagCollectionSharder(
-    ModuleSharder[FeatureProcessedEmbeddingBagCollection]
-):
-    """Shards a ``FeatureProcessedEmbeddingBagCollection`` whose collection was product-quantized.
-
-    ``compress_`` swaps the inner ``EmbeddingBagCollection`` of an FPEBC for a
-    ``PQEmbeddingBagCollection``; TorchRec's FPEBC sharder cannot plan that (it reads
-    ``embedding_bags``).  Pass this sharder in its place: the planner sees the codes as
-    :class:`PQEmbeddingBagCollectionSharder` shows them, and DMP builds a
-    :class:`ShardedPQFeatureProcessedEmbeddingBagCollection`.  (DMP and the planner pick one
-    sharder per module type, and the planner asks for sharding types without the module, so one
-    sharder cannot serve both kinds of FPEBC: a model holding an FPEBC over a plain EBC as well
-    keeps TorchRec's sharder and cannot use this one; this sharder raises naming the tables.)
-    As for every FPEBC, TorchRec's planner offers row-wise types only under an explicit
-    ``ParameterConstraints(sharding_types=[...])``; here they are exact (positions are taken
-    before any id leaves its process).
-
-    Example::
-
-        >>> from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-        >>> from torchrec.modules.embedding_configs import EmbeddingBagConfig
-        >>> from torchrec.modules.feature_processor_ import PositionWeightedModuleCollection
-        >>> table = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=100,
-        ...                            feature_names=["f"])
-        >>> pq = PQEmbeddingBagCollection([table], {"t": torch.zeros(100, 2, dtype=torch.uint8)},
-        ...                               {"t": torch.zeros(2, 16, 4)}, is_weighted=True)
-        >>> fpebc = FeatureProcessedEmbeddingBagCollection(
-        ...     pq, PositionWeightedModuleCollection({"f": 4}))
-        >>> planner = EmbeddingShardingPlanner(Topology(world_size=2, compute_device="cpu"))
-        >>> plan = planner.plan(fpebc, [PQFeatureProcessedEmbeddingBagCollectionSharder()])
-        >>> plan.plan[""]["t"].sharding_type
-        'table_wise'
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._pq_sharder = PQEmbeddingBagCollectionSharder()
-
-    def shard(
-        self,
-        module: FeatureProcessedEmbeddingBagCollection,
-        params: EmbeddingModuleShardingPlan,
-        env: ShardingEnv,
-        device: torch.device | None = None,
-        module_fqn: str | None = None,
-    ) -> ShardedPQFeatureProcessedEmbeddingBagCollection:
-        return ShardedPQFeatureProcessedEmbeddingBagCollection(
-            module, params, env, device if device is not None else torch.device("cpu")
-        )
-
-    def shardable_parameters(
-        self, module: FeatureProcessedEmbeddingBagCollection
-    ) -> dict[str, nn.Parameter]:
-        return self._pq_sharder.shardable_parameters(_pq_collection_of(module))
-
-    @property
-    def module_type(self) -> type[FeatureProcessedEmbeddingBagCollection]:
-        return FeatureProcessedEmbeddingBagCollection
-
-    def sharding_types(self, compute_device_type: str) -> list[str]:
-        return self._pq_sharder.sharding_types(compute_device_type)
-
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
-        return self._pq_sharder.compute_kernels(sharding_type, compute_device_type)
-
-
-class CodeEncoder(Protocol):
-    """Anything that encodes float rows into PQ codes, e.g. ``ProductQuantizer`` or
-    ``MECQuantizer`` (their ``compute_codes``)."""
-
-    def compute_codes(self, x: Tensor, chunk_size: int = ...) -> Tensor: ...
-
-
-@torch.no_grad()
-def encode_sharded_codes_(
-    codes: ShardedTensor,
-    weight: ShardedTensor,
-    encoder: CodeEncoder,
-    chunk_size: int = 65536,
-) -> None:
-    """Encodes a row-sharded float table into a row-sharded codes tensor, in place.
-
-    Each process encodes the rows of ``weight`` it holds (``chunk_size`` rows at a time, so the
-    float rows are never copied whole), then the codes (``M`` bytes per row) are exchanged with
-    one ``all_to_all_single`` so that every process receives the rows of ``codes`` it owns.  The
-    two layouts are independent (e.g. a row-wise float table and table-wise codes); when they
-    coincide nothing crosses the network.  Collective: every process of the group must call it.
-
-    Args:
-        codes (ShardedTensor): ``[rows, M]`` target, e.g.
-            ``ShardedPQEmbeddingBagCollection.sharded_codes(table)`` (writes into the module).
-        weight (ShardedTensor): ``[rows, d]`` float table sharded by whole rows (table-wise,
-            row-wise, table-row-wise), e.g. a DMP-sharded ``EmbeddingBagCollection``'s
-            ``state_dict()[...weight]``.
-        encoder (CodeEncoder): trained quantizer with ``compute_codes(x, chunk_size)``.
-        chunk_size (int): rows encoded at once.
-
-    Example::
-
-        >>> # 2 processes, see tests/distributed/test_pq_sharded.py::test_encode_sharded_codes
-        >>> # encode_sharded_codes_(sharded_pq.sharded_codes("t"), weight, quantizer)
-    """
-    rows, dim = weight.size()
-    if codes.size(0) != rows:
-        raise ValueError(f"codes have {codes.size(0)} rows, the float table {rows}")
-    pg = codes._process_group
-    world_size = dist.get_world_size(pg)
-    code_width = codes.size(1)
-    local_keys: list[Tensor] = []
-    local_codes: list[Tensor] = []
-    for shard in weight.local_shards():
-        offset, size = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-        if offset[1] != 0 or size[1] != dim:
-            raise ValueError(
-                f"the float table must be sharded by whole rows to be encoded, got a shard at "
-                f"{offset} of size {size}; plan it table_wise, row_wise or table_row_wise"
-            )
-        encoded = encoder.compute_codes(shard.tensor, chunk_size)
-        local_codes.append(encoded.to(codes.dtype))
-        local_keys.append(torch.arange(offset[0], offset[0] + size[0]))
-    keys = torch.cat(local_keys) if local_keys else torch.empty(0, dtype=torch.long)
-    encoded = (
-        torch.cat(local_codes) if local_codes else torch.empty(0, code_width, dtype=codes.dtype)
-    )
-    if encoded.shape[1] != code_width:
-        raise ValueError(
-            f"the encoder gives {encoded.shape[1]} codes per row, expected {code_width}"
-        )
-
-    targets = sorted(codes.metadata().shards_metadata, key=lambda m: m.shard_offsets[0])
-    targets = [m for m in targets if m.shard_sizes[0] > 0]
-    starts = torch.tensor([m.shard_offsets[0] for m in targets], dtype=torch.long)
-    owners = torch.tensor([shard_rank(m) for m in targets], dtype=torch.long)
-    owner = owners[torch.searchsorted(starts, keys, right=True) - 1]
-    order = torch.argsort(owner, stable=True)
-    send_counts = torch.bincount(owner, minlength=world_size)
-    recv_counts = _all_to_all(send_counts, [1] * world_size, [1] * world_size, pg)
-    send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-    got_keys = _all_to_all(keys[order], send_splits, recv_splits, pg)
-    got_codes = _all_to_all(encoded[order], send_splits, recv_splits, pg)
-
-    mine = sorted(codes.local_shards(), key=lambda s: s.metadata.shard_offsets[0])
-    if got_keys.numel() != sum(s.metadata.shard_sizes[0] for s in mine):
-        raise RuntimeError("codes shards and float shards disagree on the rows of this process")
-    shard_starts = torch.tensor([s.metadata.shard_offsets[0] for s in mine], dtype=torch.long)
-    which = torch.searchsorted(shard_starts, got_keys, right=True) - 1
-    for index, shard in enumerate(mine):
-        selected = (which == index).nonzero().squeeze(1)
-        shard.tensor[got_keys[selected] - shard.metadata.shard_offsets[0]] = got_codes[selected]
