@@ -26,7 +26,7 @@ from examples.dlrm.model import ModelConfig, build_model  # noqa: E402
 from torchrec_compress.checkpoint import read_metadata  # noqa: E402
 from torchrec_compress.data import get_dataset  # noqa: E402
 from torchrec_compress.methods.lowrank.factors import afm_basis, svd_basis, table_moments  # noqa: E402
-from torchrec_compress.statistics import count_lookups  # noqa: E402
+from torchrec_compress.statistics import count_lookups
 
 
 def weighted_error(

@@ -32,7 +32,7 @@ from torchrec_compress.data import get_dataset  # noqa: E402
 from torchrec_compress.methods.pq.fitting import fit_quantizer
 from torchrec_compress.methods.pq.quantizer import decode  # noqa: E402
 from torchrec_compress.methods.pq.training import MECQuantizer, row_weights
-from torchrec_compress.statistics import count_lookups  # noqa: E402
+from torchrec_compress.statistics import count_lookups
 
 RECONSTRUCTION_ONLY = {"contrastive_weight": 0.0, "balance_weight": 0.0, "commitment_weight": 0.0}
 

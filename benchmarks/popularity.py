@@ -61,8 +61,8 @@ from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset, get_dataset  # noqa: E402
 from torchrec_compress.methods.lowrank.config import AFMConfig, SVDConfig
 from torchrec_compress.methods.pq import decode  # noqa: E402
-from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection  # noqa: E402
-from torchrec_compress.statistics import count_lookups  # noqa: E402
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
+from torchrec_compress.statistics import count_lookups
 
 BUCKETS = ("head", "torso", "tail")
 EBC = "model.sparse_arch.embedding_bag_collection"

@@ -53,7 +53,7 @@ from torchrec_compress.methods.pq import (  # noqa: E402
     train_pq_table,
 )
 from torchrec_compress.methods.pq.config import MECConfig, MECTraining
-from torchrec_compress.statistics import count_lookups  # noqa: E402
+from torchrec_compress.statistics import count_lookups
 
 # mode -> (MECConfig fields, MECTraining fields)
 MODES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

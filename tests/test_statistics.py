@@ -6,14 +6,8 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.statistics import (
-    LinearOutputCollector,
-    LookupCounter,
-    Moments,
-    count_lookups,
-    moments_from_counts,
-    sync_,
-)
+from torchrec_compress.moments import Moments, moments_from_counts, sync_
+from torchrec_compress.statistics import LinearOutputCollector, LookupCounter, count_lookups
 from torchrec_compress.testing import peak_cpu_allocation
 from torchrec_compress.testing.multiprocess import run_multiprocess
 

@@ -13,7 +13,8 @@ from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress.statistics import LinearOutputCollector, LookupCounter, Moments
+from torchrec_compress.moments import Moments
+from torchrec_compress.statistics import LinearOutputCollector, LookupCounter
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 

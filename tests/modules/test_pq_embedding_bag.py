@@ -8,7 +8,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.methods.pq import decode
-from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection, pq_pooled_lookup
+from torchrec_compress.methods.pq.lookup import pq_pooled_lookup
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 
 
 def _tables(pooling: PoolingType) -> list[EmbeddingBagConfig]:

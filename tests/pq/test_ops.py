@@ -9,7 +9,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress.methods.pq import ProductQuantizer, assign, decode
 from torchrec_compress.methods.pq import kernels as _ops
-from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection, pq_pooled_lookup
+from torchrec_compress.methods.pq.lookup import pq_pooled_lookup
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 
 needs_kernels = pytest.mark.skipif(not _ops.HAS_KERNELS, reason="C++ kernels not built")
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from torchrec_compress.methods.lowrank.linear import LowRankLinear
 from torchrec_compress.methods.lowrank.rank import explained_variance_ratio
-from torchrec_compress.statistics import DEFAULT_CHUNK_ROWS, Moments, moments_from_counts
+from torchrec_compress.moments import DEFAULT_CHUNK_ROWS, Moments, moments_from_counts
 
 
 @dataclass

@@ -34,8 +34,8 @@ from torchrec_compress.methods.lowrank.rank import (
     explained_variance_ratio,
     rank_for_variance,
 )
+from torchrec_compress.moments import Moments
 from torchrec_compress.report import ReportRow
-from torchrec_compress.statistics import Moments
 
 
 @dataclass(frozen=True)

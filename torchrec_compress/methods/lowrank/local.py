@@ -34,9 +34,9 @@ from torchrec_compress.methods.lowrank.factors import (
 from torchrec_compress.methods.lowrank.handler import LowRankHandler, linear_factors
 from torchrec_compress.methods.lowrank.module import LowRankEmbeddingBagCollection
 from torchrec_compress.methods.lowrank.rank import RankChoice
+from torchrec_compress.moments import Moments
 from torchrec_compress.registry import ConversionPlan, handler_for
 from torchrec_compress.report import ReportRow
-from torchrec_compress.statistics import Moments
 
 
 def plan_lowrank(

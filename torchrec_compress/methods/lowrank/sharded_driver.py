@@ -63,13 +63,9 @@ from torchrec_compress.methods.lowrank.module import (
     pack_factor_rows,
 )
 from torchrec_compress.methods.lowrank.rank import rows_per_packed_row
+from torchrec_compress.moments import DEFAULT_CHUNK_ROWS, Moments, moments_from_counts
 from torchrec_compress.registry import handler_for
 from torchrec_compress.report import CompressionReport
-from torchrec_compress.statistics import (
-    DEFAULT_CHUNK_ROWS,
-    Moments,
-    moments_from_counts,
-)
 
 # the checkpoint entry (beside "model") that holds a compressed model's layout as JSON
 

@@ -120,19 +120,20 @@ class ProductQuantizer:
             chunk_size (int): rows assigned at once (bounds the ``[M, chunk, ksub]`` distances).
         """
         x = x.detach().float()
-        n = x.shape[0]
-        w = torch.ones(n) if weights is None else weights.detach().float().clone()
+        n, device = x.shape[0], x.device
+        w = torch.ones(n, device=device) if weights is None else weights.detach().float().clone()
+        w = w.to(device)
         if w.shape != (n,) or bool((w < 0).any()) or float(w.sum()) <= 0:
             raise ValueError(f"weights must be [n={n}] non-negative with a positive sum")
         sub = self._split(x)
         # Draws with replacement only when there are fewer rows than centroids.
-        seed_rows = torch.multinomial(w, self.ksub, replacement=n < self.ksub, generator=generator)
+        seed_rows = _draw(w, self.ksub, n < self.ksub, generator)
         books = sub[:, seed_rows].clone()
         for _ in range(niter):
             codes = self._assign_chunked(sub, books, chunk_size)  # [M, n]
-            flat = (codes + torch.arange(self.M).unsqueeze(1) * self.ksub).reshape(-1)
-            mass = torch.zeros(self.M * self.ksub).index_add_(0, flat, w.repeat(self.M))
-            sums = torch.zeros(self.M * self.ksub, self.dsub).index_add_(
+            flat = (codes + torch.arange(self.M, device=device).unsqueeze(1) * self.ksub).reshape(-1)
+            mass = torch.zeros(self.M * self.ksub, device=device).index_add_(0, flat, w.repeat(self.M))
+            sums = torch.zeros(self.M * self.ksub, self.dsub, device=device).index_add_(
                 0, flat, (sub * w.view(1, n, 1)).reshape(-1, self.dsub)
             )
             empty = mass == 0
@@ -141,7 +142,7 @@ class ProductQuantizer:
             )
             if bool(empty.any()):
                 empty_at = empty.nonzero().squeeze(1)
-                rows = torch.multinomial(w, empty_at.numel(), replacement=True, generator=generator)
+                rows = _draw(w, empty_at.numel(), True, generator)
                 books.view(-1, self.dsub)[empty_at] = sub[empty_at // self.ksub, rows]
         self.codebooks = books.contiguous()
 
@@ -149,7 +150,7 @@ class ProductQuantizer:
         # Written into one preallocated tensor: small per-chunk results kept alive between the
         # chunks' large distance buffers would fragment the heap (glibc then holds on to
         # hundreds of MB of freed distances).
-        codes = torch.empty(sub.shape[:2], dtype=torch.long)
+        codes = torch.empty(sub.shape[:2], dtype=torch.long, device=sub.device)
         for start in range(0, sub.shape[1], chunk_size):
             part = sub[:, start : start + chunk_size]
             codes[:, start : start + part.shape[1]] = assign(part, books)[0]
@@ -169,12 +170,12 @@ class ProductQuantizer:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self._split(x[:0])  # validates the shape before any work
-        books = self.codebooks.float()
+        books = self.codebooks.float().to(x.device)
         use_kernel = _ops.encode_kernel_applies(x, books, self.code_dtype)
         if use_kernel and x.dtype == torch.float32 and x.stride(1) == 1:
             # The fused C++ encoder needs no scratch memory: one call, threaded over all rows.
             return torch.ops.torchrec_compress.pq_encode(x.detach(), books, self.code_dtype)
-        codes = torch.empty(x.shape[0], self.M, dtype=self.code_dtype)
+        codes = torch.empty(x.shape[0], self.M, dtype=self.code_dtype, device=x.device)
         for start in range(0, x.shape[0], chunk_size):
             part = x[start : start + chunk_size].detach().float()
             codes[start : start + part.shape[0]] = (
@@ -194,6 +195,16 @@ class ProductQuantizer:
             Tensor: ``[n, d]`` float rows.
         """
         return decode(codes, self.codebooks)
+
+
+def _draw(weights: Tensor, count: int, replacement: bool, generator: torch.Generator | None) -> Tensor:
+    """``count`` row ids drawn with probability ``∝ weights``, on the weights' device.
+
+    The draw itself runs where ``generator`` lives (the CPU's by default), so one seed gives the
+    same rows whatever device the rows are on."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    rows = torch.multinomial(weights.to(where), count, replacement=replacement, generator=generator)
+    return rows.to(weights.device)
 
 
 def decode(codes: Tensor, codebooks: Tensor) -> Tensor:

@@ -22,9 +22,7 @@ from torchrec.distributed.types import (
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_compress.distributed.state import shard_rank
-from torchrec_compress.methods.pq.module import (
-    codebooks_in_state,
-)
+from torchrec_compress.methods.pq.module import codebooks_in_state
 
 SHARDING_TYPES: tuple[str, ...] = (
     ShardingType.TABLE_WISE.value,

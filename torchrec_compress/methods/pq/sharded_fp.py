@@ -29,9 +29,7 @@ from torchrec_compress.distributed.in_backward import (
     in_backward_group,
     step_in_backward,
 )
-from torchrec_compress.methods.pq.module import (
-    PQEmbeddingBagCollection,
-)
+from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 from torchrec_compress.methods.pq.sharded import (
     PQEmbeddingBagCollectionSharder,
     PQShardingContext,

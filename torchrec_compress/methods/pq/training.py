@@ -38,7 +38,7 @@ from torchrec_compress.methods.pq.quantizer import (
     balanced_subspaces,
     code_dtype,
 )
-from torchrec_compress.statistics import Moments
+from torchrec_compress.moments import Moments
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ class MECQuantizer(nn.Module):
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         num_rows = x.shape[0]
         num_subspaces, ksub, dsub = self.codebooks.shape
-        codes = torch.empty(num_rows, num_subspaces, dtype=code_dtype(ksub))
+        codes = torch.empty(num_rows, num_subspaces, dtype=code_dtype(ksub), device=x.device)
         with torch.no_grad():
             books = self.codebooks.detach()
             use_kernel = _ops.encode_kernel_applies(x, books, codes.dtype)
