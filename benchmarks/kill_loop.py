@@ -52,7 +52,7 @@ from common import markdown_table, run_header
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from torchrec_compress.testing.faults import FAULT_ENV, FAULT_LOG_ENV  # noqa: E402
+from torchrec_compress.faults import FAULT_ENV, FAULT_LOG_ENV  # noqa: E402
 
 TINY = [
     "--dataset", "synthetic",

@@ -12,7 +12,9 @@ from the top (a module may import its own floor or any below it):
    report, layout, checkpoint, guards, ``distributed/`` helpers), which names no method;
 0. data and process helpers: ``data/``, ``testing/multiprocess.py``, ``testing/memory.py``.
 
-Importing ``a.b.c`` runs the ``__init__`` of ``a.b`` too, so each module also depends on its
+The runnable examples in docstrings (``>>> from torchrec_compress... import ...``) follow the same
+rule: a module's example imports nothing its module may not.  Importing ``a.b.c`` runs the
+``__init__`` of ``a.b`` too, so each module also depends on its
 parent packages' ``__init__`` (the root's is lazy and imports nothing at run time).  Imports
 under ``if TYPE_CHECKING:`` are for mypy only and are not edges.  Functions may import only the
 optional dependencies in :data:`OPTIONAL`.
@@ -21,6 +23,7 @@ optional dependencies in :data:`OPTIONAL`.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,6 +146,30 @@ def test_no_import_runs_back_up_or_across_methods() -> None:
     ]
     assert not back, "imports running back up:\n" + "\n".join(sorted(back))
     assert not across, "one method importing another:\n" + "\n".join(sorted(across))
+
+
+DOCTEST_IMPORT = re.compile(
+    r">>>\s+(?:from\s+(torchrec_compress[\w.]*)\s+import\s+([\w, ]+)|import\s+(torchrec_compress[\w.]*))"
+)
+
+
+def test_docstring_examples_import_only_what_their_module_may() -> None:
+    modules = {module_name(p): p for p in ROOT.rglob("*.py")}
+    wrong = []
+    for module, path in sorted(modules.items()):
+        for number, line in enumerate(path.read_text().split("\n"), 1):
+            for match in DOCTEST_IMPORT.finditer(line):
+                base = match.group(1) or match.group(3)
+                names = [n.strip() for n in (match.group(2) or "").split(",") if n.strip()]
+                targets = [f"{base}.{n}" if f"{base}.{n}" in modules else base for n in names]
+                for target in targets or [base]:
+                    across = method_of(module) and method_of(target) not in (
+                        None,
+                        method_of(module),
+                    )
+                    if target in modules and (floor(target) > floor(module) or across):
+                        wrong.append(f"{path.relative_to(ROOT.parent)}:{number} imports {target}")
+    assert not wrong, "examples importing back up or across methods:\n" + "\n".join(wrong)
 
 
 def test_no_import_circle() -> None:

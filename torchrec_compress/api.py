@@ -150,7 +150,7 @@ def compress_(
 
         >>> import torch
         >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
-        >>> from torchrec_compress import AFMConfig
+        >>> from torchrec_compress.methods.lowrank.config import AFMConfig
         >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50, feature_names=["f"])
         >>> model = nn.Sequential(EmbeddingBagCollection([cfg]))
         >>> kjt = KeyedJaggedTensor.from_lengths_sync(

@@ -33,7 +33,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 from torch.distributed.tensor import DTensor
 
-from torchrec_compress.testing.faults import fault_point
+from torchrec_compress.faults import fault_point
 
 MANIFEST = "MANIFEST.json"
 METADATA = "metadata.json"

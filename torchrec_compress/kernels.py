@@ -269,10 +269,10 @@ def use_int8_kernel_(module: nn.Module) -> int:
     Example::
 
         >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-        >>> from torchrec_compress import RowWiseQuantConfig, compress_
+        >>> from torchrec.inference.modules import quantize_embeddings
         >>> cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
         >>> model = nn.Sequential(EmbeddingBagCollection([cfg]))
-        >>> _ = compress_(model, RowWiseQuantConfig(bits=8))
+        >>> model = quantize_embeddings(model, dtype=torch.qint8, inplace=True)
         >>> use_int8_kernel_(model) == (1 if HAS_KERNELS else 0)
         True
     """

@@ -19,18 +19,15 @@ Example::
     >>> import torch
     >>> from torch import nn
     >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-    >>> from torchrec_compress import SVDConfig, compress_
     >>> def model(device):
     ...     cfg = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50, feature_names=["f"])
     ...     return nn.Sequential(EmbeddingBagCollection([cfg], device=device))
-    >>> compressed = model(torch.device("cpu"))
-    >>> _ = compress_(compressed, SVDConfig(rank=4))
-    >>> layout = compression_layout(compressed, [SVDConfig(rank=4)])
-    >>> layout.to_dict()["modules"]["0"]["ranks"]
+    >>> layout = CompressionLayout({"0": {"kind": "lowrank", "ranks": {"t": 4}, "kept": []}})
+    >>> skeleton = restore_layout_(model(torch.device("meta")), layout)
+    >>> type(skeleton[0]).__name__, tuple(skeleton[0].projection.t.shape)
+    ('LowRankEmbeddingBagCollection', (4, 8))
+    >>> compression_layout(skeleton).modules["0"]["ranks"]  # described back from the model
     {'t': 4}
-    >>> skeleton = restore_layout_(model(torch.device("meta")), CompressionLayout.from_dict(layout.to_dict()))
-    >>> type(skeleton[0]).__name__
-    'LowRankEmbeddingBagCollection'
 """
 
 from __future__ import annotations
@@ -47,13 +44,13 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_compress.config import CompressionConfig
-from torchrec_compress.distributed.skeleton import unsharded_skeleton
 from torchrec_compress.registry import (
     LayoutBuilder,
     config_classes,
     method_of_kind,
     registered_methods,
 )
+from torchrec_compress.skeleton import unsharded_skeleton
 
 LAYOUT_VERSION = 1
 META = torch.device("meta")
@@ -177,8 +174,11 @@ def compression_layout(
 
     Example::
 
-        >>> from torchrec_compress.methods.lowrank.linear import LowRankLinear
-        >>> layout = compression_layout(nn.Sequential(nn.ReLU(), LowRankLinear(8, 2, 4)))
+        >>> model = restore_layout_(  # an MLP whose second layer became rank 2
+        ...     nn.Sequential(nn.ReLU(), nn.Linear(8, 4)),
+        ...     CompressionLayout({"1": {"kind": "lowrank_linear", "rank": 2}}),
+        ... )
+        >>> layout = compression_layout(model)
         >>> layout.modules["1"]["kind"], layout.modules["1"]["rank"]
         ('lowrank_linear', 2)
     """

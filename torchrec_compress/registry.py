@@ -22,8 +22,9 @@ only, and knows none by name:
 
 Example::
 
-    >>> from torchrec_compress.methods.lowrank.config import AFMConfig
-    >>> type(method_of(AFMConfig(rank=4))).__name__
+    >>> sorted(config_classes())
+    ['AFMConfig', 'MECConfig', 'PQConfig', 'RowWiseQuantConfig', 'SVDConfig']
+    >>> type(method_of(config_classes()["AFMConfig"](rank=4))).__name__
     'LowRankMethod'
     >>> sorted(kind for m in registered_methods() for kind in m.layout_kinds)
     ['composite', 'lowrank', 'lowrank_linear', 'pq', 'rowwise_quant']
@@ -286,8 +287,7 @@ def handler_for(config: CompressionConfig) -> Any:
 
     Example::
 
-        >>> from torchrec_compress.methods.lowrank.config import SVDConfig
-        >>> handler_for(SVDConfig(rank=4)).method
+        >>> handler_for(config_classes()["SVDConfig"](rank=4)).method
         'SVD'
     """
     return method_of(config).handler(config)

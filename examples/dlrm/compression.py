@@ -46,8 +46,8 @@ from torchrec_compress.distributed.compression import (
     ShardedCompressionReport,
     read_compression_layout,
 )
+from torchrec_compress.faults import fault_point
 from torchrec_compress.layout import CompressionLayout
-from torchrec_compress.testing.faults import fault_point
 
 logger = logging.getLogger("examples.dlrm")
 

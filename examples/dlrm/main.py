@@ -63,8 +63,8 @@ from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import DATASETS, CTRDataset, get_dataset
 from torchrec_compress.data.schema import rank_batch_bounds
 from torchrec_compress.distributed.planning import shard_model
+from torchrec_compress.faults import fault_point
 from torchrec_compress.layout import compression_layout, restore_layout_
-from torchrec_compress.testing.faults import fault_point
 
 logger = logging.getLogger("examples.dlrm")
 

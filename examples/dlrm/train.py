@@ -27,7 +27,7 @@ from tqdm import tqdm
 from examples.dlrm.metrics import ctr_metrics
 from torchrec_compress import checkpoint
 from torchrec_compress.data import CTRDataset, check_batch
-from torchrec_compress.testing.faults import fault_point
+from torchrec_compress.faults import fault_point
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """examples/dlrm killed with SIGKILL at seeded points (training, saving, compressing), then resumed.
 
 A run of train -> compress (AFM) -> fine-tune is killed several times in a row, each time at a
-fault point (``torchrec_compress.testing.faults``) drawn by a seeded generator, and re-run with
+fault point (``torchrec_compress.faults``) drawn by a seeded generator, and re-run with
 ``--resume``; it must end with the same metrics and the same final checkpoint (weights and
 optimizer state) as an uninterrupted run, in 1 and 2 processes; so must a finished run given
 ``--resume``.  Damaged checkpoints must be refused with an error naming the file before anything
@@ -32,8 +32,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from examples.dlrm import main
 from torchrec_compress import checkpoint, locking
 from torchrec_compress.checkpoint import CheckpointError
+from torchrec_compress.faults import FAULT_ENV
 from torchrec_compress.locking import DirectoryInUseError
-from torchrec_compress.testing.faults import FAULT_ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -37,12 +37,12 @@ from torchrec_compress.calibration import ForwardFn, default_forward
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.discovery import FilterFn, find_embedding_bag_collections
 from torchrec_compress.distributed.planning import shard_model
-from torchrec_compress.distributed.skeleton import unsharded_skeleton
 from torchrec_compress.distributed.tables import COMPRESSION_LAYOUT_KEY, save_compressed_state
 from torchrec_compress.guards import first_nonfinite_row, nonfinite_row_error
 from torchrec_compress.layout import CompressionLayout, compression_layout, restore_layout_
 from torchrec_compress.registry import method_of
 from torchrec_compress.report import CompressionReport
+from torchrec_compress.skeleton import unsharded_skeleton
 
 
 @dataclass

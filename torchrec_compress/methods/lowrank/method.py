@@ -28,7 +28,6 @@ from torchrec.distributed.types import ModuleSharder
 from torchrec_compress.calibration import ForwardFn
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.distributed.fp_embeddingbag import FeatureProcessedCollectionSharder
-from torchrec_compress.distributed.skeleton import META
 from torchrec_compress.layout import check_collection, check_table_names
 from torchrec_compress.methods.lowrank.config import AFMConfig, LowRankConfig, SVDConfig
 from torchrec_compress.methods.lowrank.handler import LowRankHandler
@@ -52,6 +51,7 @@ from torchrec_compress.registry import (
     ShardedCompression,
     SharderContext,
 )
+from torchrec_compress.skeleton import META
 
 
 class LowRankMethod(CompressionMethod):

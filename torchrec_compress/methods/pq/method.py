@@ -22,7 +22,6 @@ from torchrec.distributed.types import ModuleSharder
 
 from torchrec_compress.calibration import ForwardFn
 from torchrec_compress.config import CompressionConfig
-from torchrec_compress.distributed.skeleton import META
 from torchrec_compress.layout import check_collection, check_table_names
 from torchrec_compress.methods.pq.config import MECConfig, PQConfig
 from torchrec_compress.methods.pq.handler import PQHandler
@@ -43,6 +42,7 @@ from torchrec_compress.registry import (
     ShardedCompression,
     SharderContext,
 )
+from torchrec_compress.skeleton import META
 
 
 def _mec(config: CompressionConfig) -> MECConfig:

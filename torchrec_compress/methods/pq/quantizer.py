@@ -131,8 +131,12 @@ class ProductQuantizer:
         books = sub[:, seed_rows].clone()
         for _ in range(niter):
             codes = self._assign_chunked(sub, books, chunk_size)  # [M, n]
-            flat = (codes + torch.arange(self.M, device=device).unsqueeze(1) * self.ksub).reshape(-1)
-            mass = torch.zeros(self.M * self.ksub, device=device).index_add_(0, flat, w.repeat(self.M))
+            flat = (codes + torch.arange(self.M, device=device).unsqueeze(1) * self.ksub).reshape(
+                -1
+            )
+            mass = torch.zeros(self.M * self.ksub, device=device).index_add_(
+                0, flat, w.repeat(self.M)
+            )
             sums = torch.zeros(self.M * self.ksub, self.dsub, device=device).index_add_(
                 0, flat, (sub * w.view(1, n, 1)).reshape(-1, self.dsub)
             )
@@ -197,7 +201,9 @@ class ProductQuantizer:
         return decode(codes, self.codebooks)
 
 
-def _draw(weights: Tensor, count: int, replacement: bool, generator: torch.Generator | None) -> Tensor:
+def _draw(
+    weights: Tensor, count: int, replacement: bool, generator: torch.Generator | None
+) -> Tensor:
     """``count`` row ids drawn with probability ``∝ weights``, on the weights' device.
 
     The draw itself runs where ``generator`` lives (the CPU's by default), so one seed gives the
