@@ -120,7 +120,14 @@ def huge_page_collections(built: dict[str, nn.Module], rows: int) -> dict[str, n
     copies["int8k"] = int8_collection(built["float"], kernel=True)
     for name, module in copies.items():
         moved = use_huge_pages_(module)
-        print(f"{rows:,} rows, {METHODS[name]}: {sum(moved.values()) >> 20} MiB in 2 MiB pages")
+        # the largest storage: the table, factor table, codes or int8 rows
+        largest = max(
+            t.untyped_storage().nbytes() for t in [*module.parameters(), *module.buffers()]
+        )
+        print(
+            f"{rows:,} rows, {METHODS[name]}: {sum(moved.values()) >> 20} MiB in 2 MiB pages "
+            f"(its largest tensor: {largest >> 20} MiB)"
+        )
     return copies
 
 
