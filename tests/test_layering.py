@@ -3,9 +3,11 @@
 Parsed with ``ast`` (function-level imports included), so it needs nothing imported.  Floors,
 from the top (a module may import its own floor or any below it):
 
-4. the public names and the harnesses built on them: ``torchrec_compress/__init__.py`` (lazy:
+5. the public names and the harnesses built on them: ``torchrec_compress/__init__.py`` (lazy:
    PEP 562), ``testing/matrix*.py``, ``testing/torchrec_harness.py``, ``testing/models.py``;
-3. the drivers: ``api.py`` (``compress_``), ``distributed/compression.py`` (DMP models);
+4. the drivers: ``api.py`` (``compress_``), ``distributed/compression.py`` (DMP models);
+3. what composes methods: ``budget/`` (one byte budget, the best method per table), which
+   imports any method and the floors below, never a driver;
 2. the methods, ``methods/<name>/``: each imports only itself and the floors below, never
    another method;
 1. the shared layer: everything else (registry, configs' base, calibration, statistics,
@@ -39,6 +41,7 @@ TOP = {
     f"{PACKAGE}.testing.models",
 }
 DRIVERS = {f"{PACKAGE}.api", f"{PACKAGE}.distributed.compression"}
+COMPOSERS_PREFIX = f"{PACKAGE}.budget"
 BOTTOM_PREFIXES = (f"{PACKAGE}.data",)
 BOTTOM = {
     f"{PACKAGE}.testing",
@@ -58,8 +61,10 @@ def module_name(path: Path) -> str:
 
 def floor(module: str) -> int:
     if module in TOP:
-        return 4
+        return 5
     if module in DRIVERS:
+        return 4
+    if module == COMPOSERS_PREFIX or module.startswith(f"{COMPOSERS_PREFIX}."):
         return 3
     if module.startswith(f"{PACKAGE}.methods.") or module == f"{PACKAGE}.methods":
         return 2
@@ -217,3 +222,7 @@ def test_the_checker_sees_a_back_edge_a_circle_and_a_hidden_import(tmp_path: Pat
     assert ("tqdm", 7, True) in found
     assert not any("api" in target for target, _, _ in found)
     assert floor(f"{PACKAGE}.methods.pq.module") > floor(f"{PACKAGE}.layout")
+    # what composes methods sits between the methods and the drivers, and is no method itself
+    budget = f"{PACKAGE}.budget.driver"
+    assert floor(f"{PACKAGE}.methods.pq.module") < floor(budget) < floor(f"{PACKAGE}.api")
+    assert method_of(budget) is None

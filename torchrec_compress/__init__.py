@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torchrec_compress.api import compress_
+    from torchrec_compress.budget.config import BudgetConfig
+    from torchrec_compress.budget.driver import BudgetReport
     from torchrec_compress.distributed.compression import (
         ShardedCompressionReport,
         load_compressed,
@@ -64,6 +66,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "compress_": "torchrec_compress.api",
     "CompressionReport": "torchrec_compress.report",
+    "BudgetConfig": "torchrec_compress.budget.config",
+    "BudgetReport": "torchrec_compress.budget.driver",
     "AFMConfig": "torchrec_compress.methods.lowrank.config",
     "SVDConfig": "torchrec_compress.methods.lowrank.config",
     "MECConfig": "torchrec_compress.methods.pq.config",
@@ -94,6 +98,8 @@ _EXPORTS = {
 
 __all__ = [
     "AFMConfig",
+    "BudgetConfig",
+    "BudgetReport",
     "CPURowWiseEmbeddingBagCollectionSharder",
     "CompressionLayout",
     "CompressionReport",

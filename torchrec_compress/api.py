@@ -25,6 +25,8 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
+from torchrec_compress.budget.config import BudgetConfig
+from torchrec_compress.budget.driver import compress_within_budget
 from torchrec_compress.calibration import ForwardFn, default_forward
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.discovery import FilterFn, find_embedding_bag_collections
@@ -126,7 +128,9 @@ def compress_(
             (the model itself cannot be the swapped module).
         config (CompressionConfig): :class:`AFMConfig`, :class:`SVDConfig`, :class:`MECConfig`,
             :class:`PQConfig`, ``RowWiseQuantConfig`` (DMP models take all five; int8 / fp16 rows
-            only, see :mod:`torchrec_compress.methods.rowwise_quant.sharded_driver`).
+            only, see :mod:`torchrec_compress.methods.rowwise_quant.sharded_driver`), or
+            ``BudgetConfig`` (one byte budget, the best option per table; plain models only:
+            compress before sharding, see :mod:`torchrec_compress.budget`).
         calibration (Optional[Iterable]): batches (``Batch`` or ``KeyedJaggedTensor``); needed by
             AFM, accepted and ignored by SVD.  Iterated once.  DMP: this process's batches.
         filter_fn (Optional[Callable[[nn.Module, str], bool]]): ``(module, fqn) -> bool``; only
@@ -144,7 +148,9 @@ def compress_(
     Raises:
         TypeError: for a DDP-wrapped model, sharded modules outside DMP, or a config type
             without converter.
-        ValueError: naming the table/layer/value at fault; when nothing is left to compress.
+        ValueError: naming the table/layer/value at fault; when nothing is left to compress;
+            naming the smallest reachable size when a ``BudgetConfig``'s budget is below it.
+        NotImplementedError: a ``BudgetConfig`` with a DMP model (compress before sharding).
 
     Example::
 
@@ -160,6 +166,15 @@ def compress_(
         ('LowRankEmbeddingBagCollection', 4)
         >>> # sharded, on every process: compress_(dmp, AFMConfig(rank=4), my_batches).reshard(device)
     """
+    if isinstance(config, BudgetConfig):
+        if isinstance(model, DistributedModelParallel):
+            raise NotImplementedError(
+                "compress_ with BudgetConfig takes plain (unsharded) models only: compress the "
+                "model before sharding it (compress_(model, BudgetConfig(...), calibration=...), "
+                "then DistributedModelParallel(model, sharders=torchrec_compress.sharders(model)))"
+            )
+        _check_unsharded(model)
+        return compress_within_budget(model, config, calibration, filter_fn, forward_fn)
     if isinstance(model, DistributedModelParallel):
         sharded = compress_sharded_model(
             model, config, calibration, filter_fn, forward_fn, meta_model=meta_model

@@ -1,0 +1,280 @@
+"""compress_ with BudgetConfig: one byte budget for the whole model, the best option per table.
+
+On torchrec's DLRM (tables of different sizes, structure and popularity) and TestSparseNN (two
+collections, one weighted): the budget is met for several budgets and every table's bytes are
+the planned ones; a budget below the smallest reachable size raises naming it, and the model is
+left unchanged; the popular table gets more bytes than a rarely read one of the same shape; the
+report lists the plan; on a synthetic case the budget's pooled-output error is at most that of
+the best single method at equal bytes; the compressed model runs and survives a state-dict
+round trip through its layout.
+"""
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.test_utils.test_model import ModelInput, TestSparseNN
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_compress import BudgetConfig, BudgetReport, compress_
+from torchrec_compress.budget.config import OPTION_KINDS
+from torchrec_compress.layout import compression_layout, restore_layout_
+from torchrec_compress.methods.lowrank.config import AFMConfig
+from torchrec_compress.methods.pq.config import PQConfig
+from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DIM = 16
+# name -> (rows, mean ids per sample, rank of the rows' structure: 0 = full rank)
+TABLES = {
+    "popular": (1500, 4.0, 0),
+    "rare": (1500, 0.05, 0),
+    "structured": (800, 1.0, 3),
+    "tiny": (40, 1.0, 2),
+}
+FAST = {"sample_size": 1024, "estimate_iterations": 4}
+
+
+def _rows(rows: int, rank: int, g: torch.Generator) -> torch.Tensor:
+    if rank == 0:
+        return torch.randn(rows, DIM, generator=g)
+    basis = torch.randn(rank, DIM, generator=g)
+    return torch.randn(rows, rank, generator=g) @ basis + 0.05 * torch.randn(rows, DIM, generator=g)
+
+
+def _collection(tables: dict = TABLES, seed: int = 0) -> EmbeddingBagCollection:
+    g = torch.Generator().manual_seed(seed)
+    configs = [
+        EmbeddingBagConfig(name=n, embedding_dim=DIM, num_embeddings=r, feature_names=[f"f_{n}"])
+        for n, (r, _, _) in tables.items()
+    ]
+    ebc = EmbeddingBagCollection(configs)
+    with torch.no_grad():
+        for n, (r, _, rank) in tables.items():
+            ebc.embedding_bags[n].weight.copy_(_rows(r, rank, g))
+    return ebc
+
+
+def _features(tables: dict = TABLES, batch_size: int = 64, seed: int = 0) -> KeyedJaggedTensor:
+    """Zipf-like ids (squares of uniforms), bags of Poisson(mean) ids."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, values = [], []
+    for rows, mean, _ in tables.values():
+        n = torch.poisson(torch.full((batch_size,), mean), generator=g).long()
+        lengths.append(n)
+        u = torch.rand(int(n.sum()), generator=g)
+        values.append((u * u * rows).long().clamp(max=rows - 1))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[f"f_{n}" for n in tables], values=torch.cat(values), lengths=torch.cat(lengths)
+    )
+
+
+def _dlrm(seed: int = 0) -> DLRM:
+    torch.manual_seed(seed)
+    return DLRM(
+        embedding_bag_collection=_collection(seed=seed),
+        dense_in_features=4,
+        dense_arch_layer_sizes=[16, DIM],
+        over_arch_layer_sizes=[16, 1],
+    )
+
+
+def _batches(num: int = 8) -> list[Batch]:
+    return [
+        Batch(
+            torch.randn(64, 4, generator=torch.Generator().manual_seed(i)),
+            _features(seed=i),
+            torch.zeros(64),
+        )
+        for i in range(num)
+    ]
+
+
+def _total() -> int:
+    return sum(r * DIM * 4 for r, _, _ in TABLES.values())
+
+
+@pytest.mark.parametrize("ratio", [2, 5, 8, 12])
+def test_budget_is_met_and_bytes_are_the_planned_ones(ratio: int) -> None:
+    model, batches = _dlrm(), _batches()
+    budget = _total() // ratio
+    report = compress_(model, BudgetConfig(budget, **FAST), calibration=batches)
+    assert isinstance(report, BudgetReport)
+    assert report.bytes_before == _total()
+    assert report.bytes_after <= budget
+    planned = {p.name: p.option.bytes for p in report.plan}
+    assert {r.name: r.bytes_after for r in report.rows} == planned
+    # the budget is spent: less than the smallest step of any table is left over
+    assert report.bytes_after > budget * 0.7
+    model.eval()
+    with torch.no_grad():
+        out = model(batches[0].dense_features, batches[0].sparse_features)
+    assert out.shape == (64, 1) and bool(torch.isfinite(out).all())
+
+
+def test_a_collection_holds_product_or_rowwise_quantized_tables_not_both() -> None:
+    for ratio in (3, 8, 12):
+        report = compress_(_dlrm(), BudgetConfig(_total() // ratio, **FAST), calibration=_batches())
+        families = {p.option.family for p in report.plan} - {"any"}
+        assert report.plan  # packed AFM tables (family "float") neither
+        assert len(families) <= 1, report
+
+
+def test_unreachable_budget_names_the_smallest_size_and_leaves_the_model() -> None:
+    model = _dlrm()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"give a budget of at least (\d+)") as error:
+        compress_(model, BudgetConfig(1000, **FAST), calibration=_batches())
+    assert type(model.sparse_arch.embedding_bag_collection) is EmbeddingBagCollection
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    smallest = int(re.search(r"at least (\d+)", str(error.value)).group(1))  # type: ignore[union-attr]
+    report = compress_(model, BudgetConfig(smallest, **FAST), calibration=_batches())
+    assert report.bytes_after <= smallest
+
+
+def test_the_popular_table_gets_more_bytes_than_a_rare_one_of_the_same_shape() -> None:
+    report = compress_(_dlrm(), BudgetConfig(_total() // 10, **FAST), calibration=_batches())
+    plan = {p.name: p for p in report.plan}
+    assert plan["popular"].option.bytes > plan["rare"].option.bytes, report
+    # a factor on a table's error says which one matters
+    config = BudgetConfig(_total() // 10, sensitivity={"rare": 1e4}, **FAST)
+    report = compress_(_dlrm(), config, calibration=_batches())
+    plan = {p.name: p for p in report.plan}
+    assert plan["rare"].option.bytes > plan["popular"].option.bytes, report
+
+
+def test_the_report_lists_the_plan() -> None:
+    report = compress_(_dlrm(), BudgetConfig(_total() // 8, **FAST), calibration=_batches())
+    text = str(report)
+    assert f"budget {_total() // 8:,} bytes, plan (4 tables):" in text
+    for p in report.plan:
+        assert f"{p.name}: {p.option.label}, {p.option.bytes:,} bytes" in text
+        assert 0.0 <= p.relative_error < 1.0
+    assert all(r.note is not None and r.note.startswith("budget: ") for r in report.rows)
+    assert [type(c).__name__ for c in report.stages]  # the configs that applied the plan
+
+
+def _pooled_error(config: object, budget_tables: dict, batches: list) -> tuple[int, float]:
+    """Bytes after and squared error of the pooled outputs, against the float collection."""
+    model = nn.Sequential(_collection(budget_tables))
+    reference = copy.deepcopy(model)
+    report = compress_(model, config, calibration=batches, forward_fn=lambda m, b: m(b))  # type: ignore[arg-type]
+    with torch.no_grad():
+        error = sum(
+            float(((model(b).values() - reference(b).values()) ** 2).sum()) for b in batches
+        )
+    return report.bytes_after, error
+
+
+def test_budget_beats_every_single_method_at_equal_bytes() -> None:
+    """One table is low-rank (AFM's case), one full-rank noise (row-wise quantization's case):
+    no single method suits both; at the bytes of int4 everywhere the budget takes AFM for the
+    first, int4 for the second, and loses less than half of what the best single method does."""
+    tables = {"structured": (2000, 2.0, 2), "noise": (2000, 2.0, 0)}
+    batches = [_features(tables, seed=i) for i in range(6)]
+    budget = 2 * 2000 * 12  # both tables in int4
+    singles = [
+        AFMConfig(memory_budget_bytes=budget),
+        RowWiseQuantConfig(bits=4),
+        PQConfig(num_subspaces=8),
+        PQConfig(num_subspaces=4),
+        PQConfig(num_subspaces=2),
+    ]
+    errors = {}
+    for config in singles:
+        size, error = _pooled_error(config, tables, batches)
+        if size <= budget:
+            errors[str(config)] = error
+    assert len(errors) >= 3  # AFM, int4, PQ M=2 fit
+    size, error = _pooled_error(BudgetConfig(budget, **FAST), tables, batches)
+    assert size <= budget
+    assert error < 0.6 * min(errors.values()), (error, errors)
+
+
+def _sparse_nn_inputs(tables: list, weighted: list) -> list[ModelInput]:
+    torch.manual_seed(1)
+    return [
+        ModelInput.generate(
+            batch_size=16,
+            world_size=1,
+            num_float_features=10,
+            tables=tables,
+            weighted_tables=weighted,
+        )[0]
+        for _ in range(4)
+    ]
+
+
+def test_test_sparse_nn_two_collections() -> None:
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t{i}", embedding_dim=16, num_embeddings=r, feature_names=[f"f{i}"]
+        )
+        for i, r in enumerate((400, 100))
+    ]
+    weighted = [
+        EmbeddingBagConfig(name="w0", embedding_dim=16, num_embeddings=300, feature_names=["w0"])
+    ]
+    torch.manual_seed(0)
+    model = TestSparseNN(tables=tables, weighted_tables=weighted)
+    batches = _sparse_nn_inputs(tables, weighted)
+    total = 800 * 16 * 4
+    for ratio in (2, 6):
+        compressed = copy.deepcopy(model)
+        report = compress_(
+            compressed,
+            BudgetConfig(total // ratio, **FAST),
+            calibration=batches,
+            forward_fn=lambda m, b: m(b),
+        )
+        assert report.bytes_before == total and report.bytes_after <= total // ratio
+        compressed.eval()
+        with torch.no_grad():
+            assert bool(torch.isfinite(compressed(batches[0])[1]).all())
+
+
+def test_the_layout_rebuilds_the_compressed_model_and_loads_its_state() -> None:
+    """What save_compressed / load_compressed rely on: the layout of the budget's model rebuilds
+    it from the uncompressed architecture, and its state dict loads into that."""
+    model, batches = _dlrm(), _batches()
+    report = compress_(model, BudgetConfig(_total() // 12, **FAST), calibration=batches)
+    layout = compression_layout(model, report.stages)
+    fresh = restore_layout_(_dlrm(seed=1), layout, device=torch.device("cpu"))
+    fresh.load_state_dict(model.state_dict())
+    model.eval(), fresh.eval()
+    b = batches[0]
+    with torch.no_grad():
+        assert torch.equal(
+            model(b.dense_features, b.sparse_features), fresh(b.dense_features, b.sparse_features)
+        )
+
+
+def test_dmp_models_are_refused_with_what_to_do() -> None:
+    dmp = DistributedModelParallel.__new__(DistributedModelParallel)
+    with pytest.raises(NotImplementedError, match="compress the model before sharding"):
+        compress_(dmp, BudgetConfig(1000), calibration=[])
+
+
+def test_config_checks() -> None:
+    assert BudgetConfig.from_dict(BudgetConfig(10, methods=["int8", "afm"]).to_dict()).methods == (
+        "int8",
+        "afm",
+    )
+    assert set(BudgetConfig(10).methods) == set(OPTION_KINDS)
+    for bad in (
+        {"memory_budget_bytes": 0},
+        {"memory_budget_bytes": 1, "error": "x"},
+        {"memory_budget_bytes": 1, "sensitivity": {"t": 0.0}},
+    ):
+        with pytest.raises(ValueError, match="BudgetConfig"):
+            BudgetConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"unknown table\(s\) \['nope'\]"):
+        compress_(_dlrm(), BudgetConfig(10**6, sensitivity={"nope": 2.0}), calibration=_batches(1))

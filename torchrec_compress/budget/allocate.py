@@ -1,0 +1,189 @@
+"""Spending one byte budget over the tables: one option each, least total error.
+
+A multiple-choice knapsack, solved as the rank budget of AFM is: every table starts at its
+smallest option; then steps along each table's lower convex hull of (bytes, error) are taken,
+the most error saved per byte first, while they fit; then the bytes left over buy the single
+option change that saves the most error, again and again, among all options (hull or not).
+Product-quantized and row-wise quantized tables cannot share a collection, nor can either share
+one with AFM factor tables stored packed (ranks not multiples of 4), so each collection gets one
+family, ``"rowwise"``, ``"pq"`` or ``"float"`` (kept tables and other AFM tables go with all):
+starting from all collections alike, each one's family is changed while that lowers the total
+error.
+
+Example::
+
+    >>> from torchrec_compress.budget.options import Option
+    >>> big = TableChoices("big", "ebc", [Option("fp32", 400), Option("int8", 120)], [0.0, 1.0])
+    >>> small = TableChoices("small", "ebc", [Option("fp32", 40), Option("int8", 12)], [0.0, 5.0])
+    >>> {n: o.kind for n, o in allocate([big, small], 200).items()}
+    {'big': 'int8', 'small': 'fp32'}
+    >>> allocate([big, small], 100)
+    Traceback (most recent call last):
+    ...
+    ValueError: memory_budget_bytes=100 cannot be met: the smallest the tables can be stored in is 132 bytes (largest at their smallest: 'big' 120 bytes, 'small' 12 bytes), 32 bytes over; give a budget of at least 132
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torchrec_compress.budget.options import Option
+
+#: the quantized collection a collection may become (see the module notes)
+FAMILY_CHOICES: tuple[str, ...] = ("rowwise", "pq", "float")
+
+
+@dataclass
+class TableChoices:
+    """One table as the allocator sees it: its collection, options and their errors.
+
+    Args:
+        name (str): the table.
+        collection (str): fully qualified name of its collection.
+        options (list[Option]): what it may become, ``"fp32"`` (kept) first.
+        costs (list[float]): the error of each option (scaled as the objective weighs it).
+    """
+
+    name: str
+    collection: str
+    options: list[Option]
+    costs: list[float]
+
+    def allowed(self, family: str) -> list[int]:
+        """Indices of the options a collection of ``family`` can hold."""
+        return [i for i, o in enumerate(self.options) if o.family in ("any", family)]
+
+
+def lower_hull(table: TableChoices, allowed: Sequence[int]) -> list[int]:
+    """Indices of ``allowed`` options on the lower convex hull of (bytes, error), from the
+    smallest to the one of least error: error saved per extra byte falls along it.
+
+    Example::
+
+        >>> options = [Option("fp32", 100), Option("int8", 30), Option("int4", 20), Option("fp16", 50)]
+        >>> lower_hull(TableChoices("t", "c", options, [0.0, 1.0, 9.0, 0.9]), range(4))
+        [2, 1, 0]
+    """
+    points = sorted(allowed, key=lambda i: (table.options[i].bytes, table.costs[i]))
+    pareto: list[int] = []
+    for i in points:
+        if not pareto or table.costs[i] < table.costs[pareto[-1]]:
+            pareto.append(i)
+
+    def gain(a: int, b: int) -> float:
+        extra = table.options[b].bytes - table.options[a].bytes
+        return (table.costs[a] - table.costs[b]) / max(extra, 1)
+
+    hull: list[int] = []
+    for i in pareto:
+        while len(hull) >= 2 and gain(hull[-2], hull[-1]) <= gain(hull[-1], i):
+            hull.pop()
+        hull.append(i)
+    return hull
+
+
+def _smallest(table: TableChoices, family: str) -> int:
+    return min(table.options[i].bytes for i in table.allowed(family))
+
+
+def _fill(
+    tables: Sequence[TableChoices], chosen: dict[str, int], families: Mapping[str, str], left: int
+) -> None:
+    """Spends the ``left`` bytes on the option changes that save the most error, one at a time."""
+    while True:
+        best: tuple[float, str, int, int] | None = None
+        for t in tables:
+            now = chosen[t.name]
+            for i in t.allowed(families[t.collection]):
+                extra = t.options[i].bytes - t.options[now].bytes
+                saved = t.costs[now] - t.costs[i]
+                if extra <= left and saved > 0 and (best is None or saved > best[0]):
+                    best = (saved, t.name, i, extra)
+        if best is None:
+            return
+        chosen[best[1]], left = best[2], left - best[3]
+
+
+def spend(
+    tables: Sequence[TableChoices], families: Mapping[str, str], budget: int
+) -> tuple[float, dict[str, int]] | None:
+    """The greedy choice of one option per table (indices) and its total error, for one family
+    per collection; ``None`` when even the smallest options exceed ``budget``."""
+    hulls = {t.name: lower_hull(t, t.allowed(families[t.collection])) for t in tables}
+    chosen = {t.name: hulls[t.name][0] for t in tables}
+    spent = sum(t.options[chosen[t.name]].bytes for t in tables)
+    if spent > budget:
+        return None
+    by_name = {t.name: t for t in tables}
+    step = {t.name: 0 for t in tables}
+    heap: list[tuple[float, str]] = []
+
+    def push(name: str) -> None:
+        t, hull, at = by_name[name], hulls[name], step[name]
+        if at + 1 < len(hull):
+            a, b = hull[at], hull[at + 1]
+            extra = max(t.options[b].bytes - t.options[a].bytes, 1)
+            heapq.heappush(heap, (-(t.costs[a] - t.costs[b]) / extra, name))
+
+    for t in tables:
+        push(t.name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        t, nxt = by_name[name], hulls[name][step[name] + 1]
+        extra = t.options[nxt].bytes - t.options[chosen[name]].bytes
+        if spent + extra > budget:
+            continue  # this table's next step does not fit; cheaper steps elsewhere may
+        spent, chosen[name] = spent + extra, nxt
+        step[name] += 1
+        push(name)
+    _fill(tables, chosen, families, budget - spent)
+    return sum(t.costs[chosen[t.name]] for t in tables), chosen
+
+
+def _unreachable(tables: Sequence[TableChoices], budget: int) -> ValueError:
+    collections = sorted({t.collection for t in tables})
+    floor = 0
+    smallest: dict[str, int] = {}
+    for c in collections:
+        members = [t for t in tables if t.collection == c]
+        family = min(FAMILY_CHOICES, key=lambda f: sum(_smallest(t, f) for t in members))
+        smallest.update({t.name: _smallest(t, family) for t in members})
+        floor += sum(smallest[t.name] for t in members)
+    largest = sorted(smallest.items(), key=lambda item: (-item[1], item[0]))[:5]
+    return ValueError(
+        f"memory_budget_bytes={budget} cannot be met: the smallest the tables can be stored in "
+        f"is {floor} bytes (largest at their smallest: "
+        f"{', '.join(f'{n!r} {b} bytes' for n, b in largest)}), {floor - budget} bytes over; "
+        f"give a budget of at least {floor}"
+    )
+
+
+def allocate(tables: Sequence[TableChoices], budget: int) -> dict[str, Option]:
+    """One option per table, the bytes of all at most ``budget``, the total error least (see
+    the module notes).
+
+    Raises:
+        ValueError: naming the smallest size the tables can take, when ``budget`` is below it.
+    """
+    collections = sorted({t.collection for t in tables})
+    best: tuple[float, dict[str, int]] | None = None
+    for start in FAMILY_CHOICES:
+        families = {c: start for c in collections}
+        result = spend(tables, families, budget)
+        improved = True
+        while improved:
+            improved = False
+            for c, family in ((c, f) for c in collections for f in FAMILY_CHOICES):
+                if family == families[c]:
+                    continue
+                changed = {**families, c: family}
+                trial = spend(tables, changed, budget)
+                if trial is not None and (result is None or trial[0] < result[0]):
+                    families, result, improved = changed, trial, True
+        if result is not None and (best is None or result[0] < best[0]):
+            best = result
+    if best is None:
+        raise _unreachable(tables, budget)
+    return {t.name: t.options[best[1][t.name]] for t in tables}
