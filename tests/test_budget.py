@@ -23,6 +23,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from examples.dlrm.compression import BUDGET_METHODS, make_config
+from examples.dlrm.main import parse_args
 from torchrec_compress import BudgetConfig, BudgetReport, compress_
 from torchrec_compress.budget.config import OPTION_KINDS
 from torchrec_compress.layout import compression_layout, restore_layout_
@@ -278,3 +280,11 @@ def test_config_checks() -> None:
             BudgetConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"unknown table\(s\) \['nope'\]"):
         compress_(_dlrm(), BudgetConfig(10**6, sensitivity={"nope": 2.0}), calibration=_batches(1))
+
+
+def test_the_example_flag_makes_a_budget_of_the_total_bytes_over_the_ratio() -> None:
+    config = make_config(parse_args(["--compress", "budget", "--budget-ratio", "16"]), 1600)
+    assert isinstance(config, BudgetConfig)
+    assert config.memory_budget_bytes == 100 and config.methods == BUDGET_METHODS
+    with pytest.raises(SystemExit, match="--budget-ratio"):
+        make_config(parse_args(["--compress", "budget"]), 1600)

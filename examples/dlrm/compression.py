@@ -6,6 +6,8 @@ factors and codes shard by shard (no table is gathered on one process), and the 
 compressed state through a DCP checkpoint (kept in the run directory: fine-tuning falls back to it).
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import os
@@ -17,10 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from examples.dlrm.model import ModelConfig
+from examples.dlrm.model import ModelConfig, build_model
 from examples.dlrm.train import (
     CheckpointPolicy,
     FitResult,
@@ -33,11 +36,15 @@ from examples.dlrm.train import (
 )
 from torchrec_compress import (
     AFMConfig,
+    BudgetConfig,
+    BudgetReport,
     CompressionReport,
     MECConfig,
     MECTraining,
     SVDConfig,
     compress_,
+    compression_layout,
+    load_compressed,
     reinitialize_dense_,
 )
 from torchrec_compress.config import CompressionConfig
@@ -46,17 +53,21 @@ from torchrec_compress.distributed.compression import (
     ShardedCompressionReport,
     read_compression_layout,
 )
+from torchrec_compress.distributed.tables import save_compressed_state
 from torchrec_compress.faults import fault_point
 from torchrec_compress.layout import CompressionLayout
 
 logger = logging.getLogger("examples.dlrm")
 
 FINETUNE_PROTOCOLS = ("continue", "retrain")
-METHODS = ("afm", "svd", "mec", "pq", "afm+mec", "afm+pq")
+METHODS = ("afm", "svd", "mec", "pq", "afm+mec", "afm+pq", "budget")
 PQ_METHODS = ("mec", "pq")
 # AFM first (rank / variance / budget flags), then MEC or PQ of the k-dim factor tables
 # (--subspaces must divide every rank)
 TWO_STAGE = ("afm+mec", "afm+pq")
+# --compress budget: what a DMP model can take after a plain model's compression (row-wise int4
+# rows cannot be checkpointed by torchrec 1.8, so they are left out)
+BUDGET_METHODS = ("fp16", "int8", "afm", "pq", "afm+pq", "afm+int8")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--budget-ratio",
         type=float,
         default=None,
-        help="one byte budget for all tables: embedding bytes / RATIO (ranks chosen globally)",
+        help="one byte budget for all tables: embedding bytes / RATIO (afm/svd: ranks chosen "
+        "globally; budget: the best option per table)",
     )
     g.add_argument(
         "--compress-linear", action="store_true", help="also compress the MLP hidden layers"
@@ -151,6 +163,15 @@ def make_config(
     """The config the flags describe for ``method`` (default ``args.compress``): MEC/PQ, or
     AFM/SVD (one of rank / variance / budget)."""
     method = method or args.compress
+    if method == "budget":
+        if args.budget_ratio is None:
+            raise SystemExit("--compress budget needs --budget-ratio")
+        return BudgetConfig(
+            memory_budget_bytes=int(total_embedding_bytes / args.budget_ratio),
+            methods=BUDGET_METHODS,
+            num_centroids=args.centroids,
+            weighting="lookups",
+        )
     if method in PQ_METHODS:
         return MECConfig(
             num_subspaces=args.subspaces,
@@ -200,13 +221,19 @@ def compress_model(
     args: argparse.Namespace,
     device: torch.device,
     work_dir: str,
-) -> tuple[DistributedModelParallel, CompressionReport, CompressionConfig]:
+) -> tuple[
+    DistributedModelParallel, CompressionReport, CompressionConfig | TwoStageConfig | BudgetStages
+]:
     """Compress a trained DMP model and return the re-planned, re-sharded compressed model.
 
     ``afm+mec`` / ``afm+pq`` run two stages: AFM (sharded, re-planned and loaded like the final
     model), then MEC / PQ of its factor tables; the report follows each table through both.
     """
     total_bytes = embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
+    if args.compress == "budget":
+        return compress_within_budget(
+            model, data, model_config, finetune_config, args, device, work_dir
+        )
     methods = args.compress.split("+")
     configs = [make_config(args, total_bytes, method) for method in methods]
     # the next stage compresses this one's re-sharded model further
@@ -303,11 +330,77 @@ class TwoStageConfig:
         return {"lowrank": self.lowrank.to_dict(), "quantizer": self.quantizer.to_dict()}
 
 
-def stage_configs(config: CompressionConfig | TwoStageConfig) -> list[CompressionConfig]:
+@dataclass(frozen=True)
+class BudgetStages:
+    """``budget``: the budget, and the per-table configs that applied its plan."""
+
+    budget: BudgetConfig
+    stages: tuple[CompressionConfig, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget.to_dict(), "stages": [c.to_dict() for c in self.stages]}
+
+
+def stage_configs(
+    config: CompressionConfig | TwoStageConfig | BudgetStages,
+) -> list[CompressionConfig]:
     """The configs :func:`compress_model` applied, in order."""
     if isinstance(config, TwoStageConfig):
         return [config.lowrank, config.quantizer]
+    if isinstance(config, BudgetStages):
+        return list(config.stages)
     return [config]
+
+
+def unsharded_copy(model: DistributedModelParallel, plain: nn.Module) -> nn.Module:
+    """``plain`` (the same architecture, unsharded) with ``model``'s weights; one process only
+    (every shard of a table is local)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype)
+            for shard in value.local_shards():
+                rows, cols = shard.metadata.shard_offsets
+                height, width = shard.metadata.shard_sizes
+                full[rows : rows + height, cols : cols + width] = shard.tensor.cpu()
+            value = full
+        state[key] = value
+    plain.load_state_dict(state)
+    return plain
+
+
+def compress_within_budget(
+    model: DistributedModelParallel,
+    data: CTRDataset,
+    model_config: ModelConfig,
+    finetune_config: TrainConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    work_dir: str,
+) -> tuple[DistributedModelParallel, CompressionReport, BudgetStages]:
+    """``--compress budget``: the library compresses plain models within a budget (compress
+    before sharding), so the trained tables are copied into an unsharded model (one process),
+    compressed there, written to ``compressed_init`` with their layout and loaded sharded."""
+    if dist.get_world_size() != 1:
+        raise SystemExit("--compress budget runs on one process (it compresses a plain copy)")
+    total_bytes = embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
+    config = make_config(args, total_bytes)
+    assert isinstance(config, BudgetConfig)
+    plain = unsharded_copy(model, build_model(data.schema, model_config, torch.device("cpu")))
+    batches = calibration_batches(data, finetune_config.batch_size, args.calibration_batches)
+    report = compress_(plain, config, batches, forward_fn=train_forward)
+    assert isinstance(report, BudgetReport)
+    checkpoint_dir = os.path.join(work_dir, "compressed_init")
+    layout = compression_layout(plain, report.stages)
+    save_compressed_state(plain.state_dict(), checkpoint_dir, layout.to_dict())
+    compressed = load_compressed(
+        build_model(data.schema, model_config, torch.device("meta")),
+        checkpoint_dir,
+        device,
+        sharding_type=args.sharding_type,
+        prepare=lambda m: attach_sparse_optimizer(m, finetune_config),
+    )
+    return compressed, report, BudgetStages(config, tuple(report.stages))
 
 
 def checkpoint_layout(path: str) -> CompressionLayout | None:
