@@ -170,7 +170,7 @@ def make_config(
             memory_budget_bytes=int(total_embedding_bytes / args.budget_ratio),
             methods=BUDGET_METHODS,
             num_centroids=args.centroids,
-            weighting="lookups",
+            weighting=args.mec_weighting,
         )
     if method in PQ_METHODS:
         return MECConfig(

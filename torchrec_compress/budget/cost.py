@@ -1,14 +1,16 @@
 """What each option costs in output error, estimated cheaply from the calibration data.
 
-The error of an option is its squared output error summed over the table's lookups in the
-calibration data, ``sum_i n_i ||e_i - e'_i||^2`` (``n_i``: row ``i``'s lookups):
+The error of an option is its squared output error summed over the table's lookups,
+``sum_i n_i ||e_i - e'_i||^2`` (``n_i``: row ``i``'s lookups), measured on lookups the fit did
+not see: the calibration batches are split in two, every fit (AFM's basis, k-means) uses the
+lookups of one half and the error is measured on a sample of the other's (weighted to the
+lookups of both), so that a fit is not judged on the lookups it was fitted to.
 
-* AFM at rank ``k``: exact, from the eigenvalues of the lookup-weighted covariance AFM itself
-  computes (``n * sum_{j > k} lambda_j``);
-* fp16 / int8 / int4 rows: the rows of a lookup-weighted sample quantized as fbgemm does
-  (min / max of the row, fp16 scale and bias);
-* PQ: k-means fitted with few iterations on a sample drawn as the method draws it, its error
-  measured on the lookup-weighted sample;
+* AFM at rank ``k``: the held-out rows' residual outside the top ``k`` principal directions of
+  the fitted lookup-weighted covariance;
+* fp16 / int8 / int4 rows: the rows quantized as fbgemm does (min / max of the row, fp16 scale
+  and bias);
+* PQ: k-means fitted with few iterations on a sample drawn as the method draws it;
 * AFM then int8 / int4 / PQ: AFM's error plus the quantization error of the factor rows.  The
   projection has orthonormal rows, so an error of the factors is the same error of the output,
   and it lies in the kept directions while AFM's residual lies in the others: the two add up.
@@ -22,7 +24,8 @@ Example::
     >>> weight = torch.randn(300, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor(
     ...     [4.0, 2.0, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1])
     >>> options = [Option("fp32", 9600), Option("int8", 3600), Option("afm", 4836, rank=2)]
-    >>> table = estimate_errors(t, weight, torch.ones(300), options, BudgetConfig(memory_budget_bytes=1))
+    >>> config = BudgetConfig(memory_budget_bytes=1)
+    >>> table = estimate_errors(t, weight, torch.ones(300), torch.ones(300), options, config)
     >>> [round(table.relative(o), 2) for o in options]
     [0.0, 0.0, 0.03]
 """
@@ -115,23 +118,36 @@ def lookup_sample(counts: Tensor, size: int, generator: torch.Generator) -> tupl
 
 @dataclass
 class _Samples:
-    """One table's rows for the estimates: a lookup-weighted sample to measure errors on, and a
-    sample drawn as product quantization draws its training rows."""
+    """One table's rows for the estimates: held-out lookups to measure errors on (their rows,
+    centred coordinates in the fitted principal basis, weights), and rows drawn as product
+    quantization draws its training rows."""
 
     rows: Tensor
+    coordinates: Tensor
     weights: Tensor
     fit_rows: Tensor
     fit_counts: Tensor
     fit_scale: Tensor
 
 
-def _samples(weight: Tensor, counts: Tensor, size: int, generator: torch.Generator) -> _Samples:
-    ids, weights = lookup_sample(counts, size, generator)
+def _samples(
+    weight: Tensor,
+    counts: Tensor,
+    held_out: Tensor,
+    basis: PrincipalBasis,
+    size: int,
+    generator: torch.Generator,
+) -> _Samples:
+    ids, weights = lookup_sample(held_out, size, generator)
+    weights = weights * float(counts.sum() + held_out.sum()) / float(held_out.sum())
     counted = counts.nonzero().squeeze(1)
     fit_ids, scale = stratified_rows(weight.shape[0], counted, counts[counted], size, generator)
     rows = weight.detach()
+    held = rows[ids].float().cpu()
+    coordinates = (held.double() - basis.mean) @ basis.eigenvectors
     return _Samples(
-        rows[ids].float().cpu(),
+        held,
+        coordinates,
         weights,
         rows[fit_ids].float().cpu(),
         counts[fit_ids].float().cpu(),
@@ -147,30 +163,19 @@ class _Estimator:
     """Errors of the options of one table (see the module notes)."""
 
     def __init__(
-        self,
-        name: str,
-        basis: PrincipalBasis,
-        lookups: float,
-        samples: _Samples,
-        config: BudgetConfig,
+        self, name: str, basis: PrincipalBasis, samples: _Samples, config: BudgetConfig
     ) -> None:
-        self.name, self.basis, self.lookups = name, basis, lookups
-        self.samples, self.config = samples, config
-        self._factors: dict[int, tuple[Tensor, Tensor]] = {}
+        self.name, self.basis, self.samples, self.config = name, basis, samples, config
 
     def afm_tail(self, rank: int) -> float:
-        return self.lookups * float(self.basis.eigenvalues[rank:].sum())
+        """The held-out rows' squared residual outside the top ``rank`` directions."""
+        return float(self.samples.coordinates[:, rank:].pow(2).sum(1) @ self.samples.weights)
 
     def factors(self, rank: int) -> tuple[Tensor, Tensor]:
-        """AFM's factor rows of both samples at ``rank``."""
-        if rank not in self._factors:
-            u = self.basis.eigenvectors[:, :rank]
-            mean = self.basis.mean
-            self._factors[rank] = tuple(  # type: ignore[assignment]
-                ((rows.double() - mean) @ u).float()
-                for rows in (self.samples.rows, self.samples.fit_rows)
-            )
-        return self._factors[rank]
+        """AFM's factor rows of the held-out rows and of the fitting rows at ``rank``."""
+        u = self.basis.eigenvectors[:, :rank]
+        fit = ((self.samples.fit_rows.double() - self.basis.mean) @ u).float()
+        return self.samples.coordinates[:, :rank].float(), fit
 
     def pq(self, rows: Tensor, fit_rows: Tensor, m: int, reorder: bool) -> float:
         c, s = self.config, self.samples
@@ -209,31 +214,38 @@ def estimate_errors(
     table: EmbeddingBagConfig,
     weight: Tensor,
     counts: Tensor,
+    held_out: Tensor,
     options: Sequence[Option],
     config: BudgetConfig,
 ) -> TableErrors:
     """The estimated error of each of ``options`` for ``table`` (see the module notes).
 
-    A table the calibration data never looks up is weighed uniformly over its rows, as AFM
-    does (with AFM's warning).
+    A table that ``counts`` never looks up is weighed uniformly over its rows, as AFM does
+    (with AFM's warning); one that ``held_out`` never looks up is measured on ``counts``.
 
     Args:
         table (EmbeddingBagConfig): the table.
         weight (Tensor): its ``(N, d)`` rows.
-        counts (Tensor): ``(N,)`` lookup counts on the calibration data.
+        counts (Tensor): ``(N,)`` lookup counts the fits use (one half of the calibration).
+        held_out (Tensor): ``(N,)`` lookup counts the errors are measured on (the other half).
         options (Sequence[Option]): from :func:`~torchrec_compress.budget.options.table_options`.
         config (BudgetConfig): sample size, PQ settings, seed.
     """
     name = table.name
     moments = table_moments(weight, counts, name)
+    counts = counts.double().cpu()
     if counts.sum() <= 0:
         counts = torch.ones(weight.shape[0], dtype=torch.float64)
+    held_out = held_out.double().cpu()
+    if held_out.sum() <= 0:
+        held_out = counts
     basis = afm_basis(moments, f"table {name!r}")
     generator = torch.Generator().manual_seed(config.seed)
-    samples = _samples(weight, counts.double().cpu(), config.sample_size, generator)
-    lookups = float(moments.count)
-    estimator = _Estimator(name, basis, lookups, samples, config)
-    result = TableErrors(name, lookups, float(basis.eigenvalues.sum()))
+    samples = _samples(weight, counts, held_out, basis, config.sample_size, generator)
+    estimator = _Estimator(name, basis, samples, config)
+    lookups = float(samples.weights.sum())
+    variance = estimator.afm_tail(0) / max(lookups, 1e-300)
+    result = TableErrors(name, lookups, variance)
     for option in options:
         result.errors[option] = max(estimator.error(option), 0.0)
     return result

@@ -111,7 +111,9 @@ def plan_budget(
         )
     table_owners(ebcs, config.sensitivity)
     check_finite_tables(ebcs.values())
-    counts, _ = calibrate(model, calibration, forward_fn, ebcs)
+    # fits see one half of the batches, errors are measured on the other's lookups
+    halves = (calibration[0::2], calibration[1::2]) if len(calibration) > 1 else (calibration,) * 2
+    counts, held_out = (calibrate(model, half, forward_fn, ebcs)[0] for half in halves)
     choices: list[TableChoices] = []
     errors: dict[str, TableErrors] = {}
     for fqn, ebc in ebcs.items():
@@ -120,7 +122,9 @@ def plan_budget(
             options = table_options(
                 t, weight.element_size(), weight.device, config, ebc.is_weighted()
             )
-            errors[t.name] = estimate_errors(t, weight, counts[fqn][t.name], options, config)
+            errors[t.name] = estimate_errors(
+                t, weight, counts[fqn][t.name], held_out[fqn][t.name], options, config
+            )
             scale = _scale(errors[t.name], config)
             costs = [errors[t.name].errors[o] * scale for o in options]
             choices.append(TableChoices(t.name, fqn, options, costs))
