@@ -153,6 +153,39 @@ def test_the_popular_table_gets_more_bytes_than_a_rare_one_of_the_same_shape() -
     assert plan["rare"].option.bytes > plan["popular"].option.bytes, report
 
 
+_WEIGHED = {"a": (1500, 1.0, 0), "b": (1500, 2.0, 0)}  # b read twice as often
+
+
+class _WeighedLoss(nn.Module):
+    """An EBC and a loss that depends on feature ``f_a`` ten times more than on ``f_b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ebc = _collection(_WEIGHED)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        out = self.ebc(kjt)
+        return (10 * out["f_a"] + out["f_b"]).pow(2).mean()
+
+
+def _call(model: nn.Module, batch: KeyedJaggedTensor) -> torch.Tensor:
+    return model(batch)
+
+
+def test_loss_sensitivity_gives_more_bytes_to_the_table_the_loss_depends_on() -> None:
+    batches = [_features(_WEIGHED, seed=i) for i in range(4)]
+    budget = 30000 + 18000  # int8 for one table, int4 for the other
+    for weighed, more in ((False, "b"), (True, "a")):
+        config = BudgetConfig(budget, loss_sensitivity=weighed, **FAST)
+        report = compress_(_WeighedLoss(), config, calibration=batches, forward_fn=_call)
+        plan = {p.name: p.option for p in report.plan}
+        less = "a" if more == "b" else "b"
+        assert plan[more].bytes > plan[less].bytes, report
+    config = BudgetConfig(budget, loss_sensitivity=True, **FAST)
+    with pytest.raises(ValueError, match="needs forward_fn to return the loss"):
+        compress_(_dlrm(), config, calibration=_batches(2))
+
+
 def test_the_report_lists_the_plan() -> None:
     report = compress_(_dlrm(), BudgetConfig(_total() // 8, **FAST), calibration=_batches())
     text = str(report)

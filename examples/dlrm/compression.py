@@ -171,6 +171,7 @@ def make_config(
             methods=BUDGET_METHODS,
             num_centroids=args.centroids,
             weighting=args.mec_weighting,
+            loss_sensitivity=True,  # train_forward returns DLRMTrain's loss first
         )
     if method in PQ_METHODS:
         return MECConfig(

@@ -45,7 +45,11 @@ class BudgetConfig(CompressionConfig):
     calibration data (``error="absolute"``: AFM's own objective, which the rank budget of
     :class:`AFMConfig` spends too), or that divided by the table's lookup-weighted output
     variance (``"relative"``: every table's output counts alike), times ``sensitivity[table]``
-    (default 1) where you know that the loss depends on some features more than on others.
+    (default 1) where you know that the loss depends on some features more than on others, and,
+    with ``loss_sensitivity=True``, times the table's mean squared loss gradient per output
+    dimension on the calibration data (``forward_fn`` must then return the loss, as
+    ``DLRMTrain`` does; :mod:`~torchrec_compress.budget.sensitivity`): the error then estimates
+    the loss each option adds, in the same units for every table.
 
     Args:
         memory_budget_bytes (int): bytes the selected tables may take after compression.
@@ -66,6 +70,7 @@ class BudgetConfig(CompressionConfig):
             codes cost the rarely read rows.
         error (str): ``"absolute"`` or ``"relative"``, see above.
         sensitivity (dict[str, float]): per table name, a factor on its error (> 0).
+        loss_sensitivity (bool): weigh each table's error by the loss's gradient (see above).
         sample_size (int): rows per table on which quantization errors are estimated.
         estimate_iterations (int): k-means iterations of the PQ error estimates.
         seed (int): seed of the samples and estimates.
@@ -89,6 +94,7 @@ class BudgetConfig(CompressionConfig):
     weighting: str = "log2"
     error: str = "absolute"
     sensitivity: dict[str, float] = field(default_factory=dict)
+    loss_sensitivity: bool = False
     sample_size: int = 4096
     estimate_iterations: int = 8
     seed: int = 0

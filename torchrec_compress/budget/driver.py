@@ -24,6 +24,7 @@ from torchrec_compress.budget.allocate import TableChoices, allocate
 from torchrec_compress.budget.config import BudgetConfig
 from torchrec_compress.budget.cost import TableErrors, estimate_errors
 from torchrec_compress.budget.options import Option, table_options
+from torchrec_compress.budget.sensitivity import loss_sensitivity
 from torchrec_compress.calibration import ForwardFn, calibrate
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.discovery import FilterFn, find_embedding_bag_collections, table_owners
@@ -83,8 +84,8 @@ class BudgetReport(CompressionReport):
         return "\n".join([super().__str__(), head, *("  " + line for line in lines)])
 
 
-def _scale(errors: TableErrors, config: BudgetConfig) -> float:
-    factor = config.sensitivity.get(errors.name, 1.0)
+def _scale(errors: TableErrors, config: BudgetConfig, gradient: float) -> float:
+    factor = config.sensitivity.get(errors.name, 1.0) * gradient
     if config.error == "relative":
         return factor / max(errors.lookups * errors.variance, 1e-300)
     return factor
@@ -114,6 +115,9 @@ def plan_budget(
     # fits see one half of the batches, errors are measured on the other's lookups
     halves = (calibration[0::2], calibration[1::2]) if len(calibration) > 1 else (calibration,) * 2
     counts, held_out = (calibrate(model, half, forward_fn, ebcs)[0] for half in halves)
+    gradients: dict[str, float] = {}
+    if config.loss_sensitivity:
+        gradients = loss_sensitivity(model, calibration, forward_fn, ebcs)
     choices: list[TableChoices] = []
     errors: dict[str, TableErrors] = {}
     for fqn, ebc in ebcs.items():
@@ -125,7 +129,7 @@ def plan_budget(
             errors[t.name] = estimate_errors(
                 t, weight, counts[fqn][t.name], held_out[fqn][t.name], options, config
             )
-            scale = _scale(errors[t.name], config)
+            scale = _scale(errors[t.name], config, gradients.get(t.name, 1.0))
             costs = [errors[t.name].errors[o] * scale for o in options]
             choices.append(TableChoices(t.name, fqn, options, costs))
     chosen = allocate(choices, config.memory_budget_bytes)
