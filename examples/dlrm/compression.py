@@ -102,6 +102,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "globally; budget: the best option per table)",
     )
     g.add_argument(
+        "--budget-objective",
+        choices=("loss", "absolute", "relative"),
+        default="loss",
+        help="budget: how each table's estimated output error is weighed (BudgetConfig): loss = "
+        "times the loss's squared gradient (loss_sensitivity), absolute = summed over lookups, "
+        "relative = over the table's output variance",
+    )
+    g.add_argument(
         "--compress-linear", action="store_true", help="also compress the MLP hidden layers"
     )
     g.add_argument(
@@ -171,7 +179,9 @@ def make_config(
             methods=BUDGET_METHODS,
             num_centroids=args.centroids,
             weighting=args.mec_weighting,
-            loss_sensitivity=True,  # train_forward returns DLRMTrain's loss first
+            error="relative" if args.budget_objective == "relative" else "absolute",
+            # train_forward returns DLRMTrain's loss first
+            loss_sensitivity=args.budget_objective == "loss",
         )
     if method in PQ_METHODS:
         return MECConfig(
