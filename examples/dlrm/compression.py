@@ -110,6 +110,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "relative = over the table's output variance",
     )
     g.add_argument(
+        "--budget-subspaces",
+        default="1,2,4,8,16",
+        help="budget: the PQ M values to consider (comma-separated)",
+    )
+    g.add_argument(
         "--compress-linear", action="store_true", help="also compress the MLP hidden layers"
     )
     g.add_argument(
@@ -178,6 +183,7 @@ def make_config(
             memory_budget_bytes=int(total_embedding_bytes / args.budget_ratio),
             methods=BUDGET_METHODS,
             num_centroids=args.centroids,
+            subspaces=tuple(int(m) for m in args.budget_subspaces.split(",")),
             weighting=args.mec_weighting,
             error="relative" if args.budget_objective == "relative" else "absolute",
             # train_forward returns DLRMTrain's loss first
