@@ -101,19 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="one byte budget for all tables: embedding bytes / RATIO (afm/svd: ranks chosen "
         "globally; budget: the best option per table)",
     )
-    g.add_argument(
-        "--budget-objective",
-        choices=("loss", "absolute", "relative"),
-        default="loss",
-        help="budget: how each table's estimated output error is weighed (BudgetConfig): loss = "
-        "times the loss's squared gradient (loss_sensitivity), absolute = summed over lookups, "
-        "relative = over the table's output variance",
-    )
-    g.add_argument(
-        "--budget-subspaces",
-        default="1,2,4,8,16",
-        help="budget: the PQ M values to consider (comma-separated)",
-    )
+    _add_budget_arguments(g)
     g.add_argument(
         "--compress-linear", action="store_true", help="also compress the MLP hidden layers"
     )
@@ -163,6 +151,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--finetune-epochs epochs at the full learning rates; the embedding collections keep "
         "their compressed state (PQ codes frozen; codebooks, AFM factor tables and projections "
         "train as in fine-tuning)",
+    )
+
+
+def _add_budget_arguments(g: argparse._ArgumentGroup) -> None:
+    """The flags of ``--compress budget`` (with ``--budget-ratio`` and ``--mec-weighting``)."""
+    g.add_argument(
+        "--budget-objective",
+        choices=("loss", "absolute", "relative"),
+        default="loss",
+        help="budget: how each table's estimated output error is weighed (BudgetConfig): loss = "
+        "times the loss's squared gradient (loss_sensitivity), absolute = summed over lookups, "
+        "relative = over the table's output variance",
+    )
+    g.add_argument(
+        "--budget-subspaces",
+        default="1,2,4,8,16",
+        help="budget: the PQ M values to consider (comma-separated)",
     )
 
 
