@@ -42,7 +42,7 @@ TABLES = {
     "structured": (800, 1.0, 3),
     "tiny": (40, 1.0, 2),
 }
-FAST = {"sample_size": 1024, "estimate_iterations": 4}
+FAST = {"sample_size": 1024, "fit_sample_size": 1024, "estimate_iterations": 4}
 
 
 def _rows(rows: int, rank: int, g: torch.Generator) -> torch.Tensor:

@@ -136,12 +136,13 @@ def _samples(
     held_out: Tensor,
     basis: PrincipalBasis,
     size: int,
+    fit_size: int,
     generator: torch.Generator,
 ) -> _Samples:
     ids, weights = lookup_sample(held_out, size, generator)
     weights = weights * float(counts.sum() + held_out.sum()) / float(held_out.sum())
     counted = counts.nonzero().squeeze(1)
-    fit_ids, scale = stratified_rows(weight.shape[0], counted, counts[counted], size, generator)
+    fit_ids, scale = stratified_rows(weight.shape[0], counted, counts[counted], fit_size, generator)
     rows = weight.detach()
     held = rows[ids].float().cpu()
     coordinates = (held.double() - basis.mean) @ basis.eigenvectors
@@ -180,7 +181,9 @@ class _Estimator:
     def pq(self, rows: Tensor, fit_rows: Tensor, m: int, reorder: bool) -> float:
         c, s = self.config, self.samples
         training = KMeansTraining(
-            kmeans_iterations=c.estimate_iterations, kmeans_sample_size=c.sample_size, seed=c.seed
+            kmeans_iterations=c.estimate_iterations,
+            kmeans_sample_size=c.fit_sample_size,
+            seed=c.seed,
         )
         pq_config = PQConfig(m, c.num_centroids, weighting=c.weighting, training=training)
         handler = PQHandler.of(pq_config)
@@ -241,7 +244,9 @@ def estimate_errors(
         held_out = counts
     basis = afm_basis(moments, f"table {name!r}")
     generator = torch.Generator().manual_seed(config.seed)
-    samples = _samples(weight, counts, held_out, basis, config.sample_size, generator)
+    samples = _samples(
+        weight, counts, held_out, basis, config.sample_size, config.fit_sample_size, generator
+    )
     estimator = _Estimator(name, basis, samples, config)
     lookups = float(samples.weights.sum())
     variance = estimator.afm_tail(0) / max(lookups, 1e-300)
