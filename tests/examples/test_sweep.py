@@ -8,15 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from examples.dlrm.sweep import (
-    GridPoint,
-    load_grid,
-    main,
-    mark_pareto,
-    markdown_table,
-    pareto_front,
-    parse_grid,
-)
+from examples.dlrm.sweep import GridPoint, load_grid, main, parse_grid
+from examples.dlrm.sweep_report import mark_pareto, markdown_table, pareto_front
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
