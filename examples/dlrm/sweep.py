@@ -57,7 +57,7 @@ from examples.dlrm.compression import (
 )
 from examples.dlrm.main import init_distributed, parse_args, quiet_torchrec, train_configs
 from examples.dlrm.model import ModelConfig, build_model
-from examples.dlrm.sweep_report import human_bytes, write_outputs
+from examples.dlrm.sweep_report import default_title, human_bytes, write_outputs
 from examples.dlrm.train import (
     CheckpointPolicy,
     TrainConfig,
@@ -363,7 +363,8 @@ def run(args: argparse.Namespace, grid: list[GridPoint]) -> dict[str, Any]:
     ctx = SweepContext(args, data, model_config, train_config, finetune_config, device)
     os.makedirs(args.out, exist_ok=True)
     sweep: dict[str, Any] = {
-        "title": args.title or f"{args.dataset}, {args.arch} d={args.embedding_dim}",
+        "title": args.title
+        or default_title(args.dataset, args.data_path, args.arch, args.embedding_dim),
         "command": " ".join(sys.argv),
         "dataset": args.dataset,
         "world_size": world,

@@ -9,6 +9,20 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from examples.dlrm.sweep_plot import plot
+
+DATASET_TITLES = {"synthetic": "Synthetic", "frappe": "Frappe", "criteo": "Criteo"}
+ARCH_TITLES = {"dlrm": "DLRM", "dcn": "DLRM-DCN", "dense_only": "dense-only MLP"}
+
+
+def default_title(dataset: str, data_path: str | None, arch: str, embedding_dim: int) -> str:
+    """The plot's title from the data set and the model, e.g. ``'Frappe, DLRM d=16'``; a parquet
+    data set is named by its directory."""
+    name = DATASET_TITLES.get(dataset, dataset)
+    if dataset == "parquet" and data_path:
+        name = f"parquet {os.path.basename(os.path.normpath(data_path))}"
+    return f"{name}, {ARCH_TITLES.get(arch, arch)} d={embedding_dim}"
+
 
 def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
     """Indices of the points ``(bytes, score)`` no other point beats, by increasing bytes.
@@ -70,87 +84,44 @@ def _status(point: dict[str, Any]) -> str:
     return f"ok ({'; '.join(notes)})" if notes else "ok"
 
 
+def _delta(value: float, base: float) -> str:
+    return f"{value - base:+.5f}"
+
+
 def markdown_table(sweep: dict[str, Any]) -> str:
     """The sweep as a markdown table: one row per point, the baseline first.
 
-    NE is TorchRec's normalized entropy (``examples.dlrm.metrics``); a ``sweep.json`` written
-    before it was reported shows ``—`` there.
+    ``Δ test AUC`` is the test AUC after fine-tuning minus the baseline's, to 5 digits.  NE is
+    TorchRec's normalized entropy (``examples.dlrm.metrics``); a ``sweep.json`` written before it
+    was reported shows ``—`` there.
     """
     base = sweep["baseline"]
+    base_auc = base["test"]["auc"]
     lines = [
         "| point | embedding bytes | × smaller | test AUC before FT | test AUC after FT "
-        "| test logloss after FT | test NE after FT | val AUC after FT | Pareto (AUC) | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---|",
-        f"| baseline (fp32) | {human_bytes(base['bytes'])} | 1 | {base['test']['auc']:.4f} "
-        f"| {base['test']['auc']:.4f} | {base['test']['logloss']:.4f} "
+        "| Δ test AUC | test logloss after FT | test NE after FT | val AUC after FT "
+        "| Pareto (AUC) | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|---|",
+        f"| baseline (fp32) | {human_bytes(base['bytes'])} | 1 | {base_auc:.4f} "
+        f"| {base_auc:.4f} | 0 | {base['test']['logloss']:.4f} "
         f"| {_fmt(base['test'].get('ne'), '.4f')} | {base['val']['auc']:.4f} | | ok |",
     ]
     for p in sweep["points"]:
         if p["status"] != "ok":
             error = p["error"].replace("|", "\\|").replace("\n", " ")[:200]
-            lines.append(f"| {p['label']} | — | — | — | — | — | — | — | | **failed**: {error} |")
+            lines.append(
+                f"| {p['label']} | — | — | — | — | — | — | — | — | | **failed**: {error} |"
+            )
             continue
         before, after = p["before_finetune"], p["after_finetune"]
         lines.append(
             f"| {p['label']} | {human_bytes(p['bytes'])} | {base['bytes'] / max(p['bytes'], 1):.1f} "
             f"| {before['test']['auc']:.4f} | {after['test']['auc']:.4f} "
+            f"| {_delta(after['test']['auc'], base_auc)} "
             f"| {after['test']['logloss']:.4f} | {_fmt(after['test'].get('ne'), '.4f')} "
             f"| {after['val']['auc']:.4f} | {'★' if p['pareto_auc'] else ''} | {_status(p)} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def plot(sweep: dict[str, Any], path: str) -> None:
-    """Test AUC and logloss against embedding bytes (log scale): hollow markers before
-    fine-tuning, filled after, the Pareto front of the points after fine-tuning as a step line,
-    the fp32 baseline as a dashed line and a black star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = sweep["baseline"]
-    ok = [p for p in sweep["points"] if p["status"] == "ok"]
-    methods = list(dict.fromkeys(p["method"] for p in ok))
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for ax, key, name in zip(axes, ("auc", "logloss"), ("test AUC", "test logloss"), strict=True):
-        for p in ok:
-            color = colors[p["method"]]
-            before, after = p["before_finetune"]["test"][key], p["after_finetune"]["test"][key]
-            ax.plot([p["bytes"]] * 2, [before, after], color=color, lw=0.8, alpha=0.5)
-            ax.scatter(p["bytes"], before, facecolors="none", edgecolors=[color], s=28)
-            ax.scatter(p["bytes"], after, color=color, s=28)
-            short = " ".join(f"{k}={v}" for k, v in p["params"].items())
-            if short:
-                ax.annotate(short, (p["bytes"], after), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")  # fmt: skip
-        front = sorted((p for p in ok if p[f"pareto_{key}"]), key=lambda p: p["bytes"])
-        ax.scatter([p["bytes"] for p in front], [p["after_finetune"]["test"][key] for p in front],
-                   s=110, facecolors="none", edgecolors="k", lw=0.8, label="on the Pareto front")  # fmt: skip
-        if front:
-            ax.step([p["bytes"] for p in front], [p["after_finetune"]["test"][key] for p in front],
-                    where="post", color="0.3", lw=1.2, ls=":", label="Pareto front (after FT)")  # fmt: skip
-        ax.axhline(base["test"][key], color="k", ls="--", lw=1, label="baseline (fp32)")
-        ax.scatter(base["bytes"], base["test"][key], marker="*", color="k", s=90, zorder=3)
-        ax.set_xscale("log")
-        ax.set_xlabel("embedding bytes (tables only, log scale)")
-        ax.set_ylabel(name)
-        ax.grid(True, which="both", alpha=0.25)
-    for m in methods:
-        axes[0].scatter([], [], color=colors[m], s=28, label=m)
-    axes[0].scatter([], [], facecolors="none", edgecolors="0.4", s=28, label="before fine-tuning")
-    axes[0].scatter([], [], color="0.4", s=28, label="after fine-tuning")
-    axes[0].legend(fontsize=7, loc="lower right")
-    failed = len(sweep["points"]) - len(ok)
-    fig.suptitle(
-        f"{sweep['title']}: {len(ok)} points"
-        + (f", {failed} failed (see table)" if failed else ""),
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def write_outputs(sweep: dict[str, Any], out: str) -> None:
