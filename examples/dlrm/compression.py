@@ -20,7 +20,7 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from examples.dlrm.model import ModelConfig
+from examples.dlrm.model import ModelConfig, build_model
 from examples.dlrm.train import (
     CheckpointPolicy,
     FitResult,
@@ -29,13 +29,16 @@ from examples.dlrm.train import (
     build_optimizer,
     fit,
     is_main,
+    load_checkpoint,
     read_checkpoint_metadata,
+    save_checkpoint,
 )
 from torchrec_compress import (
     AFMConfig,
     CompressionReport,
     MECConfig,
     MECTraining,
+    RowWiseQuantConfig,
     SVDConfig,
     compress_,
     reinitialize_dense_,
@@ -57,6 +60,23 @@ PQ_METHODS = ("mec", "pq")
 # AFM first (rank / variance / budget flags), then MEC or PQ of the k-dim factor tables
 # (--subspaces must divide every rank)
 TWO_STAGE = ("afm+mec", "afm+pq")
+# --compress int8 / int4: TorchRec's row-wise quantization (RowWiseQuantConfig(bits))
+ROW_WISE = {"int8": 8, "int4": 4}
+
+# torchrec 1.8 cannot DCP-checkpoint int4 / int2 rows (UInt4Tensor.is_pinned), and both the DMP
+# route (it re-shards through a checkpoint) and fine-tuning (it checkpoints every epoch) need to.
+UNCHECKPOINTABLE_BITS = (4, 2)
+NOT_FINETUNED = (
+    "compressed unsharded, not fine-tuned: torchrec 1.8 cannot checkpoint int4/int2 rows, "
+    "which the DMP route and fine-tuning need"
+)
+
+
+def unshardable(configs: Sequence[CompressionConfig]) -> bool:
+    """Whether ``configs`` quantize rows to int4 / int2: compressed unsharded, not fine-tuned."""
+    return any(
+        isinstance(c, RowWiseQuantConfig) and c.bits in UNCHECKPOINTABLE_BITS for c in configs
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,9 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
     g.add_argument(
         "--compress",
-        choices=METHODS,
+        choices=[*METHODS, *ROW_WISE],
         default=None,
-        help="compress the trained (or loaded) baseline, then fine-tune",
+        help="compress the trained (or loaded) baseline, then fine-tune; int8 / int4: TorchRec's "
+        "row-wise quantization (int4 is quantized unsharded, then neither fine-tuned nor saved: "
+        "torchrec 1.8 cannot checkpoint int4 rows)",
     )
     g.add_argument("--rank", type=int, default=None, help="one rank for every table")
     g.add_argument(
@@ -120,7 +142,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="train batches per process for statistics (0: the whole train split)",
     )
-    g.add_argument("--finetune-epochs", type=int, default=2)
+    g.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=None,
+        help="fine-tuning epochs after compression; default: where it has paid (BENCHMARKS), "
+        "1 on the streaming synthetic default (fresh rows: +0.003..+0.027 test AUC), 0 on "
+        "frappe, criteo, parquet and non-streaming synthetic data (fresh_train_rows=0), where "
+        "one epoch never beat the compressed weights",
+    )
     g.add_argument(
         "--finetune-lr-scale",
         type=float,
@@ -141,6 +171,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def default_finetune_epochs(dataset: str, data_options: dict[str, Any]) -> int:
+    """``--finetune-epochs`` when not given: 1 where fine-tuning after compression has paid
+    (the streaming synthetic default: every epoch reads fresh rows), else 0 (Frappe, Criteo,
+    parquet: one epoch never beat the compressed weights, BENCHMARKS)."""
+    streaming = dataset == "synthetic" and bool(data_options.get("fresh_train_rows", True))
+    return 1 if streaming else 0
+
+
 def embedding_bytes(schema_rows: tuple[int, ...], dim: int) -> int:
     return sum(rows * dim * 4 for rows in schema_rows)
 
@@ -151,6 +189,8 @@ def make_config(
     """The config the flags describe for ``method`` (default ``args.compress``): MEC/PQ, or
     AFM/SVD (one of rank / variance / budget)."""
     method = method or args.compress
+    if method in ROW_WISE:
+        return RowWiseQuantConfig(bits=ROW_WISE[method])
     if method in PQ_METHODS:
         return MECConfig(
             num_subspaces=args.subspaces,
@@ -200,8 +240,11 @@ def compress_model(
     args: argparse.Namespace,
     device: torch.device,
     work_dir: str,
-) -> tuple[DistributedModelParallel, CompressionReport, CompressionConfig]:
+) -> tuple[nn.Module, CompressionReport, CompressionConfig]:
     """Compress a trained DMP model and return the re-planned, re-sharded compressed model.
+
+    ``int4`` returns a plain model instead, quantized on every process (torchrec 1.8 cannot
+    checkpoint int4 rows, which re-sharding needs): it is evaluated, not fine-tuned or saved.
 
     ``afm+mec`` / ``afm+pq`` run two stages: AFM (sharded, re-planned and loaded like the final
     model), then MEC / PQ of its factor tables; the report follows each table through both.
@@ -209,6 +252,12 @@ def compress_model(
     total_bytes = embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
     methods = args.compress.split("+")
     configs = [make_config(args, total_bytes, method) for method in methods]
+    if unshardable(configs):  # int4: the trained weights, unsharded, quantized in place
+        plain = unsharded_copy(model, data, model_config, os.path.join(work_dir, "compress_source"))
+        quantized, report = compress_stages(
+            plain, configs, data, finetune_config, args, device, [""], reshard=False
+        )
+        return quantized, report, configs[0]
     # the next stage compresses this one's re-sharded model further
     checkpoint_dirs = [os.path.join(work_dir, f"compressed_{m}") for m in methods[:-1]]
     checkpoint_dirs.append(os.path.join(work_dir, "compressed_init"))
@@ -217,6 +266,17 @@ def compress_model(
     )
     assert isinstance(compressed, DistributedModelParallel)  # resharded after every stage
     return compressed, report, configs[-1] if len(configs) == 1 else TwoStageConfig(*configs)
+
+
+def unsharded_copy(
+    model: DistributedModelParallel, data: CTRDataset, model_config: ModelConfig, path: str
+) -> nn.Module:
+    """A plain (unsharded) DLRM on the CPU of every process holding ``model``'s weights, passed
+    through a DCP checkpoint at ``path`` (collective)."""
+    save_checkpoint(model, path, {}, keep=0)
+    plain = build_model(data.schema, model_config, torch.device("cpu"))
+    load_checkpoint(plain, path)
+    return plain
 
 
 def finetune(

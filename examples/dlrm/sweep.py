@@ -3,7 +3,8 @@ r"""Compression sweep: one trained checkpoint, a grid of methods x sizes, a tabl
 Every grid point starts from the same baseline: the checkpoint is loaded into a fresh sharded
 DLRM (``DistributedModelParallel``), compressed with ``torchrec_compress.compress_`` (one call per
 stage; ``report.reshard`` re-plans and re-shards after each), evaluated on val/test, fine-tuned
-(``--finetune-epochs``, default 1; the compressed weights compete as "epoch -1", as in
+(``--finetune-epochs``: 1 on the streaming synthetic default, 0 elsewhere, where it never paid;
+the compressed weights compete as "epoch -1", as in
 ``examples.dlrm.main``; ``--finetune-protocol retrain``: the MEC paper's protocol, MLPs
 re-initialised and trained again on the frozen codes) and evaluated again.  Row-wise int4 / int2
 points are compressed unsharded and not fine-tuned (torchrec 1.8 cannot checkpoint their rows,
@@ -39,8 +40,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -49,13 +51,21 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
 from examples.dlrm.compression import (
+    NOT_FINETUNED,
     compress_stages,
     embedding_bytes,
     finetune,
     make_config,
     report_dict,
+    unshardable,
 )
-from examples.dlrm.main import init_distributed, parse_args, quiet_torchrec, train_configs
+from examples.dlrm.main import (
+    init_distributed,
+    load_dataset,
+    parse_args,
+    quiet_torchrec,
+    train_configs,
+)
 from examples.dlrm.model import ModelConfig, build_model
 from examples.dlrm.sweep_report import default_title, human_bytes, write_outputs
 from examples.dlrm.train import (
@@ -68,7 +78,7 @@ from examples.dlrm.train import (
 )
 from torchrec_compress import RowWiseQuantConfig
 from torchrec_compress.config import CompressionConfig
-from torchrec_compress.data import CTRDataset, get_dataset
+from torchrec_compress.data import CTRDataset
 from torchrec_compress.distributed.planning import shard_model
 
 logger = logging.getLogger("examples.dlrm.sweep")
@@ -241,21 +251,6 @@ def load_baseline_unsharded(ctx: SweepContext) -> torch.nn.Module:
     return model
 
 
-# torchrec 1.8 cannot DCP-checkpoint int4 / int2 rows (UInt4Tensor.is_pinned), and both the DMP
-# route (it re-shards through a checkpoint) and fine-tuning (it checkpoints every epoch) need to.
-UNCHECKPOINTABLE_BITS = (4, 2)
-NOT_FINETUNED = (
-    "compressed unsharded, not fine-tuned: torchrec 1.8 cannot checkpoint int4/int2 rows, "
-    "which the DMP route and fine-tuning need"
-)
-
-
-def _unshardable(configs: Sequence[CompressionConfig]) -> bool:
-    return any(
-        isinstance(c, RowWiseQuantConfig) and c.bits in UNCHECKPOINTABLE_BITS for c in configs
-    )
-
-
 def evaluate_splits(model: torch.nn.Module, ctx: SweepContext) -> dict[str, dict[str, float]]:
     return {s: evaluate(model, ctx.data, s, ctx.train_config.eval_batch_size) for s in SPLITS}
 
@@ -265,7 +260,7 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
     start = time.perf_counter()
     total = embedding_bytes(ctx.data.schema.num_embeddings, ctx.model_config.embedding_dim)
     configs = stage_configs(point, ctx.args, total)
-    local = _unshardable(configs)
+    local = unshardable(configs)
     if (
         local
         and dist.get_world_size() > 1
@@ -320,7 +315,8 @@ def parse_sweep_args(
     argv: Sequence[str] | None = None,
 ) -> tuple[argparse.Namespace, list[GridPoint]]:
     """The sweep's own flags, then every flag of ``examples.dlrm.main`` (with sweep defaults:
-    ``--finetune-epochs 1``, ``--rank-multiple 1``, ``--out runs/sweep``)."""
+    ``--rank-multiple 1``, ``--out runs/sweep``; ``--finetune-epochs`` as there: 1 on the
+    streaming synthetic default, else 0)."""
     p = argparse.ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -342,7 +338,7 @@ def parse_sweep_args(
     own, rest = p.parse_known_args(argv)
     if own.replot:
         return own, []
-    defaults = ["--finetune-epochs", "1", "--rank-multiple", "1", "--out", "runs/sweep"]
+    defaults = ["--rank-multiple", "1", "--out", "runs/sweep"]
     args = parse_args([*defaults, *rest])
     if not args.load_checkpoint:
         p.error("--load-checkpoint is required (train one with python -m examples.dlrm.main)")
@@ -358,7 +354,7 @@ def run(args: argparse.Namespace, grid: list[GridPoint]) -> dict[str, Any]:
     device = init_distributed(args.pg_timeout)
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    data = get_dataset(args.dataset, path=args.data_path, seed=args.seed, **dict(args.data_opt))
+    data = load_dataset(args)
     model_config, train_config, finetune_config = train_configs(args)
     ctx = SweepContext(args, data, model_config, train_config, finetune_config, device)
     os.makedirs(args.out, exist_ok=True)
@@ -383,28 +379,36 @@ def run(args: argparse.Namespace, grid: list[GridPoint]) -> dict[str, Any]:
     bar = tqdm(grid, desc="sweep", unit="point", disable=not is_main(), dynamic_ncols=True)
     for point in bar:
         bar.set_postfix_str(point.label)
-        torch.manual_seed(args.seed)
+        entry = {"label": point.label, "method": point.method, "params": point.params}
         work_dir = os.path.join(args.out, "points", point.slug)
-        entry: dict[str, Any] = {
-            "label": point.label,
-            "method": point.method,
-            "params": point.params,
-        }
-        try:
-            entry.update(status="ok", **run_point(point, ctx, work_dir))
-        except Exception as e:  # a failed point is recorded, the sweep goes on
-            logger.warning("grid point %s failed", point.label, exc_info=True)
-            entry.update(status="failed", error=f"{type(e).__name__}: {e}")
-        sweep["points"].append(entry)
-        dist.barrier()
-        if is_main():
-            if not args.keep_work:
-                shutil.rmtree(work_dir, ignore_errors=True)
-            write_outputs(sweep, args.out)
-            logger.info("%s: %s", point.label, _summary(entry))
+        _record(sweep, entry, partial(run_point, point, ctx, work_dir), work_dir, args)
     if is_main() and not args.keep_work:
         shutil.rmtree(os.path.join(args.out, "points"), ignore_errors=True)
     return sweep
+
+
+def _record(
+    sweep: dict[str, Any],
+    entry: dict[str, Any],
+    compute: Callable[[], dict[str, Any]],
+    work_dir: str,
+    args: argparse.Namespace,
+) -> None:
+    """Run one point (a failure is recorded with its error, the sweep goes on), add it to
+    ``sweep`` and, on rank 0, rewrite the outputs."""
+    torch.manual_seed(args.seed)
+    try:
+        entry.update(status="ok", **compute())
+    except Exception as e:  # a failed point is recorded, the sweep goes on
+        logger.warning("point %s failed", entry["label"], exc_info=True)
+        entry.update(status="failed", error=f"{type(e).__name__}: {e}")
+    sweep["points"].append(entry)
+    dist.barrier()
+    if is_main():
+        if not args.keep_work:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        write_outputs(sweep, args.out)
+        logger.info("%s: %s", entry["label"], _summary(entry))
 
 
 def _summary(entry: dict[str, Any]) -> str:
