@@ -19,6 +19,11 @@ Pareto front marked, baseline as a line).  Embedding bytes are the compression r
 after compression, tables only (codes, codebooks, factor tables, projections and means of the
 compressed tables; MLPs are not counted).
 
+``--baselines hash,qr`` also trains DLRMs small from scratch (``examples.dlrm.baselines``: the
+hashing trick; quotient-remainder embeddings) at each distinct size of the grid, or at
+``--baseline-ratios``, like the baseline (``--epochs``, ``--patience``, optimizers, seed), and adds
+them as points of their own.
+
 The grid (``--grid``): points separated by ``;``; a point is a method, then ``:name=v1,v2,...``
 parameters whose value lists are crossed.  Methods: ``afm``, ``svd`` (``rank``), ``mec``, ``pq``
 (``M`` subspaces, ``K`` centroids), ``int8``, ``int4``, ``int2`` (row-wise quantization), and
@@ -50,6 +55,7 @@ import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
+from examples.dlrm.baselines import COMBINES, KINDS, stored_bytes, train_small
 from examples.dlrm.compression import (
     NOT_FINETUNED,
     compress_stages,
@@ -327,6 +333,26 @@ def parse_sweep_args(
     )
     p.add_argument("--title", default=None, help="plot title (default: dataset and d)")
     p.add_argument(
+        "--baselines",
+        type=_kinds,
+        default=[],
+        help="also train DLRMs small from scratch at equal bytes, like the baseline (its --epochs, "
+        "--patience, optimizers): 'hash' (hashing trick), 'qr' (quotient-remainder), or "
+        "'hash,qr'; one per --baseline-ratios, else one per distinct size of the grid",
+    )
+    p.add_argument(
+        "--baseline-ratios",
+        type=lambda t: [float(x) for x in t.split(",") if x],
+        default=[],
+        help="sizes of the --baselines as fp32 table bytes / RATIO, e.g. 4,16,64",
+    )
+    p.add_argument(
+        "--qr-combine",
+        choices=COMBINES,
+        default="sum",
+        help="qr: add or multiply the quotient and remainder vectors",
+    )
+    p.add_argument(
         "--keep-work", action="store_true", help="keep each point's checkpoints in OUT/points"
     )
     p.add_argument(
@@ -346,7 +372,17 @@ def parse_sweep_args(
         p.error("--compress: the sweep takes its methods from --grid")
     for name, value in vars(own).items():
         setattr(args, name, value)
+    if not args.grid.strip() and args.baselines and args.baseline_ratios:
+        return args, []  # the trained-small baselines only
     return args, load_grid(args.grid)
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baseline {unknown[0]!r}; choose from {KINDS}")
+    return kinds
 
 
 def run(args: argparse.Namespace, grid: list[GridPoint]) -> dict[str, Any]:
@@ -382,6 +418,12 @@ def run(args: argparse.Namespace, grid: list[GridPoint]) -> dict[str, Any]:
         entry = {"label": point.label, "method": point.method, "params": point.params}
         work_dir = os.path.join(args.out, "points", point.slug)
         _record(sweep, entry, partial(run_point, point, ctx, work_dir), work_dir, args)
+    for kind, target in baseline_runs(args, sweep):
+        ratio = sweep["baseline"]["bytes"] / target
+        entry = {"label": f"{kind} {ratio:.1f}x", "method": kind, "params": {}}
+        work_dir = os.path.join(args.out, "points", f"{kind}_{target}")
+        compute = partial(run_trained_small, kind, target, ctx, work_dir)
+        _record(sweep, entry, compute, work_dir, args)
     if is_main() and not args.keep_work:
         shutil.rmtree(os.path.join(args.out, "points"), ignore_errors=True)
     return sweep
@@ -409,6 +451,43 @@ def _record(
             shutil.rmtree(work_dir, ignore_errors=True)
         write_outputs(sweep, args.out)
         logger.info("%s: %s", entry["label"], _summary(entry))
+
+
+def baseline_runs(args: argparse.Namespace, sweep: dict[str, Any]) -> list[tuple[str, int]]:
+    """``(kind, target bytes)`` of every trained-small baseline ``--baselines`` asks for: at
+    ``--baseline-ratios`` (the fp32 tables' bytes / ratio), else at each distinct size of the
+    grid's points that ran, largest first."""
+    if not args.baselines:
+        return []
+    base = sweep["baseline"]["bytes"]
+    if args.baseline_ratios:
+        targets = [int(base / r) for r in args.baseline_ratios]
+    else:
+        ok = [p["bytes"] for p in sweep["points"] if p["status"] == "ok"]
+        targets = sorted({b for b in ok if b < base}, reverse=True)
+    return [(kind, target) for kind in args.baselines for target in targets]
+
+
+def run_trained_small(kind: str, target: int, ctx: SweepContext, work_dir: str) -> dict[str, Any]:
+    """A hash or QR DLRM of ``target`` bytes of tables trained from scratch like the baseline
+    (``examples.dlrm.baselines``), evaluated; it has no before / after fine-tuning."""
+    start = time.perf_counter()
+    model, plans, fitted = train_small(
+        kind, target, ctx.data, ctx.model_config, ctx.train_config, ctx.args, ctx.device, work_dir
+    )
+    splits = evaluate_splits(model, ctx)
+    return {
+        "bytes": stored_bytes(plans, ctx.model_config.embedding_dim),
+        "target_bytes": target,
+        "tables": [asdict(p) for p in plans],
+        "combine": ctx.args.qr_combine if kind == "qr" else None,
+        "before_finetune": splits,
+        "after_finetune": splits,
+        "history": fitted.history,
+        "best_epoch": fitted.best_epoch,
+        "note": "trained from scratch",
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _summary(entry: dict[str, Any]) -> str:
