@@ -5,11 +5,14 @@ and PQ (and AFM+MEC / AFM+PQ), which often land on the same bytes and AUC, get d
 and markers and are drawn a few percent left / right of their true bytes.  Hollow markers (the
 point before fine-tuning, joined to the filled one after) appear only where fine-tuning changed
 the figure.  Labels are placed where they collide with no other label or marker (a leader line
-joins a label pushed away from its point).
+joins a label pushed away from its point).  A few points far worse than the rest (e.g. a hashed
+model trained small) are drawn on the panel's edge with their value in the label
+(:func:`panel_scale`), so that they do not flatten the others.
 """
 
 import math
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from matplotlib.transforms import Bbox
@@ -52,44 +55,91 @@ def point_label(point: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items()) or point["label"]
 
 
-def _xy(point: dict[str, Any], key: str, when: str) -> tuple[float, float]:
-    return point["bytes"] * X_NUDGE.get(point["method"], 1.0), point[when]["test"][key]
+@dataclass(frozen=True)
+class PanelScale:
+    """One panel's y range: a point far worse than the rest (beyond ``limit``: below it for
+    AUC, above it for logloss) is drawn on ``limit`` as a triangle pointing off the panel, its
+    value in its label, so that a few very bad points do not flatten all the others."""
+
+    key: str
+    limit: float | None = None
+
+    def clipped(self, value: float) -> bool:
+        if self.limit is None:
+            return False
+        return value < self.limit if self.key == "auc" else value > self.limit
+
+    def y(self, value: float) -> float:
+        return self.limit if self.clipped(value) and self.limit is not None else value
 
 
-def _draw_points(ax: Any, ok: list[dict[str, Any]], key: str) -> None:
+def panel_scale(ok: list[dict[str, Any]], base: dict[str, Any], key: str) -> PanelScale:
+    """Clip at the baseline -/+ max(2 % of it, 10 x the median distance of the points to it)."""
+    b = base["test"][key]
+    values = [p[w]["test"][key] for p in ok for w in ("before_finetune", "after_finetune")]
+    if not values:
+        return PanelScale(key)
+    distances = sorted(abs(v - b) for v in values)
+    window = max(0.02 * abs(b), 10 * distances[len(distances) // 2])
+    scale = PanelScale(key, b - window if key == "auc" else b + window)
+    return scale if any(scale.clipped(v) for v in values) else PanelScale(key)
+
+
+def _xy(point: dict[str, Any], scale: PanelScale, when: str) -> tuple[float, float]:
+    x = point["bytes"] * X_NUDGE.get(point["method"], 1.0)
+    return x, scale.y(point[when]["test"][scale.key])
+
+
+def _label(point: dict[str, Any], scale: PanelScale) -> str:
+    value = point["after_finetune"]["test"][scale.key]
+    return point_label(point) + (f" ({value:.3f})" if scale.clipped(value) else "")
+
+
+def _draw_points(ax: Any, ok: list[dict[str, Any]], scale: PanelScale) -> None:
     """Each point after fine-tuning (filled); before it (hollow, joined) where they differ."""
+    off = "v" if scale.key == "auc" else "^"
     for p in ok:
         color, marker = method_style(p["method"])
-        (x, before), (_, after) = _xy(p, key, "before_finetune"), _xy(p, key, "after_finetune")
-        if before != after:
+        (x, before), (_, after) = _xy(p, scale, "before_finetune"), _xy(p, scale, "after_finetune")
+        if p["before_finetune"]["test"][scale.key] != p["after_finetune"]["test"][scale.key]:
             ax.plot([x, x], [before, after], color=color, lw=0.8, alpha=0.5, zorder=2)
             ax.scatter(x, before, marker=marker, facecolors="none", edgecolors=[color],
                        s=MARKER_SIZE, zorder=3)  # fmt: skip
-        ax.scatter(x, after, marker=marker, color=color, s=MARKER_SIZE, zorder=4)
+        clipped = scale.clipped(p["after_finetune"]["test"][scale.key])
+        ax.scatter(x, after, marker=off if clipped else marker, color=color, s=MARKER_SIZE,
+                   zorder=4)  # fmt: skip
+    if scale.limit is not None:
+        ax.axhline(scale.limit, color="0.6", lw=0.6, ls="-.",
+                   label="far worse points: on this line (▼ / ▲), value in label")  # fmt: skip
 
 
 def _draw_front_and_baseline(
-    ax: Any, ok: list[dict[str, Any]], base: dict[str, Any], key: str
+    ax: Any, ok: list[dict[str, Any]], base: dict[str, Any], scale: PanelScale
 ) -> None:
-    front = sorted((p for p in ok if p.get(f"pareto_{key}")), key=lambda p: p["bytes"])
-    xs = [_xy(p, key, "after_finetune")[0] for p in front]
-    ys = [p["after_finetune"]["test"][key] for p in front]
+    front = sorted((p for p in ok if p.get(f"pareto_{scale.key}")), key=lambda p: p["bytes"])
+    xs = [_xy(p, scale, "after_finetune")[0] for p in front]
+    ys = [_xy(p, scale, "after_finetune")[1] for p in front]
     ax.scatter(xs, ys, s=120, facecolors="none", edgecolors="k", lw=0.8, zorder=5,
                label="on the Pareto front")  # fmt: skip
     if front:
         ax.step(xs, ys, where="post", color="0.3", lw=1.2, ls=":", label="Pareto front")
-    ax.axhline(base["test"][key], color="k", ls="--", lw=1, label="baseline (fp32)")
-    ax.scatter(base["bytes"], base["test"][key], marker="*", color="k", s=90, zorder=5)
+    ax.axhline(base["test"][scale.key], color="k", ls="--", lw=1, label="baseline (fp32)")
+    ax.scatter(base["bytes"], base["test"][scale.key], marker="*", color="k", s=90, zorder=5)
 
 
-def _legend(ax: Any, ok: list[dict[str, Any]]) -> None:
+def _legend(fig: Any, axes: Any, ok: list[dict[str, Any]]) -> None:
+    """One legend for both panels, right of them (it covers no point or label)."""
     for method in dict.fromkeys(p["method"] for p in ok):
         color, marker = method_style(method)
-        ax.scatter([], [], color=color, marker=marker, s=MARKER_SIZE, label=method)
+        axes[0].scatter([], [], color=color, marker=marker, s=MARKER_SIZE, label=method)
     if any(p["before_finetune"] != p["after_finetune"] for p in ok):
-        ax.scatter([], [], facecolors="none", edgecolors="0.4", s=MARKER_SIZE,
-                   label="before fine-tuning (hollow)")  # fmt: skip
-    ax.legend(fontsize=7, loc="lower right")
+        axes[0].scatter([], [], facecolors="none", edgecolors="0.4", s=MARKER_SIZE,
+                        label="before fine-tuning (hollow)")  # fmt: skip
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7)
 
 
 def plot(sweep: dict[str, Any], path: str) -> None:
@@ -103,25 +153,26 @@ def plot(sweep: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [p for p in sweep["points"] if p["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    for ax, key, name in zip(axes, ("auc", "logloss"), ("test AUC", "test logloss"), strict=True):
-        _draw_points(ax, ok, key)
-        _draw_front_and_baseline(ax, ok, sweep["baseline"], key)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.2))
+    scales = [panel_scale(ok, sweep["baseline"], key) for key in ("auc", "logloss")]
+    for ax, scale, name in zip(axes, scales, ("test AUC", "test logloss"), strict=True):
+        _draw_points(ax, ok, scale)
+        _draw_front_and_baseline(ax, ok, sweep["baseline"], scale)
         ax.set_xscale("log")
         ax.set_xlabel("embedding bytes (tables only, log scale)")
         ax.set_ylabel(name)
         ax.grid(True, which="both", alpha=0.25)
-    _legend(axes[0], ok)
+    _legend(fig, axes, ok)
     failed = len(sweep["points"]) - len(ok)
     fig.suptitle(
         f"{sweep['title']}: {len(ok)} points, baseline test AUC {sweep['baseline']['test']['auc']:.4f}"
         + (f", {failed} failed (see table)" if failed else ""),
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 0.83, 1.0))
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
-    for ax, key in zip(axes, ("auc", "logloss"), strict=True):
-        place_labels(ax, renderer, [(*_xy(p, key, "after_finetune"), point_label(p),
+    for ax, scale in zip(axes, scales, strict=True):
+        place_labels(ax, renderer, [(*_xy(p, scale, "after_finetune"), _label(p, scale),
                                      method_style(p["method"])[0]) for p in ok])  # fmt: skip
     fig.savefig(path, dpi=100)
     plt.close(fig)
