@@ -26,7 +26,8 @@ them as points of their own.
 
 The grid (``--grid``): points separated by ``;``; a point is a method, then ``:name=v1,v2,...``
 parameters whose value lists are crossed.  Methods: ``afm``, ``svd`` (``rank``), ``mec``, ``pq``
-(``M`` subspaces, ``K`` centroids), ``int8``, ``int4``, ``int2`` (row-wise quantization), and
+(``M`` subspaces, ``K`` centroids), ``int8``, ``int4``, ``int2``, ``fp16`` (TorchRec's row-wise
+quantization), and
 stages joined by ``+`` (``afm+mec``: AFM, then MEC of the factor tables).  Or a JSON file: a list
 of objects such as ``{"method": "afm+mec", "rank": 8, "M": 4}``.
 
@@ -101,6 +102,7 @@ STAGE_PARAMS = {
     "int8": (),
     "int4": (),
     "int2": (),
+    "fp16": (),
 }
 SPLITS = ("val", "test")
 
@@ -207,8 +209,8 @@ def stage_configs(
     """The config of each stage of ``point``; flags of ``examples.dlrm.main`` fill the rest."""
     configs: list[CompressionConfig] = []
     for stage in point.method.split("+"):
-        if stage.startswith("int"):
-            configs.append(RowWiseQuantConfig(bits=int(stage[3:])))
+        if stage.startswith("int") or stage == "fp16":
+            configs.append(RowWiseQuantConfig(bits=16 if stage == "fp16" else int(stage[3:])))
             continue
         rank = point.params.get("rank", args.rank)
         if stage in ("afm", "svd") and rank is None:

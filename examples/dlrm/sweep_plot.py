@@ -28,6 +28,7 @@ METHOD_STYLES: dict[str, tuple[str, str]] = {
     "int8": ("saddlebrown", "^"),
     "int4": ("peru", ">"),
     "int2": ("rosybrown", "<"),
+    "fp16": ("goldenrod", "^"),
     "afm+int8": ("tab:gray", "d"),
     "afm+int4": ("slategray", "d"),
     "hash": ("tab:red", "h"),

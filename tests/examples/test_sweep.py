@@ -68,6 +68,7 @@ def test_grid_string_crosses_lists_and_names_bad_entries(tmp_path: Path) -> None
     assert [p.label for p in grid] == [
         "afm rank=2", "afm rank=4", "mec M=4 K=16", "mec M=8 K=16", "afm+mec rank=8 M=2", "int8",
     ]  # fmt: skip
+    assert [p.label for p in parse_grid("fp16;int2")] == ["fp16", "int2"]  # TorchRec row-wise
     with pytest.raises(ValueError, match="unknown method 'lora'"):
         parse_grid("afm:rank=2;lora:rank=4")
     with pytest.raises(ValueError, match="parameter 'M' is not read by 'afm'"):
