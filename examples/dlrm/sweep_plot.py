@@ -154,7 +154,7 @@ def plot(sweep: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [p for p in sweep["points"] if p["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5.2))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.2))
     scales = [panel_scale(ok, sweep["baseline"], key) for key in ("auc", "logloss")]
     for ax, scale, name in zip(axes, scales, ("test AUC", "test logloss"), strict=True):
         _draw_points(ax, ok, scale)
@@ -180,8 +180,8 @@ def plot(sweep: dict[str, Any], path: str) -> None:
 
 
 # label offsets tried, in points: nearest first, then further out (with a leader line)
-_RADII = (5.0, 11.0, 18.0, 27.0, 38.0)
-_ANGLES = (45, -45, 135, -135, 0, 180, 90, -90)
+_RADII = (6.0, 12.0, 19.0, 28.0, 40.0, 55.0)
+_ANGLES = (45, -45, 135, -135, 0, 180, 90, -90, 20, -20, 160, -160, 65, -65, 115, -115)
 
 
 def _candidate(
@@ -202,7 +202,7 @@ def place_labels(ax: Any, renderer: Any, items: list[tuple[float, float, str, st
     away from its point gets a thin leader line."""
     scale = ax.figure.dpi / 72.0  # display pixels per point
     pixels = [ax.transData.transform((x, y)) for x, y, _, _ in items]
-    markers = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in pixels]
+    markers = [Bbox.from_bounds(px - 6, py - 6, 12, 12) for px, py in pixels]  # ring included
     frame = ax.get_window_extent(renderer)
     placed: list[Any] = []
     for i in sorted(range(len(items)), key=lambda j: pixels[j][0]):
