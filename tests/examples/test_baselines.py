@@ -127,6 +127,6 @@ def test_sweep_trains_hash_and_qr_at_each_grid_size(tmp_path: Path) -> None:
         assert 0 <= int8["bytes"] - p["bytes"] < 8 * 4  # within one row of d=8
         assert len(p["history"]) == 1 and p["after_finetune"]["test"]["rows"] == 1000
         assert 0.0 < p["after_finetune"]["test"]["auc"] < 1.0
-    assert {t["kind"] for t in qr["tables"]} <= {"qr", "full"} and qr["combine"] == "sum"
+    assert {t["kind"] for t in qr["tables"]} <= {"qr", "full"} and qr["combine"] == "mult"
     table = (out / "sweep.md").read_text()
     assert "| hash 2.7x |" in table and "| qr 2.7x |" in table and "trained from scratch" in table
