@@ -352,7 +352,7 @@ def parse_sweep_args(
         "--qr-combine",
         choices=COMBINES,
         default="mult",
-        help="qr: multiply (default; 0.008-0.016 test AUC above sum on Frappe d=16) or add the "
+        help="qr: multiply (default; 0.007-0.016 test AUC above sum on Frappe d=16) or add the "
         "quotient and remainder vectors",
     )
     p.add_argument(
