@@ -130,3 +130,28 @@ def test_sweep_trains_hash_and_qr_at_each_grid_size(tmp_path: Path) -> None:
     assert {t["kind"] for t in qr["tables"]} <= {"qr", "full"} and qr["combine"] == "mult"
     table = (out / "sweep.md").read_text()
     assert "| hash 2.7x |" in table and "| qr 2.7x |" in table and "trained from scratch" in table
+
+
+def test_trained_small_baselines_shard_row_wise_on_two_processes(tmp_path: Path) -> None:
+    """The inner EBC of a hash / QR model is sharded by DMP like any table (here row-wise)."""
+    from tests.examples.test_sweep import TINY
+
+    base = tmp_path / "base"
+    proc = _run([sys.executable, "-m", "examples.dlrm.main", *TINY, "--epochs", "1",
+                 "--out", str(base)])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "sweep2"
+    proc = _run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "-m", "examples.dlrm.sweep", *TINY, "--epochs", "1", "--sharding-type", "row_wise",
+        "--load-checkpoint", str(base / "checkpoint"), "--grid", "",
+        "--baselines", "hash,qr", "--baseline-ratios", "2", "--out", str(out),
+    ])  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["world_size"] == 2 and [p["label"] for p in sweep["points"]] == [
+        "hash 2.0x", "qr 2.0x",
+    ]  # fmt: skip
+    for p in sweep["points"]:
+        assert p["status"] == "ok" and p["bytes"] == sweep["baseline"]["bytes"] // 2
+        assert p["after_finetune"]["test"]["rows"] == 1000 and len(p["history"]) == 1
