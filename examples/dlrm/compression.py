@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
@@ -32,7 +31,9 @@ from examples.dlrm.train import (
     build_optimizer,
     fit,
     is_main,
+    load_checkpoint,
     read_checkpoint_metadata,
+    save_checkpoint,
 )
 from torchrec_compress import (
     AFMConfig,
@@ -41,6 +42,7 @@ from torchrec_compress import (
     CompressionReport,
     MECConfig,
     MECTraining,
+    RowWiseQuantConfig,
     SVDConfig,
     compress_,
     compression_layout,
@@ -68,6 +70,23 @@ TWO_STAGE = ("afm+mec", "afm+pq")
 # --compress budget: what a DMP model can take after a plain model's compression (row-wise int4
 # rows cannot be checkpointed by torchrec 1.8, so they are left out)
 BUDGET_METHODS = ("fp16", "int8", "afm", "pq", "afm+pq", "afm+int8")
+# --compress int8 / int4: TorchRec's row-wise quantization (RowWiseQuantConfig(bits))
+ROW_WISE = {"int8": 8, "int4": 4}
+
+# torchrec 1.8 cannot DCP-checkpoint int4 / int2 rows (UInt4Tensor.is_pinned), and both the DMP
+# route (it re-shards through a checkpoint) and fine-tuning (it checkpoints every epoch) need to.
+UNCHECKPOINTABLE_BITS = (4, 2)
+NOT_FINETUNED = (
+    "compressed unsharded, not fine-tuned: torchrec 1.8 cannot checkpoint int4/int2 rows, "
+    "which the DMP route and fine-tuning need"
+)
+
+
+def unshardable(configs: Sequence[CompressionConfig]) -> bool:
+    """Whether ``configs`` quantize rows to int4 / int2: compressed unsharded, not fine-tuned."""
+    return any(
+        isinstance(c, RowWiseQuantConfig) and c.bits in UNCHECKPOINTABLE_BITS for c in configs
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,9 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
     g.add_argument(
         "--compress",
-        choices=METHODS,
+        choices=[*METHODS, *ROW_WISE],
         default=None,
-        help="compress the trained (or loaded) baseline, then fine-tune",
+        help="compress the trained (or loaded) baseline, then fine-tune; int8 / int4: TorchRec's "
+        "row-wise quantization (int4 is quantized unsharded, then neither fine-tuned nor saved: "
+        "torchrec 1.8 cannot checkpoint int4 rows)",
     )
     g.add_argument("--rank", type=int, default=None, help="one rank for every table")
     g.add_argument(
@@ -133,7 +154,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="train batches per process for statistics (0: the whole train split)",
     )
-    g.add_argument("--finetune-epochs", type=int, default=2)
+    g.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=None,
+        help="fine-tuning epochs after compression; default: where it has paid (BENCHMARKS), "
+        "1 on the streaming synthetic default (fresh rows: +0.003..+0.027 test AUC), 0 on "
+        "frappe, criteo, parquet and non-streaming synthetic data (fresh_train_rows=0), where "
+        "one epoch never beat the compressed weights",
+    )
     g.add_argument(
         "--finetune-lr-scale",
         type=float,
@@ -171,6 +200,14 @@ def _add_budget_arguments(g: argparse._ArgumentGroup) -> None:
     )
 
 
+def default_finetune_epochs(dataset: str, data_options: dict[str, Any]) -> int:
+    """``--finetune-epochs`` when not given: 1 where fine-tuning after compression has paid
+    (the streaming synthetic default: every epoch reads fresh rows), else 0 (Frappe, Criteo,
+    parquet: one epoch never beat the compressed weights, BENCHMARKS)."""
+    streaming = dataset == "synthetic" and bool(data_options.get("fresh_train_rows", True))
+    return 1 if streaming else 0
+
+
 def embedding_bytes(schema_rows: tuple[int, ...], dim: int) -> int:
     return sum(rows * dim * 4 for rows in schema_rows)
 
@@ -194,6 +231,8 @@ def make_config(
             # train_forward returns DLRMTrain's loss first
             loss_sensitivity=args.budget_objective == "loss",
         )
+    if method in ROW_WISE:
+        return RowWiseQuantConfig(bits=ROW_WISE[method])
     if method in PQ_METHODS:
         return MECConfig(
             num_subspaces=args.subspaces,
@@ -243,10 +282,11 @@ def compress_model(
     args: argparse.Namespace,
     device: torch.device,
     work_dir: str,
-) -> tuple[
-    DistributedModelParallel, CompressionReport, CompressionConfig | TwoStageConfig | BudgetStages
-]:
+) -> tuple[nn.Module, CompressionReport, CompressionConfig | TwoStageConfig | BudgetStages]:
     """Compress a trained DMP model and return the re-planned, re-sharded compressed model.
+
+    ``int4`` returns a plain model instead, quantized on every process (torchrec 1.8 cannot
+    checkpoint int4 rows, which re-sharding needs): it is evaluated, not fine-tuned or saved.
 
     ``afm+mec`` / ``afm+pq`` run two stages: AFM (sharded, re-planned and loaded like the final
     model), then MEC / PQ of its factor tables; the report follows each table through both.
@@ -258,6 +298,12 @@ def compress_model(
         )
     methods = args.compress.split("+")
     configs = [make_config(args, total_bytes, method) for method in methods]
+    if unshardable(configs):  # int4: the trained weights, unsharded, quantized in place
+        plain = unsharded_copy(model, data, model_config, os.path.join(work_dir, "compress_source"))
+        quantized, report = compress_stages(
+            plain, configs, data, finetune_config, args, device, [""], reshard=False
+        )
+        return quantized, report, configs[0]
     # the next stage compresses this one's re-sharded model further
     checkpoint_dirs = [os.path.join(work_dir, f"compressed_{m}") for m in methods[:-1]]
     checkpoint_dirs.append(os.path.join(work_dir, "compressed_init"))
@@ -266,6 +312,17 @@ def compress_model(
     )
     assert isinstance(compressed, DistributedModelParallel)  # resharded after every stage
     return compressed, report, configs[-1] if len(configs) == 1 else TwoStageConfig(*configs)
+
+
+def unsharded_copy(
+    model: DistributedModelParallel, data: CTRDataset, model_config: ModelConfig, path: str
+) -> nn.Module:
+    """A plain (unsharded) DLRM on the CPU of every process holding ``model``'s weights, passed
+    through a DCP checkpoint at ``path`` (collective)."""
+    save_checkpoint(model, path, {}, keep=0)
+    plain = build_model(data.schema, model_config, torch.device("cpu"))
+    load_checkpoint(plain, path)
+    return plain
 
 
 def finetune(
@@ -374,23 +431,6 @@ def stage_configs(
     return [config]
 
 
-def unsharded_copy(model: DistributedModelParallel, plain: nn.Module) -> nn.Module:
-    """``plain`` (the same architecture, unsharded) with ``model``'s weights; one process only
-    (every shard of a table is local)."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if isinstance(value, ShardedTensor):
-            full = torch.empty(value.size(), dtype=value.dtype)
-            for shard in value.local_shards():
-                rows, cols = shard.metadata.shard_offsets
-                height, width = shard.metadata.shard_sizes
-                full[rows : rows + height, cols : cols + width] = shard.tensor.cpu()
-            value = full
-        state[key] = value
-    plain.load_state_dict(state)
-    return plain
-
-
 def compress_within_budget(
     model: DistributedModelParallel,
     data: CTRDataset,
@@ -408,7 +448,7 @@ def compress_within_budget(
     total_bytes = embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
     config = make_config(args, total_bytes)
     assert isinstance(config, BudgetConfig)
-    plain = unsharded_copy(model, build_model(data.schema, model_config, torch.device("cpu")))
+    plain = unsharded_copy(model, data, model_config, os.path.join(work_dir, "compress_source"))
     batches = calibration_batches(data, finetune_config.batch_size, args.calibration_batches)
     report = compress_(plain, config, batches, forward_fn=train_forward)
     assert isinstance(report, BudgetReport)

@@ -35,12 +35,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from examples.dlrm.compression import (
+    NOT_FINETUNED,
     add_arguments,
     checkpoint_layout,
     compress_model,
+    default_finetune_epochs,
     finetune,
     report_dict,
     stage_configs,
@@ -177,7 +180,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds a collective waits for a frozen or lost peer before the job fails",
     )
     add_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.finetune_epochs is None:
+        args.finetune_epochs = default_finetune_epochs(args.dataset, dict(args.data_opt))
+    return args
 
 
 def init_distributed(timeout_s: float = DEFAULT_PG_TIMEOUT_S) -> torch.device:
@@ -329,6 +335,15 @@ def check_splits(data: CTRDataset, args: argparse.Namespace, world: int) -> None
             rank_batch_bounds(rows, batch_size, rank, world, split)  # raises, naming the split
 
 
+def load_dataset(args: argparse.Namespace) -> CTRDataset:
+    """``get_dataset`` from the flags; a bad ``--data-opt`` (e.g. an unknown key: the error lists
+    the valid ones) ends the run with the message instead of a traceback."""
+    try:
+        return get_dataset(args.dataset, path=args.data_path, seed=args.seed, **dict(args.data_opt))
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"--dataset {args.dataset} --data-opt: {e}") from e
+
+
 def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, TrainConfig]:
     """Model, training and fine-tuning settings from the flags (``run`` and the sweep)."""
     model_config = ModelConfig(
@@ -372,8 +387,8 @@ def _pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(args.seed)
-    data = get_dataset(args.dataset, path=args.data_path, seed=args.seed, **dict(args.data_opt))
-    model_config, train_config, finetune_config = train_configs(args)
+    data = load_dataset(args)
+    model_config, train_config, _ = train_configs(args)
     if args.eval_only and not args.load_checkpoint:
         raise SystemExit("--eval-only needs --load-checkpoint")
     check_not_overwritten(args)
@@ -406,47 +421,7 @@ def _pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             best_epoch=fitted.best_epoch, epochs_run=fitted.epochs_run, history=fitted.history
         )
     if args.compress:
-        result["baseline"] = {
-            split: evaluate(model, data, split, train_config.eval_batch_size)
-            for split in ("val", "test")
-        }
-        fault_point("compress.begin")
-        model, report, config = compress_model(
-            model, data, model_config, finetune_config, args, device, args.out
-        )
-        configs += stage_configs(config)
-        metadata = {
-            **metadata,
-            "compression": config.to_dict(),
-            "compression_layout": compression_layout(model, configs).to_dict(),
-        }
-        if is_main():
-            logger.info("compressed with %s:\n%s", config, report)
-            logger.info("compressed plan:\n%s", model.plan)
-        result["compression"] = {
-            "method": args.compress,
-            "finetune_protocol": args.finetune_protocol,
-            "config": config.to_dict(),
-            "report": report_dict(report),
-            "before_finetune": {
-                split: evaluate(model, data, split, train_config.eval_batch_size)
-                for split in ("val", "test")
-            },
-        }
-        if finetune_config.epochs > 0:
-            fitted = finetune(
-                model,
-                data,
-                finetune_config,
-                checkpoint_policy(args, "checkpoint_compressed"),
-                {**metadata, "compression": result["compression"]["config"]},
-                args,
-                start_auc=result["compression"]["before_finetune"]["val"]["auc"],
-            )
-            result["compression"]["finetune_history"] = fitted.history
-        # OUT/checkpoint holds the run's final model: the compressed (and fine-tuned) one; the
-        # baseline's training state stays in OUT/checkpoint_baseline for --resume
-        save_checkpoint(model, os.path.join(args.out, "checkpoint"), metadata)
+        model = _compress(model, data, configs, metadata, result, args, device)
     fault_point("final.evaluate")
     for split in ("val", "test"):
         result[split] = evaluate(model, data, split, train_config.eval_batch_size)
@@ -466,6 +441,70 @@ def _pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             summary["compression_ratio"] = result["compression"]["report"]["ratio"]
         print("RESULT " + json.dumps(summary), flush=True)
     return result
+
+
+def _compress(
+    model: DistributedModelParallel,
+    data: CTRDataset,
+    configs: list[CompressionConfig],
+    metadata: dict[str, Any],
+    result: dict[str, Any],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> nn.Module:
+    """Evaluate the baseline, compress, evaluate, fine-tune and save the final model; fills
+    ``result`` and ``configs``, returns the final model.  An int4
+    model (unsharded: torchrec 1.8 cannot checkpoint its rows) is neither fine-tuned nor saved."""
+    model_config, train_config, finetune_config = train_configs(args)
+    result["baseline"] = {
+        split: evaluate(model, data, split, train_config.eval_batch_size)
+        for split in ("val", "test")
+    }
+    fault_point("compress.begin")
+    compressed, report, config = compress_model(
+        model, data, model_config, finetune_config, args, device, args.out
+    )
+    sharded = isinstance(compressed, DistributedModelParallel)
+    configs += stage_configs(config)
+    metadata = {
+        **metadata,
+        "compression": config.to_dict(),
+        "compression_layout": compression_layout(compressed, configs).to_dict(),
+    }
+    if is_main():
+        logger.info("compressed with %s:\n%s", config, report)
+        if sharded:
+            logger.info("compressed plan:\n%s", compressed.plan)
+    result["compression"] = {
+        "method": args.compress,
+        "finetune_protocol": args.finetune_protocol,
+        "config": config.to_dict(),
+        "report": report_dict(report),
+        "before_finetune": {
+            split: evaluate(compressed, data, split, train_config.eval_batch_size)
+            for split in ("val", "test")
+        },
+    }
+    if not sharded:
+        result["compression"]["note"] = NOT_FINETUNED + "; not saved"
+        if is_main():
+            logger.warning("%s: %s", args.compress, result["compression"]["note"])
+        return compressed
+    if finetune_config.epochs > 0:
+        fitted = finetune(
+            compressed,
+            data,
+            finetune_config,
+            checkpoint_policy(args, "checkpoint_compressed"),
+            {**metadata, "compression": result["compression"]["config"]},
+            args,
+            start_auc=result["compression"]["before_finetune"]["val"]["auc"],
+        )
+        result["compression"]["finetune_history"] = fitted.history
+    # OUT/checkpoint holds the run's final model: the compressed (and fine-tuned) one; the
+    # baseline's training state stays in OUT/checkpoint_baseline for --resume
+    save_checkpoint(compressed, os.path.join(args.out, "checkpoint"), metadata)
+    return compressed
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -3,7 +3,8 @@ r"""Compression sweep: one trained checkpoint, a grid of methods x sizes, a tabl
 Every grid point starts from the same baseline: the checkpoint is loaded into a fresh sharded
 DLRM (``DistributedModelParallel``), compressed with ``torchrec_compress.compress_`` (one call per
 stage; ``report.reshard`` re-plans and re-shards after each), evaluated on val/test, fine-tuned
-(``--finetune-epochs``, default 1; the compressed weights compete as "epoch -1", as in
+(``--finetune-epochs``: 1 on the streaming synthetic default, 0 elsewhere, where it never paid;
+the compressed weights compete as "epoch -1", as in
 ``examples.dlrm.main``; ``--finetune-protocol retrain``: the MEC paper's protocol, MLPs
 re-initialised and trained again on the frozen codes) and evaluated again.  Row-wise int4 / int2
 points are compressed unsharded and not fine-tuned (torchrec 1.8 cannot checkpoint their rows,
@@ -18,9 +19,15 @@ Pareto front marked, baseline as a line).  Embedding bytes are the compression r
 after compression, tables only (codes, codebooks, factor tables, projections and means of the
 compressed tables; MLPs are not counted).
 
+``--baselines hash,qr`` also trains DLRMs small from scratch (``examples.dlrm.baselines``: the
+hashing trick; quotient-remainder embeddings) at each distinct size of the grid, or at
+``--baseline-ratios``, like the baseline (``--epochs``, ``--patience``, optimizers, seed), and adds
+them as points of their own.
+
 The grid (``--grid``): points separated by ``;``; a point is a method, then ``:name=v1,v2,...``
 parameters whose value lists are crossed.  Methods: ``afm``, ``svd`` (``rank``), ``mec``, ``pq``
-(``M`` subspaces, ``K`` centroids), ``int8``, ``int4``, ``int2`` (row-wise quantization), and
+(``M`` subspaces, ``K`` centroids), ``int8``, ``int4``, ``int2``, ``fp16`` (TorchRec's row-wise
+quantization), and
 stages joined by ``+`` (``afm+mec``: AFM, then MEC of the factor tables).  Or a JSON file: a list
 of objects such as ``{"method": "afm+mec", "rank": 8, "M": 4}``.
 
@@ -39,8 +46,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,15 +56,25 @@ import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
+from examples.dlrm.baselines import COMBINES, KINDS, stored_bytes, train_small
 from examples.dlrm.compression import (
+    NOT_FINETUNED,
     compress_stages,
     embedding_bytes,
     finetune,
     make_config,
     report_dict,
+    unshardable,
 )
-from examples.dlrm.main import init_distributed, parse_args, quiet_torchrec, train_configs
+from examples.dlrm.main import (
+    init_distributed,
+    load_dataset,
+    parse_args,
+    quiet_torchrec,
+    train_configs,
+)
 from examples.dlrm.model import ModelConfig, build_model
+from examples.dlrm.sweep_report import default_title, human_bytes, write_outputs
 from examples.dlrm.train import (
     CheckpointPolicy,
     TrainConfig,
@@ -67,7 +85,7 @@ from examples.dlrm.train import (
 )
 from torchrec_compress import RowWiseQuantConfig
 from torchrec_compress.config import CompressionConfig
-from torchrec_compress.data import CTRDataset, get_dataset
+from torchrec_compress.data import CTRDataset
 from torchrec_compress.distributed.planning import shard_model
 
 logger = logging.getLogger("examples.dlrm.sweep")
@@ -84,6 +102,7 @@ STAGE_PARAMS = {
     "int8": (),
     "int4": (),
     "int2": (),
+    "fp16": (),
 }
 SPLITS = ("val", "test")
 
@@ -190,8 +209,8 @@ def stage_configs(
     """The config of each stage of ``point``; flags of ``examples.dlrm.main`` fill the rest."""
     configs: list[CompressionConfig] = []
     for stage in point.method.split("+"):
-        if stage.startswith("int"):
-            configs.append(RowWiseQuantConfig(bits=int(stage[3:])))
+        if stage.startswith("int") or stage == "fp16":
+            configs.append(RowWiseQuantConfig(bits=16 if stage == "fp16" else int(stage[3:])))
             continue
         rank = point.params.get("rank", args.rank)
         if stage in ("afm", "svd") and rank is None:
@@ -210,35 +229,6 @@ def stage_configs(
         )
         configs.append(make_config(flags, total_bytes, stage))
     return configs
-
-
-def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
-    """Indices of the points ``(bytes, score)`` no other point beats, by increasing bytes.
-
-    A point is beaten when another has no more bytes and a score at least as good, one of the
-    two strictly.  Equal points are both kept.
-
-    Args:
-        points (Sequence[Tuple[float, float]]): ``(bytes, score)`` pairs.
-        higher_is_better (bool): AUC: True; logloss: False.
-
-    Example::
-
-        >>> pareto_front([(100, 0.90), (10, 0.80), (50, 0.85), (60, 0.84), (10, 0.79)])
-        [1, 2, 0]
-        >>> pareto_front([(100, 0.3), (10, 0.5), (50, 0.6)], higher_is_better=False)
-        [1, 0]
-    """
-    sign = 1.0 if higher_is_better else -1.0
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -sign * points[i][1]))
-    front: list[int] = []
-    best, best_bytes = -float("inf"), None
-    for i in order:
-        size, score = points[i][0], sign * points[i][1]
-        if score > best or (score == best and size == best_bytes):
-            front.append(i)
-            best, best_bytes = score, size
-    return front
 
 
 @dataclass
@@ -269,21 +259,6 @@ def load_baseline_unsharded(ctx: SweepContext) -> torch.nn.Module:
     return model
 
 
-# torchrec 1.8 cannot DCP-checkpoint int4 / int2 rows (UInt4Tensor.is_pinned), and both the DMP
-# route (it re-shards through a checkpoint) and fine-tuning (it checkpoints every epoch) need to.
-UNCHECKPOINTABLE_BITS = (4, 2)
-NOT_FINETUNED = (
-    "compressed unsharded, not fine-tuned: torchrec 1.8 cannot checkpoint int4/int2 rows, "
-    "which the DMP route and fine-tuning need"
-)
-
-
-def _unshardable(configs: Sequence[CompressionConfig]) -> bool:
-    return any(
-        isinstance(c, RowWiseQuantConfig) and c.bits in UNCHECKPOINTABLE_BITS for c in configs
-    )
-
-
 def evaluate_splits(model: torch.nn.Module, ctx: SweepContext) -> dict[str, dict[str, float]]:
     return {s: evaluate(model, ctx.data, s, ctx.train_config.eval_batch_size) for s in SPLITS}
 
@@ -293,7 +268,7 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
     start = time.perf_counter()
     total = embedding_bytes(ctx.data.schema.num_embeddings, ctx.model_config.embedding_dim)
     configs = stage_configs(point, ctx.args, total)
-    local = _unshardable(configs)
+    local = unshardable(configs)
     if (
         local
         and dist.get_world_size() > 1
@@ -344,135 +319,12 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
     return result
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def _bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
-def mark_pareto(points: list[dict[str, Any]]) -> None:
-    """Set ``pareto_auc`` / ``pareto_logloss`` of every point (test split, after fine-tuning)."""
-    ok = [p for p in points if p["status"] == "ok"]
-    for key, higher in (("auc", True), ("logloss", False)):
-        pairs = [(p["bytes"], p["after_finetune"]["test"][key]) for p in ok]
-        front = set(pareto_front(pairs, higher_is_better=higher))
-        for i, p in enumerate(ok):
-            p[f"pareto_{key}"] = i in front
-        for p in points:
-            p.setdefault(f"pareto_{key}", False)
-
-
-def _status(point: dict[str, Any]) -> str:
-    kept = point.get("kept_tables", 0)
-    notes = [f"{kept} tables kept"] if kept else []
-    if "note" in point:
-        notes.append(point["note"])
-    return f"ok ({'; '.join(notes)})" if notes else "ok"
-
-
-def markdown_table(sweep: dict[str, Any]) -> str:
-    """The sweep as a markdown table: one row per point, the baseline first.
-
-    NE is TorchRec's normalized entropy (``examples.dlrm.metrics``); a ``sweep.json`` written
-    before it was reported shows ``—`` there.
-    """
-    base = sweep["baseline"]
-    lines = [
-        "| point | embedding bytes | × smaller | test AUC before FT | test AUC after FT "
-        "| test logloss after FT | test NE after FT | val AUC after FT | Pareto (AUC) | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---|",
-        f"| baseline (fp32) | {_bytes(base['bytes'])} | 1 | {base['test']['auc']:.4f} "
-        f"| {base['test']['auc']:.4f} | {base['test']['logloss']:.4f} "
-        f"| {_fmt(base['test'].get('ne'), '.4f')} | {base['val']['auc']:.4f} | | ok |",
-    ]
-    for p in sweep["points"]:
-        if p["status"] != "ok":
-            error = p["error"].replace("|", "\\|").replace("\n", " ")[:200]
-            lines.append(f"| {p['label']} | — | — | — | — | — | — | — | | **failed**: {error} |")
-            continue
-        before, after = p["before_finetune"], p["after_finetune"]
-        lines.append(
-            f"| {p['label']} | {_bytes(p['bytes'])} | {base['bytes'] / max(p['bytes'], 1):.1f} "
-            f"| {before['test']['auc']:.4f} | {after['test']['auc']:.4f} "
-            f"| {after['test']['logloss']:.4f} | {_fmt(after['test'].get('ne'), '.4f')} "
-            f"| {after['val']['auc']:.4f} | {'★' if p['pareto_auc'] else ''} | {_status(p)} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(sweep: dict[str, Any], path: str) -> None:
-    """Test AUC and logloss against embedding bytes (log scale): hollow markers before
-    fine-tuning, filled after, the Pareto front of the points after fine-tuning as a step line,
-    the fp32 baseline as a dashed line and a black star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = sweep["baseline"]
-    ok = [p for p in sweep["points"] if p["status"] == "ok"]
-    methods = list(dict.fromkeys(p["method"] for p in ok))
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for ax, key, name in zip(axes, ("auc", "logloss"), ("test AUC", "test logloss"), strict=True):
-        for p in ok:
-            color = colors[p["method"]]
-            before, after = p["before_finetune"]["test"][key], p["after_finetune"]["test"][key]
-            ax.plot([p["bytes"]] * 2, [before, after], color=color, lw=0.8, alpha=0.5)
-            ax.scatter(p["bytes"], before, facecolors="none", edgecolors=[color], s=28)
-            ax.scatter(p["bytes"], after, color=color, s=28)
-            short = " ".join(f"{k}={v}" for k, v in p["params"].items())
-            if short:
-                ax.annotate(short, (p["bytes"], after), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")  # fmt: skip
-        front = sorted((p for p in ok if p[f"pareto_{key}"]), key=lambda p: p["bytes"])
-        ax.scatter([p["bytes"] for p in front], [p["after_finetune"]["test"][key] for p in front],
-                   s=110, facecolors="none", edgecolors="k", lw=0.8, label="on the Pareto front")  # fmt: skip
-        if front:
-            ax.step([p["bytes"] for p in front], [p["after_finetune"]["test"][key] for p in front],
-                    where="post", color="0.3", lw=1.2, ls=":", label="Pareto front (after FT)")  # fmt: skip
-        ax.axhline(base["test"][key], color="k", ls="--", lw=1, label="baseline (fp32)")
-        ax.scatter(base["bytes"], base["test"][key], marker="*", color="k", s=90, zorder=3)
-        ax.set_xscale("log")
-        ax.set_xlabel("embedding bytes (tables only, log scale)")
-        ax.set_ylabel(name)
-        ax.grid(True, which="both", alpha=0.25)
-    for m in methods:
-        axes[0].scatter([], [], color=colors[m], s=28, label=m)
-    axes[0].scatter([], [], facecolors="none", edgecolors="0.4", s=28, label="before fine-tuning")
-    axes[0].scatter([], [], color="0.4", s=28, label="after fine-tuning")
-    axes[0].legend(fontsize=7, loc="lower right")
-    failed = len(sweep["points"]) - len(ok)
-    fig.suptitle(
-        f"{sweep['title']}: {len(ok)} points"
-        + (f", {failed} failed (see table)" if failed else ""),
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def write_outputs(sweep: dict[str, Any], out: str) -> None:
-    """``sweep.json``, ``sweep.md`` and ``sweep.png`` in ``out`` (rank 0)."""
-    mark_pareto(sweep["points"])
-    with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump(sweep, f, indent=2, default=str)
-    with open(os.path.join(out, "sweep.md"), "w") as f:
-        f.write(markdown_table(sweep))
-    plot(sweep, os.path.join(out, "sweep.png"))
-
-
 def parse_sweep_args(
     argv: Sequence[str] | None = None,
 ) -> tuple[argparse.Namespace, list[GridPoint]]:
     """The sweep's own flags, then every flag of ``examples.dlrm.main`` (with sweep defaults:
-    ``--finetune-epochs 1``, ``--rank-multiple 1``, ``--out runs/sweep``)."""
+    ``--rank-multiple 1``, ``--out runs/sweep``; ``--finetune-epochs`` as there: 1 on the
+    streaming synthetic default, else 0)."""
     p = argparse.ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -482,6 +334,27 @@ def parse_sweep_args(
         "--grid", default=DEFAULT_GRID, help=f"grid string or JSON file ({DEFAULT_GRID})"
     )
     p.add_argument("--title", default=None, help="plot title (default: dataset and d)")
+    p.add_argument(
+        "--baselines",
+        type=_kinds,
+        default=[],
+        help="also train DLRMs small from scratch at equal bytes, like the baseline (its --epochs, "
+        "--patience, optimizers): 'hash' (hashing trick), 'qr' (quotient-remainder), or "
+        "'hash,qr'; one per --baseline-ratios, else one per distinct size of the grid",
+    )
+    p.add_argument(
+        "--baseline-ratios",
+        type=lambda t: [float(x) for x in t.split(",") if x],
+        default=[],
+        help="sizes of the --baselines as fp32 table bytes / RATIO, e.g. 4,16,64",
+    )
+    p.add_argument(
+        "--qr-combine",
+        choices=COMBINES,
+        default="mult",
+        help="qr: multiply (default; 0.007-0.016 test AUC above sum on Frappe d=16) or add the "
+        "quotient and remainder vectors",
+    )
     p.add_argument(
         "--keep-work", action="store_true", help="keep each point's checkpoints in OUT/points"
     )
@@ -494,7 +367,7 @@ def parse_sweep_args(
     own, rest = p.parse_known_args(argv)
     if own.replot:
         return own, []
-    defaults = ["--finetune-epochs", "1", "--rank-multiple", "1", "--out", "runs/sweep"]
+    defaults = ["--rank-multiple", "1", "--out", "runs/sweep"]
     args = parse_args([*defaults, *rest])
     if not args.load_checkpoint:
         p.error("--load-checkpoint is required (train one with python -m examples.dlrm.main)")
@@ -502,7 +375,17 @@ def parse_sweep_args(
         p.error("--compress: the sweep takes its methods from --grid")
     for name, value in vars(own).items():
         setattr(args, name, value)
+    if not args.grid.strip() and args.baselines and args.baseline_ratios:
+        return args, []  # the trained-small baselines only
     return args, load_grid(args.grid)
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baseline {unknown[0]!r}; choose from {KINDS}")
+    return kinds
 
 
 def run(args: argparse.Namespace, grid: list[GridPoint]) -> dict[str, Any]:
@@ -510,12 +393,13 @@ def run(args: argparse.Namespace, grid: list[GridPoint]) -> dict[str, Any]:
     device = init_distributed(args.pg_timeout)
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    data = get_dataset(args.dataset, path=args.data_path, seed=args.seed, **dict(args.data_opt))
+    data = load_dataset(args)
     model_config, train_config, finetune_config = train_configs(args)
     ctx = SweepContext(args, data, model_config, train_config, finetune_config, device)
     os.makedirs(args.out, exist_ok=True)
     sweep: dict[str, Any] = {
-        "title": args.title or f"{args.dataset}, {args.arch} d={args.embedding_dim}",
+        "title": args.title
+        or default_title(args.dataset, args.data_path, args.arch, args.embedding_dim),
         "command": " ".join(sys.argv),
         "dataset": args.dataset,
         "world_size": world,
@@ -534,28 +418,79 @@ def run(args: argparse.Namespace, grid: list[GridPoint]) -> dict[str, Any]:
     bar = tqdm(grid, desc="sweep", unit="point", disable=not is_main(), dynamic_ncols=True)
     for point in bar:
         bar.set_postfix_str(point.label)
-        torch.manual_seed(args.seed)
+        entry = {"label": point.label, "method": point.method, "params": point.params}
         work_dir = os.path.join(args.out, "points", point.slug)
-        entry: dict[str, Any] = {
-            "label": point.label,
-            "method": point.method,
-            "params": point.params,
-        }
-        try:
-            entry.update(status="ok", **run_point(point, ctx, work_dir))
-        except Exception as e:  # a failed point is recorded, the sweep goes on
-            logger.warning("grid point %s failed", point.label, exc_info=True)
-            entry.update(status="failed", error=f"{type(e).__name__}: {e}")
-        sweep["points"].append(entry)
-        dist.barrier()
-        if is_main():
-            if not args.keep_work:
-                shutil.rmtree(work_dir, ignore_errors=True)
-            write_outputs(sweep, args.out)
-            logger.info("%s: %s", point.label, _summary(entry))
+        _record(sweep, entry, partial(run_point, point, ctx, work_dir), work_dir, args)
+    for kind, target in baseline_runs(args, sweep):
+        ratio = sweep["baseline"]["bytes"] / target
+        entry = {"label": f"{kind} {ratio:.1f}x", "method": kind, "params": {}}
+        work_dir = os.path.join(args.out, "points", f"{kind}_{target}")
+        compute = partial(run_trained_small, kind, target, ctx, work_dir)
+        _record(sweep, entry, compute, work_dir, args)
     if is_main() and not args.keep_work:
         shutil.rmtree(os.path.join(args.out, "points"), ignore_errors=True)
     return sweep
+
+
+def _record(
+    sweep: dict[str, Any],
+    entry: dict[str, Any],
+    compute: Callable[[], dict[str, Any]],
+    work_dir: str,
+    args: argparse.Namespace,
+) -> None:
+    """Run one point (a failure is recorded with its error, the sweep goes on), add it to
+    ``sweep`` and, on rank 0, rewrite the outputs."""
+    torch.manual_seed(args.seed)
+    try:
+        entry.update(status="ok", **compute())
+    except Exception as e:  # a failed point is recorded, the sweep goes on
+        logger.warning("point %s failed", entry["label"], exc_info=True)
+        entry.update(status="failed", error=f"{type(e).__name__}: {e}")
+    sweep["points"].append(entry)
+    dist.barrier()
+    if is_main():
+        if not args.keep_work:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        write_outputs(sweep, args.out)
+        logger.info("%s: %s", entry["label"], _summary(entry))
+
+
+def baseline_runs(args: argparse.Namespace, sweep: dict[str, Any]) -> list[tuple[str, int]]:
+    """``(kind, target bytes)`` of every trained-small baseline ``--baselines`` asks for: at
+    ``--baseline-ratios`` (the fp32 tables' bytes / ratio), else at each distinct size of the
+    grid's points that ran, largest first."""
+    if not args.baselines:
+        return []
+    base = sweep["baseline"]["bytes"]
+    if args.baseline_ratios:
+        targets = [int(base / r) for r in args.baseline_ratios]
+    else:
+        ok = [p["bytes"] for p in sweep["points"] if p["status"] == "ok"]
+        targets = sorted({b for b in ok if b < base}, reverse=True)
+    return [(kind, target) for kind in args.baselines for target in targets]
+
+
+def run_trained_small(kind: str, target: int, ctx: SweepContext, work_dir: str) -> dict[str, Any]:
+    """A hash or QR DLRM of ``target`` bytes of tables trained from scratch like the baseline
+    (``examples.dlrm.baselines``), evaluated; it has no before / after fine-tuning."""
+    start = time.perf_counter()
+    model, plans, fitted = train_small(
+        kind, target, ctx.data, ctx.model_config, ctx.train_config, ctx.args, ctx.device, work_dir
+    )
+    splits = evaluate_splits(model, ctx)
+    return {
+        "bytes": stored_bytes(plans, ctx.model_config.embedding_dim),
+        "target_bytes": target,
+        "tables": [asdict(p) for p in plans],
+        "combine": ctx.args.qr_combine if kind == "qr" else None,
+        "before_finetune": splits,
+        "after_finetune": splits,
+        "history": fitted.history,
+        "best_epoch": fitted.best_epoch,
+        "note": "trained from scratch",
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _summary(entry: dict[str, Any]) -> str:
@@ -563,7 +498,7 @@ def _summary(entry: dict[str, Any]) -> str:
         return "failed: " + entry["error"]
     after = entry["after_finetune"]["test"]
     return (
-        f"{_bytes(entry['bytes'])}, test AUC {entry['before_finetune']['test']['auc']:.4f} -> "
+        f"{human_bytes(entry['bytes'])}, test AUC {entry['before_finetune']['test']['auc']:.4f} -> "
         f"{after['auc']:.4f}, logloss {after['logloss']:.4f}, NE {after['ne']:.4f}"
     )
 

@@ -94,6 +94,18 @@ def test_dcn_train_then_reload_and_compress_at_full_rank(tmp_path: Path) -> None
     assert len(retrained["compression"]["finetune_history"]) == 1
     before = retrained["compression"]["before_finetune"]["test"]["auc"]
     assert retrained["test"]["auc"] != pytest.approx(before, abs=1e-6)
+    # One byte budget for the whole model: the example compresses a plain copy and loads it
+    # sharded; the report meets the budget.
+    proc = _main(
+        "--arch", "dcn", "--load-checkpoint", str(out / "checkpoint"), "--eval-only",
+        "--compress", "budget", "--budget-ratio", "8", "--budget-subspaces", "2,4",
+        "--finetune-epochs", "0",
+        "--out", str(tmp_path / "budget"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    budget = json.loads((tmp_path / "budget" / "result.json").read_text())["compression"]
+    assert budget["report"]["bytes_after"] <= budget["config"]["budget"]["memory_budget_bytes"]
+    assert budget["report"]["ratio"] >= 8
 
 
 def test_torchx_local_cwd_two_processes_train_compress_finetune(tmp_path: Path) -> None:

@@ -8,15 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from examples.dlrm.sweep import (
-    GridPoint,
-    load_grid,
-    main,
-    mark_pareto,
-    markdown_table,
-    pareto_front,
-    parse_grid,
-)
+from examples.dlrm.sweep import GridPoint, load_grid, main, parse_grid
+from examples.dlrm.sweep_report import mark_pareto, markdown_table, pareto_front
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -75,6 +68,7 @@ def test_grid_string_crosses_lists_and_names_bad_entries(tmp_path: Path) -> None
     assert [p.label for p in grid] == [
         "afm rank=2", "afm rank=4", "mec M=4 K=16", "mec M=8 K=16", "afm+mec rank=8 M=2", "int8",
     ]  # fmt: skip
+    assert [p.label for p in parse_grid("fp16;int2")] == ["fp16", "int2"]  # TorchRec row-wise
     with pytest.raises(ValueError, match="unknown method 'lora'"):
         parse_grid("afm:rank=2;lora:rank=4")
     with pytest.raises(ValueError, match="parameter 'M' is not read by 'afm'"):
@@ -179,3 +173,54 @@ def test_sweep_two_processes_goes_on_after_a_failed_point(checkpoint: Path, tmp_
     # no fine-tuning: the points after are the points before
     assert svd["after_finetune"] == svd["before_finetune"]
     assert svd["before_finetune"]["test"]["rows"] == 1000
+
+
+def test_plot_styles_are_fixed_per_method_and_labels_do_not_collide(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from examples.dlrm.sweep_plot import METHOD_STYLES, method_style, place_labels, point_label
+    from examples.dlrm.sweep_report import default_title
+
+    # one colour and marker per method, whatever the order; MEC and PQ differ in both
+    assert method_style("pq") == METHOD_STYLES["pq"] and method_style("afm") == ("tab:blue", "o")
+    assert all(a != b for a, b in zip(method_style("mec"), method_style("pq"), strict=True))
+    assert method_style("lora") == method_style("lora")  # unknown: stable, from the name
+    assert point_label({"label": "int8", "params": {}}) == "int8"
+    assert point_label({"label": "afm+mec rank=8 M=2", "params": {"rank": 8, "M": 2}}) == (
+        "rank=8 M=2"
+    )
+    assert default_title("frappe", "../shared/data/frappe", "dlrm", 16) == "Frappe, DLRM d=16"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_xscale("log")
+    ax.set_xlim(1e3, 1e6)
+    ax.set_ylim(0.90, 0.95)
+    # six points on top of one another, two more close by
+    items = [(1e4, 0.93, f"label {i}", "k") for i in range(6)]
+    items += [(1.05e4, 0.9302, "near a", "r"), (1.1e4, 0.9298, "near b", "b")]
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    place_labels(ax, renderer, items)
+    fig.canvas.draw()  # an Annotation takes its place when drawn
+    # the labels alone (an Annotation's own extent includes its leader line)
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]
+    assert len(boxes) == len(items)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    plt.close(fig)
+
+
+def test_markdown_table_has_a_five_digit_delta_auc_column() -> None:
+    split = {"auc": 0.93615, "logloss": 0.3, "ne": 0.9, "rows": 10.0}
+    after = {**split, "auc": 0.935}
+    point = {
+        "label": "pq M=4", "status": "ok", "bytes": 10, "pareto_auc": False,
+        "before_finetune": {"test": after}, "after_finetune": {"test": after, "val": after},
+    }  # fmt: skip
+    table = markdown_table(
+        {"baseline": {"bytes": 40, "test": split, "val": split}, "points": [point]}
+    )
+    header, _, base, row = table.splitlines()
+    assert "| test AUC after FT | Δ test AUC | test logloss after FT |" in header
+    assert "| 0.9350 | -0.00115 | 0.3000 |" in row and "| 0.9362 | 0 | 0.3000 |" in base

@@ -14,7 +14,8 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import replace
+import inspect
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,36 @@ from torchrec_compress.data.schema import CTRDataset, CTRSchema, RowBlock
 from torchrec_compress.data.synthetic import SyntheticCTRConfig, SyntheticCTRDataset
 
 DATASETS: tuple[str, ...] = ("synthetic", "frappe", "criteo", "parquet")
+
+
+def dataset_options(name: str) -> list[str]:
+    """The option names :func:`get_dataset` takes for dataset ``name`` (``path`` and ``seed``
+    are arguments of their own).
+
+    Example::
+
+        >>> dataset_options("frappe")
+        ['val_fraction', 'split_seed']
+    """
+    if name == "synthetic":
+        return ["config", *(f.name for f in fields(SyntheticCTRConfig) if f.name != "seed")]
+    cls: type = {
+        "frappe": FrappeDataset,
+        "criteo": CriteoParquetDataset,
+        "parquet": ParquetDataset,
+    }[name]
+    return [p for p in inspect.signature(cls).parameters if p not in ("path", "seed")]
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the unknown keys of ``options`` and listing the valid ones."""
+    valid = dataset_options(name)
+    unknown = [key for key in options if key not in valid]
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for dataset {name!r}; valid "
+            f"options: {', '.join(valid)} (on the command line: --data-opt KEY=VALUE)"
+        )
 
 
 def get_dataset(
@@ -46,7 +77,8 @@ def get_dataset(
             :class:`ParquetColumns` or the path of its JSON file; required), ``split_fractions``.
 
     Raises:
-        ValueError: unknown name, a missing path, or parquet without ``columns``.
+        ValueError: unknown name, an option the dataset does not take (the message lists the
+            valid ones), a missing path, or parquet without ``columns``.
         FileNotFoundError: ``path`` does not exist.
 
     Example::
@@ -56,6 +88,7 @@ def get_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names are {DATASETS}")
+    check_options(name, options)
     if name == "synthetic":
         if path is not None:
             raise ValueError(f"synthetic data is generated, not read: got path={str(path)!r}")
