@@ -283,9 +283,15 @@ class _Lloyd:
         n, d = x.shape
         self.x, self.weights, self.ksub, self.chunk = x, weights, ksub, chunk
         self.dsub = d // num_subspaces
-        per_row = weights.double().repeat_interleave(num_subspaces).unsqueeze(1)
-        self.weighted = torch.cat([x.view(-1, self.dsub) * per_row, per_row], dim=1)
-        self.energy = float(torch.dot(x.double().pow(2).sum(1), weights.double()))
+        # Filled in place: no second [n * M, dsub] float64 copy (the old loop's peak, not more).
+        self.weighted = x.new_empty(n * num_subspaces, self.dsub + 1, dtype=torch.float64)
+        self.weighted[:, -1] = weights.double().repeat_interleave(num_subspaces)
+        torch.mul(x.view(-1, self.dsub), self.weighted[:, -1:], out=self.weighted[:, :-1])
+        # sum_i w_i ||x_i||^2, exact products in float64, a block at a time
+        self.energy = sum(
+            float(block.double().pow(2).sum(1) @ part.double())
+            for block, part in zip(x.split(1 << 16), weights.split(1 << 16), strict=True)
+        )
         self.offsets = torch.arange(num_subspaces, device=x.device) * ksub
         self.totals = self.weighted.new_empty(num_subspaces * ksub, self.dsub + 1)
 
