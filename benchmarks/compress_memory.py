@@ -292,6 +292,29 @@ def ratios(method: str, old: dict, new: dict, args: argparse.Namespace) -> str:
     )
 
 
+def run_method(
+    args: argparse.Namespace, sources: dict[str, str], method: str
+) -> tuple[list[list], list[str]]:
+    """Every source's runs of ``method`` (alternating, ``--repeats`` rounds): its table rows and
+    the lines comparing today with the baseline."""
+    saved: dict[str, str] = {}
+    results: dict[str, list[dict]] = {label: [] for label in sources}
+    for repeat in range(args.repeats):
+        for label, source in sources.items():
+            save = ""
+            if args.save_dir and repeat == 0:
+                save = saved[label] = os.path.join(args.save_dir, f"{method}_{label}.pt")
+            results[label].append(run_case(args, source, method, save))
+    summaries = {label: summary(runs) for label, runs in results.items()}
+    rows = [table_row(label, method, summaries[label], args) for label in sources]
+    notes = []
+    if len(sources) == 2:
+        notes.append(ratios(method, summaries["baseline"], summaries["today"], args))
+    if len(saved) == 2:
+        notes.append(f"  - {compare(method, saved['baseline'], saved['today'])}")
+    return rows, notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -323,20 +346,9 @@ def main() -> None:
         os.makedirs(args.save_dir, exist_ok=True)
     rows, notes = [], []
     for method in args.methods.split(","):
-        saved: dict[str, str] = {}
-        results: dict[str, list[dict]] = {label: [] for label in sources}
-        for repeat in range(args.repeats):
-            for label, source in sources.items():
-                save = ""
-                if args.save_dir and repeat == 0:
-                    save = saved[label] = os.path.join(args.save_dir, f"{method}_{label}.pt")
-                results[label].append(run_case(args, source, method, save))
-        summaries = {label: summary(runs) for label, runs in results.items()}
-        rows += [table_row(label, method, summaries[label], args) for label in sources]
-        if len(sources) == 2:
-            notes.append(ratios(method, summaries["baseline"], summaries["today"], args))
-        if len(saved) == 2:
-            notes.append(f"  - {compare(method, saved['baseline'], saved['today'])}")
+        method_rows, method_notes = run_method(args, sources, method)
+        rows += method_rows
+        notes += method_notes
     table_gib = args.rows * args.dim * 4 / GIB
     print(header)
     print(

@@ -54,9 +54,9 @@ class KMeansTraining:
             weighted k-means++ seeds).
         kmeans_tolerance (float): the k-means stops once an iteration lowers its weighted
             squared error by less than this fraction (0: only when no code changes, or after
-            ``kmeans_iterations``).  ``1e-3`` stops after about 20 iterations on a typical
-            table, ~1 % above the error of a run to convergence, which takes 3-9x as many
-            (see BENCHMARKS.md, "k-means: tolerance and speed").
+            ``kmeans_iterations``).  On the benchmark tables ``1e-3`` stopped after 20-22
+            iterations; ``1e-4`` took 2.1-2.6x as many for 0.7-1 % less error (BENCHMARKS.md,
+            "k-means: tolerance and speed").
         kmeans_sample_size (int): at most this many rows (the most looked-up ones whole, a
             uniform draw of the others, weighted by the rows each stands for) train the k-means.
         chunk_size (int): rows encoded at once; bounds encoding memory independently of N.
