@@ -8,20 +8,35 @@ pure-torch path (chunked ``baddbmm`` + ``min``) run interleaved ``--repeats`` ti
 process; medians (and minima) give both throughputs and the speed-up.  When faiss is installed,
 its ``ProductQuantizer`` encodes the same table for comparison.
 
+With ``--kmeans-compare`` it times the weighted k-means alone instead (popularity-like integer
+weights 1..11 on the ``--train-rows`` sample): this code at its default tolerance, at ``1e-4`` and
+at fixed iteration counts; the code of ``--baseline-src`` (a checkout of an older commit, its
+``quantizer.py`` loaded beside this one); faiss's weighted ``Clustering`` per subspace when faiss
+is installed (no subsampling: the same rows).  Runs are interleaved ``--repeats`` times; the table
+gives the median (min) seconds, the iterations, the weighted MSE on the sample (what k-means
+minimises) and the MSE on the first ``--compare-rows`` rows of the table.
+
 Usage::
 
     python benchmarks/pq_encode.py --rows 10000000 --threads 1
+    python benchmarks/pq_encode.py --rows 1000000 --kmeans-compare --baseline-src ../base
 """
 
 import argparse
+import importlib.util
 import resource
 import statistics
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from common import markdown_table, run_header, time_interleaved
 
 from torchrec_compress.methods.pq import ProductQuantizer, reconstruction_mse
 from torchrec_compress.methods.pq import kernels as _ops
+
+Trainer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
 
 
 def peak_rss_bytes() -> int:
@@ -33,6 +48,92 @@ def current_rss_bytes() -> int:
     """Current resident set size (Linux ``/proc/self/statm``)."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def ours(args: argparse.Namespace, source: str | None, niter: int, tol: float | None) -> Trainer:
+    """``ProductQuantizer.train`` of this code (``source=None``) or of the checkout ``source``;
+    ``tol=None``: a quantizer without the option (the baseline)."""
+    module = ProductQuantizer.__module__
+    quantizer_class = ProductQuantizer
+    if source is not None:
+        path = Path(source) / "torchrec_compress/methods/pq/quantizer.py"
+        spec = importlib.util.spec_from_file_location(f"baseline_{module}", path)
+        assert spec is not None and spec.loader is not None
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        quantizer_class = loaded.ProductQuantizer
+
+    def train(sample: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, int]:
+        pq = quantizer_class(args.dim, args.subspaces, args.centroids)
+        options = {} if tol is None else {"tol": tol}
+        pq.train(
+            sample, weights, niter=niter, generator=torch.Generator().manual_seed(0), **options
+        )
+        return pq.codebooks, len(getattr(pq, "iteration_errors", [])) or niter
+
+    return train
+
+
+def faiss_trainer(args: argparse.Namespace, niter: int) -> Trainer:
+    """faiss's weighted k-means, one ``Clustering`` per subspace, on every sample row."""
+    import faiss  # type: ignore[import-not-found]
+
+    faiss.omp_set_num_threads(args.threads)
+    dsub = args.dim // args.subspaces
+
+    def train(sample: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, int]:
+        books = torch.empty(args.subspaces, args.centroids, dsub)
+        for m in range(args.subspaces):
+            clustering = faiss.Clustering(dsub, args.centroids)
+            clustering.niter, clustering.seed = niter, 1234 + m
+            clustering.max_points_per_centroid = sample.shape[0]  # no subsampling
+            part = sample[:, m * dsub : (m + 1) * dsub].contiguous().numpy()
+            clustering.train(part, faiss.IndexFlatL2(dsub), weights.numpy())
+            centroids = faiss.vector_to_array(clustering.centroids)
+            books[m] = torch.from_numpy(centroids).view(args.centroids, dsub)
+        return books, niter
+
+    return train
+
+
+def compare_kmeans(args: argparse.Namespace, table: torch.Tensor, sample: torch.Tensor) -> None:
+    """Times the k-mean trainers interleaved and prints their iterations and errors."""
+    weights = torch.randint(1, 12, (sample.shape[0],), generator=torch.Generator().manual_seed(1))
+    weights = weights.float()
+    trainers = {
+        "this, tol 1e-3 (default), <= 50 it.": ours(args, None, 50, 1e-3),
+        "this, tol 1e-4, <= 200 it.": ours(args, None, 200, 1e-4),
+        "this, 5 it.": ours(args, None, 5, 0.0),
+        "this, 20 it.": ours(args, None, 20, 0.0),
+    }
+    if args.baseline_src:
+        for niter in (5, 20):
+            trainers[f"baseline, {niter} it."] = ours(args, args.baseline_src, niter, None)
+    try:
+        for niter in (5, 10, 20, 25):
+            trainers[f"faiss, {niter} it."] = faiss_trainer(args, niter)
+    except ImportError:
+        print("faiss not installed: skipped")
+    results: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def run(name: str) -> Callable[[], None]:
+        return lambda: results.__setitem__(name, trainers[name](sample, weights))
+
+    timings = time_interleaved({n: run(n) for n in trainers}, args.threads, args.repeats, 1)
+    head = table[: args.compare_rows]
+    rows = []
+    for name, (books, iterations) in results.items():
+        pq = ProductQuantizer(args.dim, args.subspaces, args.centroids)
+        pq.codebooks = books
+        sample_mse = reconstruction_mse(sample, pq.compute_codes(sample), books, weights)
+        head_mse = reconstruction_mse(head, pq.compute_codes(head), books)
+        timing = timings[name]
+        seconds = f"{timing.median_ms / 1e3:.2f} ({timing.min_ms / 1e3:.2f})"
+        rows.append([name, iterations, seconds, f"{sample_mse:.5f}", f"{head_mse:.5f}"])
+    print(run_header(f"weighted k-means: {sample.shape[0]} x {args.dim} rows, M={args.subspaces}"))
+    print(f"- K={args.centroids}, {args.threads} thread(s), {args.repeats} interleaved runs\n")
+    header = ["k-means", "iterations", "s: median (min)", "weighted MSE (sample)", "MSE (head)"]
+    print(markdown_table(header, rows))
 
 
 def main() -> None:
@@ -49,6 +150,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compare-rows", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kmeans-compare", action="store_true", help="time k-means only")
+    parser.add_argument("--baseline-src", default=None, help="older checkout for --kmeans-compare")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -68,6 +171,9 @@ def main() -> None:
     pq = ProductQuantizer(args.dim, args.subspaces, args.centroids)
     start = time.perf_counter()
     sample = table[torch.randint(args.rows, (args.train_rows,), generator=gen)]
+    if args.kmeans_compare:
+        compare_kmeans(args, table, sample)
+        return
     pq.train(sample, niter=args.kmeans_iterations, generator=gen, chunk_size=args.chunk_size)
     train_s = time.perf_counter() - start
     head = table[: args.compare_rows]

@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from torchrec_compress.methods.pq import ProductQuantizer
 from torchrec_compress.methods.pq import kernels as pq_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +38,23 @@ def test_kernels_decline_tensors_off_the_cpu() -> None:
     ids, offsets = torch.zeros(3, dtype=torch.long), torch.tensor([0, 3])
     assert not pq_kernels.lookup_kernel_applies(codes, books, ids, offsets, None)
     assert not pq_kernels.encode_kernel_applies(torch.zeros(3, 4, device=meta), books, torch.uint8)
+
+
+def test_kmeans_torch_path_matches_the_kernel_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """k-means assigns with the fused encoder on the CPU and with batched matmuls elsewhere:
+    from the same seed both reach the same codebooks (up to rows at near-ties)."""
+    gen = torch.Generator().manual_seed(0)
+    x, weights = torch.randn(3000, 16, generator=gen), torch.rand(3000, generator=gen) + 0.1
+    runs = []
+    for kernels in (True, False):
+        monkeypatch.setattr(pq_kernels, "HAS_KERNELS", kernels)
+        pq = ProductQuantizer(16, 4, 32)
+        pq.train(x, weights, generator=torch.Generator().manual_seed(1), chunk_size=500)
+        runs.append(pq)
+    kernel, torch_path = runs
+    assert abs(len(kernel.iteration_errors) - len(torch_path.iteration_errors)) <= 2
+    gap = abs(kernel.iteration_errors[-1] - torch_path.iteration_errors[-1])
+    assert gap <= 1e-3 * kernel.iteration_errors[-1]
 
 
 def test_gpu_check_runs_with_torch_alone() -> None:

@@ -11,6 +11,8 @@ from torchrec_compress.methods.pq import (
     distinct_code_tuples,
     reconstruction_mse,
 )
+from torchrec_compress.methods.pq import kernels as pq_kernels
+from torchrec_compress.methods.pq.quantizer import kmeans_plus_plus
 
 
 def _exact_table(num_rows: int, d: int, M: int, ksub: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +72,76 @@ def test_kmeans_recovers_exact_table() -> None:
     assert reconstruction_mse(rows, pq.compute_codes(rows), pq.codebooks) < 1e-10
 
 
+def _rows_wrong(pq: ProductQuantizer, rows: torch.Tensor) -> float:
+    """Fraction of rows that the trained quantizer does not reconstruct (codewords are ~1 apart)."""
+    return float((pq.decode(pq.compute_codes(rows)) - rows).abs().amax(1).gt(1e-3).float().mean())
+
+
+@pytest.mark.parametrize(
+    ("num_rows", "d", "M", "use_kernel"),
+    [(10_000, 8, 4, True), (20_000, 32, 16, True), (4_000, 8, 4, False)],
+)
+def test_kmeans_recovers_a_table_of_16_codewords_per_subspace(
+    num_rows: int, d: int, M: int, use_kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 16: 20 iterations from K random rows left 8-30 % of such rows wrong (two seeds in
+    # one codeword's rows, one seed between two); k-means++ seeds one per codeword, and the
+    # tolerance stops as soon as nothing moves.
+    if not use_kernel:
+        monkeypatch.setattr(pq_kernels, "HAS_KERNELS", False)
+    rows, _ = _exact_table(num_rows, d, M, 16)
+    weights = torch.rand(num_rows, generator=torch.Generator().manual_seed(1)) + 0.5
+    for seed in range(3):
+        pq = ProductQuantizer(d, M, 16)
+        pq.train(rows, weights, generator=torch.Generator().manual_seed(seed))
+        assert _rows_wrong(pq, rows) == 0.0
+        assert len(pq.iteration_errors) <= 3  # assign, update, nothing changes: stop
+
+
+def test_kmeans_stops_at_the_tolerance_and_never_gets_worse() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, weights = torch.randn(2000, 8, generator=gen), torch.rand(2000, generator=gen)
+    runs = {}
+    for tol in (1e-1, 1e-3, 0.0):
+        pq = ProductQuantizer(8, 2, 32)
+        pq.train(x, weights, niter=300, tol=tol, generator=torch.Generator().manual_seed(0))
+        errors = pq.iteration_errors
+        assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:], strict=False))
+        runs[tol] = errors
+    assert len(runs[1e-1]) < len(runs[1e-3]) < len(runs[0.0]) < 300
+    stop = runs[1e-3]
+    assert stop[-2] - stop[-1] <= 1e-3 * stop[-1] < stop[-3] - stop[-2]
+    # the error right after assignment equals the one reconstruction_mse measures
+    pq = ProductQuantizer(8, 2, 32)
+    pq.train(x, weights, niter=5, tol=0.0, generator=torch.Generator().manual_seed(0))
+    mse = reconstruction_mse(x, pq.compute_codes(x), pq.codebooks, weights)
+    assert pq.iteration_errors[-1] >= mse * 8 * float(weights.sum()) * (1 - 1e-5)
+
+
+def test_kmeans_is_deterministic_for_a_seed() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, weights = torch.randn(3000, 16, generator=gen), torch.rand(3000, generator=gen)
+    books = []
+    for _ in range(2):
+        pq = ProductQuantizer(16, 4, 32)
+        pq.train(x, weights, generator=torch.Generator().manual_seed(9))
+        books.append(pq.codebooks)
+    assert torch.equal(books[0], books[1])
+
+
+def test_kmeans_plus_plus_seeds_every_distinct_row_first() -> None:
+    # 5 distinct rows repeated, 8 seeds: the first 5 seeds are the 5 rows, the rest repeat them
+    rows = torch.arange(5.0).repeat(40).view(1, 200, 1)
+    seeds = kmeans_plus_plus(rows, torch.ones(200), 8, torch.Generator().manual_seed(0))
+    assert sorted(seeds[0, :5, 0].tolist()) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert set(seeds[0, 5:, 0].tolist()) <= {0.0, 1.0, 2.0, 3.0, 4.0}
+    # a zero-weight row is never a seed
+    weights = torch.ones(200)
+    weights[rows[0, :, 0] == 4.0] = 0.0
+    seeds = kmeans_plus_plus(rows, weights, 8, torch.Generator().manual_seed(0))
+    assert 4.0 not in seeds.flatten().tolist()
+
+
 def test_bad_shapes_raise() -> None:
     with pytest.raises(ValueError, match="divisor"):
         ProductQuantizer(10, 3, 4)
@@ -78,6 +150,8 @@ def test_bad_shapes_raise() -> None:
         pq.compute_codes(torch.randn(3, 6))
     with pytest.raises(ValueError, match="weights"):
         pq.train(torch.randn(5, 8), weights=torch.zeros(5))
+    with pytest.raises(ValueError, match="tol"):
+        pq.train(torch.randn(5, 8), tol=-1.0)
 
 
 def test_metrics() -> None:

@@ -50,7 +50,13 @@ class KMeansTraining:
     storage can be trained differently without changing the module that serves it.
 
     Args:
-        kmeans_iterations (int): Lloyd iterations.
+        kmeans_iterations (int): at most this many Lloyd iterations (the k-means starts from
+            weighted k-means++ seeds).
+        kmeans_tolerance (float): the k-means stops once an iteration lowers its weighted
+            squared error by less than this fraction (0: only when no code changes, or after
+            ``kmeans_iterations``).  On the benchmark tables ``1e-3`` stopped after 20-22
+            iterations; ``1e-4`` took 2.1-2.6x as many for 0.7-1 % less error (BENCHMARKS.md,
+            "k-means: tolerance and speed").
         kmeans_sample_size (int): at most this many rows (the most looked-up ones whole, a
             uniform draw of the others, weighted by the rows each stands for) train the k-means.
         chunk_size (int): rows encoded at once; bounds encoding memory independently of N.
@@ -60,9 +66,12 @@ class KMeansTraining:
 
         >>> KMeansTraining(kmeans_iterations=5).kmeans_sample_size
         65536
+        >>> KMeansTraining().kmeans_tolerance
+        0.001
     """
 
-    kmeans_iterations: int = 20
+    kmeans_iterations: int = 50
+    kmeans_tolerance: float = 1e-3
     kmeans_sample_size: int = 65536
     chunk_size: int = 1024
     seed: int = 0
@@ -73,6 +82,8 @@ class KMeansTraining:
             check_positive_int(getattr(self, field_name), f"{name}.{field_name}")
         if self.kmeans_iterations < 0:
             raise ValueError(f"{name}.kmeans_iterations must be >= 0, got {self.kmeans_iterations}")
+        if not self.kmeans_tolerance >= 0:
+            raise ValueError(f"{name}.kmeans_tolerance must be >= 0, got {self.kmeans_tolerance}")
 
 
 @dataclass

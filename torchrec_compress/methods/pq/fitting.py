@@ -299,6 +299,7 @@ def _mec_start(
         (rows - center) / scale,
         weights,
         niter=training.kmeans_iterations,
+        tol=training.kmeans_tolerance,
         generator=generator,
         chunk_size=training.chunk_size,
     )
@@ -352,6 +353,7 @@ def fit_quantizer(
             kmeans_rows,
             kmeans_weights,
             niter=training.kmeans_iterations,
+            tol=training.kmeans_tolerance,
             generator=generator,
             chunk_size=training.chunk_size,
         )

@@ -91,6 +91,8 @@ class ProductQuantizer:
         self.dsub: int = d // M
         self.code_dtype: torch.dtype = code_dtype(ksub)
         self.codebooks: Tensor = torch.zeros(M, ksub, self.dsub)
+        # What the last ``train`` did: the weighted squared error after each iteration.
+        self.iteration_errors: list[float] = []
 
     def _split(self, x: Tensor) -> Tensor:
         """``[n, d]`` -> ``[M, n, dsub]``."""
@@ -102,63 +104,62 @@ class ProductQuantizer:
         self,
         x: Tensor,
         weights: Tensor | None = None,
-        niter: int = 20,
+        niter: int = 50,
         generator: torch.Generator | None = None,
         chunk_size: int = 1024,
+        tol: float = 1e-3,
     ) -> None:
-        """Weighted k-means (Lloyd) per subspace, all subspaces at once.
+        """Weighted k-means (Lloyd) per subspace, all subspaces at once, until it converges.
 
-        Centroids start at ``ksub`` distinct rows drawn with probability proportional to
-        ``weights``; a centroid that loses all its rows is re-seeded at a row drawn the same way,
-        so no codeword is wasted.
+        Centroids start by weighted k-means++ seeding (:func:`kmeans_plus_plus`); each
+        iteration assigns every row to its nearest centroids (the fused C++ encoder on the CPU,
+        batched matmuls elsewhere) and moves every centroid to the weighted mean of its rows.
+        It stops after ``niter`` iterations, or earlier once an iteration lowers the weighted
+        squared error by less than ``tol`` times that error (or changes no code).  A centroid
+        that loses all its rows is re-seeded at a row drawn with probability ``∝ weights``, so
+        no codeword is wasted.
 
         Args:
             x (Tensor): ``[n, d]`` training rows, ``n >= 1``.
             weights (Optional[Tensor]): ``[n]`` non-negative row weights (default: all 1).
-            niter (int): Lloyd iterations.
+            niter (int): at most this many Lloyd iterations.
             generator (Optional[torch.Generator]): source of randomness.
-            chunk_size (int): rows assigned at once (bounds the ``[M, chunk, ksub]`` distances).
+            chunk_size (int): rows assigned at once off the C++ encoder (bounds the
+                ``[M, chunk, ksub]`` distances).
+            tol (float): relative decrease of the weighted squared error below which the
+                iterations stop; 0 stops only when no code changes.
+
+        Example::
+
+            >>> x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+            >>> pq = ProductQuantizer(d=4, M=2, ksub=4)
+            >>> pq.train(x, niter=50, tol=1e-6)
+            >>> len(pq.iteration_errors) <= 50 and pq.iteration_errors[-1] <= pq.iteration_errors[0]
+            True
         """
-        x = x.detach().float()
+        if niter < 0 or tol < 0:
+            raise ValueError(f"niter and tol must be >= 0, got niter={niter}, tol={tol}")
+        x = x.detach().float().contiguous()
         n, device = x.shape[0], x.device
-        w = torch.ones(n, device=device) if weights is None else weights.detach().float().clone()
+        w = torch.ones(n, device=device) if weights is None else weights.detach().float()
         w = w.to(device)
         if w.shape != (n,) or bool((w < 0).any()) or float(w.sum()) <= 0:
             raise ValueError(f"weights must be [n={n}] non-negative with a positive sum")
-        sub = self._split(x)
-        # Draws with replacement only when there are fewer rows than centroids.
-        seed_rows = _draw(w, self.ksub, n < self.ksub, generator)
-        books = sub[:, seed_rows].clone()
+        books = kmeans_plus_plus(self._split(x), w, self.ksub, generator)
+        lloyd = _Lloyd(x, w, self.M, self.ksub, chunk_size)
+        self.iteration_errors = []
+        previous: Tensor | None = None
         for _ in range(niter):
-            codes = self._assign_chunked(sub, books, chunk_size)  # [M, n]
-            flat = (codes + torch.arange(self.M, device=device).unsqueeze(1) * self.ksub).reshape(
-                -1
+            codes = lloyd.assign(books, self.code_dtype)
+            books, error = lloyd.update(codes, generator)
+            converged = bool(self.iteration_errors) and (
+                self.iteration_errors[-1] - error <= tol * error
             )
-            mass = torch.zeros(self.M * self.ksub, device=device).index_add_(
-                0, flat, w.repeat(self.M)
-            )
-            sums = torch.zeros(self.M * self.ksub, self.dsub, device=device).index_add_(
-                0, flat, (sub * w.view(1, n, 1)).reshape(-1, self.dsub)
-            )
-            empty = mass == 0
-            books = (sums / mass.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)).view(
-                self.M, self.ksub, self.dsub
-            )
-            if bool(empty.any()):
-                empty_at = empty.nonzero().squeeze(1)
-                rows = _draw(w, empty_at.numel(), True, generator)
-                books.view(-1, self.dsub)[empty_at] = sub[empty_at // self.ksub, rows]
+            self.iteration_errors.append(error)
+            if converged or (previous is not None and torch.equal(codes, previous)):
+                break
+            previous = codes
         self.codebooks = books.contiguous()
-
-    def _assign_chunked(self, sub: Tensor, books: Tensor, chunk_size: int) -> Tensor:
-        # Written into one preallocated tensor: small per-chunk results kept alive between the
-        # chunks' large distance buffers would fragment the heap (glibc then holds on to
-        # hundreds of MB of freed distances).
-        codes = torch.empty(sub.shape[:2], dtype=torch.long, device=sub.device)
-        for start in range(0, sub.shape[1], chunk_size):
-            part = sub[:, start : start + chunk_size]
-            codes[:, start : start + part.shape[1]] = assign(part, books)[0]
-        return codes
 
     def compute_codes(self, x: Tensor, chunk_size: int = 1024) -> Tensor:
         """Encodes rows: the nearest centroid per subspace, ``chunk_size`` rows at a time.
@@ -211,6 +212,120 @@ def _draw(
     where = generator.device if generator is not None else torch.device("cpu")
     rows = torch.multinomial(weights.to(where), count, replacement=replacement, generator=generator)
     return rows.to(weights.device)
+
+
+# k-means++ seeds from at most this many rows per centroid (drawn ∝ weights): the seeding is
+# K sequential steps, and more candidates barely change where the seeds land.
+_SEEDING_ROWS_PER_CENTROID = 16
+
+
+def kmeans_plus_plus(
+    subvectors: Tensor, weights: Tensor, ksub: int, generator: torch.Generator | None
+) -> Tensor:
+    """Weighted k-means++ seeds in every subspace (Arthur & Vassilvitskii, 2007), batched.
+
+    The first seed is a row drawn ``∝ weights``; each next one a row drawn ``∝ weights *
+    D^2``, ``D`` its distance to the nearest seed so far, so a cluster that already holds a
+    seed is seldom seeded again (never, when its rows coincide: a table made of ``K``
+    codewords gets one seed on each).  Once every distinct row holds a seed (fewer distinct
+    rows than ``ksub``), the rest are drawn ``∝ weights``.  Above
+    ``16 * ksub`` rows, seeds are drawn among ``16 * ksub`` rows sampled ``∝ weights``.
+    The uniform draws come from ``generator``'s device: one seed, the same seeds on any device.
+
+    Args:
+        subvectors (Tensor): ``[M, n, dsub]`` rows.
+        weights (Tensor): ``[n]`` non-negative weights with a positive sum.
+        ksub (int): seeds per subspace.
+        generator (Optional[torch.Generator]): source of randomness.
+
+    Returns:
+        Tensor: ``[M, ksub, dsub]`` seeds, each one of the rows.
+
+    Example::
+
+        >>> rows = torch.tensor([[[0.0], [0.0], [0.0], [5.0]]])
+        >>> sorted(kmeans_plus_plus(rows, torch.ones(4), 2, None).flatten().tolist())
+        [0.0, 5.0]
+    """
+    num_subspaces, num_rows, dsub = subvectors.shape
+    device = subvectors.device
+    candidates, weight = subvectors, weights.float()
+    if num_rows > _SEEDING_ROWS_PER_CENTROID * ksub:
+        picked = _draw(weights, _SEEDING_ROWS_PER_CENTROID * ksub, True, generator)
+        candidates = subvectors[:, picked]
+        weight = torch.ones(picked.numel(), device=device)
+    last = candidates.shape[1] - 1
+    where = generator.device if generator is not None else torch.device("cpu")
+    uniform = torch.rand(ksub, num_subspaces, 1, generator=generator, device=where).to(device)
+    weight_cdf = weight.cumsum(0).expand(num_subspaces, -1)
+    subspace = torch.arange(num_subspaces, device=device)
+    seeds = torch.empty(num_subspaces, ksub, dsub, device=device)
+    nearest = torch.full((num_subspaces, last + 1), float("inf"), device=device)
+    for k in range(ksub):
+        cdf = weight_cdf if k == 0 else (nearest * weight).cumsum(1)
+        # every distinct row holds a seed: the remaining seeds follow the weights
+        cdf = torch.where(cdf[:, -1:] > 0, cdf, weight_cdf)
+        pick = torch.searchsorted(cdf, uniform[k] * cdf[:, -1:], right=True).clamp_(max=last)
+        chosen = candidates[subspace, pick.squeeze(1)]  # [M, dsub]
+        seeds[:, k] = chosen
+        torch.minimum(nearest, (candidates - chosen.unsqueeze(1)).pow_(2).sum(2), out=nearest)
+    return seeds
+
+
+class _Lloyd:
+    """What one weighted k-means run keeps across its iterations: the rows, their weighted
+    ``[n * M, dsub]`` sub-vectors in float64 with the weight as a last column (one
+    ``index_add_`` then gives every centroid's weighted sum and mass, exact for a table made of
+    codewords), the subspaces' code offsets and the rows' weighted energy.  Every tensor lives
+    on the rows' device."""
+
+    def __init__(self, x: Tensor, weights: Tensor, num_subspaces: int, ksub: int, chunk: int):
+        n, d = x.shape
+        self.x, self.weights, self.ksub, self.chunk = x, weights, ksub, chunk
+        self.dsub = d // num_subspaces
+        # Filled in place: no second [n * M, dsub] float64 copy (the old loop's peak, not more).
+        self.weighted = x.new_empty(n * num_subspaces, self.dsub + 1, dtype=torch.float64)
+        self.weighted[:, -1] = weights.double().repeat_interleave(num_subspaces)
+        torch.mul(x.view(-1, self.dsub), self.weighted[:, -1:], out=self.weighted[:, :-1])
+        # sum_i w_i ||x_i||^2, exact products in float64, a block at a time
+        self.energy = sum(
+            float(block.double().pow(2).sum(1) @ part.double())
+            for block, part in zip(x.split(1 << 16), weights.split(1 << 16), strict=True)
+        )
+        self.offsets = torch.arange(num_subspaces, device=x.device) * ksub
+        self.totals = self.weighted.new_empty(num_subspaces * ksub, self.dsub + 1)
+
+    def assign(self, books: Tensor, dtype: torch.dtype) -> Tensor:
+        """``[n, M]`` nearest codes: the fused C++ encoder where it applies, else chunks of
+        :func:`assign` (batched matmuls, any device)."""
+        if _ops.encode_kernel_applies(self.x, books, dtype):
+            return torch.ops.torchrec_compress.pq_encode(self.x, books, dtype)
+        n, num_subspaces = self.x.shape[0], books.shape[0]
+        sub = self.x.view(n, num_subspaces, self.dsub).transpose(0, 1)
+        # One preallocated result: small per-chunk tensors kept alive between the chunks'
+        # large distance buffers would fragment the heap.
+        codes = torch.empty(n, num_subspaces, dtype=torch.long, device=self.x.device)
+        for start in range(0, n, self.chunk):
+            part = sub[:, start : start + self.chunk]
+            codes[start : start + part.shape[1]] = assign(part, books)[0].t()
+        return codes
+
+    def update(self, codes: Tensor, generator: torch.Generator | None) -> tuple[Tensor, float]:
+        """Centroids at the weighted means of their rows (empty ones re-seeded at rows drawn
+        ``∝ weights``) and the weighted squared error of ``codes`` with those means,
+        ``sum_i w_i ||x_i||^2 - sum_k ||S_k||^2 / W_k`` (float64)."""
+        flat = (codes.long() + self.offsets).view(-1)
+        self.totals.zero_().index_add_(0, flat, self.weighted)
+        sums, mass = self.totals[:, :-1], self.totals[:, -1:]
+        means = sums / mass.clamp(min=torch.finfo(torch.float64).tiny)
+        error = self.energy - float((sums * means).sum())
+        books = means.float()
+        empty_at = (mass.squeeze(1) == 0).nonzero().squeeze(1)
+        if empty_at.numel():
+            rows = _draw(self.weights, empty_at.numel(), True, generator)
+            subvectors = self.x.view(self.x.shape[0], -1, self.dsub)
+            books[empty_at] = subvectors[rows, empty_at // self.ksub]
+        return books.view(-1, self.ksub, self.dsub), max(error, 0.0)
 
 
 def decode(codes: Tensor, codebooks: Tensor) -> Tensor:
