@@ -26,7 +26,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from examples.dlrm.compression import BUDGET_METHODS, make_config
 from examples.dlrm.main import parse_args
 from torchrec_compress import BudgetConfig, BudgetReport, compress_
+from torchrec_compress.budget.allocate import TableChoices, allocate, exact_spend, spend
 from torchrec_compress.budget.config import OPTION_KINDS
+from torchrec_compress.budget.options import Option
 from torchrec_compress.layout import compression_layout, restore_layout_
 from torchrec_compress.methods.lowrank.config import AFMConfig
 from torchrec_compress.methods.pq.config import PQConfig
@@ -218,6 +220,17 @@ def test_loss_delta_gives_more_bytes_to_the_table_the_loss_depends_on() -> None:
     config = BudgetConfig(budget, objective="loss_delta", **FAST)
     with pytest.raises(ValueError, match="needs forward_fn to return the loss"):
         compress_(_dlrm(), config, calibration=_batches(2))
+
+
+def test_the_allocator_is_exact_where_the_greedy_is_not() -> None:
+    """Greedy on error saved per byte takes ``b``'s cheap step and then cannot afford ``a``'s;
+    the exact merge of the tables' fronts spends the bytes on ``a``."""
+    a = TableChoices("a", "c", [Option("fp32", 6), Option("int8", 1)], [0.0, 10.0])
+    b = TableChoices("b", "c", [Option("fp32", 3), Option("int8", 1)], [0.0, 9.0])
+    greedy = spend([a, b], {"c": "rowwise"}, 7)
+    assert greedy is not None and greedy[0] == 10.0
+    assert exact_spend([a, b], {"c": "rowwise"}, 7) == (9.0, {"a": 0, "b": 1})
+    assert {n: o.kind for n, o in allocate([a, b], 7).items()} == {"a": "fp32", "b": "int8"}
 
 
 def test_the_report_lists_the_plan() -> None:
