@@ -189,8 +189,9 @@ def test_loss_sensitivity_gives_more_bytes_to_the_table_the_loss_depends_on() ->
 
 
 class _TargetLoss(nn.Module):
-    """An EBC at its loss's minimum: squared distance of the pooled outputs to the exact ones,
-    ``f_a``'s weighed 100 times more than ``f_b``'s; the batch is (features, targets)."""
+    """An EBC near its loss's minimum: squared distance of the pooled outputs to targets (the
+    exact ones plus small noise), ``f_a``'s weighed 100 times more than ``f_b``'s; the batch
+    is (features, targets)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -208,9 +209,15 @@ def test_loss_delta_gives_more_bytes_to_the_table_the_loss_depends_on() -> None:
     measured loss increase ``a``."""
     model = _TargetLoss()
     with torch.no_grad():
-        batches = [(kjt, model.ebc(kjt)) for kjt in (_features(_WEIGHED, seed=i) for i in range(6))]
+        batches = []
+        for i in range(6):
+            kjt = _features(_WEIGHED, seed=i)
+            g = torch.Generator().manual_seed(i)
+            out = model.ebc(kjt)
+            noisy = {f: out[f] + 0.01 * torch.randn(out[f].shape, generator=g) for f in out.keys()}
+            batches.append((kjt, noisy))
     budget = 30000 + 18000  # int8 for one table, int4 for the other
-    for objective, more in (("squared_error", "b"), ("loss_delta", "a")):
+    for objective, more in (("squared_error", "b"), ("loss_delta", "a"), ("fisher", "a")):
         config = BudgetConfig(budget, objective=objective, loss_batches=3, **FAST)
         report = compress_(_TargetLoss(), config, calibration=batches, forward_fn=_call)
         plan = {p.name: p.option for p in report.plan}

@@ -158,12 +158,13 @@ def _add_budget_arguments(g: argparse._ArgumentGroup) -> None:
     """The flags of ``--compress budget`` (with ``--budget-ratio`` and ``--mec-weighting``)."""
     g.add_argument(
         "--budget-objective",
-        choices=("loss", "absolute", "relative", "loss_delta"),
+        choices=("loss", "absolute", "relative", "loss_delta", "fisher"),
         default="loss",
         help="budget: how each table's estimated output error is weighed (BudgetConfig): loss = "
         "times the loss's squared gradient (loss_sensitivity), absolute = summed over lookups, "
         "relative = over the table's output variance; loss_delta = the loss increase measured "
-        "on held-out calibration batches with only that table compressed (objective)",
+        "on held-out calibration batches with only that table compressed (objective); fisher = its "
+        "second-order estimate from per-example loss gradients",
     )
     g.add_argument(
         "--budget-subspaces",
@@ -194,7 +195,9 @@ def make_config(
             error="relative" if args.budget_objective == "relative" else "absolute",
             # train_forward returns DLRMTrain's loss first
             loss_sensitivity=args.budget_objective == "loss",
-            objective="loss_delta" if args.budget_objective == "loss_delta" else "squared_error",
+            objective=args.budget_objective
+            if args.budget_objective in ("loss_delta", "fisher")
+            else "squared_error",
         )
     if method in PQ_METHODS:
         return MECConfig(

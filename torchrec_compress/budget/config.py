@@ -27,7 +27,7 @@ OPTION_KINDS: tuple[str, ...] = (
 #: how the error of an option is scaled before tables are compared
 ERROR_SCALES: tuple[str, ...] = ("absolute", "relative")
 #: what the allocator minimises: the (scaled) squared output error, or the loss increase
-OBJECTIVES: tuple[str, ...] = ("squared_error", "loss_delta")
+OBJECTIVES: tuple[str, ...] = ("squared_error", "loss_delta", "fisher")
 
 
 @dataclass
@@ -78,8 +78,12 @@ class BudgetConfig(CompressionConfig):
             held-out calibration batches when only that table's rows are replaced by the
             option's reconstruction (the same fits as the estimates; options off every
             family's Pareto front of (bytes, estimated error) are not priced and not chosen;
-            ``forward_fn`` must return the loss; :mod:`~torchrec_compress.budget.loss_delta`).
-        loss_batches (int): held-out batches the ``"loss_delta"`` objective measures on.
+            ``forward_fn`` must return the loss; :mod:`~torchrec_compress.budget.loss_delta`);
+            or ``"fisher"``: the same options priced by a second-order estimate of that
+            increase, ``mean_x (g_x^T e_x)^2 / 2`` with per-example loss gradients ``g_x`` on
+            the pooled output and pooled errors ``e_x`` (:mod:`~torchrec_compress.budget.fisher`).
+        loss_batches (int): held-out batches the ``"loss_delta"`` and ``"fisher"`` objectives
+            measure on.
         sample_size (int): held-out lookups per table on which errors are measured.
         fit_sample_size (int): rows per table the PQ estimates fit k-means on; the PQ method's
             own sample size by default (``KMeansTraining.kmeans_sample_size``): fitted on fewer

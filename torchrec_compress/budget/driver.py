@@ -23,6 +23,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec_compress.budget.allocate import TableChoices, allocate
 from torchrec_compress.budget.config import BudgetConfig
 from torchrec_compress.budget.cost import TableErrors, estimate_errors
+from torchrec_compress.budget.fisher import fisher_deltas
 from torchrec_compress.budget.loss_delta import candidates, loss_deltas
 from torchrec_compress.budget.options import Option, table_options
 from torchrec_compress.budget.sensitivity import loss_sensitivity
@@ -106,7 +107,8 @@ def _loss_delta_choices(
     config: BudgetConfig,
 ) -> list[TableChoices]:
     """``choices`` narrowed to their candidates, priced by the loss they add
-    (:mod:`~torchrec_compress.budget.loss_delta`), times ``config.sensitivity``."""
+    (:mod:`~torchrec_compress.budget.loss_delta` or :mod:`~torchrec_compress.budget.fisher`),
+    times ``config.sensitivity``."""
     picked = {c.name: candidates(c) for c in choices}
     tables = {
         c.name: (
@@ -116,7 +118,8 @@ def _loss_delta_choices(
         )
         for c in choices
     }
-    deltas = loss_deltas(model, batches, forward_fn, tables)  # type: ignore[arg-type]
+    measure = fisher_deltas if config.objective == "fisher" else loss_deltas
+    deltas = measure(model, batches, forward_fn, tables)  # type: ignore[arg-type]
     narrowed = []
     for c in choices:
         options = [c.options[i] for i in picked[c.name]]
@@ -167,7 +170,7 @@ def plan_budget(
             scale = _scale(errors[t.name], config, gradients.get(t.name, 1.0))
             costs = [errors[t.name].errors[o] * scale for o in options]
             choices.append(TableChoices(t.name, fqn, options, costs))
-    if config.objective == "loss_delta":
+    if config.objective != "squared_error":
         batches = halves[1][: config.loss_batches]
         choices = _loss_delta_choices(model, choices, errors, ebcs, batches, forward_fn, config)
     chosen = allocate(choices, config.memory_budget_bytes)
