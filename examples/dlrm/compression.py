@@ -167,6 +167,12 @@ def _add_budget_arguments(g: argparse._ArgumentGroup) -> None:
         "second-order estimate from per-example loss gradients",
     )
     g.add_argument(
+        "--budget-loss-batches",
+        type=int,
+        default=8,
+        help="budget: held-out calibration batches the loss_delta / fisher objectives measure on",
+    )
+    g.add_argument(
         "--budget-subspaces",
         default="1,2,4,8,16",
         help="budget: the PQ M values to consider (comma-separated)",
@@ -198,6 +204,7 @@ def make_config(
             objective=args.budget_objective
             if args.budget_objective in ("loss_delta", "fisher")
             else "squared_error",
+            loss_batches=args.budget_loss_batches,
         )
     if method in PQ_METHODS:
         return MECConfig(
