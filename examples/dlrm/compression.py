@@ -173,6 +173,12 @@ def _add_budget_arguments(g: argparse._ArgumentGroup) -> None:
         help="budget: held-out calibration batches the loss_delta / fisher objectives measure on",
     )
     g.add_argument(
+        "--budget-estimate-iterations",
+        type=int,
+        default=8,
+        help="budget: k-means iterations of the PQ error estimates (the PQ method runs 20)",
+    )
+    g.add_argument(
         "--budget-subspaces",
         default="1,2,4,8,16",
         help="budget: the PQ M values to consider (comma-separated)",
@@ -205,6 +211,7 @@ def make_config(
             if args.budget_objective in ("loss_delta", "fisher")
             else "squared_error",
             loss_batches=args.budget_loss_batches,
+            estimate_iterations=args.budget_estimate_iterations,
         )
     if method in PQ_METHODS:
         return MECConfig(
