@@ -2,11 +2,12 @@
 
 A multiple-choice knapsack, solved exactly (:func:`exact_spend`: the tables' (bytes, error)
 Pareto fronts merged one table at a time, dominated partial plans dropped) where the merged
-front stays small, as it does for tens of tables and options; else as the rank budget of AFM
-is (:func:`spend`): every table starts at its smallest option; then steps along each table's
-lower convex hull of (bytes, error) are taken, the most error saved per byte first, while they
-fit; then the bytes left over buy the single option change that saves the most error, again
-and again, among all options (hull or not).  The greedy is optimal for the Lagrangian
+front stays small, as it does for 10 tables of 34 options (thinned beyond, an approximation),
+and as the rank budget of AFM is (:func:`spend`), the better of the two kept: every table
+starts at its smallest option; then steps along each table's lower convex hull of (bytes,
+error) are taken, the most error saved per byte first, while they fit; then the bytes left
+over buy the single option change that saves the most error, again and again, among all
+options (hull or not).  The greedy is optimal for the Lagrangian
 relaxation but not for the knapsack: on random options of 10 tables it was up to 20 % worse
 than the exact plan; a table whose next hull step does not fit stops there.
 Product-quantized and row-wise quantized tables cannot share a collection, nor can either share
@@ -147,17 +148,18 @@ def spend(
     return sum(t.costs[chosen[t.name]] for t in tables), chosen
 
 
-#: the most partial plans :func:`exact_spend` keeps; beyond, :func:`spend`'s greedy decides
-EXACT_FRONTIER_LIMIT = 20_000
+#: the most partial plans :func:`exact_spend` keeps; beyond, the front is thinned evenly
+EXACT_FRONTIER_LIMIT = 5_000
 
 
 def exact_spend(
     tables: Sequence[TableChoices], families: Mapping[str, str], budget: int
 ) -> tuple[float, dict[str, int]] | None:
-    """The least total error within ``budget`` (one family per collection), exactly: the
-    tables' (bytes, error) Pareto fronts merged one table at a time, partial plans over the
-    budget or dominated (more bytes, no less error) dropped.  ``None`` when nothing fits or
-    the front grows past :data:`EXACT_FRONTIER_LIMIT` (then :func:`spend` decides).
+    """The least total error within ``budget`` (one family per collection): the tables'
+    (bytes, error) Pareto fronts merged one table at a time, partial plans over the budget or
+    dominated (more bytes, no less error) dropped; exact while the front stays within
+    :data:`EXACT_FRONTIER_LIMIT` plans (10 tables of 34 options: well within), else thinned to
+    every k-th plan (then an approximation).  ``None`` when nothing fits.
 
     Example::
 
@@ -181,8 +183,11 @@ def exact_spend(
         for entry in merged:
             if not front or entry[1] < front[-1][1]:
                 front.append(entry)
-        if not front or len(front) > EXACT_FRONTIER_LIMIT:
+        if not front:
             return None
+        if len(front) > EXACT_FRONTIER_LIMIT:
+            step = -(-len(front) // EXACT_FRONTIER_LIMIT)
+            front = front[::step] + ([front[-1]] if (len(front) - 1) % step else [])
     cost, picks = front[-1][1], front[-1][2]
     return cost, {t.name: i for t, i in zip(tables, picks, strict=True)}
 
@@ -190,9 +195,12 @@ def exact_spend(
 def best_spend(
     tables: Sequence[TableChoices], families: Mapping[str, str], budget: int
 ) -> tuple[float, dict[str, int]] | None:
-    """:func:`exact_spend`, or :func:`spend`'s greedy where the exact front grew too large."""
-    exact = exact_spend(tables, families, budget)
-    return exact if exact is not None else spend(tables, families, budget)
+    """The better of :func:`exact_spend` and :func:`spend`'s greedy (they differ only where the
+    merged front had to be thinned)."""
+    results = [
+        r for r in (exact_spend(tables, families, budget), spend(tables, families, budget)) if r
+    ]
+    return min(results, key=lambda r: r[0]) if results else None
 
 
 def _unreachable(tables: Sequence[TableChoices], budget: int) -> ValueError:

@@ -81,7 +81,8 @@ class BudgetConfig(CompressionConfig):
             ``forward_fn`` must return the loss; :mod:`~torchrec_compress.budget.loss_delta`);
             or ``"fisher"``: the same options priced by a second-order estimate of that
             increase, ``mean_x (g_x^T e_x)^2 / 2`` with per-example loss gradients ``g_x`` on
-            the pooled output and pooled errors ``e_x`` (:mod:`~torchrec_compress.budget.fisher`).
+            the pooled output and pooled errors ``e_x`` (:mod:`~torchrec_compress.budget.fisher`;
+            the loss must be a mean over the batch's examples, as ``DLRMTrain``'s is).
         loss_batches (int): held-out batches the ``"loss_delta"`` and ``"fisher"`` objectives
             measure on.
         sample_size (int): held-out lookups per table on which errors are measured.
