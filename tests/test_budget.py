@@ -26,7 +26,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from examples.dlrm.compression import BUDGET_METHODS, make_config
 from examples.dlrm.main import parse_args
 from torchrec_compress import BudgetConfig, BudgetReport, compress_
+from torchrec_compress.budget.allocate import TableChoices, allocate, exact_spend, spend
 from torchrec_compress.budget.config import OPTION_KINDS
+from torchrec_compress.budget.options import Option
 from torchrec_compress.layout import compression_layout, restore_layout_
 from torchrec_compress.methods.lowrank.config import AFMConfig
 from torchrec_compress.methods.pq.config import PQConfig
@@ -186,6 +188,58 @@ def test_loss_sensitivity_gives_more_bytes_to_the_table_the_loss_depends_on() ->
         compress_(_dlrm(), config, calibration=_batches(2))
 
 
+class _TargetLoss(nn.Module):
+    """An EBC near its loss's minimum: squared distance of the pooled outputs to targets (the
+    exact ones plus small noise), ``f_a``'s weighed 100 times more than ``f_b``'s; the batch
+    is (features, targets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ebc = _collection(_WEIGHED)
+
+    def forward(self, batch: tuple) -> torch.Tensor:
+        out = self.ebc(batch[0])
+        a, b = (out[f] - batch[1][f] for f in ("f_a", "f_b"))
+        return 100 * a.pow(2).sum(1).mean() + b.pow(2).sum(1).mean()
+
+
+def test_loss_delta_gives_more_bytes_to_the_table_the_loss_depends_on() -> None:
+    """``b`` is read twice as often, so its squared output error is larger at equal storage;
+    the loss depends on ``a`` 100 times more: the squared-error objective favours ``b``, the
+    measured loss increase ``a``."""
+    model = _TargetLoss()
+    with torch.no_grad():
+        batches = []
+        for i in range(6):
+            kjt = _features(_WEIGHED, seed=i)
+            g = torch.Generator().manual_seed(i)
+            out = model.ebc(kjt)
+            noisy = {f: out[f] + 0.01 * torch.randn(out[f].shape, generator=g) for f in out.keys()}
+            batches.append((kjt, noisy))
+    budget = 30000 + 18000  # int8 for one table, int4 for the other
+    for objective, more in (("squared_error", "b"), ("loss_delta", "a"), ("fisher", "a")):
+        config = BudgetConfig(budget, objective=objective, loss_batches=3, **FAST)
+        report = compress_(_TargetLoss(), config, calibration=batches, forward_fn=_call)
+        plan = {p.name: p.option for p in report.plan}
+        less = "a" if more == "b" else "b"
+        assert plan[more].bytes > plan[less].bytes, report
+        assert report.bytes_after <= budget
+    config = BudgetConfig(budget, objective="loss_delta", **FAST)
+    with pytest.raises(ValueError, match="needs forward_fn to return the loss"):
+        compress_(_dlrm(), config, calibration=_batches(2))
+
+
+def test_the_allocator_is_exact_where_the_greedy_is_not() -> None:
+    """Greedy on error saved per byte takes ``b``'s cheap step and then cannot afford ``a``'s;
+    the exact merge of the tables' fronts spends the bytes on ``a``."""
+    a = TableChoices("a", "c", [Option("fp32", 6), Option("int8", 1)], [0.0, 10.0])
+    b = TableChoices("b", "c", [Option("fp32", 3), Option("int8", 1)], [0.0, 9.0])
+    greedy = spend([a, b], {"c": "rowwise"}, 7)
+    assert greedy is not None and greedy[0] == 10.0
+    assert exact_spend([a, b], {"c": "rowwise"}, 7) == (9.0, {"a": 0, "b": 1})
+    assert {n: o.kind for n, o in allocate([a, b], 7).items()} == {"a": "fp32", "b": "int8"}
+
+
 def test_the_report_lists_the_plan() -> None:
     report = compress_(_dlrm(), BudgetConfig(_total() // 8, **FAST), calibration=_batches())
     text = str(report)
@@ -307,6 +361,8 @@ def test_config_checks() -> None:
     for bad in (
         {"memory_budget_bytes": 0},
         {"memory_budget_bytes": 1, "error": "x"},
+        {"memory_budget_bytes": 1, "objective": "auc"},
+        {"memory_budget_bytes": 1, "loss_batches": 0},
         {"memory_budget_bytes": 1, "sensitivity": {"t": 0.0}},
     ):
         with pytest.raises(ValueError, match="BudgetConfig"):

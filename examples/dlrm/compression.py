@@ -187,11 +187,25 @@ def _add_budget_arguments(g: argparse._ArgumentGroup) -> None:
     """The flags of ``--compress budget`` (with ``--budget-ratio`` and ``--mec-weighting``)."""
     g.add_argument(
         "--budget-objective",
-        choices=("loss", "absolute", "relative"),
+        choices=("loss", "absolute", "relative", "loss_delta", "fisher"),
         default="loss",
         help="budget: how each table's estimated output error is weighed (BudgetConfig): loss = "
         "times the loss's squared gradient (loss_sensitivity), absolute = summed over lookups, "
-        "relative = over the table's output variance",
+        "relative = over the table's output variance; loss_delta = the loss increase measured "
+        "on held-out calibration batches with only that table compressed (objective); fisher = its "
+        "second-order estimate from per-example loss gradients",
+    )
+    g.add_argument(
+        "--budget-loss-batches",
+        type=int,
+        default=8,
+        help="budget: held-out calibration batches the loss_delta / fisher objectives measure on",
+    )
+    g.add_argument(
+        "--budget-estimate-iterations",
+        type=int,
+        default=8,
+        help="budget: k-means iterations of the PQ error estimates (the PQ method runs 20)",
     )
     g.add_argument(
         "--budget-subspaces",
@@ -230,6 +244,11 @@ def make_config(
             error="relative" if args.budget_objective == "relative" else "absolute",
             # train_forward returns DLRMTrain's loss first
             loss_sensitivity=args.budget_objective == "loss",
+            objective=args.budget_objective
+            if args.budget_objective in ("loss_delta", "fisher")
+            else "squared_error",
+            loss_batches=args.budget_loss_batches,
+            estimate_iterations=args.budget_estimate_iterations,
         )
     if method in ROW_WISE:
         return RowWiseQuantConfig(bits=ROW_WISE[method])

@@ -1,9 +1,15 @@
 """Spending one byte budget over the tables: one option each, least total error.
 
-A multiple-choice knapsack, solved as the rank budget of AFM is: every table starts at its
-smallest option; then steps along each table's lower convex hull of (bytes, error) are taken,
-the most error saved per byte first, while they fit; then the bytes left over buy the single
-option change that saves the most error, again and again, among all options (hull or not).
+A multiple-choice knapsack, solved exactly (:func:`exact_spend`: the tables' (bytes, error)
+Pareto fronts merged one table at a time, dominated partial plans dropped) where the merged
+front stays small, as it does for 10 tables of 34 options (thinned beyond, an approximation),
+and as the rank budget of AFM is (:func:`spend`), the better of the two kept: every table
+starts at its smallest option; then steps along each table's lower convex hull of (bytes,
+error) are taken, the most error saved per byte first, while they fit; then the bytes left
+over buy the single option change that saves the most error, again and again, among all
+options (hull or not).  The greedy is optimal for the Lagrangian
+relaxation but not for the knapsack: on random options of 10 tables it was up to 20 % worse
+than the exact plan; a table whose next hull step does not fit stops there.
 Product-quantized and row-wise quantized tables cannot share a collection, nor can either share
 one with AFM factor tables stored packed (ranks not multiples of 4), so each collection gets one
 family, ``"rowwise"``, ``"pq"`` or ``"float"`` (kept tables and other AFM tables go with all):
@@ -142,6 +148,61 @@ def spend(
     return sum(t.costs[chosen[t.name]] for t in tables), chosen
 
 
+#: the most partial plans :func:`exact_spend` keeps; beyond, the front is thinned evenly
+EXACT_FRONTIER_LIMIT = 5_000
+
+
+def exact_spend(
+    tables: Sequence[TableChoices], families: Mapping[str, str], budget: int
+) -> tuple[float, dict[str, int]] | None:
+    """The least total error within ``budget`` (one family per collection): the tables'
+    (bytes, error) Pareto fronts merged one table at a time, partial plans over the budget or
+    dominated (more bytes, no less error) dropped; exact while the front stays within
+    :data:`EXACT_FRONTIER_LIMIT` plans (10 tables of 34 options: well within), else thinned to
+    every k-th plan (then an approximation).  ``None`` when nothing fits.
+
+    Example::
+
+        >>> from torchrec_compress.budget.options import Option
+        >>> a = TableChoices("a", "c", [Option("fp32", 10), Option("int8", 4)], [0.0, 3.0])
+        >>> b = TableChoices("b", "c", [Option("fp32", 10), Option("int8", 4)], [0.0, 2.0])
+        >>> exact_spend([a, b], {"c": "rowwise"}, 14)
+        (2.0, {'a': 0, 'b': 1})
+    """
+    front: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
+    for t in tables:
+        allowed = t.allowed(families[t.collection])
+        merged = [
+            (spent + t.options[i].bytes, cost + t.costs[i], picks + (i,))
+            for spent, cost, picks in front
+            for i in allowed
+            if spent + t.options[i].bytes <= budget
+        ]
+        merged.sort(key=lambda entry: (entry[0], entry[1]))
+        front = []
+        for entry in merged:
+            if not front or entry[1] < front[-1][1]:
+                front.append(entry)
+        if not front:
+            return None
+        if len(front) > EXACT_FRONTIER_LIMIT:
+            step = -(-len(front) // EXACT_FRONTIER_LIMIT)
+            front = front[::step] + ([front[-1]] if (len(front) - 1) % step else [])
+    cost, picks = front[-1][1], front[-1][2]
+    return cost, {t.name: i for t, i in zip(tables, picks, strict=True)}
+
+
+def best_spend(
+    tables: Sequence[TableChoices], families: Mapping[str, str], budget: int
+) -> tuple[float, dict[str, int]] | None:
+    """The better of :func:`exact_spend` and :func:`spend`'s greedy (they differ only where the
+    merged front had to be thinned)."""
+    results = [
+        r for r in (exact_spend(tables, families, budget), spend(tables, families, budget)) if r
+    ]
+    return min(results, key=lambda r: r[0]) if results else None
+
+
 def _unreachable(tables: Sequence[TableChoices], budget: int) -> ValueError:
     collections = sorted({t.collection for t in tables})
     floor = 0
@@ -171,7 +232,7 @@ def allocate(tables: Sequence[TableChoices], budget: int) -> dict[str, Option]:
     best: tuple[float, dict[str, int]] | None = None
     for start in FAMILY_CHOICES:
         families = {c: start for c in collections}
-        result = spend(tables, families, budget)
+        result = best_spend(tables, families, budget)
         improved = True
         while improved:
             improved = False
@@ -179,7 +240,7 @@ def allocate(tables: Sequence[TableChoices], budget: int) -> dict[str, Option]:
                 if family == families[c]:
                     continue
                 changed = {**families, c: family}
-                trial = spend(tables, changed, budget)
+                trial = best_spend(tables, changed, budget)
                 if trial is not None and (result is None or trial[0] < result[0]):
                     families, result, improved = changed, trial, True
         if result is not None and (best is None or result[0] < best[0]):

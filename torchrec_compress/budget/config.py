@@ -26,6 +26,8 @@ OPTION_KINDS: tuple[str, ...] = (
 )
 #: how the error of an option is scaled before tables are compared
 ERROR_SCALES: tuple[str, ...] = ("absolute", "relative")
+#: what the allocator minimises: the (scaled) squared output error, or the loss increase
+OBJECTIVES: tuple[str, ...] = ("squared_error", "loss_delta", "fisher")
 
 
 @dataclass
@@ -71,6 +73,18 @@ class BudgetConfig(CompressionConfig):
         error (str): ``"absolute"`` or ``"relative"``, see above.
         sensitivity (dict[str, float]): per table name, a factor on its error (> 0).
         loss_sensitivity (bool): weigh each table's error by the loss's gradient (see above).
+        objective (str): ``"squared_error"`` (the estimates above) or ``"loss_delta"``: each
+            option's cost is the increase of the model's mean loss on ``loss_batches``
+            held-out calibration batches when only that table's rows are replaced by the
+            option's reconstruction (the same fits as the estimates; options off every
+            family's Pareto front of (bytes, estimated error) are not priced and not chosen;
+            ``forward_fn`` must return the loss; :mod:`~torchrec_compress.budget.loss_delta`);
+            or ``"fisher"``: the same options priced by a second-order estimate of that
+            increase, ``mean_x (g_x^T e_x)^2 / 2`` with per-example loss gradients ``g_x`` on
+            the pooled output and pooled errors ``e_x`` (:mod:`~torchrec_compress.budget.fisher`;
+            the loss must be a mean over the batch's examples, as ``DLRMTrain``'s is).
+        loss_batches (int): held-out batches the ``"loss_delta"`` and ``"fisher"`` objectives
+            measure on.
         sample_size (int): held-out lookups per table on which errors are measured.
         fit_sample_size (int): rows per table the PQ estimates fit k-means on; the PQ method's
             own sample size by default (``KMeansTraining.kmeans_sample_size``): fitted on fewer
@@ -100,6 +114,8 @@ class BudgetConfig(CompressionConfig):
     error: str = "absolute"
     sensitivity: dict[str, float] = field(default_factory=dict)
     loss_sensitivity: bool = False
+    objective: str = "squared_error"
+    loss_batches: int = 8
     sample_size: int = 8192
     fit_sample_size: int = 65536
     estimate_iterations: int = 8
@@ -119,10 +135,16 @@ class BudgetConfig(CompressionConfig):
         for name in ("ranks", "subspaces"):
             for value in getattr(self, name):
                 check_positive_int(value, f"BudgetConfig.{name} entry")
-        for name in ("num_centroids", "sample_size", "fit_sample_size", "estimate_iterations"):
+        for name in (
+            "num_centroids",
+            "sample_size",
+            "fit_sample_size",
+            "estimate_iterations",
+            "loss_batches",
+        ):
             check_positive_int(getattr(self, name), f"BudgetConfig.{name}")
         choices = {"pq_mode": ("pq", "mec"), "weighting": ("log2", "lookups")}
-        for name, valid in {**choices, "error": ERROR_SCALES}.items():
+        for name, valid in {**choices, "error": ERROR_SCALES, "objective": OBJECTIVES}.items():
             if getattr(self, name) not in valid:
                 raise ValueError(
                     f"BudgetConfig.{name} must be one of {valid}, got {getattr(self, name)!r}"

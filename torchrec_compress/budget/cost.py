@@ -32,8 +32,9 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,12 +59,15 @@ class TableErrors:
         variance (float): its lookup-weighted output variance per lookup (trace of the
             covariance AFM diagonalises).
         errors (dict[Option, float]): option -> squared output error summed over lookups.
+        reconstruct (Callable[[Option, Tensor], Tensor] | None): rows as an option stores
+            them, with the estimates' own fits (the ``"loss_delta"`` objective uses it).
     """
 
     name: str
     lookups: float
     variance: float
     errors: dict[Option, float] = field(default_factory=dict)
+    reconstruct: Callable[[Option, Tensor], Tensor] | None = None
 
     def relative(self, option: Option) -> float:
         """``option``'s error as a fraction of the table's output variance (0: lossless)."""
@@ -167,6 +171,7 @@ class _Estimator:
         self, name: str, basis: PrincipalBasis, samples: _Samples, config: BudgetConfig
     ) -> None:
         self.name, self.basis, self.samples, self.config = name, basis, samples, config
+        self.fits: dict[tuple[int, int, bool], tuple[PQHandler, Any, Tensor | None]] = {}
 
     def afm_tail(self, rank: int) -> float:
         """The held-out rows' squared residual outside the top ``rank`` directions."""
@@ -178,21 +183,64 @@ class _Estimator:
         fit = ((self.samples.fit_rows.double() - self.basis.mean) @ u).float()
         return self.samples.coordinates[:, :rank].float(), fit
 
+    def quantizer(self, fit_rows: Tensor, m: int, reorder: bool) -> tuple[Any, Tensor | None]:
+        """The fitted PQ quantizer of ``M = m`` (cached per width of ``fit_rows``, the table's
+        or AFM's rank, and ``m``: the loss objective reuses it) and the column order it was
+        fitted in (``None``: the rows' own)."""
+        key = (fit_rows.shape[1], m, reorder)
+        if key not in self.fits:
+            c, s = self.config, self.samples
+            training = KMeansTraining(
+                kmeans_iterations=c.estimate_iterations,
+                kmeans_sample_size=c.fit_sample_size,
+                seed=c.seed,
+            )
+            pq_config = PQConfig(m, c.num_centroids, weighting=c.weighting, training=training)
+            handler = PQHandler.of(pq_config)
+            order = None
+            if reorder:  # as the method orders AFM's factor columns
+                order = subspace_order(
+                    fit_rows, s.fit_counts, handler.config, self.name, s.fit_scale
+                )
+                fit_rows = fit_rows[:, order]
+            quantizer = handler.fit(fit_rows, s.fit_counts, self.name, s.fit_scale)
+            self.fits[key] = (handler, quantizer, order)
+        handler, quantizer, order = self.fits[key]
+        return (handler, quantizer), order
+
+    def pq_roundtrip(self, rows: Tensor, fit_rows: Tensor, m: int, reorder: bool) -> Tensor:
+        """``rows`` encoded and decoded by the fitted quantizer, in their own column order."""
+        (handler, quantizer), order = self.quantizer(fit_rows, m, reorder)
+        if order is None:
+            return decode(handler.encode(quantizer, rows, self.name), handler.codebooks(quantizer))
+        codes = handler.encode(quantizer, rows[:, order], self.name)
+        approx = torch.empty_like(rows)
+        approx[:, order] = decode(codes, handler.codebooks(quantizer))
+        return approx
+
     def pq(self, rows: Tensor, fit_rows: Tensor, m: int, reorder: bool) -> float:
-        c, s = self.config, self.samples
-        training = KMeansTraining(
-            kmeans_iterations=c.estimate_iterations,
-            kmeans_sample_size=c.fit_sample_size,
-            seed=c.seed,
-        )
-        pq_config = PQConfig(m, c.num_centroids, weighting=c.weighting, training=training)
-        handler = PQHandler.of(pq_config)
-        if reorder:  # as the method orders AFM's factor columns
-            order = subspace_order(fit_rows, s.fit_counts, handler.config, self.name, s.fit_scale)
-            rows, fit_rows = rows[:, order], fit_rows[:, order]
-        quantizer = handler.fit(fit_rows, s.fit_counts, self.name, s.fit_scale)
-        codes = handler.encode(quantizer, rows, self.name)
-        return _error(rows, decode(codes, handler.codebooks(quantizer)), s.weights)
+        return _error(rows, self.pq_roundtrip(rows, fit_rows, m, reorder), self.samples.weights)
+
+    def reconstruct(self, option: Option, rows: Tensor) -> Tensor:
+        """``rows`` (``(n, d)``) as ``option`` stores them, with the fits its error estimate
+        made (call :meth:`error` first for PQ options, which fits them)."""
+        rows = rows.float()
+        if option.kind == "fp32":
+            return rows
+        if option.rank is None:
+            if option.subspaces is not None:
+                return self.pq_roundtrip(rows, self.samples.fit_rows, option.subspaces, False)
+            assert option.bits is not None
+            return rowwise_roundtrip(rows, option.bits)
+        u = self.basis.eigenvectors[:, : option.rank]
+        factors = ((rows.double() - self.basis.mean) @ u).float()
+        if option.subspaces is not None:
+            factors = self.pq_roundtrip(
+                factors, self.factors(option.rank)[1], option.subspaces, True
+            )
+        elif option.bits is not None:
+            factors = rowwise_roundtrip(factors, option.bits)
+        return (factors.double() @ u.T + self.basis.mean).float()
 
     def error(self, option: Option) -> float:
         s = self.samples
@@ -250,7 +298,7 @@ def estimate_errors(
     estimator = _Estimator(name, basis, samples, config)
     lookups = float(samples.weights.sum())
     variance = estimator.afm_tail(0) / max(lookups, 1e-300)
-    result = TableErrors(name, lookups, variance)
+    result = TableErrors(name, lookups, variance, reconstruct=estimator.reconstruct)
     for option in options:
         result.errors[option] = max(estimator.error(option), 0.0)
     return result

@@ -23,6 +23,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec_compress.budget.allocate import TableChoices, allocate
 from torchrec_compress.budget.config import BudgetConfig
 from torchrec_compress.budget.cost import TableErrors, estimate_errors
+from torchrec_compress.budget.fisher import fisher_deltas
+from torchrec_compress.budget.loss_delta import candidates, loss_deltas
 from torchrec_compress.budget.options import Option, table_options
 from torchrec_compress.budget.sensitivity import loss_sensitivity
 from torchrec_compress.calibration import ForwardFn, calibrate
@@ -51,6 +53,8 @@ class TablePlan:
         relative_error (float): the estimated output error of the option, as a fraction of the
             table's output variance (0: lossless).
         options (int): how many options were considered.
+        price (float): the allocator's cost of the option (the objective's units: scaled
+            squared error, or the measured loss increase).
     """
 
     name: str
@@ -59,6 +63,7 @@ class TablePlan:
     bytes_before: int
     relative_error: float
     options: int
+    price: float = 0.0
 
     @property
     def note(self) -> str:
@@ -77,7 +82,8 @@ class BudgetReport(CompressionReport):
 
     def __str__(self) -> str:
         lines = [
-            f"{p.name}: {p.option.label}, {p.option.bytes:,} bytes, est. rel. error {p.relative_error:.4g}"
+            f"{p.name}: {p.option.label}, {p.option.bytes:,} bytes, est. rel. error "
+            f"{p.relative_error:.4g}, price {p.price:.4g}"
             for p in self.plan
         ]
         head = f"budget {self.budget:,} bytes, plan ({len(self.plan)} tables):"
@@ -89,6 +95,38 @@ def _scale(errors: TableErrors, config: BudgetConfig, gradient: float) -> float:
     if config.error == "relative":
         return factor / max(errors.lookups * errors.variance, 1e-300)
     return factor
+
+
+def _loss_delta_choices(
+    model: nn.Module,
+    choices: Sequence[TableChoices],
+    errors: dict[str, TableErrors],
+    ebcs: dict[str, EmbeddingBagCollection],
+    batches: Sequence[Any],
+    forward_fn: ForwardFn,
+    config: BudgetConfig,
+) -> list[TableChoices]:
+    """``choices`` narrowed to their candidates, priced by the loss they add
+    (:mod:`~torchrec_compress.budget.loss_delta` or :mod:`~torchrec_compress.budget.fisher`),
+    times ``config.sensitivity``."""
+    picked = {c.name: candidates(c) for c in choices}
+    tables = {
+        c.name: (
+            ebcs[c.collection],
+            errors[c.name].reconstruct,
+            [c.options[i] for i in picked[c.name] if c.options[i].kind != "fp32"],
+        )
+        for c in choices
+    }
+    measure = fisher_deltas if config.objective == "fisher" else loss_deltas
+    deltas = measure(model, batches, forward_fn, tables)  # type: ignore[arg-type]
+    narrowed = []
+    for c in choices:
+        options = [c.options[i] for i in picked[c.name]]
+        factor = config.sensitivity.get(c.name, 1.0)
+        costs = [deltas[c.name].get(o, 0.0) * factor for o in options]
+        narrowed.append(TableChoices(c.name, c.collection, options, costs))
+    return narrowed
 
 
 def plan_budget(
@@ -132,6 +170,9 @@ def plan_budget(
             scale = _scale(errors[t.name], config, gradients.get(t.name, 1.0))
             costs = [errors[t.name].errors[o] * scale for o in options]
             choices.append(TableChoices(t.name, fqn, options, costs))
+    if config.objective != "squared_error":
+        batches = halves[1][: config.loss_batches]
+        choices = _loss_delta_choices(model, choices, errors, ebcs, batches, forward_fn, config)
     chosen = allocate(choices, config.memory_budget_bytes)
     return [
         TablePlan(
@@ -141,6 +182,7 @@ def plan_budget(
             c.options[0].bytes,
             errors[c.name].relative(chosen[c.name]),
             len(c.options),
+            c.costs[c.options.index(chosen[c.name])],
         )
         for c in choices
     ]

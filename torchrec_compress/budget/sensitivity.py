@@ -46,7 +46,7 @@ def loss_of(output: Any) -> Tensor:
         if isinstance(value, Tensor) and value.dim() == 0:
             return value
     raise ValueError(
-        "BudgetConfig(loss_sensitivity=True) needs forward_fn to return the loss (a scalar "
+        "BudgetConfig(loss_sensitivity=True or objective='loss_delta') needs forward_fn to return the loss (a scalar "
         f"tensor, or a tuple that starts with it), got {type(output).__name__}; pass "
         "compress_(..., forward_fn=lambda model, batch: loss_fn(model(batch), batch))"
     )
