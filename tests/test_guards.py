@@ -14,6 +14,7 @@ from torchrec_compress import AFMConfig, MECConfig, MECTraining, PQConfig, SVDCo
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.distributed.state import load_full_state_dict_
+from torchrec_compress.guards import first_nonfinite_row
 from torchrec_compress.methods.rowwise_quant.config import RowWiseQuantConfig
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_dlrm
@@ -97,6 +98,21 @@ def test_a_nonfinite_row_is_refused_by_every_sharded_method_on_every_process(
         for method in SHARDED:
             assert errors[method] is not None, (rank, method)
             assert re.search(EXPECTED, errors[method]), (rank, method, errors[method])
+
+
+def test_first_nonfinite_row_skips_finite_chunks_by_their_sum_but_not_overflows() -> None:
+    rows = torch.zeros(10, 4)
+    assert first_nonfinite_row(rows, chunk_rows=3) is None
+    # finite values whose float32 sum overflows: looked at row by row, still no bad row
+    huge = torch.full((10, 4), 3e38)
+    assert not torch.isfinite(huge[:3].sum())
+    assert first_nonfinite_row(huge, chunk_rows=3) is None
+    # +inf and -inf in one chunk sum to NaN; a NaN in a later chunk; bf16 rows
+    for bad_row, values in ((4, (float("inf"), float("-inf"))), (8, (float("nan"), 0.0))):
+        table = torch.zeros(10, 4, dtype=torch.bfloat16)
+        table[bad_row, :2] = torch.tensor(values, dtype=torch.bfloat16)
+        assert first_nonfinite_row(table, chunk_rows=3) == bad_row
+        assert first_nonfinite_row(table.float(), chunk_rows=64) == bad_row
 
 
 def test_an_out_of_range_id_is_refused_by_a_row_wise_int8_table() -> None:

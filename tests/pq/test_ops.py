@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_compress.methods.lowrank import kernels as _lowrank_ops  # registers its fake impl
 from torchrec_compress.methods.pq import ProductQuantizer, assign, decode
 from torchrec_compress.methods.pq import kernels as _ops
 from torchrec_compress.methods.pq.lookup import pq_pooled_lookup
@@ -301,6 +302,7 @@ def test_lowrank_pooled_lookup_checks_ids_and_passes_opcheck() -> None:
     gen = torch.Generator().manual_seed(2)
     table = torch.randn(20, 8, generator=gen)
     ids, offsets = _bags(20, 6, gen)
+    assert _lowrank_ops.HAS_KERNELS  # the module registering the op's fake impl is loaded
     op = torch.ops.torchrec_compress.lowrank_pooled_lookup
     with pytest.raises(RuntimeError, match=r"id 20 at position 1 is outside \[0, 20\)"):
         op(table, torch.tensor([3, 20, 1]), torch.tensor([0, 3]))
