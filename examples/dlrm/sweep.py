@@ -27,8 +27,9 @@ them as points of their own.
 The grid (``--grid``): points separated by ``;``; a point is a method, then ``:name=v1,v2,...``
 parameters whose value lists are crossed.  Methods: ``afm``, ``svd`` (``rank``), ``mec``, ``pq``
 (``M`` subspaces, ``K`` centroids), ``int8``, ``int4``, ``int2``, ``fp16`` (TorchRec's row-wise
-quantization), and
-stages joined by ``+`` (``afm+mec``: AFM, then MEC of the factor tables).  Or a JSON file: a list
+quantization), ``budget`` (``ratio``: ``torchrec_compress.BudgetConfig`` at the baseline's bytes /
+ratio, the best option per table; one process: a plain copy is compressed, then loaded sharded),
+and stages joined by ``+`` (``afm+mec``: AFM, then MEC of the factor tables).  Or a JSON file: a list
 of objects such as ``{"method": "afm+mec", "rank": 8, "M": 4}``.
 
 Example::
@@ -60,6 +61,7 @@ from examples.dlrm.baselines import COMBINES, KINDS, stored_bytes, train_small
 from examples.dlrm.compression import (
     NOT_FINETUNED,
     compress_stages,
+    compress_within_budget,
     embedding_bytes,
     finetune,
     make_config,
@@ -83,7 +85,7 @@ from examples.dlrm.train import (
     is_main,
     load_checkpoint,
 )
-from torchrec_compress import RowWiseQuantConfig
+from torchrec_compress import CompressionReport, RowWiseQuantConfig
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.data import CTRDataset
 from torchrec_compress.distributed.planning import shard_model
@@ -103,6 +105,7 @@ STAGE_PARAMS = {
     "int4": (),
     "int2": (),
     "fp16": (),
+    "budget": ("ratio",),
 }
 SPLITS = ("val", "test")
 
@@ -142,6 +145,8 @@ def _check_point(point: GridPoint) -> GridPoint:
             f"grid point {point.label!r}: unknown method {unknown[0]!r}; "
             f"choose stages from {sorted(STAGE_PARAMS)} joined by '+'"
         )
+    if "budget" in stages and len(stages) > 1:
+        raise ValueError(f"grid point {point.label!r}: budget is a point of its own, not a stage")
     read = {p for s in stages for p in STAGE_PARAMS[s]}
     for name, value in point.params.items():
         if name not in read:
@@ -263,9 +268,11 @@ def evaluate_splits(model: torch.nn.Module, ctx: SweepContext) -> dict[str, dict
     return {s: evaluate(model, ctx.data, s, ctx.train_config.eval_batch_size) for s in SPLITS}
 
 
-def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, Any]:
-    """Compress a fresh baseline as ``point`` says, evaluate, fine-tune, evaluate again."""
-    start = time.perf_counter()
+def compress_point(
+    point: GridPoint, ctx: SweepContext, work_dir: str
+) -> tuple[torch.nn.Module, CompressionReport, list[CompressionConfig], bool]:
+    """A fresh baseline compressed by ``point``'s stages: the model, its report, the configs and
+    whether it ran unsharded (int4 / int2 rows)."""
     total = embedding_bytes(ctx.data.schema.num_embeddings, ctx.model_config.embedding_dim)
     configs = stage_configs(point, ctx.args, total)
     local = unshardable(configs)
@@ -290,6 +297,36 @@ def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, A
         stage_dirs,
         reshard=not local,
     )
+    return model, report, list(configs), local
+
+
+def compress_budget_point(
+    point: GridPoint, ctx: SweepContext, work_dir: str
+) -> tuple[torch.nn.Module, CompressionReport, list[CompressionConfig], bool]:
+    """``budget ratio=R``: the example's ``--compress budget --budget-ratio R`` on a fresh
+    baseline (one process: a plain copy compressed, then loaded sharded, so it fine-tunes)."""
+    flags = argparse.Namespace(
+        **{**vars(ctx.args), "compress": "budget", "budget_ratio": point.params["ratio"]}
+    )
+    model, report, applied = compress_within_budget(
+        load_baseline(ctx),
+        ctx.data,
+        ctx.model_config,
+        ctx.finetune_config,
+        flags,
+        ctx.device,
+        work_dir,
+    )
+    return model, report, [applied.budget, *applied.stages], False
+
+
+def run_point(point: GridPoint, ctx: SweepContext, work_dir: str) -> dict[str, Any]:
+    """Compress a fresh baseline as ``point`` says, evaluate, fine-tune, evaluate again."""
+    start = time.perf_counter()
+    if point.method == "budget":
+        model, report, configs, local = compress_budget_point(point, ctx, work_dir)
+    else:
+        model, report, configs, local = compress_point(point, ctx, work_dir)
     tables = [r for r in report.rows if r.kind == "table"]
     result: dict[str, Any] = {
         "configs": [c.to_dict() for c in configs],

@@ -151,6 +151,29 @@ def test_sweep_writes_table_json_plot_and_records_a_failed_point(
     assert (out / "sweep.png").stat().st_size > 10_000
 
 
+def test_sweep_budget_points_meet_their_bytes_and_join_the_front(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    assert [p.label for p in parse_grid("budget:ratio=4,8")] == ["budget ratio=4", "budget ratio=8"]
+    with pytest.raises(ValueError, match="budget is a point of its own"):
+        parse_grid("afm+budget:rank=2:ratio=4")
+    out = tmp_path / "sweep"
+    proc = _run([
+        sys.executable, "-m", "examples.dlrm.sweep", *TINY, "--load-checkpoint", str(checkpoint),
+        "--grid", "budget:ratio=2,8;int8", "--budget-subspaces", "2,4", "--out", str(out),
+    ])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = json.loads((out / "sweep.json").read_text())
+    budget, unreachable, _ = sweep["points"]
+    assert budget["status"] == "ok", budget.get("error")
+    limit = budget["configs"][0]["memory_budget_bytes"]
+    assert limit == sweep["baseline"]["bytes"] // 2 and budget["bytes"] <= limit
+    assert "pareto_auc" in budget and budget["after_finetune"]["test"]["auc"] > 0.0
+    assert "| budget ratio=2 |" in (out / "sweep.md").read_text()
+    # 8x is below what these tiny tables can reach: the point fails naming the smallest size
+    assert unreachable["status"] == "failed" and "give a budget of at least" in unreachable["error"]
+
+
 def test_sweep_two_processes_goes_on_after_a_failed_point(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep2"
     proc = _run([
