@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchrec_compress.guards import first_nonfinite_row
 from torchrec_compress.methods.pq import kernels as _ops
 from torchrec_compress.methods.pq.config import MECConfig
 from torchrec_compress.methods.pq.quantizer import (
@@ -168,16 +167,16 @@ def subspace_order(
     return balanced_subspaces(variances, config.num_subspaces)
 
 
-# The least rows summed at once by the finiteness test of check_rows (a float32 sum, no mask).
+# Rows summed at once by the finiteness test of check_rows (a float32 sum, no large mask).
 _FINITE_BLOCK_ROWS = 1 << 16
 
 
 def check_rows(weight: Tensor, table_name: str, chunk_size: int) -> None:
     """Raises naming the table for an empty table or the first row with NaN/inf values.
 
-    Rows are tested in blocks of ``max(chunk_size, 65536)`` by
-    :func:`torchrec_compress.guards.first_nonfinite_row`: a block whose float32 sum is finite
-    holds no bad value and is not looked at further.
+    A block of rows whose float32 sum is finite holds no NaN or infinity; only a block whose sum
+    is not (a bad value, or finite values that overflow the sum) is tested row by row,
+    ``chunk_size`` rows at a time.
 
     Example::
 
@@ -190,11 +189,17 @@ def check_rows(weight: Tensor, table_name: str, chunk_size: int) -> None:
         raise ValueError(
             f"table {table_name!r}: cannot quantize an empty table of shape {list(weight.shape)}"
         )
-    row = first_nonfinite_row(weight, max(chunk_size, _FINITE_BLOCK_ROWS))
-    if row is not None:
-        raise ValueError(
-            f"table {table_name!r}: row {row} has NaN/inf values; clean the table first"
-        )
+    for block_start in range(0, weight.shape[0], _FINITE_BLOCK_ROWS):
+        block = weight[block_start : block_start + _FINITE_BLOCK_ROWS].detach()
+        if bool(torch.isfinite(block.sum(dtype=torch.float32))):
+            continue
+        for start in range(0, block.shape[0], chunk_size):
+            finite = torch.isfinite(block[start : start + chunk_size]).all(1)
+            if not bool(finite.all()):
+                row = block_start + start + int((~finite).nonzero()[0, 0])
+                raise ValueError(
+                    f"table {table_name!r}: row {row} has NaN/inf values; clean the table first"
+                )
 
 
 class RowSampler:
