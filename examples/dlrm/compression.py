@@ -451,7 +451,7 @@ def stage_configs(
 
 
 def compress_within_budget(
-    model: DistributedModelParallel,
+    model: nn.Module,
     data: CTRDataset,
     model_config: ModelConfig,
     finetune_config: TrainConfig,
@@ -460,14 +460,19 @@ def compress_within_budget(
     work_dir: str,
 ) -> tuple[DistributedModelParallel, CompressionReport, BudgetStages]:
     """``--compress budget``: the library compresses plain models within a budget (compress
-    before sharding), so the trained tables are copied into an unsharded model (one process),
-    compressed there, written to ``compressed_init`` with their layout and loaded sharded."""
+    before sharding), so the trained tables of a DMP ``model`` are copied into an unsharded model
+    (one process; a plain ``model`` is compressed in place), compressed there, written to
+    ``compressed_init`` with their layout and loaded sharded."""
     if dist.get_world_size() != 1:
         raise SystemExit("--compress budget runs on one process (it compresses a plain copy)")
     total_bytes = embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
     config = make_config(args, total_bytes)
     assert isinstance(config, BudgetConfig)
-    plain = unsharded_copy(model, data, model_config, os.path.join(work_dir, "compress_source"))
+    plain = (
+        unsharded_copy(model, data, model_config, os.path.join(work_dir, "compress_source"))
+        if isinstance(model, DistributedModelParallel)
+        else model
+    )
     batches = calibration_batches(data, finetune_config.batch_size, args.calibration_batches)
     report = compress_(plain, config, batches, forward_fn=train_forward)
     assert isinstance(report, BudgetReport)

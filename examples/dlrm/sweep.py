@@ -304,12 +304,12 @@ def compress_budget_point(
     point: GridPoint, ctx: SweepContext, work_dir: str
 ) -> tuple[torch.nn.Module, CompressionReport, list[CompressionConfig], bool]:
     """``budget ratio=R``: the example's ``--compress budget --budget-ratio R`` on a fresh
-    baseline (one process: a plain copy compressed, then loaded sharded, so it fine-tunes)."""
+    plain baseline (one process), then loaded sharded, so it fine-tunes."""
     flags = argparse.Namespace(
         **{**vars(ctx.args), "compress": "budget", "budget_ratio": point.params["ratio"]}
     )
     model, report, applied = compress_within_budget(
-        load_baseline(ctx),
+        load_baseline_unsharded(ctx),
         ctx.data,
         ctx.model_config,
         ctx.finetune_config,
