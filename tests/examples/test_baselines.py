@@ -15,12 +15,16 @@ from examples.dlrm.baselines import (
     allocate_rows,
     build_small_model,
     hash_ids,
+    plan_schema,
     plan_tables,
     qr_min_rows,
     stored_bytes,
 )
 from examples.dlrm.model import ModelConfig
 from torchrec_compress.data import get_dataset
+from torchrec_compress.distributed.planning import shard_model
+from torchrec_compress.distributed.state import load_full_state_dict_
+from torchrec_compress.testing import run_multiprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = [5000, 1200, 300, 40, 7, 2]
@@ -155,3 +159,33 @@ def test_trained_small_baselines_shard_row_wise_on_two_processes(tmp_path: Path)
     for p in sweep["points"]:
         assert p["status"] == "ok" and p["bytes"] == sweep["baseline"]["bytes"] // 2
         assert p["after_finetune"]["test"]["rows"] == 1000 and len(p["history"]) == 1
+
+
+def _sharded_small_models_match_unsharded(rank: int, world_size: int) -> dict[str, float]:
+    """Per process: each hash / QR model sharded table- and row-wise against the same weights
+    unsharded, on this process's batch (largest |difference| of the logits)."""
+    data = get_dataset("synthetic", train_rows=64, val_rows=64, test_rows=128,
+                       num_embeddings=(300, 20), pooling=(1, 3))  # fmt: skip
+    config = ModelConfig(embedding_dim=8, dense_arch=[8], over_arch=[8])
+    batch = next(iter(data.batches("test", 32, rank, world_size)))
+    diffs = {}
+    for kind in ("hash", "qr"):
+        plans = plan_schema(kind, data.schema, 4 * 8 * 100, 8)
+        torch.manual_seed(0)
+        plain = build_small_model(data.schema, config, plans, torch.device("cpu"))
+        with torch.no_grad():
+            want = plain(batch)[1][1]
+        for sharding_type in ("table_wise", "row_wise"):
+            meta = build_small_model(data.schema, config, plans, torch.device("meta"))
+            sharded = shard_model(meta, torch.device("cpu"), sharding_type=sharding_type)
+            load_full_state_dict_(sharded, plain.state_dict())
+            with torch.no_grad():
+                got = sharded(batch)[1][1]
+            diffs[f"{kind} {sharding_type}"] = float((got - want).abs().max())
+    return diffs
+
+
+def test_sharded_small_models_equal_the_unsharded_ones_on_two_processes() -> None:
+    for diffs in run_multiprocess(_sharded_small_models_match_unsharded, world_size=2):
+        assert set(diffs) == {"hash table_wise", "hash row_wise", "qr table_wise", "qr row_wise"}
+        assert max(diffs.values()) <= 1e-5, diffs
