@@ -29,6 +29,7 @@ from torchrec_compress import BudgetConfig, BudgetReport, compress_
 from torchrec_compress.budget.allocate import TableChoices, allocate, exact_spend, spend
 from torchrec_compress.budget.config import OPTION_KINDS
 from torchrec_compress.budget.options import Option
+from torchrec_compress.budget.sharded import sharded_config
 from torchrec_compress.layout import compression_layout, restore_layout_
 from torchrec_compress.methods.lowrank.config import AFMConfig
 from torchrec_compress.methods.pq.config import PQConfig
@@ -346,10 +347,17 @@ def test_the_layout_rebuilds_the_compressed_model_and_loads_its_state() -> None:
         )
 
 
-def test_dmp_models_are_refused_with_what_to_do() -> None:
+def test_dmp_budgets_refuse_what_a_sharded_model_cannot_price_or_hold() -> None:
+    # before: every DMP model refused ("compress the model before sharding"); now planned on
+    # the sharded model (tests/distributed/test_budget_dmp.py), except the loss objectives
     dmp = DistributedModelParallel.__new__(DistributedModelParallel)
-    with pytest.raises(NotImplementedError, match="compress the model before sharding"):
+    with pytest.raises(ValueError, match="yielded no batch"):
         compress_(dmp, BudgetConfig(1000), calibration=[])
+    for bad in ({"objective": "fisher"}, {"objective": "loss_delta"}, {"loss_sensitivity": True}):
+        with pytest.raises(NotImplementedError, match="squared output error only"):
+            sharded_config(BudgetConfig(1000, **bad))  # type: ignore[arg-type]
+    assert "int4" not in sharded_config(BudgetConfig(1000)).methods
+    assert "afm+int4" not in sharded_config(BudgetConfig(1000)).methods
 
 
 def test_config_checks() -> None:

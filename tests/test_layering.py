@@ -5,7 +5,8 @@ from the top (a module may import its own floor or any below it):
 
 5. the public names and the harnesses built on them: ``torchrec_compress/__init__.py`` (lazy:
    PEP 562), ``testing/matrix*.py``, ``testing/torchrec_harness.py``, ``testing/models.py``;
-4. the drivers: ``api.py`` (``compress_``), ``distributed/compression.py`` (DMP models);
+4. the drivers: ``api.py`` (``compress_``), ``distributed/compression.py`` (DMP models),
+   ``distributed/budget.py`` (a byte budget over a DMP model);
 3. what composes methods: ``budget/`` (one byte budget, the best method per table), which
    imports any method and the floors below, never a driver;
 2. the methods, ``methods/<name>/``: each imports only itself and the floors below, never
@@ -40,7 +41,11 @@ TOP = {
     f"{PACKAGE}.testing.torchrec_harness",
     f"{PACKAGE}.testing.models",
 }
-DRIVERS = {f"{PACKAGE}.api", f"{PACKAGE}.distributed.compression"}
+DRIVERS = {
+    f"{PACKAGE}.api",
+    f"{PACKAGE}.distributed.compression",
+    f"{PACKAGE}.distributed.budget",
+}
 COMPOSERS_PREFIX = f"{PACKAGE}.budget"
 BOTTOM_PREFIXES = (f"{PACKAGE}.data",)
 BOTTOM = {

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from torchrec_compress.api import compress_
     from torchrec_compress.budget.config import BudgetConfig
     from torchrec_compress.budget.driver import BudgetReport
+    from torchrec_compress.distributed.budget import ShardedBudgetReport
     from torchrec_compress.distributed.compression import (
         ShardedCompressionReport,
         load_compressed,
@@ -87,6 +88,7 @@ _EXPORTS = {
     "RowWiseQuantConfig": "torchrec_compress.methods.rowwise_quant.config",
     "RowWiseQuantOverride": "torchrec_compress.methods.rowwise_quant.config",
     "ShardedCompressionReport": "torchrec_compress.distributed.compression",
+    "ShardedBudgetReport": "torchrec_compress.distributed.budget",
     "load_compressed": "torchrec_compress.distributed.compression",
     "save_compressed": "torchrec_compress.distributed.compression",
     "CompressionLayout": "torchrec_compress.layout",
@@ -119,6 +121,7 @@ __all__ = [
     "RowWiseQuantConfig",
     "RowWiseQuantOverride",
     "SVDConfig",
+    "ShardedBudgetReport",
     "ShardedCompressionReport",
     "compress_",
     "compression_layout",

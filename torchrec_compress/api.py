@@ -30,6 +30,7 @@ from torchrec_compress.budget.driver import compress_within_budget
 from torchrec_compress.calibration import ForwardFn, default_forward
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.discovery import FilterFn, find_embedding_bag_collections
+from torchrec_compress.distributed.budget import compress_sharded_within_budget
 from torchrec_compress.distributed.compression import compress_sharded_model
 from torchrec_compress.guards import check_finite_tables
 from torchrec_compress.registry import compressed_module_types, method_of
@@ -129,8 +130,8 @@ def compress_(
         config (CompressionConfig): :class:`AFMConfig`, :class:`SVDConfig`, :class:`MECConfig`,
             :class:`PQConfig`, ``RowWiseQuantConfig`` (DMP models take all five; int8 / fp16 rows
             only, see :mod:`torchrec_compress.methods.rowwise_quant.sharded_driver`), or
-            ``BudgetConfig`` (one byte budget, the best option per table; plain models only:
-            compress before sharding, see :mod:`torchrec_compress.budget`).
+            ``BudgetConfig`` (one byte budget, the best option per table, see
+            :mod:`torchrec_compress.budget`; DMP models: :mod:`torchrec_compress.distributed.budget`).
         calibration (Optional[Iterable]): batches (``Batch`` or ``KeyedJaggedTensor``); needed by
             AFM, accepted and ignored by SVD.  Iterated once.  DMP: this process's batches.
         filter_fn (Optional[Callable[[nn.Module, str], bool]]): ``(module, fqn) -> bool``; only
@@ -150,7 +151,7 @@ def compress_(
             without converter.
         ValueError: naming the table/layer/value at fault; when nothing is left to compress;
             naming the smallest reachable size when a ``BudgetConfig``'s budget is below it.
-        NotImplementedError: a ``BudgetConfig`` with a DMP model (compress before sharding).
+        NotImplementedError: a ``BudgetConfig`` with a loss objective and a DMP model.
 
     Example::
 
@@ -168,10 +169,8 @@ def compress_(
     """
     if isinstance(config, BudgetConfig):
         if isinstance(model, DistributedModelParallel):
-            raise NotImplementedError(
-                "compress_ with BudgetConfig takes plain (unsharded) models only: compress the "
-                "model before sharding it (compress_(model, BudgetConfig(...), calibration=...), "
-                "then DistributedModelParallel(model, sharders=torchrec_compress.sharders(model)))"
+            return compress_sharded_within_budget(
+                model, config, calibration, filter_fn, forward_fn, meta_model
             )
         _check_unsharded(model)
         return compress_within_budget(model, config, calibration, filter_fn, forward_fn)

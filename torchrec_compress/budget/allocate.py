@@ -50,16 +50,33 @@ class TableChoices:
         collection (str): fully qualified name of its collection.
         options (list[Option]): what it may become, ``"fp32"`` (kept) first.
         costs (list[float]): the error of each option (scaled as the objective weighs it).
+        pq_keeps (bool): whether a product-quantized collection can hold its float options
+            (``"fp32"``, ``"afm"``); not in a sharded model, whose quantizer does not gather a
+            table to keep it (a small one has an ``"identity"`` option instead).
     """
 
     name: str
     collection: str
     options: list[Option]
     costs: list[float]
+    pq_keeps: bool = True
 
     def allowed(self, family: str) -> list[int]:
-        """Indices of the options a collection of ``family`` can hold."""
-        return [i for i, o in enumerate(self.options) if o.family in ("any", family)]
+        """Indices of the options a collection of ``family`` can hold.
+
+        Example::
+
+            >>> from torchrec_compress.budget.options import Option
+            >>> options = [Option("fp32", 9), Option("afm", 5, rank=4), Option("pq", 2, subspaces=2)]
+            >>> [TableChoices("t", "c", options, [0.0] * 3, keeps).allowed("pq") for keeps in (True, False)]
+            [[0, 1, 2], [2]]
+        """
+        return [i for i, o in enumerate(self.options) if self._holds(family, o)]
+
+    def _holds(self, family: str, option: Option) -> bool:
+        if option.family == "any" and family == "pq":
+            return self.pq_keeps
+        return option.family in ("any", family)
 
 
 def lower_hull(table: TableChoices, allowed: Sequence[int]) -> list[int]:
@@ -197,6 +214,8 @@ def best_spend(
 ) -> tuple[float, dict[str, int]] | None:
     """The better of :func:`exact_spend` and :func:`spend`'s greedy (they differ only where the
     merged front had to be thinned)."""
+    if any(not t.allowed(families[t.collection]) for t in tables):
+        return None  # a table this family of its collection cannot hold at all
     results = [
         r for r in (exact_spend(tables, families, budget), spend(tables, families, budget)) if r
     ]
@@ -209,7 +228,8 @@ def _unreachable(tables: Sequence[TableChoices], budget: int) -> ValueError:
     smallest: dict[str, int] = {}
     for c in collections:
         members = [t for t in tables if t.collection == c]
-        family = min(FAMILY_CHOICES, key=lambda f: sum(_smallest(t, f) for t in members))
+        possible = [f for f in FAMILY_CHOICES if all(t.allowed(f) for t in members)]
+        family = min(possible, key=lambda f: sum(_smallest(t, f) for t in members))
         smallest.update({t.name: _smallest(t, family) for t in members})
         floor += sum(smallest[t.name] for t in members)
     largest = sorted(smallest.items(), key=lambda item: (-item[1], item[0]))[:5]

@@ -94,22 +94,27 @@ def rowwise_roundtrip(rows: Tensor, bits: int) -> Tensor:
     return levels * scale + bias
 
 
-def lookup_sample(counts: Tensor, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Rows and weights whose weighted sums estimate sums over lookups (``sum_i n_i f(i)``):
-    the ``size / 2`` most looked-up rows with their counts, then draws in proportion to the
-    counts of the others, each standing for an equal share of their lookups.
+def lookup_sample(
+    ids: Tensor, counts: Tensor, size: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Rows and weights whose weighted sums estimate sums over lookups (``sum_i n_i f(i)``),
+    from sorted ``(ids, counts)`` pairs: the ``size / 2`` most looked-up rows with their counts,
+    then draws in proportion to the counts of the others, each standing for an equal share of
+    their lookups.
 
     Example::
 
-        >>> ids, w = lookup_sample(torch.tensor([5.0, 0.0, 1.0]), 8, torch.Generator())
+        >>> ids, w = lookup_sample(torch.tensor([0, 1, 2]), torch.tensor([5.0, 0.0, 1.0]), 8,
+        ...                        torch.Generator())
         >>> ids.tolist(), w.tolist()
         ([0, 2], [5.0, 1.0])
     """
-    counted = counts.nonzero().squeeze(1)
-    if counted.numel() <= size:
-        return counted, counts[counted].double()
-    order = torch.argsort(counts[counted], descending=True, stable=True)
-    top, rest = counted[order[: size // 2]], counted[order[size // 2 :]]
+    looked_up = counts > 0
+    ids, counts = ids[looked_up], counts[looked_up]
+    if ids.numel() <= size:
+        return ids, counts.double()
+    order = torch.argsort(counts, descending=True, stable=True)
+    top, rest = order[: size // 2], order[size // 2 :]
     cdf = counts[rest].double().cumsum(0)
     draws = size - top.numel()
     at = torch.searchsorted(
@@ -117,11 +122,41 @@ def lookup_sample(counts: Tensor, size: int, generator: torch.Generator) -> tupl
     )
     drawn = rest[at.clamp(max=rest.numel() - 1)]
     weights = torch.cat([counts[top].double(), torch.full((draws,), float(cdf[-1]) / draws)])
-    return torch.cat([top, drawn]), weights
+    return torch.cat([ids[top], ids[drawn]]), weights
+
+
+#: sorted distinct row ids and their lookup counts (float64)
+Pairs = tuple[Tensor, Tensor]
+#: rows ``ids`` of a table (``(n, d)``, in the order of ``ids``); collective for a sharded table
+RowFetch = Callable[[Tensor], Tensor]
+
+
+def counts_of(pairs: Pairs, ids: Tensor) -> Tensor:
+    """Lookup counts of rows ``ids`` (any order) from sorted ``pairs``; 0 where absent.
+
+    Example::
+
+        >>> counts_of((torch.tensor([2, 5]), torch.tensor([3.0, 1.0])), torch.tensor([5, 0])).tolist()
+        [1.0, 0.0]
+    """
+    known, counts = pairs
+    out = torch.zeros(ids.numel(), dtype=torch.float64)
+    if known.numel():
+        pos = torch.searchsorted(known, ids).clamp(max=known.numel() - 1)
+        hit = known[pos] == ids
+        out[hit] = counts[pos[hit]].double()
+    return out
+
+
+def dense_pairs(counts: Tensor) -> Pairs:
+    """The sorted ``(ids, counts)`` pairs of a dense ``(N,)`` count vector's looked-up rows."""
+    counts = counts.double().cpu()
+    ids = counts.nonzero().squeeze(1)
+    return ids, counts[ids]
 
 
 @dataclass
-class _Samples:
+class TableSamples:
     """One table's rows for the estimates: held-out lookups to measure errors on (their rows,
     centred coordinates in the fitted principal basis, weights), and rows drawn as product
     quantization draws its training rows."""
@@ -134,28 +169,29 @@ class _Samples:
     fit_scale: Tensor
 
 
-def _samples(
-    weight: Tensor,
-    counts: Tensor,
-    held_out: Tensor,
+def table_samples(
+    fetch: RowFetch,
+    num_rows: int,
+    fit: Pairs,
+    held_out: Pairs,
     basis: PrincipalBasis,
-    size: int,
-    fit_size: int,
-    generator: torch.Generator,
-) -> _Samples:
-    ids, weights = lookup_sample(held_out, size, generator)
-    weights = weights * float(counts.sum() + held_out.sum()) / float(held_out.sum())
-    counted = counts.nonzero().squeeze(1)
-    fit_ids, scale = stratified_rows(weight.shape[0], counted, counts[counted], fit_size, generator)
-    rows = weight.detach()
-    held = rows[ids].float().cpu()
+    config: BudgetConfig,
+) -> TableSamples:
+    """One table's samples (see :class:`TableSamples`): held-out lookups drawn from ``held_out``,
+    fitting rows drawn from ``fit`` as product quantization draws them; their rows read through
+    ``fetch`` (collective for a sharded table: every process draws the same ids)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    ids, weights = lookup_sample(*held_out, config.sample_size, generator)
+    weights = weights * float(fit[1].sum() + held_out[1].sum()) / float(held_out[1].sum())
+    fit_ids, scale = stratified_rows(num_rows, fit[0], fit[1], config.fit_sample_size, generator)
+    held = fetch(ids).float().cpu()
     coordinates = (held.double() - basis.mean) @ basis.eigenvectors
-    return _Samples(
+    return TableSamples(
         held,
         coordinates,
         weights,
-        rows[fit_ids].float().cpu(),
-        counts[fit_ids].float().cpu(),
+        fetch(fit_ids).float().cpu(),
+        counts_of(fit, fit_ids).float(),
         scale,
     )
 
@@ -168,7 +204,7 @@ class _Estimator:
     """Errors of the options of one table (see the module notes)."""
 
     def __init__(
-        self, name: str, basis: PrincipalBasis, samples: _Samples, config: BudgetConfig
+        self, name: str, basis: PrincipalBasis, samples: TableSamples, config: BudgetConfig
     ) -> None:
         self.name, self.basis, self.samples, self.config = name, basis, samples, config
         self.fits: dict[tuple[int, int, bool], tuple[PQHandler, Any, Tensor | None]] = {}
@@ -225,7 +261,7 @@ class _Estimator:
         """``rows`` (``(n, d)``) as ``option`` stores them, with the fits its error estimate
         made (call :meth:`error` first for PQ options, which fits them)."""
         rows = rows.float()
-        if option.kind == "fp32":
+        if option.kind in ("fp32", "identity"):
             return rows
         if option.rank is None:
             if option.subspaces is not None:
@@ -244,7 +280,7 @@ class _Estimator:
 
     def error(self, option: Option) -> float:
         s = self.samples
-        if option.kind == "fp32":
+        if option.kind in ("fp32", "identity"):
             return 0.0
         if option.rank is None:
             if option.subspaces is not None:
@@ -259,6 +295,34 @@ class _Estimator:
             return tail + self.pq(factors, fit_factors, option.subspaces, reorder=True)
         assert option.bits is not None
         return tail + _error(factors, rowwise_roundtrip(factors, option.bits), s.weights)
+
+
+def lookup_pairs(num_rows: int, fit: Pairs, held_out: Pairs) -> tuple[Pairs, Pairs]:
+    """``fit`` and ``held_out`` with the zero-lookup fallbacks: a table ``fit`` never looks up
+    is weighed uniformly over its rows, as AFM does; one ``held_out`` never looks up is
+    measured on ``fit``."""
+    if fit[1].sum() <= 0:
+        fit = (torch.arange(num_rows), torch.ones(num_rows, dtype=torch.float64))
+    if held_out[1].sum() <= 0:
+        held_out = fit
+    return fit, held_out
+
+
+def sample_errors(
+    name: str,
+    basis: PrincipalBasis,
+    samples: TableSamples,
+    options: Sequence[Option],
+    config: BudgetConfig,
+) -> TableErrors:
+    """The estimated error of each of ``options`` from one table's samples."""
+    estimator = _Estimator(name, basis, samples, config)
+    lookups = float(samples.weights.sum())
+    variance = estimator.afm_tail(0) / max(lookups, 1e-300)
+    result = TableErrors(name, lookups, variance, reconstruct=estimator.reconstruct)
+    for option in options:
+        result.errors[option] = max(estimator.error(option), 0.0)
+    return result
 
 
 def estimate_errors(
@@ -284,21 +348,8 @@ def estimate_errors(
     """
     name = table.name
     moments = table_moments(weight, counts, name)
-    counts = counts.double().cpu()
-    if counts.sum() <= 0:
-        counts = torch.ones(weight.shape[0], dtype=torch.float64)
-    held_out = held_out.double().cpu()
-    if held_out.sum() <= 0:
-        held_out = counts
+    fit, held = lookup_pairs(weight.shape[0], dense_pairs(counts), dense_pairs(held_out))
     basis = afm_basis(moments, f"table {name!r}")
-    generator = torch.Generator().manual_seed(config.seed)
-    samples = _samples(
-        weight, counts, held_out, basis, config.sample_size, config.fit_sample_size, generator
-    )
-    estimator = _Estimator(name, basis, samples, config)
-    lookups = float(samples.weights.sum())
-    variance = estimator.afm_tail(0) / max(lookups, 1e-300)
-    result = TableErrors(name, lookups, variance, reconstruct=estimator.reconstruct)
-    for option in options:
-        result.errors[option] = max(estimator.error(option), 0.0)
-    return result
+    rows = weight.detach()
+    samples = table_samples(lambda ids: rows[ids], weight.shape[0], fit, held, basis, config)
+    return sample_errors(name, basis, samples, options, config)

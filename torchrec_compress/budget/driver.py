@@ -7,7 +7,8 @@
 three ordinary configs with per-table overrides (AFM ranks; then PQ of the rows or of the factor
 tables; then row-wise bits), each restricted to the collections it changes, and
 :func:`compress_within_budget` runs their local drivers in turn, restoring every collection it
-changed if one fails.  Plain (unsharded) models: compress before sharding.
+changed if one fails.  Plain (unsharded) models; a DMP model's plan is made by
+:mod:`~torchrec_compress.budget.sharded` and applied by :mod:`torchrec_compress.distributed.budget`.
 """
 
 from __future__ import annotations
@@ -81,13 +82,17 @@ class BudgetReport(CompressionReport):
     stages: list[CompressionConfig] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [
-            f"{p.name}: {p.option.label}, {p.option.bytes:,} bytes, est. rel. error "
-            f"{p.relative_error:.4g}, price {p.price:.4g}"
-            for p in self.plan
-        ]
-        head = f"budget {self.budget:,} bytes, plan ({len(self.plan)} tables):"
-        return "\n".join([super().__str__(), head, *("  " + line for line in lines)])
+        return "\n".join([super().__str__(), *plan_lines(self.budget, self.plan)])
+
+
+def plan_lines(budget: int, plan: Sequence[TablePlan]) -> list[str]:
+    """The lines a budget report adds to its table: the budget, then one line per table."""
+    lines = [
+        f"  {p.name}: {p.option.label}, {p.option.bytes:,} bytes, est. rel. error "
+        f"{p.relative_error:.4g}, price {p.price:.4g}"
+        for p in plan
+    ]
+    return [f"budget {budget:,} bytes, plan ({len(plan)} tables):", *lines]
 
 
 def _scale(errors: TableErrors, config: BudgetConfig, gradient: float) -> float:
@@ -95,6 +100,59 @@ def _scale(errors: TableErrors, config: BudgetConfig, gradient: float) -> float:
     if config.error == "relative":
         return factor / max(errors.lookups * errors.variance, 1e-300)
     return factor
+
+
+def table_choices(
+    collection: str,
+    options: Sequence[Option],
+    errors: TableErrors,
+    config: BudgetConfig,
+    gradient: float = 1.0,
+    pq_keeps: bool = True,
+) -> TableChoices:
+    """One table's options priced by their estimated errors, scaled as ``config`` says."""
+    scale = _scale(errors, config, gradient)
+    costs = [errors.errors[o] * scale for o in options]
+    return TableChoices(errors.name, collection, list(options), costs, pq_keeps)
+
+
+def table_plans(
+    choices: Sequence[TableChoices], errors: dict[str, TableErrors], budget: int
+) -> list[TablePlan]:
+    """The allocator's choice (:func:`~torchrec_compress.budget.allocate.allocate`) as plans.
+
+    Raises:
+        ValueError: naming the smallest reachable size when ``budget`` is below it.
+    """
+    chosen = allocate(choices, budget)
+    return [
+        TablePlan(
+            c.name,
+            c.collection,
+            chosen[c.name],
+            c.options[0].bytes,
+            errors[c.name].relative(chosen[c.name]),
+            len(c.options),
+            c.costs[c.options.index(chosen[c.name])],
+        )
+        for c in choices
+    ]
+
+
+def selected_collections(model: nn.Module, filter_fn: FilterFn | None) -> dict[str, Any]:
+    """The uncompressed collections a budget plans for (``model``: plain, or a DMP model's
+    unsharded skeleton).
+
+    Raises:
+        ValueError: when there is none.
+    """
+    ebcs = find_embedding_bag_collections(model, filter_fn)
+    if not ebcs:
+        raise ValueError(
+            f"BudgetConfig found nothing to compress in {type(model).__name__}: no uncompressed "
+            "EmbeddingBagCollection (after filter_fn, if given)"
+        )
+    return ebcs
 
 
 def _loss_delta_choices(
@@ -142,16 +200,11 @@ def plan_budget(
         ValueError: naming the smallest reachable size when the budget is below it; naming
             unknown tables of ``sensitivity``; when no table is selected.
     """
-    ebcs = find_embedding_bag_collections(model, filter_fn)
-    if not ebcs:
-        raise ValueError(
-            f"BudgetConfig found nothing to compress in {type(model).__name__}: no uncompressed "
-            "EmbeddingBagCollection (after filter_fn, if given)"
-        )
+    ebcs = selected_collections(model, filter_fn)
     table_owners(ebcs, config.sensitivity)
     check_finite_tables(ebcs.values())
     # fits see one half of the batches, errors are measured on the other's lookups
-    halves = (calibration[0::2], calibration[1::2]) if len(calibration) > 1 else (calibration,) * 2
+    halves = calibration_halves(calibration)
     counts, held_out = (calibrate(model, half, forward_fn, ebcs)[0] for half in halves)
     gradients: dict[str, float] = {}
     if config.loss_sensitivity:
@@ -167,25 +220,17 @@ def plan_budget(
             errors[t.name] = estimate_errors(
                 t, weight, counts[fqn][t.name], held_out[fqn][t.name], options, config
             )
-            scale = _scale(errors[t.name], config, gradients.get(t.name, 1.0))
-            costs = [errors[t.name].errors[o] * scale for o in options]
-            choices.append(TableChoices(t.name, fqn, options, costs))
+            gradient = gradients.get(t.name, 1.0)
+            choices.append(table_choices(fqn, options, errors[t.name], config, gradient))
     if config.objective != "squared_error":
         batches = halves[1][: config.loss_batches]
         choices = _loss_delta_choices(model, choices, errors, ebcs, batches, forward_fn, config)
-    chosen = allocate(choices, config.memory_budget_bytes)
-    return [
-        TablePlan(
-            c.name,
-            c.collection,
-            chosen[c.name],
-            c.options[0].bytes,
-            errors[c.name].relative(chosen[c.name]),
-            len(c.options),
-            c.costs[c.options.index(chosen[c.name])],
-        )
-        for c in choices
-    ]
+    return table_plans(choices, errors, config.memory_budget_bytes)
+
+
+def calibration_halves(calibration: Sequence[Any]) -> tuple[Sequence[Any], Sequence[Any]]:
+    """The batches the fits see and those the errors are measured on (every other batch)."""
+    return (calibration[0::2], calibration[1::2]) if len(calibration) > 1 else (calibration,) * 2
 
 
 def _collections(plan: Sequence[TablePlan], wanted: Any) -> set[str]:
@@ -197,7 +242,8 @@ def budget_stages(
 ) -> list[tuple[CompressionConfig, set[str]]]:
     """The configs that apply ``plan``, in order, each with the collections it compresses:
     AFM (ranks by override, the other tables of those collections skipped), then PQ / MEC
-    (``M`` by override, of the rows or of AFM's factor tables), then row-wise bits.
+    (``M`` by override, of the rows or of AFM's factor tables; an ``"identity"`` option's
+    ``M`` is one at which the quantizer keeps the table as identity codes), then row-wise bits.
 
     Example::
 
@@ -248,14 +294,15 @@ def budget_stages(
     return stages
 
 
-def _stage_filter(collections: set[str]) -> FilterFn:
+def stage_filter(collections: set[str]) -> FilterFn:
     def accept(module: nn.Module, fqn: str) -> bool:
         return fqn.removesuffix(".factor_ebc") in collections
 
     return accept
 
 
-def _kept_row(model: nn.Module, p: TablePlan) -> ReportRow:
+def kept_row(model: nn.Module, p: TablePlan) -> ReportRow:
+    """The report row of a planned table before any stage (``model``: plain or a skeleton)."""
     ebc = model.get_submodule(p.collection)
     assert isinstance(ebc, EmbeddingBagCollection)
     weight = ebc.embedding_bags[p.name].weight
@@ -263,7 +310,7 @@ def _kept_row(model: nn.Module, p: TablePlan) -> ReportRow:
     return ReportRow(p.name, "table", shape, "kept", None, p.bytes_before, p.bytes_before, None)
 
 
-def _followed_by(rows: dict[str, ReportRow], stage: Sequence[ReportRow]) -> None:
+def followed_by(rows: dict[str, ReportRow], stage: Sequence[ReportRow]) -> None:
     """Each table's row after one more stage: a table kept so far takes the stage's row, a
     compressed one the two composed (``CompressionReport.followed_by``)."""
     for row in stage:
@@ -284,22 +331,38 @@ def apply_stages(
     """Runs each stage's local driver and swaps its modules in; on any error every changed
     collection is put back and the error raised.  Returns the report of all stages together,
     one row per planned table."""
-    rows = {p.name: _kept_row(model, p) for p in plan}
+    rows = {p.name: kept_row(model, p) for p in plan}
     originals = {p.collection: model.get_submodule(p.collection) for p in plan}
     try:
         for config, collections in stages:
             method = method_of(config)
-            stage = method.plan(model, config, calibration, _stage_filter(collections), forward_fn)
+            stage = method.plan(model, config, calibration, stage_filter(collections), forward_fn)
             for fqn, module in stage.replacements.items():
                 parent, _, child = fqn.rpartition(".")
                 setattr(model.get_submodule(parent), child, module)
-            _followed_by(rows, [r for r in stage.rows if r.kind == "table"])
+            followed_by(rows, [r for r in stage.rows if r.kind == "table"])
     except BaseException:
         for fqn, module in originals.items():
             parent, _, child = fqn.rpartition(".")
             setattr(model.get_submodule(parent), child, module)
         raise
     return CompressionReport([rows[p.name] for p in plan])
+
+
+def annotate_rows(rows: Sequence[ReportRow], plan: Sequence[TablePlan]) -> None:
+    """Writes each table's plan into its report row's note; warns where the bytes reported
+    differ from the planned ones."""
+    by_name = {p.name: p for p in plan}
+    wrong = {}
+    for row in rows:
+        row.note = by_name[row.name].note
+        if row.bytes_after != by_name[row.name].option.bytes:
+            wrong[row.name] = (by_name[row.name].option.bytes, row.bytes_after)
+    if wrong:
+        warnings.warn(
+            f"BudgetConfig: planned bytes differ from the report's {wrong} (planned, reported)",
+            stacklevel=3,
+        )
 
 
 def compress_within_budget(
@@ -332,15 +395,5 @@ def compress_within_budget(
     plan = plan_budget(model, config, batches, filter_fn, forward_fn)
     stages = budget_stages(plan, config)
     report = apply_stages(model, plan, stages, batches, forward_fn)
-    by_name = {p.name: p for p in plan}
-    wrong = {}
-    for row in report.rows:
-        row.note = by_name[row.name].note
-        if row.bytes_after != by_name[row.name].option.bytes:
-            wrong[row.name] = (by_name[row.name].option.bytes, row.bytes_after)
-    if wrong:
-        warnings.warn(
-            f"BudgetConfig: planned bytes differ from the report's {wrong} (planned, reported)",
-            stacklevel=3,
-        )
+    annotate_rows(report.rows, plan)
     return BudgetReport(report.rows, config.memory_budget_bytes, plan, [c for c, _ in stages])

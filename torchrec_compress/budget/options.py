@@ -37,6 +37,7 @@ FAMILIES: dict[str, str] = {
     "afm": "any",
     "pq": "pq",
     "afm+pq": "pq",
+    "identity": "pq",
     **{kind: "rowwise" for kind in OPTION_BITS},
 }
 
@@ -55,6 +56,11 @@ class Option:
 
         >>> Option("afm+pq", 1234, rank=8, subspaces=2).label
         'afm k=8 + pq M=2'
+
+    ``"identity"`` (sharded models only): a small table kept exactly inside a
+    product-quantized collection, as identity codes over its rows; ``subspaces`` is an ``M``
+    at which quantizing would not shrink it (the quantizer then keeps it), ``bytes`` count
+    its rows and codes.
     """
 
     kind: str
@@ -83,6 +89,8 @@ class Option:
     @property
     def label(self) -> str:
         """E.g. ``"int8"``, ``"afm k=8"``, ``"pq M=4"``, ``"afm k=16 + int8"``."""
+        if self.kind == "identity":
+            return "fp32 as identity codes"
         parts = []
         if self.rank is not None:
             parts.append(f"afm k={self.rank}")
@@ -169,3 +177,43 @@ def table_options(
                 options.append(Option("pq", size, subspaces=m))
     options += _afm_options(table, device, config)
     return [options[0], *(o for o in options[1:] if o.bytes < kept)]
+
+
+def identity_option(table: EmbeddingBagConfig, config: BudgetConfig) -> Option | None:
+    """The ``"identity"`` option of a small table (see :class:`Option`), or ``None`` when
+    quantizing would shrink it at every ``M`` of ``config.subspaces`` that divides its width.
+
+    Example::
+
+        >>> small = EmbeddingBagConfig(name="s", embedding_dim=8, num_embeddings=4, feature_names=["f"])
+        >>> identity_option(small, BudgetConfig(memory_budget_bytes=1, subspaces=(2, 4)))
+        Option(kind='identity', bytes=132, rank=None, subspaces=2)
+    """
+    m = pq_keep_subspaces(table, config)
+    if m is None:
+        return None
+    n, d = table.num_embeddings, table.embedding_dim
+    return Option(
+        "identity", n * d * BYTES_PER_ELEMENT + n * code_bytes(n, table.name), subspaces=m
+    )
+
+
+def pq_keep_subspaces(table: EmbeddingBagConfig, config: BudgetConfig) -> int | None:
+    """An ``M`` of ``config.subspaces`` at which product quantization would not make ``table``
+    smaller, so that the quantizer keeps it (as identity codes) without an override's skip;
+    ``None`` when none does (every dividing ``M`` shrinks it, or none divides its dimension).
+
+    Example::
+
+        >>> small = EmbeddingBagConfig(name="s", embedding_dim=8, num_embeddings=4, feature_names=["f"])
+        >>> large = EmbeddingBagConfig(name="l", embedding_dim=8, num_embeddings=4000, feature_names=["g"])
+        >>> config = BudgetConfig(memory_budget_bytes=1, subspaces=(2, 4))
+        >>> pq_keep_subspaces(small, config), pq_keep_subspaces(large, config)
+        (2, None)
+    """
+    n, d = table.num_embeddings, table.embedding_dim
+    for m in sorted(set(config.subspaces)):
+        size = _pq_bytes(n, d, m, config, table.name)
+        if size is not None and size >= n * d * BYTES_PER_ELEMENT:
+            return m
+    return None

@@ -105,6 +105,40 @@ def local_blocks(value: torch.Tensor, rank: int) -> dict[tuple[int, int], torch.
     return {(0, 0): value} if rank == 0 else {}
 
 
+def gather_rows(
+    value: torch.Tensor,
+    ids: torch.Tensor,
+    name: str,
+    dim: int,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Rows ``ids`` (any order, repeats allowed) of one table's weight in a DMP state dict, as
+    float32 on every process (collective: every process passes the same ``ids``).  Only the
+    requested rows travel, each column block from the process holding it; any sharding.
+
+    Example::
+
+        >>> # 2 processes: see tests/distributed/test_budget_dmp.py
+        >>> # rows = gather_rows(dmp.state_dict()[key], torch.tensor([7, 3, 7]), "t", 16)
+    """
+    unique, inverse = torch.unique(ids.long(), return_inverse=True)
+    me = dist.get_rank(group)
+    local = local_blocks(value, me)
+    parts: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+    for rows in row_ranges(value, name, dim):
+        at = ((unique >= rows.row) & (unique < rows.row + rows.rows)).nonzero().squeeze(1)
+        for block in rows.blocks:
+            if at.numel() and block.rank == me:
+                shard = local[(rows.row, block.col)]
+                parts.append((at, block.col, shard[unique[at] - rows.row].detach().float().cpu()))
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, parts, group=group)
+    out = torch.zeros(unique.numel(), dim)
+    for at, col, part in (p for per_rank in gathered for p in per_rank):
+        out[at, col : col + part.shape[1]] = part
+    return out[inverse]
+
+
 class SparseLookupCounter:
     """Lookup counts of one EBC's tables as sorted ``(ids, counts)`` pairs, not dense N-vectors.
 

@@ -226,7 +226,7 @@ def _range_factors(
     return out
 
 
-def _local_table_moments(
+def local_table_moments(
     value: torch.Tensor,
     table: EmbeddingBagConfig,
     pairs: tuple[torch.Tensor, torch.Tensor] | None,
@@ -335,7 +335,7 @@ def sharded_statistics(
     # 2. moments per shard, summed over the group
     state = model.state_dict()
     moments = {
-        t.name: _local_table_moments(
+        t.name: local_table_moments(
             state[f"{fqn}.embedding_bags.{t.name}.weight"], t, global_counts[t.name], chunk_rows
         )
         for fqn, t in tables

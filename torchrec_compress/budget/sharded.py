@@ -1,0 +1,183 @@
+"""Byte-budget planning of a ``DistributedModelParallel`` model: no table is gathered.
+
+The sharded counterpart of :func:`~torchrec_compress.budget.driver.plan_budget`, giving the
+plan it gives for the same weights and the union of every process's calibration batches:
+
+1. two calibration passes (each process's batches split in halves, as the plain planner
+   splits its list) count lookups as sparse ``(id, count)`` pairs, summed over the group;
+2. each table's lookup-weighted moments are computed by the processes holding its rows and
+   summed (as the sharded AFM driver computes them);
+3. the held-out lookups and the product-quantization fitting rows, drawn as the plain planner
+   draws them (the same ids on every process), are gathered: only those rows travel
+   (:func:`~torchrec_compress.distributed.tables.gather_rows`);
+4. process 0 estimates every option's error and allocates the budget; the plan, or the error
+   (e.g. the smallest reachable size), is broadcast, so every process returns or raises alike.
+
+Only what a sharded model can hold is offered: no int4 rows (torchrec 1.8 cannot DCP-save
+them), and a product-quantized collection holds product-quantized tables and, as identity
+codes, small tables that quantizing would not shrink (the sharded quantizer does not gather
+a large table to keep it).  The ``"squared_error"`` objective only: ``loss_sensitivity``,
+``"loss_delta"`` and ``"fisher"`` need per-table losses of the model and raise
+``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from torchrec_compress.budget.allocate import TableChoices
+from torchrec_compress.budget.config import BudgetConfig
+from torchrec_compress.budget.cost import (
+    Pairs,
+    TableErrors,
+    TableSamples,
+    lookup_pairs,
+    sample_errors,
+    table_samples,
+)
+from torchrec_compress.budget.driver import (
+    TablePlan,
+    calibration_halves,
+    selected_collections,
+    table_choices,
+    table_plans,
+)
+from torchrec_compress.budget.options import identity_option, table_options
+from torchrec_compress.calibration import ForwardFn, calibration_pass
+from torchrec_compress.discovery import FilterFn, table_owners
+from torchrec_compress.distributed.tables import (
+    SparseLookupCounter,
+    all_gather_counts,
+    gather_rows,
+    lookup_counting_modules,
+    sum_identical_,
+)
+from torchrec_compress.guards import DEFAULT_CHUNK_ROWS
+from torchrec_compress.methods.lowrank.factors import PrincipalBasis, afm_basis
+from torchrec_compress.methods.lowrank.sharded_driver import local_table_moments
+
+#: option kinds a sharded model cannot take (int4 rows: torchrec 1.8 cannot DCP-save them)
+SHARDED_UNSUPPORTED: tuple[str, ...] = ("int4", "afm+int4")
+
+
+def sharded_config(config: BudgetConfig) -> BudgetConfig:
+    """``config`` without the option kinds a sharded model cannot take.
+
+    Raises:
+        NotImplementedError: for the objectives that need per-table losses of the model.
+
+    Example::
+
+        >>> sharded_config(BudgetConfig(memory_budget_bytes=1, methods=("int4", "int8"))).methods
+        ('int8',)
+    """
+    if config.objective != "squared_error" or config.loss_sensitivity:
+        raise NotImplementedError(
+            "BudgetConfig on a DistributedModelParallel model prices options by their "
+            f"squared output error only (objective='squared_error', loss_sensitivity=False); "
+            f"got objective={config.objective!r}, loss_sensitivity={config.loss_sensitivity}: "
+            "compress the unsharded model for those, or use the default objective"
+        )
+    methods = tuple(m for m in config.methods if m not in SHARDED_UNSUPPORTED)
+    return dataclasses.replace(config, methods=methods)
+
+
+def _global_pairs(
+    model: nn.Module,
+    ebcs: Mapping[str, EmbeddingBagCollection],
+    tables: Sequence[tuple[str, EmbeddingBagConfig]],
+    batches: Sequence[Any],
+    forward_fn: ForwardFn,
+) -> dict[str, Pairs]:
+    """Table name -> global sorted ``(ids, counts)`` of this group's ``batches`` (collective)."""
+    inner = getattr(model, "module", model)
+    counters = {
+        fqn: SparseLookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted())
+        for fqn, ebc in ebcs.items()
+    }
+    calibration_pass(model, batches, forward_fn, lookup_counting_modules(inner, counters), {})
+    local = [counters[fqn].counts()[t.name] for fqn, t in tables]
+    gathered = all_gather_counts(local, dist.group.WORLD)
+    return {t.name: pairs for (_, t), pairs in zip(tables, gathered, strict=True)}
+
+
+def _table_samples(
+    value: torch.Tensor, table: EmbeddingBagConfig, pairs: tuple[Pairs, Pairs], config: BudgetConfig
+) -> tuple[PrincipalBasis, TableSamples]:
+    """One table's fitted basis and samples, the same on every process (collective: the
+    moments and the sampled rows need the processes holding them)."""
+    moments = local_table_moments(value, table, pairs[0], DEFAULT_CHUNK_ROWS)
+    sum_identical_([moments.count, moments.sum, moments.sum_outer], dist.group.WORLD)
+    basis = afm_basis(moments, f"table {table.name!r}")
+    fit, held_out = lookup_pairs(table.num_embeddings, *pairs)
+    fetch = partial(gather_rows, value, name=table.name, dim=table.embedding_dim)
+    return basis, table_samples(fetch, table.num_embeddings, fit, held_out, basis, config)
+
+
+def sharded_plan(
+    model: nn.Module,
+    skeleton: nn.Module,
+    config: BudgetConfig,
+    batches: Sequence[Any],
+    filter_fn: FilterFn | None,
+    forward_fn: ForwardFn,
+) -> list[TablePlan]:
+    """The plan of every selected table (see the module notes; collective).
+
+    Args:
+        model (nn.Module): the ``DistributedModelParallel`` model (left unchanged).
+        skeleton (nn.Module): its unsharded architecture (e.g. on ``meta``), same fqns.
+        config (BudgetConfig): the budget.
+        batches (Sequence[Any]): this process's calibration batches (as many on every process).
+        filter_fn (Optional[FilterFn]): selects the skeleton's collections.
+        forward_fn (ForwardFn): how to run ``model`` on one batch.
+
+    Raises:
+        NotImplementedError: for objectives other than the squared output error.
+        ValueError: on every process, naming the smallest reachable size when the budget is
+            below it; when no collection is selected.
+    """
+    config = sharded_config(config)
+    ebcs = selected_collections(skeleton, filter_fn)
+    table_owners(ebcs, config.sensitivity)
+    tables = [(fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()]
+    halves = calibration_halves(batches)
+    fit, held_out = (_global_pairs(model, ebcs, tables, half, forward_fn) for half in halves)
+    state = model.state_dict()
+    device = getattr(model, "device", torch.device("cpu"))
+    choices: list[TableChoices] = []
+    errors: dict[str, TableErrors] = {}
+    outcome: list[Any] = [None]  # process 0's plan, or the error it met
+    for fqn, t in tables:
+        value = state[f"{fqn}.embedding_bags.{t.name}.weight"]
+        weighted = ebcs[fqn].is_weighted()
+        options = table_options(t, value.dtype.itemsize, device, config, weighted)
+        identity = identity_option(t, config) if {"pq", "afm+pq"} & set(config.methods) else None
+        options += [identity] if identity is not None else []
+        basis, samples = _table_samples(value, t, (fit[t.name], held_out[t.name]), config)
+        if dist.get_rank() != 0 or outcome[0] is not None:
+            continue
+        try:  # process 0's error must reach the others, not leave them waiting
+            errors[t.name] = sample_errors(t.name, basis, samples, options, config)
+        except Exception as error:
+            outcome[0] = error
+            continue
+        choices.append(table_choices(fqn, options, errors[t.name], config, pq_keeps=False))
+    if dist.get_rank() == 0 and outcome[0] is None:
+        try:
+            outcome[0] = table_plans(choices, errors, config.memory_budget_bytes)
+        except ValueError as error:
+            outcome[0] = error
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]  # the same error on every process
+    return outcome[0]
