@@ -54,6 +54,13 @@ CASES: dict[str, tuple[BudgetConfig, str | None, bool]] = {
         False,
     ),
     "everything_fits": (BudgetConfig(30000, **SMALL), None, True),  # type: ignore[arg-type]
+    # split by columns: the samples are assembled from column blocks, and the model is
+    # resharded by whole rows before product quantization (which refuses column splits)
+    "pq_of_column_wise_tables": (
+        BudgetConfig(4500, methods=NO_INT4, **SMALL),  # type: ignore[arg-type]
+        "column_wise",
+        True,
+    ),
 }
 
 

@@ -7,7 +7,8 @@ as at most three ordinary configs with per-table overrides (AFM, then PQ / MEC, 
 bits), each through the sharded driver
 (:func:`~torchrec_compress.distributed.compression.compress_sharded_model`).  Between two
 stages the intermediate model is resharded (its tables table- or row-wise, which every next
-stage takes), so each stage reads the previous one's rows where they live.  The result is a
+stage takes), so each stage reads the previous one's rows where they live; an original whose
+tables are split by columns is resharded so first.  The result is a
 :class:`ShardedBudgetReport`: like every sharded report, :meth:`~ShardedCompressionReport.reshard`
 builds the compressed model.
 """
@@ -42,6 +43,7 @@ from torchrec_compress.distributed.compression import (
     check_finite_shards,
     compress_sharded_model,
 )
+from torchrec_compress.distributed.tables import row_ranges
 from torchrec_compress.layout import CompressionLayout, compression_layout
 from torchrec_compress.report import CompressionReport
 from torchrec_compress.skeleton import unsharded_skeleton
@@ -80,6 +82,18 @@ def _whole_rows(plan: list[TablePlan]) -> dict[str, ParameterConstraints]:
     return {p.name: ParameterConstraints(sharding_types=list(WHOLE_ROWS)) for p in plan}
 
 
+def _split_by_columns(state: dict[str, Any], plan: list[TablePlan], dims: dict[str, int]) -> bool:
+    """Whether a planned table of a DMP state dict is split by columns (which the quantizers
+    refuse: a row's code or scale needs the whole row)."""
+    return any(
+        len(rows.blocks) > 1
+        for p in plan
+        for rows in row_ranges(
+            state[f"{p.collection}.embedding_bags.{p.name}.weight"], p.name, dims[p.name]
+        )
+    )
+
+
 def compress_sharded_within_budget(
     model: DistributedModelParallel,
     config: BudgetConfig,
@@ -110,8 +124,11 @@ def compress_sharded_within_budget(
     plan = sharded_plan(model, skeleton, config, batches, filter_fn, forward_fn)
     stages = budget_stages(plan, config)
     rows = {p.name: kept_row(skeleton, p) for p in plan}
-    report = ShardedCompressionReport([], skeleton, model.state_dict(), None)
+    state = model.state_dict()
+    report = ShardedCompressionReport([], skeleton, state, None)
     current = model
+    if stages and _split_by_columns(state, plan, {n: r.shape[1] for n, r in rows.items()}):
+        current = report.reshard(model.device, constraints=_whole_rows(plan))
     for i, (stage, collections) in enumerate(stages):
         if i:
             current = report.reshard(model.device, constraints=_whole_rows(plan))
