@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torchrec.distributed.test_utils.test_model import ModelInput, TestSparseNN
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_compress import BudgetConfig, compress_
 from torchrec_compress.budget.driver import apply_stages, budget_stages, plan_budget
@@ -105,8 +107,66 @@ def _case(name: str, rank: int, world_size: int) -> dict[str, Any]:
     }
 
 
+SPARSE_NN_TABLES = [
+    EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=r, feature_names=[f"f{i}"])
+    for i, r in enumerate((400, 100))
+]
+SPARSE_NN_WEIGHTED = [
+    EmbeddingBagConfig(name="w0", embedding_dim=16, num_embeddings=300, feature_names=["w0"])
+]
+
+
+def _sparse_nn(device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return TestSparseNN(
+        tables=SPARSE_NN_TABLES,
+        weighted_tables=SPARSE_NN_WEIGHTED,
+        dense_device=device,
+        sparse_device=device,
+    )
+
+
+def _sparse_nn_case(rank: int, world_size: int, ratio: int) -> dict[str, Any]:
+    """TorchRec's TestSparseNN: two collections (one weighted by per-id weights), planned as
+    TorchRec's planner chooses."""
+    torch.manual_seed(1)
+    everyone = [
+        ModelInput.generate(
+            batch_size=16,
+            world_size=1,
+            num_float_features=10,
+            tables=SPARSE_NN_TABLES,
+            weighted_tables=SPARSE_NN_WEIGHTED,
+        )[0]
+        for _ in range(4)
+    ]
+    per = len(everyone) // world_size
+    mine = everyone[rank * per : (rank + 1) * per]
+    config = BudgetConfig(800 * 16 * 4 // ratio, methods=NO_INT4, **SMALL)  # type: ignore[arg-type]
+    forward = lambda m, b: m(b)  # noqa: E731
+    reference = _sparse_nn(CPU)
+    dmp = shard_model(_sparse_nn(META), CPU)
+    load_full_state_dict_(dmp, reference.state_dict())
+    report = compress_(dmp, config, calibration=copy.copy(mine), forward_fn=forward)
+    resharded = report.reshard(CPU)
+    unsharded_plan = plan_budget(reference, config, everyone, None, forward)
+    apply_stages(reference, report.plan, budget_stages(report.plan, config), everyone, forward)
+    resharded.eval(), reference.eval()
+    with torch.no_grad():
+        got = torch.cat([resharded(b)[1].flatten() for b in everyone])
+        expected = torch.cat([reference(b)[1].flatten() for b in everyone])
+    return {
+        "plan": _labels(report.plan),
+        "unsharded_plan": _labels(unsharded_plan),
+        "bytes": report.bytes_after,
+        "budget": config.memory_budget_bytes,
+        "error": float((got - expected).abs().max()),
+    }
+
+
 def _run(rank: int, world_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {name: _case(name, rank, world_size) for name in CASES}
+    out["sparse_nn"] = [_sparse_nn_case(rank, world_size, ratio) for ratio in (2, 6)]
     dmp = shard_model(tiny_dlrm(META, seed=11).model, CPU, sharding_type="table_wise")
     mine = [tiny_batch(16, seed=300 + rank)]
     forward = lambda m, b: m(b.dense_features, b.sparse_features)  # noqa: E731
@@ -138,6 +198,18 @@ def test_dmp_budget_equals_the_unsharded_model_compressed_by_the_same_plan(
         if got["same_plan"]:
             assert got["plan"] == got["unsharded_plan"], got
         assert "budget" in got["text"] and "plan (3 tables)" in got["text"], got["text"]
+
+
+def test_dmp_budget_of_test_sparse_nn_equals_the_unsharded_model(
+    results: list[dict[str, Any]],
+) -> None:
+    for rank_result in results:
+        for got, first in zip(rank_result["sparse_nn"], results[0]["sparse_nn"], strict=True):
+            assert got["error"] <= 1e-5, got
+            assert got["bytes"] <= got["budget"], got
+            assert got["plan"] == first["plan"], "the processes planned differently"
+            if not any("pq" in label for _, label in got["unsharded_plan"]):
+                assert got["plan"] == got["unsharded_plan"], got
 
 
 def test_dmp_budget_plans_what_a_sharded_model_can_hold(results: list[dict[str, Any]]) -> None:
