@@ -43,6 +43,7 @@ from torchrec_compress import (
     MECConfig,
     MECTraining,
     RowWiseQuantConfig,
+    ShardedBudgetReport,
     SVDConfig,
     compress_,
     compression_layout,
@@ -188,12 +189,14 @@ def _add_budget_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--budget-objective",
         choices=("loss", "absolute", "relative", "loss_delta", "fisher"),
-        default="loss",
+        default=None,
         help="budget: how each table's estimated output error is weighed (BudgetConfig): loss = "
         "times the loss's squared gradient (loss_sensitivity), absolute = summed over lookups, "
         "relative = over the table's output variance; loss_delta = the loss increase measured "
         "on held-out calibration batches with only that table compressed (objective); fisher = its "
-        "second-order estimate from per-example loss gradients",
+        "second-order estimate from per-example loss gradients.  Default: loss on one process; "
+        "absolute on several, where the sharded model is planned as it is sharded (absolute and "
+        "relative only)",
     )
     g.add_argument(
         "--budget-loss-batches",
@@ -235,18 +238,17 @@ def make_config(
     if method == "budget":
         if args.budget_ratio is None:
             raise SystemExit("--compress budget needs --budget-ratio")
+        objective = args.budget_objective or ("absolute" if _several_processes() else "loss")
         return BudgetConfig(
             memory_budget_bytes=int(total_embedding_bytes / args.budget_ratio),
             methods=BUDGET_METHODS,
             num_centroids=args.centroids,
             subspaces=tuple(int(m) for m in args.budget_subspaces.split(",")),
             weighting=args.mec_weighting,
-            error="relative" if args.budget_objective == "relative" else "absolute",
+            error="relative" if objective == "relative" else "absolute",
             # train_forward returns DLRMTrain's loss first
-            loss_sensitivity=args.budget_objective == "loss",
-            objective=args.budget_objective
-            if args.budget_objective in ("loss_delta", "fisher")
-            else "squared_error",
+            loss_sensitivity=objective == "loss",
+            objective=objective if objective in ("loss_delta", "fisher") else "squared_error",
             loss_batches=args.budget_loss_batches,
             estimate_iterations=args.budget_estimate_iterations,
         )
@@ -450,6 +452,10 @@ def stage_configs(
     return [config]
 
 
+def _several_processes() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def compress_within_budget(
     model: nn.Module,
     data: CTRDataset,
@@ -459,15 +465,30 @@ def compress_within_budget(
     device: torch.device,
     work_dir: str,
 ) -> tuple[DistributedModelParallel, CompressionReport, BudgetStages]:
-    """``--compress budget``: the library compresses plain models within a budget (compress
-    before sharding), so the trained tables of a DMP ``model`` are copied into an unsharded model
-    (one process; a plain ``model`` is compressed in place), compressed there, written to
-    ``compressed_init`` with their layout and loaded sharded."""
-    if dist.get_world_size() != 1:
-        raise SystemExit("--compress budget runs on one process (it compresses a plain copy)")
+    """``--compress budget``.  Several processes: the library plans and compresses the DMP
+    ``model`` where its rows live (``compress_(dmp, BudgetConfig)``, the squared-error objective
+    only) and the report reshards it.  One process: the trained tables are copied into an
+    unsharded model (a plain ``model`` is compressed in place), compressed there with any
+    objective, written to ``compressed_init`` with their layout and loaded sharded."""
     total_bytes = embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
     config = make_config(args, total_bytes)
     assert isinstance(config, BudgetConfig)
+    if dist.get_world_size() != 1:
+        if config.objective != "squared_error" or config.loss_sensitivity:
+            raise SystemExit(
+                f"--budget-objective {args.budget_objective} needs the unsharded model: run "
+                "--compress budget on one process for it (several processes: absolute, relative)"
+            )
+        batches = calibration_batches(data, finetune_config.batch_size, args.calibration_batches)
+        sharded = compress_(model, config, batches, forward_fn=train_forward)
+        assert isinstance(sharded, ShardedBudgetReport)
+        resharded = sharded.reshard(
+            device,
+            sharding_type=args.sharding_type,
+            prepare=lambda m: attach_sparse_optimizer(m, finetune_config),
+            checkpoint_dir=os.path.join(work_dir, "compressed_init"),
+        )
+        return resharded, sharded, BudgetStages(config, tuple(sharded.stages))
     plain = (
         unsharded_copy(model, data, model_config, os.path.join(work_dir, "compress_source"))
         if isinstance(model, DistributedModelParallel)

@@ -106,6 +106,23 @@ def test_dcn_train_then_reload_and_compress_at_full_rank(tmp_path: Path) -> None
     budget = json.loads((tmp_path / "budget" / "result.json").read_text())["compression"]
     assert budget["report"]["bytes_after"] <= budget["config"]["budget"]["memory_budget_bytes"]
     assert budget["report"]["ratio"] >= 8
+    # Two processes: the library plans and compresses the sharded model where its rows live
+    # (before: "--compress budget runs on one process"); the default objective is then the
+    # squared error, which a sharded plan takes
+    proc = _run([
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "examples.dlrm.main", *TINY, "--arch", "dcn", "--load-checkpoint",
+        str(out / "checkpoint"), "--eval-only", "--compress", "budget", "--budget-ratio", "8",
+        "--budget-subspaces", "2,4", "--finetune-epochs", "0", "--out", str(tmp_path / "budget2"),
+    ])  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    two = json.loads((tmp_path / "budget2" / "result.json").read_text())
+    assert two["world_size"] == 2
+    sharded = two["compression"]
+    assert sharded["config"]["budget"]["loss_sensitivity"] is False
+    assert sharded["report"]["bytes_after"] <= sharded["config"]["budget"]["memory_budget_bytes"]
+    assert sharded["report"]["ratio"] >= 8
+    assert two["test"]["auc"] > 0.5
 
 
 def test_torchx_local_cwd_two_processes_train_compress_finetune(tmp_path: Path) -> None:

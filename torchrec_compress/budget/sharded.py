@@ -160,7 +160,8 @@ def sharded_plan(
     for fqn, t in tables:
         value = state[f"{fqn}.embedding_bags.{t.name}.weight"]
         weighted = ebcs[fqn].is_weighted()
-        options = table_options(t, value.dtype.itemsize, device, config, weighted)
+        size = ebcs[fqn].embedding_bags[t.name].weight.element_size()  # the skeleton's
+        options = table_options(t, size, device, config, weighted)
         identity = identity_option(t, config) if {"pq", "afm+pq"} & set(config.methods) else None
         options += [identity] if identity is not None else []
         basis, samples = _table_samples(value, t, (fit[t.name], held_out[t.name]), config)
