@@ -276,6 +276,39 @@ def test_weighted_collection_equals_torchrec_serving_conversion() -> None:
     assert _rel(got, expected.detach()) < 0.01
 
 
+def test_weighted_fp16_collection_runs_and_trains() -> None:
+    """fp16 rows of a weighted collection: before, its first forward raised (``nn.EmbeddingBag``
+    wants per-sample weights of its rows' dtype); now the rows are weighted in float32."""
+    tables = [
+        EmbeddingBagConfig(name=n, embedding_dim=DIM, num_embeddings=r, feature_names=[f"f{i}"])
+        for i, (n, r) in enumerate(ROWS.items())
+    ]
+    torch.manual_seed(0)
+    model = nn.Sequential(EmbeddingBagCollection(tables, is_weighted=True))
+    kjt = _batches(1)[0].sparse_features
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=kjt.keys(),
+        values=kjt.values(),
+        lengths=kjt.lengths(),
+        weights=torch.rand(kjt.values().numel()),
+    )
+    expected = model[0](kjt).values().detach()
+    compress_(model, RowWiseQuantConfig(bits=16))
+    got = model[0](kjt).values()
+    assert got.dtype == torch.float32
+    assert _rel(got, expected) < 1e-3  # fp16 rows, float32 sums: measured 2e-4
+    # the same sums as float32 rows rounded to fp16
+    rounded = EmbeddingBagCollection(tables, is_weighted=True)
+    for t in tables:
+        rounded.embedding_bags[t.name].weight.data.copy_(model[0].embedding_bags[t.name].weight)
+    torch.testing.assert_close(got, rounded(kjt).values(), rtol=1e-6, atol=1e-6)
+    got.sum().backward()
+    grad = model[0].embedding_bags["t0"].weight.grad
+    assert grad is not None and grad.dtype == torch.float16 and bool(grad.abs().sum() > 0)
+    state = model.state_dict()
+    assert all(v.dtype == torch.float16 for v in state.values())
+
+
 def test_skipped_and_not_smaller_tables_are_kept() -> None:
     """``skip`` keeps a table's float rows (fbgemm's float pooling: equal to rounding); a
     1-dim table in int8 (1 + 4 bytes per row, 4 now) is kept; all kept: module not swapped."""

@@ -214,9 +214,7 @@ def plan_budget(
     for fqn, ebc in ebcs.items():
         for t in ebc.embedding_bag_configs():
             weight = ebc.embedding_bags[t.name].weight
-            options = table_options(
-                t, weight.element_size(), weight.device, config, ebc.is_weighted()
-            )
+            options = table_options(t, weight.element_size(), weight.device, config)
             errors[t.name] = estimate_errors(
                 t, weight, counts[fqn][t.name], held_out[fqn][t.name], options, config
             )

@@ -148,27 +148,22 @@ def table_options(
     element_size: int,
     device: torch.device,
     config: BudgetConfig,
-    weighted: bool = False,
 ) -> list[Option]:
     """Every option of ``config.methods`` for ``table`` that is smaller than the table, after
     ``"fp32"`` (kept), in a fixed order.
-
-    A table of a weighted collection gets no ``"fp16"`` option: an unsharded fp16 collection
-    (``nn.EmbeddingBag`` with fp16 rows) refuses float32 per-sample weights (torch 2.13).
 
     Args:
         table (EmbeddingBagConfig): the table.
         element_size (int): bytes of one of its weights now (4 for float32).
         device (torch.device): where its weights are (decides fbgemm's row alignment).
         config (BudgetConfig): the option kinds and sizes.
-        weighted (bool): whether its collection takes per-id weights.
     """
     n, d = table.num_embeddings, table.embedding_dim
     kept = n * d * element_size
     options = [Option("fp32", kept)]
     for kind in ("fp16", "int8", "int4"):
         size = rowwise_bytes(n, d, OPTION_BITS[kind], device)
-        if kind in config.methods and size is not None and not (weighted and kind == "fp16"):
+        if kind in config.methods and size is not None:
             options.append(Option(kind, size))
     if "pq" in config.methods:
         for m in sorted(set(config.subspaces)):

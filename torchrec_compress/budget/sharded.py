@@ -159,9 +159,8 @@ def sharded_plan(
     outcome: list[Any] = [None]  # process 0's plan, or the error it met
     for fqn, t in tables:
         value = state[f"{fqn}.embedding_bags.{t.name}.weight"]
-        weighted = ebcs[fqn].is_weighted()
         size = ebcs[fqn].embedding_bags[t.name].weight.element_size()  # the skeleton's
-        options = table_options(t, size, device, config, weighted)
+        options = table_options(t, size, device, config)
         identity = identity_option(t, config) if {"pq", "afm+pq"} & set(config.methods) else None
         options += [identity] if identity is not None else []
         basis, samples = _table_samples(value, t, (fit[t.name], held_out[t.name]), config)

@@ -294,7 +294,48 @@ def fp16_collection(
     new = EmbeddingBagCollection(configs, ebc.is_weighted(), ebc.device)
     for config in configs:
         new.embedding_bags[config.name].weight.copy_(ebc.embedding_bags[config.name].weight)
+        if ebc.is_weighted() and config.data_type == DataType.FP16:
+            new.embedding_bags[config.name].__class__ = HalfRowsEmbeddingBag
     return new
+
+
+class HalfRowsEmbeddingBag(nn.EmbeddingBag):
+    """An ``nn.EmbeddingBag`` of fp16 rows that takes float32 per-sample weights.
+
+    ``nn.EmbeddingBag`` wants per-sample weights of its rows' dtype (torch 2.13: "Expected tensor
+    for argument #1 'weight' to have the same type"), which a weighted TorchRec collection of
+    fp16 rows never passes; here the looked-up rows are weighted and summed in float32 (nothing
+    rounded to fp16 but the rows themselves).  Same parameter, same state dict; without weights
+    it is the plain bag.
+
+    Example::
+
+        >>> bag = HalfRowsEmbeddingBag(10, 4, mode="sum", include_last_offset=True, dtype=torch.float16)
+        >>> out = bag(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]), torch.tensor([0.5, 1.0, 2.0]))
+        >>> out.dtype, tuple(out.shape)
+        (torch.float32, (2, 4))
+    """
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        offsets: torch.Tensor | None = None,
+        per_sample_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if per_sample_weights is None or offsets is None or self.mode != "sum":
+            return super().forward(input, offsets, per_sample_weights)
+        bounds = (
+            offsets
+            if self.include_last_offset
+            else torch.cat([offsets, offsets.new_tensor([input.numel()])])
+        )
+        bags = bounds.numel() - 1
+        lengths = (bounds[1:] - bounds[:-1]).long()
+        bag_of = torch.repeat_interleave(torch.arange(bags, device=input.device), lengths)
+        rows = torch.nn.functional.embedding(input, self.weight).float()
+        rows = rows * per_sample_weights.float().unsqueeze(1)
+        out = torch.zeros(bags, self.embedding_dim, device=rows.device, dtype=torch.float32)
+        return out.index_add_(0, bag_of, rows)
 
 
 def empty_rowwise_collection(
