@@ -151,7 +151,8 @@ def compress_(
             without converter.
         ValueError: naming the table/layer/value at fault; when nothing is left to compress;
             naming the smallest reachable size when a ``BudgetConfig``'s budget is below it.
-        NotImplementedError: a ``BudgetConfig`` with a loss objective and a DMP model.
+        NotImplementedError: a ``BudgetConfig`` with ``objective="fisher"`` or ``"loss_delta"``
+            and a DMP model.
 
     Example::
 

@@ -189,14 +189,13 @@ def _add_budget_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--budget-objective",
         choices=("loss", "absolute", "relative", "loss_delta", "fisher"),
-        default=None,
+        default="loss",
         help="budget: how each table's estimated output error is weighed (BudgetConfig): loss = "
         "times the loss's squared gradient (loss_sensitivity), absolute = summed over lookups, "
         "relative = over the table's output variance; loss_delta = the loss increase measured "
         "on held-out calibration batches with only that table compressed (objective); fisher = its "
-        "second-order estimate from per-example loss gradients.  Default: loss on one process; "
-        "absolute on several, where the sharded model is planned as it is sharded (absolute and "
-        "relative only)",
+        "second-order estimate from per-example loss gradients (loss_delta and fisher: one "
+        "process only)",
     )
     g.add_argument(
         "--budget-loss-batches",
@@ -238,7 +237,7 @@ def make_config(
     if method == "budget":
         if args.budget_ratio is None:
             raise SystemExit("--compress budget needs --budget-ratio")
-        objective = args.budget_objective or ("absolute" if _several_processes() else "loss")
+        objective = args.budget_objective
         return BudgetConfig(
             memory_budget_bytes=int(total_embedding_bytes / args.budget_ratio),
             methods=BUDGET_METHODS,
@@ -452,10 +451,6 @@ def stage_configs(
     return [config]
 
 
-def _several_processes() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
 def compress_within_budget(
     model: nn.Module,
     data: CTRDataset,
@@ -466,18 +461,19 @@ def compress_within_budget(
     work_dir: str,
 ) -> tuple[DistributedModelParallel, CompressionReport, BudgetStages]:
     """``--compress budget``.  Several processes: the library plans and compresses the DMP
-    ``model`` where its rows live (``compress_(dmp, BudgetConfig)``, the squared-error objective
-    only) and the report reshards it.  One process: the trained tables are copied into an
+    ``model`` where its rows live (``compress_(dmp, BudgetConfig)``; not the loss_delta / fisher
+    objectives) and the report reshards it.  One process: the trained tables are copied into an
     unsharded model (a plain ``model`` is compressed in place), compressed there with any
     objective, written to ``compressed_init`` with their layout and loaded sharded."""
     total_bytes = embedding_bytes(data.schema.num_embeddings, model_config.embedding_dim)
     config = make_config(args, total_bytes)
     assert isinstance(config, BudgetConfig)
     if dist.get_world_size() != 1:
-        if config.objective != "squared_error" or config.loss_sensitivity:
+        if config.objective != "squared_error":
             raise SystemExit(
                 f"--budget-objective {args.budget_objective} needs the unsharded model: run "
-                "--compress budget on one process for it (several processes: absolute, relative)"
+                "--compress budget on one process for it (several processes: loss, absolute, "
+                "relative)"
             )
         batches = calibration_batches(data, finetune_config.batch_size, args.calibration_batches)
         sharded = compress_(model, config, batches, forward_fn=train_forward)

@@ -126,6 +126,13 @@ def _sparse_nn(device: torch.device) -> nn.Module:
     )
 
 
+def _sparse_nn_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """TestSparseNN's loss in eval mode too (where it returns its predictions alone)."""
+    out = model(batch)
+    predictions = out[1] if isinstance(out, tuple) else out
+    return nn.functional.binary_cross_entropy_with_logits(predictions, batch.label)
+
+
 def _sparse_nn_case(rank: int, world_size: int, ratio: int) -> dict[str, Any]:
     """TorchRec's TestSparseNN: two collections (one weighted by per-id weights), planned as
     TorchRec's planner chooses."""
@@ -142,8 +149,11 @@ def _sparse_nn_case(rank: int, world_size: int, ratio: int) -> dict[str, Any]:
     ]
     per = len(everyone) // world_size
     mine = everyone[rank * per : (rank + 1) * per]
-    config = BudgetConfig(800 * 16 * 4 // ratio, methods=NO_INT4, **SMALL)  # type: ignore[arg-type]
-    forward = lambda m, b: m(b)  # noqa: E731
+    # at 6x the errors are weighed by the loss's gradient (loss_sensitivity)
+    config = BudgetConfig(
+        800 * 16 * 4 // ratio, methods=NO_INT4, loss_sensitivity=ratio == 6, **SMALL
+    )  # type: ignore[arg-type]
+    forward = _sparse_nn_loss
     reference = _sparse_nn(CPU)
     dmp = shard_model(_sparse_nn(META), CPU)
     load_full_state_dict_(dmp, reference.state_dict())
@@ -152,15 +162,18 @@ def _sparse_nn_case(rank: int, world_size: int, ratio: int) -> dict[str, Any]:
     unsharded_plan = plan_budget(reference, config, everyone, None, forward)
     apply_stages(reference, report.plan, budget_stages(report.plan, config), everyone, forward)
     resharded.eval(), reference.eval()
-    with torch.no_grad():
-        got = torch.cat([resharded(b)[1].flatten() for b in everyone])
-        expected = torch.cat([reference(b)[1].flatten() for b in everyone])
+    with torch.no_grad():  # eval mode: TestSparseNN returns its predictions
+        got = torch.cat([resharded(b).flatten() for b in everyone])
+        expected = torch.cat([reference(b).flatten() for b in everyone])
     return {
         "plan": _labels(report.plan),
         "unsharded_plan": _labels(unsharded_plan),
         "bytes": report.bytes_after,
         "budget": config.memory_budget_bytes,
         "error": float((got - expected).abs().max()),
+        "loss_sensitivity": config.loss_sensitivity,
+        "prices": [p.price for p in report.plan],
+        "unsharded_prices": [p.price for p in unsharded_plan],
     }
 
 
@@ -210,6 +223,9 @@ def test_dmp_budget_of_test_sparse_nn_equals_the_unsharded_model(
             assert got["plan"] == first["plan"], "the processes planned differently"
             if not any("pq" in label for _, label in got["unsharded_plan"]):
                 assert got["plan"] == got["unsharded_plan"], got
+            if got["plan"] == got["unsharded_plan"]:  # priced alike (loss gradients included)
+                assert got["prices"] == pytest.approx(got["unsharded_prices"], rel=1e-6), got
+    assert [got["loss_sensitivity"] for got in results[0]["sparse_nn"]] == [False, True]
 
 
 def test_dmp_budget_plans_what_a_sharded_model_can_hold(results: list[dict[str, Any]]) -> None:

@@ -107,8 +107,8 @@ def test_dcn_train_then_reload_and_compress_at_full_rank(tmp_path: Path) -> None
     assert budget["report"]["bytes_after"] <= budget["config"]["budget"]["memory_budget_bytes"]
     assert budget["report"]["ratio"] >= 8
     # Two processes: the library plans and compresses the sharded model where its rows live
-    # (before: "--compress budget runs on one process"); the default objective is then the
-    # squared error, which a sharded plan takes
+    # (before: "--compress budget runs on one process"), with the default objective (the squared
+    # error weighed by the loss's gradient per table)
     proc = _run([
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "examples.dlrm.main", *TINY, "--arch", "dcn", "--load-checkpoint",
@@ -119,7 +119,7 @@ def test_dcn_train_then_reload_and_compress_at_full_rank(tmp_path: Path) -> None
     two = json.loads((tmp_path / "budget2" / "result.json").read_text())
     assert two["world_size"] == 2
     sharded = two["compression"]
-    assert sharded["config"]["budget"]["loss_sensitivity"] is False
+    assert sharded["config"]["budget"]["loss_sensitivity"] is True
     assert sharded["report"]["bytes_after"] <= sharded["config"]["budget"]["memory_budget_bytes"]
     assert sharded["report"]["ratio"] >= 8
     assert two["test"]["auc"] > 0.5

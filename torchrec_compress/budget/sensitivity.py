@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchrec.distributed.types import LazyAwaitable
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from torchrec_compress.calibration import ForwardFn
 
@@ -64,23 +64,28 @@ def loss_sensitivity(
     calibration: Sequence[Any],
     forward_fn: ForwardFn,
     ebcs: Mapping[str, EmbeddingBagCollection],
+    outputs: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, float]:
     """Per table of ``ebcs``, the mean over the batches of ``||dL/d(pooled output)||^2 / d``
     (see the module notes), the model in eval mode; no parameter's ``.grad`` is touched.
 
     Args:
-        model (nn.Module): the (unsharded) model.
+        model (nn.Module): the model (unsharded, or a DMP model with ``outputs``).
         calibration (Sequence[Any]): batches.
         forward_fn (ForwardFn): runs the model on a batch and returns the loss (see
             :func:`loss_of`).
-        ebcs (Mapping[str, EmbeddingBagCollection]): the collections, by fully qualified name.
+        ebcs (Mapping[str, EmbeddingBagCollection]): the collections, by fully qualified name
+            (a DMP model's: those of its unsharded skeleton).
+        outputs (Optional[Mapping[str, nn.Module]]): per fqn of ``ebcs``, the module whose
+            output is the collection's pooled ``KeyedTensor`` (a sharded collection's output
+            is waited for, as its consumer waits); default the collections themselves.
     """
     features = _feature_tables(ebcs)
     sums = {t: 0.0 for tables in features.values() for t in tables.values()}
-    captured: list[tuple[str, KeyedTensor]] = []
+    captured: list[tuple[str, Any]] = []
     handles = [
-        ebc.register_forward_hook(lambda _m, _i, out, fqn=fqn: captured.append((fqn, out)))
-        for fqn, ebc in ebcs.items()
+        module.register_forward_hook(lambda _m, _i, out, fqn=fqn: captured.append((fqn, out)))
+        for fqn, module in (outputs if outputs is not None else ebcs).items()
     ]
     training = {m: m.training for m in model.modules()}
     try:
@@ -89,9 +94,10 @@ def loss_sensitivity(
             captured.clear()
             with torch.enable_grad():
                 loss = loss_of(forward_fn(model, batch))
-                outputs = [out.values() for _, out in captured]
-                grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-            for (fqn, out), grad in zip(captured, grads, strict=True):
+                pooled = [(fqn, LazyAwaitable._wait_async(out)) for fqn, out in captured]
+                values = [out.values() for _, out in pooled]
+                grads = torch.autograd.grad(loss, values, allow_unused=True)
+            for (fqn, out), grad in zip(pooled, grads, strict=True):
                 if grad is None:
                     continue
                 for key, part in zip(out.keys(), grad.split(out.length_per_key(), 1), strict=True):

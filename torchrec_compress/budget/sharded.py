@@ -16,8 +16,9 @@ plan it gives for the same weights and the union of every process's calibration 
 Only what a sharded model can hold is offered: no int4 rows (torchrec 1.8 cannot DCP-save
 them), and a product-quantized collection holds product-quantized tables and, as identity
 codes, small tables that quantizing would not shrink (the sharded quantizer does not gather
-a large table to keep it).  The ``"squared_error"`` objective only: ``loss_sensitivity``,
-``"loss_delta"`` and ``"fisher"`` need per-table losses of the model and raise
+a large table to keep it).  The ``"squared_error"`` objective, weighed by ``loss_sensitivity``
+if asked (gradients at the sharded collections' outputs, summed over the group);
+``"loss_delta"`` and ``"fisher"`` replace one table's rows in the model at a time and raise
 ``NotImplementedError``.
 """
 
@@ -52,6 +53,7 @@ from torchrec_compress.budget.driver import (
     table_plans,
 )
 from torchrec_compress.budget.options import identity_option, table_options
+from torchrec_compress.budget.sensitivity import loss_sensitivity
 from torchrec_compress.calibration import ForwardFn, calibration_pass
 from torchrec_compress.discovery import FilterFn, table_owners
 from torchrec_compress.distributed.tables import (
@@ -80,12 +82,12 @@ def sharded_config(config: BudgetConfig) -> BudgetConfig:
         >>> sharded_config(BudgetConfig(memory_budget_bytes=1, methods=("int4", "int8"))).methods
         ('int8',)
     """
-    if config.objective != "squared_error" or config.loss_sensitivity:
+    if config.objective != "squared_error":
         raise NotImplementedError(
             "BudgetConfig on a DistributedModelParallel model prices options by their "
-            f"squared output error only (objective='squared_error', loss_sensitivity=False); "
-            f"got objective={config.objective!r}, loss_sensitivity={config.loss_sensitivity}: "
-            "compress the unsharded model for those, or use the default objective"
+            "squared output error (objective='squared_error', optionally weighed by "
+            f"loss_sensitivity); got objective={config.objective!r}: compress the unsharded "
+            "model for it, or use the default objective"
         )
     methods = tuple(m for m in config.methods if m not in SHARDED_UNSUPPORTED)
     return dataclasses.replace(config, methods=methods)
@@ -108,6 +110,40 @@ def _global_pairs(
     local = [counters[fqn].counts()[t.name] for fqn, t in tables]
     gathered = all_gather_counts(local, dist.group.WORLD)
     return {t.name: pairs for (_, t), pairs in zip(tables, gathered, strict=True)}
+
+
+def _sharded_sensitivity(
+    model: nn.Module,
+    ebcs: Mapping[str, EmbeddingBagCollection],
+    batches: Sequence[Any],
+    forward_fn: ForwardFn,
+) -> dict[str, float]:
+    """:func:`~torchrec_compress.budget.sensitivity.loss_sensitivity` of a DMP model: each
+    process's batches through the sharded collections' outputs, averaged over every process's
+    batches (collective)."""
+    inner = getattr(model, "module", model)
+    outputs = {fqn: module for module, fqn in _output_modules(inner, ebcs).items()}
+    local = loss_sensitivity(model, batches, forward_fn, ebcs, outputs)
+    names = sorted(local)
+    totals = torch.tensor(
+        [local[n] * len(batches) for n in names] + [len(batches)], dtype=torch.float64
+    )
+    sum_identical_([totals], dist.group.WORLD)
+    return {n: float(totals[i] / max(float(totals[-1]), 1.0)) for i, n in enumerate(names)}
+
+
+def _output_modules(
+    inner: nn.Module, ebcs: Mapping[str, EmbeddingBagCollection]
+) -> dict[nn.Module, str]:
+    """The module of the sharded model whose output is each collection's pooled output: the
+    collection, or the sharded feature-processed collection around it."""
+    return {
+        module: fqn
+        for fqn, ebc in ebcs.items()
+        for module in lookup_counting_modules(
+            inner, {fqn: SparseLookupCounter(ebc.embedding_bag_configs())}
+        )
+    }
 
 
 def _table_samples(
@@ -152,6 +188,9 @@ def sharded_plan(
     tables = [(fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()]
     halves = calibration_halves(batches)
     fit, held_out = (_global_pairs(model, ebcs, tables, half, forward_fn) for half in halves)
+    gradients = (
+        _sharded_sensitivity(model, ebcs, batches, forward_fn) if config.loss_sensitivity else {}
+    )
     state = model.state_dict()
     device = getattr(model, "device", torch.device("cpu"))
     choices: list[TableChoices] = []
@@ -171,7 +210,8 @@ def sharded_plan(
         except Exception as error:
             outcome[0] = error
             continue
-        choices.append(table_choices(fqn, options, errors[t.name], config, pq_keeps=False))
+        gradient = gradients.get(t.name, 1.0)
+        choices.append(table_choices(fqn, options, errors[t.name], config, gradient, False))
     if dist.get_rank() == 0 and outcome[0] is None:
         try:
             outcome[0] = table_plans(choices, errors, config.memory_budget_bytes)
