@@ -8,6 +8,10 @@ pure-torch path (chunked ``baddbmm`` + ``min``) run interleaved ``--repeats`` ti
 process; medians (and minima) give both throughputs and the speed-up.  When faiss is installed,
 its ``ProductQuantizer`` encodes the same table for comparison.
 
+With ``--isa-compare avx2,avx512`` it times the C++ encoder alone on every row of the table under
+each named instruction set (``pq_set_kernel_isa``), interleaved ``--repeats`` times in this
+process, and checks that every instruction set gives the same codes bit for bit.
+
 With ``--kmeans-compare`` it times the weighted k-means alone instead (popularity-like integer
 weights 1..11 on the ``--train-rows`` sample): this code at its default tolerance, at ``1e-4`` and
 at fixed iteration counts; the code of ``--baseline-src`` (a checkout of an older commit, its
@@ -20,6 +24,7 @@ Usage::
 
     python benchmarks/pq_encode.py --rows 10000000 --threads 1
     python benchmarks/pq_encode.py --rows 1000000 --kmeans-compare --baseline-src ../base
+    python benchmarks/pq_encode.py --dim 32 --subspaces 8 --isa-compare avx2,avx512 --repeats 3
 """
 
 import argparse
@@ -136,6 +141,39 @@ def compare_kmeans(args: argparse.Namespace, table: torch.Tensor, sample: torch.
     print(markdown_table(header, rows))
 
 
+def compare_isas(args: argparse.Namespace, pq: ProductQuantizer, table: torch.Tensor) -> None:
+    """The C++ encoder on every row under each ISA of ``--isa-compare``, interleaved."""
+    ops = torch.ops.torchrec_compress
+    isas = args.isa_compare.split(",")
+    books = pq.codebooks.float()
+    seconds: dict[str, list[float]] = {isa: [] for isa in isas}
+    codes: dict[str, torch.Tensor] = {}
+    try:
+        for _ in range(args.repeats):
+            for isa in isas:
+                ops.pq_set_kernel_isa(isa)
+                start = time.perf_counter()
+                codes[isa] = ops.pq_encode(table, books, pq.code_dtype)
+                seconds[isa].append(time.perf_counter() - start)
+    finally:
+        ops.pq_set_kernel_isa("auto")
+    print(
+        f"pq_encode on {args.rows} x {args.dim} (M={args.subspaces}, K={args.centroids}, "
+        f"dsub={args.dim // args.subspaces}), threads={args.threads}, {args.repeats} interleaved "
+        "runs:"
+    )
+    first = isas[0]
+    for isa in isas:
+        median = statistics.median(seconds[isa])
+        runs = ", ".join(f"{t:.3f}" for t in seconds[isa])
+        differ = int((codes[isa] != codes[first]).sum())
+        print(
+            f"  {isa}: median {median:.3f} s ({runs}) = {args.rows / median:,.0f} rows/s, "
+            f"{statistics.median(seconds[first]) / median:.2f}x {first}; "
+            f"{differ} of {codes[isa].numel()} codes differ from {first}'s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,6 +189,9 @@ def main() -> None:
     parser.add_argument("--compare-rows", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kmeans-compare", action="store_true", help="time k-means only")
+    parser.add_argument(
+        "--isa-compare", default="", help="time the encoder alone on these ISAs, e.g. avx2,avx512"
+    )
     parser.add_argument("--baseline-src", default=None, help="older checkout for --kmeans-compare")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -176,6 +217,9 @@ def main() -> None:
         return
     pq.train(sample, niter=args.kmeans_iterations, generator=gen, chunk_size=args.chunk_size)
     train_s = time.perf_counter() - start
+    if args.isa_compare:
+        compare_isas(args, pq, table)
+        return
     head = table[: args.compare_rows]
     seconds: dict[str, list[float]] = {"kernel": [], "torch": []}
     head_codes: dict[str, torch.Tensor] = {}

@@ -10,6 +10,8 @@ from torchrec_compress.methods.pq import (
     distinct_code_tuples,
     reconstruction_mse,
 )
+from torchrec_compress.methods.pq import metrics as pq_metrics
+from torchrec_compress.methods.pq.metrics import code_usage
 from torchrec_compress.testing import peak_cpu_allocation
 
 
@@ -104,3 +106,17 @@ def test_perplexity_memory_does_not_grow_with_rows() -> None:
         peak, perplexity = peak_cpu_allocation(lambda w=weights: codebook_perplexity(codes, 256, w))
         assert peak < int64_codes / 4, f"{peak} bytes for weights={type(weights).__name__}"
         assert torch.equal(perplexity, _one_pass_perplexity(codes, 256, weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_code_usage_counts_every_column(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of rows counted with one bincount each give the per-column bincounts."""
+    monkeypatch.setattr(pq_metrics, "_USAGE_BLOCK_KEYS", 20)  # blocks of 5 rows, a partial last one
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 7, (23, 4), generator=gen).to(dtype)
+    want = torch.stack([torch.bincount(col.long(), minlength=9) for col in codes.T]).double()
+    assert torch.equal(code_usage(codes, 9), want)
+    assert torch.equal(code_usage(codes.t().contiguous().t(), 9), want)  # column-major
+    assert torch.equal(code_usage(codes[:0], 9), torch.zeros(4, 9, dtype=torch.float64))

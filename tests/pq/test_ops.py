@@ -220,6 +220,75 @@ def test_encode_kernel_breaks_ties_like_argmin(isa: str) -> None:
     assert torch.ops.torchrec_compress.pq_encode(x, books, torch.uint8).tolist() == [[0], [13]]
 
 
+def _encode_on(isa: str, x: torch.Tensor, books: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    ops = torch.ops.torchrec_compress
+    ops.pq_set_kernel_isa(isa)
+    try:
+        return ops.pq_encode(x, books, dtype)
+    finally:
+        ops.pq_set_kernel_isa("auto")
+
+
+def _supported_isas() -> list[str]:
+    """The instruction sets of this CPU, portable first (the ones ``pq_set_kernel_isa`` takes)."""
+    best = torch.ops.torchrec_compress.pq_set_kernel_isa("auto")
+    order = ["generic", "avx2", "avx512"]
+    return order[: order.index(best) + 1]
+
+
+ENCODE_SHAPES = [
+    (3, 256, 4, torch.uint8),
+    (2, 7, 1, torch.uint8),
+    (4, 9, 2, torch.uint8),
+    (3, 20, 4, torch.int32),
+    (2, 33, 8, torch.uint8),
+    (2, 100, 16, torch.int16),
+    (3, 300, 4, torch.int16),
+    (2, 24, 3, torch.uint8),
+    (2, 40, 5, torch.int32),
+    (1, 1, 4, torch.uint8),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", ENCODE_SHAPES, ids=lambda s: f"M{s[0]}K{s[1]}d{s[2]}{s[3]}")
+def test_encode_kernel_gives_the_same_codes_on_every_isa(
+    shape: tuple[int, int, int, torch.dtype],
+) -> None:
+    """Every instruction set finds the same codes, the first codeword on ties included: exactly
+    on small integers (every product and sum is exact, so fused and unfused arithmetic agree, and
+    ties are everywhere), and on random floats between the fused paths (AVX2 and AVX-512 compute
+    each distance with the same operations in the same order)."""
+    num_subspaces, ksub, dsub, dtype = shape
+    gen = torch.Generator().manual_seed(ksub * 31 + dsub)
+    rows = 197  # a partial 4-row group and a partial 64-row block
+    isas = _supported_isas()
+    books = torch.randint(-2, 3, (num_subspaces, ksub, dsub), generator=gen).float()
+    books[:, ksub // 2 :] = books[:, : ksub - ksub // 2]  # duplicated codewords: exact ties
+    x = torch.randint(-3, 4, (rows, num_subspaces * dsub), generator=gen).float()
+    x[:5] = 0.0  # every codeword of norm 0 ties with the first
+    want = _encode_on("generic", x, books, dtype)
+    reference = assign(x.view(rows, num_subspaces, dsub).transpose(0, 1), books)[0].t()
+    assert torch.equal(want.long(), reference)  # torch.argmin: the first index on ties
+    for isa in isas[1:]:
+        assert torch.equal(_encode_on(isa, x, books, dtype), want), isa
+    fused = isas[1:]
+    if len(fused) < 2:
+        return
+    books = torch.randn(num_subspaces, ksub, dsub, generator=gen)
+    books[:, ksub // 2 :] = books[:, : ksub - ksub // 2]
+    x = torch.randn(rows, num_subspaces * dsub, generator=gen)
+    x[0, 0] = float("nan")
+    x[1] = float("inf")
+    x[2, -1] = -float("inf")
+    codes = [_encode_on(isa, x, books, dtype) for isa in fused]
+    for isa, other in zip(fused[1:], codes[1:], strict=True):
+        assert torch.equal(other, codes[0]), isa
+    strided = torch.cat([x, torch.randn(rows, 3, generator=gen)], dim=1)[:, : x.shape[1]]
+    for isa, other in zip(fused, codes, strict=True):
+        assert torch.equal(_encode_on(isa, strided, books, dtype), other), isa
+
+
 @pytest.mark.parametrize("use_kernels", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compute_codes_paths_agree(
@@ -243,9 +312,16 @@ def test_kernel_isa_switch() -> None:
         pytest.skip("C++ kernels not built")
     ops = torch.ops.torchrec_compress
     best = ops.pq_set_kernel_isa("auto")
-    assert best in ("avx2", "generic") and ops.pq_kernel_isa() == best
+    assert best in ("avx512", "avx2", "generic") and ops.pq_kernel_isa() == best
     assert ops.pq_set_kernel_isa("generic") == "generic" == ops.pq_kernel_isa()
-    with pytest.raises(RuntimeError, match="expected 'auto', 'generic' or 'avx2', got 'sse9'"):
+    for isa in _supported_isas():
+        assert ops.pq_set_kernel_isa(isa) == isa == ops.pq_kernel_isa()
+    for isa in ("avx2", "avx512")[len(_supported_isas()) - 1 :]:
+        with pytest.raises(RuntimeError, match="this CPU lacks"):
+            ops.pq_set_kernel_isa(isa)
+    with pytest.raises(
+        RuntimeError, match="expected 'auto', 'generic', 'avx2' or 'avx512', got 'sse9'"
+    ):
         ops.pq_set_kernel_isa("sse9")
     assert ops.pq_set_kernel_isa("auto") == best
 

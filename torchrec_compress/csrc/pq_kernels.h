@@ -2,17 +2,23 @@
 // seconds.  Each kernel handles one contiguous range of work (bags, subspaces or rows); the
 // callers in pq_ops.cpp split the ranges over threads with at::parallel_for.  Every kernel exists
 // for two instruction sets, chosen once at runtime: x86-64-v2 (the build's baseline) and
-// AVX2 + FMA + F16C (x86-64-v3), so one wheel is fast on new machines and still loads on old ones.
+// AVX2 + FMA + F16C (x86-64-v3), so one wheel is fast on new machines and still loads on old ones;
+// the encoder has a third, AVX-512 F/BW/DQ/VL (x86-64-v4).
 #pragma once
 
 #include <cstdint>
 
 namespace torchrec_compress {
 
-enum class Isa : int { kGeneric = 0, kAvx2 = 1 };
+// kAvx512 (AVX-512 F/BW/DQ/VL on top of kAvx2) has its own encoder; its other kernels are the
+// AVX2 ones.
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // The best instruction set this CPU runs (kAvx2 needs AVX2, FMA and F16C).
 Isa best_isa();
+
+// The codebook padding `encode` needs on `isa`: ksub rounded up to its vector width.
+int64_t encode_kpad(Isa isa, int64_t ksub);
 
 // Shapes shared by every kernel: a table of `num_rows` rows coded on `num_subspaces` subspaces of
 // `ksub` codewords of `dsub` floats.
@@ -61,7 +67,7 @@ void pooled_lookup_backward(
 // Nearest codeword per subspace for rows [row_begin, row_end) of x ([n, M * dsub], row stride
 // `x_stride` floats): codes[i, m] = argmin_k ||c_mk||^2 - 2 x_im . c_mk (first k on ties).
 // `books_t` is the codebooks transposed to [M, dsub, kpad] and `norms` is [M, kpad] with
-// +inf in the padding (kpad is ksub rounded up to a multiple of 8).
+// +inf in the padding (kpad = encode_kpad(isa, ksub)).
 template <typename code_t>
 void encode(
     Isa isa,

@@ -29,7 +29,7 @@ Isa current_isa() {
 }
 
 std::string isa_name(Isa isa) {
-  return isa == Isa::kAvx2 ? "avx2" : "generic";
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
 }
 
 std::string pq_kernel_isa() {
@@ -42,10 +42,15 @@ std::string pq_set_kernel_isa(const std::string& name) {
   } else if (name == "generic") {
     g_isa.store(static_cast<int>(Isa::kGeneric));
   } else if (name == "avx2") {
-    TORCH_CHECK(best_isa() == Isa::kAvx2, "pq_set_kernel_isa: this CPU lacks AVX2/FMA");
+    TORCH_CHECK(best_isa() >= Isa::kAvx2, "pq_set_kernel_isa: this CPU lacks AVX2/FMA");
     g_isa.store(static_cast<int>(Isa::kAvx2));
+  } else if (name == "avx512") {
+    TORCH_CHECK(best_isa() >= Isa::kAvx512, "pq_set_kernel_isa: this CPU lacks AVX-512");
+    g_isa.store(static_cast<int>(Isa::kAvx512));
   } else {
-    TORCH_CHECK(false, "pq_set_kernel_isa: expected 'auto', 'generic' or 'avx2', got '", name, "'");
+    TORCH_CHECK(
+        false, "pq_set_kernel_isa: expected 'auto', 'generic', 'avx2' or 'avx512', got '", name,
+        "'");
   }
   return pq_kernel_isa();
 }
@@ -310,8 +315,9 @@ at::Tensor pq_encode(const at::Tensor& x, const at::Tensor& codebooks_in, at::Sc
       ": codes dtype must be uint8, int16 or int32, got ", dtype);
   // Rows only need a unit inner stride: chunks of a larger table are encoded without a copy.
   const at::Tensor rows = x.stride(1) == 1 ? x : x.contiguous();
-  const int64_t kpad = (ksub + 7) / 8 * 8;
-  // [M, dsub, kpad]: codeword coordinate t of 8 consecutive codewords is one vector load.
+  const Isa isa = current_isa();
+  const int64_t kpad = encode_kpad(isa, ksub);
+  // [M, dsub, kpad]: codeword coordinate t of 8 (16) consecutive codewords is one vector load.
   at::Tensor books_t = at::zeros({num_subspaces, dsub, kpad}, codebooks_in.options());
   books_t.narrow(2, 0, ksub).copy_(codebooks_in.transpose(1, 2));
   at::Tensor norms = at::full(
@@ -319,7 +325,6 @@ at::Tensor pq_encode(const at::Tensor& x, const at::Tensor& codebooks_in, at::Sc
   norms.narrow(1, 0, ksub).copy_(codebooks_in.pow(2).sum(-1));
   const PQShape shape{rows.size(0), num_subspaces, ksub, dsub};
   at::Tensor codes = at::empty({rows.size(0), num_subspaces}, x.options().dtype(dtype));
-  const Isa isa = current_isa();
   TORCHREC_COMPRESS_DISPATCH_CODES(dtype, op, [&] {
     at::parallel_for(0, rows.size(0), 256, [&](int64_t begin, int64_t end) {
       encode<scalar_t>(

@@ -8,8 +8,9 @@ Loading the extension (:mod:`torchrec_compress.extension`) registers, in the ``t
 - ``pq_pooled_lookup_backward(grad, codes, ids, offsets, per_sample_weights, ksub)``: its
   codebook gradient, ``gC[m, codes[i, m]] += w * grad[b, m]``, threads owning disjoint subspaces.
 - ``pq_encode(x, codebooks, dtype) -> [n, M]``: fused distance + argmin per subspace.
-- ``pq_kernel_isa()`` / ``pq_set_kernel_isa(name)``: the instruction set in use (``"avx2"`` or
-  ``"generic"``, picked at load time; ``"auto"`` restores that choice).
+- ``pq_kernel_isa()`` / ``pq_set_kernel_isa(name)``: the instruction set in use (``"avx512"``,
+  ``"avx2"`` or ``"generic"``, picked at load time; ``"auto"`` restores that choice).
+  ``"avx512"`` only changes the encoder (the other kernels run their AVX2 copy).
 
 This module registers their autograd formula and fake (meta) implementations, so the ops trace
 under ``torch.fx`` / ``torch.compile`` and train, and says when they apply.  When the extension
