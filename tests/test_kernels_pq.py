@@ -64,7 +64,9 @@ def test_long_and_many_bags_equal_decoded_lookup(
         upstream, codes, ids.to(index_dtype), offsets.to(index_dtype), weights, ksub
     )
     (expected_grad,) = torch.autograd.grad(expected, books, upstream)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-5)
+    # a codeword's gradient sums ~100 float32 terms in an order the two sides do not share
+    # (autograd's under load: 1.17e-05 off once at atol 1e-05); a wrong term is off by ~1
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=5e-5)
 
 
 def test_threads_split_bags_without_changing_results() -> None:
