@@ -1,7 +1,7 @@
 """``compress_(dmp, BudgetConfig(...))``: one byte budget planned and applied on a sharded model.
 
-TorchRec's ``DLRM`` is sharded by DMP on 2 gloo processes (table-wise, row-wise, or as TorchRec's
-planner chooses), and a budget is planned on the sharded model (statistics where the rows live,
+TorchRec's ``DLRM`` and ``TestSparseNN`` (a weighted collection, a position-weighted table) are
+sharded by DMP on 2 gloo processes (table-, row-, column-wise, or as TorchRec's planner chooses), and a budget is planned on the sharded model (statistics where the rows live,
 sampled rows gathered) and applied stage by stage through the sharded drivers.  Every case is
 compared with the unsharded model: the plan equals the one ``compress_`` makes of the same
 weights and the union of both processes' batches (where a sharded model can hold that plan),
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchrec.distributed.test_utils.test_model import ModelInput, TestSparseNN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress import BudgetConfig, compress_
 from torchrec_compress.budget.driver import apply_stages, budget_stages, plan_budget
@@ -117,12 +118,36 @@ SPARSE_NN_WEIGHTED = [
 
 
 def _sparse_nn(device: torch.device) -> nn.Module:
+    """t1 position-weighted (TorchRec wraps it in a FeatureProcessedEmbeddingBagCollection)."""
     torch.manual_seed(0)
-    return TestSparseNN(
+    model = TestSparseNN(
         tables=SPARSE_NN_TABLES,
         weighted_tables=SPARSE_NN_WEIGHTED,
         dense_device=device,
         sparse_device=device,
+        max_feature_lengths={"t1": 4},
+    )
+    if device != META:
+        with torch.no_grad():  # position weights start at 1: make them matter
+            for name, p in model.named_parameters():
+                if "position_weight" in name:
+                    p.uniform_(0.5, 1.5)
+    return model
+
+
+def _kjt(features: list[tuple[str, int, int]], g: torch.Generator, weighted: bool) -> Any:
+    """Bags of 0..max ids for ``(feature, rows, max length)``, 16 examples."""
+    lengths = [torch.randint(0, m + 1, (16,), generator=g) for _, _, m in features]
+    values = [
+        torch.randint(0, r, (int(n.sum()),), generator=g)
+        for (_, r, _), n in zip(features, lengths, strict=True)
+    ]
+    total = int(sum(int(n.sum()) for n in lengths))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[f for f, _, _ in features],
+        values=torch.cat(values),
+        lengths=torch.cat(lengths).int(),
+        weights=torch.rand(total, generator=g) + 0.5 if weighted else None,
     )
 
 
@@ -134,17 +159,16 @@ def _sparse_nn_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 def _sparse_nn_case(rank: int, world_size: int, ratio: int) -> dict[str, Any]:
-    """TorchRec's TestSparseNN: two collections (one weighted by per-id weights), planned as
-    TorchRec's planner chooses."""
-    torch.manual_seed(1)
+    """TorchRec's TestSparseNN: two collections (one weighted by per-id weights, one holding a
+    position-weighted table), planned as TorchRec's planner chooses."""
+    g = torch.Generator().manual_seed(5)
     everyone = [
-        ModelInput.generate(
-            batch_size=16,
-            world_size=1,
-            num_float_features=10,
-            tables=SPARSE_NN_TABLES,
-            weighted_tables=SPARSE_NN_WEIGHTED,
-        )[0]
+        ModelInput(
+            float_features=torch.randn(16, 10, generator=g),
+            idlist_features=_kjt([("f0", 400, 4), ("f1", 100, 4)], g, False),
+            idscore_features=_kjt([("w0", 300, 3)], g, True),
+            label=torch.randint(0, 2, (16,), generator=g).float(),
+        )
         for _ in range(4)
     ]
     per = len(everyone) // world_size
