@@ -59,6 +59,12 @@ CASES: dict[str, tuple[BudgetConfig, str | None, bool]] = {
     "everything_fits": (BudgetConfig(30000, **SMALL), None, True),  # type: ignore[arg-type]
     # split by columns: the samples are assembled from column blocks, and the model is
     # resharded by whole rows before product quantization (which refuses column splits)
+    # replicated tables: process 0 holds the rows every sample is read from
+    "afm_then_pq_of_data_parallel_tables": (
+        BudgetConfig(3000, methods=NO_INT4, **SMALL),  # type: ignore[arg-type]
+        "data_parallel",
+        True,
+    ),
     "pq_of_column_wise_tables": (
         BudgetConfig(4500, methods=NO_INT4, **SMALL),  # type: ignore[arg-type]
         "column_wise",
