@@ -164,9 +164,12 @@ def _sparse_nn_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(predictions, batch.label)
 
 
-def _sparse_nn_case(rank: int, world_size: int, ratio: int) -> dict[str, Any]:
+def _sparse_nn_case(
+    rank: int, world_size: int, ratio: int, only_weighted: bool = False
+) -> dict[str, Any]:
     """TorchRec's TestSparseNN: two collections (one weighted by per-id weights, one holding a
-    position-weighted table), planned as TorchRec's planner chooses."""
+    position-weighted table), planned as TorchRec's planner chooses; ``only_weighted``: the
+    budget over the weighted collection alone (``filter_fn``)."""
     g = torch.Generator().manual_seed(5)
     everyone = [
         ModelInput(
@@ -181,15 +184,19 @@ def _sparse_nn_case(rank: int, world_size: int, ratio: int) -> dict[str, Any]:
     mine = everyone[rank * per : (rank + 1) * per]
     # at 6x the errors are weighed by the loss's gradient (loss_sensitivity)
     config = BudgetConfig(
-        800 * 16 * 4 // ratio, methods=NO_INT4, loss_sensitivity=ratio == 6, **SMALL
-    )  # type: ignore[arg-type]
+        (300 if only_weighted else 800) * 16 * 4 // ratio,
+        methods=NO_INT4,
+        loss_sensitivity=ratio == 6,
+        **SMALL,  # type: ignore[arg-type]
+    )
     forward = _sparse_nn_loss
+    only = (lambda _m, fqn: fqn.endswith("weighted_ebc")) if only_weighted else None
     reference = _sparse_nn(CPU)
     dmp = shard_model(_sparse_nn(META), CPU)
     load_full_state_dict_(dmp, reference.state_dict())
-    report = compress_(dmp, config, calibration=copy.copy(mine), forward_fn=forward)
+    report = compress_(dmp, config, calibration=copy.copy(mine), forward_fn=forward, filter_fn=only)
     resharded = report.reshard(CPU)
-    unsharded_plan = plan_budget(reference, config, everyone, None, forward)
+    unsharded_plan = plan_budget(reference, config, everyone, only, forward)
     apply_stages(reference, report.plan, budget_stages(report.plan, config), everyone, forward)
     resharded.eval(), reference.eval()
     with torch.no_grad():  # eval mode: TestSparseNN returns its predictions
@@ -210,6 +217,7 @@ def _sparse_nn_case(rank: int, world_size: int, ratio: int) -> dict[str, Any]:
 def _run(rank: int, world_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {name: _case(name, rank, world_size) for name in CASES}
     out["sparse_nn"] = [_sparse_nn_case(rank, world_size, ratio) for ratio in (2, 6)]
+    out["sparse_nn"].append(_sparse_nn_case(rank, world_size, 4, only_weighted=True))
     dmp = shard_model(tiny_dlrm(META, seed=11).model, CPU, sharding_type="table_wise")
     mine = [tiny_batch(16, seed=300 + rank)]
     forward = lambda m, b: m(b.dense_features, b.sparse_features)  # noqa: E731
@@ -255,7 +263,8 @@ def test_dmp_budget_of_test_sparse_nn_equals_the_unsharded_model(
                 assert got["plan"] == got["unsharded_plan"], got
             if got["plan"] == got["unsharded_plan"]:  # priced alike (loss gradients included)
                 assert got["prices"] == pytest.approx(got["unsharded_prices"], rel=1e-6), got
-    assert [got["loss_sensitivity"] for got in results[0]["sparse_nn"]] == [False, True]
+    assert [got["loss_sensitivity"] for got in results[0]["sparse_nn"]] == [False, True, False]
+    assert [name for name, _ in results[0]["sparse_nn"][2]["plan"]] == ["w0"]  # filter_fn
 
 
 def test_dmp_budget_plans_what_a_sharded_model_can_hold(results: list[dict[str, Any]]) -> None:
