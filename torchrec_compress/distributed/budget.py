@@ -110,7 +110,9 @@ def compress_sharded_within_budget(
 
     Raises:
         ValueError: without calibration data; on every process, naming the smallest reachable
-            size when the budget is below it.
+            size when the budget is below it; on processes spread over several hosts when the
+            plan needs a reshard before or between its stages (those go through a temporary
+            checkpoint on one host's disk, as ``reshard`` without ``checkpoint_dir`` does).
         NotImplementedError: for objectives that need per-table losses
             (:func:`~torchrec_compress.budget.sharded.sharded_config`).
     """
