@@ -107,8 +107,8 @@ def test_dcn_train_then_reload_and_compress_at_full_rank(tmp_path: Path) -> None
     assert budget["report"]["bytes_after"] <= budget["config"]["budget"]["memory_budget_bytes"]
     assert budget["report"]["ratio"] >= 8
     # Two processes: the library plans and compresses the sharded model where its rows live
-    # (before: "--compress budget runs on one process"), with the default objective (the squared
-    # error weighed by the loss's gradient per table)
+    # (before: "--compress budget runs on one process"), with the default objective on several
+    # processes (the squared error weighed by the loss's gradient per table; fisher on one)
     proc = _run([
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "examples.dlrm.main", *TINY, "--arch", "dcn", "--load-checkpoint",
