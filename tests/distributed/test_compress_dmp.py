@@ -14,8 +14,19 @@ import pytest
 import torch
 from torch import nn
 from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_compress import AFMConfig, MECConfig, MECTraining, PQConfig, SVDConfig, compress_
+from torchrec_compress import (
+    AFMConfig,
+    KMeansTraining,
+    MECConfig,
+    MECTraining,
+    PQConfig,
+    SVDConfig,
+    compress_,
+)
 from torchrec_compress.config import CompressionConfig
 from torchrec_compress.distributed.compression import ShardedCompressionReport
 from torchrec_compress.distributed.planning import shard_model
@@ -60,6 +71,7 @@ CASES: dict[str, tuple[CompressionConfig, str, str, type[nn.Module]]] = {
         PQEmbeddingBagCollection,
     ),
 }
+LARGE_ROWS = 70_000  # more than k-means' sample (KMeansTraining.kmeans_sample_size, 65,536)
 
 
 def _dlrm(device: torch.device) -> DLRM:
@@ -71,6 +83,43 @@ def _logits(model: nn.Module) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return torch.cat([model(b.dense_features, b.sparse_features).flatten() for b in EVAL])
+
+
+def _large_table_pq(rank: int, world_size: int) -> float:
+    """PQ of a table larger than k-means' sample, sharded row-wise and unsharded: the two drivers
+    draw the same sample with the same seed, so the pooled outputs are equal (before: the sharded
+    driver seeded its sample by the table's index and the local one shared k-means' generator)."""
+    table = EmbeddingBagConfig(
+        name="big", embedding_dim=8, num_embeddings=LARGE_ROWS, feature_names=["f"]
+    )
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        KeyedJaggedTensor.from_lengths_sync(
+            keys=["f"],
+            values=torch.randint(LARGE_ROWS, (64,), generator=g),
+            lengths=torch.full((32,), 2),
+        )
+        for _ in range(2)
+    ]
+    config = PQConfig(
+        num_subspaces=2, num_centroids=16, training=KMeansTraining(kmeans_iterations=5)
+    )
+    torch.manual_seed(0)
+    reference = nn.Sequential(EmbeddingBagCollection([table]))
+    state = reference.state_dict()
+    compress_(reference, config, calibration=batches, forward_fn=lambda m, b: m(b))
+    dmp = shard_model(
+        nn.Sequential(EmbeddingBagCollection([table], device=META)), CPU, sharding_type="row_wise"
+    )
+    load_full_state_dict_(dmp, state)
+    report = compress_(
+        dmp, config, calibration=batches[rank::world_size], forward_fn=lambda m, b: m(b)
+    )
+    resharded = report.reshard(CPU, sharding_type="table_wise")
+    with torch.no_grad():
+        got = resharded(batches[0]).values()
+        expected = reference(batches[0]).values()
+    return float((got - expected).abs().max())
 
 
 def _run(rank: int, world_size: int) -> dict[str, Any]:
@@ -108,6 +157,7 @@ def _run(rank: int, world_size: int) -> dict[str, Any]:
             "unchanged": float((_logits(dmp) - before).abs().max()),
             "ratio": report.compression_ratio,
         }
+    out["large_pq_error"] = _large_table_pq(rank, world_size)
     # MEC's defaults (K=256) would not make the 97- and 64-row tables smaller: never bigger,
     # never silent: they are kept (stored exactly), with their reason in the report, and the
     # 300-row table is quantized (this raised "cannot keep single tables" before)
@@ -136,6 +186,14 @@ def test_compress_dmp_refuses_to_grow_tables(
         assert "stored exactly as identity codes" in rank_result["kept_message"], rank_result
         assert rank_result["kept_methods"] == ["kept", "kept", "MEC"], rank_result
         assert rank_result["all_kept"] == ["kept"] * 3, rank_result
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_pq_of_a_table_larger_than_the_kmeans_sample_equals_the_unsharded(
+    results: dict[int, list[dict[str, Any]]], world_size: int
+) -> None:
+    for rank_result in results[world_size]:
+        assert rank_result["large_pq_error"] <= 1e-5, rank_result["large_pq_error"]
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

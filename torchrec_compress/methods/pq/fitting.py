@@ -345,7 +345,10 @@ def fit_quantizer(
     weights = row_weights(counts, num_rows, config.popularity_weighting, config.weighting)
     if row_scale is not None:
         weights = weights * row_scale
-    kmeans_rows, kmeans_weights = _kmeans_rows(weight, counts, weights, training, generator)
+    # the sample has its own generator, seeded like the sharded driver's (which draws the same
+    # rows where they live), so that k-means starts from the same state in both
+    sampler = torch.Generator().manual_seed(training.seed)
+    kmeans_rows, kmeans_weights = _kmeans_rows(weight, counts, weights, training, sampler)
     pq = ProductQuantizer(dim, config.num_subspaces, min(config.num_centroids, num_rows))
     # With K >= N rows k-means puts a codeword on every row: exact, nothing left to train.
     if config.mode == "pq" or training.steps == 0 or num_rows <= config.num_centroids:

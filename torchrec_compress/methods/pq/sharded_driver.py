@@ -5,10 +5,12 @@ The MEC/PQ route of ``torchrec_compress.compress_`` on a ``DistributedModelParal
 (:func:`~torchrec_compress.methods.lowrank.sharded_driver.sharded_lowrank_state`):
 
 1. one calibration pass counts lookups (sparse ``(id, count)`` pairs, summed over the group);
-2. per table, a bounded training sample of rows (at most ``train_rows``: the most looked-up rows
-   whole, a uniform draw of the others, with their global lookup counts) is gathered; rank 0
+2. per table, a bounded training sample of rows (at most ``kmeans_sample_size``: the most
+   looked-up rows whole, a uniform draw of the others, with their global lookup counts) is
+   gathered, the same rows with the same seed as the local driver's k-means sample; rank 0
    trains the quantizer (MEC or plain weighted k-means) and broadcasts it, so every process
-   holds the same one;
+   holds the same one (for plain PQ the quantizer of the unsharded model; MEC's training then
+   sees the sample only, where the local driver's sees every row);
 3. every process encodes the rows *it holds* of the original table, chunk by chunk, into a
    row-sharded ``uint8`` codes tensor with the original's row layout (nothing but the sample and
    the quantizer crosses the network);
@@ -137,7 +139,7 @@ def compress_sharded_pq(
     checkpoint_dir: str,
     forward_fn: ForwardFn = default_forward,
     filter_fn: FilterFn | None = None,
-    train_rows: int = 65536,
+    train_rows: int | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Product-quantizes the tables of a DMP-sharded model without gathering any table.
 
@@ -162,8 +164,9 @@ def compress_sharded_pq(
         checkpoint_dir (str): where the compressed state is saved (DCP).
         forward_fn (Callable): how to run ``model`` on one batch.
         filter_fn (Optional[Callable]): ``(module, fqn) -> bool`` selecting the collections.
-        train_rows (int): rows per table gathered to train its quantizer (bounded: the table
-            itself never travels).
+        train_rows (Optional[int]): rows per table gathered to train its quantizer (bounded:
+            the table itself never travels); default the table's
+            ``KMeansTraining.kmeans_sample_size``, the rows the local driver's k-means sees.
 
     Returns:
         Tuple[nn.Module, CompressionReport]: ``meta_model`` (compressed, on meta) and the report.
@@ -194,7 +197,7 @@ def sharded_pq_state(
     calibration: Iterable[Any] | None,
     forward_fn: ForwardFn = default_forward,
     filter_fn: FilterFn | None = None,
-    train_rows: int = 65536,
+    train_rows: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any], CompressionReport]:
     """Steps 1-3 of :func:`compress_sharded_pq`: the compressed module and its state, not saved.
 
@@ -237,11 +240,11 @@ def sharded_pq_state(
             state[f"{fqn}.embedding_bags.{table.name}.weight"],
             table,
             handler,
-            _SampleSpec(train_rows, index, pairs[table.name]),
+            _SampleSpec(train_rows, pairs[table.name]),
             factor_parent(meta_model, fqn),
             _TableKeys(fqn, new_state),
         )
-        for index, (fqn, table) in enumerate(tables)
+        for fqn, table in tables
     ]
 
     # 4. the compressed module on meta
@@ -353,11 +356,11 @@ def _global_counts(
 
 @dataclass(frozen=True)
 class _SampleSpec:
-    """How one table's training sample is drawn: at most ``train_rows`` rows, seeded by the
-    table's ``index`` in the model, with its global lookup ``pairs`` (or ``None``)."""
+    """How one table's training sample is drawn: at most ``train_rows`` rows (``None``: the
+    table's ``KMeansTraining.kmeans_sample_size``, as the local driver), with its global lookup
+    ``pairs`` (or ``None``)."""
 
-    train_rows: int
-    index: int
+    train_rows: int | None
     pairs: tuple[torch.Tensor, torch.Tensor] | None
 
 
@@ -385,8 +388,10 @@ def _quantize_table(
     layout = row_ranges(value, table.name, table.embedding_dim)
     _check_whole_rows(layout, table.name)
     blocks = local_blocks(value, me)
-    seed = handler.config.for_table(table.name).training.seed + spec.index
-    ids, row_scale = _sample_ids(table.num_embeddings, spec.train_rows, seed, spec.pairs)
+    training = handler.config.for_table(table.name).training
+    size = spec.train_rows if spec.train_rows is not None else training.kmeans_sample_size
+    # the rows, counts and seed the local driver samples with: the same quantizer (PQ)
+    ids, row_scale = _sample_ids(table.num_embeddings, size, training.seed, spec.pairs)
     sample = _gather_sample(ids, layout, blocks, group)
     sample_counts = _sample_counts(ids, spec.pairs) if spec.pairs is not None else None
     # factor tables of a low-rank model: principal components spread over the subspaces,
