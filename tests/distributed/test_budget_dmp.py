@@ -24,6 +24,7 @@ from torchrec_compress.budget.driver import apply_stages, budget_stages, plan_bu
 from torchrec_compress.distributed.budget import ShardedBudgetReport
 from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.distributed.state import load_full_state_dict_
+from torchrec_compress.distributed.tables import gather_rows
 from torchrec_compress.testing import run_multiprocess
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 
@@ -226,6 +227,20 @@ def _run(rank: int, world_size: int) -> dict[str, Any]:
         out["unreachable"] = "no error"
     except ValueError as error:
         out["unreachable"] = str(error)
+    # gather_rows: any order, repeats, a column-wise split table; an id out of range is named
+    full = {k.removeprefix("model."): v for k, v in tiny_dlrm(CPU, seed=11).state_dict().items()}
+    split = shard_model(tiny_dlrm(META, seed=11).model, CPU, sharding_type="column_wise")
+    load_full_state_dict_(split, full)
+    key = "sparse_arch.embedding_bag_collection.embedding_bags.t_f2.weight"
+    ids = torch.tensor([299, 0, 7, 299])
+    out["gathered"] = bool(
+        torch.equal(gather_rows(split.state_dict()[key], ids, "t_f2", 16), full[key][ids])
+    )
+    try:
+        gather_rows(split.state_dict()[key], torch.tensor([3, 300]), "t_f2", 16)
+        out["out_of_range"] = "no error"
+    except ValueError as error:
+        out["out_of_range"] = str(error)
     return out
 
 
@@ -277,6 +292,14 @@ def test_dmp_budget_plans_what_a_sharded_model_can_hold(results: list[dict[str, 
     assert small["methods"].count("kept") == 1, small
     assert results[0]["everything_fits"]["methods"] == ["kept"] * 3
     assert {label for _, label in results[0]["afm_then_rowwise"]["plan"]} >= {"fp16"}
+
+
+def test_gather_rows_assembles_column_blocks_and_names_a_bad_id(
+    results: list[dict[str, Any]],
+) -> None:
+    for rank_result in results:
+        assert rank_result["gathered"] is True
+        assert "row id 300 is outside [0, 300)" in rank_result["out_of_range"], rank_result
 
 
 def test_dmp_budget_below_the_smallest_size_raises_on_every_process(

@@ -1,7 +1,10 @@
 """Byte-budget planning of a ``DistributedModelParallel`` model: no table is gathered.
 
-The sharded counterpart of :func:`~torchrec_compress.budget.driver.plan_budget`, giving the
-plan it gives for the same weights and the union of every process's calibration batches:
+The sharded counterpart of :func:`~torchrec_compress.budget.driver.plan_budget`.  It gives the plan
+the unsharded planner gives for the same weights when each process holds an even number of
+batches whose every other one, over all processes, are the unsharded planner's two halves (its
+fits see the even-numbered batches, its errors the odd ones: a process with one batch uses it for
+both), and the sharded model can hold that plan (see below):
 
 1. two calibration passes (each process's batches split in halves, as the plain planner
    splits its list) count lookups as sparse ``(id, count)`` pairs, summed over the group;
@@ -215,7 +218,7 @@ def sharded_plan(
     if dist.get_rank() == 0 and outcome[0] is None:
         try:
             outcome[0] = table_plans(choices, errors, config.memory_budget_bytes)
-        except ValueError as error:
+        except Exception as error:  # every process must get it, not wait for the plan
             outcome[0] = error
     dist.broadcast_object_list(outcome, src=0)
     if isinstance(outcome[0], BaseException):

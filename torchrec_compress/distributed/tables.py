@@ -122,10 +122,15 @@ def gather_rows(
         >>> # rows = gather_rows(dmp.state_dict()[key], torch.tensor([7, 3, 7]), "t", 16)
     """
     unique, inverse = torch.unique(ids.long(), return_inverse=True)
+    layout = row_ranges(value, name, dim)
+    total = sum(r.rows for r in layout)
+    if unique.numel() and (int(unique[0]) < 0 or int(unique[-1]) >= total):
+        bad = int(unique[0]) if int(unique[0]) < 0 else int(unique[-1])
+        raise ValueError(f"table {name!r}: row id {bad} is outside [0, {total})")  # every process
     me = dist.get_rank(group)
     local = local_blocks(value, me)
     parts: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-    for rows in row_ranges(value, name, dim):
+    for rows in layout:
         at = ((unique >= rows.row) & (unique < rows.row + rows.rows)).nonzero().squeeze(1)
         for block in rows.blocks:
             if at.numel() and block.rank == me:

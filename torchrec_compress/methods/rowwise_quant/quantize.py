@@ -306,7 +306,8 @@ class HalfRowsEmbeddingBag(nn.EmbeddingBag):
     for argument #1 'weight' to have the same type"), which a weighted TorchRec collection of
     fp16 rows never passes; here the looked-up rows are weighted and summed in float32 (nothing
     rounded to fp16 but the rows themselves).  Same parameter, same state dict; without weights
-    it is the plain bag.
+    (or with ``padding_idx`` / ``max_norm``, which TorchRec's collections never set) it is the
+    plain bag.
 
     Example::
 
@@ -322,7 +323,13 @@ class HalfRowsEmbeddingBag(nn.EmbeddingBag):
         offsets: torch.Tensor | None = None,
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if per_sample_weights is None or offsets is None or self.mode != "sum":
+        if (
+            per_sample_weights is None
+            or offsets is None
+            or self.mode != "sum"
+            or self.padding_idx is not None  # TorchRec never sets these two
+            or self.max_norm is not None
+        ):
             return super().forward(input, offsets, per_sample_weights)
         bounds = (
             offsets
