@@ -15,6 +15,7 @@ builds the compressed model.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,9 @@ def compress_sharded_within_budget(
             current, stage, list(batches), stage_filter(collections), forward_fn
         )
         followed_by(rows, [r for r in report.rows if r.kind == "table"])
+        if current is not model:  # an intermediate model: freed while the process group lives
+            current = model
+            gc.collect()
     ordered = [rows[p.name] for p in plan]
     annotate_rows(ordered, plan)
     return ShardedBudgetReport(
