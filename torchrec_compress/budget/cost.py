@@ -46,7 +46,7 @@ from torchrec_compress.methods.lowrank.factors import PrincipalBasis, afm_basis,
 from torchrec_compress.methods.pq.config import KMeansTraining, PQConfig
 from torchrec_compress.methods.pq.handler import PQHandler
 from torchrec_compress.methods.pq.quantizer import decode
-from torchrec_compress.methods.pq.training import stratified_rows, subspace_order
+from torchrec_compress.methods.pq.training import counts_of, stratified_rows, subspace_order
 
 
 @dataclass
@@ -129,23 +129,6 @@ def lookup_sample(
 Pairs = tuple[Tensor, Tensor]
 #: rows ``ids`` of a table (``(n, d)``, in the order of ``ids``); collective for a sharded table
 RowFetch = Callable[[Tensor], Tensor]
-
-
-def counts_of(pairs: Pairs, ids: Tensor) -> Tensor:
-    """Lookup counts of rows ``ids`` (any order) from sorted ``pairs``; 0 where absent.
-
-    Example::
-
-        >>> counts_of((torch.tensor([2, 5]), torch.tensor([3.0, 1.0])), torch.tensor([5, 0])).tolist()
-        [1.0, 0.0]
-    """
-    known, counts = pairs
-    out = torch.zeros(ids.numel(), dtype=torch.float64)
-    if known.numel():
-        pos = torch.searchsorted(known, ids).clamp(max=known.numel() - 1)
-        hit = known[pos] == ids
-        out[hit] = counts[pos[hit]].double()
-    return out
 
 
 def dense_pairs(counts: Tensor) -> Pairs:

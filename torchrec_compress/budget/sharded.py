@@ -57,12 +57,12 @@ from torchrec_compress.budget.driver import (
 )
 from torchrec_compress.budget.options import identity_option, table_options
 from torchrec_compress.budget.sensitivity import loss_sensitivity
-from torchrec_compress.calibration import ForwardFn, calibration_pass
+from torchrec_compress.calibration import ForwardFn
 from torchrec_compress.discovery import FilterFn, table_owners
 from torchrec_compress.distributed.tables import (
     SparseLookupCounter,
-    all_gather_counts,
     gather_rows,
+    global_lookup_pairs,
     lookup_counting_modules,
     sum_identical_,
 )
@@ -94,25 +94,6 @@ def sharded_config(config: BudgetConfig) -> BudgetConfig:
         )
     methods = tuple(m for m in config.methods if m not in SHARDED_UNSUPPORTED)
     return dataclasses.replace(config, methods=methods)
-
-
-def _global_pairs(
-    model: nn.Module,
-    ebcs: Mapping[str, EmbeddingBagCollection],
-    tables: Sequence[tuple[str, EmbeddingBagConfig]],
-    batches: Sequence[Any],
-    forward_fn: ForwardFn,
-) -> dict[str, Pairs]:
-    """Table name -> global sorted ``(ids, counts)`` of this group's ``batches`` (collective)."""
-    inner = getattr(model, "module", model)
-    counters = {
-        fqn: SparseLookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted())
-        for fqn, ebc in ebcs.items()
-    }
-    calibration_pass(model, batches, forward_fn, lookup_counting_modules(inner, counters), {})
-    local = [counters[fqn].counts()[t.name] for fqn, t in tables]
-    gathered = all_gather_counts(local, dist.group.WORLD)
-    return {t.name: pairs for (_, t), pairs in zip(tables, gathered, strict=True)}
 
 
 def _sharded_sensitivity(
@@ -190,7 +171,7 @@ def sharded_plan(
     table_owners(ebcs, config.sensitivity)
     tables = [(fqn, t) for fqn, ebc in ebcs.items() for t in ebc.embedding_bag_configs()]
     halves = calibration_halves(batches)
-    fit, held_out = (_global_pairs(model, ebcs, tables, half, forward_fn) for half in halves)
+    fit, held_out = (global_lookup_pairs(model, ebcs, tables, half, forward_fn) for half in halves)
     gradients = (
         _sharded_sensitivity(model, ebcs, batches, forward_fn) if config.loss_sensitivity else {}
     )

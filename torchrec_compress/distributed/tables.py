@@ -10,7 +10,7 @@ one's process leading), which is the unit every method compresses where it lives
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +21,13 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.feature_processor_ import FeatureProcessorsCollection
 from torchrec.modules.fp_embedding_modules import apply_feature_processors_to_kjt
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress import checkpoint
+from torchrec_compress.calibration import ForwardFn, calibration_pass
 from torchrec_compress.distributed.state import shard_rank
 
 # the key of a compressed checkpoint's layout (JSON), next to "model"
@@ -333,6 +335,27 @@ def lookup_counting_modules(
         else:
             out[model.get_submodule(fqn)] = counter
     return out
+
+
+def global_lookup_pairs(
+    model: nn.Module,
+    ebcs: Mapping[str, EmbeddingBagCollection],
+    tables: Sequence[tuple[str, EmbeddingBagConfig]],
+    batches: Iterable[Any],
+    forward_fn: ForwardFn,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Table name -> global sorted ``(ids, counts)`` of this process group's ``batches``: one
+    calibration pass over ``model`` (a DMP model; ``ebcs`` its unsharded collections by fqn,
+    ``tables`` their ``(fqn, config)`` pairs), sparse pairs summed over the group (collective)."""
+    inner = getattr(model, "module", model)
+    counters = {
+        fqn: SparseLookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted())
+        for fqn, ebc in ebcs.items()
+    }
+    calibration_pass(model, batches, forward_fn, lookup_counting_modules(inner, counters), {})
+    local = [counters[fqn].counts()[t.name] for fqn, t in tables]
+    gathered = all_gather_counts(local, dist.group.WORLD)
+    return {t.name: pairs for (_, t), pairs in zip(tables, gathered, strict=True)}
 
 
 def check_compressed_state(module: nn.Module, state: Mapping[str, Any]) -> None:

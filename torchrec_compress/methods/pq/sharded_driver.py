@@ -33,7 +33,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_compress.calibration import ForwardFn, calibration_pass, default_forward
+from torchrec_compress.calibration import ForwardFn, default_forward
 from torchrec_compress.discovery import (
     FactorCollectionHolder,
     FilterFn,
@@ -43,11 +43,10 @@ from torchrec_compress.discovery import (
 )
 from torchrec_compress.distributed.tables import (
     RowRange,
-    SparseLookupCounter,
-    all_gather_counts,
     check_compressed_state,
+    gather_rows,
+    global_lookup_pairs,
     local_blocks,
-    lookup_counting_modules,
     row_ranges,
     row_sharded_tensor,
     save_compressed_state,
@@ -58,6 +57,7 @@ from torchrec_compress.methods.pq.handler import PQHandler
 from torchrec_compress.methods.pq.metrics import code_usage
 from torchrec_compress.methods.pq.module import PQEmbeddingBagCollection
 from torchrec_compress.methods.pq.quantizer import code_dtype
+from torchrec_compress.methods.pq.training import counts_of
 from torchrec_compress.registry import handler_for
 from torchrec_compress.report import CompressionReport, ReportRow
 
@@ -73,39 +73,6 @@ def _sample_ids(
     known, counts = pairs if pairs is not None else (torch.zeros(0, dtype=torch.long),) * 2
     generator = torch.Generator().manual_seed(seed)
     return stratified_rows(num_rows, known, counts, train_rows, generator)
-
-
-def _gather_sample(
-    ids: torch.Tensor,
-    layout: list[RowRange],
-    blocks: Mapping[tuple[int, int], torch.Tensor],
-    group: dist.ProcessGroup | None,
-) -> torch.Tensor:
-    """Rows ``ids`` of a row-sharded table, assembled on every process (ids sorted)."""
-    me = dist.get_rank(group)
-    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for rows in layout:
-        if rows.lead != me:
-            continue
-        inside = ids[(ids >= rows.row) & (ids < rows.row + rows.rows)]
-        parts.append((inside, blocks[(rows.row, 0)][inside - rows.row].detach().float().cpu()))
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, parts, group=group)
-    pairs = [p for per_rank in gathered for p in per_rank]
-    got = torch.cat([i for i, _ in pairs])
-    order = torch.argsort(got)
-    return torch.cat([r for _, r in pairs])[order]
-
-
-def _sample_counts(ids: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Global lookup counts of rows ``ids`` from sorted ``(ids, counts)`` pairs."""
-    known, counts = pairs
-    out = torch.zeros(ids.numel(), dtype=torch.float64)
-    if known.numel():
-        pos = torch.searchsorted(known, ids).clamp(max=known.numel() - 1)
-        hit = known[pos] == ids
-        out[hit] = counts[pos[hit]]
-    return out
 
 
 def _global_usage(
@@ -309,7 +276,7 @@ def _identity_table(
     n, d = table.num_embeddings, table.embedding_dim
     layout = row_ranges(value, table.name, d)
     _check_whole_rows(layout, table.name)
-    rows = _gather_sample(torch.arange(n), layout, local_blocks(value, me), group)
+    rows = gather_rows(value, torch.arange(n), table.name, d, group)
     dtype = code_dtype(n)
     codes = {
         r.row: torch.arange(r.row, r.row + r.rows, dtype=torch.long).unsqueeze(1).to(dtype)
@@ -338,20 +305,8 @@ def _global_counts(
         raise ValueError(
             "MECConfig(popularity_weighting=True) needs calibration data for the lookup counts"
         )
-    inner = model.module if isinstance(model, DistributedModelParallel) else model
-    counters = {
-        fqn: SparseLookupCounter(ebc.embedding_bag_configs(), ebc.is_weighted())
-        for fqn, ebc in ebcs.items()
-    }
-    calibration_pass(
-        model,
-        calibration,
-        forward_fn,
-        lookup_counting_modules(inner, counters),
-        {},
-    )
-    local = [counters[fqn].counts()[t.name] for fqn, t in tables]
-    return dict(zip(names, all_gather_counts(local, dist.group.WORLD), strict=True))
+    pairs = global_lookup_pairs(model, ebcs, tables, calibration, forward_fn)
+    return {name: pairs[name] for name in names}
 
 
 @dataclass(frozen=True)
@@ -392,8 +347,8 @@ def _quantize_table(
     size = spec.train_rows if spec.train_rows is not None else training.kmeans_sample_size
     # the rows, counts and seed the local driver samples with: the same quantizer (PQ)
     ids, row_scale = _sample_ids(table.num_embeddings, size, training.seed, spec.pairs)
-    sample = _gather_sample(ids, layout, blocks, group)
-    sample_counts = _sample_counts(ids, spec.pairs) if spec.pairs is not None else None
+    sample = gather_rows(value, ids, table.name, table.embedding_dim, group)
+    sample_counts = counts_of(spec.pairs, ids) if spec.pairs is not None else None
     # factor tables of a low-rank model: principal components spread over the subspaces,
     # the projection's rows reordered to match (every process computes the same order)
     order = None

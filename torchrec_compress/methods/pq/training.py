@@ -82,6 +82,23 @@ def row_weights(
     return counts.double().log2().floor_().clamp_(min=1.0).float()
 
 
+def counts_of(pairs: tuple[Tensor, Tensor], ids: Tensor) -> Tensor:
+    """Lookup counts of rows ``ids`` (any order) from sorted ``pairs``; 0 where absent.
+
+    Example::
+
+        >>> counts_of((torch.tensor([2, 5]), torch.tensor([3.0, 1.0])), torch.tensor([5, 0])).tolist()
+        [1.0, 0.0]
+    """
+    known, counts = pairs
+    out = torch.zeros(ids.numel(), dtype=torch.float64)
+    if known.numel():
+        pos = torch.searchsorted(known, ids).clamp(max=known.numel() - 1)
+        hit = known[pos] == ids
+        out[hit] = counts[pos[hit]].double()
+    return out
+
+
 def stratified_rows(
     num_rows: int,
     counted_ids: Tensor,
