@@ -253,7 +253,10 @@ def test_int8_dcp_round_trip(tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(other, batches), _logits(model, batches), rtol=0, atol=0)
 
 
-def test_weighted_collection_equals_torchrec_serving_conversion() -> None:
+def _weighted_model_and_batch() -> tuple[
+    list[EmbeddingBagConfig], nn.Sequential, KeyedJaggedTensor
+]:
+    """A weighted collection of the ROWS tables (seed 0) and one batch with random per-id weights."""
     tables = [
         EmbeddingBagConfig(name=n, embedding_dim=DIM, num_embeddings=r, feature_names=[f"f{i}"])
         for i, (n, r) in enumerate(ROWS.items())
@@ -267,6 +270,11 @@ def test_weighted_collection_equals_torchrec_serving_conversion() -> None:
         lengths=kjt.lengths(),
         weights=torch.rand(kjt.values().numel()),
     )
+    return tables, model, kjt
+
+
+def test_weighted_collection_equals_torchrec_serving_conversion() -> None:
+    tables, model, kjt = _weighted_model_and_batch()
     served = quantize_embeddings(copy.deepcopy(model), torch.qint8, inplace=False)
     expected = model[0](kjt).values()
     compress_(model, RowWiseQuantConfig(bits=8))
@@ -279,19 +287,7 @@ def test_weighted_collection_equals_torchrec_serving_conversion() -> None:
 def test_weighted_fp16_collection_runs_and_trains() -> None:
     """fp16 rows of a weighted collection: before, its first forward raised (``nn.EmbeddingBag``
     wants per-sample weights of its rows' dtype); now the rows are weighted in float32."""
-    tables = [
-        EmbeddingBagConfig(name=n, embedding_dim=DIM, num_embeddings=r, feature_names=[f"f{i}"])
-        for i, (n, r) in enumerate(ROWS.items())
-    ]
-    torch.manual_seed(0)
-    model = nn.Sequential(EmbeddingBagCollection(tables, is_weighted=True))
-    kjt = _batches(1)[0].sparse_features
-    kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=kjt.keys(),
-        values=kjt.values(),
-        lengths=kjt.lengths(),
-        weights=torch.rand(kjt.values().numel()),
-    )
+    tables, model, kjt = _weighted_model_and_batch()
     expected = model[0](kjt).values().detach()
     compress_(model, RowWiseQuantConfig(bits=16))
     got = model[0](kjt).values()

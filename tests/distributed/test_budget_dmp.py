@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torchrec.distributed.test_utils.test_model import ModelInput, TestSparseNN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_compress import BudgetConfig, compress_
 from torchrec_compress.budget.driver import apply_stages, budget_stages, plan_budget
@@ -26,6 +25,7 @@ from torchrec_compress.distributed.planning import shard_model
 from torchrec_compress.distributed.state import load_full_state_dict_
 from torchrec_compress.distributed.tables import gather_rows
 from torchrec_compress.testing import run_multiprocess
+from torchrec_compress.testing.matrix_models import random_kjt
 from torchrec_compress.testing.models import tiny_batch, tiny_dlrm
 
 CPU, META = torch.device("cpu"), torch.device("meta")
@@ -142,22 +142,6 @@ def _sparse_nn(device: torch.device) -> nn.Module:
     return model
 
 
-def _kjt(features: list[tuple[str, int, int]], g: torch.Generator, weighted: bool) -> Any:
-    """Bags of 0..max ids for ``(feature, rows, max length)``, 16 examples."""
-    lengths = [torch.randint(0, m + 1, (16,), generator=g) for _, _, m in features]
-    values = [
-        torch.randint(0, r, (int(n.sum()),), generator=g)
-        for (_, r, _), n in zip(features, lengths, strict=True)
-    ]
-    total = int(sum(int(n.sum()) for n in lengths))
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[f for f, _, _ in features],
-        values=torch.cat(values),
-        lengths=torch.cat(lengths).int(),
-        weights=torch.rand(total, generator=g) + 0.5 if weighted else None,
-    )
-
-
 def _sparse_nn_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """TestSparseNN's loss in eval mode too (where it returns its predictions alone)."""
     out = model(batch)
@@ -175,8 +159,8 @@ def _sparse_nn_case(
     everyone = [
         ModelInput(
             float_features=torch.randn(16, 10, generator=g),
-            idlist_features=_kjt([("f0", 400, 4), ("f1", 100, 4)], g, False),
-            idscore_features=_kjt([("w0", 300, 3)], g, True),
+            idlist_features=random_kjt([("f0", 400, 4), ("f1", 100, 4)], 16, g, False),
+            idscore_features=random_kjt([("w0", 300, 3)], 16, g, True),
             label=torch.randint(0, 2, (16,), generator=g).float(),
         )
         for _ in range(4)

@@ -110,7 +110,7 @@ def sparse_arch(model: nn.Module) -> nn.Module:
     return arch
 
 
-def _kjt(
+def random_kjt(
     features: list[tuple[str, int, int]], batch: int, g: torch.Generator, weighted: bool
 ) -> KeyedJaggedTensor:
     """Bags of 0..max ids (empty bags included) for ``(feature, rows, max length)``."""
@@ -146,13 +146,13 @@ def make_batch(case: Case, rank: int, step: int) -> Any:
     size = case.batch_size
     dense = torch.randn(size, NUM_DENSE, generator=g)
     labels = torch.randint(0, 2, (size,), generator=g).float()
-    idlist = _kjt(_features(case, ("plain", "position")), size, g, weighted=False)
+    idlist = random_kjt(_features(case, ("plain", "position")), size, g, weighted=False)
     if case.model == "sparsenn":
         weighted = _features(case, ("weighted",))
         return ModelInput(
             float_features=dense,
             idlist_features=idlist,
-            idscore_features=_kjt(weighted, size, g, weighted=True) if weighted else None,
+            idscore_features=random_kjt(weighted, size, g, weighted=True) if weighted else None,
             label=labels,
         )
     return Batch(dense_features=dense, sparse_features=idlist, labels=labels)
